@@ -1,0 +1,3 @@
+from eep.cli import main
+
+raise SystemExit(main())

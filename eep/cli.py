@@ -1,0 +1,200 @@
+"""Command line: ``eep search | resume | export | toy build``.
+
+User mistakes (bad config, missing paths, wrong genome) print one line and exit with code 2;
+they are checked before any weights are loaded wherever the check does not need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from eep.errors import EepError
+from eep.search import stderr_log as log
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except EepError as err:
+        print(f"eep: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("eep: interrupted; a search continues with `eep resume RUN_DIR`", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eep", description="Evolutionary expert pruning for MoE language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("search", help="start a search from a YAML config")
+    p.add_argument("config", help="YAML config, e.g. experiments/toy.yaml")
+    p.add_argument("--run-dir", help="where the run lives (default: runs/<config name>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set search.evaluations=100 (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the plan; load no weights")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("resume", help="continue a stopped search")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("export", help="write a genome as a smaller Hugging Face checkpoint")
+    p.add_argument("run_dir", nargs="?", help="export the best genome of this run")
+    p.add_argument("--model", help="source model (with --genome): a directory, hub id or 'toy'")
+    p.add_argument("--genome", help="genome JSON file (with --model)")
+    p.add_argument("--config", help="with --model: a config whose tasks' held-out split is reported")
+    p.add_argument("--out", required=True, help="new directory for the checkpoint")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("toy", help="the embedded toy model")
+    toy_sub = p.add_subparsers(dest="toy_command", required=True)
+    b = toy_sub.add_parser("build", help="retrain the toy model from a seed (a few minutes on CPU)")
+    b.add_argument("--out", help="output directory (default: the packaged toy model)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--steps", type=int, default=1500)
+    b.set_defaults(func=cmd_toy_build)
+    return parser
+
+
+# -- search / resume ----------------------------------------------------------------------------
+
+def _plan(config) -> tuple[object, object]:
+    """Validate the config against the model's shape (config.json only) and the tasks."""
+    from eep.model import load_hf_config
+    from eep.moe import shape_of
+    from fitness.tasks import check_tasks
+    from search_spaces import PruneSpace
+
+    check_tasks(config.fitness.tasks)
+    shape = shape_of(load_hf_config(config.model))
+    keep = config.search_space.keep
+    if keep > shape.num_experts:
+        raise EepError(f"search_space.keep={keep} but the model has only {shape.num_experts} experts per layer")
+    if keep < shape.top_k:
+        raise EepError(f"search_space.keep={keep} is below the model's top_k={shape.top_k}; keep at least {shape.top_k}")
+    space = PruneSpace(shape.num_experts, shape.top_k, shape.moe_layers, keep)
+    return shape, space
+
+
+def _print_plan(config, shape, space, run_dir) -> None:
+    size = space.size()
+    print(f"model        {config.model.path} ({shape.family}, {len(shape.moe_layers)} MoE layers, "
+          f"{shape.num_experts} experts, top-{shape.top_k})")
+    print(f"search space prune: keep {space.keep} of {shape.num_experts} per layer -> "
+          f"{size:.3e} genomes" if size > 10**6 else f"search space prune: keep {space.keep} of "
+          f"{shape.num_experts} per layer -> {size} genomes")
+    print(f"budget       {config.search.evaluations} evaluations ({config.search.initial} random initial), "
+          f"seed {config.search.seed}")
+    tasks = ", ".join(f"{t.name} ({t.search_size} search / {t.test_size} held-out)" for t in config.fitness.tasks)
+    print(f"fitness      {tasks}")
+    print(f"evaluator    {config.evaluator.kind}")
+    print(f"run dir      {run_dir}")
+
+
+def cmd_search(args) -> int:
+    from eep.config import load_config
+    from eep.journal import RunDir
+
+    config = load_config(args.config, args.overrides)
+    run_dir = Path(args.run_dir or Path("runs") / config.name)
+    shape, space = _plan(config)
+    _print_plan(config, shape, space, run_dir)
+    if args.dry_run:
+        print("dry run: config is valid; nothing was loaded or written")
+        return 0
+    run = RunDir.create(run_dir, config)
+    return _search(run, config, space)
+
+
+def cmd_resume(args) -> int:
+    from eep.journal import RunDir
+
+    run = RunDir.open(args.run_dir)
+    config = run.config()
+    _, space = _plan(config)
+    log(f"[eep] resuming {run.path}")
+    return _search(run, config, space)
+
+
+def _search(run, config, space) -> int:
+    from eep.evaluator import FitnessWorker, SerialEvaluator
+    from eep.search import run_search
+
+    start = time.perf_counter()
+    log(f"[eep] loading {config.model.path}")
+    evaluator = SerialEvaluator(FitnessWorker(config))
+    try:
+        summary = run_search(run, space, evaluator, log=log)
+        if summary["best_genome"] is not None:
+            log("[eep] scoring the best genome and the full model on the held-out split")
+            from eep.genome import Genome
+
+            best = Genome.from_dict(summary["best_genome"])
+            summary["heldout"] = {"best": evaluator.heldout(best), "full": evaluator.heldout(None)}
+            for key in ("best", "full"):
+                scores = summary["heldout"][key]
+                summary["heldout"][key] = {"scores": scores, "mean": evaluator.worker.fitness(scores)}
+            run.write_summary(summary)
+    finally:
+        evaluator.close()
+    held = summary.get("heldout")
+    log(f"[eep] done: {summary['evaluations']} evaluations in {time.perf_counter() - start:.0f}s; "
+        f"best search fitness {summary['best_fitness']:.2f}"
+        + (f"; held-out {held['best']['mean']:.2f} (full model {held['full']['mean']:.2f})" if held else ""))
+    print(json.dumps({k: summary[k] for k in ("evaluations", "best_fitness", "best_id")}))
+    return 0
+
+
+# -- export -------------------------------------------------------------------------------------
+
+def cmd_export(args) -> int:
+    from eep.config import ModelConfig, load_config
+    from eep.export import check_target, export_genome
+    from eep.genome import Genome
+    from eep.journal import RunDir
+
+    out = Path(args.out)
+    if args.run_dir:
+        if args.model or args.genome or args.config:
+            raise EepError("give either RUN_DIR or --model with --genome, not both")
+        run = RunDir.open(args.run_dir)
+        config = run.config()
+        summary = run.summary()
+        if summary.get("best_genome") is None:
+            raise EepError(f"{run.path} has no successful evaluation to export")
+        model_cfg, genome, fitness = config.model, Genome.from_dict(summary["best_genome"]), summary["best_fitness"]
+    else:
+        if not (args.model and args.genome):
+            raise EepError("export needs RUN_DIR, or --model PATH with --genome FILE")
+        config = load_config(args.config) if args.config else None
+        model_cfg = config.model.model_copy(update={"path": args.model}) if config else ModelConfig(path=args.model)
+        genome, fitness = Genome.load(args.genome), None
+    check_target(out)
+    from eep.model import load_hf_config
+    from eep.moe import shape_of
+
+    shape = shape_of(load_hf_config(model_cfg))
+    genome.validate_for(shape.num_experts, shape.top_k, shape.moe_layers)
+    report = export_genome(model_cfg, genome, out, config=config, search_fitness=fitness, log=log)
+    params = report["parameters"]
+    held = report["heldout"]
+    log(f"[eep] exported to {out}: {params['before']:,} -> {params['after']:,} parameters, "
+        f"{report['disk_bytes'] / 1e6:.1f} MB on disk" + (f", held-out {held['mean']:.2f}" if held else ""))
+    return 0
+
+
+# -- toy ----------------------------------------------------------------------------------------
+
+def cmd_toy_build(args) -> int:
+    from eep import toy
+
+    out = Path(args.out) if args.out else toy.TOY_DIR
+    toy.train(out, seed=args.seed, steps=args.steps, log=log)
+    log(f"[eep] toy model written to {out}")
+    return 0

@@ -1,0 +1,182 @@
+"""Typed run configuration: YAML + ``key=value`` overrides, validated before anything is loaded.
+
+Every section forbids unknown keys and checks types strictly, so a typo fails in one line
+("config: search.evaluatons: unknown key ...") instead of silently running the defaults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from eep.errors import EepError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+PositiveInt = Annotated[int, Field(ge=1)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class ModelConfig(_Section):
+    path: str = "toy"
+    """A local Hugging Face model directory, a hub id, or ``toy`` for the embedded toy model."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """``auto``: float32 on CPU, bfloat16 on GPU."""
+    device: str = "auto"
+    """``auto`` (GPU when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    config_file: str | None = None
+    """A local copy of the model's ``config.json``, read by ``--dry-run`` when the hub is offline."""
+
+
+class SearchSpaceConfig(_Section):
+    kind: Literal["prune"] = "prune"
+    keep: PositiveInt = 4
+    """Experts kept in every MoE layer."""
+
+
+class SearchConfig(_Section):
+    seed: int = 0
+    evaluations: PositiveInt = 200
+    """Total candidate evaluations, the initial population included."""
+    initial: PositiveInt = 30
+    """Random genomes evaluated before breeding starts (EEP: 30)."""
+    mutate_threshold: Annotated[float, Field(ge=0.0)] = 3.0
+    """Mutation parents are drawn among candidates within this many points of the best (EEP: 3.0)."""
+    crossover_threshold: Annotated[float, Field(ge=0.0)] = 1.0
+    """Crossover parents are drawn among candidates within this many points of the best (EEP: 1.0)."""
+    crossover_pool_min: Annotated[int, Field(ge=2)] = 6
+    """...but never from fewer than this many of the best (EEP: 6)."""
+    crossover_prob: Probability = 0.3
+    """Probability that a child starts as a crossover of two parents (EEP: 0.3)."""
+    layer_prob: Probability = 0.25
+    """Probability that an operator touches a given layer; at least one layer is always touched (EEP: 0.25)."""
+    swap_prob: Probability = 0.15
+    """Probability that mutation swaps out a given kept expert of a touched layer (EEP: 0.15)."""
+    max_breed_attempts: PositiveInt = 1000
+    """Children that duplicate an evaluated genome are re-bred up to this many times."""
+
+    @model_validator(mode="after")
+    def _initial_within_budget(self):
+        if self.initial > self.evaluations:
+            raise ValueError(f"initial ({self.initial}) must not exceed evaluations ({self.evaluations})")
+        return self
+
+
+class TaskConfig(_Section):
+    name: str
+    dataset: str
+    """``toy:<task>`` for the toy model's tasks (copy, reverse, shift, lookup)."""
+    metric: Literal["exact_match"] = "exact_match"
+    search_split: str = "search"
+    """Split scored during the search (the fitness)."""
+    test_split: str = "test"
+    """Held-out split reported for the best genome and the export; never optimised."""
+    search_size: PositiveInt = 32
+    test_size: PositiveInt = 100
+    seed: int = 0
+    weight: Annotated[float, Field(gt=0.0)] = 1.0
+
+
+class FitnessConfig(_Section):
+    tasks: Annotated[list[TaskConfig], Field(min_length=1)]
+    batch_size: PositiveInt = 32
+    max_new_tokens: PositiveInt = 16
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        names = [t.name for t in self.tasks]
+        if len(names) != len(set(names)):
+            raise ValueError(f"task names must be unique, got {names}")
+        return self
+
+
+class EvaluatorConfig(_Section):
+    kind: Literal["serial"] = "serial"
+
+
+class Config(_Section):
+    name: str
+    model: ModelConfig = ModelConfig()
+    search_space: SearchSpaceConfig = SearchSpaceConfig()
+    search: SearchConfig = SearchConfig()
+    fitness: FitnessConfig
+    evaluator: EvaluatorConfig = EvaluatorConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def digest(self) -> str:
+        """Content hash of the resolved config, stored in the run directory's state."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply ``a.b=value`` overrides (values parsed as YAML), validate."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise EepError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise EepError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(data, dict):
+        raise EepError(f"config file {path} must hold a mapping of sections (model, search, fitness, ...)")
+    for item in overrides:
+        apply_override(data, item)
+    return parse_config(data, source=str(path))
+
+
+def parse_config(data: Any, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise EepError(f"{source}: {_first_error(err)}") from None
+
+
+def apply_override(data: dict, item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise EepError(f"override {item!r} must look like section.key=value")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise EepError(f"override {item!r}: value is not valid YAML") from None
+    node = data
+    *parents, leaf = key.strip().split(".")
+    for part in parents:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise EepError(f"override {item!r}: {part} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def _first_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    if first["type"] == "extra_forbidden":
+        return f"{where}: unknown key; allowed here: {', '.join(_allowed_keys(first['loc'][:-1]))}"
+    if first["type"] == "missing":
+        return f"{where}: required key is missing"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{where}: {message} (got {first.get('input')!r})"
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: Any = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        annotation = model.model_fields[part].annotation
+        model = getattr(annotation, "__args__", (annotation,))[0] if part == "tasks" else annotation
+    return list(model.model_fields)

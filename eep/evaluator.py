@@ -1,0 +1,86 @@
+"""The evaluator seam: where parallelism enters (DEAP's ``toolbox.map`` idea).
+
+A :class:`FitnessWorker` holds one resident model and scores genomes on it by applying them in
+place. An evaluator maps candidates to evaluations through one or more workers. The search loop
+only ever calls ``evaluator.imap(candidates)``, which yields evaluations *in candidate order*
+and pulls a new candidate from the (lazy) iterable only after yielding a result, so a search is
+reproducible whatever the evaluator. The serial evaluator here is the default; a Ray evaluator
+with resident-model actors implements the same method.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from eep.config import Config
+from eep.genome import Genome
+from eep.journal import Evaluation
+
+
+@dataclass(frozen=True)
+class Candidate:
+    id: int
+    genome: Genome
+
+
+class FitnessWorker:
+    """One resident copy of the model plus the tasks; scores genomes without reloading anything."""
+
+    def __init__(self, config: Config, name: str | None = None):
+        from eep.model import load_model
+        from eep.moe import adapter_for
+        from fitness.tasks import load_tasks
+
+        self.config = config
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.model, self.tokenizer = load_model(config.model)
+        self.adapter = adapter_for(self.model)
+        self.tasks = {"search": load_tasks(config.fitness.tasks, "search"),
+                      "test": load_tasks(config.fitness.tasks, "test")}
+
+    def scores(self, genome: Genome | None, split: str = "search") -> dict[str, float]:
+        """Per-task scores (0-100) of ``genome`` (``None``: the unpruned model) on a split."""
+        from fitness.generation import evaluate_tasks
+
+        context = self.adapter.applied(genome) if genome is not None else contextlib.nullcontext()
+        with context:
+            return evaluate_tasks(self.model, self.tokenizer, self.tasks[split],
+                                  self.config.fitness.batch_size, self.config.fitness.max_new_tokens)
+
+    def fitness(self, scores: dict[str, float]) -> float:
+        from fitness.generation import weighted_fitness
+
+        return weighted_fitness(self.tasks["search"], scores)
+
+    def __call__(self, candidate: Candidate) -> Evaluation:
+        start = time.perf_counter()
+        try:
+            scores = self.scores(candidate.genome)
+        except Exception as err:  # one failing genome is a failed evaluation, not a crashed search
+            return Evaluation(candidate.id, candidate.genome, None, {}, time.perf_counter() - start,
+                              self.name, f"{type(err).__name__}: {err}")
+        return Evaluation(candidate.id, candidate.genome, self.fitness(scores), scores,
+                          time.perf_counter() - start, self.name)
+
+
+class SerialEvaluator:
+    """Evaluates candidates one after another in this process, on one resident model."""
+
+    def __init__(self, worker: FitnessWorker):
+        self.worker = worker
+
+    def imap(self, candidates: Iterable[Candidate]) -> Iterator[Evaluation]:
+        for candidate in candidates:
+            yield self.worker(candidate)
+
+    def heldout(self, genome: Genome | None) -> dict[str, float]:
+        """Held-out (test split) scores, never used as fitness."""
+        return self.worker.scores(genome, split="test")
+
+    def close(self) -> None:
+        pass

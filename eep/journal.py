@@ -1,0 +1,160 @@
+"""The run directory: the search's source of truth on disk.
+
+    RUN_DIR/config.yaml     resolved config (what `eep resume` reruns)
+    RUN_DIR/journal.jsonl   append-only, one JSON line per finished evaluation
+    RUN_DIR/state.json      atomic snapshot: RNG state, next candidate id, candidates in flight
+    RUN_DIR/summary.json    best_fitness, evaluations, best_genome (+ held-out scores at the end)
+
+The archive of evaluated genomes is never snapshotted: it *is* the journal. A snapshot holds only
+what the journal cannot tell (the RNG and the candidates bred but not yet finished), so resuming
+is: read the journal, load the snapshot, fold in journal lines of in-flight candidates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from eep.config import Config, parse_config
+from eep.errors import EepError
+from eep.genome import Genome
+
+STATE_FORMAT = "eep.state/v1"
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One finished evaluation: an immutable journal record."""
+
+    id: int
+    genome: Genome
+    fitness: float | None  # None when the evaluation failed
+    scores: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    worker: str = ""
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.fitness is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "key": self.genome.key, "status": "ok" if self.ok else "failed",
+                "fitness": self.fitness, "scores": self.scores, "seconds": round(self.seconds, 4),
+                "worker": self.worker, "error": self.error, "genome": self.genome.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Evaluation:
+        return cls(data["id"], Genome.from_dict(data["genome"]), data["fitness"], data["scores"],
+                   data["seconds"], data["worker"], data["error"])
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` so that readers see the old or the new file, never half."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config_path = self.path / "config.yaml"
+        self.journal_path = self.path / "journal.jsonl"
+        self.state_path = self.path / "state.json"
+        self.summary_path = self.path / "summary.json"
+
+    @classmethod
+    def create(cls, path: str | Path, config: Config) -> RunDir:
+        run = cls(path)
+        if run.path.exists() and any(run.path.iterdir()):
+            raise EepError(f"run directory {run.path} already exists and is not empty; "
+                           f"continue it with `eep resume {run.path}` or choose another --run-dir")
+        try:
+            run.path.mkdir(parents=True, exist_ok=True)
+            run.config_path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        except OSError as err:
+            raise EepError(f"cannot create run directory {run.path}: {err.strerror}") from None
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        run = cls(path)
+        if not run.config_path.exists():
+            raise EepError(f"{run.path} is not an eep run directory (no config.yaml); start one with `eep search`")
+        return run
+
+    def config(self) -> Config:
+        return parse_config(yaml.safe_load(self.config_path.read_text()), source=str(self.config_path))
+
+    # -- journal --------------------------------------------------------------------------------
+
+    def evaluations(self) -> list[Evaluation]:
+        """All journal records in order. A torn last line (a write cut off by a crash) is dropped
+        with a warning; its candidate is simply evaluated again."""
+        if not self.journal_path.exists():
+            return []
+        lines = self.journal_path.read_bytes().split(b"\n")
+        records = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(Evaluation.from_dict(json.loads(line)))
+            except (json.JSONDecodeError, KeyError, EepError, UnicodeDecodeError) as err:
+                if number >= len(lines) - 1:  # the last line, possibly torn by a crash mid-write
+                    print(f"[eep] warning: dropping torn last journal line {number} ({err})", file=sys.stderr)
+                    self._truncate_to(b"\n".join(lines[: number - 1]) + (b"\n" if number > 1 else b""))
+                    break
+                raise EepError(f"{self.journal_path} line {number} is corrupt ({err}); "
+                               "the journal cannot be trusted, start a new run") from None
+        return records
+
+    def _truncate_to(self, content: bytes) -> None:
+        with open(self.journal_path, "r+b") as f:
+            f.truncate(len(content))
+
+    def append(self, evaluation: Evaluation) -> None:
+        with open(self.journal_path, "a") as f:
+            f.write(json.dumps(evaluation.to_dict(), separators=(",", ":")) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    # -- snapshots ------------------------------------------------------------------------------
+
+    def save_state(self, state: dict[str, Any]) -> None:
+        write_json_atomic(self.state_path, {"format": STATE_FORMAT, **state})
+
+    def load_state(self) -> dict[str, Any] | None:
+        if not self.state_path.exists():
+            return None
+        try:
+            state = json.loads(self.state_path.read_text())
+        except json.JSONDecodeError as err:
+            raise EepError(f"{self.state_path} is corrupt ({err})") from None
+        if state.get("format") != STATE_FORMAT:
+            raise EepError(f"{self.state_path} has format {state.get('format')!r}, expected {STATE_FORMAT!r}")
+        return state
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json_atomic(self.summary_path, summary)
+
+    def summary(self) -> dict[str, Any]:
+        if not self.summary_path.exists():
+            raise EepError(f"{self.path} has no summary.json yet; the search has not finished an evaluation")
+        return json.loads(self.summary_path.read_text())

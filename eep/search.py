@@ -1,0 +1,166 @@
+"""The search: EEP's steady-state evolution over an archive of evaluated genomes.
+
+There are no generations. Candidate ``i`` is a random genome while ``i < initial``; after that it
+is bred from the archive: with probability ``crossover_prob`` two parents among those within
+``crossover_threshold`` points of the best are crossed, otherwise one parent within
+``mutate_threshold`` points is taken; the child is then always mutated. A child whose content
+hash was already proposed is bred again, so no genome is evaluated twice.
+
+Every evaluation is appended to the journal before it is folded into the archive, and the
+RNG state is snapshotted after every breeding step, so `eep resume` continues exactly where a
+stopped search was (see :mod:`eep.journal`).
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+
+from deap import base
+
+from eep.config import SearchConfig
+from eep.errors import EepError
+from eep.evaluator import Candidate
+from eep.genome import Genome
+from eep.journal import Evaluation, RunDir
+from search_spaces.prune import PruneSpace, crossover_rows, mutate_swap, random_genome
+
+
+def make_toolbox(space: PruneSpace, cfg: SearchConfig, rng: random.Random) -> base.Toolbox:
+    toolbox = base.Toolbox()
+    toolbox.register("individual", random_genome, space=space, rng=rng)
+    toolbox.register("mutate", mutate_swap, rng=rng, space=space, layer_prob=cfg.layer_prob, swap_prob=cfg.swap_prob)
+    toolbox.register("mate", crossover_rows, rng=rng, space=space, layer_prob=cfg.layer_prob)
+    return toolbox
+
+
+def breed(toolbox: base.Toolbox, archive: list[Evaluation], cfg: SearchConfig, rng: random.Random) -> Genome:
+    """One child from the archive (EEP's parent pools; no generation barrier)."""
+    ranked = sorted((e for e in archive if e.ok), key=lambda e: (-e.fitness, e.id))
+    if not ranked:
+        return toolbox.individual()
+    best = ranked[0].fitness
+    within = [e for e in ranked if e.fitness >= best - cfg.crossover_threshold]
+    mates = ranked[: max(len(within), cfg.crossover_pool_min)]
+    if len(mates) >= 2 and rng.random() < cfg.crossover_prob:
+        a, b = rng.sample(mates, 2)
+        child = toolbox.mate(a.genome, b.genome)
+    else:
+        child = rng.choice([e for e in ranked if e.fitness >= best - cfg.mutate_threshold]).genome
+    return toolbox.mutate(child)
+
+
+def run_search(run: RunDir, space: PruneSpace, evaluator, log: Callable[[str], None] = print,
+               stop_after: int | None = None) -> dict:
+    """Run (or resume) the search recorded in ``run`` until its budget is spent.
+
+    ``stop_after`` ends this call after that many new evaluations (the search stays resumable).
+    Returns the summary also written to ``summary.json``.
+    """
+    config = run.config()
+    cfg = config.search
+    rng = random.Random(cfg.seed)
+    toolbox = make_toolbox(space, cfg, rng)
+    archive = run.evaluations()
+    state = run.load_state()
+    if state is None:
+        if archive:
+            raise EepError(f"{run.path} has a journal but no state.json; it cannot be resumed exactly")
+        next_id, in_flight = 0, deque()
+    else:
+        if state["config_digest"] != config.digest():
+            raise EepError(f"{run.path}/config.yaml changed since the search started; restore it to resume")
+        rng.setstate(_rng_state_from_json(state["rng"]))
+        next_id = state["next_id"]
+        done = {e.id for e in archive}
+        in_flight = deque(Candidate(c["id"], Genome.from_dict(c["genome"]))
+                          for c in state["in_flight"] if c["id"] not in done)
+    seen = {e.genome.key for e in archive} | {c.genome.key for c in in_flight}
+
+    def proposals() -> Iterator[Candidate]:
+        nonlocal next_id
+        yield from list(in_flight)  # bred before a stop, never finished: evaluate them first
+        while next_id < cfg.evaluations:
+            for _ in range(cfg.max_breed_attempts):
+                genome = toolbox.individual() if next_id < cfg.initial else breed(toolbox, archive, cfg, rng)
+                if genome.key not in seen:
+                    break
+            else:
+                log(f"[eep] stopping: {cfg.max_breed_attempts} children in a row were already evaluated "
+                    f"(the search space has {space.size()} genomes)")
+                return
+            candidate = Candidate(next_id, genome)
+            next_id += 1
+            seen.add(genome.key)
+            in_flight.append(candidate)
+            run.save_state({"config_digest": config.digest(), "next_id": next_id,
+                            "rng": _rng_state_to_json(rng.getstate()),
+                            "in_flight": [{"id": c.id, "genome": c.genome.to_dict()} for c in in_flight]})
+            yield candidate
+
+    progress = _Progress(cfg.evaluations, log)
+    new = 0
+    if len(archive) < cfg.evaluations:
+        for evaluation in evaluator.imap(proposals()):
+            run.append(evaluation)  # on disk before it counts
+            archive.append(evaluation)
+            in_flight.popleft()
+            run.write_summary(summarise(archive))
+            progress.update(archive, evaluation)
+            new += 1
+            if stop_after is not None and new >= stop_after:
+                break
+    return summarise(archive)
+
+
+def best_of(archive: list[Evaluation]) -> Evaluation | None:
+    ok = [e for e in archive if e.ok]
+    return min(ok, key=lambda e: (-e.fitness, e.id)) if ok else None
+
+
+def summarise(archive: list[Evaluation]) -> dict:
+    best = best_of(archive)
+    return {
+        "evaluations": len(archive),
+        "failed": sum(not e.ok for e in archive),
+        "best_fitness": best.fitness if best else None,
+        "best_id": best.id if best else None,
+        "best_scores": best.scores if best else None,
+        "best_genome": best.genome.to_dict() if best else None,
+    }
+
+
+def _rng_state_to_json(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _rng_state_from_json(data: list) -> tuple:
+    version, internal, gauss = data
+    return version, tuple(internal), gauss
+
+
+class _Progress:
+    """One line per evaluation when they are slow, at most one every two seconds when fast."""
+
+    def __init__(self, total: int, log: Callable[[str], None]):
+        self.total, self.log = total, log
+        self.start, self.last, self.count = time.perf_counter(), 0.0, 0
+
+    def update(self, archive: list[Evaluation], evaluation: Evaluation) -> None:
+        self.count += 1
+        now = time.perf_counter()
+        if now - self.last < 2.0 and len(archive) < self.total:
+            return
+        self.last = now
+        best = best_of(archive)
+        last = f"{evaluation.fitness:6.2f}" if evaluation.ok else "failed"
+        self.log(f"[eep] {len(archive):4d}/{self.total} evals  best {best.fitness if best else float('nan'):6.2f}"
+                 f"  last {last}  {self.count / (now - self.start):5.2f} evals/s")
+
+
+def stderr_log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,1 @@
+"""How a candidate is scored: tasks (prompt → answer examples) and their metrics."""

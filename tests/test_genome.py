@@ -1,0 +1,90 @@
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eep.errors import EepError
+from eep.genome import GENOME_FORMAT, Genome
+
+
+def test_round_trip_and_file_form(tmp_path):
+    g = Genome.from_keep(8, 2, {1: [6, 0, 3, 2], 0: [1, 3, 4, 6]})
+    d = g.to_dict()
+    assert d == {"format": GENOME_FORMAT, "num_experts": 8, "top_k": 2,
+                 "layers": {"0": {"keep": [1, 3, 4, 6]}, "1": {"keep": [0, 2, 3, 6]}}}
+    assert Genome.from_dict(json.loads(json.dumps(d))) == g
+    g.save(tmp_path / "g.json")
+    assert Genome.load(tmp_path / "g.json") == g
+
+
+def test_key_is_content_hash():
+    a = Genome.from_keep(8, 2, {0: [1, 2], 1: [3, 4]})
+    b = Genome.from_keep(8, 2, {1: [4, 3], 0: [2, 1]})
+    c = Genome.from_keep(8, 2, {0: [1, 2], 1: [3, 5]})
+    assert a.key == b.key and hash(a) == hash(b)
+    assert a.key != c.key
+    assert len({a, b, c}) == 2
+
+
+def test_missing_layer_keeps_everything():
+    g = Genome.from_keep(8, 2, {1: [0, 1, 2, 3]})
+    assert g.keep(0) == tuple(range(8))
+    assert g.keep(1) == (0, 1, 2, 3)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"format": "other"}, "unsupported genome format"),
+    ({"format": GENOME_FORMAT, "num_experts": 8, "top_k": 2, "layers": {"0": {"keep": [1, 1, 2]}}}, "distinct"),
+    ({"format": GENOME_FORMAT, "num_experts": 8, "top_k": 2, "layers": {"0": {"keep": [1, 9]}}}, "0..7"),
+    ({"format": GENOME_FORMAT, "num_experts": 8, "top_k": 2, "layers": {"0": {"keep": [1]}}}, "keep at least 2"),
+    ({"format": GENOME_FORMAT, "num_experts": 8, "top_k": 2, "layers": {"x": {"keep": [1, 2]}}}, "decimal"),
+    ({"format": GENOME_FORMAT, "num_experts": 8, "top_k": 2, "layers": {"0": {"kep": [1, 2]}}}, "unknown gene keys"),
+    ({"format": GENOME_FORMAT, "num_experts": "8", "top_k": 2, "layers": {}}, "num_experts must be an integer"),
+    ({"format": GENOME_FORMAT, "num_experts": 8, "top_k": 2, "layers": {}, "extra": 1}, "unknown genome keys"),
+])
+def test_malformed_genomes_are_rejected(data, message):
+    with pytest.raises(EepError, match=message):
+        Genome.from_dict(data)
+
+
+def test_validate_for_model():
+    g = Genome.from_keep(8, 2, {0: [0, 1, 2, 3], 5: [0, 1, 2, 3]})
+    g.validate_for(8, 2, range(6))
+    with pytest.raises(EepError, match="8 experts"):
+        g.validate_for(16, 2, range(6))
+    with pytest.raises(EepError, match="top_k=2"):
+        g.validate_for(8, 1, range(6))
+    with pytest.raises(EepError, match=r"\[5\]"):
+        g.validate_for(8, 2, range(4))
+
+
+def test_load_reports_bad_files(tmp_path):
+    with pytest.raises(EepError, match="does not exist"):
+        Genome.load(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(EepError, match="not valid JSON"):
+        Genome.load(tmp_path / "bad.json")
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-3, 12) | st.text(max_size=3),
+                           lambda c: st.lists(c, max_size=5) | st.dictionaries(st.text(max_size=3), c, max_size=4),
+                           max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(num_experts=st.one_of(st.integers(-1, 10), json_values), top_k=st.one_of(st.integers(-1, 10), json_values),
+       layers=st.one_of(json_values, st.dictionaries(st.sampled_from(["0", "1", "2", "x", "-1"]),
+                                                     st.one_of(json_values, st.fixed_dictionaries(
+                                                         {"keep": st.lists(st.integers(-1, 10), max_size=9)})),
+                                                     max_size=3)))
+def test_any_input_parses_or_raises_eep_error(num_experts, top_k, layers):
+    data = {"format": GENOME_FORMAT, "num_experts": num_experts, "top_k": top_k, "layers": layers}
+    try:
+        g = Genome.from_dict(data)
+    except EepError:
+        return
+    assert Genome.from_dict(g.to_dict()) == g
+    for _, gene in g.layers:
+        assert len(set(gene.keep)) == len(gene.keep) >= g.top_k
+        assert all(0 <= e < g.num_experts for e in gene.keep)

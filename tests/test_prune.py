@@ -1,0 +1,79 @@
+import math
+import random
+
+import pytest
+
+from search_spaces.prune import PruneSpace, crossover_rows, mutate_swap, random_genome
+
+SPACE = PruneSpace(num_experts=8, top_k=2, layers=(0, 1, 2, 3), keep=4)
+
+
+def _valid(genome, space=SPACE):
+    for layer in space.layers:
+        kept = genome.keep(layer)
+        assert len(kept) == space.keep and len(set(kept)) == space.keep
+        assert all(0 <= e < space.num_experts for e in kept)
+
+
+def test_space_size():
+    assert SPACE.size() == math.comb(8, 4) ** 4
+    assert SPACE.full().keep(2) == tuple(range(8))
+
+
+def test_random_genomes_are_valid_and_seeded():
+    a = [random_genome(SPACE, random.Random(5)) for _ in range(3)]
+    assert a[0] == a[1] == a[2]
+    rng = random.Random(0)
+    genomes = [random_genome(SPACE, rng) for _ in range(200)]
+    for g in genomes:
+        _valid(g)
+    assert len(set(genomes)) == 200
+
+
+@pytest.mark.parametrize("layer_prob, swap_prob", [(0.25, 0.15), (1.0, 1.0), (0.0, 0.0)])
+def test_mutation_keeps_count_and_always_changes(layer_prob, swap_prob):
+    rng = random.Random(1)
+    for _ in range(300):
+        parent = random_genome(SPACE, rng)
+        child = mutate_swap(parent, rng, SPACE, layer_prob, swap_prob)
+        _valid(child)
+        assert child != parent
+        changed = [i for i in SPACE.layers if child.keep(i) != parent.keep(i)]
+        assert changed  # at least one layer, and only by swaps (same count)
+
+
+def test_mutation_touches_layers_at_the_configured_rate():
+    rng = random.Random(2)
+    changed_layers = []
+    for _ in range(2000):
+        parent = random_genome(SPACE, rng)
+        child = mutate_swap(parent, rng, SPACE, 0.25, 0.15)
+        changed_layers.append(sum(child.keep(i) != parent.keep(i) for i in SPACE.layers))
+    mean = sum(changed_layers) / len(changed_layers)
+    assert 1.0 <= mean < 1.6  # mostly one layer at a time, as EEP's 0.25 per group
+
+
+def test_crossover_keeps_count_and_draws_from_parents():
+    rng = random.Random(3)
+    for _ in range(500):
+        a, b = random_genome(SPACE, rng), random_genome(SPACE, rng)
+        child = crossover_rows(a, b, rng, SPACE, layer_prob=1.0)
+        _valid(child)
+        for i in SPACE.layers:
+            union = set(a.keep(i)) | set(b.keep(i))
+            # when the parents' union is big enough, repair never needs a foreign expert
+            assert set(child.keep(i)) <= union
+
+
+def test_crossover_of_identical_parents_is_the_parent():
+    rng = random.Random(4)
+    a = random_genome(SPACE, rng)
+    assert crossover_rows(a, a, rng, SPACE, layer_prob=1.0) == a
+
+
+def test_crossover_repairs_when_union_is_small():
+    space = PruneSpace(num_experts=8, top_k=2, layers=(0,), keep=6)
+    rng = random.Random(5)
+    for _ in range(300):
+        child = crossover_rows(random_genome(space, rng), random_genome(space, rng), rng, space, 1.0)
+        _valid(child, space)

@@ -1,0 +1,114 @@
+import json
+import random
+
+import pytest
+
+from eep.config import parse_config
+from eep.evaluator import FitnessWorker, SerialEvaluator
+from eep.journal import RunDir
+from eep.search import breed, make_toolbox, run_search
+from search_spaces import PruneSpace
+from tests.conftest import toy_config_dict
+
+SPACE = PruneSpace(num_experts=8, top_k=2, layers=(0, 1, 2, 3), keep=4)
+
+
+@pytest.fixture(scope="module")
+def worker():
+    return FitnessWorker(parse_config(toy_config_dict()))
+
+
+class CountingEvaluator(SerialEvaluator):
+    """The serial evaluator, recording which genomes it was asked to score."""
+
+    def __init__(self, worker):
+        super().__init__(worker)
+        self.keys = []
+
+    def imap(self, candidates):
+        for evaluation in super().imap(candidates):
+            self.keys.append(evaluation.genome.key)
+            yield evaluation
+
+
+def _journal(run):
+    """Journal records without the wall-clock fields, for run-to-run comparison."""
+    rows = [json.loads(line) for line in run.journal_path.read_text().splitlines()]
+    for row in rows:
+        del row["seconds"], row["worker"]
+    return rows
+
+
+def _run(path, worker, stop_after=None, **search):
+    config = parse_config(toy_config_dict(**search))
+    run = RunDir.create(path, config) if not (path / "config.yaml").exists() else RunDir.open(path)
+    evaluator = CountingEvaluator(worker)
+    summary = run_search(run, SPACE, evaluator, log=lambda m: None, stop_after=stop_after)
+    return run, summary, evaluator
+
+
+def test_search_is_deterministic_for_a_seed_and_never_reevaluates(tmp_path, worker):
+    run_a, summary_a, ev_a = _run(tmp_path / "a", worker)
+    run_b, summary_b, _ = _run(tmp_path / "b", worker)
+    assert _journal(run_a) == _journal(run_b)
+    assert summary_a == summary_b
+    assert summary_a["evaluations"] == 16 and len(ev_a.keys) == 16
+    assert len(set(ev_a.keys)) == 16  # no genome evaluated twice
+    fitnesses = [row["fitness"] for row in _journal(run_a)]
+    assert summary_a["best_fitness"] == max(fitnesses)
+    assert json.loads(run_a.summary_path.read_text())["best_genome"] == summary_a["best_genome"]
+    _, summary_c, _ = _run(tmp_path / "c", worker, seed=4)
+    assert _journal(RunDir.open(tmp_path / "c")) != _journal(run_a)
+
+
+def test_stop_and_resume_equals_uninterrupted(tmp_path, worker):
+    whole, summary_whole, _ = _run(tmp_path / "whole", worker)
+    for stop in (3, 6, 7, 11):  # inside the initial population, at its end, and while breeding
+        path = tmp_path / f"stop{stop}"
+        _, partial, _ = _run(path, worker, stop_after=stop)
+        assert partial["evaluations"] == stop
+        run, summary, ev = _run(path, worker)  # resume: reopen the same run directory
+        assert len(ev.keys) == 16 - stop  # nothing evaluated twice across the stop
+        assert _journal(run) == _journal(whole)
+        assert summary == summary_whole
+
+
+def test_resume_reevaluates_a_torn_journal_line(tmp_path, worker, capsys):
+    whole, summary_whole, _ = _run(tmp_path / "whole", worker)
+    path = tmp_path / "torn"
+    run, _, _ = _run(path, worker, stop_after=9)
+    text = run.journal_path.read_text()
+    run.journal_path.write_text(text[: len(text) - 40])  # the crash cut the last line
+    run, summary, ev = _run(path, worker)
+    assert "torn last journal line" in capsys.readouterr().err
+    assert len(ev.keys) == 16 - 8
+    assert _journal(run) == _journal(whole) and summary == summary_whole
+
+
+def test_resume_refuses_a_changed_config(tmp_path, worker):
+    run, _, _ = _run(tmp_path / "r", worker, stop_after=2)
+    run.config_path.write_text(run.config_path.read_text().replace("seed: 3", "seed: 4"))
+    from eep.errors import EepError
+
+    with pytest.raises(EepError, match="changed since the search started"):
+        _run(tmp_path / "r", worker)
+
+
+def test_breeding_draws_parents_from_the_threshold_pools():
+    from eep.genome import Genome
+    from eep.journal import Evaluation
+
+    cfg = parse_config(toy_config_dict(crossover_prob=0.0, layer_prob=1.0, swap_prob=0.0)).search
+    rng = random.Random(0)
+    toolbox = make_toolbox(SPACE, cfg, rng)
+    archive = [Evaluation(i, toolbox.individual(), fitness, {}) for i, fitness in enumerate([90.0, 88.0, 80.0, 50.0])]
+    near = {0: [], 1: []}
+    for _ in range(300):
+        child = breed(toolbox, archive, cfg, rng)
+        # with one forced swap the parent is the archive genome sharing 4*4-1 kept experts
+        overlaps = [sum(len(set(child.keep(i)) & set(e.genome.keep(i))) for i in SPACE.layers) for e in archive]
+        parent = overlaps.index(max(overlaps))
+        assert parent in (0, 1)  # only candidates within 3.0 points of the best are parents
+        near[parent].append(child)
+    assert near[0] and near[1]
+    assert isinstance(child, Genome)
