@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # -- search / resume ----------------------------------------------------------------------------
 
-def _plan(config) -> tuple[object, object]:
+def _plan(config, dry_run: bool = False) -> tuple[object, object]:
     """Validate the config against the model's shape (config.json only) and the tasks."""
     from eep.model import load_hf_config
     from eep.moe import shape_of
@@ -72,7 +72,7 @@ def _plan(config) -> tuple[object, object]:
     from search_spaces import PruneSpace
 
     check_tasks(config.fitness.tasks)
-    shape = shape_of(load_hf_config(config.model))
+    shape = shape_of(load_hf_config(config.model, prefer_file=dry_run))
     keep = config.search_space.keep
     if keep > shape.num_experts:
         raise EepError(f"search_space.keep={keep} but the model has only {shape.num_experts} experts per layer")
@@ -87,8 +87,7 @@ def _print_plan(config, shape, space, run_dir) -> None:
     print(f"model        {config.model.path} ({shape.family}, {len(shape.moe_layers)} MoE layers, "
           f"{shape.num_experts} experts, top-{shape.top_k})")
     print(f"search space prune: keep {space.keep} of {shape.num_experts} per layer -> "
-          f"{size:.3e} genomes" if size > 10**6 else f"search space prune: keep {space.keep} of "
-          f"{shape.num_experts} per layer -> {size} genomes")
+          + (f"{size:.3e}" if size > 10**6 else str(size)) + " genomes")
     print(f"budget       {config.search.evaluations} evaluations ({config.search.initial} random initial), "
           f"seed {config.search.seed}")
     tasks = ", ".join(f"{t.name} ({t.search_size} search / {t.test_size} held-out)" for t in config.fitness.tasks)
@@ -103,7 +102,7 @@ def cmd_search(args) -> int:
 
     config = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir or Path("runs") / config.name)
-    shape, space = _plan(config)
+    shape, space = _plan(config, dry_run=args.dry_run)
     _print_plan(config, shape, space, run_dir)
     if args.dry_run:
         print("dry run: config is valid; nothing was loaded or written")

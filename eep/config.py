@@ -73,8 +73,16 @@ class SearchConfig(_Section):
 class TaskConfig(_Section):
     name: str
     dataset: str
-    """``toy:<task>`` for the toy model's tasks (copy, reverse, shift, lookup)."""
-    metric: Literal["exact_match"] = "exact_match"
+    """``toy:<task>`` (copy, reverse, shift, lookup), or a ``datasets`` hub id or local dataset directory."""
+    subset: str | None = None
+    """The dataset's configuration name, if it has several."""
+    prompt: str | None = None
+    """Prompt template over the example's fields, e.g. ``"{context}\nQ: {question}\nA:"`` (not for toy)."""
+    answer: str | None = None
+    """Field holding the reference answer; dotted for nested fields (``answers.text``); lists mean any-of."""
+    answer_map: dict[str, str] | None = None
+    """Maps answer values to text, e.g. ``{"true": "yes", "false": "no"}`` for boolean labels."""
+    metric: Literal["exact_match", "contains"] = "exact_match"
     search_split: str = "search"
     """Split scored during the search (the fitness)."""
     test_split: str = "test"
@@ -142,6 +150,7 @@ def parse_config(data: Any, source: str = "config") -> Config:
 
 
 def apply_override(data: dict, item: str) -> None:
+    """Set ``a.b.0.c=value`` in the raw config (numbers index lists; missing sections are created)."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise EepError(f"override {item!r} must look like section.key=value")
@@ -149,16 +158,32 @@ def apply_override(data: dict, item: str) -> None:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         raise EepError(f"override {item!r}: value is not valid YAML") from None
-    node = data
     *parents, leaf = key.strip().split(".")
+    node: Any = data
     for part in parents:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise EepError(f"override {item!r}: {part} is not a section")
-        node = child
-    node[leaf] = value
+        node = _child(node, part, item)
+    if isinstance(node, list):
+        node[_index(node, leaf, item)] = value
+    elif isinstance(node, dict):
+        node[leaf] = value
+    else:
+        raise EepError(f"override {item!r}: cannot set {leaf!r} inside a plain value")
+
+
+def _child(node: Any, part: str, item: str) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, item)]
+    if not isinstance(node, dict):
+        raise EepError(f"override {item!r}: cannot set {part!r} inside a plain value")
+    if node.get(part) is None:
+        node[part] = {}
+    return node[part]
+
+
+def _index(node: list, part: str, item: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise EepError(f"override {item!r}: {part!r} is not an index of a {len(node)}-item list")
+    return int(part)
 
 
 def _first_error(err: ValidationError) -> str:

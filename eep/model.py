@@ -27,24 +27,35 @@ def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") != 1
 
 
-def load_hf_config(cfg: ModelConfig):
-    """The model's ``transformers`` config (no weights): local dir, hub, or ``config_file``."""
+def load_hf_config(cfg: ModelConfig, prefer_file: bool = False):
+    """The model's ``transformers`` config (no weights): local dir or hub; ``config_file`` when
+    ``prefer_file`` (dry runs) or when the model's own config cannot be reached."""
     from transformers import AutoConfig
 
     path = resolve_path(cfg.path)
     if _looks_local(path) and not Path(path).is_dir():
         raise EepError(f"model path {path} does not exist; give a model directory, a hub id, or 'toy'")
+    if prefer_file and cfg.config_file:
+        return _config_from_file(Path(cfg.config_file))
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
         if cfg.config_file:
-            file = Path(cfg.config_file)
-            if not file.exists():
-                raise EepError(f"model.config_file {file} does not exist") from None
-            data = json.loads(file.read_text())
-            return AutoConfig.for_model(data.pop("model_type"), **data)
+            return _config_from_file(Path(cfg.config_file))
         raise EepError(f"cannot read the config of model {path!r} ({' '.join(str(err).split())[:200]}); "
                        "check the path or hub id, or set model.config_file to a local config.json") from None
+
+
+def _config_from_file(file: Path):
+    from transformers import AutoConfig
+
+    if not file.exists():
+        raise EepError(f"model.config_file {file} does not exist")
+    try:
+        data = json.loads(file.read_text())
+        return AutoConfig.for_model(data.pop("model_type"), **data)
+    except (json.JSONDecodeError, KeyError, ValueError) as err:
+        raise EepError(f"model.config_file {file} is not a model config.json ({err})") from None
 
 
 def pick_device(device: str) -> torch.device:

@@ -12,13 +12,14 @@ from dataclasses import dataclass
 
 import torch
 
-METRICS = ("exact_match",)
+METRICS = ("exact_match", "contains")
 
 
 @dataclass(frozen=True)
 class Example:
     prompt: str
-    answer: str
+    answers: tuple[str, ...]
+    """Any of these counts as correct."""
 
 
 @dataclass(frozen=True)
@@ -52,11 +53,20 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], batch_size: int, m
     return outputs
 
 
+def is_correct(metric: str, completion: str, answers: Sequence[str]) -> bool:
+    """``exact_match``: the completion equals an answer; ``contains``: an answer occurs in its first
+    line (EEP's SQuAD rule). Both compare whitespace-normalised text."""
+    text = _normalise(completion) if metric == "exact_match" else _normalise(completion.strip().split("\n")[0])
+    if metric == "exact_match":
+        return any(text == _normalise(a) for a in answers)
+    if metric == "contains":
+        return any(_normalise(a) in text for a in answers)
+    raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+
+
 def score(task: Task, completions: Sequence[str]) -> float:
-    """Percentage of examples whose completion matches the answer under the task's metric."""
-    if task.metric != "exact_match":
-        raise ValueError(f"unknown metric {task.metric!r}; choose one of {', '.join(METRICS)}")
-    hits = sum(_normalise(c) == _normalise(ex.answer) for c, ex in zip(completions, task.examples, strict=True))
+    """Percentage of examples whose completion is correct under the task's metric."""
+    hits = sum(is_correct(task.metric, c, ex.answers) for c, ex in zip(completions, task.examples, strict=True))
     return 100.0 * hits / len(task.examples)
 
 

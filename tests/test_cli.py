@@ -1,0 +1,115 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from eep.cli import main
+from eep.genome import Genome
+from tests.conftest import toy_config_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(tmp_path, **changes):
+    data = toy_config_dict()
+    for dotted, value in changes.items():
+        node = data
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _fails(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eep: error: ") and err.count("\n") == 1, err
+    assert message in err, err
+
+
+def test_dry_runs_of_shipped_experiments(capsys, tmp_path):
+    assert main(["search", str(ROOT / "experiments/toy.yaml"), "--dry-run", "--run-dir", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "keep 4 of 8 per layer -> 2.401e+07 genomes" in out and "nothing was loaded" in out
+    assert not (tmp_path / "r").exists()
+    assert main(["search", str(ROOT / "experiments/mixtral-8x7b-instruct.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "32 MoE layers, 8 experts, top-2" in out and "1.104e+59 genomes" in out
+
+
+@pytest.mark.parametrize("changes, overrides, message", [
+    ({"search__evaluatons": 5}, [], "search.evaluatons: unknown key; allowed here: seed, evaluations"),
+    ({"search__evaluations": "many"}, [], "search.evaluations: Input should be a valid integer"),
+    ({"model__path": "/no/such/model"}, [], "model path /no/such/model does not exist"),
+    ({"search_space__keep": 9}, [], "keep=9 but the model has only 8 experts"),
+    ({"search_space__keep": 1}, [], "below the model's top_k=2"),
+    ({}, ["search.crossover_prob=2"], "search.crossover_prob: Input should be less than or equal to 1"),
+    ({}, ["search.seed"], "must look like section.key=value"),
+    ({}, ["fitness.tasks=[]"], "fitness.tasks: List should have at least 1 item"),
+])
+def test_config_errors_are_one_line_exit_2_and_write_nothing(capsys, tmp_path, changes, overrides, message):
+    argv = ["search", str(_config(tmp_path, **changes)), "--run-dir", str(tmp_path / "run")]
+    for item in overrides:
+        argv += ["--set", item]
+    _fails(capsys, argv, message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_config_file(capsys, tmp_path):
+    _fails(capsys, ["search", str(tmp_path / "nope.yaml")], "does not exist")
+
+
+def test_resume_of_a_non_run_directory(capsys, tmp_path):
+    _fails(capsys, ["resume", str(tmp_path)], "is not an eep run directory")
+
+
+def test_export_input_errors(capsys, tmp_path):
+    genome = tmp_path / "g.json"
+    Genome.from_keep(16, 2, {0: [0, 1, 2, 3]}).save(genome)
+    _fails(capsys, ["export", "--model", "toy", "--genome", str(genome), "--out", str(tmp_path / "o")],
+           "genome is for models with 16 experts per layer, this model has 8")
+    (tmp_path / "taken").mkdir()
+    _fails(capsys, ["export", "--model", "toy", "--genome", str(genome), "--out", str(tmp_path / "taken")],
+           "already exists")
+    _fails(capsys, ["export", "--out", str(tmp_path / "o")], "needs RUN_DIR")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_demo_search_resume_and_export_end_to_end(tmp_path):
+    """The README's demo path in subprocesses: search (stopped by budget), resume, export, stock load."""
+    run, out = tmp_path / "run", tmp_path / "pruned"
+    cmd = [sys.executable, "-m", "eep"]
+    common = ["--run-dir", str(run), "--set", "search.evaluations=40", "--set", "fitness.tasks.0.test_size=50"]
+    done = subprocess.run(cmd + ["search", str(ROOT / "experiments/toy.yaml"), *common],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "evals/s" in done.stderr and "held-out" in done.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["evaluations"] == 40
+    assert summary["heldout"]["full"]["mean"] >= 90.0
+    assert summary["heldout"]["best"]["mean"] >= summary["heldout"]["full"]["mean"] - 10.0
+    # a finished run resumes to the same place without evaluating anything
+    again = subprocess.run(cmd + ["resume", str(run)], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert len((run / "journal.jsonl").read_text().splitlines()) == 40
+
+    done = subprocess.run(cmd + ["export", str(run), "--out", str(out)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.num_local_experts == 4
+    ids = tokenizer(["reverse : a b c d ="], return_tensors="pt")
+    generated = model.generate(**ids, max_new_tokens=6, do_sample=False)
+    text = tokenizer.decode(generated[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert text == "d c b a"
+    assert Genome.load(out / "eep_genome.json").to_dict() == summary["best_genome"]

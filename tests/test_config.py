@@ -1,0 +1,67 @@
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eep.config import apply_override, load_config, parse_config
+from eep.errors import EepError
+from tests.conftest import toy_config_dict
+
+
+def test_defaults_follow_eep():
+    cfg = parse_config(toy_config_dict()).search
+    assert (cfg.mutate_threshold, cfg.crossover_threshold, cfg.crossover_pool_min) == (3.0, 1.0, 6)
+    assert (cfg.crossover_prob, cfg.layer_prob, cfg.swap_prob) == (0.3, 0.25, 0.15)
+
+
+def test_overrides_parse_values_as_yaml(tmp_path):
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(toy_config_dict()))
+    cfg = load_config(path, ["search.evaluations=99", "fitness.tasks.1.weight=2.5", "model.dtype=bfloat16"])
+    assert cfg.search.evaluations == 99 and cfg.fitness.tasks[1].weight == 2.5 and cfg.model.dtype == "bfloat16"
+    assert cfg.digest() != load_config(path).digest()
+    with pytest.raises(EepError, match="not an index"):
+        load_config(path, ["fitness.tasks.9.weight=1"])
+
+
+def test_config_rejects_duplicate_task_names_and_bad_initial():
+    data = toy_config_dict()
+    data["fitness"]["tasks"][1]["name"] = "copy"
+    with pytest.raises(EepError, match="task names must be unique"):
+        parse_config(data)
+    with pytest.raises(EepError, match="initial .* must not exceed evaluations"):
+        parse_config(toy_config_dict(initial=50, evaluations=10))
+
+
+def test_invalid_yaml_is_reported(tmp_path):
+    (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(EepError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(EepError, match="must hold a mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+scalars = st.none() | st.booleans() | st.integers(-5, 500) | st.floats(-2, 2) | st.just(float("nan")) | st.text(max_size=4)
+values = st.recursive(scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
+                      max_leaves=10)
+keys = st.sampled_from(["name", "model", "search", "search_space", "fitness", "evaluator", "seed", "keep",
+                        "evaluations", "tasks", "x"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(section=keys, key=keys, value=values)
+def test_any_mutation_parses_or_raises_eep_error(section, key, value):
+    data = toy_config_dict()
+    target = data.setdefault(section, {})
+    if isinstance(target, dict):
+        target[key] = value
+    else:
+        data[section] = value
+    try:
+        cfg = parse_config(data)
+    except EepError as err:
+        assert "\n" not in str(err)
+        return
+    assert parse_config(cfg.to_dict()) == cfg

@@ -1,0 +1,75 @@
+import json
+import random
+import statistics
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from eep import toy
+from eep.genome import Genome
+from eep.moe import adapter_for
+from fitness import toy_tasks
+from fitness.generation import Example, Task, evaluate_tasks, greedy_generate
+
+
+@pytest.fixture(scope="module")
+def toy_model():
+    model = AutoModelForCausalLM.from_pretrained(toy.TOY_DIR).eval()
+    tokenizer = AutoTokenizer.from_pretrained(toy.TOY_DIR)
+    return model, tokenizer
+
+
+def test_toy_is_a_stock_hugging_face_model(toy_model):
+    model, tokenizer = toy_model
+    assert type(model).__name__ == "MixtralForCausalLM"
+    assert model.config.num_local_experts == 8 and model.config.num_experts_per_tok == 2
+    ids = tokenizer("shift : a b c =")["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids) == ["<bos>", "shift", ":", "a", "b", "c", "="]
+    out = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)
+    assert tokenizer.decode(out[0, len(ids):], skip_special_tokens=True) == "b c d"
+
+
+def test_left_padded_batches_generate_like_single_prompts(toy_model):
+    model, tokenizer = toy_model
+    prompts = ["copy : a b c =", "lookup : p o n m l k =", "reverse : d e f g ="]
+    batched = greedy_generate(model, tokenizer, prompts, batch_size=3, max_new_tokens=8)
+    single = [greedy_generate(model, tokenizer, [p], batch_size=1, max_new_tokens=8)[0] for p in prompts]
+    assert batched == single
+    assert batched[0] == "a b c" and batched[2] == "g f e d"
+
+
+def test_toy_separation_on_held_out_data(toy_model):
+    """The property the toy exists for: the full model solves the tasks, random 4-of-8 keep sets
+    lose a lot, keep sets that hold one expert of every task's pair lose (almost) nothing."""
+    model, tokenizer = toy_model
+    adapter = adapter_for(model)
+    tasks = [Task(t, tuple(Example(e.prompt, (e.answer,)) for e in toy_tasks.examples(t, "test", 30)))
+             for t in toy_tasks.TASKS]
+
+    def accuracy(genome=None):
+        if genome is None:
+            return statistics.mean(evaluate_tasks(model, tokenizer, tasks, 128, 8).values())
+        with adapter.applied(genome):
+            return statistics.mean(evaluate_tasks(model, tokenizer, tasks, 128, 8).values())
+
+    rng = random.Random(0)
+    full = accuracy()
+    random_mean = statistics.mean(
+        accuracy(Genome.from_keep(8, 2, {i: rng.sample(range(8), 4) for i in range(4)})) for _ in range(12))
+    pairs = [{t: tuple(p) for t, p in layer.items()}
+             for layer in json.loads((toy.TOY_DIR / "eep_toy.json").read_text())["expert_pairs"]]
+    covering = min(accuracy(toy.covering_genome(pairs, 8, 2, rng)) for _ in range(3))
+    assert full >= 90.0
+    assert random_mean <= full - 15.0
+    assert covering >= full - 5.0
+
+
+@pytest.mark.slow
+def test_toy_build_is_deterministic(tmp_path):
+    a = toy.train(tmp_path / "a", seed=1, steps=30, log=lambda m: None)
+    b = toy.train(tmp_path / "b", seed=1, steps=30, log=lambda m: None)
+    assert a == b
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    assert reloaded.config.num_local_experts == 8
