@@ -154,7 +154,7 @@ def _search(run, config, space) -> int:
 
 def cmd_export(args) -> int:
     from eep.config import ModelConfig, load_config
-    from eep.export import check_target, export_genome
+    from eep.export import export_genome
     from eep.genome import Genome
     from eep.journal import RunDir
 
@@ -174,7 +174,6 @@ def cmd_export(args) -> int:
         config = load_config(args.config) if args.config else None
         model_cfg = config.model.model_copy(update={"path": args.model}) if config else ModelConfig(path=args.model)
         genome, fitness = Genome.load(args.genome), None
-    check_target(out)
     from eep.model import load_hf_config
     from eep.moe import shape_of
 

@@ -113,7 +113,8 @@ def train(out_dir: Path, seed: int = 0, steps: int = 1500, batch_size: int = 64,
         real = ids != tokenizer.pad_token_id
         real[:, 0] = False  # <bos> carries no task information yet
         pruned = rng.random() < 0.5
-        context = adapter.applied(covering_genome(pairs, 8, 2, rng)) if pruned else contextlib.nullcontext()
+        context = (adapter.applied(covering_genome(pairs, adapter.num_experts, adapter.top_k, rng))
+                   if pruned else contextlib.nullcontext())
         with context:
             out = model(input_ids=ids, labels=labels, output_router_logits=True)
         route_loss = 0.0

@@ -75,8 +75,11 @@ def test_export_input_errors(capsys, tmp_path):
     _fails(capsys, ["export", "--model", "toy", "--genome", str(genome), "--out", str(tmp_path / "o")],
            "genome is for models with 16 experts per layer, this model has 8")
     (tmp_path / "taken").mkdir()
-    _fails(capsys, ["export", "--model", "toy", "--genome", str(genome), "--out", str(tmp_path / "taken")],
+    good = tmp_path / "good.json"
+    Genome.from_keep(8, 2, {i: [0, 1, 2, 3] for i in range(4)}).save(good)
+    _fails(capsys, ["export", "--model", "toy", "--genome", str(good), "--out", str(tmp_path / "taken")],
            "already exists")
+    assert not any((tmp_path / "taken").iterdir())
     _fails(capsys, ["export", "--out", str(tmp_path / "o")], "needs RUN_DIR")
     assert not (tmp_path / "o").exists()
 
