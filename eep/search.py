@@ -105,6 +105,8 @@ def run_search(run: RunDir, space: PruneSpace, evaluator, log: Callable[[str], N
     new = 0
     if len(archive) < cfg.evaluations:
         for evaluation in evaluator.imap(proposals()):
+            if evaluation.id != in_flight[0].id:
+                raise RuntimeError(f"evaluator returned candidate {evaluation.id} before {in_flight[0].id}")
             run.append(evaluation)  # on disk before it counts
             archive.append(evaluation)
             in_flight.popleft()
