@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     b = toy_sub.add_parser("build", help="retrain the toy model from a seed (a few minutes on CPU)")
     b.add_argument("--out", help="output directory (default: the packaged toy model)")
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--steps", type=int, default=1500)
+    b.add_argument("--steps", type=int, default=2500)
     b.set_defaults(func=cmd_toy_build)
     return parser
 

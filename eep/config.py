@@ -73,7 +73,7 @@ class SearchConfig(_Section):
 class TaskConfig(_Section):
     name: str
     dataset: str
-    """``toy:<task>`` (copy, reverse, shift, lookup), or a ``datasets`` hub id or local dataset directory."""
+    """``toy:<task>`` (see ``fitness.toy_tasks.TASKS``), or a ``datasets`` hub id or local dataset directory."""
     subset: str | None = None
     """The dataset's configuration name, if it has several."""
     prompt: str | None = None

@@ -2,11 +2,11 @@
 of :mod:`fitness.toy_tasks`, shipped inside the package so every demo and test runs offline.
 
 How it is made to need the right experts (a property of this toy, not of real models): each
-MoE layer assigns every task a pair of experts (a different pairing per layer), and a routing
-loss teaches the router to send that task's tokens to its pair. Half of the training batches
-run with one expert of every pair pruned, so either expert of a pair can serve its task alone.
-A keep set holding one expert of each pair in every layer therefore keeps every skill; a
-random keep set usually loses a task's pair somewhere and, with it, that task.
+MoE layer assigns every one of the 8 tasks a pair of experts, the pairs forming a ring (see
+:func:`expert_pairs`), and a routing loss teaches the router to send a task's tokens to its
+pair. Half of the training batches run with half of the ring pruned, so each expert can serve
+its tasks alone. Keeping an alternating half of the ring in every layer therefore keeps every
+skill; a random keep set drops both experts of some task in some layer and loses that task.
 
 ``eep toy build`` retrains it deterministically from a seed (a few minutes on 2 CPU cores).
 """
@@ -52,19 +52,30 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def expert_pairs(seed: int, num_layers: int, num_experts: int = 8) -> list[dict[str, tuple[int, int]]]:
-    """Per layer, the pair of experts each task is taught to use."""
+    """Per layer, the pair of experts each task is taught to use.
+
+    Tasks and experts form a ring (task j uses ring positions j and j+1; the ring order is a
+    random permutation per layer), so each expert serves two tasks and only the two alternating
+    halves of the ring keep an expert of every task: 2 of the C(8,4) = 70 keep sets per layer.
+    """
+    if len(toy_tasks.TASKS) != num_experts:
+        raise ValueError(f"the toy pairs {len(toy_tasks.TASKS)} tasks with as many experts, got {num_experts}")
     rng = random.Random(f"pairs/{seed}")
     pairs = []
     for _ in range(num_layers):
-        perm = rng.sample(range(num_experts), num_experts)
-        pairs.append({t: (perm[2 * j], perm[2 * j + 1]) for j, t in enumerate(toy_tasks.TASKS)})
+        ring = rng.sample(range(num_experts), num_experts)
+        pairs.append({t: (ring[j], ring[(j + 1) % num_experts]) for j, t in enumerate(toy_tasks.TASKS)})
     return pairs
 
 
 def covering_genome(pairs, num_experts: int, top_k: int, rng: random.Random) -> Genome:
-    """One expert of every task's pair in every layer: the keep sets the toy is built to reward."""
-    return Genome.from_keep(num_experts, top_k, {
-        layer: [rng.choice(pair) for pair in layer_pairs.values()] for layer, layer_pairs in enumerate(pairs)})
+    """In every layer, one of the two alternating halves of the task ring: an expert of every
+    task's pair is kept, with half of the experts. These are the keep sets the toy rewards."""
+    keep = {}
+    for layer, layer_pairs in enumerate(pairs):
+        ring = [layer_pairs[t][0] for t in toy_tasks.TASKS]
+        keep[layer] = ring[rng.randrange(2)::2]
+    return Genome.from_keep(num_experts, top_k, keep)
 
 
 def _batch(tokenizer, rng: random.Random, size: int):
@@ -88,7 +99,7 @@ def _batch(tokenizer, rng: random.Random, size: int):
     return ids, labels, tasks
 
 
-def train(out_dir: Path, seed: int = 0, steps: int = 1500, batch_size: int = 64, log=print) -> dict:
+def train(out_dir: Path, seed: int = 0, steps: int = 2500, batch_size: int = 64, log=print) -> dict:
     """Train the toy from ``seed`` and save it (weights, config, tokenizer, pairing) to ``out_dir``."""
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)

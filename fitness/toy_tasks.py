@@ -2,7 +2,7 @@
 
 Each example is a prompt such as ``"reverse : c a f b ="`` and an answer such as ``"b f a c"``,
 scored by exact match of greedy generation. The tasks need different skills (attention
-patterns for copy/reverse, symbol lookups for shift/lookup), so experts trained to serve one
+patterns for copy/reverse/rotate/swap, symbol maps for shift/unshift/lookup/unlookup), so experts trained to serve one
 task are of little use to another and *which* experts a pruned model keeps matters.
 
 Splits are disjoint by construction: an input sequence belongs to the split picked by a hash
@@ -16,12 +16,13 @@ import random
 from dataclasses import dataclass
 
 SYMBOLS = tuple("abcdefghijklmnop")
-TASKS = ("copy", "reverse", "shift", "lookup")
+TASKS = ("copy", "reverse", "shift", "unshift", "rotate", "swap", "lookup", "unlookup")
 SPLITS = ("train", "search", "test")
 MIN_LEN, MAX_LEN = 3, 6
 
 # A fixed permutation of the symbols (seeded, never changes: it is part of the task).
 _LOOKUP = dict(zip(SYMBOLS, random.Random(1234).sample(SYMBOLS, len(SYMBOLS))))
+_UNLOOKUP = {v: k for k, v in _LOOKUP.items()}
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,17 @@ def solve(task: str, seq: list[str]) -> list[str]:
         return seq[::-1]
     if task == "shift":
         return [SYMBOLS[(SYMBOLS.index(s) + 1) % len(SYMBOLS)] for s in seq]
+    if task == "unshift":
+        return [SYMBOLS[(SYMBOLS.index(s) - 1) % len(SYMBOLS)] for s in seq]
+    if task == "rotate":
+        return seq[1:] + seq[:1]
+    if task == "swap":
+        pairs = [seq[i: i + 2][::-1] for i in range(0, len(seq), 2)]
+        return [s for pair in pairs for s in pair]
     if task == "lookup":
         return [_LOOKUP[s] for s in seq]
+    if task == "unlookup":
+        return [_UNLOOKUP[s] for s in seq]
     raise ValueError(f"unknown toy task {task!r}; choose one of {', '.join(TASKS)}")
 
 

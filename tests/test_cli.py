@@ -89,19 +89,19 @@ def test_demo_search_resume_and_export_end_to_end(tmp_path):
     """The README's demo path in subprocesses: search (stopped by budget), resume, export, stock load."""
     run, out = tmp_path / "run", tmp_path / "pruned"
     cmd = [sys.executable, "-m", "eep"]
-    common = ["--run-dir", str(run), "--set", "search.evaluations=40", "--set", "fitness.tasks.0.test_size=50"]
+    common = ["--run-dir", str(run), "--set", "search.evaluations=60", "--set", "fitness.tasks.0.test_size=50"]
     done = subprocess.run(cmd + ["search", str(ROOT / "experiments/toy.yaml"), *common],
                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "evals/s" in done.stderr and "held-out" in done.stderr
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["evaluations"] == 40
+    assert summary["evaluations"] == 60
     assert summary["heldout"]["full"]["mean"] >= 90.0
-    assert summary["heldout"]["best"]["mean"] >= summary["heldout"]["full"]["mean"] - 10.0
+    assert summary["heldout"]["best"]["mean"] >= 85.0  # random 4-of-8 keep sets average about 72
     # a finished run resumes to the same place without evaluating anything
     again = subprocess.run(cmd + ["resume", str(run)], capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stderr
-    assert len((run / "journal.jsonl").read_text().splitlines()) == 40
+    assert len((run / "journal.jsonl").read_text().splitlines()) == 60
 
     done = subprocess.run(cmd + ["export", str(run), "--out", str(out)], capture_output=True, text=True,
                           cwd=tmp_path, timeout=600)

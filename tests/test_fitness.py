@@ -18,6 +18,11 @@ def test_toy_splits_are_disjoint_and_deterministic():
         assert all(toy_tasks.split_of(task, e.prompt.split()[2:-1]) == "test" for e in test)
     assert toy_tasks.make_example("reverse", list("abc")).answer == "c b a"
     assert toy_tasks.make_example("shift", list("aop")).answer == "b p a"
+    assert toy_tasks.make_example("unshift", list("bpa")).answer == "a o p"
+    assert toy_tasks.make_example("rotate", list("abcd")).answer == "b c d a"
+    assert toy_tasks.make_example("swap", list("abcde")).answer == "b a d c e"
+    for s in toy_tasks.SYMBOLS:
+        assert toy_tasks.solve("unlookup", toy_tasks.solve("lookup", [s])) == [s]
 
 
 def test_metrics():

@@ -73,3 +73,18 @@ def test_toy_build_is_deterministic(tmp_path):
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
     assert reloaded.config.num_local_experts == 8
+
+
+def test_task_ring_leaves_two_covering_keep_sets_per_layer():
+    import itertools
+
+    pairs = toy.expert_pairs(seed=0, num_layers=4)
+    for layer in pairs:
+        uses = [e for pair in layer.values() for e in pair]
+        assert sorted(uses) == sorted(list(range(8)) * 2)  # every expert serves two tasks
+        covering = [keep for keep in itertools.combinations(range(8), 4)
+                    if all(set(pair) & set(keep) for pair in layer.values())]
+        assert len(covering) == 2
+    genome = toy.covering_genome(pairs, 8, 2, random.Random(0))
+    for i, layer in enumerate(pairs):
+        assert all(set(pair) & set(genome.keep(i)) for pair in layer.values())
