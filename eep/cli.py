@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from eep.errors import EepError
+from eep.model import estimate_bytes
 from eep.search import stderr_log as log
 
 
@@ -38,10 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set search.evaluations=100 (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan; load no weights")
+    _evaluator_flags(p)
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("resume", help="continue a stopped search")
+    p = sub.add_parser("resume", help="continue a stopped search (on any evaluator)")
     p.add_argument("run_dir")
+    _evaluator_flags(p)
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("export", help="write a genome as a smaller Hugging Face checkpoint")
@@ -60,6 +63,28 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=2500)
     b.set_defaults(func=cmd_toy_build)
     return parser
+
+
+def _evaluator_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="evaluate on N Ray actors (a local Ray runtime unless --ray-address is given)")
+    p.add_argument("--ray-address", metavar="ADDR", help="join a Ray cluster (host:port or 'auto')")
+
+
+def _with_evaluator_flags(config, args):
+    """Apply --workers / --ray-address. On a new search, --workers N also sets search.in_flight=N
+    unless the config sets it (a resumed search keeps the in_flight it started with)."""
+    if args.workers is None and args.ray_address is None:
+        return config
+    if args.workers is not None and args.workers < 1:
+        raise EepError(f"--workers must be at least 1, got {args.workers}")
+    evaluator = config.evaluator.model_copy(update={
+        "kind": "ray", "workers": args.workers or config.evaluator.workers,
+        "address": args.ray_address or config.evaluator.address})
+    search = config.search
+    if args.command == "search" and args.workers and "in_flight" not in search.model_fields_set:
+        search = search.model_copy(update={"in_flight": args.workers})
+    return config.model_copy(update={"evaluator": evaluator, "search": search})
 
 
 # -- search / resume ----------------------------------------------------------------------------
@@ -92,7 +117,11 @@ def _print_plan(config, shape, space, run_dir) -> None:
           f"seed {config.search.seed}")
     tasks = ", ".join(f"{t.name} ({t.search_size} search / {t.test_size} held-out)" for t in config.fitness.tasks)
     print(f"fitness      {tasks}")
-    print(f"evaluator    {config.evaluator.kind}")
+    ev = config.evaluator
+    where = (f"ray, {ev.workers or 'one per GPU/CPU'} actor(s)" + (f" at {ev.address}" if ev.address else " (local)")
+             if ev.kind == "ray" else "serial (this process)")
+    print(f"evaluator    {where}; {config.search.in_flight} candidate(s) in flight; "
+          f"~{estimate_bytes(config) / 2**30:.2f} GiB of weights per model copy")
     print(f"run dir      {run_dir}")
 
 
@@ -100,7 +129,7 @@ def cmd_search(args) -> int:
     from eep.config import load_config
     from eep.journal import RunDir
 
-    config = load_config(args.config, args.overrides)
+    config = _with_evaluator_flags(load_config(args.config, args.overrides), args)
     run_dir = Path(args.run_dir or Path("runs") / config.name)
     shape, space = _plan(config, dry_run=args.dry_run)
     _print_plan(config, shape, space, run_dir)
@@ -115,30 +144,40 @@ def cmd_resume(args) -> int:
     from eep.journal import RunDir
 
     run = RunDir.open(args.run_dir)
-    config = run.config()
+    config = _with_evaluator_flags(run.config(), args)
     _, space = _plan(config)
     log(f"[eep] resuming {run.path}")
     return _search(run, config, space)
 
 
-def _search(run, config, space) -> int:
+def make_evaluator(config):
+    """The evaluator the config asks for: serial in this process, or Ray actors."""
     from eep.evaluator import FitnessWorker, SerialEvaluator
+
+    log(f"[eep] loading {config.model.path}")
+    if config.evaluator.kind == "ray":
+        from eep.ray_evaluator import RayEvaluator
+
+        return RayEvaluator(config, log=log)
+    return SerialEvaluator(FitnessWorker(config), in_flight=config.search.in_flight)
+
+
+def _search(run, config, space) -> int:
+    from eep.genome import Genome
     from eep.search import run_search
+    from fitness.generation import weighted_fitness
 
     start = time.perf_counter()
-    log(f"[eep] loading {config.model.path}")
-    evaluator = SerialEvaluator(FitnessWorker(config))
+    evaluator = make_evaluator(config)
     try:
         summary = run_search(run, space, evaluator, log=log)
         if summary["best_genome"] is not None:
             log("[eep] scoring the best genome and the full model on the held-out split")
-            from eep.genome import Genome
-
             best = Genome.from_dict(summary["best_genome"])
-            summary["heldout"] = {"best": evaluator.heldout(best), "full": evaluator.heldout(None)}
-            for key in ("best", "full"):
-                scores = summary["heldout"][key]
-                summary["heldout"][key] = {"scores": scores, "mean": evaluator.worker.fitness(scores)}
+            summary["heldout"] = {}
+            for key, genome in (("best", best), ("full", None)):
+                scores = evaluator.heldout(genome)
+                summary["heldout"][key] = {"scores": scores, "mean": weighted_fitness(config.fitness.tasks, scores)}
             run.write_summary(summary)
     finally:
         evaluator.close()

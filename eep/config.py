@@ -62,6 +62,10 @@ class SearchConfig(_Section):
     """Probability that mutation swaps out a given kept expert of a touched layer (EEP: 0.15)."""
     max_breed_attempts: PositiveInt = 1000
     """Children that duplicate an evaluated genome are re-bred up to this many times."""
+    in_flight: PositiveInt = 1
+    """Candidates evaluated at once: candidate i is bred from the results of candidates 0..i-in_flight.
+    The outcome depends on this, never on the evaluator, so a serial run with in_flight=N equals a
+    Ray run with N actors. ``--workers N`` sets it to N unless the config sets it."""
 
     @model_validator(mode="after")
     def _initial_within_budget(self):
@@ -107,7 +111,15 @@ class FitnessConfig(_Section):
 
 
 class EvaluatorConfig(_Section):
-    kind: Literal["serial"] = "serial"
+    """How candidates are evaluated. Never changes a search's outcome, so it may change on resume."""
+
+    kind: Literal["serial", "ray"] = "serial"
+    workers: PositiveInt | None = None
+    """Ray: number of actors (default: one per GPU block of the cluster, else one per CPU)."""
+    address: str | None = None
+    """Ray: cluster to join (``auto`` or host:port); unset starts a local Ray runtime."""
+    gpus_per_actor: PositiveInt = 1
+    """Ray: GPUs each actor holds (a model larger than one GPU is spread over them)."""
 
 
 class Config(_Section):
@@ -122,8 +134,9 @@ class Config(_Section):
         return self.model_dump(mode="json")
 
     def digest(self) -> str:
-        """Content hash of the resolved config, stored in the run directory's state."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of everything that decides the search's outcome (the evaluator does not)."""
+        data = {k: v for k, v in self.to_dict().items() if k != "evaluator"}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:

@@ -11,9 +11,11 @@ with resident-model actors implements the same method.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -57,6 +59,13 @@ class FitnessWorker:
 
         return weighted_fitness(self.tasks["search"], scores)
 
+    def ready(self) -> str:
+        """Returns the worker's name once its model is loaded (Ray actors are awaited on this)."""
+        return self.name
+
+    def pid(self) -> int:
+        return os.getpid()
+
     def __call__(self, candidate: Candidate) -> Evaluation:
         start = time.perf_counter()
         try:
@@ -67,16 +76,29 @@ class FitnessWorker:
         return Evaluation(candidate.id, candidate.genome, self.fitness(scores), scores,
                           time.perf_counter() - start, self.name)
 
+    evaluate = __call__  # Ray actors expose named methods only
+
 
 class SerialEvaluator:
-    """Evaluates candidates one after another in this process, on one resident model."""
+    """Evaluates candidates one after another in this process, on one resident model.
 
-    def __init__(self, worker: FitnessWorker):
+    It still pulls ``in_flight`` candidates ahead, exactly as a pool of ``in_flight`` workers
+    would, so that a serial run reproduces a parallel one.
+    """
+
+    def __init__(self, worker: FitnessWorker, in_flight: int = 1):
         self.worker = worker
+        self.in_flight = in_flight
 
     def imap(self, candidates: Iterable[Candidate]) -> Iterator[Evaluation]:
-        for candidate in candidates:
-            yield self.worker(candidate)
+        pending = iter(candidates)
+        queue = deque(itertools.islice(pending, self.in_flight))
+        while queue:
+            yield self.worker(queue.popleft())
+            queue.extend(itertools.islice(pending, 1))  # after the caller folded the result
+
+    def busy_fraction(self) -> float | None:
+        return None  # one in-process worker: nothing to report
 
     def heldout(self, genome: Genome | None) -> dict[str, float]:
         """Held-out (test split) scores, never used as fitness."""

@@ -40,6 +40,7 @@ class Evaluation:
     seconds: float = 0.0
     worker: str = ""
     error: str | None = None
+    note: str | None = None  # e.g. "re-run: actor-1 died" when a worker was lost mid-evaluation
 
     @property
     def ok(self) -> bool:
@@ -48,12 +49,12 @@ class Evaluation:
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "key": self.genome.key, "status": "ok" if self.ok else "failed",
                 "fitness": self.fitness, "scores": self.scores, "seconds": round(self.seconds, 4),
-                "worker": self.worker, "error": self.error, "genome": self.genome.to_dict()}
+                "worker": self.worker, "error": self.error, "note": self.note, "genome": self.genome.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Evaluation:
         return cls(data["id"], Genome.from_dict(data["genome"]), data["fitness"], data["scores"],
-                   data["seconds"], data["worker"], data["error"])
+                   data["seconds"], data["worker"], data["error"], data.get("note"))
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

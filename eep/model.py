@@ -88,3 +88,17 @@ def load_model(cfg: ModelConfig):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def estimate_bytes(config) -> int:
+    """Bytes of weights of one model copy in the run's dtype, counted on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    hf_config = load_hf_config(config.model, prefer_file=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    name = config.model.dtype
+    if name == "auto":
+        gpu = config.model.device.startswith("cuda") or (config.model.device == "auto" and torch.cuda.is_available())
+        name = "bfloat16" if gpu else "float32"
+    return sum(p.numel() for p in model.parameters()) * torch.finfo(getattr(torch, name)).bits // 8

@@ -111,7 +111,7 @@ def run_search(run: RunDir, space: PruneSpace, evaluator, log: Callable[[str], N
             archive.append(evaluation)
             in_flight.popleft()
             run.write_summary(summarise(archive))
-            progress.update(archive, evaluation)
+            progress.update(archive, evaluation, evaluator.busy_fraction())
             new += 1
             if stop_after is not None and new >= stop_after:
                 break
@@ -152,7 +152,7 @@ class _Progress:
         self.total, self.log = total, log
         self.start, self.last, self.count = time.perf_counter(), 0.0, 0
 
-    def update(self, archive: list[Evaluation], evaluation: Evaluation) -> None:
+    def update(self, archive: list[Evaluation], evaluation: Evaluation, busy: float | None) -> None:
         self.count += 1
         now = time.perf_counter()
         if now - self.last < 2.0 and len(archive) < self.total:
@@ -161,7 +161,8 @@ class _Progress:
         best = best_of(archive)
         last = f"{evaluation.fitness:6.2f}" if evaluation.ok else "failed"
         self.log(f"[eep] {len(archive):4d}/{self.total} evals  best {best.fitness if best else float('nan'):6.2f}"
-                 f"  last {last}  {self.count / (now - self.start):5.2f} evals/s")
+                 f"  last {last}  {self.count / (now - self.start):5.2f} evals/s"
+                 + (f"  actors busy {100 * busy:3.0f}%" if busy is not None else ""))
 
 
 def stderr_log(message: str) -> None:

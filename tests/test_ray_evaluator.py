@@ -1,0 +1,135 @@
+"""The Ray evaluator on real local Ray runtimes: same search as serial, survives a killed actor."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from eep.config import parse_config
+from eep.evaluator import FitnessWorker, SerialEvaluator
+from eep.journal import RunDir
+from eep.search import run_search
+from search_spaces import PruneSpace
+from tests.conftest import toy_config_dict
+
+SPACE = PruneSpace(num_experts=8, top_k=2, layers=(0, 1, 2, 3), keep=4)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(**evaluator):
+    data = toy_config_dict(in_flight=2)
+    data["evaluator"] = evaluator
+    return parse_config(data)
+
+
+def _journal(run):
+    rows = [json.loads(line) for line in run.journal_path.read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in ("seconds", "worker", "note")} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def serial_run(tmp_path_factory):
+    config = _config()
+    run = RunDir.create(tmp_path_factory.mktemp("serial") / "run", config)
+    summary = run_search(run, SPACE, SerialEvaluator(FitnessWorker(config), in_flight=2), log=lambda m: None)
+    return run, summary
+
+
+class SelfKillingWorker(FitnessWorker):
+    """Dies by SIGKILL the first time it is asked to evaluate candidate 5 (a marker file says so)."""
+
+    def evaluate(self, candidate):
+        marker = Path(os.environ["EEP_TEST_KILL_MARKER"])
+        if candidate.id == 5 and not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().evaluate(candidate)
+
+
+def test_ray_search_equals_serial_and_survives_a_killed_actor(tmp_path, serial_run, monkeypatch):
+    import ray
+
+    from eep.ray_evaluator import RayEvaluator
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("EEP_TEST_KILL_MARKER", str(marker))
+    config = _config(kind="ray", workers=2)
+    run = RunDir.create(tmp_path / "run", config)
+    messages = []
+    evaluator = RayEvaluator(config, log=messages.append, worker_cls=SelfKillingWorker)
+    try:
+        summary = run_search(run, SPACE, evaluator, log=messages.append)
+        busy = evaluator.busy_fraction()
+    finally:
+        evaluator.close()
+    assert not ray.is_initialized()
+    assert marker.exists()  # an actor really was SIGKILLed mid-evaluation
+    assert any("died while evaluating candidate 5" in m for m in messages)
+    serial, serial_summary = serial_run
+    assert _journal(run) == _journal(serial)  # same candidates, same fitness, same order
+    assert summary == serial_summary
+    rows = [json.loads(line) for line in run.journal_path.read_text().splitlines()]
+    assert [r["id"] for r in rows] == list(range(16))  # none missing, none twice
+    assert rows[5]["note"].startswith("re-run: actor-") and "died" in rows[5]["note"]
+    assert {r["worker"] for r in rows} >= {"actor-3"}  # the replacement actor did work
+    assert 0.0 < busy <= 1.0
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_search_on_a_two_node_local_cluster_equals_serial(tmp_path, serial_run):
+    """`ray start --head` plus a second node joining it, then `eep search --ray-address`."""
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    port = _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    nodes = []
+    temp_dir = tempfile.mkdtemp(prefix="eepray-", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
+    try:
+        head = [ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
+                "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--object-store-memory=100000000"]
+        nodes.append(subprocess.Popen(head, env=env, start_new_session=True,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(8)
+        worker = [ray_bin, "start", "--block", f"--address=127.0.0.1:{port}", "--num-cpus=1",
+                  "--node-ip-address=127.0.0.1", "--object-store-memory=100000000"]
+        nodes.append(subprocess.Popen(worker, env=env, start_new_session=True,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(6)
+        cfg = tmp_path / "cfg.yaml"
+        cfg.write_text(yaml.safe_dump(toy_config_dict(in_flight=2)))
+        done = subprocess.run([sys.executable, "-m", "eep", "search", str(cfg), "--run-dir", str(tmp_path / "run"),
+                               "--ray-address", f"127.0.0.1:{port}"],
+                              capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "on 2 node(s)" in done.stderr and "2 actor(s)" in done.stderr
+    finally:
+        for node in reversed(nodes):  # stop exactly the processes this test started
+            try:
+                os.killpg(node.pid, signal.SIGTERM)
+                node.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    serial, serial_summary = serial_run
+    run = RunDir.open(tmp_path / "run")
+    assert _journal(run) == _journal(serial)
+    summary = json.loads(run.summary_path.read_text())
+    assert summary["best_genome"] == serial_summary["best_genome"]
