@@ -82,7 +82,12 @@ def load_model(cfg: ModelConfig):
 
     path = resolve_path(cfg.path)
     device = pick_device(cfg.device)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(cfg.dtype, device)).to(device).eval()
+    dtype = pick_dtype(cfg.dtype, device)
+    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
+        # a model larger than one GPU (e.g. a Ray actor holding several): accelerate spreads it
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto").eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
