@@ -72,8 +72,7 @@ def _evaluator_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _with_evaluator_flags(config, args):
-    """Apply --workers / --ray-address. On a new search, --workers N also sets search.in_flight=N
-    unless the config sets it (a resumed search keeps the in_flight it started with)."""
+    """Apply --workers / --ray-address (the evaluator never changes a search's outcome)."""
     if args.workers is None and args.ray_address is None:
         return config
     if args.workers is not None and args.workers < 1:
@@ -81,10 +80,7 @@ def _with_evaluator_flags(config, args):
     evaluator = config.evaluator.model_copy(update={
         "kind": "ray", "workers": args.workers or config.evaluator.workers,
         "address": args.ray_address or config.evaluator.address})
-    search = config.search
-    if args.command == "search" and args.workers and "in_flight" not in search.model_fields_set:
-        search = search.model_copy(update={"in_flight": args.workers})
-    return config.model_copy(update={"evaluator": evaluator, "search": search})
+    return config.model_copy(update={"evaluator": evaluator})
 
 
 # -- search / resume ----------------------------------------------------------------------------
@@ -129,15 +125,26 @@ def cmd_search(args) -> int:
     from eep.config import load_config
     from eep.journal import RunDir
 
-    config = _with_evaluator_flags(load_config(args.config, args.overrides), args)
+    config = load_config(args.config, args.overrides)
+    in_flight_is_set = "in_flight" in config.search.model_fields_set
+    config = _with_evaluator_flags(config, args)
     run_dir = Path(args.run_dir or Path("runs") / config.name)
     shape, space = _plan(config, dry_run=args.dry_run)
     _print_plan(config, shape, space, run_dir)
     if args.dry_run:
         print("dry run: config is valid; nothing was loaded or written")
         return 0
-    run = RunDir.create(run_dir, config)
-    return _search(run, config, space)
+    RunDir.check_new(run_dir)
+    evaluator = make_evaluator(config)
+    try:
+        if config.evaluator.kind == "ray" and not in_flight_is_set:  # keep every actor busy
+            evaluator.in_flight = evaluator.size
+            config = config.model_copy(update={"search": config.search.model_copy(update={"in_flight": evaluator.size})})
+        run = RunDir.create(run_dir, config)
+    except BaseException:
+        evaluator.close()
+        raise
+    return _search(run, config, space, evaluator)
 
 
 def cmd_resume(args) -> int:
@@ -147,7 +154,7 @@ def cmd_resume(args) -> int:
     config = _with_evaluator_flags(run.config(), args)
     _, space = _plan(config)
     log(f"[eep] resuming {run.path}")
-    return _search(run, config, space)
+    return _search(run, config, space, make_evaluator(config))
 
 
 def make_evaluator(config):
@@ -162,13 +169,13 @@ def make_evaluator(config):
     return SerialEvaluator(FitnessWorker(config), in_flight=config.search.in_flight)
 
 
-def _search(run, config, space) -> int:
+def _search(run, config, space, evaluator) -> int:
+    """Run the search on ``evaluator`` (closed at the end), then score the best genome held-out."""
     from eep.genome import Genome
     from eep.search import run_search
     from fitness.generation import weighted_fitness
 
     start = time.perf_counter()
-    evaluator = make_evaluator(config)
     try:
         summary = run_search(run, space, evaluator, log=log)
         if summary["best_genome"] is not None:

@@ -65,7 +65,7 @@ class SearchConfig(_Section):
     in_flight: PositiveInt = 1
     """Candidates evaluated at once: candidate i is bred from the results of candidates 0..i-in_flight.
     The outcome depends on this, never on the evaluator, so a serial run with in_flight=N equals a
-    Ray run with N actors. ``--workers N`` sets it to N unless the config sets it."""
+    Ray run with N actors. A new Ray search sets it to the number of actors unless the config does."""
 
     @model_validator(mode="after")
     def _initial_within_budget(self):

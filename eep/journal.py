@@ -81,11 +81,17 @@ class RunDir:
         self.summary_path = self.path / "summary.json"
 
     @classmethod
+    def check_new(cls, path: str | Path) -> None:
+        """Refuse a directory that already holds something (a run or anything else)."""
+        path = Path(path)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise EepError(f"run directory {path} already exists and is not empty; "
+                           f"continue it with `eep resume {path}` or choose another --run-dir")
+
+    @classmethod
     def create(cls, path: str | Path, config: Config) -> RunDir:
+        cls.check_new(path)
         run = cls(path)
-        if run.path.exists() and any(run.path.iterdir()):
-            raise EepError(f"run directory {run.path} already exists and is not empty; "
-                           f"continue it with `eep resume {run.path}` or choose another --run-dir")
         try:
             run.path.mkdir(parents=True, exist_ok=True)
             run.config_path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
