@@ -94,12 +94,14 @@ def _plan(config, dry_run: bool = False) -> tuple[object, object]:
 
     check_tasks(config.fitness.tasks)
     shape = shape_of(load_hf_config(config.model, prefer_file=dry_run))
-    keep = config.search_space.keep
+    keep, active = config.search_space.keep, config.search_space.top_k
     if keep > shape.num_experts:
         raise EepError(f"search_space.keep={keep} but the model has only {shape.num_experts} experts per layer")
-    if keep < shape.top_k:
-        raise EepError(f"search_space.keep={keep} is below the model's top_k={shape.top_k}; keep at least {shape.top_k}")
-    space = PruneSpace(shape.num_experts, shape.top_k, shape.moe_layers, keep)
+    k = active or shape.top_k
+    if keep < k:
+        raise EepError(f"search_space.keep={keep} is below the top_k={k} each token is routed to; "
+                       f"keep at least {k}" + ("" if active else " or set search_space.top_k lower"))
+    space = PruneSpace(shape.num_experts, shape.top_k, shape.moe_layers, keep, active)
     return shape, space
 
 
@@ -107,7 +109,8 @@ def _print_plan(config, shape, space, run_dir) -> None:
     size = space.size()
     print(f"model        {config.model.path} ({shape.family}, {len(shape.moe_layers)} MoE layers, "
           f"{shape.num_experts} experts, top-{shape.top_k})")
-    print(f"search space prune: keep {space.keep} of {shape.num_experts} per layer -> "
+    routing = f", top-{shape.top_k} -> top-{space.active}" if space.active not in (None, shape.top_k) else ""
+    print(f"search space prune: keep {space.keep} of {shape.num_experts} per layer{routing} -> "
           + (f"{size:.3e}" if size > 10**6 else str(size)) + " genomes")
     print(f"budget       {config.search.evaluations} evaluations ({config.search.initial} random initial), "
           f"seed {config.search.seed}")

@@ -40,6 +40,8 @@ class SearchSpaceConfig(_Section):
     kind: Literal["prune"] = "prune"
     keep: PositiveInt = 4
     """Experts kept in every MoE layer."""
+    top_k: PositiveInt | None = None
+    """Experts each token is routed to in every layer (e.g. 2 -> 1 for speed); default: the model's."""
 
 
 class SearchConfig(_Section):

@@ -50,6 +50,7 @@ def export_genome(model_cfg: ModelConfig, genome: Genome, out: str | Path, confi
         "source_model": model_cfg.path,
         "genome_key": genome.key,
         "experts_per_layer": {"before": adapter.num_experts, "after": small.config.num_local_experts},
+        "experts_per_token": {"before": adapter.top_k, "after": small.config.num_experts_per_tok},
         "parameters": {"before": _count(model), "after": _count(small)},
         "search_fitness": search_fitness,
         "heldout": None,
@@ -91,6 +92,7 @@ def model_card(report: dict, genome: Genome) -> str:
         "are stored; routing over them is the source model's routing restricted to the kept experts.", "",
         f"- source model: `{report['source_model']}`",
         f"- experts per MoE layer: {report['experts_per_layer']['before']} → {report['experts_per_layer']['after']}",
+        f"- active experts per token: {report['experts_per_token']['before']} → {report['experts_per_token']['after']}",
         f"- parameters: {before:,} → {after:,} ({100 * after / before:.1f} %)",
         f"- genome: `{genome.key}`",
     ]

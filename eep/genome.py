@@ -3,10 +3,11 @@
 File form (JSON, versioned)::
 
     {"format": "eep.genome/v1", "num_experts": 8, "top_k": 2,
-     "layers": {"0": {"keep": [1, 3, 4, 6]}, "1": {"keep": [0, 2, 5, 7]}}}
+     "layers": {"0": {"keep": [1, 3, 4, 6]}, "1": {"keep": [0, 2, 5, 7], "top_k": 1}}}
 
 ``num_experts`` and ``top_k`` are those of the source model; ``layers`` maps an MoE layer index
-to its gene. A layer that is missing is left unchanged. Later search spaces add keys to a
+to its gene: the experts it keeps and, optionally, its own ``top_k`` (active experts per token,
+e.g. 2 -> 1). A layer that is missing is left unchanged. Later search spaces add keys to a
 layer's gene; readers reject keys they do not know rather than silently dropping them.
 """
 
@@ -22,17 +23,22 @@ from typing import Any
 from eep.errors import EepError
 
 GENOME_FORMAT = "eep.genome/v1"
-_LAYER_KEYS = {"keep"}
+_LAYER_KEYS = {"keep", "top_k"}
 
 
 @dataclass(frozen=True)
 class LayerGene:
-    """One MoE layer's gene: the sorted ids of the experts it keeps."""
+    """One MoE layer's gene: the sorted ids of the experts it keeps, and optionally how many of
+    them each token is routed to (``top_k``; ``None`` keeps the model's)."""
 
     keep: tuple[int, ...]
+    top_k: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"keep": list(self.keep)}
+        data: dict[str, Any] = {"keep": list(self.keep)}
+        if self.top_k is not None:
+            data["top_k"] = self.top_k
+        return data
 
 
 @dataclass(frozen=True)
@@ -57,9 +63,12 @@ class Genome:
             _check(all(isinstance(e, int) and 0 <= e < self.num_experts for e in keep),
                    f"layer {i}: expert ids must be integers in 0..{self.num_experts - 1}, got {list(keep)}")
             _check(list(keep) == sorted(set(keep)), f"layer {i}: expert ids must be distinct, got {list(keep)}")
-            _check(len(keep) >= self.top_k,
-                   f"layer {i}: keeps {len(keep)} experts but the model routes to top_k={self.top_k}; "
-                   f"keep at least {self.top_k}")
+            if gene.top_k is not None:
+                _check(type(gene.top_k) is int and gene.top_k >= 1,
+                       f"layer {i}: top_k must be a positive integer, got {gene.top_k!r}")
+            k = self.active(i, gene)
+            _check(len(keep) >= k, f"layer {i}: keeps {len(keep)} experts but routes each token to top_k={k}; "
+                                   f"keep at least {k} or lower the layer's top_k")
         text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         object.__setattr__(self, "key", hashlib.sha256(text.encode()).hexdigest()[:16])
 
@@ -69,9 +78,14 @@ class Genome:
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_keep(cls, num_experts: int, top_k: int, keep: Mapping[int, Iterable[int]]) -> Genome:
-        """A pruning genome from ``{layer: expert ids}`` (ids in any order)."""
-        layers = tuple((int(i), LayerGene(tuple(sorted(int(e) for e in ids)))) for i, ids in sorted(keep.items()))
+    def from_keep(cls, num_experts: int, top_k: int, keep: Mapping[int, Iterable[int]],
+                  active: int | Mapping[int, int] | None = None) -> Genome:
+        """A pruning genome from ``{layer: expert ids}`` (ids in any order); ``active`` sets the
+        layers' top-k (one value for all, or per layer; ``None``: the model's)."""
+        def k(i: int) -> int | None:
+            return active.get(i) if isinstance(active, Mapping) else active
+
+        layers = tuple((int(i), LayerGene(tuple(sorted(int(e) for e in ids)), k(i))) for i, ids in sorted(keep.items()))
         return cls(num_experts, top_k, layers)
 
     @classmethod
@@ -87,6 +101,7 @@ class Genome:
         layers = data.get("layers")
         _check(isinstance(layers, dict), "genome 'layers' must be an object of layer index -> gene")
         keep: dict[int, list[int]] = {}
+        active: dict[int, int] = {}
         for name, gene in layers.items():
             _check(isinstance(name, str) and name.isdigit(), f"layer index must be a decimal string, got {name!r}")
             _check(isinstance(gene, dict), f"layer {name}: gene must be an object")
@@ -96,9 +111,13 @@ class Genome:
             _check(isinstance(ids, list) and all(type(e) is int for e in ids),
                    f"layer {name}: 'keep' must be a list of expert ids")
             _check(len(ids) == len(set(ids)), f"layer {name}: expert ids must be distinct, got {ids}")
+            _check("top_k" not in gene or type(gene["top_k"]) is int,
+                   f"layer {name}: top_k must be an integer, got {gene.get('top_k')!r}")
             keep[int(name)] = ids
+            if "top_k" in gene:
+                active[int(name)] = gene["top_k"]
         _check(len(keep) == len(layers), "genome layer indices must be distinct")
-        return cls.from_keep(data["num_experts"], data["top_k"], keep)
+        return cls.from_keep(data["num_experts"], data["top_k"], keep, active)
 
     @classmethod
     def load(cls, path: str | Path) -> Genome:
@@ -133,6 +152,12 @@ class Genome:
 
     def keep_map(self) -> dict[int, tuple[int, ...]]:
         return {i: gene.keep for i, gene in self.layers}
+
+    def active(self, layer: int, gene: LayerGene | None = None) -> int:
+        """Experts each token is routed to in ``layer`` (the layer's ``top_k``, else the model's)."""
+        if gene is None:
+            gene = dict(self.layers).get(layer)
+        return gene.top_k if gene is not None and gene.top_k is not None else self.top_k
 
     def validate_for(self, num_experts: int, top_k: int, moe_layers: Iterable[int]) -> None:
         """Raise :class:`EepError` unless this genome fits a model with these MoE dimensions."""

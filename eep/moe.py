@@ -53,12 +53,13 @@ class MixtralAdapter:
         handles = []
         try:
             for layer, keep in genome.keep_map().items():
-                if len(keep) == self.num_experts:
+                k = genome.active(layer)
+                if len(keep) == self.num_experts and k == self.top_k:
                     continue
                 gate = self.blocks[layer].gate
                 mask = torch.full((self.num_experts,), float("-inf"), device=gate.weight.device)
                 mask[list(keep)] = 0.0
-                handles.append(gate.register_forward_hook(_masked_routing_hook(mask, self.top_k)))
+                handles.append(gate.register_forward_hook(_masked_routing_hook(mask, k)))
             yield
         finally:
             for handle in handles:
@@ -67,15 +68,21 @@ class MixtralAdapter:
     # -- export: physically smaller -----------------------------------------------------------
 
     def sliced(self, genome: Genome) -> nn.Module:
-        """A new model holding only the kept experts, with the config's expert count updated."""
+        """A new model holding only the kept experts, with the config's expert count and top-k updated."""
         self.validate(genome)
         counts = {len(genome.keep(i)) for i in self.moe_layers}
         if len(counts) != 1:
             raise EepError(
                 f"genome keeps different expert counts per layer ({sorted(counts)}); a stock Mixtral "
                 "checkpoint has one num_local_experts, so keep the same number in every layer")
+        actives = {genome.active(i) for i in self.moe_layers}
+        if len(actives) != 1:
+            raise EepError(
+                f"genome routes to different top_k per layer ({sorted(actives)}); a stock Mixtral "
+                "checkpoint has one num_experts_per_tok, so use the same top_k in every layer")
         config = copy.deepcopy(self.config)
         config.num_local_experts = counts.pop()
+        config.num_experts_per_tok = actives.pop()
         state = self.model.state_dict()
         for layer in self.moe_layers:
             index = torch.tensor(genome.keep(layer))

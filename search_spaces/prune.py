@@ -31,6 +31,11 @@ class PruneSpace:
     top_k: int
     layers: tuple[int, ...]
     keep: int
+    active: int | None = None
+    """Experts each token is routed to in every layer (None: the model's top_k)."""
+
+    def genome(self, keep: dict[int, list[int]]) -> Genome:
+        return Genome.from_keep(self.num_experts, self.top_k, keep, self.active)
 
     def size(self) -> int:
         return math.comb(self.num_experts, self.keep) ** len(self.layers)
@@ -42,8 +47,7 @@ class PruneSpace:
 
 def random_genome(space: PruneSpace, rng: random.Random) -> Genome:
     """A uniformly random keep set per layer."""
-    return Genome.from_keep(space.num_experts, space.top_k,
-                            {i: rng.sample(range(space.num_experts), space.keep) for i in space.layers})
+    return space.genome({i: rng.sample(range(space.num_experts), space.keep) for i in space.layers})
 
 
 def _touched_layers(layers: Sequence[int], rng: random.Random, layer_prob: float) -> list[int]:
@@ -70,7 +74,7 @@ def mutate_swap(genome: Genome, rng: random.Random, space: PruneSpace, layer_pro
     if not swapped and space.keep < space.num_experts:
         kept = keep[rng.choice(touched)]
         kept[rng.randrange(len(kept))] = rng.choice([e for e in range(space.num_experts) if e not in kept])
-    return Genome.from_keep(space.num_experts, space.top_k, keep)
+    return space.genome(keep)
 
 
 def crossover_rows(a: Genome, b: Genome, rng: random.Random, space: PruneSpace, layer_prob: float) -> Genome:
@@ -91,4 +95,4 @@ def crossover_rows(a: Genome, b: Genome, rng: random.Random, space: PruneSpace, 
         rng.shuffle(others)
         child += (spare + others)[: space.keep - len(child)]
         keep[layer] = child
-    return Genome.from_keep(space.num_experts, space.top_k, keep)
+    return space.genome(keep)

@@ -18,6 +18,21 @@ def test_round_trip_and_file_form(tmp_path):
     assert Genome.load(tmp_path / "g.json") == g
 
 
+def test_per_layer_top_k():
+    g = Genome.from_dict({"format": GENOME_FORMAT, "num_experts": 8, "top_k": 2,
+                          "layers": {"0": {"keep": [0, 5], "top_k": 1}, "1": {"keep": [1, 2, 3]}}})
+    assert g.active(0) == 1 and g.active(1) == 2 and g.active(7) == 2
+    assert g.to_dict()["layers"] == {"0": {"keep": [0, 5], "top_k": 1}, "1": {"keep": [1, 2, 3]}}
+    assert Genome.from_dict(g.to_dict()) == g
+    assert g.key != Genome.from_keep(8, 2, {0: [0, 5], 1: [1, 2, 3]}).key
+    one = Genome.from_keep(8, 2, {0: [3]}, active=1)  # top-1 lets a layer keep a single expert
+    assert one.keep(0) == (3,)
+    with pytest.raises(EepError, match="layer 0: keeps 2 experts but routes each token to top_k=3"):
+        Genome.from_keep(8, 2, {0: [0, 5]}, active=3)
+    with pytest.raises(EepError, match="layer 0: top_k must be a positive integer"):
+        Genome.from_keep(8, 2, {0: [0, 5]}, active=0)
+
+
 def test_key_is_content_hash():
     a = Genome.from_keep(8, 2, {0: [1, 2], 1: [3, 4]})
     b = Genome.from_keep(8, 2, {1: [4, 3], 0: [2, 1]})
@@ -38,6 +53,8 @@ def test_missing_layer_keeps_everything():
     ({"format": GENOME_FORMAT, "num_experts": 8, "top_k": 2, "layers": {"0": {"keep": [1, 1, 2]}}}, "distinct"),
     ({"format": GENOME_FORMAT, "num_experts": 8, "top_k": 2, "layers": {"0": {"keep": [1, 9]}}}, "0..7"),
     ({"format": GENOME_FORMAT, "num_experts": 8, "top_k": 2, "layers": {"0": {"keep": [1]}}}, "keep at least 2"),
+    ({"format": GENOME_FORMAT, "num_experts": 8, "top_k": 2, "layers": {"0": {"keep": [1, 2], "top_k": "1"}}},
+     "top_k must be an integer"),
     ({"format": GENOME_FORMAT, "num_experts": 8, "top_k": 2, "layers": {"x": {"keep": [1, 2]}}}, "decimal"),
     ({"format": GENOME_FORMAT, "num_experts": 8, "top_k": 2, "layers": {"0": {"kep": [1, 2]}}}, "unknown gene keys"),
     ({"format": GENOME_FORMAT, "num_experts": "8", "top_k": 2, "layers": {}}, "num_experts must be an integer"),

@@ -95,3 +95,40 @@ def test_unsupported_family_names_the_supported_ones():
 
     with pytest.raises(EepError, match="unsupported model family 'llama'; supported: mixtral"):
         shape_of(LlamaConfig())
+
+
+def test_top_k_reduction_equals_a_stock_top1_model(tiny_mixtral):
+    """keep 4 + top-1: in-search routing equals a stock Mixtral built with num_experts_per_tok=1."""
+    from transformers import MixtralForCausalLM
+
+    adapter = adapter_for(tiny_mixtral)
+    genome = Genome.from_keep(8, 2, KEEP, active=1)
+    reference = _physically_sliced(tiny_mixtral, KEEP)
+    top1 = MixtralForCausalLM(tiny_mixtral_config(num_local_experts=4, num_experts_per_tok=1)).eval()
+    top1.load_state_dict(reference.state_dict())
+    small = adapter.sliced(genome)
+    assert small.config.num_experts_per_tok == 1 and small.config.num_local_experts == 4
+    with torch.no_grad():
+        with adapter.applied(genome):
+            in_search = tiny_mixtral(_ids()).logits
+        top2 = reference(_ids()).logits
+        torch.testing.assert_close(in_search, top1(_ids()).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(small(_ids()).logits, in_search, atol=1e-5, rtol=0)
+    assert (in_search - top2).abs().max() > 1e-3  # top-1 really differs from top-2
+
+
+def test_top_k_alone_without_pruning(tiny_mixtral):
+    adapter = adapter_for(tiny_mixtral)
+    genome = Genome.from_keep(8, 2, {i: range(8) for i in range(3)}, active=1)
+    from transformers import MixtralForCausalLM
+
+    top1 = MixtralForCausalLM(tiny_mixtral_config(num_experts_per_tok=1)).eval()
+    top1.load_state_dict(tiny_mixtral.state_dict())
+    with torch.no_grad(), adapter.applied(genome):
+        torch.testing.assert_close(tiny_mixtral(_ids()).logits, top1(_ids()).logits, atol=1e-5, rtol=0)
+
+
+def test_uneven_top_k_cannot_be_a_stock_checkpoint(tiny_mixtral):
+    genome = Genome.from_keep(8, 2, KEEP, active={0: 1, 1: 2, 2: 2})
+    with pytest.raises(EepError, match="different top_k per layer"):
+        adapter_for(tiny_mixtral).sliced(genome)

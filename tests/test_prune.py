@@ -77,3 +77,12 @@ def test_crossover_repairs_when_union_is_small():
     for _ in range(300):
         child = crossover_rows(random_genome(space, rng), random_genome(space, rng), rng, space, 1.0)
         _valid(child, space)
+
+
+def test_operators_keep_the_spaces_top_k():
+    space = PruneSpace(num_experts=8, top_k=2, layers=(0, 1), keep=4, active=1)
+    rng = random.Random(6)
+    a, b = random_genome(space, rng), random_genome(space, rng)
+    for g in (a, mutate_swap(a, rng, space, 0.5, 0.5), crossover_rows(a, b, rng, space, 0.5)):
+        assert [g.active(i) for i in space.layers] == [1, 1]
+        assert g.to_dict()["layers"]["0"]["top_k"] == 1
