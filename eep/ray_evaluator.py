@@ -13,6 +13,7 @@ evaluation is already a failed evaluation (see ``FitnessWorker``), not a crashed
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -94,7 +95,7 @@ class RayEvaluator:
         self._start = self._start or time.perf_counter()
 
         def pull(n: int) -> None:
-            for candidate in _take(pending, n):
+            for candidate in itertools.islice(pending, n):
                 order.append(candidate.id)
                 waiting.append(candidate)
 
@@ -146,12 +147,3 @@ class RayEvaluator:
         if self._owns_runtime and ray.is_initialized():
             ray.shutdown()
 
-
-def _take(iterator: Iterator[Candidate], n: int) -> list[Candidate]:
-    out = []
-    for _ in range(n):
-        try:
-            out.append(next(iterator))
-        except StopIteration:
-            break
-    return out
