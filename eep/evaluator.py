@@ -39,7 +39,7 @@ class FitnessWorker:
         from fitness.tasks import load_tasks
 
         self.config = config
-        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.name = f"{name or 'worker'}@{socket.gethostname()}:{os.getpid()}"  # journaled per evaluation
         self.model, self.tokenizer = load_model(config.model)
         self.adapter = adapter_for(self.model)
         self.tasks = {"search": load_tasks(config.fitness.tasks, "search"),

@@ -57,8 +57,7 @@ class RayEvaluator:
         self.actors, self.names = [], []
         for _ in range(self.size):
             self._spawn()
-        ray.get([a.ready.remote() for a in self.actors])
-        log(f"[eep] ray: models loaded on {', '.join(self.names)}")
+        log(f"[eep] ray: models loaded on {', '.join(ray.get([a.ready.remote() for a in self.actors]))}")
         self._busy = [0.0] * self.size
         self._running: dict = {}  # object ref -> (candidate, actor index, start time)
         self._start: float | None = None

@@ -81,7 +81,7 @@ def test_ray_search_equals_serial_and_survives_a_killed_actor(tmp_path, serial_r
     rows = [json.loads(line) for line in run.journal_path.read_text().splitlines()]
     assert [r["id"] for r in rows] == list(range(16))  # none missing, none twice
     assert rows[5]["note"].startswith("re-run: actor-") and "died" in rows[5]["note"]
-    assert {r["worker"] for r in rows} >= {"actor-3"}  # the replacement actor did work
+    assert any(r["worker"].startswith("actor-3@") for r in rows)  # the replacement actor did work
     assert 0.0 < busy <= 1.0
 
 

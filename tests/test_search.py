@@ -112,3 +112,27 @@ def test_breeding_draws_parents_from_the_threshold_pools():
         near[parent].append(child)
     assert near[0] and near[1]
     assert isinstance(child, Genome)
+
+
+class FailingWorker(FitnessWorker):
+    """Raises (as an out-of-memory would) for one genome."""
+
+    def scores(self, genome, split="search"):
+        if split == "search" and genome is not None and genome.key == self.poison:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return super().scores(genome, split)
+
+
+def test_an_evaluation_that_raises_is_a_failed_record_not_a_crash(tmp_path, worker):
+    run, _, ev = _run(tmp_path / "ok", worker)
+    poison = json.loads(run.journal_path.read_text().splitlines()[2])["key"]
+    failing = FailingWorker.__new__(FailingWorker)
+    failing.__dict__.update(worker.__dict__, poison=poison)
+    config = parse_config(toy_config_dict())
+    bad_run = RunDir.create(tmp_path / "bad", config)
+    summary = run_search(bad_run, SPACE, SerialEvaluator(failing), log=lambda m: None)
+    rows = [json.loads(line) for line in bad_run.journal_path.read_text().splitlines()]
+    assert rows[2]["status"] == "failed" and rows[2]["fitness"] is None
+    assert rows[2]["error"] == "RuntimeError: CUDA out of memory (simulated)"
+    assert summary["evaluations"] == 16 and summary["failed"] == 1
+    assert all(r["status"] == "ok" for i, r in enumerate(rows) if i != 2)
