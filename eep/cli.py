@@ -85,7 +85,7 @@ def _with_evaluator_flags(config, args):
 
 # -- search / resume ----------------------------------------------------------------------------
 
-def _plan(config, dry_run: bool = False) -> tuple[object, object]:
+def _plan(config, dry_run: bool = False) -> tuple[object, object, object]:
     """Validate the config against the model's shape (config.json only) and the tasks."""
     from eep.model import load_hf_config
     from eep.moe import shape_of
@@ -93,7 +93,8 @@ def _plan(config, dry_run: bool = False) -> tuple[object, object]:
     from search_spaces import PruneSpace
 
     check_tasks(config.fitness.tasks)
-    shape = shape_of(load_hf_config(config.model, prefer_file=dry_run))
+    hf_config = load_hf_config(config.model, prefer_file=dry_run)
+    shape = shape_of(hf_config)
     keep, active = config.search_space.keep, config.search_space.top_k
     if keep > shape.num_experts:
         raise EepError(f"search_space.keep={keep} but the model has only {shape.num_experts} experts per layer")
@@ -102,10 +103,10 @@ def _plan(config, dry_run: bool = False) -> tuple[object, object]:
         raise EepError(f"search_space.keep={keep} is below the top_k={k} each token is routed to; "
                        f"keep at least {k}" + ("" if active else " or set search_space.top_k lower"))
     space = PruneSpace(shape.num_experts, shape.top_k, shape.moe_layers, keep, active)
-    return shape, space
+    return hf_config, shape, space
 
 
-def _print_plan(config, shape, space, run_dir) -> None:
+def _print_plan(config, hf_config, shape, space, run_dir) -> None:
     size = space.size()
     print(f"model        {config.model.path} ({shape.family}, {len(shape.moe_layers)} MoE layers, "
           f"{shape.num_experts} experts, top-{shape.top_k})")
@@ -119,8 +120,9 @@ def _print_plan(config, shape, space, run_dir) -> None:
     ev = config.evaluator
     where = (f"ray, {ev.workers or 'one per GPU/CPU'} actor(s)" + (f" at {ev.address}" if ev.address else " (local)")
              if ev.kind == "ray" else "serial (this process)")
-    print(f"evaluator    {where}; {config.search.in_flight} candidate(s) in flight; "
-          f"~{estimate_bytes(config) / 2**30:.2f} GiB of weights per model copy")
+    size = estimate_bytes(hf_config, config.model)
+    print(f"evaluator    {where}; {config.search.in_flight} candidate(s) in flight; ~"
+          + (f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB") + " of weights per model copy")
     print(f"run dir      {run_dir}")
 
 
@@ -132,8 +134,8 @@ def cmd_search(args) -> int:
     in_flight_is_set = "in_flight" in config.search.model_fields_set
     config = _with_evaluator_flags(config, args)
     run_dir = Path(args.run_dir or Path("runs") / config.name)
-    shape, space = _plan(config, dry_run=args.dry_run)
-    _print_plan(config, shape, space, run_dir)
+    hf_config, shape, space = _plan(config, dry_run=args.dry_run)
+    _print_plan(config, hf_config, shape, space, run_dir)
     if args.dry_run:
         print("dry run: config is valid; nothing was loaded or written")
         return 0
@@ -155,7 +157,7 @@ def cmd_resume(args) -> int:
 
     run = RunDir.open(args.run_dir)
     config = _with_evaluator_flags(run.config(), args)
-    _, space = _plan(config)
+    _, _, space = _plan(config)
     log(f"[eep] resuming {run.path}")
     return _search(run, config, space, make_evaluator(config))
 

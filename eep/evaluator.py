@@ -63,9 +63,6 @@ class FitnessWorker:
         """Returns the worker's name once its model is loaded (Ray actors are awaited on this)."""
         return self.name
 
-    def pid(self) -> int:
-        return os.getpid()
-
     def __call__(self, candidate: Candidate) -> Evaluation:
         start = time.perf_counter()
         try:

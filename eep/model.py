@@ -95,15 +95,13 @@ def load_model(cfg: ModelConfig):
     return model, tokenizer
 
 
-def estimate_bytes(config) -> int:
+def estimate_bytes(hf_config, cfg: ModelConfig) -> int:
     """Bytes of weights of one model copy in the run's dtype, counted on the meta device."""
     from transformers import AutoModelForCausalLM
 
-    hf_config = load_hf_config(config.model, prefer_file=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
-    name = config.model.dtype
-    if name == "auto":
-        gpu = config.model.device.startswith("cuda") or (config.model.device == "auto" and torch.cuda.is_available())
-        name = "bfloat16" if gpu else "float32"
-    return sum(p.numel() for p in model.parameters()) * torch.finfo(getattr(torch, name)).bits // 8
+    # the device the run would use, without requiring it to exist here (dry runs of GPU configs)
+    gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    dtype = pick_dtype(cfg.dtype, torch.device("cuda" if gpu else "cpu"))
+    return sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8

@@ -41,6 +41,17 @@ def test_dry_runs_of_shipped_experiments(capsys, tmp_path):
     assert main(["search", str(ROOT / "experiments/mixtral-8x7b-instruct.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "32 MoE layers, 8 experts, top-2" in out and "1.104e+59 genomes" in out
+    assert "~86.99 GiB of weights per model copy" in out  # 46.7 B parameters in bf16
+
+
+def test_weight_estimate_counts_the_toys_parameters():
+    from eep.config import ModelConfig
+    from eep.model import estimate_bytes, load_hf_config
+
+    cpu = ModelConfig(path="toy", device="cpu")
+    assert estimate_bytes(load_hf_config(cpu), cpu) == 842_048 * 4  # float32 on CPU
+    gpu = cpu.model_copy(update={"device": "cuda", "dtype": "auto"})
+    assert estimate_bytes(load_hf_config(cpu), gpu) == 842_048 * 2  # bfloat16 on GPU
 
 
 @pytest.mark.parametrize("changes, overrides, message", [
