@@ -90,29 +90,22 @@ def _plan(config, dry_run: bool = False) -> tuple[object, object, object]:
     from eep.model import load_hf_config
     from eep.moe import shape_of
     from fitness.tasks import check_tasks
-    from search_spaces import PruneSpace
+    from search_spaces import build_schedule
 
     check_tasks(config.fitness.tasks)
     hf_config = load_hf_config(config.model, prefer_file=dry_run)
     shape = shape_of(hf_config)
-    keep, active = config.search_space.keep, config.search_space.top_k
-    if keep > shape.num_experts:
-        raise EepError(f"search_space.keep={keep} but the model has only {shape.num_experts} experts per layer")
-    k = active or shape.top_k
-    if keep < k:
-        raise EepError(f"search_space.keep={keep} is below the top_k={k} each token is routed to; "
-                       f"keep at least {k}" + ("" if active else " or set search_space.top_k lower"))
-    space = PruneSpace(shape.num_experts, shape.top_k, shape.moe_layers, keep, active)
-    return hf_config, shape, space
+    return hf_config, shape, build_schedule(config.search_space, shape)
 
 
 def _print_plan(config, hf_config, shape, space, run_dir) -> None:
     size = space.size()
     print(f"model        {config.model.path} ({shape.family}, {len(shape.moe_layers)} MoE layers, "
           f"{shape.num_experts} experts, top-{shape.top_k})")
-    routing = f", top-{shape.top_k} -> top-{space.active}" if space.active not in (None, shape.top_k) else ""
-    print(f"search space prune: keep {space.keep} of {shape.num_experts} per layer{routing} -> "
-          + (f"{size:.3e}" if size > 10**6 else str(size)) + " genomes")
+    active = config.search_space.top_k
+    routing = f", top-{shape.top_k} -> top-{active}" if active not in (None, shape.top_k) else ""
+    print(f"search space {space.describe()}{routing} -> "
+          + ("continuous" if size == float("inf") else f"{size:.3e}" if size > 10**6 else str(size)) + " genomes")
     print(f"budget       {config.search.evaluations} evaluations ({config.search.initial} random initial), "
           f"seed {config.search.seed}")
     tasks = ", ".join(f"{t.name} ({t.search_size} search / {t.test_size} held-out)" for t in config.fitness.tasks)

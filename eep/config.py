@@ -37,11 +37,34 @@ class ModelConfig(_Section):
 
 
 class SearchSpaceConfig(_Section):
-    kind: Literal["prune"] = "prune"
-    keep: PositiveInt = 4
-    """Experts kept in every MoE layer."""
+    kind: Literal["prune", "merge"] = "prune"
+    """``prune``: which experts each layer keeps. ``merge``: EEP's two phases in one run, pruning
+    for ``merge_after`` evaluations, then merge + router matrices bred from the best pruned genomes."""
+    keep: PositiveInt | None = None
+    """Experts kept in every MoE layer (default 4 unless ``budget`` is set)."""
+    budget: PositiveInt | None = None
+    """Instead of ``keep``: experts kept in all MoE layers together; the search spends it unevenly."""
     top_k: PositiveInt | None = None
     """Experts each token is routed to in every layer (e.g. 2 -> 1 for speed); default: the model's."""
+    groups: PositiveInt | None = None
+    """Consecutive-layer weight groups sharing one gene (EEP: 4 for Mixtral's 32 layers); default: one per layer."""
+    merge_after: PositiveInt = 100
+    """``kind: merge``: evaluations of pruning before merging starts (EEP: 100 of 400)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_keep(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("keep") is None and data.get("budget") is None:
+            return {**data, "keep": 4}
+        return data
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if self.keep is not None and self.budget is not None:
+            raise ValueError("set either keep (experts per layer) or budget (experts in all layers), not both")
+        if self.budget is not None and self.groups is not None:
+            raise ValueError("budget and groups cannot be combined: a budget spends experts layer by layer")
+        return self
 
 
 class SearchConfig(_Section):
@@ -62,6 +85,14 @@ class SearchConfig(_Section):
     """Probability that an operator touches a given layer; at least one layer is always touched (EEP: 0.25)."""
     swap_prob: Probability = 0.15
     """Probability that mutation swaps out a given kept expert of a touched layer (EEP: 0.15)."""
+    move_prob: Probability = 0.5
+    """Budget searches: probability that mutation moves one expert of budget between two layers."""
+    noise_prob: Probability = 0.25
+    """Merge phase: probability that mutation adds noise to an entry of a touched matrix (EEP: 0.25)."""
+    noise_scale: Annotated[float, Field(gt=0.0)] = 0.065
+    """Merge phase: standard deviation of that noise (EEP: 0.065)."""
+    renorm_prob: Probability = 0.1
+    """Merge phase: probability that a child's merge rows are re-normalised to sum to one (EEP: 0.1)."""
     max_breed_attempts: PositiveInt = 1000
     """Children that duplicate an evaluated genome are re-bred up to this many times."""
     in_flight: PositiveInt = 1
@@ -131,6 +162,14 @@ class Config(_Section):
     search: SearchConfig = SearchConfig()
     fitness: FitnessConfig
     evaluator: EvaluatorConfig = EvaluatorConfig()
+
+    @model_validator(mode="after")
+    def _merge_after_initial(self):
+        space, search = self.search_space, self.search
+        if space.kind == "merge" and not search.initial <= space.merge_after < search.evaluations:
+            raise ValueError(f"search_space.merge_after ({space.merge_after}) must be at least search.initial "
+                             f"({search.initial}) and below search.evaluations ({search.evaluations})")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -209,7 +248,8 @@ def _first_error(err: ValidationError) -> str:
     if first["type"] == "missing":
         return f"{where}: required key is missing"
     message = first["msg"].removeprefix("Value error, ")
-    return f"{where}: {message} (got {first.get('input')!r})"
+    got = first.get("input")
+    return f"{where}: {message}" + ("" if isinstance(got, dict) else f" (got {got!r})")
 
 
 def _allowed_keys(loc: tuple) -> list[str]:

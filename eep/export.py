@@ -1,4 +1,14 @@
-"""Export a genome as a smaller Hugging Face checkpoint that stock ``transformers`` loads.
+"""Export a genome as a smaller Hugging Face checkpoint.
+
+Two forms (the adapter decides, :meth:`eep.moe.MixtralAdapter.export_form`, and the report says
+which and why):
+
+- ``stock``: uniform expert count and top-k, experts kept or merged, routing that only selects
+  experts. Stock ``AutoModelForCausalLM.from_pretrained(path)`` loads it; no custom code.
+- ``custom``: per-layer expert counts or top-k, or a router matrix that mixes experts. The
+  checkpoint stores only the kept/merged experts and a modeling file ``eep`` writes next to
+  them; ``from_pretrained(path, trust_remote_code=True)`` loads it (and :func:`eep.model.load_model`
+  does without remote code).
 
 The directory is written under a temporary name and renamed at the end, so a crash never
 leaves a half-written model behind under the requested name.
@@ -30,8 +40,11 @@ def check_target(out: Path) -> None:
 
 
 def export_genome(model_cfg: ModelConfig, genome: Genome, out: str | Path, config: Config | None = None,
-                  search_fitness: float | None = None, log: Callable[[str], None] = print) -> dict:
-    """Write the pruned model, its tokenizer, ``eep_genome.json`` and a model card to ``out``.
+                  search_fitness: float | None = None, log: Callable[[str], None] = print,
+                  form: str | None = None) -> dict:
+    """Write the compressed model, its tokenizer, ``eep_genome.json`` and a model card to ``out``.
+
+    ``form`` forces ``stock`` (an error if impossible) or ``custom``; default: stock when possible.
 
     When ``config`` is given its tasks' held-out split is scored on the exported model itself.
     Returns the report written into the card.
@@ -44,14 +57,18 @@ def export_genome(model_cfg: ModelConfig, genome: Genome, out: str | Path, confi
     model, tokenizer = load_model(model_cfg)
     adapter = adapter_for(model)
     adapter.validate(genome)
-    log(f"[eep] slicing {len(adapter.moe_layers)} MoE layers to the genome's kept experts")
-    small = adapter.sliced(genome)
+    small, chosen = adapter.compressed(genome, form)
+    log(f"[eep] {chosen.kind} form: {chosen.reason}")
     report = {
         "source_model": model_cfg.path,
         "genome_key": genome.key,
-        "experts_per_layer": {"before": adapter.num_experts, "after": small.config.num_local_experts},
-        "experts_per_token": {"before": adapter.top_k, "after": small.config.num_experts_per_tok},
+        "form": chosen.kind,
+        "form_reason": chosen.reason,
+        "experts_per_layer": {"before": adapter.num_experts,
+                              "after": {str(i): genome.gene(i).slots for i in adapter.moe_layers}},
+        "experts_per_token": {"before": adapter.top_k, "after": {str(i): genome.active(i) for i in adapter.moe_layers}},
         "parameters": {"before": _count(model), "after": _count(small)},
+        "tensors": {"before": _tensors(model), "after": _tensors(small)},
         "search_fitness": search_fitness,
         "heldout": None,
     }
@@ -67,6 +84,11 @@ def export_genome(model_cfg: ModelConfig, genome: Genome, out: str | Path, confi
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         small.save_pretrained(tmp)
+        if chosen.kind == "custom":
+            from eep.remote import MODELING_FILES
+
+            source = MODELING_FILES[small.config.model_type]
+            shutil.copyfile(source, tmp / source.name)
         tokenizer.save_pretrained(tmp)
         genome.save(tmp / "eep_genome.json")
         (tmp / "eep_report.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -83,17 +105,36 @@ def _count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _tensors(model) -> int:
+    return len(model.state_dict())
+
+
+def _spread(values: dict) -> str:
+    distinct = sorted(set(values.values()))
+    return str(distinct[0]) if len(distinct) == 1 else f"{distinct[0]}–{distinct[-1]} (per layer)"
+
+
 def model_card(report: dict, genome: Genome) -> str:
     before, after = report["parameters"]["before"], report["parameters"]["after"]
+    merged = genome.is_merge
+    how = ("each stored expert is a learned mixture of the source experts (`merge` in `eep_genome.json`) "
+           "and routing maps the source router's probabilities onto them (`router`)" if merged else
+           "only the experts listed in `eep_genome.json` are stored; routing over them is the source "
+           "model's routing restricted to the kept experts")
+    load = ("`AutoModelForCausalLM.from_pretrained(path)` (stock transformers, no custom code)"
+            if report["form"] == "stock" else
+            "`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (modeling_eep_mixtral.py)")
     lines = [
-        "---", "library_name: transformers", "tags: [eep, moe, expert-pruning]", "---", "",
-        f"# Expert-pruned {report['source_model']}", "",
-        "Made with `eep` (evolutionary expert pruning): only the experts listed in `eep_genome.json` "
-        "are stored; routing over them is the source model's routing restricted to the kept experts.", "",
+        "---", "library_name: transformers", f"tags: [eep, moe, {'expert-merging' if merged else 'expert-pruning'}]",
+        "---", "",
+        f"# {'Expert-merged' if merged else 'Expert-pruned'} {report['source_model']}", "",
+        f"Made with `eep` (evolutionary expert pruning): {how}.", "",
         f"- source model: `{report['source_model']}`",
-        f"- experts per MoE layer: {report['experts_per_layer']['before']} → {report['experts_per_layer']['after']}",
-        f"- active experts per token: {report['experts_per_token']['before']} → {report['experts_per_token']['after']}",
+        f"- experts per MoE layer: {report['experts_per_layer']['before']} → {_spread(report['experts_per_layer']['after'])}",
+        f"- active experts per token: {report['experts_per_token']['before']} → "
+        f"{_spread(report['experts_per_token']['after'])}",
         f"- parameters: {before:,} → {after:,} ({100 * after / before:.1f} %)",
+        f"- load with {load}; form chosen because: {report['form_reason']}",
         f"- genome: `{genome.key}`",
     ]
     if report["search_fitness"] is not None:
@@ -101,6 +142,7 @@ def model_card(report: dict, genome: Genome) -> str:
     if report["heldout"] is not None:
         per_task = ", ".join(f"{k} {v:.1f}" for k, v in report["heldout"]["scores"].items())
         lines.append(f"- held-out accuracy of this checkpoint: {report['heldout']['mean']:.2f} ({per_task})")
-    lines += ["", "## Kept experts", "", "| layer | kept experts |", "|---|---|"]
-    lines += [f"| {layer} | {', '.join(map(str, keep))} |" for layer, keep in genome.keep_map().items()]
+    title = "source experts drawn on" if merged else "kept experts"
+    lines += ["", "## Experts per layer", "", f"| layer | {title} | top-k |", "|---|---|---|"]
+    lines += [f"| {i} | {', '.join(map(str, gene.keep))} | {genome.active(i)} |" for i, gene in genome.layers]
     return "\n".join(lines) + "\n"

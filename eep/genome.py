@@ -3,18 +3,31 @@
 File form (JSON, versioned)::
 
     {"format": "eep.genome/v1", "num_experts": 8, "top_k": 2,
-     "layers": {"0": {"keep": [1, 3, 4, 6]}, "1": {"keep": [0, 2, 5, 7], "top_k": 1}}}
+     "layers": {"0": {"keep": [1, 3, 4, 6]},
+                "1": {"keep": [0, 2, 5, 7], "top_k": 1},
+                "2": {"merge": [[0.9, 0.1, 0, ...], ...], "router": [[1, 0, 0, ...], ...]}}}
 
 ``num_experts`` and ``top_k`` are those of the source model; ``layers`` maps an MoE layer index
-to its gene: the experts it keeps and, optionally, its own ``top_k`` (active experts per token,
-e.g. 2 -> 1). A layer that is missing is left unchanged. Later search spaces add keys to a
-layer's gene; readers reject keys they do not know rather than silently dropping them.
+to its gene. A layer that is missing is left unchanged. A gene is one of:
+
+- a pruning gene, ``keep``: the experts the layer keeps (slot j is expert ``keep[j]``);
+- a merge gene (EEP stage 2), ``merge`` and ``router``, both E'×E: slot j's weights are
+  ``sum_i merge[j][i] * expert_i`` for every expert tensor, and its routing score is
+  ``sum_i router[j][i] * softmax(logits)_i`` over the original E router logits; the top-k of the
+  E' scores are renormalised to sum to one. Router entries are non-negative (see
+  :mod:`search_spaces.merge` for why), so scores are positive and the renormalisation is safe.
+
+Either may set ``top_k``, the experts each token is routed to in that layer (e.g. 2 -> 1).
+A merge gene whose matrices are the same one-hot rows *is* a pruning gene and is stored as one, so
+the two spellings of one model share a content hash. Readers reject keys they do not know rather
+than silently dropping them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,22 +36,69 @@ from typing import Any
 from eep.errors import EepError
 
 GENOME_FORMAT = "eep.genome/v1"
-_LAYER_KEYS = {"keep", "top_k"}
+_LAYER_KEYS = {"keep", "top_k", "merge", "router"}
+
+Matrix = tuple[tuple[float, ...], ...]
 
 
 @dataclass(frozen=True)
 class LayerGene:
-    """One MoE layer's gene: the sorted ids of the experts it keeps, and optionally how many of
-    them each token is routed to (``top_k``; ``None`` keeps the model's)."""
+    """One MoE layer's gene. A pruning gene holds the sorted ids of the kept experts; a merge gene
+    holds E'×E ``merge`` and ``router`` matrices, and ``keep`` lists the experts they draw on.
+    ``top_k`` is the experts each token is routed to (``None`` keeps the model's)."""
 
     keep: tuple[int, ...]
     top_k: int | None = None
+    merge: Matrix | None = None
+    router: Matrix | None = None
+
+    @classmethod
+    def merged(cls, merge, router, top_k: int | None = None) -> LayerGene:
+        """A merge gene from two E'×E matrices (nested sequences of numbers); one-hot matrices
+        that only pick experts become the equivalent pruning gene."""
+        merge = tuple(tuple(float(x) for x in row) for row in merge)
+        router = tuple(tuple(float(x) for x in row) for row in router)
+        picks = _one_hot_columns(merge)
+        if picks is not None and merge == router and len(set(picks)) == len(picks):
+            return cls(tuple(sorted(picks)), top_k)
+        used = {i for matrix in (merge, router) for row in matrix for i, x in enumerate(row) if x != 0.0}
+        return cls(tuple(sorted(used)), top_k, merge, router)
+
+    @property
+    def is_merge(self) -> bool:
+        return self.merge is not None
+
+    @property
+    def slots(self) -> int:
+        """E', the number of experts the layer has after the genome is applied."""
+        return len(self.merge) if self.merge is not None else len(self.keep)
+
+    def matrices(self, num_experts: int) -> tuple[Matrix, Matrix]:
+        """(merge, router) as E'×E matrices; one-hot rows for a pruning gene."""
+        if self.merge is not None:
+            return self.merge, self.router
+        one_hot = tuple(tuple(1.0 if i == e else 0.0 for i in range(num_experts)) for e in self.keep)
+        return one_hot, one_hot
 
     def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"keep": list(self.keep)}
+        if self.merge is not None:
+            data: dict[str, Any] = {"merge": [list(r) for r in self.merge], "router": [list(r) for r in self.router]}
+        else:
+            data = {"keep": list(self.keep)}
         if self.top_k is not None:
             data["top_k"] = self.top_k
         return data
+
+
+def _one_hot_columns(matrix: Matrix) -> list[int] | None:
+    """The column of each row's single 1.0, or None unless every row is exactly one-hot."""
+    picks = []
+    for row in matrix:
+        nonzero = [i for i, x in enumerate(row) if x != 0.0]
+        if len(nonzero) != 1 or row[nonzero[0]] != 1.0:
+            return None
+        picks.append(nonzero[0])
+    return picks
 
 
 @dataclass(frozen=True)
@@ -63,17 +123,38 @@ class Genome:
             _check(all(isinstance(e, int) and 0 <= e < self.num_experts for e in keep),
                    f"layer {i}: expert ids must be integers in 0..{self.num_experts - 1}, got {list(keep)}")
             _check(list(keep) == sorted(set(keep)), f"layer {i}: expert ids must be distinct, got {list(keep)}")
+            if gene.is_merge:
+                self._check_matrices(i, gene)
             if gene.top_k is not None:
                 _check(type(gene.top_k) is int and gene.top_k >= 1,
                        f"layer {i}: top_k must be a positive integer, got {gene.top_k!r}")
             k = self.active(i, gene)
-            _check(len(keep) >= k, f"layer {i}: keeps {len(keep)} experts but routes each token to top_k={k}; "
-                                   f"keep at least {k} or lower the layer's top_k")
+            what = "merged experts" if gene.is_merge else "experts"
+            _check(gene.slots >= k, f"layer {i}: keeps {gene.slots} {what} but routes each token to top_k={k}; "
+                                    f"keep at least {k} or lower the layer's top_k")
         text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         object.__setattr__(self, "key", hashlib.sha256(text.encode()).hexdigest()[:16])
 
     def __hash__(self) -> int:
         return hash(self.key)
+
+    def _check_matrices(self, layer: int, gene: LayerGene) -> None:
+        rows = len(gene.merge)
+        _check(rows >= 1, f"layer {layer}: 'merge' must have at least one row")
+        for name, matrix in (("merge", gene.merge), ("router", gene.router)):
+            _check(matrix is not None and len(matrix) == rows,
+                   f"layer {layer}: 'merge' and 'router' must have the same number of rows (experts kept)")
+            for r, row in enumerate(matrix):
+                _check(len(row) == self.num_experts,
+                       f"layer {layer}: {name} row {r} has {len(row)} entries; it needs one per source expert "
+                       f"({self.num_experts})")
+                _check(all(math.isfinite(x) for x in row), f"layer {layer}: {name} row {r} has a NaN or infinite entry")
+        for r, row in enumerate(gene.router):
+            _check(all(x >= 0.0 for x in row),
+                   f"layer {layer}: router row {r} has a negative entry; router weights must be >= 0 so that "
+                   "routing scores stay positive")
+            _check(any(x > 0.0 for x in row), f"layer {layer}: router row {r} is all zeros; that expert could never "
+                                              "be routed to")
 
     # -- construction -------------------------------------------------------------------------
 
@@ -89,6 +170,10 @@ class Genome:
         return cls(num_experts, top_k, layers)
 
     @classmethod
+    def from_genes(cls, num_experts: int, top_k: int, genes: Mapping[int, LayerGene]) -> Genome:
+        return cls(num_experts, top_k, tuple((int(i), gene) for i, gene in sorted(genes.items())))
+
+    @classmethod
     def from_dict(cls, data: Any) -> Genome:
         """Parse the file form; any malformed input raises :class:`EepError`."""
         _check(isinstance(data, dict), "a genome must be a JSON object")
@@ -100,24 +185,31 @@ class Genome:
             _check(type(data.get(name)) is int, f"genome {name} must be an integer, got {data.get(name)!r}")
         layers = data.get("layers")
         _check(isinstance(layers, dict), "genome 'layers' must be an object of layer index -> gene")
-        keep: dict[int, list[int]] = {}
-        active: dict[int, int] = {}
+        genes: dict[int, LayerGene] = {}
         for name, gene in layers.items():
             _check(isinstance(name, str) and name.isdigit(), f"layer index must be a decimal string, got {name!r}")
             _check(isinstance(gene, dict), f"layer {name}: gene must be an object")
             unknown = set(gene) - _LAYER_KEYS
             _check(not unknown, f"layer {name}: unknown gene keys: {', '.join(sorted(unknown))}")
+            _check("top_k" not in gene or type(gene["top_k"]) is int,
+                   f"layer {name}: top_k must be an integer, got {gene.get('top_k')!r}")
+            top_k = gene.get("top_k")
+            if "merge" in gene or "router" in gene:
+                _check("keep" not in gene and "merge" in gene and "router" in gene,
+                       f"layer {name}: a gene has either 'keep', or both 'merge' and 'router'")
+                for key in ("merge", "router"):
+                    _check(isinstance(gene[key], list) and all(
+                        isinstance(row, list) and all(type(x) in (int, float) for x in row) for row in gene[key]),
+                        f"layer {name}: '{key}' must be a list of rows of numbers")
+                genes[int(name)] = LayerGene.merged(gene["merge"], gene["router"], top_k)
+                continue
             ids = gene.get("keep")
             _check(isinstance(ids, list) and all(type(e) is int for e in ids),
                    f"layer {name}: 'keep' must be a list of expert ids")
             _check(len(ids) == len(set(ids)), f"layer {name}: expert ids must be distinct, got {ids}")
-            _check("top_k" not in gene or type(gene["top_k"]) is int,
-                   f"layer {name}: top_k must be an integer, got {gene.get('top_k')!r}")
-            keep[int(name)] = ids
-            if "top_k" in gene:
-                active[int(name)] = gene["top_k"]
-        _check(len(keep) == len(layers), "genome layer indices must be distinct")
-        return cls.from_keep(data["num_experts"], data["top_k"], keep, active)
+            genes[int(name)] = LayerGene(tuple(sorted(ids)), top_k)
+        _check(len(genes) == len(layers), "genome layer indices must be distinct")
+        return cls.from_genes(data["num_experts"], data["top_k"], genes)
 
     @classmethod
     def load(cls, path: str | Path) -> Genome:
@@ -143,15 +235,23 @@ class Genome:
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
 
-    def keep(self, layer: int) -> tuple[int, ...]:
-        """Experts kept in ``layer`` (all of them when the genome leaves the layer unchanged)."""
+    def gene(self, layer: int) -> LayerGene:
+        """The layer's gene (keep everything when the genome leaves the layer unchanged)."""
         for i, gene in self.layers:
             if i == layer:
-                return gene.keep
-        return tuple(range(self.num_experts))
+                return gene
+        return LayerGene(tuple(range(self.num_experts)))
+
+    def keep(self, layer: int) -> tuple[int, ...]:
+        """Experts kept in ``layer`` (for a merge gene: the experts its slots draw on)."""
+        return self.gene(layer).keep
 
     def keep_map(self) -> dict[int, tuple[int, ...]]:
         return {i: gene.keep for i, gene in self.layers}
+
+    @property
+    def is_merge(self) -> bool:
+        return any(gene.is_merge for _, gene in self.layers)
 
     def active(self, layer: int, gene: LayerGene | None = None) -> int:
         """Experts each token is routed to in ``layer`` (the layer's ``top_k``, else the model's)."""

@@ -77,9 +77,13 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(cfg: ModelConfig):
-    """(model in eval mode on its device, tokenizer with left padding)."""
+    """(model in eval mode on its device, tokenizer with left padding). Also loads eep's own
+    custom-form exports (see :mod:`eep.remote`) without ``trust_remote_code``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from eep.remote import register
+
+    register()
     path = resolve_path(cfg.path)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)

@@ -2,11 +2,16 @@
 changes them — reversibly in place for search, physically for export.
 
 Only Mixtral-style routing is implemented here (softmax over all E router logits, top-k,
-renormalise the chosen weights to sum to one). Pruning means "the same routing over fewer
-experts": the dropped experts' logits become -inf before the softmax, which gives exactly
-the routing of a model whose router and experts were sliced to the kept ones (the softmax
-denominator cancels in the renormalisation, and top-k ties break the same way because kept
-experts stay in their original order).
+renormalise the chosen weights to sum to one).
+
+- Pruning means "the same routing over fewer experts": the dropped experts' logits become -inf
+  before the softmax, which gives exactly the routing of a model whose router and experts were
+  sliced to the kept ones (the softmax denominator cancels in the renormalisation, and top-k ties
+  break the same way because kept experts stay in their original order). No weight is touched.
+- Merging (EEP stage 2) computes each layer's E' merged experts with one matrix product per
+  expert tensor into new tensors, swaps them in for the duration of the evaluation and swaps the
+  originals back after: nothing is reloaded, and the extra memory is E'/E of the expert weights.
+  Routing becomes softmax over the E logits -> router matrix -> top-k -> renormalise.
 """
 
 from __future__ import annotations
@@ -20,7 +25,39 @@ import torch
 from torch import nn
 
 from eep.errors import EepError
-from eep.genome import Genome
+from eep.genome import Genome, LayerGene
+
+
+@dataclass(frozen=True)
+class ExportForm:
+    """How a genome can be written: ``stock`` (plain transformers class) or ``custom``
+    (eep's modeling file, ``trust_remote_code=True``), and why."""
+
+    kind: str
+    reason: str
+
+
+def merge_experts(weight: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """[E, ...] expert tensor -> [E', ...] with slot j = sum_i matrix[j, i] * weight[i] (one GEMM).
+
+    Search and export both call this, so an exported model holds bit-identical merged weights."""
+    merged = matrix.to(device=weight.device, dtype=weight.dtype) @ weight.reshape(weight.shape[0], -1)
+    return merged.reshape(matrix.shape[0], *weight.shape[1:])
+
+
+def router_columns(gene: LayerGene, num_experts: int) -> list[int] | None:
+    """For a router matrix that only picks one source expert per slot (the same positive weight
+    for every slot, distinct experts): the picked experts, slot by slot. Such routing equals a
+    sliced stock router. None otherwise."""
+    _, router = gene.matrices(num_experts)
+    picks, values = [], set()
+    for row in router:
+        nonzero = [i for i, x in enumerate(row) if x != 0.0]
+        if len(nonzero) != 1:
+            return None
+        picks.append(nonzero[0])
+        values.add(row[nonzero[0]])
+    return picks if len(values) == 1 and len(set(picks)) == len(picks) else None
 
 
 class MixtralAdapter:
@@ -44,53 +81,116 @@ class MixtralAdapter:
 
     @contextlib.contextmanager
     def applied(self, genome: Genome) -> Iterator[None]:
-        """Route every MoE layer as the genome says while the block is active; restore after.
-
-        Nothing is copied or rebuilt: a forward hook on each pruned layer's router recomputes
-        the top-k from its logits with the dropped experts masked out.
-        """
+        """Route (and, for merge genes, weigh) every MoE layer as the genome says while the block
+        is active; restore the model exactly after, also on error."""
         self.validate(genome)
-        handles = []
+        handles, swapped = [], []
         try:
-            for layer, keep in genome.keep_map().items():
-                k = genome.active(layer)
-                if len(keep) == self.num_experts and k == self.top_k:
-                    continue
-                gate = self.blocks[layer].gate
-                mask = torch.full((self.num_experts,), float("-inf"), device=gate.weight.device)
-                mask[list(keep)] = 0.0
-                handles.append(gate.register_forward_hook(_masked_routing_hook(mask, k)))
+            for layer, gene in genome.layers:
+                k = genome.active(layer, gene)
+                block = self.blocks[layer]
+                if gene.is_merge:
+                    merge, router = (self._matrix(m, block) for m in gene.matrices(self.num_experts))
+                    with torch.no_grad():
+                        # the experts implementations size their dispatch by num_experts
+                        swapped.append((block.experts, "num_experts", block.experts.num_experts))
+                        block.experts.num_experts = gene.slots
+                        for name in self.expert_tensors:
+                            original = getattr(block.experts, name)
+                            swapped.append((block.experts, name, original))
+                            setattr(block.experts, name, nn.Parameter(merge_experts(original, merge), requires_grad=False))
+                    handles.append(block.gate.register_forward_hook(_mapped_routing_hook(router, k)))
+                elif len(gene.keep) < self.num_experts or k != self.top_k:
+                    mask = torch.full((self.num_experts,), float("-inf"), device=block.gate.weight.device)
+                    mask[list(gene.keep)] = 0.0
+                    handles.append(block.gate.register_forward_hook(_masked_routing_hook(mask, k)))
             yield
         finally:
             for handle in handles:
                 handle.remove()
+            for module, name, original in reversed(swapped):
+                setattr(module, name, original)
+
+    @staticmethod
+    def _matrix(rows, block: nn.Module) -> torch.Tensor:
+        return torch.tensor(rows, dtype=torch.float32, device=block.gate.weight.device)
 
     # -- export: physically smaller -----------------------------------------------------------
 
-    def sliced(self, genome: Genome) -> nn.Module:
-        """A new model holding only the kept experts, with the config's expert count and top-k updated."""
+    def export_form(self, genome: Genome) -> ExportForm:
+        """Whether a stock Mixtral checkpoint can hold this genome exactly, and if not, why."""
         self.validate(genome)
-        counts = {len(genome.keep(i)) for i in self.moe_layers}
-        if len(counts) != 1:
-            raise EepError(
-                f"genome keeps different expert counts per layer ({sorted(counts)}); a stock Mixtral "
-                "checkpoint has one num_local_experts, so keep the same number in every layer")
-        actives = {genome.active(i) for i in self.moe_layers}
-        if len(actives) != 1:
-            raise EepError(
-                f"genome routes to different top_k per layer ({sorted(actives)}); a stock Mixtral "
-                "checkpoint has one num_experts_per_tok, so use the same top_k in every layer")
-        config = copy.deepcopy(self.config)
-        config.num_local_experts = counts.pop()
-        config.num_experts_per_tok = actives.pop()
+        counts = sorted({genome.gene(i).slots for i in self.moe_layers})
+        actives = sorted({genome.active(i) for i in self.moe_layers})
+        general = [i for i in self.moe_layers if router_columns(genome.gene(i), self.num_experts) is None]
+        if len(counts) > 1:
+            return ExportForm("custom", f"layers keep different numbers of experts ({counts}); a stock Mixtral "
+                                        "has one num_local_experts")
+        if len(actives) > 1:
+            return ExportForm("custom", f"layers route to different top_k ({actives}); a stock Mixtral has one "
+                                        "num_experts_per_tok")
+        if general:
+            return ExportForm("custom", f"layers {general} route through a router matrix that mixes experts; a "
+                                        "stock Mixtral router can only select them")
+        merged = [i for i in self.moe_layers if genome.gene(i).is_merge]
+        what = "merged experts with a selecting router" if merged else "kept experts"
+        return ExportForm("stock", f"{what}, {counts[0]} per layer, top_k={actives[0]}: a stock Mixtral holds it")
+
+    def compressed(self, genome: Genome, form: str | None = None) -> tuple[nn.Module, ExportForm]:
+        """A new, physically smaller model equal to the genome applied to this one, in the stock
+        form when possible (or the ``form`` asked for); its config's expert counts are updated."""
+        chosen = self.export_form(genome)
+        if form == "stock" and chosen.kind != "stock":
+            raise EepError(f"this genome cannot be a stock checkpoint: {chosen.reason}; export it in the custom form")
+        if form == "custom" and chosen.kind == "stock":
+            chosen = ExportForm("custom", "the custom form was asked for")
         state = self.model.state_dict()
+        layers = {}
         for layer in self.moe_layers:
-            index = torch.tensor(genome.keep(layer))
+            gene = genome.gene(layer)
             prefix = f"model.layers.{layer}.mlp."
-            for name in ["gate.weight", *(f"experts.{t}" for t in self.expert_tensors)]:
-                state[prefix + name] = state[prefix + name].index_select(0, index.to(state[prefix + name].device))
+            for name in self.expert_tensors:
+                key = prefix + f"experts.{name}"
+                state[key] = self._experts_for(gene, state[key])
+            picks = router_columns(gene, self.num_experts)
+            if chosen.kind == "stock":
+                state[prefix + "gate.weight"] = state[prefix + "gate.weight"][picks]
+            else:
+                state[prefix + "gate.router_map"] = self._matrix(gene.matrices(self.num_experts)[1], self.blocks[layer])
+                layers[str(layer)] = {"experts": gene.slots, "sources": self.num_experts, "top_k": genome.active(layer)}
+        with torch.no_grad():
+            small = self._build(genome, chosen, layers, state)
+        return small, chosen
+
+    def sliced(self, genome: Genome) -> nn.Module:
+        """The stock-form model; an error names why when the genome needs the custom form."""
+        return self.compressed(genome, form="stock")[0]
+
+    def _experts_for(self, gene: LayerGene, weight: torch.Tensor) -> torch.Tensor:
+        if gene.is_merge:  # exactly what applied() computes
+            return merge_experts(weight, torch.tensor(gene.merge, dtype=torch.float32, device=weight.device))
+        return weight.index_select(0, torch.tensor(gene.keep, device=weight.device))
+
+    def _build(self, genome: Genome, form: ExportForm, layers: dict, state: dict) -> nn.Module:
+        if form.kind == "stock":
+            config = copy.deepcopy(self.config)
+            config.num_local_experts = genome.gene(self.moe_layers[0]).slots
+            config.num_experts_per_tok = genome.active(self.moe_layers[0])
+            model_cls = type(self.model)
+        else:
+            from eep.remote.modeling_eep_mixtral import EepMixtralConfig, EepMixtralForCausalLM
+
+            values = {k: v for k, v in self.config.to_dict().items()
+                      if k not in ("model_type", "architectures", "transformers_version", "auto_map")}
+            values.update(num_local_experts=max(s["experts"] for s in layers.values()),
+                          num_experts_per_tok=max(s["top_k"] for s in layers.values()), eep_layers=layers)
+            config = EepMixtralConfig(**values)
+            config.architectures = ["EepMixtralForCausalLM"]
+            config.auto_map = {"AutoConfig": "modeling_eep_mixtral.EepMixtralConfig",
+                               "AutoModelForCausalLM": "modeling_eep_mixtral.EepMixtralForCausalLM"}
+            model_cls = EepMixtralForCausalLM
         with torch.device("meta"):
-            small = type(self.model)(config)
+            small = model_cls(config)
         small.load_state_dict(state, assign=True, strict=True)
         for name, buffer in self.model.named_buffers():  # non-persistent buffers (rotary tables)
             owner, _, leaf = name.rpartition(".")
@@ -104,6 +204,20 @@ def _masked_routing_hook(mask: torch.Tensor, top_k: int):
         logits = output[0]
         probs = torch.softmax(logits.float() + mask, dim=-1)
         weights, index = torch.topk(probs, top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, weights, index
+
+    return hook
+
+
+def _mapped_routing_hook(router: torch.Tensor, top_k: int):
+    """EEP's routing: softmax over the source experts, scores = router @ p, top-k, renormalise."""
+    router_t = router.T.contiguous()
+
+    def hook(module: nn.Module, args, output):
+        logits = output[0]
+        scores = torch.softmax(logits.float(), dim=-1) @ router_t
+        weights, index = torch.topk(scores, top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, weights, index
 

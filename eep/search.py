@@ -6,6 +6,10 @@ is bred from the archive: with probability ``crossover_prob`` two parents among 
 ``mutate_threshold`` points is taken; the child is then always mutated. A child whose content
 hash was already proposed is bred again, so no genome is evaluated twice.
 
+The operators come from the search space of the candidate's phase (:class:`search_spaces.Schedule`):
+EEP prunes first, then from ``merge_after`` on breeds merge genomes from the same archive, so
+the first merge children are perturbed copies of the best pruned genomes.
+
 Every evaluation is appended to the journal before it is folded into the archive, and the
 RNG state is snapshotted after every breeding step, so `eep resume` continues exactly where a
 stopped search was (see :mod:`eep.journal`).
@@ -26,14 +30,13 @@ from eep.errors import EepError
 from eep.evaluator import Candidate
 from eep.genome import Genome
 from eep.journal import Evaluation, RunDir
-from search_spaces.prune import PruneSpace, crossover_rows, mutate_swap, random_genome
+from search_spaces import Schedule
 
 
-def make_toolbox(space: PruneSpace, cfg: SearchConfig, rng: random.Random) -> base.Toolbox:
+def make_toolbox(space, cfg: SearchConfig, rng: random.Random) -> base.Toolbox:
+    """A DEAP toolbox with the space's ``individual`` (if it has one), ``mutate`` and ``mate``."""
     toolbox = base.Toolbox()
-    toolbox.register("individual", random_genome, space=space, rng=rng)
-    toolbox.register("mutate", mutate_swap, rng=rng, space=space, layer_prob=cfg.layer_prob, swap_prob=cfg.swap_prob)
-    toolbox.register("mate", crossover_rows, rng=rng, space=space, layer_prob=cfg.layer_prob)
+    space.register(toolbox, cfg, rng)
     return toolbox
 
 
@@ -53,17 +56,19 @@ def breed(toolbox: base.Toolbox, archive: list[Evaluation], cfg: SearchConfig, r
     return toolbox.mutate(child)
 
 
-def run_search(run: RunDir, space: PruneSpace, evaluator, log: Callable[[str], None] = print,
+def run_search(run: RunDir, space, evaluator, log: Callable[[str], None] = print,
                stop_after: int | None = None) -> dict:
     """Run (or resume) the search recorded in ``run`` until its budget is spent.
 
+    ``space`` is a search space or a :class:`search_spaces.Schedule` of them.
     ``stop_after`` ends this call after that many new evaluations (the search stays resumable).
     Returns the summary also written to ``summary.json``.
     """
     config = run.config()
     cfg = config.search
     rng = random.Random(cfg.seed)
-    toolbox = make_toolbox(space, cfg, rng)
+    schedule = Schedule.of(space)
+    toolboxes = [make_toolbox(phase_space, cfg, rng) for _, phase_space in schedule.phases]
     archive = run.evaluations()
     state = run.load_state()
     if state is None:
@@ -84,13 +89,14 @@ def run_search(run: RunDir, space: PruneSpace, evaluator, log: Callable[[str], N
         nonlocal next_id
         yield from list(in_flight)  # bred before a stop, never finished: evaluate them first
         while next_id < cfg.evaluations:
+            toolbox = toolboxes[schedule.phase(next_id)]
             for _ in range(cfg.max_breed_attempts):
                 genome = toolbox.individual() if next_id < cfg.initial else breed(toolbox, archive, cfg, rng)
                 if genome.key not in seen:
                     break
             else:
                 log(f"[eep] stopping: {cfg.max_breed_attempts} children in a row were already evaluated "
-                    f"(the search space has {space.size()} genomes)")
+                    f"(the search space has {schedule.size()} genomes)")
                 return
             candidate = Candidate(next_id, genome)
             next_id += 1

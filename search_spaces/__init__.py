@@ -1,5 +1,72 @@
-"""What a genome means: pruning keep sets (this package grows merge matrices, top-k, budgets)."""
+"""What a genome means: pruning keep sets (uniform or under a budget), merge matrices, top-k,
+weight groups; and the schedule of phases a search runs through."""
 
-from search_spaces.prune import PruneSpace, crossover_rows, mutate_swap, random_genome
+from __future__ import annotations
 
-__all__ = ["PruneSpace", "crossover_rows", "mutate_swap", "random_genome"]
+from dataclasses import dataclass
+
+from eep.errors import EepError
+from search_spaces.budget import BudgetSpace, crossover_budget, mutate_budget, random_budget_genome
+from search_spaces.merge import MergeSpace, crossover_matrices, mutate_noise
+from search_spaces.prune import PruneSpace, crossover_rows, layer_groups, mutate_swap, random_genome
+
+__all__ = ["BudgetSpace", "MergeSpace", "PruneSpace", "Schedule", "build_schedule", "crossover_budget",
+           "crossover_matrices", "crossover_rows", "layer_groups", "mutate_budget", "mutate_noise", "mutate_swap",
+           "random_budget_genome", "random_genome"]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The spaces a search breeds in, each from a candidate id on (EEP: prune, then merge)."""
+
+    phases: tuple[tuple[int, object], ...]
+
+    @classmethod
+    def of(cls, space) -> Schedule:
+        return space if isinstance(space, Schedule) else cls(((0, space),))
+
+    @property
+    def first(self):
+        return self.phases[0][1]
+
+    def phase(self, candidate_id: int) -> int:
+        """Index of the phase candidate ``candidate_id`` is bred in."""
+        return max(i for i, (start, _) in enumerate(self.phases) if start <= candidate_id)
+
+    def size(self) -> float:
+        return max(space.size() for _, space in self.phases)
+
+    def describe(self) -> str:
+        if len(self.phases) == 1:
+            return self.first.describe()
+        return "; then ".join(f"from evaluation {start}: {space.describe()}" for start, space in self.phases)
+
+
+def build_schedule(cfg, shape) -> Schedule:
+    """The search's phases from the ``search_space`` config section and the model's MoE shape
+    (:class:`eep.moe.MoEShape`); a setting the model cannot satisfy is an :class:`EepError`."""
+    layers, num_experts = tuple(shape.moe_layers), shape.num_experts
+    k = cfg.top_k or shape.top_k
+    lower = "" if cfg.top_k else " or set search_space.top_k lower"
+    if cfg.top_k is not None and cfg.top_k > shape.top_k:
+        raise EepError(f"search_space.top_k={cfg.top_k} is above the model's top_k={shape.top_k}; it can only be lowered")
+    if cfg.groups is not None and cfg.groups > len(layers):
+        raise EepError(f"search_space.groups={cfg.groups} but the model has only {len(layers)} MoE layers")
+    if cfg.budget is not None:
+        low, high = k * len(layers), num_experts * len(layers)
+        if not low <= cfg.budget <= high:
+            raise EepError(f"search_space.budget={cfg.budget} must lie in {low}..{high}: each of the {len(layers)} MoE "
+                           f"layers keeps between top_k={k} and {num_experts} experts{lower}")
+        first = BudgetSpace(num_experts, shape.top_k, layers, cfg.budget, cfg.top_k)
+    else:
+        if cfg.keep > num_experts:
+            raise EepError(f"search_space.keep={cfg.keep} but the model has only {num_experts} experts per layer")
+        if cfg.keep < k:
+            raise EepError(f"search_space.keep={cfg.keep} is below the top_k={k} each token is routed to; "
+                           f"keep at least {k}{lower}")
+        groups = layer_groups(layers, cfg.groups) if cfg.groups is not None else None
+        first = PruneSpace(num_experts, shape.top_k, layers, cfg.keep, cfg.top_k, groups)
+    if cfg.kind == "prune":
+        return Schedule(((0, first),))
+    merge = MergeSpace(num_experts, shape.top_k, layer_groups(layers, cfg.groups))
+    return Schedule(((0, first), (cfg.merge_after, merge)))

@@ -2,7 +2,8 @@
 
 Operators are small pure functions of (genomes, rng, settings) -> new genome; the search
 registers them on a DEAP toolbox. They never return a genome with a wrong keep count or a
-repeated expert.
+repeated expert. They act on weight groups (:func:`layer_groups`): every layer of a group
+carries the same gene, so a group of one layer is the per-layer search.
 
 Departures from EEP's released code, each to avoid a wasted evaluation or a silent bias:
 - a mutation always changes at least one expert (EEP's could redraw the same expert);
@@ -14,13 +15,33 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from eep.genome import Genome
+from deap import base
+
+from eep.genome import Genome, LayerGene
 
 # EEP takes a crossover row from the first parent with this probability (``from_front_prob``).
 FRONT_PARENT_PROB = 0.6
+
+Groups = tuple[tuple[int, ...], ...]
+
+
+def layer_groups(layers: Sequence[int], groups: int | None) -> Groups:
+    """``groups`` consecutive blocks of ``layers``, sizes differing by at most one (EEP: 4 groups
+    for Mixtral's 32 layers); ``None``: one group per layer."""
+    layers = tuple(layers)
+    if groups is None:
+        return tuple((i,) for i in layers)
+    size, extra = divmod(len(layers), groups)
+    bounds = [g * size + min(g, extra) for g in range(groups + 1)]
+    return tuple(layers[bounds[g]:bounds[g + 1]] for g in range(groups))
+
+
+def expand(groups: Groups, genes: Mapping[int, LayerGene]) -> dict[int, LayerGene]:
+    """Per-group genes (keyed by each group's first layer) -> per-layer genes."""
+    return {layer: genes[group[0]] for group in groups for layer in group}
 
 
 @dataclass(frozen=True)
@@ -33,40 +54,59 @@ class PruneSpace:
     keep: int
     active: int | None = None
     """Experts each token is routed to in every layer (None: the model's top_k)."""
+    groups: Groups | None = None
+    """Weight groups sharing one gene (None: one per layer)."""
 
-    def genome(self, keep: dict[int, list[int]]) -> Genome:
-        return Genome.from_keep(self.num_experts, self.top_k, keep, self.active)
+    kind = "prune"
+
+    @property
+    def units(self) -> Groups:
+        return self.groups if self.groups is not None else tuple((i,) for i in self.layers)
+
+    def genome(self, keep: Mapping[int, Sequence[int]]) -> Genome:
+        """A genome from ``{group's first layer: expert ids}``."""
+        genes = {i: LayerGene(tuple(sorted(int(e) for e in ids)), self.active) for i, ids in keep.items()}
+        return Genome.from_genes(self.num_experts, self.top_k, expand(self.units, genes))
 
     def size(self) -> int:
-        return math.comb(self.num_experts, self.keep) ** len(self.layers)
+        return math.comb(self.num_experts, self.keep) ** len(self.units)
 
     def full(self) -> Genome:
         """The uncompressed model as a genome (every expert kept)."""
         return Genome.from_keep(self.num_experts, self.top_k, {i: range(self.num_experts) for i in self.layers})
 
+    def describe(self) -> str:
+        groups = "" if self.groups is None else f" in {len(self.units)} weight groups"
+        return f"prune: keep {self.keep} of {self.num_experts} per layer{groups}"
+
+    def register(self, toolbox: base.Toolbox, cfg, rng: random.Random) -> None:
+        toolbox.register("individual", random_genome, space=self, rng=rng)
+        toolbox.register("mutate", mutate_swap, rng=rng, space=self, layer_prob=cfg.layer_prob, swap_prob=cfg.swap_prob)
+        toolbox.register("mate", crossover_rows, rng=rng, space=self, layer_prob=cfg.layer_prob)
+
 
 def random_genome(space: PruneSpace, rng: random.Random) -> Genome:
-    """A uniformly random keep set per layer."""
-    return space.genome({i: rng.sample(range(space.num_experts), space.keep) for i in space.layers})
+    """A uniformly random keep set per weight group."""
+    return space.genome({g[0]: rng.sample(range(space.num_experts), space.keep) for g in space.units})
 
 
-def _touched_layers(layers: Sequence[int], rng: random.Random, layer_prob: float) -> list[int]:
-    """Each layer with probability ``layer_prob``; redrawn until at least one (as EEP)."""
+def touched_units(units: Sequence, rng: random.Random, layer_prob: float) -> list:
+    """Each unit (a group's first layer) with probability ``layer_prob``; redrawn until at least one (as EEP)."""
     if layer_prob == 0.0:
-        return [rng.choice(layers)]
+        return [rng.choice(units)]
     while True:
-        touched = [i for i in layers if rng.random() < layer_prob]
+        touched = [u for u in units if rng.random() < layer_prob]
         if touched:
             return touched
 
 
 def mutate_swap(genome: Genome, rng: random.Random, space: PruneSpace, layer_prob: float, swap_prob: float) -> Genome:
-    """In the touched layers, swap each kept expert with probability ``swap_prob`` for a dropped one."""
-    keep = {i: list(genome.keep(i)) for i in space.layers}
-    touched = _touched_layers(space.layers, rng, layer_prob)
+    """In the touched groups, swap each kept expert with probability ``swap_prob`` for a dropped one."""
+    keep = {g[0]: list(genome.keep(g[0])) for g in space.units}
+    touched = touched_units([g[0] for g in space.units], rng, layer_prob)
     swapped = False
-    for layer in touched:
-        kept = keep[layer]
+    for unit in touched:
+        kept = keep[unit]
         for slot in range(len(kept)):
             if rng.random() < swap_prob:
                 kept[slot] = rng.choice([e for e in range(space.num_experts) if e not in kept])
@@ -78,14 +118,14 @@ def mutate_swap(genome: Genome, rng: random.Random, space: PruneSpace, layer_pro
 
 
 def crossover_rows(a: Genome, b: Genome, rng: random.Random, space: PruneSpace, layer_prob: float) -> Genome:
-    """Row-wise crossover (EEP): touched layers mix the parents' kept experts slot by slot;
-    the other layers are copied whole from one parent. Duplicates are repaired to the exact count."""
-    touched = set(_touched_layers(space.layers, rng, layer_prob))
+    """Row-wise crossover (EEP): touched groups mix the parents' kept experts slot by slot;
+    the other groups are copied whole from one parent. Duplicates are repaired to the exact count."""
+    touched = set(touched_units([g[0] for g in space.units], rng, layer_prob))
     keep = {}
-    for layer in space.layers:
-        rows_a, rows_b = a.keep(layer), b.keep(layer)
-        if layer not in touched:
-            keep[layer] = rows_a if rng.random() < FRONT_PARENT_PROB else rows_b
+    for unit in (g[0] for g in space.units):
+        rows_a, rows_b = a.keep(unit), b.keep(unit)
+        if unit not in touched:
+            keep[unit] = rows_a if rng.random() < FRONT_PARENT_PROB else rows_b
             continue
         picks = [ra if rng.random() < FRONT_PARENT_PROB else rb for ra, rb in zip(rows_a, rows_b, strict=True)]
         child = list(dict.fromkeys(picks))
@@ -94,5 +134,5 @@ def crossover_rows(a: Genome, b: Genome, rng: random.Random, space: PruneSpace, 
         others = [e for e in range(space.num_experts) if e not in child and e not in spare]
         rng.shuffle(others)
         child += (spare + others)[: space.keep - len(child)]
-        keep[layer] = child
+        keep[unit] = child
     return space.genome(keep)

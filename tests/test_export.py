@@ -53,3 +53,89 @@ def test_export_refuses_existing_target_before_loading(tmp_path):
     with pytest.raises(EepError, match="already exists"):
         export_genome(ModelConfig(path=str(tmp_path / "no-such-model")), GENOME, tmp_path / "taken")
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+def _merge_genome(seed: int, slots=(4, 4, 4, 4), selecting=False):
+    import random
+
+    from eep.genome import LayerGene
+
+    rng = random.Random(seed)
+    genes = {}
+    for layer, n in enumerate(slots):
+        picks = rng.sample(range(8), n)
+        merge = [[(0.8 if i == e else 0.0) + rng.gauss(0, 0.05) for i in range(8)] for e in picks]
+        router = ([[1.0 if i == e else 0.0 for i in range(8)] for e in picks] if selecting
+                  else [[(1.0 if i == e else 0.0) + 0.1 * rng.random() for i in range(8)] for e in picks])
+        genes[layer] = LayerGene.merged(merge, router)
+    return Genome.from_genes(8, 2, genes)
+
+
+CASES = {
+    "merged-selecting-router": (lambda: _merge_genome(0, selecting=True), "stock"),
+    "merged-general-router": (lambda: _merge_genome(1), "custom"),
+    "pruned-uneven": (lambda: Genome.from_keep(8, 2, {0: [0, 2, 5], 1: [1, 2, 3, 4, 6], 2: [0, 3, 4, 6], 3: [1, 4]},
+                                               active={3: 1}), "custom"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_export_form_equals_search_logits(tmp_path, case):
+    make, kind = CASES[case]
+    genome = make()
+    out = tmp_path / case
+    report = export_genome(TOY, genome, out, log=lambda m: None)
+    assert report["form"] == kind and report["form_reason"]
+    assert report["parameters"]["after"] < 0.8 * report["parameters"]["before"]
+    model, tokenizer = load_model(TOY)
+    ids = tokenizer(["reverse : a b c d =", "lookup : p o n m l k ="], return_tensors="pt", padding=True)
+    with torch.no_grad(), adapter_for(model).applied(genome):
+        in_search = model(**ids).logits
+    if kind == "stock":
+        exported = AutoModelForCausalLM.from_pretrained(out).eval()
+        assert not (out / "modeling_eep_mixtral.py").exists()
+        assert report["parameters"]["after"] == sum(p.numel() for p in exported.parameters())
+        with torch.no_grad():
+            torch.testing.assert_close(exported(**ids).logits, in_search, atol=1e-5, rtol=0)
+    else:
+        _check_in_fresh_process(out, ids, in_search, report["parameters"]["after"])
+    own, _ = load_model(ModelConfig(path=str(out), device="cpu", dtype="float32"))  # eep's loader, no remote code
+    with torch.no_grad():
+        torch.testing.assert_close(own(**ids).logits, in_search, atol=1e-5, rtol=0)
+    assert Genome.load(out / "eep_genome.json") == genome
+    assert ("trust_remote_code=True" in (out / "README.md").read_text()) == (kind == "custom")
+
+
+def test_forced_stock_form_of_a_general_genome_is_refused_before_writing(tmp_path):
+    with pytest.raises(EepError, match="cannot be a stock checkpoint: layers \\[0, 1, 2, 3\\] route through"):
+        export_genome(TOY, _merge_genome(1), tmp_path / "x", log=lambda m: None, form="stock")
+    assert not list(tmp_path.iterdir())
+
+
+def _check_in_fresh_process(out, ids, expected, parameters):
+    """What a user without eep sees: stock transformers refuses the custom form unless asked to
+    trust its modeling file, and then loads it with the in-search logits."""
+    import subprocess
+    import sys
+
+    torch.save({"ids": dict(ids), "expected": expected}, out.parent / "probe.pt")
+    script = f"""
+import torch
+from transformers import AutoModelForCausalLM
+path = {str(out)!r}
+try:
+    AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False)
+    raise SystemExit("loaded without trust_remote_code")
+except ValueError as err:
+    assert "trust_remote_code" in str(err), err
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model)
+assert sum(p.numel() for p in model.parameters()) == {parameters}
+probe = torch.load({str(out.parent / "probe.pt")!r})
+with torch.no_grad():
+    torch.testing.assert_close(model(**probe["ids"]).logits, probe["expected"], atol=1e-5, rtol=0)
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

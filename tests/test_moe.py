@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from eep.errors import EepError
-from eep.genome import Genome
+from eep.genome import Genome, LayerGene
 from eep.moe import adapter_for, shape_of
 from tests.conftest import tiny_mixtral_config
 
@@ -76,7 +76,7 @@ def test_sliced_model_is_smaller_and_equal(tiny_mixtral):
 
 def test_sliced_rejects_uneven_keep_counts(tiny_mixtral):
     genome = Genome.from_keep(8, 2, {0: [0, 1, 2], 1: [0, 1, 2, 3]})
-    with pytest.raises(EepError, match="different expert counts"):
+    with pytest.raises(EepError, match="cannot be a stock checkpoint: layers keep different numbers of experts"):
         adapter_for(tiny_mixtral).sliced(genome)
 
 
@@ -130,5 +130,110 @@ def test_top_k_alone_without_pruning(tiny_mixtral):
 
 def test_uneven_top_k_cannot_be_a_stock_checkpoint(tiny_mixtral):
     genome = Genome.from_keep(8, 2, KEEP, active={0: 1, 1: 2, 2: 2})
-    with pytest.raises(EepError, match="different top_k per layer"):
+    with pytest.raises(EepError, match="layers route to different top_k"):
         adapter_for(tiny_mixtral).sliced(genome)
+
+
+def _one_hot(keep, value=1.0):
+    return [[value if i == e else 0.0 for i in range(8)] for e in keep]
+
+
+def _random_merge_genome(seed, slots=(4, 4, 4), active=None):
+    import random
+
+    rng = random.Random(seed)
+    genes = {layer: LayerGene.merged([[rng.gauss(0, 0.5) for _ in range(8)] for _ in range(n)],
+                                     [[rng.random() for _ in range(8)] for _ in range(n)], active)
+             for layer, n in enumerate(slots)}
+    return Genome.from_genes(8, 2, genes)
+
+
+def test_one_hot_merge_equals_pruning_equals_physical_slice(tiny_mixtral):
+    """EEP's claim, on the merge code path: one-hot merge rows with a selecting router (here scaled
+    by 0.5 and in permuted slot order, so it stays a merge gene) route and weigh exactly as pruning."""
+    adapter = adapter_for(tiny_mixtral)
+    merge_genome = Genome.from_genes(8, 2, {i: LayerGene.merged(_one_hot(keep[::-1]), _one_hot(keep[::-1], 0.5))
+                                            for i, keep in KEEP.items()})
+    assert merge_genome.is_merge and merge_genome.keep_map() == {i: tuple(k) for i, k in KEEP.items()}
+    assert adapter.export_form(merge_genome).kind == "stock"
+    with torch.no_grad():
+        with adapter.applied(merge_genome):
+            merged = tiny_mixtral(_ids()).logits
+        with adapter.applied(Genome.from_keep(8, 2, KEEP)):
+            pruned = tiny_mixtral(_ids()).logits
+        reference = _physically_sliced(tiny_mixtral, KEEP)(_ids()).logits
+        stock = adapter.sliced(merge_genome)(_ids()).logits
+    torch.testing.assert_close(merged, pruned, atol=1e-5, rtol=0)
+    torch.testing.assert_close(merged, reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(stock, merged, atol=1e-5, rtol=0)
+
+
+def test_identical_one_hot_matrices_are_the_pruning_gene():
+    gene = LayerGene.merged(_one_hot([5, 1, 3, 2]), _one_hot([5, 1, 3, 2]))
+    assert not gene.is_merge and gene.keep == (1, 2, 3, 5)
+
+
+def test_merge_genome_applies_reversibly_and_equals_its_hand_built_model(tiny_mixtral):
+    from transformers import MixtralForCausalLM
+
+    adapter = adapter_for(tiny_mixtral)
+    genome = Genome.from_genes(8, 2, {i: LayerGene.merged(
+        [[0.5 if i in (a, b) else 0.0 for i in range(8)] for a, b in ((0, 1), (2, 3), (4, 5), (6, 7))],
+        _one_hot([1, 2, 5, 6])) for i in range(3)})
+    params = {name: p for name, p in tiny_mixtral.named_parameters()}
+    before = {name: p.clone() for name, p in params.items()}
+    # the same model by hand: averaged expert pairs, router rows of experts 1, 2, 5, 6
+    reference = MixtralForCausalLM(tiny_mixtral_config(num_local_experts=4)).eval()
+    state = tiny_mixtral.state_dict()
+    for layer in range(3):
+        for name in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"):
+            w = state[f"model.layers.{layer}.{name}"]
+            state[f"model.layers.{layer}.{name}"] = (w[0::2] + w[1::2]) / 2
+        key = f"model.layers.{layer}.mlp.gate.weight"
+        state[key] = state[key][[1, 2, 5, 6]]
+    reference.load_state_dict(state)
+    with torch.no_grad():
+        full = tiny_mixtral(_ids()).logits
+        with adapter.applied(genome):
+            merged = tiny_mixtral(_ids()).logits
+        after = tiny_mixtral(_ids()).logits
+        torch.testing.assert_close(merged, reference(_ids()).logits, atol=1e-5, rtol=0)
+    assert (merged - full).abs().max() > 1e-3
+    assert torch.equal(after, full)
+    assert all(p is params[n] and torch.equal(p, before[n]) for n, p in tiny_mixtral.named_parameters())
+    assert all(block.experts.num_experts == 8 for block in adapter.blocks.values())
+
+
+def test_merge_restores_after_an_error(tiny_mixtral):
+    adapter = adapter_for(tiny_mixtral)
+    shapes = [tuple(b.experts.gate_up_proj.shape) for b in adapter.blocks.values()]
+    with pytest.raises(RuntimeError), adapter.applied(_random_merge_genome(1)):
+        raise RuntimeError("boom")
+    assert [tuple(b.experts.gate_up_proj.shape) for b in adapter.blocks.values()] == shapes
+    assert all(not block.gate._forward_hooks for block in adapter.blocks.values())
+
+
+@pytest.mark.parametrize("slots, active, why", [((4, 4, 4), None, "router matrix that mixes experts"),
+                                                ((3, 5, 4), None, "different numbers of experts"),
+                                                ((4, 4, 4), 1, "router matrix that mixes experts")])
+def test_general_merge_genome_compresses_to_the_custom_form(tiny_mixtral, slots, active, why):
+    adapter = adapter_for(tiny_mixtral)
+    genome = _random_merge_genome(2, slots, active)
+    small, form = adapter.compressed(genome)
+    assert form.kind == "custom" and why in form.reason
+    assert [small.model.layers[i].mlp.experts.gate_up_proj.shape[0] for i in range(3)] == list(slots)
+    with torch.no_grad():
+        with adapter.applied(genome):
+            in_search = tiny_mixtral(_ids()).logits
+        torch.testing.assert_close(small(_ids()).logits, in_search, atol=1e-5, rtol=0)
+
+
+def test_uneven_pruning_compresses_to_the_custom_form(tiny_mixtral):
+    adapter = adapter_for(tiny_mixtral)
+    genome = Genome.from_keep(8, 2, {0: [0, 1, 2], 1: [0, 1, 2, 3, 4, 5], 2: [3, 6]})
+    small, form = adapter.compressed(genome)
+    assert form.kind == "custom" and "different numbers of experts" in form.reason
+    with torch.no_grad():
+        with adapter.applied(genome):
+            in_search = tiny_mixtral(_ids()).logits
+        torch.testing.assert_close(small(_ids()).logits, in_search, atol=1e-5, rtol=0)

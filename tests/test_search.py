@@ -5,6 +5,7 @@ import pytest
 
 from eep.config import parse_config
 from eep.evaluator import FitnessWorker, SerialEvaluator
+from eep.genome import Genome
 from eep.journal import RunDir
 from eep.search import breed, make_toolbox, run_search
 from search_spaces import PruneSpace
@@ -136,3 +137,46 @@ def test_an_evaluation_that_raises_is_a_failed_record_not_a_crash(tmp_path, work
     assert rows[2]["error"] == "RuntimeError: CUDA out of memory (simulated)"
     assert summary["evaluations"] == 16 and summary["failed"] == 1
     assert all(r["status"] == "ok" for i, r in enumerate(rows) if i != 2)
+
+
+def _run_space(path, worker, search_space, stop_after=None, **search):
+    from eep.moe import MoEShape
+    from search_spaces import build_schedule
+
+    data = toy_config_dict(**search)
+    data["search_space"] = search_space
+    config = parse_config(data)
+    run = RunDir.create(path, config) if not (path / "config.yaml").exists() else RunDir.open(path)
+    schedule = build_schedule(config.search_space, MoEShape("mixtral", 8, 2, (0, 1, 2, 3)))
+    evaluator = CountingEvaluator(worker)
+    return run, run_search(run, schedule, evaluator, log=lambda m: None, stop_after=stop_after), evaluator
+
+
+MERGE = {"kind": "merge", "keep": 4, "merge_after": 10}
+
+
+def test_prune_then_merge_schedule_and_its_resume(tmp_path, worker):
+    run, summary, ev = _run_space(tmp_path / "whole", worker, MERGE)
+    rows = _journal(run)
+    assert len(rows) == 16 and len(set(ev.keys)) == 16
+    genomes = [Genome.from_dict(r["genome"]) for r in rows]
+    assert not any(g.is_merge for g in genomes[:10])
+    assert all(g.is_merge for g in genomes[10:])
+    # merge children start from pruned parents: every slot is still dominated by one source expert
+    for g in genomes[10:]:
+        for layer in range(4):
+            merge, router = g.gene(layer).matrices(8)
+            assert all(max(row) > 0.5 for row in merge) and all(max(row) > 0.5 for row in router)
+    for stop in (9, 10, 13):  # just before, at and after the switch
+        path = tmp_path / f"stop{stop}"
+        _run_space(path, worker, MERGE, stop_after=stop)
+        resumed, summary_resumed, ev_resumed = _run_space(path, worker, MERGE)
+        assert len(ev_resumed.keys) == 16 - stop
+        assert _journal(resumed) == rows and summary_resumed == summary
+
+
+def test_budget_search_spends_the_budget_unevenly(tmp_path, worker):
+    run, summary, _ = _run_space(tmp_path / "b", worker, {"kind": "prune", "budget": 14})
+    genomes = [Genome.from_dict(r["genome"]) for r in _journal(run)]
+    counts = [tuple(len(g.keep(i)) for i in range(4)) for g in genomes]
+    assert all(sum(c) == 14 for c in counts) and len(set(counts)) > 3
