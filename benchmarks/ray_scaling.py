@@ -20,22 +20,7 @@ from pathlib import Path
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
-def random_mixtral(path: Path) -> str:
-    import torch
-    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
-
-    from eep.toy import TOY_DIR
-
-    tokenizer = AutoTokenizer.from_pretrained(TOY_DIR)
-    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=8,
-                           num_attention_heads=8, num_key_value_heads=4, num_local_experts=8,
-                           num_experts_per_tok=2, max_position_embeddings=64, bos_token_id=2, eos_token_id=3,
-                           pad_token_id=0)
-    torch.manual_seed(0)
-    MixtralForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+from models import random_mixtral  # noqa: E402  (benchmarks/models.py, next to this script)
 
 
 def main() -> None:

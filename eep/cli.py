@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--genome", help="genome JSON file (with --model)")
     p.add_argument("--config", help="with --model: a config whose tasks' held-out split is reported")
     p.add_argument("--out", required=True, help="new directory for the checkpoint")
+    p.add_argument("--form", choices=["stock", "custom"],
+                   help="stock: plain transformers classes (an error if the genome needs more); custom: eep's "
+                        "modeling file, trust_remote_code=True (default: stock when possible)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("toy", help="the embedded toy model")
@@ -223,10 +226,10 @@ def cmd_export(args) -> int:
 
     shape = shape_of(load_hf_config(model_cfg))
     genome.validate_for(shape.num_experts, shape.top_k, shape.moe_layers)
-    report = export_genome(model_cfg, genome, out, config=config, search_fitness=fitness, log=log)
+    report = export_genome(model_cfg, genome, out, config=config, search_fitness=fitness, log=log, form=args.form)
     params = report["parameters"]
     held = report["heldout"]
-    log(f"[eep] exported to {out}: {params['before']:,} -> {params['after']:,} parameters, "
+    log(f"[eep] exported to {out} ({report['form']} form): {params['before']:,} -> {params['after']:,} parameters, "
         f"{report['disk_bytes'] / 1e6:.1f} MB on disk" + (f", held-out {held['mean']:.2f}" if held else ""))
     return 0
 

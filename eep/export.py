@@ -49,11 +49,14 @@ def export_genome(model_cfg: ModelConfig, genome: Genome, out: str | Path, confi
     When ``config`` is given its tasks' held-out split is scored on the exported model itself.
     Returns the report written into the card.
     """
-    from eep.model import load_model
-    from eep.moe import adapter_for
+    from eep.model import load_hf_config, load_model
+    from eep.moe import adapter_for, export_form, shape_of
 
     out = Path(out)
     check_target(out)
+    shape = shape_of(load_hf_config(model_cfg))
+    genome.validate_for(shape.num_experts, shape.top_k, shape.moe_layers)
+    export_form(genome, shape, form)  # an impossible stock form fails here, before the weights load
     model, tokenizer = load_model(model_cfg)
     adapter = adapter_for(model)
     adapter.validate(genome)

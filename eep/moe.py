@@ -9,8 +9,10 @@ renormalise the chosen weights to sum to one).
   sliced to the kept ones (the softmax denominator cancels in the renormalisation, and top-k ties
   break the same way because kept experts stay in their original order). No weight is touched.
 - Merging (EEP stage 2) computes each layer's E' merged experts with one matrix product per
-  expert tensor into new tensors, swaps them in for the duration of the evaluation and swaps the
-  originals back after: nothing is reloaded, and the extra memory is E'/E of the expert weights.
+  expert tensor into a buffer kept for the next candidate, swaps it in for the duration of the
+  evaluation and swaps the originals back after: nothing is reloaded or allocated per candidate,
+  the extra memory is E'/E of the expert weights, and a layer whose merge matrix equals the
+  previous candidate's (children share most layers with their parents) is not merged again.
   Routing becomes softmax over the E logits -> router matrix -> top-k -> renormalise.
 """
 
@@ -37,12 +39,17 @@ class ExportForm:
     reason: str
 
 
-def merge_experts(weight: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """[E, ...] expert tensor -> [E', ...] with slot j = sum_i matrix[j, i] * weight[i] (one GEMM).
+def merge_experts(weight: torch.Tensor, matrix: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[E, ...] expert tensor -> [E', ...] with slot j = sum_i matrix[j, i] * weight[i] (one GEMM),
+    written into ``out`` when given (a reused buffer: no allocation per candidate).
 
-    Search and export both call this, so an exported model holds bit-identical merged weights."""
-    merged = matrix.to(device=weight.device, dtype=weight.dtype) @ weight.reshape(weight.shape[0], -1)
-    return merged.reshape(matrix.shape[0], *weight.shape[1:])
+    Search and export both call this, so an exported model holds the same merged weights."""
+    shape = (matrix.shape[0], *weight.shape[1:])
+    if out is None:
+        out = torch.empty(shape, dtype=weight.dtype, device=weight.device)
+    torch.matmul(matrix.to(device=weight.device, dtype=weight.dtype), weight.reshape(weight.shape[0], -1),
+                 out=out.view(matrix.shape[0], -1))
+    return out
 
 
 def router_columns(gene: LayerGene, num_experts: int) -> list[int] | None:
@@ -60,6 +67,32 @@ def router_columns(gene: LayerGene, num_experts: int) -> list[int] | None:
     return picks if len(values) == 1 and len(set(picks)) == len(picks) else None
 
 
+def export_form(genome: Genome, shape: MoEShape, form: str | None = None) -> ExportForm:
+    """The form a genome is exported in (``form`` forces one; ``stock`` when impossible is an
+    :class:`EepError`). Needs only the model's shape, so it is decided before weights load."""
+    layers = shape.moe_layers
+    counts = sorted({genome.gene(i).slots for i in layers})
+    actives = sorted({genome.active(i) for i in layers})
+    general = [i for i in layers if router_columns(genome.gene(i), shape.num_experts) is None]
+    if len(counts) > 1:
+        chosen = ExportForm("custom", f"layers keep different numbers of experts ({counts}); a stock Mixtral has one "
+                                      "num_local_experts")
+    elif len(actives) > 1:
+        chosen = ExportForm("custom", f"layers route to different top_k ({actives}); a stock Mixtral has one "
+                                      "num_experts_per_tok")
+    elif general:
+        chosen = ExportForm("custom", f"layers {general} route through a router matrix that mixes experts; a stock "
+                                      "Mixtral router can only select them")
+    else:
+        what = "merged experts with a selecting router" if genome.is_merge else "kept experts"
+        chosen = ExportForm("stock", f"{what}, {counts[0]} per layer, top_k={actives[0]}: a stock Mixtral holds it")
+    if form == "stock" and chosen.kind != "stock":
+        raise EepError(f"this genome cannot be a stock checkpoint: {chosen.reason}; export it in the custom form")
+    if form == "custom" and chosen.kind == "stock":
+        return ExportForm("custom", "the custom form was asked for")
+    return chosen
+
+
 class MixtralAdapter:
     """Mixtral (transformers 5.x fused experts): ``mlp.gate.weight`` [E, h],
     ``mlp.experts.gate_up_proj`` [E, 2i, h], ``mlp.experts.down_proj`` [E, h, i]."""
@@ -73,6 +106,8 @@ class MixtralAdapter:
         shape = shape_of(model.config)
         self.num_experts, self.top_k, self.moe_layers = shape.num_experts, shape.top_k, list(shape.moe_layers)
         self.blocks = {i: model.model.layers[i].mlp for i in self.moe_layers}
+        self._buffers: dict[tuple[int, str], torch.Tensor] = {}  # merged experts, reused across candidates
+        self._merged_for: dict[int, tuple | None] = {}  # the merge matrix each layer's buffers hold
 
     def validate(self, genome: Genome) -> None:
         genome.validate_for(self.num_experts, self.top_k, self.moe_layers)
@@ -91,14 +126,20 @@ class MixtralAdapter:
                 block = self.blocks[layer]
                 if gene.is_merge:
                     merge, router = (self._matrix(m, block) for m in gene.matrices(self.num_experts))
+                    # the experts implementations size their dispatch by num_experts
+                    swapped.append((block.experts, "num_experts", block.experts.num_experts))
+                    block.experts.num_experts = gene.slots
+                    fresh = self._merged_for.get(layer) != gene.merge  # the last candidate's merge is still there
+                    self._merged_for[layer] = None  # until the merge below completes
                     with torch.no_grad():
-                        # the experts implementations size their dispatch by num_experts
-                        swapped.append((block.experts, "num_experts", block.experts.num_experts))
-                        block.experts.num_experts = gene.slots
                         for name in self.expert_tensors:
                             original = getattr(block.experts, name)
                             swapped.append((block.experts, name, original))
-                            setattr(block.experts, name, nn.Parameter(merge_experts(original, merge), requires_grad=False))
+                            merged = self._buffer(layer, name, original, gene.slots)
+                            if fresh:
+                                merge_experts(original, merge, merged)
+                            setattr(block.experts, name, nn.Parameter(merged, requires_grad=False))
+                    self._merged_for[layer] = gene.merge
                     handles.append(block.gate.register_forward_hook(_mapped_routing_hook(router, k)))
                 elif len(gene.keep) < self.num_experts or k != self.top_k:
                     mask = torch.full((self.num_experts,), float("-inf"), device=block.gate.weight.device)
@@ -111,6 +152,16 @@ class MixtralAdapter:
             for module, name, original in reversed(swapped):
                 setattr(module, name, original)
 
+    def _buffer(self, layer: int, name: str, weight: torch.Tensor, slots: int) -> torch.Tensor:
+        """The layer's merged-experts buffer, grown (never shrunk) to ``slots``: allocating (and on
+        CPU, page-faulting) fresh tensors for every candidate costs more than the merge itself."""
+        buffer = self._buffers.get((layer, name))
+        if buffer is None or buffer.shape[0] < slots:
+            buffer = torch.empty((max(slots, 1), *weight.shape[1:]), dtype=weight.dtype, device=weight.device)
+            self._buffers[(layer, name)] = buffer
+            self._merged_for[layer] = None
+        return buffer[:slots]
+
     @staticmethod
     def _matrix(rows, block: nn.Module) -> torch.Tensor:
         return torch.tensor(rows, dtype=torch.float32, device=block.gate.weight.device)
@@ -120,30 +171,13 @@ class MixtralAdapter:
     def export_form(self, genome: Genome) -> ExportForm:
         """Whether a stock Mixtral checkpoint can hold this genome exactly, and if not, why."""
         self.validate(genome)
-        counts = sorted({genome.gene(i).slots for i in self.moe_layers})
-        actives = sorted({genome.active(i) for i in self.moe_layers})
-        general = [i for i in self.moe_layers if router_columns(genome.gene(i), self.num_experts) is None]
-        if len(counts) > 1:
-            return ExportForm("custom", f"layers keep different numbers of experts ({counts}); a stock Mixtral "
-                                        "has one num_local_experts")
-        if len(actives) > 1:
-            return ExportForm("custom", f"layers route to different top_k ({actives}); a stock Mixtral has one "
-                                        "num_experts_per_tok")
-        if general:
-            return ExportForm("custom", f"layers {general} route through a router matrix that mixes experts; a "
-                                        "stock Mixtral router can only select them")
-        merged = [i for i in self.moe_layers if genome.gene(i).is_merge]
-        what = "merged experts with a selecting router" if merged else "kept experts"
-        return ExportForm("stock", f"{what}, {counts[0]} per layer, top_k={actives[0]}: a stock Mixtral holds it")
+        return export_form(genome, shape_of(self.config))
 
     def compressed(self, genome: Genome, form: str | None = None) -> tuple[nn.Module, ExportForm]:
         """A new, physically smaller model equal to the genome applied to this one, in the stock
         form when possible (or the ``form`` asked for); its config's expert counts are updated."""
-        chosen = self.export_form(genome)
-        if form == "stock" and chosen.kind != "stock":
-            raise EepError(f"this genome cannot be a stock checkpoint: {chosen.reason}; export it in the custom form")
-        if form == "custom" and chosen.kind == "stock":
-            chosen = ExportForm("custom", "the custom form was asked for")
+        self.validate(genome)
+        chosen = export_form(genome, shape_of(self.config), form)
         state = self.model.state_dict()
         layers = {}
         for layer in self.moe_layers:

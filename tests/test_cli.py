@@ -100,6 +100,10 @@ def test_export_input_errors(capsys, tmp_path):
            "already exists")
     assert not any((tmp_path / "taken").iterdir())
     _fails(capsys, ["export", "--out", str(tmp_path / "o")], "needs RUN_DIR")
+    uneven = tmp_path / "uneven.json"
+    Genome.from_keep(8, 2, {0: [0, 1, 2], 1: [0, 1, 2, 3, 4]}).save(uneven)
+    _fails(capsys, ["export", "--model", "toy", "--genome", str(uneven), "--out", str(tmp_path / "o"),
+                    "--form", "stock"], "cannot be a stock checkpoint: layers keep different numbers of experts")
     assert not (tmp_path / "o").exists()
 
 

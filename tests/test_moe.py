@@ -237,3 +237,24 @@ def test_uneven_pruning_compresses_to_the_custom_form(tiny_mixtral):
         with adapter.applied(genome):
             in_search = tiny_mixtral(_ids()).logits
         torch.testing.assert_close(small(_ids()).logits, in_search, atol=1e-5, rtol=0)
+
+
+def test_reused_merge_buffers_never_serve_stale_experts(tiny_mixtral, monkeypatch):
+    import eep.moe
+
+    a = _random_merge_genome(3)
+    b = Genome.from_genes(8, 2, {0: a.gene(0), 1: _random_merge_genome(4).gene(1), 2: a.gene(2)})  # differs in layer 1
+    c = _random_merge_genome(5, slots=(3, 5, 4))
+    expected = {}
+    for name, genome in (("a", a), ("b", b), ("c", c)):
+        with torch.no_grad(), adapter_for(tiny_mixtral).applied(genome):  # a fresh adapter: no reuse
+            expected[name] = tiny_mixtral(_ids()).logits
+    merges = []
+    real = eep.moe.merge_experts
+    monkeypatch.setattr(eep.moe, "merge_experts", lambda *args: merges.append(1) or real(*args))
+    adapter = adapter_for(tiny_mixtral)
+    for name, genome, layers_merged in (("a", a, 3), ("b", b, 1), ("a", a, 1), ("c", c, 3), ("a", a, 3), ("a", a, 0)):
+        merges.clear()
+        with torch.no_grad(), adapter.applied(genome):
+            torch.testing.assert_close(tiny_mixtral(_ids()).logits, expected[name], atol=0, rtol=0)
+        assert len(merges) == 2 * layers_merged, name  # two expert tensors per merged layer
