@@ -180,3 +180,10 @@ def test_budget_search_spends_the_budget_unevenly(tmp_path, worker):
     genomes = [Genome.from_dict(r["genome"]) for r in _journal(run)]
     counts = [tuple(len(g.keep(i)) for i in range(4)) for g in genomes]
     assert all(sum(c) == 14 for c in counts) and len(set(counts)) > 3
+
+
+def test_weight_groups_share_one_gene_through_both_phases(tmp_path, worker):
+    run, _, _ = _run_space(tmp_path / "g", worker, {**MERGE, "groups": 2})
+    genomes = [Genome.from_dict(r["genome"]) for r in _journal(run)]
+    assert all(g.gene(0) == g.gene(1) and g.gene(2) == g.gene(3) for g in genomes)
+    assert any(g.is_merge for g in genomes) and len({g.gene(0) for g in genomes}) > 5
