@@ -145,7 +145,8 @@ def cmd_search(args) -> int:
     except BaseException:
         evaluator.close()
         raise
-    return _search(run, config, space, evaluator)
+    with run.lock():
+        return _search(run, config, space, evaluator)
 
 
 def cmd_resume(args) -> int:
@@ -154,8 +155,9 @@ def cmd_resume(args) -> int:
     run = RunDir.open(args.run_dir)
     config = _with_evaluator_flags(run.config(), args)
     _, _, space = _plan(config)
-    log(f"[eep] resuming {run.path}")
-    return _search(run, config, space, make_evaluator(config))
+    with run.lock():  # before the model loads: a second writer fails fast
+        log(f"[eep] resuming {run.path}")
+        return _search(run, config, space, make_evaluator(config))
 
 
 def make_evaluator(config):

@@ -12,10 +12,16 @@ is: read the journal, load the snapshot, fold in journal lines of in-flight cand
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
+import socket
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +78,10 @@ def write_json_atomic(path: Path, data: Any) -> None:
         raise
 
 
+def _checksum(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -79,6 +89,7 @@ class RunDir:
         self.journal_path = self.path / "journal.jsonl"
         self.state_path = self.path / "state.json"
         self.summary_path = self.path / "summary.json"
+        self.lock_path = self.path / "lock"
 
     @classmethod
     def check_new(cls, path: str | Path) -> None:
@@ -105,6 +116,33 @@ class RunDir:
         if not run.config_path.exists():
             raise EepError(f"{run.path} is not an eep run directory (no config.yaml); start one with `eep search`")
         return run
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """One run, one writer: an exclusive ``flock`` on ``RUN/lock`` for as long as the block
+        runs. The kernel drops it when its process ends, however it ends (even SIGKILL), so a lock
+        left by a dead process is stale by construction and simply taken over; the file records
+        the owner (pid, host, start time) for the message a second writer gets."""
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+                raise EepError(f"{self.path} is in use by {owner}; one run has one writer: wait for that "
+                               "process to finish or stop it, then resume") from None
+            previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+            if previous:
+                print(f"[eep] note: taking over the lock left by {previous}, which has ended", file=sys.stderr)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)  # a clean exit leaves no owner behind
+        finally:
+            os.close(fd)  # closing releases the flock
 
     def config(self) -> Config:
         return parse_config(yaml.safe_load(self.config_path.read_text()), source=str(self.config_path))
@@ -145,18 +183,25 @@ class RunDir:
     # -- snapshots ------------------------------------------------------------------------------
 
     def save_state(self, state: dict[str, Any]) -> None:
-        write_json_atomic(self.state_path, {"format": STATE_FORMAT, **state})
+        write_json_atomic(self.state_path, {"format": STATE_FORMAT, "checksum": _checksum(state), **state})
 
     def load_state(self) -> dict[str, Any] | None:
+        """The search snapshot, or None when there is none; a snapshot that is not valid JSON, of
+        another format, or fails its checksum is an :class:`EepError` (the search then rebuilds
+        the state from the journal)."""
         if not self.state_path.exists():
             return None
         try:
             state = json.loads(self.state_path.read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise EepError(f"{self.state_path} is corrupt ({err})") from None
-        if state.get("format") != STATE_FORMAT:
-            raise EepError(f"{self.state_path} has format {state.get('format')!r}, expected {STATE_FORMAT!r}")
-        return state
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise EepError(f"{self.state_path} has format {found!r}, expected {STATE_FORMAT!r}")
+        payload = {k: v for k, v in state.items() if k not in ("format", "checksum")}
+        if state.get("checksum") != _checksum(payload):
+            raise EepError(f"{self.state_path} fails its checksum (edited or damaged)")
+        return payload
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json_atomic(self.summary_path, summary)

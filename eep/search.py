@@ -12,11 +12,15 @@ the first merge children are perturbed copies of the best pruned genomes.
 
 Every evaluation is appended to the journal before it is folded into the archive, and the
 RNG state is snapshotted after every breeding step, so `eep resume` continues exactly where a
-stopped search was (see :mod:`eep.journal`).
+stopped search was (see :mod:`eep.journal`). Without a usable snapshot (missing, corrupt, failed
+checksum) the journal alone suffices: the search is replayed from its seed, the journal's
+records standing in for the evaluations (each replayed genome is checked against the record),
+which rebuilds the same state, and the search goes on from there.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 import sys
 import time
@@ -70,10 +74,16 @@ def run_search(run: RunDir, space, evaluator, log: Callable[[str], None] = print
     schedule = Schedule.of(space)
     toolboxes = [make_toolbox(phase_space, cfg, rng) for _, phase_space in schedule.phases]
     archive = run.evaluations()
-    state = run.load_state()
+    try:
+        state = run.load_state()
+    except EepError as err:
+        log(f"[eep] warning: {err}")
+        state = None
+    replay: list[Evaluation] = []
     if state is None:
         if archive:
-            raise EepError(f"{run.path} has a journal but no state.json; it cannot be resumed exactly")
+            log(f"[eep] rebuilding the search state by replaying the {len(archive)} journal records")
+        replay, archive = archive, []
         next_id, in_flight = 0, deque()
     else:
         if state["config_digest"] != config.digest():
@@ -109,19 +119,48 @@ def run_search(run: RunDir, space, evaluator, log: Callable[[str], None] = print
 
     progress = _Progress(cfg.evaluations, log)
     new = 0
-    if len(archive) < cfg.evaluations:
-        for evaluation in evaluator.imap(proposals()):
+    if len(archive) + len(replay) < cfg.evaluations:
+        source = _Replay(replay, evaluator, cfg.in_flight) if replay else evaluator
+        for evaluation in source.imap(proposals()):
             if evaluation.id != in_flight[0].id:
                 raise RuntimeError(f"evaluator returned candidate {evaluation.id} before {in_flight[0].id}")
-            run.append(evaluation)  # on disk before it counts
+            replayed = evaluation.id < len(replay)
+            if not replayed:
+                run.append(evaluation)  # on disk before it counts
             archive.append(evaluation)
             in_flight.popleft()
+            if replayed:
+                continue
             run.write_summary(summarise(archive))
             progress.update(archive, evaluation, evaluator.busy_fraction())
             new += 1
             if stop_after is not None and new >= stop_after:
                 break
-    return summarise(archive)
+    return summarise(archive + replay[len(archive):])
+
+
+class _Replay:
+    """Stands in for the evaluator while a search is replayed from its journal: yields the
+    journal's records for the re-bred candidates, pulling candidates exactly as an evaluator with
+    ``in_flight`` slots does, then hands the rest (in-flight ones first) to the real evaluator."""
+
+    def __init__(self, records: list[Evaluation], evaluator, in_flight: int):
+        self.records, self.evaluator, self.in_flight = records, evaluator, in_flight
+
+    def imap(self, candidates) -> Iterator[Evaluation]:
+        pending = iter(candidates)
+        queue = deque(itertools.islice(pending, self.in_flight))
+        for record in self.records:
+            candidate = queue.popleft() if queue else None
+            if candidate is None or (candidate.id, candidate.genome.key) != (record.id, record.genome.key):
+                raise EepError(f"journal record {record.id} does not match a replay of this run's config (was it "
+                               "written by another version of eep?); the search state cannot be rebuilt")
+            yield record
+            queue.extend(itertools.islice(pending, 1))
+        yield from self.evaluator.imap(itertools.chain(queue, pending))
+
+    def busy_fraction(self) -> float | None:
+        return self.evaluator.busy_fraction()
 
 
 def best_of(archive: list[Evaluation]) -> Evaluation | None:

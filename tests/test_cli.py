@@ -88,6 +88,16 @@ def test_resume_of_a_non_run_directory(capsys, tmp_path):
     _fails(capsys, ["resume", str(tmp_path)], "is not an eep run directory")
 
 
+def test_resume_refuses_a_run_another_process_is_writing(capsys, tmp_path):
+    from eep.config import parse_config
+    from eep.journal import RunDir
+
+    run = RunDir.create(tmp_path / "run", parse_config(toy_config_dict()))
+    with run.lock():
+        _fails(capsys, ["resume", str(run.path)], "is in use by pid")
+    assert not run.journal_path.exists()
+
+
 def test_export_input_errors(capsys, tmp_path):
     genome = tmp_path / "g.json"
     Genome.from_keep(16, 2, {0: [0, 1, 2, 3]}).save(genome)

@@ -55,3 +55,31 @@ def test_atomic_write_replaces_whole_file(tmp_path):
         write_json_atomic(path, {"c": object()})
     assert json.loads(path.read_text()) == {"b": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["s.json"]
+
+
+def test_one_run_has_one_writer_and_a_dead_owner_leaves_no_lock(tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+
+    run = RunDir.create(tmp_path / "run", parse_config(toy_config_dict()))
+    with run.lock():
+        assert f"pid {os.getpid()}" in run.lock_path.read_text()
+        with pytest.raises(EepError, match=r"is in use by pid \d+ on .* since .*; one run has one writer"):
+            with RunDir.open(run.path).lock():
+                pass
+    assert run.lock_path.read_text() == ""  # released cleanly
+    # a writer killed while holding the lock: the kernel drops the flock, the next writer takes over
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import os, signal
+from eep.journal import RunDir
+with RunDir({str(run.path)!r}).lock():
+    print("locked", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    holder.wait(timeout=60)
+    assert "pid" in run.lock_path.read_text()  # its owner line is still there ...
+    with run.lock():  # ... but the lock is not
+        pass
+    assert "taking over the lock left by pid" in capsys.readouterr().err

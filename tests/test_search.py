@@ -139,7 +139,7 @@ def test_an_evaluation_that_raises_is_a_failed_record_not_a_crash(tmp_path, work
     assert all(r["status"] == "ok" for i, r in enumerate(rows) if i != 2)
 
 
-def _run_space(path, worker, search_space, stop_after=None, **search):
+def _run_space(path, worker, search_space, stop_after=None, log=lambda m: None, **search):
     from eep.moe import MoEShape
     from search_spaces import build_schedule
 
@@ -149,7 +149,7 @@ def _run_space(path, worker, search_space, stop_after=None, **search):
     run = RunDir.create(path, config) if not (path / "config.yaml").exists() else RunDir.open(path)
     schedule = build_schedule(config.search_space, MoEShape("mixtral", 8, 2, (0, 1, 2, 3)))
     evaluator = CountingEvaluator(worker)
-    return run, run_search(run, schedule, evaluator, log=lambda m: None, stop_after=stop_after), evaluator
+    return run, run_search(run, schedule, evaluator, log=log, stop_after=stop_after), evaluator
 
 
 MERGE = {"kind": "merge", "keep": 4, "merge_after": 10}
@@ -187,3 +187,42 @@ def test_weight_groups_share_one_gene_through_both_phases(tmp_path, worker):
     genomes = [Genome.from_dict(r["genome"]) for r in _journal(run)]
     assert all(g.gene(0) == g.gene(1) and g.gene(2) == g.gene(3) for g in genomes)
     assert any(g.is_merge for g in genomes) and len({g.gene(0) for g in genomes}) > 5
+
+
+@pytest.mark.parametrize("damage", ["delete", "garbage", "truncate", "edit"])
+def test_resume_without_a_usable_snapshot_replays_the_journal(tmp_path, worker, damage):
+    whole, summary_whole, _ = _run_space(tmp_path / "whole", worker, MERGE)
+    path = tmp_path / damage
+    run, _, _ = _run_space(path, worker, MERGE, stop_after=12)  # inside the merge phase: float genomes
+    state = run.state_path
+    if damage == "delete":
+        state.unlink()
+    elif damage == "garbage":
+        state.write_bytes(b"\x00\xff not json")
+    elif damage == "truncate":
+        state.write_text(state.read_text()[:200])
+    else:  # valid JSON, wrong content: only the checksum can tell
+        data = json.loads(state.read_text())
+        data["next_id"] += 1
+        state.write_text(json.dumps(data))
+    messages = []
+    resumed, summary, ev = _run_space(path, worker, MERGE, log=messages.append)
+    assert len(ev.keys) == 16 - 12  # replayed records are not evaluated again
+    assert _journal(resumed) == _journal(whole) and summary == summary_whole
+    assert "replaying the 12 journal records" in " ".join(messages)
+    why = {"delete": None, "garbage": "is corrupt", "truncate": "is corrupt", "edit": "fails its checksum"}[damage]
+    assert why is None or any(why in m for m in messages), messages
+
+
+def test_replay_refuses_a_journal_that_another_config_wrote(tmp_path, worker):
+    from eep.errors import EepError
+
+    run, _, _ = _run_space(tmp_path / "r", worker, MERGE, stop_after=8)
+    run.state_path.unlink()
+    rows = run.journal_path.read_text().splitlines()
+    record = json.loads(rows[3])
+    record["genome"] = Genome.from_keep(8, 2, {i: [0, 1, 2, 3] for i in range(4)}).to_dict()
+    rows[3] = json.dumps(record)
+    run.journal_path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(EepError, match="journal record 3 does not match a replay"):
+        _run_space(tmp_path / "r", worker, MERGE)
