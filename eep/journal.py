@@ -134,6 +134,8 @@ class RunDir:
             previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
             if previous:
                 print(f"[eep] note: taking over the lock left by {previous}, which has ended", file=sys.stderr)
+            for partial in self.path.glob(".*.json.*"):  # temporaries of atomic writes a crash cut short
+                partial.unlink(missing_ok=True)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
