@@ -159,9 +159,6 @@ class _Replay:
             queue.extend(itertools.islice(pending, 1))
         yield from self.evaluator.imap(itertools.chain(queue, pending))
 
-    def busy_fraction(self) -> float | None:
-        return self.evaluator.busy_fraction()
-
 
 def best_of(archive: list[Evaluation]) -> Evaluation | None:
     ok = [e for e in archive if e.ok]
