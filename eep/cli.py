@@ -223,11 +223,6 @@ def cmd_export(args) -> int:
         config = load_config(args.config) if args.config else None
         model_cfg = config.model.model_copy(update={"path": args.model}) if config else ModelConfig(path=args.model)
         genome, fitness = Genome.load(args.genome), None
-    from eep.model import load_hf_config
-    from eep.moe import shape_of
-
-    shape = shape_of(load_hf_config(model_cfg))
-    genome.validate_for(shape.num_experts, shape.top_k, shape.moe_layers)
     report = export_genome(model_cfg, genome, out, config=config, search_fitness=fitness, log=log, form=args.form)
     params = report["parameters"]
     held = report["heldout"]

@@ -59,7 +59,6 @@ def export_genome(model_cfg: ModelConfig, genome: Genome, out: str | Path, confi
     export_form(genome, shape, form)  # an impossible stock form fails here, before the weights load
     model, tokenizer = load_model(model_cfg)
     adapter = adapter_for(model)
-    adapter.validate(genome)
     small, chosen = adapter.compressed(genome, form)
     log(f"[eep] {chosen.kind} form: {chosen.reason}")
     report = {

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from deap import base
 
 from eep.genome import Genome
-from search_spaces.prune import FRONT_PARENT_PROB, touched_units
+from search_spaces.prune import FRONT_PARENT_PROB, mix_rows, touched_units
 
 
 @dataclass(frozen=True)
@@ -113,10 +113,7 @@ def crossover_budget(a: Genome, b: Genome, rng: random.Random, space: BudgetSpac
     for layer in space.layers:
         rows_a, rows_b = a.keep(layer), b.keep(layer)
         if layer in touched and len(rows_a) == len(rows_b):
-            picks = [ra if rng.random() < FRONT_PARENT_PROB else rb for ra, rb in zip(rows_a, rows_b, strict=True)]
-            child = list(dict.fromkeys(picks))
-            spare = [e for e in dict.fromkeys(rows_a + rows_b) if e not in child]
-            rng.shuffle(spare)
+            child, spare = mix_rows(rows_a, rows_b, rng)
             keep[layer] = child + spare[: len(rows_a) - len(child)]
         else:
             keep[layer] = list(rows_a if rng.random() < FRONT_PARENT_PROB else rows_b)

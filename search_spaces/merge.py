@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from deap import base
 
 from eep.genome import Genome, LayerGene
-from search_spaces.prune import FRONT_PARENT_PROB, Groups, expand
+from search_spaces.prune import FRONT_PARENT_PROB, Groups, expand, touched_units
 
 _TINY = 1e-6
 
@@ -81,13 +81,7 @@ def _lower(genes: dict[int, tuple[Rows, Rows, int | None]], space: MergeSpace) -
 
 def _touched(space: MergeSpace, rng: random.Random, layer_prob: float) -> list[tuple[int, int]]:
     """(group, matrix) pairs, matrix 0 = merge, 1 = router; each with ``layer_prob``, at least one."""
-    pairs = [(g[0], m) for g in space.groups for m in (0, 1)]
-    if layer_prob == 0.0:
-        return [rng.choice(pairs)]
-    while True:
-        touched = [p for p in pairs if rng.random() < layer_prob]
-        if touched:
-            return touched
+    return touched_units([(g[0], m) for g in space.groups for m in (0, 1)], rng, layer_prob)
 
 
 def mutate_noise(genome: Genome, rng: random.Random, space: MergeSpace, layer_prob: float, noise_prob: float,

@@ -117,6 +117,16 @@ def mutate_swap(genome: Genome, rng: random.Random, space: PruneSpace, layer_pro
     return space.genome(keep)
 
 
+def mix_rows(rows_a: Sequence[int], rows_b: Sequence[int], rng: random.Random) -> tuple[list[int], list[int]]:
+    """Slot by slot, the first parent's expert with EEP's 0.6, else the second's: (the distinct
+    picks, the parents' other experts shuffled) — the child's count is then repaired from the latter."""
+    picks = [ra if rng.random() < FRONT_PARENT_PROB else rb for ra, rb in zip(rows_a, rows_b, strict=True)]
+    child = list(dict.fromkeys(picks))
+    spare = [e for e in dict.fromkeys([*rows_a, *rows_b]) if e not in child]
+    rng.shuffle(spare)
+    return child, spare
+
+
 def crossover_rows(a: Genome, b: Genome, rng: random.Random, space: PruneSpace, layer_prob: float) -> Genome:
     """Row-wise crossover (EEP): touched groups mix the parents' kept experts slot by slot;
     the other groups are copied whole from one parent. Duplicates are repaired to the exact count."""
@@ -127,10 +137,7 @@ def crossover_rows(a: Genome, b: Genome, rng: random.Random, space: PruneSpace, 
         if unit not in touched:
             keep[unit] = rows_a if rng.random() < FRONT_PARENT_PROB else rows_b
             continue
-        picks = [ra if rng.random() < FRONT_PARENT_PROB else rb for ra, rb in zip(rows_a, rows_b, strict=True)]
-        child = list(dict.fromkeys(picks))
-        spare = [e for e in dict.fromkeys(rows_a + rows_b) if e not in child]
-        rng.shuffle(spare)
+        child, spare = mix_rows(rows_a, rows_b, rng)
         others = [e for e in range(space.num_experts) if e not in child and e not in spare]
         rng.shuffle(others)
         child += (spare + others)[: space.keep - len(child)]
