@@ -258,3 +258,13 @@ def test_reused_merge_buffers_never_serve_stale_experts(tiny_mixtral, monkeypatc
         with torch.no_grad(), adapter.applied(genome):
             torch.testing.assert_close(tiny_mixtral(_ids()).logits, expected[name], atol=0, rtol=0)
         assert len(merges) == 2 * layers_merged, name  # two expert tensors per merged layer
+
+
+def test_the_custom_form_can_be_asked_for_a_stock_genome(tiny_mixtral):
+    adapter = adapter_for(tiny_mixtral)
+    genome = Genome.from_keep(8, 2, KEEP)
+    small, form = adapter.compressed(genome, form="custom")
+    assert form.kind == "custom" and form.reason == "the custom form was asked for"
+    assert type(small).__name__ == "EepMixtralForCausalLM" and small.config.eep_layers["1"]["experts"] == 4
+    with torch.no_grad(), adapter.applied(genome):
+        torch.testing.assert_close(small(_ids()).logits, tiny_mixtral(_ids()).logits, atol=1e-5, rtol=0)
