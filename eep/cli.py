@@ -176,7 +176,7 @@ def _search(run, config, space, evaluator) -> int:
     """Run the search on ``evaluator`` (closed at the end), then score the best genome held-out."""
     from eep.genome import Genome
     from eep.search import run_search
-    from fitness.generation import weighted_fitness
+    from fitness.metrics import weighted_fitness
 
     start = time.perf_counter()
     try:

@@ -107,19 +107,46 @@ class SearchConfig(_Section):
         return self
 
 
+MetricName = Literal["exact_match", "contains", "first_capital", "f1", "choice", "choice_norm", "perplexity", "esap", "kl",
+                     "reconstruction"]
+
+
 class TaskConfig(_Section):
+    """One scored task. ``preset`` (see ``fitness.presets``) fills in the rest for common benchmarks."""
+
     name: str
     dataset: str
-    """``toy:<task>`` (see ``fitness.toy_tasks.TASKS``), or a ``datasets`` hub id or local dataset directory."""
+    """``toy:<task>`` (see ``fitness.toy_tasks.TASKS``), a ``datasets`` hub id, or a local directory or
+    file(s) of json/jsonl/csv/parquet data."""
     subset: str | None = None
     """The dataset's configuration name, if it has several."""
     prompt: str | None = None
-    """Prompt template over the example's fields, e.g. ``"{context}\nQ: {question}\nA:"`` (not for toy)."""
+    """Template over the example's fields, e.g. ``"{context}\nQ: {question}\nA:"``; for ``text`` metrics
+    (perplexity, esap, kl, reconstruction) the whole text, e.g. ``"{text}"``. Not for toy tasks."""
     answer: str | None = None
-    """Field holding the reference answer; dotted for nested fields (``answers.text``); lists mean any-of."""
+    """Field of the reference answer (dotted for nested fields, a list means any-of); for ``choice``
+    metrics the label: an option index, or one of ``choice_labels``."""
     answer_map: dict[str, str] | None = None
-    """Maps answer values to text, e.g. ``{"true": "yes", "false": "no"}`` for boolean labels."""
-    metric: Literal["exact_match", "contains"] = "exact_match"
+    """Maps answer values to text, e.g. ``{"true": "yes", "false": "no"}`` (or to option indices)."""
+    choices: str | list[str] | None = None
+    """``choice`` metrics: a field holding the list of options (``choices.text``), or a list of option
+    templates (``["{sol1}", "{sol2}"]``, or literal ``["no", "yes"]``)."""
+    choice_labels: str | None = None
+    """Field listing the options' labels (e.g. ARC's ``choices.label``) when the answer is a label."""
+    target_delimiter: str = " "
+    """Put between the prompt and each option (or the ``continuation``)."""
+    continuation: str | None = None
+    """``choice`` metrics where options complete the prompt at different places (WinoGrande): each option
+    replaces ``{choice}`` in the prompt, and this fixed template is the continuation scored."""
+    preprocess: str | None = None
+    """A named row transform from ``fitness.presets.PREPROCESS`` (e.g. ``hellaswag``, ``winogrande``)."""
+    preset: str | None = None
+    """A ready task from ``fitness.presets.PRESETS``; keys given here override the preset's."""
+    metric: MetricName = "exact_match"
+    stop: list[str] | None = None
+    """Generation: completions are cut at the first of these strings before scoring."""
+    chat_template: bool = False
+    """Wrap each prompt in the tokenizer's chat template (as one user turn) before scoring."""
     search_split: str = "search"
     """Split scored during the search (the fitness)."""
     test_split: str = "test"
@@ -129,11 +156,22 @@ class TaskConfig(_Section):
     seed: int = 0
     weight: Annotated[float, Field(gt=0.0)] = 1.0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            from fitness.presets import preset_fields
+
+            return {**preset_fields(data["preset"]), **data}
+        return data
+
 
 class FitnessConfig(_Section):
     tasks: Annotated[list[TaskConfig], Field(min_length=1)]
     batch_size: PositiveInt = 32
     max_new_tokens: PositiveInt = 16
+    max_length: PositiveInt = 2048
+    """Longest input in tokens for likelihood and text metrics (longer inputs lose their start)."""
 
     @model_validator(mode="after")
     def _unique_names(self):

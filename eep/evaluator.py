@@ -36,28 +36,28 @@ class FitnessWorker:
     def __init__(self, config: Config, name: str | None = None):
         from eep.model import load_model
         from eep.moe import adapter_for
+        from fitness.scoring import Scorer
         from fitness.tasks import load_tasks
 
         self.config = config
         self.name = f"{name or 'worker'}@{socket.gethostname()}:{os.getpid()}"  # journaled per evaluation
+        tasks = {split: load_tasks(config.fitness.tasks, split) for split in ("search", "test")}  # data errors first
         self.model, self.tokenizer = load_model(config.model)
         self.adapter = adapter_for(self.model)
-        self.tasks = {"search": load_tasks(config.fitness.tasks, "search"),
-                      "test": load_tasks(config.fitness.tasks, "test")}
+        fit = config.fitness
+        self.scorers = {split: Scorer(self.model, self.tokenizer, tasks[split], fit.batch_size, fit.max_new_tokens,
+                                      fit.max_length, self.adapter.blocks) for split in tasks}
 
     def scores(self, genome: Genome | None, split: str = "search") -> dict[str, float]:
-        """Per-task scores (0-100) of ``genome`` (``None``: the unpruned model) on a split."""
-        from fitness.generation import evaluate_tasks
-
+        """Per-task scores of ``genome`` (``None``: the unpruned model) on a split."""
         context = self.adapter.applied(genome) if genome is not None else contextlib.nullcontext()
         with context:
-            return evaluate_tasks(self.model, self.tokenizer, self.tasks[split],
-                                  self.config.fitness.batch_size, self.config.fitness.max_new_tokens)
+            return self.scorers[split]()
 
     def fitness(self, scores: dict[str, float]) -> float:
-        from fitness.generation import weighted_fitness
+        from fitness.metrics import weighted_fitness
 
-        return weighted_fitness(self.tasks["search"], scores)
+        return weighted_fitness(self.config.fitness.tasks, scores)
 
     def ready(self) -> str:
         """Returns the worker's name once its model is loaded (Ray actors are awaited on this)."""

@@ -50,13 +50,15 @@ def export_genome(model_cfg: ModelConfig, genome: Genome, out: str | Path, confi
     Returns the report written into the card.
     """
     from eep.model import load_hf_config, load_model
-    from eep.moe import adapter_for, export_form, shape_of
+    from eep.moe import adapter_for, export_form, moe_blocks, shape_of
+    from fitness.tasks import load_tasks
 
     out = Path(out)
     check_target(out)
     shape = shape_of(load_hf_config(model_cfg))
     genome.validate_for(shape.num_experts, shape.top_k, shape.moe_layers)
     export_form(genome, shape, form)  # an impossible stock form fails here, before the weights load
+    tasks = load_tasks(config.fitness.tasks, "test") if config is not None else None  # bad task data too
     model, tokenizer = load_model(model_cfg)
     adapter = adapter_for(model)
     small, chosen = adapter.compressed(genome, form)
@@ -74,14 +76,17 @@ def export_genome(model_cfg: ModelConfig, genome: Genome, out: str | Path, confi
         "search_fitness": search_fitness,
         "heldout": None,
     }
-    del model
-    if config is not None:
-        from fitness.generation import evaluate_tasks, weighted_fitness
-        from fitness.tasks import load_tasks
+    if config is not None:  # fidelity tasks compare with the full model, so score while it is here
+        from fitness.metrics import weighted_fitness
+        from fitness.scoring import Scorer
 
-        tasks = load_tasks(config.fitness.tasks, "test")
-        scores = evaluate_tasks(small, tokenizer, tasks, config.fitness.batch_size, config.fitness.max_new_tokens)
-        report["heldout"] = {"scores": scores, "mean": weighted_fitness(tasks, scores)}
+        fit = config.fitness
+        scorer = Scorer(model, tokenizer, tasks, fit.batch_size, fit.max_new_tokens,
+                        fit.max_length, adapter.blocks)
+        scores = scorer(small, moe_blocks(small))
+        report["heldout"] = {"scores": scores, "mean": weighted_fitness(fit.tasks, scores)}
+        del scorer
+    del model
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

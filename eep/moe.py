@@ -283,3 +283,8 @@ def shape_of(hf_config) -> MoEShape:
 def adapter_for(model: nn.Module) -> MixtralAdapter:
     """The adapter for a loaded model, chosen from its config's ``model_type``."""
     return ADAPTERS[shape_of(model.config).family](model)
+
+
+def moe_blocks(model: nn.Module) -> dict[int, nn.Module]:
+    """The sparse MoE blocks by layer index of a Mixtral-layout model (stock or eep's custom form)."""
+    return {i: layer.mlp for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")}

@@ -1,41 +1,97 @@
-"""Build scored tasks from their config entries: the toy's synthetic tasks, or any text dataset
-that ``datasets`` loads (hub id or local directory), formatted by a prompt template."""
+"""Tasks: their examples, built from config entries — the toy's synthetic tasks, or any dataset
+that ``datasets`` loads (hub id, local directory, or json/jsonl/csv/parquet files), formatted by
+prompt templates. Everything here runs before a model is loaded, so bad task configs and data
+fail in one line without costing a model load.
+"""
 
 from __future__ import annotations
 
 import string
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from eep.config import TaskConfig
 from eep.errors import EepError
-from fitness import toy_tasks
-from fitness.generation import Example, Task
+from fitness import presets, toy_tasks
+from fitness.metrics import metric
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    """The generation prompt; for ``text`` metrics, the whole text."""
+    answers: tuple[str, ...] = ()
+    """Generation: any of these counts as correct."""
+    options: tuple[tuple[str, str], ...] = ()
+    """Multiple choice: (context, continuation) per option; the continuation's likelihood is scored."""
+    label: int | None = None
+    """Multiple choice: the index of the correct option."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """A named list of examples scored by one metric; ``weight`` is its share of the fitness."""
+
+    name: str
+    examples: tuple[Example, ...]
+    metric: str = "exact_match"
+    weight: float = 1.0
+    stop: tuple[str, ...] = ()
+    chat_template: bool = False
+
+
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _fields(template: str) -> list[str]:
+    """Top-level field names a template uses (``{choices[0]}`` and ``{a.b}`` use ``choices``, ``a``)."""
+    names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    return [n.split("[")[0].split(".")[0] for n in names]
 
 
 def check_tasks(configs: Sequence[TaskConfig]) -> None:
-    """Reject task entries that cannot work; cheap, runs before any model or data is loaded."""
+    """Reject task entries that cannot work; cheap, loads no data."""
     for cfg in configs:
+        kind = metric(cfg.metric).kind
+        where = f"task {cfg.name!r}"
         source, _, name = cfg.dataset.partition(":")
+        if cfg.preprocess is not None and cfg.preprocess not in presets.PREPROCESS:
+            raise EepError(f"{where}: unknown preprocess {cfg.preprocess!r}; available: {', '.join(presets.PREPROCESS)}")
+        if cfg.chat_template and kind == "text":
+            raise EepError(f"{where}: chat_template applies to prompts, not to {cfg.metric} texts; remove it")
         if source == "toy":
             if name not in toy_tasks.TASKS:
-                raise EepError(f"task {cfg.name!r}: unknown toy task {cfg.dataset!r}; "
+                raise EepError(f"{where}: unknown toy task {cfg.dataset!r}; "
                                f"available: {', '.join('toy:' + t for t in toy_tasks.TASKS)}")
+            if kind == "choice":
+                raise EepError(f"{where}: toy tasks have no options; use a generation or text metric, not {cfg.metric}")
             for split in (cfg.search_split, cfg.test_split):
                 if split not in toy_tasks.SPLITS:
-                    raise EepError(f"task {cfg.name!r}: unknown split {split!r}; "
-                                   f"{cfg.dataset} has {', '.join(toy_tasks.SPLITS)}")
+                    raise EepError(f"{where}: unknown split {split!r}; {cfg.dataset} has {', '.join(toy_tasks.SPLITS)}")
             continue
-        if not cfg.prompt or not cfg.answer:
-            raise EepError(f"task {cfg.name!r}: dataset {cfg.dataset!r} needs 'prompt' (a template) and 'answer' (a field)")
-        try:
-            fields = [f for _, f, _, _ in string.Formatter().parse(cfg.prompt) if f is not None]
-        except ValueError as err:
-            raise EepError(f"task {cfg.name!r}: prompt template is malformed ({err})") from None
-        if any(not f.isidentifier() for f in fields):
-            raise EepError(f"task {cfg.name!r}: prompt placeholders must be field names, got {fields}")
+        if not cfg.prompt:
+            raise EepError(f"{where}: dataset {cfg.dataset!r} needs 'prompt' (a template over its fields)")
+        if kind != "text" and not cfg.answer:
+            raise EepError(f"{where}: metric {cfg.metric} needs 'answer' (the field of the reference answer)")
+        if kind == "choice" and not cfg.choices:
+            raise EepError(f"{where}: metric {cfg.metric} needs 'choices' (a field of options or a list of templates)")
+        if kind != "choice" and cfg.choices:
+            raise EepError(f"{where}: 'choices' is for choice metrics; use metric choice or choice_norm, or drop it")
+        templates = [cfg.prompt, *(cfg.choices if isinstance(cfg.choices, list) else []), cfg.continuation or ""]
+        for template in templates:
+            try:
+                fields = _fields(template)
+            except ValueError as err:
+                raise EepError(f"{where}: template {template!r} is malformed ({err})") from None
+            if any(not f.isidentifier() for f in fields):
+                raise EepError(f"{where}: template placeholders must be field names, got {fields}")
+        if ("choice" in _fields(cfg.prompt)) != (cfg.continuation is not None):
+            raise EepError(f"{where}: a prompt with {{choice}} needs 'continuation', and 'continuation' needs "
+                           "{choice} in the prompt")
         if cfg.search_split == cfg.test_split:
-            raise EepError(f"task {cfg.name!r}: search_split and test_split are both {cfg.search_split!r}; "
+            raise EepError(f"{where}: search_split and test_split are both {cfg.search_split!r}; "
                            "the held-out number must not be the optimised one")
 
 
@@ -48,48 +104,123 @@ def load_tasks(configs: Sequence[TaskConfig], which: str) -> list[Task]:
     for cfg in configs:
         split, size = (cfg.search_split, cfg.search_size) if which == "search" else (cfg.test_split, cfg.test_size)
         if cfg.dataset.startswith("toy:"):
-            examples = tuple(Example(e.prompt, (e.answer,)) for e in
-                             toy_tasks.examples(cfg.dataset[4:], split, size, seed=cfg.seed))
+            examples = _toy_examples(cfg, split, size)
         else:
-            examples = _dataset_examples(cfg, split, size)
-        tasks.append(Task(cfg.name, examples, cfg.metric, cfg.weight))
+            examples = tuple(_example(cfg, row) for row in _rows(cfg, split, size))
+        tasks.append(Task(cfg.name, examples, cfg.metric, cfg.weight, tuple(cfg.stop or ()), cfg.chat_template))
     return tasks
 
 
-def _dataset_examples(cfg: TaskConfig, split: str, size: int) -> tuple[Example, ...]:
+def _toy_examples(cfg: TaskConfig, split: str, size: int) -> tuple[Example, ...]:
+    rows = toy_tasks.examples(cfg.dataset[4:], split, size, seed=cfg.seed)
+    if metric(cfg.metric).kind == "text":  # the whole worked example is the text
+        return tuple(Example(f"{e.prompt} {e.answer}") for e in rows)
+    return tuple(Example(e.prompt, (e.answer,)) for e in rows)
+
+
+def _load(cfg: TaskConfig, split: str):
     import datasets
 
+    path = Path(cfg.dataset)
     try:
-        data = datasets.load_dataset(cfg.dataset, cfg.subset, split=split)
-    except (FileNotFoundError, ValueError, ConnectionError) as err:
+        if path.is_file():  # one local data file: its rows are the split named in the config
+            if path.stat().st_size == 0:
+                raise EepError(f"task {cfg.name!r}: split {split!r} of {cfg.dataset!r} is empty (the file is empty)")
+            return datasets.load_dataset(_FILE_BUILDERS.get(path.suffix, "json"), data_files={split: str(path)},
+                                         split=split)
+        return datasets.load_dataset(cfg.dataset, cfg.subset, split=split)
+    except (FileNotFoundError, ValueError, ConnectionError, datasets.exceptions.DatasetGenerationError) as err:
         raise EepError(f"task {cfg.name!r}: cannot load split {split!r} of {cfg.dataset!r} "
                        f"({' '.join(str(err).split())[:200]})") from None
+
+
+def _rows(cfg: TaskConfig, split: str, size: int) -> list[dict[str, Any]]:
+    """A seeded subset of ``size`` rows (preprocessed; blank texts dropped for text metrics)."""
+    data = _load(cfg, split)
     if len(data) == 0:
         raise EepError(f"task {cfg.name!r}: split {split!r} of {cfg.dataset!r} is empty")
-    data = data.shuffle(seed=cfg.seed).select(range(min(size, len(data))))
-    examples = []
-    for row in data:
+    text_metric = metric(cfg.metric).kind == "text"
+    transform = presets.PREPROCESS.get(cfg.preprocess or "", lambda row: row)
+    rows = []
+    for row in data.shuffle(seed=cfg.seed):
         try:
-            prompt = cfg.prompt.format(**row)
+            row = transform(row)
         except KeyError as err:
-            raise EepError(f"task {cfg.name!r}: prompt uses field {err} that {cfg.dataset!r} lacks; "
-                           f"fields: {', '.join(row)}") from None
-        examples.append(Example(prompt, _answers(cfg, row)))
-    return tuple(examples)
+            raise EepError(f"task {cfg.name!r}: preprocess {cfg.preprocess!r} needs field {err} that "
+                           f"{cfg.dataset!r} lacks; fields: {', '.join(row)}") from None
+        if text_metric and not _format(cfg, cfg.prompt, row).strip():
+            continue
+        rows.append(row)
+        if len(rows) == size:
+            break
+    if not rows:
+        raise EepError(f"task {cfg.name!r}: split {split!r} of {cfg.dataset!r} has no non-empty text")
+    return rows
+
+
+def _format(cfg: TaskConfig, template: str, row: dict[str, Any], **extra: str) -> str:
+    try:
+        return template.format(**row, **extra)
+    except (KeyError, IndexError) as err:
+        raise EepError(f"task {cfg.name!r}: template {template!r} uses {err} that {cfg.dataset!r} lacks; "
+                       f"fields: {', '.join(row)}") from None
+
+
+def _field(cfg: TaskConfig, row: dict[str, Any], dotted: str) -> Any:
+    value: Any = row
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise EepError(f"task {cfg.name!r}: field {dotted!r} is missing from {cfg.dataset!r}; "
+                           f"fields: {', '.join(row)}")
+        value = value[part]
+    return value
+
+
+def _example(cfg: TaskConfig, row: dict[str, Any]) -> Example:
+    kind = metric(cfg.metric).kind
+    if kind == "text":
+        return Example(_format(cfg, cfg.prompt, row))
+    answers = _answers(cfg, row)
+    if kind == "generate":
+        return Example(_format(cfg, cfg.prompt, row), answers)
+    if isinstance(cfg.choices, list):
+        texts = [_format(cfg, t, row) for t in cfg.choices]
+    else:
+        texts = _field(cfg, row, cfg.choices)
+        if not isinstance(texts, list) or not texts:
+            raise EepError(f"task {cfg.name!r}: choices field {cfg.choices!r} must hold a non-empty list of options")
+        texts = [str(t) for t in texts]
+    if cfg.continuation is not None:  # options fill a blank in the prompt; the rest is scored
+        rest = cfg.target_delimiter + _format(cfg, cfg.continuation, row)
+        options = tuple((_format(cfg, cfg.prompt, row, choice=t), rest) for t in texts)
+    else:
+        prompt = _format(cfg, cfg.prompt, row)
+        options = tuple((prompt, cfg.target_delimiter + t) for t in texts)
+    return Example(options[0][0], options=options, label=_label(cfg, row, answers[0], len(texts)))
+
+
+def _label(cfg: TaskConfig, row: dict[str, Any], answer: str, n: int) -> int:
+    if cfg.choice_labels:
+        labels = [str(x) for x in _field(cfg, row, cfg.choice_labels)]
+        if answer not in labels:
+            raise EepError(f"task {cfg.name!r}: answer {answer!r} is not one of the labels {labels}")
+        return labels.index(answer)
+    if not answer.lstrip("-").isdigit() or not 0 <= int(answer) < n:
+        raise EepError(f"task {cfg.name!r}: answer {answer!r} is not an option index below {n}; "
+                       "set choice_labels or answer_map")
+    return int(answer)
 
 
 def _answers(cfg: TaskConfig, row: dict[str, Any]) -> tuple[str, ...]:
-    value: Any = row
-    for part in cfg.answer.split("."):
-        if not isinstance(value, dict) or part not in value:
-            raise EepError(f"task {cfg.name!r}: answer field {cfg.answer!r} is missing from {cfg.dataset!r}; "
-                           f"fields: {', '.join(row)}")
-        value = value[part]
+    value = _field(cfg, row, cfg.answer)
     values = value if isinstance(value, list) else [value]
+    if not values:
+        raise EepError(f"task {cfg.name!r}: answer field {cfg.answer!r} is empty in a row of {cfg.dataset!r}")
     if cfg.answer_map is not None:
+        mapping = {k.lower(): v for k, v in cfg.answer_map.items()}
         keys = [str(v).lower() for v in values]
-        missing = [k for k in keys if k not in cfg.answer_map]
+        missing = [k for k in keys if k not in mapping]
         if missing:
             raise EepError(f"task {cfg.name!r}: answer value {missing[0]!r} is not in answer_map")
-        return tuple(cfg.answer_map[k] for k in keys)
+        return tuple(mapping[k] for k in keys)
     return tuple(str(v) for v in values)

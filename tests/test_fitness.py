@@ -1,12 +1,21 @@
 import json
+import math
+from types import SimpleNamespace
 
 import pytest
+import torch
+from transformers import AutoTokenizer
 
+from eep import toy
 from eep.config import TaskConfig
 from eep.errors import EepError
-from fitness import toy_tasks
-from fitness.generation import Example, Task, is_correct, score, weighted_fitness
-from fitness.tasks import check_tasks, load_tasks
+from eep.genome import Genome
+from eep.moe import adapter_for
+from fitness import presets, toy_tasks
+from fitness.likelihood import TextBatches, continuation_logprobs
+from fitness.metrics import METRICS, cut_at_stop, generation_score, token_f1, weighted_fitness
+from fitness.scoring import Scorer
+from fitness.tasks import Example, Task, check_tasks, load_tasks
 
 
 def test_toy_splits_are_disjoint_and_deterministic():
@@ -25,15 +34,147 @@ def test_toy_splits_are_disjoint_and_deterministic():
         assert toy_tasks.solve("unlookup", toy_tasks.solve("lookup", [s])) == [s]
 
 
-def test_metrics():
-    assert is_correct("exact_match", " b  a ", ["b a"])
-    assert not is_correct("exact_match", "b a c", ["b a"])
-    assert is_correct("contains", "It was Paris.\nMore text", ["Paris", "France"])
-    assert not is_correct("contains", "Lyon\nParis", ["Paris"])
-    task = Task("t", (Example("p", ("x",)), Example("q", ("y", "z"))), "exact_match", 2.0)
-    assert score(task, ["x", "z"]) == 100.0 and score(task, ["x", "w"]) == 50.0
-    other = Task("u", (Example("p", ("x",)),), "exact_match", 1.0)
-    assert weighted_fitness([task, other], {"t": 50.0, "u": 80.0}) == pytest.approx(60.0)
+def test_generation_metrics():
+    assert generation_score("exact_match", " b  a ", ["b a"]) == 1.0
+    assert generation_score("exact_match", "b a c", ["b a"]) == 0.0
+    assert generation_score("contains", "It was Paris.\nMore text", ["Paris", "France"]) == 1.0
+    assert generation_score("contains", "Lyon\nParis", ["Paris"]) == 0.0
+    assert generation_score("first_capital", "the answer is B. No", ["B"]) == 1.0
+    assert generation_score("first_capital", "A, surely", ["B"]) == 0.0
+    # SQuAD F1: "the" and punctuation are dropped; 2 of 3 predicted tokens match 2 of 2 gold tokens
+    assert token_f1("The Eiffel tower, Paris!", "eiffel tower") == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))
+    assert generation_score("f1", "Denver Broncos", ["Broncos", "Denver Broncos team"]) == pytest.approx(0.8)
+    assert token_f1("", "x") == 0.0 and token_f1("the", "a") == 1.0  # both empty after normalisation
+    assert cut_at_stop("Paris\nQuestion: next", ["\n", "Question"]) == "Paris"
+    assert cut_at_stop("abc", []) == "abc"
+
+
+def test_weighted_fitness_negates_losses():
+    tasks = [SimpleNamespace(name="acc", metric="exact_match", weight=2.0),
+             SimpleNamespace(name="ppl", metric="perplexity", weight=1.0)]
+    assert weighted_fitness(tasks, {"acc": 60.0, "ppl": 3.0}) == pytest.approx((120.0 - 3.0) / 3)
+    assert {m.kind for m in METRICS.values()} == {"generate", "choice", "text"}
+
+
+# -- a model whose logits we control: a bigram table ------------------------------------------
+
+class Bigram(torch.nn.Module):
+    """logits[t] = table[token t]: every probability is known in closed form."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = torch.nn.Parameter(table)
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(toy.TOY_DIR)
+
+
+def _bigram(tokenizer, seed):
+    return Bigram(torch.randn(len(tokenizer), len(tokenizer), generator=torch.Generator().manual_seed(seed)) * 2)
+
+
+def _logp(model, prev, nxt):
+    return torch.log_softmax(model.table[prev], -1)[nxt].item()
+
+
+def test_continuation_logprobs_match_the_bigram_by_hand(tokenizer):
+    model = _bigram(tokenizer, 0)
+    ids = tokenizer.convert_tokens_to_ids
+    got = continuation_logprobs(model, tokenizer, [("copy : a", " b c"), ("swap : a b c d =", " e")], 2, 64)
+    bos = tokenizer.bos_token_id
+    assert tokenizer("copy : a").input_ids == [bos, *ids(["copy", ":", "a"])]
+    assert got[0] == pytest.approx(_logp(model, ids("a"), ids("b")) + _logp(model, ids("b"), ids("c")), abs=1e-5)
+    assert got[1] == pytest.approx(_logp(model, ids("="), ids("e")), abs=1e-5)
+    # truncation keeps the continuation and drops context from the left
+    short = continuation_logprobs(model, tokenizer, [("copy : a", " b c")], 1, 3)
+    assert short[0] == pytest.approx(got[0], abs=1e-5)
+
+
+def test_choice_task_picks_the_likelier_option_and_normalises_by_length(tokenizer):
+    ids = tokenizer.convert_tokens_to_ids
+    table = torch.zeros(len(tokenizer), len(tokenizer))
+    table[ids("="), ids("a")] = 3.0  # after "=", "a" is likely ...
+    table[ids("a"), ids("b")] = -5.0  # ... but "a b" is not
+    model = Bigram(table)
+    ex = Example("copy : c =", options=(("copy : c =", " a b"), ("copy : c =", " c")), label=1)
+    lp = continuation_logprobs(model, tokenizer, ex.options, 2, 64)
+    v = len(tokenizer)
+    expected_a = (3 - math.log(math.exp(3) + v - 1)) + (-5 - math.log(math.exp(-5) + v - 1))
+    assert lp[0] == pytest.approx(expected_a, abs=1e-4)
+    assert lp[1] == pytest.approx(-math.log(math.exp(3) + v - 1), abs=1e-4)
+    both = Scorer(model, tokenizer, [Task("sum", (ex,), "choice"), Task("norm", (ex,), "choice_norm")])()
+    # summed: " c" (one unlikely token) beats " a b"; per byte: " a b" has 4 bytes to spread its loss over
+    assert both["sum"] == 100.0
+    assert (lp[0] / 4 > lp[1] / 2) == (both["norm"] == 0.0)
+
+
+def test_text_metrics_by_hand(tokenizer):
+    full, cand = _bigram(tokenizer, 1), _bigram(tokenizer, 2)
+    texts = ["copy : a b = a b", "lookup : c ="]
+    tasks = [Task(m, tuple(Example(t) for t in texts), m) for m in ("perplexity", "esap", "kl")]
+    rows = [tokenizer(t).input_ids for t in texts]
+    nll = [-_logp(cand, a, b) for r in rows for a, b in zip(r, r[1:])]
+    accept, kl = [], []
+    for r in rows:
+        for tok in r:  # every position's next-token distribution
+            p, q = torch.softmax(full.table[tok], -1), torch.softmax(cand.table[tok], -1)
+            accept.append(torch.minimum(p, q).sum().item())
+            kl.append((p * (p.log() - q.log())).sum().item())
+    scorer = Scorer(full, tokenizer, tasks, batch_size=2)  # references from the full model
+    assert scorer()["esap"] == pytest.approx(100.0) and scorer()["kl"] == pytest.approx(0.0, abs=1e-6)
+    scores = scorer(cand)
+    assert scores["perplexity"] == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)
+    assert scores["esap"] == pytest.approx(100 * sum(accept) / len(accept), rel=1e-5)
+    assert scores["kl"] == pytest.approx(sum(kl) / len(kl), rel=1e-4)
+    assert scores["esap.kl"] == pytest.approx(scores["kl"], rel=1e-6) and scores["kl.esap"] == scores["esap"]
+
+
+def test_reconstruction_is_the_relative_error_of_the_moe_block_outputs(tiny_mixtral):
+    model = tiny_mixtral
+    adapter = adapter_for(model)
+    tok = SimpleNamespace  # token ids are given directly: a stand-in tokenizer
+    texts = [[1, 5, 9, 3, 7, 2], [4, 4, 8, 1]]
+
+    class Ids:
+        pad_token_id, eos_token_id = 0, 0
+
+        def __call__(self, text, add_special_tokens=True):
+            return tok(input_ids=texts[int(text)])
+
+    task = Task("rec", (Example("0"), Example("1")), "reconstruction")
+    scorer = Scorer(model, Ids(), [task], batch_size=2, blocks=adapter.blocks)
+    assert scorer()["rec"] == pytest.approx(0.0, abs=1e-9)
+    genome = Genome.from_keep(8, 2, {0: [0, 1, 2, 3], 1: [4, 5, 6, 7], 2: [1, 3, 5, 7]})
+
+    def outputs():
+        got = {}
+        hooks = [b.register_forward_hook(lambda m, a, o, i=i: got.setdefault(i, []).append(o)) for i, b in adapter.blocks.items()]
+        with torch.no_grad():
+            for t in texts:
+                model(input_ids=torch.tensor([t]))
+        for h in hooks:
+            h.remove()
+        return {i: torch.cat([o.reshape(-1, o.shape[-1]) for o in v]) for i, v in got.items()}
+
+    ref = outputs()
+    with adapter.applied(genome):
+        pruned = outputs()
+        rec = scorer()["rec"]
+    expected = 100 * sum(((pruned[i] - ref[i]).norm() / ref[i].norm()).item() for i in ref) / len(ref)
+    assert rec == pytest.approx(expected, rel=1e-4) and rec > 1.0
+
+
+def test_toy_tasks_as_texts_and_fidelity_on_the_toy(tokenizer):
+    cfg = TaskConfig(name="fid", dataset="toy:reverse", metric="esap", search_size=4)
+    task, = load_tasks([cfg], "search")
+    assert all(ex.prompt.startswith("reverse : ") and " = " in ex.prompt for ex in task.examples)
+    with pytest.raises(EepError, match="toy tasks have no options"):
+        check_tasks([cfg.model_copy(update={"metric": "choice"})])
 
 
 def _write_dataset(root):
@@ -61,21 +202,100 @@ def test_dataset_task_from_local_files(tmp_path):
 
 
 @pytest.mark.parametrize("update, message", [
-    ({"answer": "missing"}, "answer field 'missing' is missing"),
-    ({"prompt": "{nope}"}, "prompt uses field 'nope'"),
+    ({"answer": "missing"}, "field 'missing' is missing from"),
+    ({"prompt": "{nope}"}, "template '{nope}' uses 'nope'"),
     ({"search_split": "nosuch"}, "cannot load split 'nosuch'"),
+    ({"metric": "choice", "choices": "nochoices", "answer": "label"}, "field 'nochoices' is missing"),
+    ({"metric": "choice", "choices": ["no", "yes"], "answer": "question"}, "not an option index below 2"),
+    ({"answer": "label", "answer_map": {"true": "yes"}}, "answer value 'false' is not in answer_map"),
+    ({"dataset": "EMPTY"}, "split 'train' of .* is empty"),
 ])
 def test_bad_dataset_tasks_fail_clearly(tmp_path, update, message):
-    cfg = TaskConfig(name="qa", dataset=_write_dataset(tmp_path / "qa"), prompt="{question}", answer="answers.text",
+    root = _write_dataset(tmp_path / "qa")
+    (tmp_path / "empty.jsonl").write_text("")
+    if update.get("dataset") == "EMPTY":
+        update = {"dataset": str(tmp_path / "empty.jsonl")}
+    cfg = TaskConfig(name="qa", dataset=root, prompt="{question}", answer="answers.text",
                      search_split="train", test_split="validation").model_copy(update=update)
     with pytest.raises(EepError, match=message):
         load_tasks([cfg], "search")
+
+
+def _jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _preset(name, tmp_path, rows, **over):
+    """A preset task loading small local files in the hub dataset's schema (the hub is offline here)."""
+    fields = presets.preset_fields(name)
+    for split in (fields["search_split"], fields["test_split"]):
+        _jsonl(tmp_path / name / f"{split}.jsonl", rows)
+    cfg = TaskConfig(name=name, preset=name, dataset=str(tmp_path / name), subset=None, **over)
+    return load_tasks([cfg], "search")[0]
+
+
+def test_presets_parse_their_hub_schemas(tmp_path):
+    boolq = _preset("boolq", tmp_path, [{"question": "is it", "passage": "It is.", "answer": True}])
+    assert boolq.metric == "first_capital" and boolq.chat_template and boolq.examples[0].answers == ("A",)
+    assert boolq.examples[0].prompt == "It is.\nQuestion: is it?\nA. Yes\nB. No\nAnswer:"
+    arc = _preset("arc_easy", tmp_path, [{"question": "Q?", "answerKey": "C",
+                                          "choices": {"text": ["x", "y", "z"], "label": ["A", "B", "C"]}}])
+    ex = arc.examples[0]
+    assert ex.label == 2 and ex.options[2] == ("Question: Q?\nAnswer:", " z")
+    hs = _preset("hellaswag", tmp_path, [{"activity_label": "Cooking", "ctx_a": "He cuts.", "ctx_b": "then he",
+                                          "endings": ["eats [title] it.", "runs."], "label": "1"}])
+    assert hs.examples[0].options[0] == ("Cooking: He cuts. Then he", " eats. it.") and hs.examples[0].label == 1
+    wg = _preset("winogrande", tmp_path, [{"sentence": "Tom gave Ann a gift because _ was kind.", "option1": "Tom",
+                                           "option2": "Ann", "answer": "2"}])
+    assert wg.examples[0].options == (("Tom gave Ann a gift because Tom", " was kind."),
+                                      ("Tom gave Ann a gift because Ann", " was kind.")) and wg.examples[0].label == 1
+    piqa = _preset("piqa", tmp_path, [{"goal": "Open a jar", "sol1": "twist", "sol2": "kick", "label": 0}])
+    assert [c for _, c in piqa.examples[0].options] == [" twist", " kick"] and piqa.examples[0].label == 0
+    mmlu = _preset("mmlu", tmp_path, [{"question": "2+2?", "subject": "math", "choices": ["1", "2", "3", "4"],
+                                       "answer": 3}])
+    assert mmlu.examples[0].options[3] == ("2+2?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer:", " D")
+    squad = _preset("squad", tmp_path, [{"context": "C", "question": "Q", "answers": {"text": ["a", "b"],
+                                                                                    "answer_start": [0, 1]}}])
+    assert squad.examples[0].answers == ("a", "b") and squad.stop == ("\n",)
+    wiki = _preset("wikitext", tmp_path, [{"text": ""}, {"text": " = Title = "}, {"text": "  "}], search_size=5)
+    assert [ex.prompt for ex in wiki.examples] == [" = Title = "]  # blank texts are dropped
+    with pytest.raises(EepError, match="unknown preset 'nope'"):
+        from eep.config import parse_config
+        parse_config({"name": "x", "fitness": {"tasks": [{"name": "t", "preset": "nope"}]}})
+
+
+def test_every_preset_is_a_valid_task_config():
+    for name in presets.PRESETS:
+        check_tasks([TaskConfig(name=name, preset=name)])
+
+
+def test_search_and_heldout_splits_never_share_an_example(tmp_path):
+    rows = [{"question": f"q{i}", "answer": str(i)} for i in range(20)]
+    _jsonl(tmp_path / "d" / "train.jsonl", rows[:10])
+    _jsonl(tmp_path / "d" / "validation.jsonl", rows[10:])
+    cfg = TaskConfig(name="t", dataset=str(tmp_path / "d"), prompt="{question}", answer="answer",
+                     search_split="train", test_split="validation", search_size=10, test_size=10)
+    search, test = load_tasks([cfg], "search")[0], load_tasks([cfg], "test")[0]
+    assert not {e.prompt for e in search.examples} & {e.prompt for e in test.examples}
+    assert len(search.examples) == len(test.examples) == 10
+    one_file = TaskConfig(name="t", dataset=str(tmp_path / "d" / "train.jsonl"), prompt="{question}", answer="answer",
+                          search_split="train", test_split="validation", search_size=3)
+    assert len(load_tasks([one_file], "search")[0].examples) == 3
 
 
 @pytest.mark.parametrize("cfg, message", [
     (TaskConfig(name="x", dataset="toy:sort"), "unknown toy task"),
     (TaskConfig(name="x", dataset="toy:copy", test_split="dev"), "unknown split 'dev'"),
     (TaskConfig(name="x", dataset="rajpurkar/squad"), "needs 'prompt'"),
+    (TaskConfig(name="x", dataset="d", prompt="{a}"), "needs 'answer'"),
+    (TaskConfig(name="x", dataset="d", prompt="{a}", answer="b", metric="choice"), "needs 'choices'"),
+    (TaskConfig(name="x", dataset="d", prompt="{a}", answer="b", choices=["x"]), "'choices' is for choice"),
+    (TaskConfig(name="x", dataset="d", prompt="{a}", preprocess="nope"), "unknown preprocess"),
+    (TaskConfig(name="x", dataset="d", prompt="{a}", metric="esap", chat_template=True), "chat_template applies"),
+    (TaskConfig(name="x", dataset="d", prompt="{a}", answer="b", metric="choice", choices=["x"], continuation="{c}"),
+     "needs 'continuation'|needs {choice}"),
     (TaskConfig(name="x", dataset="d", prompt="{a", answer="b"), "malformed"),
     (TaskConfig(name="x", dataset="d", prompt="{a}", answer="b", search_split="t", test_split="t"), "must not be"),
 ])

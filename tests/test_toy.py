@@ -10,7 +10,9 @@ from eep import toy
 from eep.genome import Genome
 from eep.moe import adapter_for
 from fitness import toy_tasks
-from fitness.generation import Example, Task, evaluate_tasks, greedy_generate
+from fitness.generation import greedy_generate
+from fitness.scoring import Scorer
+from fitness.tasks import Example, Task
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +49,13 @@ def test_toy_separation_on_held_out_data(toy_model):
     tasks = [Task(t, tuple(Example(e.prompt, (e.answer,)) for e in toy_tasks.examples(t, "test", 30)))
              for t in toy_tasks.TASKS]
 
+    scorer = Scorer(model, tokenizer, tasks, batch_size=128, max_new_tokens=8)
+
     def accuracy(genome=None):
         if genome is None:
-            return statistics.mean(evaluate_tasks(model, tokenizer, tasks, 128, 8).values())
+            return statistics.mean(scorer().values())
         with adapter.applied(genome):
-            return statistics.mean(evaluate_tasks(model, tokenizer, tasks, 128, 8).values())
+            return statistics.mean(scorer().values())
 
     rng = random.Random(0)
     full = accuracy()
