@@ -1,0 +1,367 @@
+"""The run report: ``eep report RUN_DIR`` writes ``report.md``, ``fitness.png`` and ``methods.png``.
+
+It reads only what the run directory holds: the journal (every evaluation), ``summary.json``
+(held-out scores, written when the search ends; absent or without them while it runs) and, when
+present, ``baselines.json``, other compression methods scored on the same held-out split::
+
+    {"keep": 4, "num_experts": 8, "num_layers": 4, "top_k": 2,
+     "methods": {"full": {"heldout": 99.1, "tasks": {"copy": 100.0}, "kept_params": 27000000,
+                          "active_params": 9000000},
+                 "random": {"heldout": 51.2, "heldout_std": 6.3, "draws": 5, ...},
+                 "naee": {..., "how": "enumeration"}, "search": {...}},
+     "sweep": {"2": {"random": 20.1, "naee": 40.2}, "6": {...}}}
+
+``sweep`` holds held-out scores at other numbers of kept experts. Method names are free; the
+known ones are listed in a fixed order, others after them. The tables are built by pure
+functions (:func:`method_rows`, :func:`comparison_table`) so they are tested without plotting.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from eep.errors import EepError
+from eep.journal import Evaluation, RunDir
+from eep.search import best_of
+
+METHOD_ORDER = ("full", "random", "frequency", "reap", "naee", "naee+skip", "search")
+WINDOW = 20  # evaluations in the population-trend mean of fitness.png
+_COLORS = {"random": "tab:gray", "frequency": "tab:blue", "reap": "tab:purple", "naee": "tab:green",
+           "naee+skip": "tab:olive", "search": "tab:red"}
+_SPARE_COLORS = ("tab:orange", "tab:brown", "tab:pink", "tab:cyan", "gold", "navy")
+_DASH = "–"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One method's line of the comparison table."""
+
+    method: str
+    heldout: float | None
+    tasks: dict[str, float] = field(default_factory=dict)
+    heldout_std: float | None = None
+    draws: int | None = None
+    kept_params: int | None = None
+    active_params: int | None = None
+    how: str | None = None
+
+    @property
+    def label(self) -> str:
+        notes = [self.how] if self.how else []
+        if self.heldout_std is not None:
+            notes.append(f"mean ± std of {self.draws} draws" if self.draws else "mean ± std")
+        return f"{self.method} ({', '.join(notes)})" if notes else self.method
+
+
+# -- pure helpers -------------------------------------------------------------------------------
+
+def ordered_methods(names) -> list[str]:
+    """Known methods in :data:`METHOD_ORDER`, then the others in the order given."""
+    names = list(names)
+    return [m for m in METHOD_ORDER if m in names] + [m for m in names if m not in METHOD_ORDER]
+
+
+def method_rows(baselines: dict[str, Any] | None, heldout: dict[str, Any] | None = None) -> list[Row]:
+    """The table's rows: every method of ``baselines``, plus the full model and the search from
+    ``summary.json``'s ``heldout`` block (``{"best": ..., "full": ...}``) where the baselines
+    lack them."""
+    methods = dict((baselines or {}).get("methods", {}))
+    for method, key in (("full", "full"), ("search", "best")):
+        if method not in methods and heldout and key in heldout:
+            methods[method] = {"heldout": heldout[key]["mean"], "tasks": heldout[key]["scores"]}
+    return [Row(m, methods[m]["heldout"], dict(methods[m].get("tasks", {})), methods[m].get("heldout_std"),
+                methods[m].get("draws"), methods[m].get("kept_params"), methods[m].get("active_params"),
+                methods[m].get("how"))
+            for m in ordered_methods(methods)]
+
+
+def best_compressed(rows: Sequence[Row]) -> Row | None:
+    """The compressed method (any but ``full``) with the highest held-out mean; the first on ties."""
+    scored = [r for r in rows if r.method != "full" and r.heldout is not None]
+    return max(scored, key=lambda r: r.heldout) if scored else None  # max keeps the first of equals
+
+
+def human_count(n: int | None) -> str:
+    """``13_200_000`` -> ``13.2M``."""
+    if n is None:
+        return _DASH
+    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            value = n / scale
+            return f"{value:.0f}{unit}" if abs(value) >= 100 else f"{value:.1f}{unit}"
+    return str(n)
+
+
+def _params(n: int | None, full: int | None, is_full: bool) -> str:
+    if n is None or not full or is_full:
+        return human_count(n)
+    return f"{human_count(n)} ({100 * n / full:.0f} %)"
+
+
+def comparison_table(rows: Sequence[Row], tasks: Sequence[str]) -> list[str]:
+    """Markdown lines: one row per method, one column per task that some method has a score for,
+    then the held-out mean (the best compressed method's in bold) and parameter counts, relative
+    to the full model when known."""
+    tasks = [t for t in tasks if any(t in r.tasks for r in rows)]
+    full = next((r for r in rows if r.method == "full"), None)
+    best = best_compressed(rows)
+    with_params = any(r.kept_params is not None or r.active_params is not None for r in rows)
+    header = ["method", *tasks, "held-out mean"] + (["kept params", "active params / token"] if with_params else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
+    for row in rows:
+        mean = _DASH if row.heldout is None else f"{row.heldout:.1f}"
+        if row.heldout_std is not None:
+            mean += f" ± {row.heldout_std:.1f}"
+        if row is best:
+            mean = f"**{mean}**"
+        cells = [row.label, *(f"{row.tasks[t]:.1f}" if t in row.tasks else _DASH for t in tasks), mean]
+        if with_params:
+            cells += [_params(row.kept_params, full and full.kept_params, row is full),
+                      _params(row.active_params, full and full.active_params, row is full)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def running_best(fitnesses: Sequence[float | None]) -> list[float | None]:
+    """Best fitness so far after each evaluation; failed ones (``None``) keep the previous best."""
+    best, out = None, []
+    for f in fitnesses:
+        if f is not None and (best is None or f > best):
+            best = f
+        out.append(best)
+    return out
+
+
+def running_mean(values: Sequence[float], window: int = WINDOW) -> list[float]:
+    """Mean of the last ``window`` values (fewer at the start) after each value."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def sweep_series(baselines: dict[str, Any], keep: int | None = None) -> dict[str, dict[int, float]]:
+    """Held-out score by experts kept, per compressed method: the ``sweep`` entries plus each
+    method's score at the main ``keep`` (default: the baselines' own), which wins over a sweep
+    entry at the same keep."""
+    series: dict[str, dict[int, float]] = {}
+    for other, scores in baselines.get("sweep", {}).items():
+        for method, score in scores.items():
+            series.setdefault(method, {})[int(other)] = score
+    keep = baselines.get("keep", keep)
+    for method, data in baselines.get("methods", {}).items():
+        if method != "full" and keep is not None:
+            series.setdefault(method, {})[keep] = data["heldout"]
+    return {m: dict(sorted(series[m].items())) for m in ordered_methods(series)}
+
+
+def load_baselines(path: Path) -> dict[str, Any] | None:
+    """``baselines.json``, checked enough that a malformed file fails naming what is wrong."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise EepError(f"{path} is not valid JSON ({err})") from None
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if not isinstance(data, dict) or not isinstance(data.get("methods", {}), dict):
+        raise EepError(f"{path}: expected an object with a 'methods' object (see eep/report.py)")
+    for method, entry in data.get("methods", {}).items():
+        if not isinstance(entry, dict) or not number(entry.get("heldout")):
+            raise EepError(f"{path}: methods.{method}.heldout must be a number")
+    sweep = data.get("sweep", {})
+    if not isinstance(sweep, dict):
+        raise EepError(f"{path}: 'sweep' must map a number of kept experts to {{method: score}}")
+    for keep, scores in sweep.items():
+        if not str(keep).isdigit() or not isinstance(scores, dict) or not all(map(number, scores.values())):
+            raise EepError(f"{path}: sweep.{keep} must be a number of kept experts mapping methods to scores")
+    return data
+
+
+# -- figures ------------------------------------------------------------------------------------
+
+def _figure(width: float = 8.5, height: float = 4.0):
+    # A bare Figure renders with Agg on savefig and never touches pyplot's global state or a display.
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=120, layout="constrained")
+    ax = fig.add_subplot()
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def _legend(ax) -> None:
+    # Outside the axes, right: points and curves may lie anywhere, so inside it would hide some.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+
+
+def plot_fitness(evaluations: Sequence[Evaluation], path: Path, title: str,
+                 phases: Sequence[tuple[int, str]] = ()) -> None:
+    """Every evaluation's fitness by candidate id, the running best and the population trend;
+    failed evaluations as red crosses on the bottom edge; ``phases`` as (id, label) markers."""
+    from matplotlib.transforms import blended_transform_factory
+
+    fig, ax = _figure()
+    evaluations = sorted(evaluations, key=lambda e: e.id)
+    ok = [e for e in evaluations if e.ok]
+    ids = [e.id for e in evaluations]
+    ax.scatter([e.id for e in ok], [e.fitness for e in ok], s=12, color="tab:blue", alpha=0.45,
+               linewidths=0, label="evaluation", zorder=2)
+    best = running_best([e.fitness for e in evaluations])
+    ax.step(ids, [math.nan if b is None else b for b in best], where="post", color="tab:red", linewidth=2,
+            label="best so far", zorder=3)
+    ax.plot([e.id for e in ok], running_mean([e.fitness for e in ok]), color="tab:green", linewidth=1.5,
+            label=f"mean of last {WINDOW}", zorder=3)
+    top = best_of(evaluations)
+    if top is not None:
+        ax.scatter([top.id], [top.fitness], marker="*", s=160, color="tab:red", edgecolors="black",
+                   linewidths=0.6, label=f"best: {top.fitness:.1f} (candidate {top.id})", zorder=4)
+    failed = [e.id for e in evaluations if not e.ok]
+    if failed:
+        edge = blended_transform_factory(ax.transData, ax.transAxes)
+        ax.scatter(failed, [0.02] * len(failed), transform=edge, marker="x", s=20, color="tab:red",
+                   label=f"failed ({len(failed)})", zorder=3, clip_on=False)
+    for start, label in phases:
+        if ids and ids[0] < start <= ids[-1]:
+            ax.axvline(start - 0.5, color="0.4", linestyle=":", linewidth=1)
+            ax.annotate(label, (start - 0.5, 1), xycoords=("data", "axes fraction"), xytext=(0, 2),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=8, color="0.3")
+    ax.set_xlabel("candidate id (evaluation order)")
+    ax.set_ylabel("fitness (search split)")
+    ax.set_title(title, pad=14 if phases else 6)
+    _legend(ax)
+    fig.savefig(path)
+
+
+def plot_methods(baselines: dict[str, Any], path: Path, title: str, keep: int | None = None) -> None:
+    """Held-out score against experts kept per layer: a line per method, the search as stars, the
+    random draws' spread as an error bar, the full model as a dashed line."""
+    fig, ax = _figure()
+    methods = baselines.get("methods", {})
+    spare = iter(_SPARE_COLORS * 4)
+    keep = baselines.get("keep", keep)
+    keeps: set[int] = set()
+    for method, points in sweep_series(baselines, keep).items():
+        color = _COLORS.get(method) or next(spare)
+        keeps.update(points)
+        std = methods.get(method, {}).get("heldout_std") if keep in points else None
+        if method == "search":
+            style = dict(marker="*", markersize=14, markeredgecolor="black", markeredgewidth=0.6, zorder=4,
+                         linewidth=1.5 if len(points) > 1 else 0)
+        else:
+            style = dict(marker="o", markersize=5, linewidth=1.5, zorder=3)
+        ax.plot(list(points), list(points.values()), color=color,
+                label=f"{method} (± std at {keep})" if std else method, **style)
+        if std:
+            ax.errorbar([keep], [points[keep]], yerr=[std], color=color, capsize=4, linewidth=1, zorder=3)
+    full = methods.get("full")
+    experts = baselines.get("num_experts")
+    if full is not None:
+        ax.axhline(full["heldout"], color="black", linestyle="--", linewidth=1,
+                   label=f"full model ({experts} experts)" if experts else "full model")
+    if keeps:
+        ax.set_xticks(sorted(keeps), [f"{k}\n(this run)" if k == keep else str(k) for k in sorted(keeps)])
+        ax.set_xlim(min(keeps) - 0.5, max(keeps) + 0.5)
+    ax.set_xlabel(f"experts kept per MoE layer (of {experts})" if experts else "experts kept per MoE layer")
+    ax.set_ylabel("held-out score (mean over tasks)")
+    ax.set_title(title)
+    _legend(ax)
+    fig.savefig(path)
+
+
+# -- the report ---------------------------------------------------------------------------------
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``report.md`` (and its figures) into ``run_dir``; returns the path of ``report.md``."""
+    run = RunDir.open(run_dir)
+    config = run.config()
+    evaluations = run.evaluations()
+    summary = json.loads(run.summary_path.read_text()) if run.summary_path.exists() else None
+    heldout = (summary or {}).get("heldout") or None
+    baselines = load_baselines(run.path / "baselines.json")
+    fitness_png, methods_png = run.path / "fitness.png", run.path / "methods.png"
+
+    model = "" if config.model.path == config.name else f" ({config.model.path})"
+    lines = [f"# eep report: {config.name}{model}", "",
+             f"- search space: {_space(config, evaluations)}"]
+    if summary is None:
+        lines.append("- **the search has not finished** (no summary.json yet): this report is built from the "
+                     "journal alone and has no held-out scores")
+    elif heldout is None:
+        lines.append("- **the search has not finished** (summary.json has no held-out scores yet): "
+                     "held-out comparisons are missing")
+
+    lines += ["", "## Search", ""]
+    best = best_of(evaluations)
+    failed = sum(not e.ok for e in evaluations)
+    lines.append(f"- evaluations: {len(evaluations)} of {config.search.evaluations}, {failed} failed")
+    if best is not None:
+        lines.append(f"- best search fitness: {best.fitness:.2f} (candidate {best.id}, genome `{best.genome.key}`)")
+    if heldout and "best" in heldout:
+        lines.append(f"- held-out score of the best genome: {heldout['best']['mean']:.2f}")
+    if evaluations:
+        phases = [(config.search.initial, "breeding starts")]
+        if config.search_space.kind == "merge":
+            phases.append((config.search_space.merge_after, "merging starts"))
+        plot_fitness(evaluations, fitness_png, f"{config.name}: fitness over {len(evaluations)} evaluations", phases)
+        lines += ["", "![fitness over evaluations](fitness.png)"]
+    else:
+        fitness_png.unlink(missing_ok=True)
+
+    rows = method_rows(baselines, heldout)
+    keep = (baselines or {}).get("keep") or config.search_space.keep
+    lines += ["", "## Held-out comparison", ""]
+    if rows:
+        tasks = list(dict.fromkeys([t.name for t in config.fitness.tasks] + [t for r in rows for t in r.tasks]))
+        experts = (baselines or {}).get("num_experts") or (best.genome.num_experts if best else None)
+        if keep:
+            lines += [f"Compressed methods keep {keep}" + (f" of {experts}" if experts else "")
+                      + " experts per MoE layer. Scores are on the held-out split.", ""]
+        lines += comparison_table(rows, tasks)
+        winner = best_compressed(rows)
+        full = next((r for r in rows if r.method == "full"), None)
+        if winner is not None:
+            lines += ["", f"**Best compressed method: {winner.method}**, held-out {winner.heldout:.1f}"
+                          f"{_gap(winner, full)}."]
+    else:
+        lines.append("No held-out scores yet (they are written when the search ends; "
+                     "add baselines.json to compare methods).")
+    # the plot's methods are the table's rows: the search and full model from summary.json included
+    plotted = baselines and {**baselines, "methods": {r.method: {"heldout": r.heldout, "heldout_std": r.heldout_std}
+                                                      for r in rows}}
+    if plotted and sweep_series(plotted, keep):
+        plot_methods(plotted, methods_png, f"{config.name}: held-out score by experts kept", keep)
+        lines += ["", "![held-out score by experts kept](methods.png)"]
+    else:
+        methods_png.unlink(missing_ok=True)
+
+    path = run.path / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _gap(row: Row, full: Row | None) -> str:
+    if full is None:
+        return ""
+    gap = row.heldout - full.heldout
+    where = "level with" if round(gap, 1) == 0 else f"{abs(gap):.1f} points {'below' if gap < 0 else 'above'}"
+    return f", {where} the full model ({full.heldout:.1f})"
+
+
+def _space(config, evaluations: Sequence[Evaluation]) -> str:
+    space = config.search_space
+    experts = evaluations[0].genome.num_experts if evaluations else None
+    if space.keep is not None:
+        size = f"keep {space.keep}" + (f" of {experts}" if experts else "") + " experts per layer"
+    else:
+        size = f"a budget of {space.budget} experts over all layers" + (f" ({experts} per layer)" if experts else "")
+    return f"{space.kind}, {size}" + (f", top-k {space.top_k}" if space.top_k else "")

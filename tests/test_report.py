@@ -1,0 +1,169 @@
+import json
+
+import pytest
+from PIL import Image
+
+from eep.config import parse_config
+from eep.errors import EepError
+from eep.genome import Genome
+from eep.journal import Evaluation, RunDir
+from eep.report import (best_compressed, comparison_table, human_count, method_rows, running_best, running_mean,
+                        sweep_series, write_report)
+from tests.conftest import toy_config_dict
+
+TASKS = ("copy", "reverse", "shift", "lookup")
+FITNESS = [50.0, None, 55.0, 52.0, 61.0, None, 60.0, 61.0, 70.0, 64.0]  # None: a failed evaluation
+
+
+def _scores(value):
+    return {t: value for t in TASKS}
+
+
+BASELINES = {
+    "keep": 4, "num_experts": 8, "num_layers": 4, "top_k": 2,
+    "methods": {  # deliberately out of order, with a method the report does not know
+        "search": {"heldout": 88.25, "tasks": _scores(88.25), "kept_params": 13_200_000, "active_params": 4_400_000},
+        "mystery": {"heldout": 70.0, "tasks": {"copy": 70.0}},
+        "naee": {"heldout": 90.5, "how": "enumeration", "tasks": _scores(90.5), "kept_params": 13_200_000,
+                 "active_params": 4_400_000},
+        "random": {"heldout": 51.23, "heldout_std": 6.27, "draws": 5, "tasks": _scores(51.2),
+                   "kept_params": 13_200_000, "active_params": 4_400_000},
+        "full": {"heldout": 99.1, "tasks": _scores(99.1), "kept_params": 26_400_000, "active_params": 4_400_000},
+        "reap": {"heldout": 80.0, "tasks": _scores(80.0)},
+    },
+    "sweep": {"2": {"random": 20.1, "naee": 40.2, "reap": 38.0}, "6": {"random": 80.0, "naee": 97.0, "search": 98.0}},
+}
+HELDOUT = {"best": {"scores": _scores(87.0), "mean": 87.0}, "full": {"scores": _scores(99.0), "mean": 99.0}}
+
+
+def _run(tmp_path, summary=True, baselines=None):
+    run = RunDir.create(tmp_path / "run", parse_config(toy_config_dict(evaluations=10, initial=4)))
+    for i, fitness in enumerate(FITNESS):
+        genome = Genome.from_keep(8, 2, {0: [i % 8, (i + 1) % 8, (i + 2) % 8, (i + 3) % 8]})
+        run.append(Evaluation(i, genome, fitness, {} if fitness is None else _scores(fitness), 0.1, "w",
+                              None if fitness is not None else "out of memory"))
+    if summary:
+        run.write_summary({"evaluations": 10, "failed": 2, "best_fitness": 70.0, "best_id": 8, "heldout": HELDOUT})
+    if baselines is not None:
+        (run.path / "baselines.json").write_text(json.dumps(baselines))
+    return run
+
+
+def _image_size(path):
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        return image.size
+
+
+def _table(report: str) -> dict[str, list[str]]:
+    rows = [line.strip("|").split("|") for line in report.splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows}
+
+
+def test_running_best_and_population_mean():
+    assert running_best(FITNESS) == [50.0, 50.0, 55.0, 55.0, 61.0, 61.0, 61.0, 61.0, 70.0, 70.0]
+    assert running_best([None, None, 3.0, 1.0]) == [None, None, 3.0, 3.0]
+    assert running_mean([2.0, 4.0, 6.0, 8.0], window=2) == [2.0, 3.0, 5.0, 7.0]
+    assert running_mean([1.0] * 30 + [3.0] * 20)[-1] == pytest.approx(3.0)
+
+
+def test_rows_are_ordered_and_the_best_compressed_method_wins():
+    rows = method_rows(BASELINES, HELDOUT)
+    assert [r.method for r in rows] == ["full", "random", "reap", "naee", "search", "mystery"]
+    assert rows[4].heldout == 88.25  # baselines.json's search row wins over summary.json's
+    assert best_compressed(rows).method == "naee"
+    assert human_count(13_200_000) == "13.2M" and human_count(690_000) == "690K" and human_count(950) == "950"
+
+    table = _table("\n".join(comparison_table(rows, list(TASKS))))
+    assert list(table) == ["method", "full", "random (mean ± std of 5 draws)", "reap", "naee (enumeration)",
+                           "search", "mystery"]
+    assert table["method"] == [*TASKS, "held-out mean", "kept params", "active params / token"]
+    assert table["random (mean ± std of 5 draws)"] == ["51.2"] * 4 + ["51.2 ± 6.3", "13.2M (50 %)", "4.4M (100 %)"]
+    assert table["naee (enumeration)"][4] == "**90.5**"
+    assert table["full"][4:] == ["99.1", "26.4M", "4.4M"]
+    assert table["mystery"] == ["70.0", "–", "–", "–", "70.0", "–", "–"]
+
+
+def test_rows_without_baselines_come_from_the_summary():
+    rows = method_rows(None, HELDOUT)
+    assert [(r.method, r.heldout) for r in rows] == [("full", 99.0), ("search", 87.0)]
+    assert method_rows(None, None) == []
+    table = _table("\n".join(comparison_table(rows, ["copy", "absent"])))
+    assert table["method"] == ["copy", "held-out mean"]  # no parameter counts known, no column for absent tasks
+    assert table["search"] == ["87.0", "**87.0**"]
+
+
+def test_sweep_series_adds_the_main_keep():
+    series = sweep_series(BASELINES)
+    assert list(series) == ["random", "reap", "naee", "search", "mystery"]
+    assert series["naee"] == {2: 40.2, 4: 90.5, 6: 97.0}
+    assert series["search"] == {4: 88.25, 6: 98.0}
+    assert "full" not in series
+    assert sweep_series({"methods": {"naee": {"heldout": 5.0}}}) == {}
+    assert sweep_series({"methods": {"naee": {"heldout": 5.0}}}, keep=3) == {"naee": {3: 5.0}}
+
+
+def test_report_with_baselines(tmp_path):
+    run = _run(tmp_path, baselines=BASELINES)
+    path = write_report(run.path)
+    assert path == run.path / "report.md"
+    report = path.read_text()
+    assert report.startswith("# eep report: test (toy)\n")
+    assert "- evaluations: 10 of 10, 2 failed" in report
+    assert "- best search fitness: 70.00 (candidate 8," in report
+    assert "**Best compressed method: naee**, held-out 90.5, 8.6 points below the full model (99.1)." in report
+    assert "not finished" not in report
+    assert "](fitness.png)" in report and "](methods.png)" in report
+    assert _table(report)["search"][4] == "88.2"
+    for png in ("fitness.png", "methods.png"):
+        width, height = _image_size(run.path / png)
+        assert width > 600 and height > 300
+
+
+def test_report_without_baselines(tmp_path):
+    run = _run(tmp_path)
+    (run.path / "methods.png").write_bytes(b"stale")  # from an earlier report that had baselines
+    report = write_report(run.path).read_text()
+    assert list(_table(report)) == ["method", "full", "search"]
+    assert "**Best compressed method: search**, held-out 87.0, 12.0 points below the full model (99.0)." in report
+    assert "methods.png" not in report and not (run.path / "methods.png").exists()
+    assert _image_size(run.path / "fitness.png")[0] > 0
+
+
+def test_report_of_an_unfinished_search(tmp_path):
+    run = _run(tmp_path, summary=False, baselines={"methods": {"random": {"heldout": 40.0}}})
+    report = write_report(run.path).read_text()
+    assert "the search has not finished** (no summary.json yet)" in report
+    assert "- best search fitness: 70.00 (candidate 8," in report  # from the journal
+    assert list(_table(report)) == ["method", "random"]
+    assert _image_size(run.path / "methods.png")[0] > 0
+
+    run.write_summary({"evaluations": 10, "failed": 2, "best_fitness": 70.0, "best_id": 8})  # written mid-search
+    (run.path / "baselines.json").unlink()
+    report = write_report(run.path).read_text()
+    assert "summary.json has no held-out scores yet" in report
+    assert "No held-out scores yet" in report and "| method" not in report
+
+
+def test_empty_journal_and_bad_baselines(tmp_path):
+    run = RunDir.create(tmp_path / "run", parse_config(toy_config_dict()))
+    report = write_report(run.path).read_text()
+    assert "- evaluations: 0 of 16, 0 failed" in report and not (run.path / "fitness.png").exists()
+    (run.path / "baselines.json").write_text('{"methods": {"naee": {"tasks": {}}}}')
+    with pytest.raises(EepError, match=r"baselines.json: methods.naee.heldout must be a number"):
+        write_report(run.path)
+    with pytest.raises(EepError, match="not an eep run directory"):
+        write_report(tmp_path)
+
+
+def test_the_search_from_the_summary_is_plotted_and_a_sweep_uses_the_runs_keep(tmp_path):
+    baselines = {"methods": {"naee": {"heldout": 60.0}}, "sweep": {"2": {"naee": 30.0}}}  # no "keep" given
+    assert sweep_series(baselines, keep=4) == {"naee": {2: 30.0, 4: 60.0}}
+    run = _run(tmp_path, baselines=baselines)
+    report = write_report(run.path).read_text()
+    assert report.startswith("# eep report: test (toy)\n")
+    assert "- search space: prune, keep 4 of 8 experts per layer" in report
+    assert list(_table(report)) == ["method", "full", "naee", "search"]
+    assert "**Best compressed method: search**, held-out 87.0" in report
+    assert _image_size(run.path / "methods.png")[0] > 0
