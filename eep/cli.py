@@ -1,4 +1,4 @@
-"""Command line: ``eep search | resume | export | toy build``.
+"""Command line: ``eep search | resume | export | baselines | report | eval | toy build``.
 
 User mistakes (bad config, missing paths, wrong genome) print one line and exit with code 2;
 they are checked before any weights are loaded wherever the check does not need them.
@@ -57,6 +57,27 @@ def _parser() -> argparse.ArgumentParser:
                    help="stock: plain transformers classes (an error if the genome needs more); custom: eep's "
                         "modeling file, trust_remote_code=True (default: stock when possible)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("baselines", help="score random, frequency, NAEE and REAP pruning next to the search, held out")
+    p.add_argument("config", help="YAML config (its search runs first unless --run-dir holds it finished)")
+    p.add_argument("--run-dir", help="the search's run directory (default: runs/<config name>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable)")
+    p.set_defaults(func=cmd_baselines)
+
+    p = sub.add_parser("report", help="write RUN_DIR/report.md with the comparison table and plots")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("eval", help="score a model, an exported checkpoint, or a genome applied to a model on tasks")
+    p.add_argument("config", help="YAML config whose fitness tasks are scored")
+    p.add_argument("--model", help="model to score instead of the config's (directory, hub id or 'toy')")
+    p.add_argument("--genome", help="genome JSON applied to the model before scoring")
+    p.add_argument("--split", choices=["test", "search"], default="test", help="which split (default: held-out test)")
+    p.add_argument("--out", help="also write the scores to this JSON file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable)")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("toy", help="the embedded toy model")
     toy_sub = p.add_subparsers(dest="toy_command", required=True)
@@ -196,6 +217,90 @@ def _search(run, config, space, evaluator) -> int:
         f"best search fitness {summary['best_fitness']:.2f}"
         + (f"; held-out {held['best']['mean']:.2f} (full model {held['full']['mean']:.2f})" if held else ""))
     print(json.dumps({k: summary[k] for k in ("evaluations", "best_fitness", "best_id")}))
+    return 0
+
+
+# -- baselines / report / eval -------------------------------------------------------------------
+
+def cmd_baselines(args) -> int:
+    from eep.compare import check_baselines, run_baselines
+    from eep.config import load_config
+    from eep.evaluator import FitnessWorker
+    from eep.journal import RunDir, write_json_atomic
+
+    config = load_config(args.config, args.overrides)
+    run_dir = Path(args.run_dir or Path("runs") / config.name)
+    _, shape, space = _plan(config)
+    check_baselines(config, shape)
+    fresh = not (run_dir.exists() and any(run_dir.iterdir()))
+    run = RunDir.create(run_dir, config) if fresh else RunDir.open(run_dir)
+    if not fresh and run.config().digest() != config.digest():
+        raise EepError(f"{run_dir} holds a search of another config; give this config's run with --run-dir "
+                       "or a new directory")
+    with run.lock():
+        summary = run.summary() if run.summary_path.exists() else None
+        worker = None
+        if summary is None or "heldout" not in summary or summary["evaluations"] < config.search.evaluations:
+            log(f"[eep] {'running' if fresh else 'finishing'} the search in {run_dir} first")
+            evaluator = make_evaluator(config)
+            _search(run, config, space, evaluator)
+            worker = getattr(evaluator, "worker", None)  # a serial evaluator's model is still loaded
+            summary = run.summary()
+        if worker is None:
+            log(f"[eep] loading {config.model.path}")
+            worker = FitnessWorker(config)
+        result = run_baselines(config, worker, summary, log)
+        write_json_atomic(run.path / "baselines.json", result)
+    methods = result["methods"]
+    width = max(len(m) for m in methods)
+    for name, row in methods.items():
+        spread = f" ± {row['heldout_std']:.2f}" if "heldout_std" in row else ""
+        print(f"{name:<{width}}  {row['heldout']:6.2f}{spread}  kept {row['kept_params']:,}  active {row['active_params']:,}")
+    log(f"[eep] wrote {run.path / 'baselines.json'}; `eep report {run.path}` makes the report")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from eep.report import write_report
+
+    path = write_report(args.run_dir)
+    log(f"[eep] wrote {path}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from eep.config import load_config
+    from eep.evaluator import FitnessWorker
+    from eep.genome import Genome
+    from eep.journal import write_json_atomic
+    from eep.model import load_hf_config
+    from eep.moe import shape_of
+    from fitness.metrics import weighted_fitness
+    from fitness.tasks import check_tasks
+
+    config = load_config(args.config, args.overrides)
+    if args.model:
+        config = config.model_copy(update={"model": config.model.model_copy(update={"path": args.model})})
+    genome = Genome.load(args.genome) if args.genome else None
+    check_tasks(config.fitness.tasks)
+    if genome is not None:
+        shape = shape_of(load_hf_config(config.model))
+        genome.validate_for(shape.num_experts, shape.top_k, shape.moe_layers)
+    if args.out:
+        out = Path(args.out)
+        if not out.parent.is_dir():
+            raise EepError(f"--out {out}: directory {out.parent} does not exist")
+    log(f"[eep] loading {config.model.path}")
+    worker = FitnessWorker(config)
+    scores = worker.scores(genome, args.split)
+    mean = weighted_fitness(config.fitness.tasks, scores)
+    width = max(len(name) for name in scores)
+    for name, value in scores.items():
+        print(f"{name:<{width}}  {value:8.3f}")
+    print(f"{'fitness':<{width}}  {mean:8.3f}")
+    if args.out:
+        write_json_atomic(Path(args.out), {"model": config.model.path, "genome": args.genome, "split": args.split,
+                                           "scores": scores, "fitness": mean})
     return 0
 
 

@@ -181,6 +181,39 @@ class FitnessConfig(_Section):
         return self
 
 
+BaselineName = Literal["random", "frequency", "naee", "naee+skip", "reap"]
+
+
+class CalibrationConfig(_Section):
+    """Texts the baselines' routing statistics and NAEE's reconstruction are computed on."""
+
+    dataset: str | None = None
+    """A ``datasets`` hub id, local directory or file of texts (e.g. ``allenai/c4``); unset: the fitness
+    tasks' search examples written out in full (task-specific calibration, as in NAEE's task-specific mode)."""
+    subset: str | None = None
+    split: str = "train"
+    prompt: str = "{text}"
+    """Template forming one text from a row."""
+    size: PositiveInt = 128
+    """Texts used (NAEE: 128 sequences of C4)."""
+    max_length: PositiveInt = 2048
+    max_tokens_per_layer: PositiveInt = 65536
+    """MoE-block inputs kept per layer for NAEE's subset enumeration (a seeded sample of all tokens)."""
+    seed: int = 0
+
+
+class BaselinesConfig(_Section):
+    """``eep baselines``: what the search is compared against."""
+
+    methods: list[BaselineName] = ["random", "frequency", "naee", "naee+skip", "reap"]
+    random_draws: PositiveInt = 5
+    sweep: list[PositiveInt] = []
+    """Further experts-per-layer counts at which the baselines are also scored (for the report's plot)."""
+    naee_max_subsets: PositiveInt = 20000
+    """NAEE enumerates every keep set of a layer up to this many, else falls back to greedy elimination."""
+    calibration: CalibrationConfig = CalibrationConfig()
+
+
 class EvaluatorConfig(_Section):
     """How candidates are evaluated. Never changes a search's outcome, so it may change on resume."""
 
@@ -200,6 +233,7 @@ class Config(_Section):
     search: SearchConfig = SearchConfig()
     fitness: FitnessConfig
     evaluator: EvaluatorConfig = EvaluatorConfig()
+    baselines: BaselinesConfig = BaselinesConfig()
 
     @model_validator(mode="after")
     def _merge_after_initial(self):
@@ -213,8 +247,8 @@ class Config(_Section):
         return self.model_dump(mode="json")
 
     def digest(self) -> str:
-        """Hash of everything that decides the search's outcome (the evaluator does not)."""
-        data = {k: v for k, v in self.to_dict().items() if k != "evaluator"}
+        """Hash of everything that decides the search's outcome (the evaluator and baselines do not)."""
+        data = {k: v for k, v in self.to_dict().items() if k not in ("evaluator", "baselines")}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -35,7 +35,8 @@ class FitnessWorker:
 
     def __init__(self, config: Config, name: str | None = None):
         from eep.model import load_model
-        from eep.moe import adapter_for
+        from eep.errors import EepError
+        from eep.moe import adapter_for, moe_blocks
         from fitness.scoring import Scorer
         from fitness.tasks import load_tasks
 
@@ -43,14 +44,21 @@ class FitnessWorker:
         self.name = f"{name or 'worker'}@{socket.gethostname()}:{os.getpid()}"  # journaled per evaluation
         tasks = {split: load_tasks(config.fitness.tasks, split) for split in ("search", "test")}  # data errors first
         self.model, self.tokenizer = load_model(config.model)
-        self.adapter = adapter_for(self.model)
+        try:
+            self.adapter = adapter_for(self.model)
+        except EepError:  # e.g. eep's custom-form export: scored as it is, no genome applied to it
+            self.adapter = None
         fit = config.fitness
         self.scorers = {split: Scorer(self.model, self.tokenizer, tasks[split], fit.batch_size, fit.max_new_tokens,
-                                      fit.max_length, self.adapter.blocks) for split in tasks}
+                                      fit.max_length, moe_blocks(self.model)) for split in tasks}
 
-    def scores(self, genome: Genome | None, split: str = "search") -> dict[str, float]:
-        """Per-task scores of ``genome`` (``None``: the unpruned model) on a split."""
-        context = self.adapter.applied(genome) if genome is not None else contextlib.nullcontext()
+    def scores(self, genome: Genome | None, split: str = "search", skip: dict[int, float] | None = None) -> dict[str, float]:
+        """Per-task scores of ``genome`` (``None``: the unpruned model) on a split; ``skip``: NAEE
+        dynamic-skipping thresholds by layer, an inference option on top of the genome."""
+        if genome is not None and self.adapter is None:
+            raise EepError(f"cannot apply a genome to {self.config.model.path} ({self.model.config.model_type}); "
+                           "give the source model")
+        context = self.adapter.applied(genome, skip=skip) if genome is not None else contextlib.nullcontext()
         with context:
             return self.scorers[split]()
 

@@ -14,13 +14,18 @@ renormalise the chosen weights to sum to one).
   the extra memory is E'/E of the expert weights, and a layer whose merge matrix equals the
   previous candidate's (children share most layers with their parents) is not merged again.
   Routing becomes softmax over the E logits -> router matrix -> top-k -> renormalise.
+- Dynamic skipping (NAEE, top-2 only) is one more router hook after those: a token whose second
+  weight w2 < beta * w1 keeps only its first expert, with weight 1 (NAEE renormalises after
+  zeroing w2). The second expert still runs with weight 0 in transformers' experts kernels, so in
+  search this measures accuracy, not speed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -109,16 +114,30 @@ class MixtralAdapter:
         self._buffers: dict[tuple[int, str], torch.Tensor] = {}  # merged experts, reused across candidates
         self._merged_for: dict[int, tuple | None] = {}  # the merge matrix each layer's buffers hold
 
-    def validate(self, genome: Genome) -> None:
+    def validate(self, genome: Genome, skip: Mapping[int, float] | None = None) -> None:
         genome.validate_for(self.num_experts, self.top_k, self.moe_layers)
+        for layer, beta in (skip or {}).items():
+            if layer not in self.moe_layers:
+                raise EepError(f"skip names layer {layer}, which is not an MoE layer of this model")
+            if genome.active(layer) != 2:
+                raise EepError(f"dynamic skipping needs top-2 routing; layer {layer} routes top-{genome.active(layer)}")
+            if not (math.isfinite(beta) and beta >= 0):
+                raise EepError(f"skip beta of layer {layer} must be a finite number >= 0, got {beta!r}")
+
+    def expert_output(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """One expert's output on tokens ``x`` [n, h], unweighted (as ``MixtralExperts`` computes it)."""
+        experts = self.blocks[layer].experts
+        gate, up = nn.functional.linear(x, experts.gate_up_proj[expert]).chunk(2, dim=-1)
+        return nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[expert])
 
     # -- search: reversible, in place ---------------------------------------------------------
 
     @contextlib.contextmanager
-    def applied(self, genome: Genome) -> Iterator[None]:
+    def applied(self, genome: Genome, skip: Mapping[int, float] | None = None) -> Iterator[None]:
         """Route (and, for merge genes, weigh) every MoE layer as the genome says while the block
-        is active; restore the model exactly after, also on error."""
-        self.validate(genome)
+        is active; restore the model exactly after, also on error. ``skip`` ({layer: beta}) adds
+        NAEE dynamic skipping on top of the genome's routing in those layers."""
+        self.validate(genome, skip)
         handles, swapped = [], []
         try:
             for layer, gene in genome.layers:
@@ -145,6 +164,8 @@ class MixtralAdapter:
                     mask = torch.full((self.num_experts,), float("-inf"), device=block.gate.weight.device)
                     mask[list(gene.keep)] = 0.0
                     handles.append(block.gate.register_forward_hook(_masked_routing_hook(mask, k)))
+            for layer, beta in (skip or {}).items():  # after the routing hooks: sees their output
+                handles.append(self.blocks[layer].gate.register_forward_hook(_skip_hook(beta)))
             yield
         finally:
             for handle in handles:
@@ -233,27 +254,43 @@ class MixtralAdapter:
         return small.eval()
 
 
+def masked_routing(logits: torch.Tensor, mask: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral routing among the experts where ``mask`` is 0 (-inf elsewhere): softmax, top-k,
+    renormalise. Returns (weights, index), each [tokens, top_k]."""
+    probs = torch.softmax(logits.float() + mask, dim=-1)
+    weights, index = torch.topk(probs, top_k, dim=-1)
+    return weights / weights.sum(dim=-1, keepdim=True), index
+
+
+def mapped_routing(logits: torch.Tensor, router_t: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """EEP's routing: softmax over the source experts, scores = p @ router.T, top-k, renormalise."""
+    scores = torch.softmax(logits.float(), dim=-1) @ router_t
+    weights, index = torch.topk(scores, top_k, dim=-1)
+    return weights / weights.sum(dim=-1, keepdim=True), index
+
+
 def _masked_routing_hook(mask: torch.Tensor, top_k: int):
     def hook(module: nn.Module, args, output):
-        logits = output[0]
-        probs = torch.softmax(logits.float() + mask, dim=-1)
-        weights, index = torch.topk(probs, top_k, dim=-1)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-        return logits, weights, index
+        return output[0], *masked_routing(output[0], mask, top_k)
 
     return hook
 
 
 def _mapped_routing_hook(router: torch.Tensor, top_k: int):
-    """EEP's routing: softmax over the source experts, scores = router @ p, top-k, renormalise."""
     router_t = router.T.contiguous()
 
     def hook(module: nn.Module, args, output):
-        logits = output[0]
-        scores = torch.softmax(logits.float(), dim=-1) @ router_t
-        weights, index = torch.topk(scores, top_k, dim=-1)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-        return logits, weights, index
+        return output[0], *mapped_routing(output[0], router_t, top_k)
+
+    return hook
+
+
+def _skip_hook(beta: float):
+    """NAEE dynamic skipping on top-2 weights: where w2 < beta * w1 the weights become (1, 0)."""
+    def hook(module: nn.Module, args, output):
+        logits, weights, index = output
+        first_only = torch.tensor([1.0, 0.0], dtype=weights.dtype, device=weights.device)
+        return logits, torch.where((weights[:, 1] < beta * weights[:, 0])[:, None], first_only, weights), index
 
     return hook
 

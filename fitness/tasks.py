@@ -224,3 +224,11 @@ def _answers(cfg: TaskConfig, row: dict[str, Any]) -> tuple[str, ...]:
             raise EepError(f"task {cfg.name!r}: answer value {missing[0]!r} is not in answer_map")
         return tuple(mapping[k] for k in keys)
     return tuple(str(v) for v in values)
+
+
+def load_texts(dataset: str, subset: str | None, split: str, template: str, size: int, seed: int = 0) -> list[str]:
+    """``size`` non-blank texts formed by ``template`` from a seeded sample of a dataset split."""
+    cfg = TaskConfig(name="calibration", dataset=dataset, subset=subset, prompt=template, metric="perplexity",
+                     search_split=split, test_split=f"not-{split}", search_size=size, seed=seed)
+    check_tasks([cfg])
+    return [_format(cfg, template, row) for row in _rows(cfg, split, size)]

@@ -1,0 +1,139 @@
+"""``eep baselines``: score the task-agnostic baselines next to the search, held out.
+
+One calibration pass of the full model (:func:`eep.baselines.collect`) gives every baseline its
+statistics; each baseline genome is then scored on the held-out split by the same resident worker
+the search uses, so the table compares genomes, not code paths. Writes ``RUN_DIR/baselines.json``:
+``{method: {"heldout", "tasks", "kept_params", "active_params"}}`` (``random``: the mean over its
+draws, with ``heldout_std``), plus a ``sweep`` of the baselines at other kept-expert counts.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from collections.abc import Callable
+
+from eep.config import Config
+from eep.errors import EepError
+from eep.genome import Genome
+
+
+def parameter_counts(model, adapter, genome: Genome | None) -> tuple[int, int]:
+    """(parameters kept, parameters active per token) of ``model`` compressed by ``genome``
+    (``None``: uncompressed). Embeddings count as kept and active; a dropped expert removes its
+    weights and its router row; an expert not routed to is kept but not active."""
+    total = sum(p.numel() for p in model.parameters())
+    active = total
+    for layer in adapter.moe_layers:
+        experts = adapter.blocks[layer].experts
+        expert = sum(getattr(experts, name)[0].numel() for name in adapter.expert_tensors)
+        router_row = adapter.blocks[layer].gate.weight.shape[1]
+        slots = adapter.num_experts if genome is None else genome.gene(layer).slots
+        k = adapter.top_k if genome is None else genome.active(layer)
+        dropped = adapter.num_experts - slots
+        total -= dropped * (expert + router_row)
+        active -= dropped * router_row + (adapter.num_experts - k) * expert
+    return total, active
+
+
+def calibration_texts(config: Config) -> list[str]:
+    """The calibration texts: a dataset's, or the fitness tasks' search examples written out."""
+    from fitness.tasks import load_tasks, load_texts
+
+    cal = config.baselines.calibration
+    if cal.dataset is not None:
+        return load_texts(cal.dataset, cal.subset, cal.split, cal.prompt, cal.size, cal.seed)
+    texts = []
+    for task in load_tasks(config.fitness.tasks, "search"):
+        for ex in task.examples:
+            if ex.options:
+                texts.append("".join(ex.options[ex.label]))
+            else:
+                texts.append(f"{ex.prompt} {ex.answers[0]}" if ex.answers else ex.prompt)
+    return texts[: cal.size] if cal.size < len(texts) else texts
+
+
+def _batches(tokenizer, texts: list[str], batch_size: int, max_length: int):
+    for start in range(0, len(texts), batch_size):
+        yield tokenizer(texts[start: start + batch_size], return_tensors="pt", padding=True, truncation=True,
+                        max_length=max_length, padding_side="right")
+
+
+def check_baselines(config: Config, shape) -> None:
+    """Fail before any model loads when the baselines cannot be compared at the config's size."""
+    keep = config.search_space.keep
+    if keep is None:
+        raise EepError("baselines compare at a fixed number of experts per layer; set search_space.keep, not budget")
+    for k in (keep, *config.baselines.sweep):
+        if not shape.top_k <= k <= shape.num_experts:
+            raise EepError(f"baselines at {k} experts per layer: must be between top-k ({shape.top_k}) and "
+                           f"{shape.num_experts}; fix search_space.keep or baselines.sweep")
+    if "naee+skip" in config.baselines.methods and shape.top_k != 2:
+        raise EepError("naee+skip (dynamic skipping) needs a top-2 model; remove it from baselines.methods")
+
+
+def run_baselines(config: Config, worker, summary: dict | None, log: Callable[[str], None]) -> dict:
+    """Score the configured baselines (and, from ``summary``, the search and the full model) held out."""
+    from eep import baselines as bl
+    from eep.moe import shape_of
+    from fitness.metrics import weighted_fitness
+
+    cfg, keep = config.baselines, config.search_space.keep
+    shape = shape_of(worker.model.config)
+    check_baselines(config, shape)
+    texts = calibration_texts(config)
+    log(f"[eep] calibration pass over {len(texts)} texts")
+    cal = bl.collect(worker.model, worker.adapter,
+                     _batches(worker.tokenizer, texts, config.fitness.batch_size, cfg.calibration.max_length),
+                     cfg.calibration.max_tokens_per_layer, seed=cfg.calibration.seed)
+
+    def score(genome: Genome | None, skip=None) -> dict:
+        tasks = worker.scores(genome, "test", skip=skip)
+        kept, active = parameter_counts(worker.model, worker.adapter, genome)
+        return {"heldout": weighted_fitness(config.fitness.tasks, tasks), "tasks": tasks,
+                "kept_params": kept, "active_params": active}
+
+    def methods_at(k: int) -> dict[str, dict]:
+        out: dict[str, dict] = {}
+        for method in _progress(cfg.methods, f"baselines at {k} of {shape.num_experts} experts"):
+            if method == "random":
+                draws = [score(g) for g in bl.random_genomes(cal, k, cfg.random_draws, config.search.seed)]
+                out[method] = _mean_of(draws)
+            elif method == "frequency":
+                out[method] = score(bl.frequency_genome(cal, k))
+            elif method == "reap":
+                out[method] = score(bl.reap_genome(cal, k))
+            else:  # naee, naee+skip
+                genome, how = bl.naee_genome(cal, k, cfg.naee_max_subsets)
+                skip = bl.skip_betas(cal, genome) if method == "naee+skip" else None
+                out[method] = {**score(genome, skip), "how": how}
+                if skip is not None:
+                    out[method]["betas"] = {str(i): round(b, 4) for i, b in skip.items()}
+        return out
+
+    methods = {"full": score(None)}
+    methods.update(methods_at(keep))
+    if summary and summary.get("heldout") and summary.get("best_genome"):
+        best = Genome.from_dict(summary["best_genome"])
+        kept, active = parameter_counts(worker.model, worker.adapter, best)
+        held = summary["heldout"]["best"]
+        methods["search"] = {"heldout": held["mean"], "tasks": held["scores"], "kept_params": kept,
+                             "active_params": active, "genome_key": best.key}
+    sweep = {str(k): {m: v["heldout"] for m, v in methods_at(k).items()} for k in cfg.sweep if k != keep}
+    return {"keep": keep, "num_experts": shape.num_experts, "num_layers": len(shape.moe_layers),
+            "top_k": shape.top_k, "calibration_texts": len(texts), "calibration_tokens": cal.tokens,
+            "methods": methods, "sweep": sweep}
+
+
+def _mean_of(draws: list[dict]) -> dict:
+    means = [d["heldout"] for d in draws]
+    return {"heldout": statistics.mean(means), "heldout_std": statistics.stdev(means) if len(means) > 1 else 0.0,
+            "draws": len(draws), "tasks": {t: statistics.mean(d["tasks"][t] for d in draws) for t in draws[0]["tasks"]},
+            "kept_params": draws[0]["kept_params"], "active_params": draws[0]["active_params"]}
+
+
+def _progress(items, description: str):
+    """A progress bar on a terminal; plain iteration otherwise."""
+    from tqdm import tqdm
+
+    return tqdm(items, desc=description, disable=not sys.stderr.isatty(), leave=False)

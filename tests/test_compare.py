@@ -1,0 +1,99 @@
+import json
+
+import pytest
+import yaml
+
+from eep.cli import main
+from eep.compare import calibration_texts, parameter_counts
+from eep.config import parse_config
+from eep.genome import Genome
+from eep.moe import adapter_for
+from tests.conftest import toy_config_dict
+
+
+def _write(tmp_path, data):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_parameter_counts_follow_the_kept_and_active_experts(tiny_mixtral):
+    adapter = adapter_for(tiny_mixtral)
+    total = sum(p.numel() for p in tiny_mixtral.parameters())
+    expert = 2 * 48 * 32 + 32 * 48  # gate_up [2i, h] + down [h, i]
+    assert parameter_counts(tiny_mixtral, adapter, None) == (total, total - 3 * 6 * expert)
+    genome = Genome.from_keep(8, 2, {0: [0, 1, 2, 3], 1: [0, 1, 2, 3, 4], 2: [5, 6]})
+    dropped = 4 + 3 + 6
+    kept, active = parameter_counts(tiny_mixtral, adapter, genome)
+    assert kept == total - dropped * (expert + 32)
+    assert active == total - dropped * 32 - 3 * 6 * expert  # still two experts per token in every layer
+    uniform = Genome.from_keep(8, 2, {i: [1, 3, 5, 7] for i in range(3)})
+    export, form = adapter.compressed(uniform)
+    assert form.kind == "stock"
+    assert parameter_counts(tiny_mixtral, adapter, uniform)[0] == sum(p.numel() for p in export.parameters())
+
+
+def test_calibration_defaults_to_the_search_examples_written_out():
+    config = parse_config(toy_config_dict())
+    texts = calibration_texts(config)
+    assert len(texts) == 4 * 6 and texts[0].startswith("copy : ") and " = " in texts[0]
+    small = parse_config({**toy_config_dict(), "baselines": {"calibration": {"size": 5}}})
+    assert calibration_texts(small) == texts[:5]
+
+
+@pytest.mark.slow
+def test_baselines_then_report_then_eval_on_the_toy(tmp_path, capsys):
+    data = toy_config_dict(evaluations=10)
+    data["baselines"] = {"random_draws": 2, "sweep": [2]}
+    config = _write(tmp_path, data)
+    run = tmp_path / "run"
+    assert main(["baselines", str(config), "--run-dir", str(run)]) == 0  # runs the search first
+    result = json.loads((run / "baselines.json").read_text())
+    methods = result["methods"]
+    assert set(methods) == {"full", "random", "frequency", "naee", "naee+skip", "reap", "search"}
+    assert methods["random"]["draws"] == 2 and "heldout_std" in methods["random"]
+    assert methods["naee"]["how"] == "enumeration" and set(methods["naee+skip"]["betas"]) == {"0", "1", "2", "3"}
+    summary = json.loads((run / "summary.json").read_text())
+    assert methods["search"]["heldout"] == summary["heldout"]["best"]["mean"]
+    assert methods["full"]["heldout"] == pytest.approx(summary["heldout"]["full"]["mean"])
+    assert methods["full"]["kept_params"] > methods["naee"]["kept_params"] == methods["search"]["kept_params"]
+    assert set(result["sweep"]["2"]) == {"random", "frequency", "naee", "naee+skip", "reap"}
+    assert all(0 <= m["heldout"] <= 100 for m in methods.values())
+    journal_lines = (run / "journal.jsonl").read_text().count("\n")
+
+    assert main(["baselines", str(config), "--run-dir", str(run)]) == 0  # reuses the finished search
+    assert (run / "journal.jsonl").read_text().count("\n") == journal_lines
+    assert json.loads((run / "baselines.json").read_text())["methods"] == methods  # deterministic
+
+    assert main(["report", str(run)]) == 0
+    report = (run / "report.md").read_text()
+    assert "naee" in report and (run / "fitness.png").stat().st_size > 0 and (run / "methods.png").exists()
+
+    genome = tmp_path / "g.json"
+    Genome.from_dict(summary["best_genome"]).save(genome)
+    capsys.readouterr()
+    out = tmp_path / "scores.json"
+    assert main(["eval", str(config), "--genome", str(genome), "--out", str(out)]) == 0
+    scores = json.loads(out.read_text())
+    assert scores["fitness"] == pytest.approx(summary["heldout"]["best"]["mean"])
+    assert "fitness" in capsys.readouterr().out
+
+
+def test_baselines_input_errors(tmp_path, capsys):
+    def fails(data, message, run=None):
+        argv = ["baselines", str(_write(tmp_path, data))] + (["--run-dir", str(run)] if run else [])
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+
+    budget = toy_config_dict()
+    budget["search_space"] = {"kind": "prune", "budget": 12}
+    fails(budget, "set search_space.keep, not budget")
+    fails({**toy_config_dict(), "baselines": {"sweep": [1]}}, "baselines at 1 experts per layer")
+    fails({**toy_config_dict(), "baselines": {"methods": ["magic"]}}, "baselines.methods.0")
+    other = tmp_path / "other"
+    main(["search", str(_write(tmp_path, toy_config_dict(evaluations=7))), "--run-dir", str(other), "--dry-run"])
+    (other).mkdir()
+    (other / "config.yaml").write_text(yaml.safe_dump(parse_config(toy_config_dict(seed=99)).to_dict()))
+    fails(toy_config_dict(), "holds a search of another config", run=other)
+    assert not (other / "baselines.json").exists()
