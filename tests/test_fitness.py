@@ -302,3 +302,15 @@ def test_search_and_heldout_splits_never_share_an_example(tmp_path):
 def test_task_configs_are_checked_without_loading(cfg, message):
     with pytest.raises(EepError, match=message):
         check_tasks([cfg])
+
+
+def test_chat_template_wraps_prompts_when_a_task_asks(tokenizer):
+    model = _bigram(tokenizer, 3)
+    task = Task("chat", (Example("copy : a =", ("a",)),), "exact_match", chat_template=True)
+    with pytest.raises(EepError, match="tokenizer has none"):
+        Scorer(model, tokenizer, [task])
+    chatty = AutoTokenizer.from_pretrained(toy.TOY_DIR)
+    chatty.chat_template = "{% for m in messages %}<bos> {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} ={% endif %}"
+    assert Scorer(model, chatty, [task]).prompts["chat"] == ["<bos> copy : a = ="]
+    plain = Task("plain", task.examples, "exact_match")
+    assert Scorer(model, chatty, [plain]).prompts["plain"] == ["copy : a ="]
