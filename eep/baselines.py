@@ -31,7 +31,7 @@ from torch import nn
 
 from eep.errors import EepError
 from eep.genome import Genome, LayerGene
-from eep.moe import MixtralAdapter, MoEShape, mapped_routing, masked_routing
+from eep.moe import MixtralAdapter, MoEShape, keep_mask, mapped_routing, masked_routing
 
 
 @dataclass(frozen=True)
@@ -242,7 +242,7 @@ def _error_of_keep_sets(cal: Calibration, layer: int) -> Callable[[Iterable[int]
 
 def _dense_weights(logits: torch.Tensor, keep: Iterable[int], top_k: int) -> torch.Tensor:
     """[N, E] float64 routing weights among ``keep`` (0 for experts a token is not routed to)."""
-    weights, index = masked_routing(logits, _mask(keep, logits.shape[-1], logits.device), top_k)
+    weights, index = masked_routing(logits, keep_mask(keep, logits.shape[-1], logits.device), top_k)
     return torch.zeros_like(logits, dtype=torch.float64).scatter_(1, index, weights.double())
 
 
@@ -270,13 +270,7 @@ def _gene_routing(logits: torch.Tensor, gene: LayerGene, num_experts: int, k: in
     if gene.is_merge:
         router = torch.tensor(gene.matrices(num_experts)[1], dtype=torch.float32, device=logits.device)
         return mapped_routing(logits, router.T.contiguous(), k)
-    return masked_routing(logits, _mask(gene.keep, num_experts, logits.device), k)
-
-
-def _mask(keep: Iterable[int], num_experts: int, device: torch.device) -> torch.Tensor:
-    mask = torch.full((num_experts,), float("-inf"), device=device)
-    mask[list(keep)] = 0.0
-    return mask
+    return masked_routing(logits, keep_mask(gene.keep, num_experts, logits.device), k)
 
 
 def _top(scores: torch.Tensor, keep: int) -> list[int]:

@@ -36,8 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="start a search from a YAML config")
     p.add_argument("config", help="YAML config, e.g. experiments/toy.yaml")
     p.add_argument("--run-dir", help="where the run lives (default: runs/<config name>)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set search.evaluations=100 (repeatable)")
+    _override_flag(p)
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan; load no weights")
     _evaluator_flags(p)
     p.set_defaults(func=cmd_search)
@@ -61,8 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("baselines", help="score random, frequency, NAEE and REAP pruning next to the search, held out")
     p.add_argument("config", help="YAML config (its search runs first unless --run-dir holds it finished)")
     p.add_argument("--run-dir", help="the search's run directory (default: runs/<config name>)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (repeatable)")
+    _override_flag(p)
     p.set_defaults(func=cmd_baselines)
 
     p = sub.add_parser("report", help="write RUN_DIR/report.md with the comparison table and plots")
@@ -75,8 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--genome", help="genome JSON applied to the model before scoring")
     p.add_argument("--split", choices=["test", "search"], default="test", help="which split (default: held-out test)")
     p.add_argument("--out", help="also write the scores to this JSON file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (repeatable)")
+    _override_flag(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("toy", help="the embedded toy model")
@@ -87,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=2500)
     b.set_defaults(func=cmd_toy_build)
     return parser
+
+
+def _override_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set search.evaluations=100 (repeatable)")
 
 
 def _evaluator_flags(p: argparse.ArgumentParser) -> None:

@@ -50,7 +50,7 @@ def calibration_texts(config: Config) -> list[str]:
                 texts.append("".join(ex.options[ex.label]))
             else:
                 texts.append(f"{ex.prompt} {ex.answers[0]}" if ex.answers else ex.prompt)
-    return texts[: cal.size] if cal.size < len(texts) else texts
+    return texts[: cal.size]
 
 
 def _batches(tokenizer, texts: list[str], batch_size: int, max_length: int):

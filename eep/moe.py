@@ -161,8 +161,7 @@ class MixtralAdapter:
                     self._merged_for[layer] = gene.merge
                     handles.append(block.gate.register_forward_hook(_mapped_routing_hook(router, k)))
                 elif len(gene.keep) < self.num_experts or k != self.top_k:
-                    mask = torch.full((self.num_experts,), float("-inf"), device=block.gate.weight.device)
-                    mask[list(gene.keep)] = 0.0
+                    mask = keep_mask(gene.keep, self.num_experts, block.gate.weight.device)
                     handles.append(block.gate.register_forward_hook(_masked_routing_hook(mask, k)))
             for layer, beta in (skip or {}).items():  # after the routing hooks: sees their output
                 handles.append(self.blocks[layer].gate.register_forward_hook(_skip_hook(beta)))
@@ -252,6 +251,13 @@ class MixtralAdapter:
             small.get_submodule(owner)._buffers[leaf] = buffer.clone()
         small.tie_weights()
         return small.eval()
+
+
+def keep_mask(keep, num_experts: int, device: torch.device) -> torch.Tensor:
+    """[E] router-logit mask: 0 for the kept experts, -inf for the others (see :func:`masked_routing`)."""
+    mask = torch.full((num_experts,), float("-inf"), device=device)
+    mask[list(keep)] = 0.0
+    return mask
 
 
 def masked_routing(logits: torch.Tensor, mask: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
