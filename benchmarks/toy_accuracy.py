@@ -16,7 +16,6 @@ import statistics
 
 from eep.evaluator import FitnessWorker
 from eep.journal import RunDir
-from eep.moe import MoEShape
 from eep.search import make_toolbox
 from search_spaces import build_schedule
 
@@ -31,7 +30,7 @@ def main() -> None:
     config = run.config()
     worker = FitnessWorker(config)
     adapter = worker.adapter
-    shape = MoEShape(adapter.family, adapter.num_experts, adapter.top_k, tuple(adapter.moe_layers))
+    shape = adapter.shape
     first = build_schedule(config.search_space, shape).first
     rng = random.Random(args.seed)
     individual = make_toolbox(first, config.search, rng).individual

@@ -7,9 +7,10 @@ layer's router and keeps, per MoE layer, over all non-padding tokens:
 
 - ``counts``: how often each expert is in a token's top-k;
 - ``reap``: REAP saliency, the mean over the tokens routed to an expert of g · ‖expert output‖₂.
-  g is the router's softmax probability over all E logits, as REAP's released code takes it for
-  Mixtral (CerebrasResearch/reap ``src/reap/observer.py``: it renormalises over the top-k only for
-  models with ``norm_topk_prob``); the top-k weight Mixtral multiplies by is g / Σ top-k g;
+  For Mixtral g is the router's softmax probability over all E logits, as REAP's released code
+  takes it (CerebrasResearch/reap ``src/reap/observer.py``: it renormalises over the top-k only for
+  models with ``norm_topk_prob``); the top-k weight Mixtral multiplies by is g / Σ top-k g. For
+  the other families g is the routed weight (see :func:`_reap_gates`);
 - for a uniform sample of at most ``max_tokens_per_layer`` tokens (the same tokens in every
   layer): the router logits and the Gram matrix G = Y Yᵀ [E, E] of the E experts' outputs Y.
 
@@ -31,7 +32,7 @@ from torch import nn
 
 from eep.errors import EepError
 from eep.genome import Genome, LayerGene
-from eep.moe import MixtralAdapter, MoEShape, keep_mask, mapped_routing, masked_routing
+from eep.moe import MoEAdapter, MoEShape, keep_mask, mapped_routing, masked_routing, router_columns
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,15 @@ class Calibration:
     """[N, E] float32: router logits of the sampled tokens."""
     gram: dict[int, torch.Tensor]
     """[N, E, E] float32: Gram matrices of the experts' outputs on the sampled tokens."""
+    route: Callable[[int, torch.Tensor, list[int], int], tuple[torch.Tensor, torch.Tensor]] | None = None
+    """The model family's routing of logits [N, E] of a layer among some experts with some top-k
+    (:meth:`eep.moe.MoEAdapter.route`); None: Mixtral's (softmax, top-k, renormalise)."""
+
+    def routing(self, layer: int, logits: torch.Tensor, keep, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, expert ids), each [N, top_k]: how the layer routes ``logits`` among ``keep``."""
+        if self.route is not None:
+            return self.route(layer, logits, sorted(keep), top_k)
+        return masked_routing(logits, keep_mask(keep, logits.shape[-1], logits.device), top_k)
 
 
 @dataclass
@@ -82,7 +92,7 @@ class _TokenSample:
         return slots, new
 
 
-def collect(model: nn.Module, adapter: MixtralAdapter, batches: Iterable[dict], max_tokens_per_layer: int = 8192,
+def collect(model: nn.Module, adapter: MoEAdapter, batches: Iterable[dict], max_tokens_per_layer: int = 8192,
             seed: int = 0, chunk: int = 1024) -> Calibration:
     """One pass of the (unpruned, eval-mode) model over tokenizer-output batches (``input_ids``,
     ``attention_mask``); positions whose mask is 0 count nowhere. Statistics are computed where
@@ -94,7 +104,7 @@ def collect(model: nn.Module, adapter: MixtralAdapter, batches: Iterable[dict], 
     sample = _TokenSample(max_tokens_per_layer, seed)
     layers = {}
     for layer in adapter.moe_layers:
-        device = adapter.blocks[layer].gate.weight.device
+        device = adapter.routers[layer].weight.device
         layers[layer] = _Layer(torch.zeros(experts, dtype=torch.float64, device=device),
                                torch.zeros(experts, dtype=torch.float64, device=device),
                                torch.zeros(max_tokens_per_layer, experts),
@@ -105,8 +115,8 @@ def collect(model: nn.Module, adapter: MixtralAdapter, batches: Iterable[dict], 
         def hook(gate: nn.Module, args, output):
             x = args[0].reshape(-1, args[0].shape[-1])
             valid = batch["valid"].to(x.device)
-            _observe(adapter, layer, layers[layer], x[valid], output[0][valid], output[2][valid],
-                     batch["slots"], batch["new"], chunk)
+            _observe(adapter, layer, layers[layer], x[valid], output[0][valid], output[1][valid],
+                     output[2][valid], batch["slots"], batch["new"], chunk)
 
         return hook
 
@@ -114,7 +124,7 @@ def collect(model: nn.Module, adapter: MixtralAdapter, batches: Iterable[dict], 
     tokens = 0
     handles = []
     try:
-        handles = [adapter.blocks[i].gate.register_forward_hook(observer(i)) for i in adapter.moe_layers]
+        handles = [adapter.routers[i].register_forward_hook(observer(i)) for i in adapter.moe_layers]
         with torch.no_grad():
             for inputs in batches:
                 ids = inputs["input_ids"]
@@ -136,26 +146,36 @@ def collect(model: nn.Module, adapter: MixtralAdapter, batches: Iterable[dict], 
         counts={i: s.counts.cpu().long() for i, s in layers.items()},
         reap={i: torch.where(s.counts > 0, s.reap_sum / s.counts.clamp(min=1), 0.0).cpu() for i, s in layers.items()},
         logits={i: s.logits[filled] for i, s in layers.items()},
-        gram={i: s.gram[filled] for i, s in layers.items()})
+        gram={i: s.gram[filled] for i, s in layers.items()}, route=adapter.route)
 
 
-def _observe(adapter: MixtralAdapter, layer: int, stats: _Layer, x: torch.Tensor, logits: torch.Tensor,
-             index: torch.Tensor, slots: torch.Tensor, new: torch.Tensor, chunk: int) -> None:
-    """Add one batch's valid tokens (x [n, h], router logits [n, E], top-k index [n, k])."""
-    probs = torch.softmax(logits.float(), dim=-1)
+def _observe(adapter: MoEAdapter, layer: int, stats: _Layer, x: torch.Tensor, logits: torch.Tensor,
+             weights: torch.Tensor, index: torch.Tensor, slots: torch.Tensor, new: torch.Tensor, chunk: int) -> None:
+    """Add one batch's valid tokens (x [n, h], router logits [n, E], top-k weights and index [n, k])."""
+    gates = _reap_gates(adapter, logits, weights, index)
     stats.counts += torch.bincount(index.reshape(-1), minlength=adapter.num_experts).double()
     for expert in range(adapter.num_experts):
         token = (index == expert).any(dim=-1).nonzero().squeeze(1)
         if len(token):
             norms = adapter.expert_output(layer, expert, x[token]).float().norm(dim=-1)
-            stats.reap_sum[expert] += (probs[token, expert] * norms).sum().double()
+            stats.reap_sum[expert] += (gates[token, expert] * norms).sum().double()
     if len(new):
         new = new.to(x.device)
         stats.logits[slots] = logits[new].float().cpu()
         stats.gram[slots] = output_gram(adapter, layer, x[new], chunk).cpu()
 
 
-def output_gram(adapter: MixtralAdapter, layer: int, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def _reap_gates(adapter: MoEAdapter, logits: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[n, E] REAP gate values g: for Mixtral the softmax over all E logits (REAP's code); for the
+    other families the weight the router gives a routed expert, which is what REAP's code takes
+    for them (softmax probabilities, renormalised over the top-k with ``norm_topk_prob``) and, for
+    sigmoid and top-k-softmax routers, what the model multiplies the expert's output by."""
+    if adapter.family.model_type == "mixtral":
+        return torch.softmax(logits.float(), dim=-1)
+    return torch.zeros(logits.shape, dtype=torch.float32, device=logits.device).scatter_(1, index, weights.float())
+
+
+def output_gram(adapter: MoEAdapter, layer: int, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """[n, E, E] float32: for each token of x [n, h], the inner products of the E experts' outputs."""
     grams = []
     for part in x.split(chunk):
@@ -231,25 +251,26 @@ def output_error(cal: Calibration, layer: int, keep: Iterable[int]) -> float:
 
 def _error_of_keep_sets(cal: Calibration, layer: int) -> Callable[[Iterable[int]], float]:
     logits, gram = cal.logits[layer], cal.gram[layer].double()
-    full = _dense_weights(logits, range(cal.num_experts), cal.top_k)
+    full = _dense_weights(cal, layer, range(cal.num_experts))
 
     def error(keep: Iterable[int]) -> float:
-        c = full - _dense_weights(logits, keep, cal.top_k)  # exactly 0 for tokens routed as before
+        c = full - _dense_weights(cal, layer, keep)  # exactly 0 for tokens routed as before
         return float(torch.einsum("ne,nef,nf->", c, gram, c))
 
     return error
 
 
-def _dense_weights(logits: torch.Tensor, keep: Iterable[int], top_k: int) -> torch.Tensor:
+def _dense_weights(cal: Calibration, layer: int, keep: Iterable[int]) -> torch.Tensor:
     """[N, E] float64 routing weights among ``keep`` (0 for experts a token is not routed to)."""
-    weights, index = masked_routing(logits, keep_mask(keep, logits.shape[-1], logits.device), top_k)
+    logits = cal.logits[layer]
+    weights, index = cal.routing(layer, logits, list(keep), cal.top_k)
     return torch.zeros_like(logits, dtype=torch.float64).scatter_(1, index, weights.double())
 
 
 def skip_betas(cal: Calibration, genome: Genome) -> dict[int, float]:
     """NAEE dynamic skipping thresholds {layer: beta}: the median over the sampled tokens of w2/w1
     under the genome's routing (restricted to a prune gene's kept experts, or a merge gene's
-    router), for ``MixtralAdapter.applied(genome, skip=...)``. Only for top-2 layers.
+    router), for ``MoEAdapter.applied(genome, skip=...)``. Only for top-2 layers.
 
     The logits are the unpruned model's: exact for the first MoE layer, an approximation for later
     ones, whose inputs change once earlier layers are pruned (NAEE measures beta on the model it
@@ -260,17 +281,19 @@ def skip_betas(cal: Calibration, genome: Genome) -> dict[int, float]:
         k = genome.active(layer)
         if k != 2:
             raise EepError(f"dynamic skipping needs top-2 routing; layer {layer} of the genome routes top-{k}")
-        weights, _ = _gene_routing(cal.logits[layer], genome.gene(layer), cal.num_experts, k)
+        weights, _ = _gene_routing(cal, layer, genome.gene(layer), k)
         betas[layer] = float(torch.quantile((weights[:, 1] / weights[:, 0]).double(), 0.5))  # = numpy's median
     return betas
 
 
-def _gene_routing(logits: torch.Tensor, gene: LayerGene, num_experts: int, k: int):
-    """The routing ``MixtralAdapter.applied`` gives this gene, on these logits."""
-    if gene.is_merge:
-        router = torch.tensor(gene.matrices(num_experts)[1], dtype=torch.float32, device=logits.device)
+def _gene_routing(cal: Calibration, layer: int, gene: LayerGene, k: int):
+    """The routing ``MoEAdapter.applied`` gives this gene, on the layer's sampled logits."""
+    logits = cal.logits[layer]
+    picks = router_columns(gene, cal.num_experts) if gene.is_merge else list(gene.keep)
+    if picks is None:  # a router matrix mixing experts (Mixtral only)
+        router = torch.tensor(gene.matrices(cal.num_experts)[1], dtype=torch.float32, device=logits.device)
         return mapped_routing(logits, router.T.contiguous(), k)
-    return masked_routing(logits, keep_mask(gene.keep, num_experts, logits.device), k)
+    return cal.routing(layer, logits, picks, k)
 
 
 def _top(scores: torch.Tensor, keep: int) -> list[int]:

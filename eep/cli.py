@@ -131,7 +131,7 @@ def _print_plan(config, hf_config, shape, space, run_dir) -> None:
     active = config.search_space.top_k
     routing = f", top-{shape.top_k} -> top-{active}" if active not in (None, shape.top_k) else ""
     print(f"search space {space.describe()}{routing} -> "
-          + ("continuous" if size == float("inf") else f"{size:.3e}" if size > 10**6 else str(size)) + " genomes")
+          + ("continuous" if size == float("inf") else _large(size)) + " genomes")
     print(f"budget       {config.search.evaluations} evaluations ({config.search.initial} random initial), "
           f"seed {config.search.seed}")
     tasks = ", ".join(f"{t.name} ({t.search_size} search / {t.test_size} held-out)" for t in config.fitness.tasks)
@@ -143,6 +143,12 @@ def _print_plan(config, hf_config, shape, space, run_dir) -> None:
     print(f"evaluator    {where}; {config.search.in_flight} candidate(s) in flight; ~"
           + (f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB") + " of weights per model copy")
     print(f"run dir      {run_dir}")
+
+
+def _large(n: int) -> str:
+    """An exact count as digits, or as d.ddde+NN beyond a million (exact ints may exceed floats)."""
+    digits = str(n)
+    return digits if n <= 10**6 else f"{digits[0]}.{digits[1:4]}e+{len(digits) - 1:02d}"
 
 
 def cmd_search(args) -> int:
@@ -216,7 +222,8 @@ def _search(run, config, space, evaluator) -> int:
         evaluator.close()
     held = summary.get("heldout")
     log(f"[eep] done: {summary['evaluations']} evaluations in {time.perf_counter() - start:.0f}s; "
-        f"best search fitness {summary['best_fitness']:.2f}"
+        + (f"best search fitness {summary['best_fitness']:.2f}" if summary["best_fitness"] is not None
+           else "no evaluation succeeded (see the journal's errors)")
         + (f"; held-out {held['best']['mean']:.2f} (full model {held['full']['mean']:.2f})" if held else ""))
     print(json.dumps({k: summary[k] for k in ("evaluations", "best_fitness", "best_id")}))
     return 0
@@ -276,7 +283,7 @@ def cmd_eval(args) -> int:
     from eep.genome import Genome
     from eep.journal import write_json_atomic
     from eep.model import load_hf_config
-    from eep.moe import shape_of
+    from eep.moe import check_family, shape_of
     from fitness.metrics import weighted_fitness
     from fitness.tasks import check_tasks
 
@@ -288,6 +295,7 @@ def cmd_eval(args) -> int:
     if genome is not None:
         shape = shape_of(load_hf_config(config.model))
         genome.validate_for(shape.num_experts, shape.top_k, shape.moe_layers)
+        check_family(genome, shape)
     if args.out:
         out = Path(args.out)
         if not out.parent.is_dir():

@@ -27,7 +27,9 @@ def parameter_counts(model, adapter, genome: Genome | None) -> tuple[int, int]:
     for layer in adapter.moe_layers:
         experts = adapter.blocks[layer].experts
         expert = sum(getattr(experts, name)[0].numel() for name in adapter.expert_tensors)
-        router_row = adapter.blocks[layer].gate.weight.shape[1]
+        router = adapter.routers[layer]  # a dropped expert's row of every [E, ...] router parameter
+        router_row = sum(p[0].numel() for name, p in router.named_parameters(recurse=False)
+                         if name in adapter.router_tensors)
         slots = adapter.num_experts if genome is None else genome.gene(layer).slots
         k = adapter.top_k if genome is None else genome.active(layer)
         dropped = adapter.num_experts - slots
@@ -62,6 +64,9 @@ def _batches(tokenizer, texts: list[str], batch_size: int, max_length: int):
 def check_baselines(config: Config, shape) -> None:
     """Fail before any model loads when the baselines cannot be compared at the config's size."""
     keep = config.search_space.keep
+    if shape.expert_groups > 1:
+        raise EepError(f"baselines pick experts without regard to the model's {shape.expert_groups} routing groups, "
+                       "which its routing needs kept evenly; they are not available for grouped top-k models")
     if keep is None:
         raise EepError("baselines compare at a fixed number of experts per layer; set search_space.keep, not budget")
     for k in (keep, *config.baselines.sweep):

@@ -1,19 +1,23 @@
 """MoE adapters: where a model family's routing and expert tensors live, and how a genome
 changes them — reversibly in place for search, physically for export.
 
-Only Mixtral-style routing is implemented here (softmax over all E router logits, top-k,
-renormalise the chosen weights to sum to one).
+One adapter serves every family of :mod:`eep.families`; what differs between them is read from
+the model (its [E, ...] expert and router tensors) and the family table, and each family's routing
+rule is run by its own ``transformers`` router code, never re-derived here.
 
-- Pruning means "the same routing over fewer experts": the dropped experts' logits become -inf
-  before the softmax, which gives exactly the routing of a model whose router and experts were
-  sliced to the kept ones (the softmax denominator cancels in the renormalisation, and top-k ties
-  break the same way because kept experts stay in their original order). No weight is touched.
+- Pruning means "the same routing over fewer experts": the router runs on its tensors sliced to
+  the kept experts (weights, biases, score-correction biases), which is exactly the routing of a
+  smaller stock model of the family; the chosen slots are mapped back to the kept experts' ids.
+  Kept experts stay in their original order, so top-k ties and expert groups break the same way.
+  No expert weight is touched.
 - Merging (EEP stage 2) computes each layer's E' merged experts with one matrix product per
   expert tensor into a buffer kept for the next candidate, swaps it in for the duration of the
   evaluation and swaps the originals back after: nothing is reloaded or allocated per candidate,
   the extra memory is E'/E of the expert weights, and a layer whose merge matrix equals the
   previous candidate's (children share most layers with their parents) is not merged again.
-  Routing becomes softmax over the E logits -> router matrix -> top-k -> renormalise.
+  A router matrix that only selects (one source expert per slot) routes like pruning, over the
+  selected experts; one that mixes experts is EEP's routing (softmax over the E logits -> router
+  matrix -> top-k -> renormalise), defined for Mixtral-style routing only.
 - Dynamic skipping (NAEE, top-2 only) is one more router hook after those: a token whose second
   weight w2 < beta * w1 keeps only its first expert, with weight 1 (NAEE renormalises after
   zeroing w2). The second expert still runs with weight 0 in transformers' experts kernels, so in
@@ -32,6 +36,7 @@ import torch
 from torch import nn
 
 from eep.errors import EepError
+from eep.families import FAMILIES, MoEShape, shape_of
 from eep.genome import Genome, LayerGene
 
 
@@ -74,48 +79,76 @@ def router_columns(gene: LayerGene, num_experts: int) -> list[int] | None:
 
 def export_form(genome: Genome, shape: MoEShape, form: str | None = None) -> ExportForm:
     """The form a genome is exported in (``form`` forces one; ``stock`` when impossible is an
-    :class:`EepError`). Needs only the model's shape, so it is decided before weights load."""
+    :class:`EepError`, as is ``custom`` for a family eep has no modeling file for). Needs only the
+    model's shape, so it is decided before weights load."""
+    family = FAMILIES[shape.family]
     layers = shape.moe_layers
     counts = sorted({genome.gene(i).slots for i in layers})
     actives = sorted({genome.active(i) for i in layers})
     general = [i for i in layers if router_columns(genome.gene(i), shape.num_experts) is None]
+    stock = f"a stock {family.title} checkpoint"
     if len(counts) > 1:
-        chosen = ExportForm("custom", f"layers keep different numbers of experts ({counts}); a stock Mixtral has one "
-                                      "num_local_experts")
+        chosen = ExportForm("custom", f"layers keep different numbers of experts ({counts}); {stock} has one expert "
+                                      "count")
     elif len(actives) > 1:
-        chosen = ExportForm("custom", f"layers route to different top_k ({actives}); a stock Mixtral has one "
-                                      "num_experts_per_tok")
+        chosen = ExportForm("custom", f"layers route to different top_k ({actives}); {stock} has one top_k")
     elif general:
-        chosen = ExportForm("custom", f"layers {general} route through a router matrix that mixes experts; a stock "
-                                      "Mixtral router can only select them")
+        chosen = ExportForm("custom", f"layers {general} route through a router matrix that mixes experts; {stock} "
+                                      "router can only select them")
     else:
         what = "merged experts with a selecting router" if genome.is_merge else "kept experts"
-        chosen = ExportForm("stock", f"{what}, {counts[0]} per layer, top_k={actives[0]}: a stock Mixtral holds it")
+        chosen = ExportForm("stock", f"{what}, {counts[0]} per layer, top_k={actives[0]}: {stock} holds it")
     if form == "stock" and chosen.kind != "stock":
         raise EepError(f"this genome cannot be a stock checkpoint: {chosen.reason}; export it in the custom form")
     if form == "custom" and chosen.kind == "stock":
-        return ExportForm("custom", "the custom form was asked for")
+        chosen = ExportForm("custom", "the custom form was asked for")
+    if chosen.kind == "custom" and not family.custom_form:
+        with_custom = ", ".join(f.title for f in FAMILIES.values() if f.custom_form)
+        raise EepError(f"this genome needs eep's custom-code export ({chosen.reason}), which exists for "
+                       f"{with_custom} only; search {family.title} with one expert count and top_k in every layer")
     return chosen
 
 
-class MixtralAdapter:
-    """Mixtral (transformers 5.x fused experts): ``mlp.gate.weight`` [E, h],
-    ``mlp.experts.gate_up_proj`` [E, 2i, h], ``mlp.experts.down_proj`` [E, h, i]."""
+class MoEAdapter:
+    """One adapter for every family in :data:`eep.families.FAMILIES` (transformers 5.x fused
+    experts: ``experts.<tensor>`` [E, ...] per MoE block, a router module returning
+    (logits, top-k weights, top-k indices)).
 
-    family = "mixtral"
-    expert_tensors = ("gate_up_proj", "down_proj")
+    The family's own router code does the routing under a genome: it runs on a copy of the router
+    tensors sliced to the kept experts (:meth:`_reroute`), so in search a pruned layer computes
+    exactly what the exported smaller model computes, whatever the family's routing rule."""
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.config = model.config
         shape = shape_of(model.config)
+        self.shape = shape
+        self.family = FAMILIES[shape.family]
         self.num_experts, self.top_k, self.moe_layers = shape.num_experts, shape.top_k, list(shape.moe_layers)
-        self.blocks = {i: model.model.layers[i].mlp for i in self.moe_layers}
+        layers = decoder_layers(model)
+        self.blocks = {i: layers[i].mlp for i in self.moe_layers}
+        missing = [i for i, block in self.blocks.items() if not hasattr(block, "experts")]
+        if missing:
+            raise EepError(f"layers {missing} of this {self.family.title} model have no experts although its config "
+                           "says they are MoE layers; the model does not match its config")
+        self.routers = {i: getattr(block, self.family.router) for i, block in self.blocks.items()}
+        prefixes = {id(block): name for name, block in model.named_modules()}
+        self.prefixes = {i: prefixes[id(block)] + "." for i, block in self.blocks.items()}
+        first = self.blocks[self.moe_layers[0]]
+        # every [E, ...] tensor of the experts (weights, and GPT-OSS's biases) and of the router
+        # (weight, GPT-OSS's bias, DeepSeek-V3/GLM's score-correction bias)
+        self.expert_tensors = tuple(name for name, p in first.experts.named_parameters(recurse=False)
+                                    if p.shape[0] == self.num_experts)
+        router = self.routers[self.moe_layers[0]]
+        self.router_tensors = tuple(name for name, t in [*router.named_parameters(recurse=False),
+                                                          *router.named_buffers(recurse=False)]
+                                    if t.shape[0] == self.num_experts)
         self._buffers: dict[tuple[int, str], torch.Tensor] = {}  # merged experts, reused across candidates
         self._merged_for: dict[int, tuple | None] = {}  # the merge matrix each layer's buffers hold
 
     def validate(self, genome: Genome, skip: Mapping[int, float] | None = None) -> None:
         genome.validate_for(self.num_experts, self.top_k, self.moe_layers)
+        check_family(genome, self.shape)
         for layer, beta in (skip or {}).items():
             if layer not in self.moe_layers:
                 raise EepError(f"skip names layer {layer}, which is not an MoE layer of this model")
@@ -125,10 +158,30 @@ class MixtralAdapter:
                 raise EepError(f"skip beta of layer {layer} must be a finite number >= 0, got {beta!r}")
 
     def expert_output(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
-        """One expert's output on tokens ``x`` [n, h], unweighted (as ``MixtralExperts`` computes it)."""
-        experts = self.blocks[layer].experts
-        gate, up = nn.functional.linear(x, experts.gate_up_proj[expert]).chunk(2, dim=-1)
-        return nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[expert])
+        """One expert's output on tokens ``x`` [n, h], unweighted, computed by the family's own
+        experts module (every token routed to ``expert`` alone with weight 1)."""
+        tokens = x.reshape(-1, x.shape[-1])
+        index = torch.full((tokens.shape[0], 1), expert, dtype=torch.long, device=x.device)
+        weight = torch.ones((tokens.shape[0], 1), dtype=x.dtype, device=x.device)
+        return self.blocks[layer].experts(tokens, index, weight).reshape(x.shape)
+
+    def route(self, layer: int, logits: torch.Tensor, rows: list[int], top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, expert ids), each [N, top_k]: the layer's routing of router ``logits`` [N, E]
+        (as the full model computed them) among the experts ``rows`` only, with ``top_k`` — what a
+        pruned layer does, from logits alone. The family's own router code runs on an identity
+        weight over the kept logits (their bias is already in them); its other per-expert tensors
+        (DeepSeek-V3's score correction) are sliced as in :meth:`_reroute`."""
+        router = self.routers[layer]
+        index = torch.tensor(list(rows), dtype=torch.long, device=logits.device)
+        n = len(rows)
+        tensors = {name: getattr(router, name).index_select(0, index.to(router.weight.device)).to(logits.device)
+                   for name in self.router_tensors}
+        tensors["weight"] = torch.eye(n, dtype=logits.dtype, device=logits.device)
+        if "bias" in tensors:
+            tensors["bias"] = torch.zeros(n, dtype=logits.dtype, device=logits.device)
+        with torch.no_grad(), _replaced(router, tensors, {"num_experts": n, "top_k": top_k, "hidden_dim": n}):
+            _, weights, chosen = type(router).forward(router, logits.index_select(1, index))
+        return weights, index[chosen]
 
     # -- search: reversible, in place ---------------------------------------------------------
 
@@ -142,35 +195,63 @@ class MixtralAdapter:
         try:
             for layer, gene in genome.layers:
                 k = genome.active(layer, gene)
-                block = self.blocks[layer]
+                block, router = self.blocks[layer], self.routers[layer]
                 if gene.is_merge:
-                    merge, router = (self._matrix(m, block) for m in gene.matrices(self.num_experts))
                     # the experts implementations size their dispatch by num_experts
                     swapped.append((block.experts, "num_experts", block.experts.num_experts))
                     block.experts.num_experts = gene.slots
-                    fresh = self._merged_for.get(layer) != gene.merge  # the last candidate's merge is still there
-                    self._merged_for[layer] = None  # until the merge below completes
-                    with torch.no_grad():
-                        for name in self.expert_tensors:
-                            original = getattr(block.experts, name)
-                            swapped.append((block.experts, name, original))
-                            merged = self._buffer(layer, name, original, gene.slots)
-                            if fresh:
-                                merge_experts(original, merge, merged)
-                            setattr(block.experts, name, nn.Parameter(merged, requires_grad=False))
-                    self._merged_for[layer] = gene.merge
-                    handles.append(block.gate.register_forward_hook(_mapped_routing_hook(router, k)))
+                    self._swap_merged(layer, gene, swapped)
+                    picks = router_columns(gene, self.num_experts)
+                    if picks is None:  # EEP's router matrix mixing experts (Mixtral routing only)
+                        router_map = self._matrix(gene.matrices(self.num_experts)[1], router)
+                        handles.append(router.register_forward_hook(_mapped_routing_hook(router_map, k)))
+                    else:
+                        handles.append(router.register_forward_hook(self._reroute(layer, picks, k, remap=False)))
                 elif len(gene.keep) < self.num_experts or k != self.top_k:
-                    mask = keep_mask(gene.keep, self.num_experts, block.gate.weight.device)
-                    handles.append(block.gate.register_forward_hook(_masked_routing_hook(mask, k)))
+                    handles.append(router.register_forward_hook(self._reroute(layer, gene.keep, k, remap=True)))
             for layer, beta in (skip or {}).items():  # after the routing hooks: sees their output
-                handles.append(self.blocks[layer].gate.register_forward_hook(_skip_hook(beta)))
+                handles.append(self.routers[layer].register_forward_hook(_skip_hook(beta)))
             yield
         finally:
             for handle in handles:
                 handle.remove()
             for module, name, original in reversed(swapped):
                 setattr(module, name, original)
+
+    def _reroute(self, layer: int, rows, top_k: int, remap: bool):
+        """A router forward hook: the family's own routing over the experts ``rows`` only (the
+        router tensors sliced to them, as in the smaller exported model), with ``top_k``. The
+        logits it returns stay the full model's (router-logit consumers see all E). ``remap``:
+        indices name the original experts (pruning); else the slots 0..len(rows)-1 (merging)."""
+        router = self.routers[layer]
+        device = router.weight.device
+        index = torch.tensor(list(rows), dtype=torch.long, device=device)
+        sliced = {name: getattr(router, name).index_select(0, index) for name in self.router_tensors}
+        sizes = {"num_experts": len(rows), "top_k": top_k}
+
+        def hook(module: nn.Module, args, output):
+            with _replaced(module, sliced, sizes):
+                _, weights, chosen = type(module).forward(module, *args)
+            return output[0], weights, index[chosen] if remap else chosen
+
+        return hook
+
+    def _swap_merged(self, layer: int, gene: LayerGene, swapped: list) -> None:
+        """Swap the layer's merged experts in (from reused buffers, merged only if this gene's
+        merge matrix differs from the one the buffers hold)."""
+        experts = self.blocks[layer].experts
+        merge = self._matrix(gene.matrices(self.num_experts)[0], self.routers[layer])
+        fresh = self._merged_for.get(layer) != gene.merge  # the last candidate's merge is still there
+        self._merged_for[layer] = None  # until the merge below completes
+        with torch.no_grad():
+            for name in self.expert_tensors:
+                original = getattr(experts, name)
+                swapped.append((experts, name, original))
+                merged = self._buffer(layer, name, original, gene.slots)
+                if fresh:
+                    merge_experts(original, merge, merged)
+                setattr(experts, name, nn.Parameter(merged, requires_grad=False))
+        self._merged_for[layer] = gene.merge
 
     def _buffer(self, layer: int, name: str, weight: torch.Tensor, slots: int) -> torch.Tensor:
         """The layer's merged-experts buffer, grown (never shrunk) to ``slots``: allocating (and on
@@ -183,34 +264,34 @@ class MixtralAdapter:
         return buffer[:slots]
 
     @staticmethod
-    def _matrix(rows, block: nn.Module) -> torch.Tensor:
-        return torch.tensor(rows, dtype=torch.float32, device=block.gate.weight.device)
+    def _matrix(rows, router: nn.Module) -> torch.Tensor:
+        return torch.tensor(rows, dtype=torch.float32, device=router.weight.device)
 
     # -- export: physically smaller -----------------------------------------------------------
 
     def export_form(self, genome: Genome) -> ExportForm:
-        """Whether a stock Mixtral checkpoint can hold this genome exactly, and if not, why."""
+        """Whether a stock checkpoint of the family can hold this genome exactly, and if not, why."""
         self.validate(genome)
-        return export_form(genome, shape_of(self.config))
+        return export_form(genome, self.shape)
 
     def compressed(self, genome: Genome, form: str | None = None) -> tuple[nn.Module, ExportForm]:
         """A new, physically smaller model equal to the genome applied to this one, in the stock
         form when possible (or the ``form`` asked for); its config's expert counts are updated."""
         self.validate(genome)
-        chosen = export_form(genome, shape_of(self.config), form)
+        chosen = export_form(genome, self.shape, form)
         state = self.model.state_dict()
         layers = {}
         for layer in self.moe_layers:
             gene = genome.gene(layer)
-            prefix = f"model.layers.{layer}.mlp."
+            prefix, router = self.prefixes[layer], self.prefixes[layer] + self.family.router + "."
             for name in self.expert_tensors:
-                key = prefix + f"experts.{name}"
-                state[key] = self._experts_for(gene, state[key])
+                state[prefix + f"experts.{name}"] = self._experts_for(gene, state[prefix + f"experts.{name}"])
             picks = router_columns(gene, self.num_experts)
             if chosen.kind == "stock":
-                state[prefix + "gate.weight"] = state[prefix + "gate.weight"][picks]
+                for name in self.router_tensors:
+                    state[router + name] = state[router + name][picks]
             else:
-                state[prefix + "gate.router_map"] = self._matrix(gene.matrices(self.num_experts)[1], self.blocks[layer])
+                state[router + "router_map"] = self._matrix(gene.matrices(self.num_experts)[1], self.routers[layer])
                 layers[str(layer)] = {"experts": gene.slots, "sources": self.num_experts, "top_k": genome.active(layer)}
         with torch.no_grad():
             small = self._build(genome, chosen, layers, state)
@@ -228,8 +309,9 @@ class MixtralAdapter:
     def _build(self, genome: Genome, form: ExportForm, layers: dict, state: dict) -> nn.Module:
         if form.kind == "stock":
             config = copy.deepcopy(self.config)
-            config.num_local_experts = genome.gene(self.moe_layers[0]).slots
-            config.num_experts_per_tok = genome.active(self.moe_layers[0])
+            text = config.get_text_config()
+            setattr(text, self.family.experts_key, genome.gene(self.moe_layers[0]).slots)
+            text.num_experts_per_tok = genome.active(self.moe_layers[0])
             model_cls = type(self.model)
         else:
             from eep.remote.modeling_eep_mixtral import EepMixtralConfig, EepMixtralForCausalLM
@@ -247,10 +329,57 @@ class MixtralAdapter:
             small = model_cls(config)
         small.load_state_dict(state, assign=True, strict=True)
         for name, buffer in self.model.named_buffers():  # non-persistent buffers (rotary tables)
+            if name in state:
+                continue
             owner, _, leaf = name.rpartition(".")
             small.get_submodule(owner)._buffers[leaf] = buffer.clone()
         small.tie_weights()
         return small.eval()
+
+
+def check_family(genome: Genome, shape: MoEShape) -> None:
+    """What a family's routing allows beyond a genome's own validity: grouped routing needs the
+    same number of experts kept in every group; router matrices that mix experts are defined on
+    softmax-renormalised routing, i.e. families with eep's custom form."""
+    family = FAMILIES[shape.family]
+    for layer, gene in genome.layers:
+        if gene.is_merge and router_columns(gene, shape.num_experts) is None and not family.custom_form:
+            raise EepError(f"layer {layer} routes through a router matrix that mixes experts, which eep defines for "
+                           f"Mixtral-style routing only; {family.title} merge genomes must keep a selecting router "
+                           "(one source expert per slot)")
+        if shape.expert_groups > 1 or shape.group_min > 1:
+            rows = gene.keep if not gene.is_merge else router_columns(gene, shape.num_experts) or ()
+            if gene.is_merge and shape.expert_groups > 1:
+                raise EepError(f"layer {layer} is a merge gene; {family.title} routes within expert groups, "
+                               "where eep supports pruning only")
+            shape.check_groups(rows, f"layer {layer}")
+
+
+@contextlib.contextmanager
+def _replaced(module: nn.Module, tensors: Mapping[str, torch.Tensor], attributes: Mapping[str, int]):
+    """Temporarily give ``module`` other parameter/buffer tensors and attributes (no autograd
+    bookkeeping: the tensors may carry the graph back to the originals, as in toy training)."""
+    saved = []
+    try:
+        for name, tensor in tensors.items():
+            store = module._parameters if name in module._parameters else module._buffers
+            saved.append((store, name, store[name]))
+            store[name] = tensor
+        for name, value in attributes.items():
+            if hasattr(module, name):
+                saved.append((module.__dict__, name, module.__dict__[name]))
+                module.__dict__[name] = value
+        yield
+    finally:
+        for store, name, original in reversed(saved):
+            store[name] = original
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a causal LM of any supported family."""
+    base = getattr(model, "model", model)
+    base = getattr(base, "language_model", base)
+    return base.layers
 
 
 def keep_mask(keep, num_experts: int, device: torch.device) -> torch.Tensor:
@@ -275,13 +404,6 @@ def mapped_routing(logits: torch.Tensor, router_t: torch.Tensor, top_k: int) -> 
     return weights / weights.sum(dim=-1, keepdim=True), index
 
 
-def _masked_routing_hook(mask: torch.Tensor, top_k: int):
-    def hook(module: nn.Module, args, output):
-        return output[0], *masked_routing(output[0], mask, top_k)
-
-    return hook
-
-
 def _mapped_routing_hook(router: torch.Tensor, top_k: int):
     router_t = router.T.contiguous()
 
@@ -301,33 +423,11 @@ def _skip_hook(beta: float):
     return hook
 
 
-ADAPTERS = {"mixtral": MixtralAdapter}
-
-
-@dataclass(frozen=True)
-class MoEShape:
-    """What a search needs to know of a model before loading its weights."""
-
-    family: str
-    num_experts: int
-    top_k: int
-    moe_layers: tuple[int, ...]
-
-
-def shape_of(hf_config) -> MoEShape:
-    """Read the MoE dimensions from a ``transformers`` config (no weights needed)."""
-    family = getattr(hf_config, "model_type", None)
-    if family not in ADAPTERS:
-        raise EepError(f"unsupported model family {family!r}; supported: {', '.join(sorted(ADAPTERS))}")
-    return MoEShape(family, int(hf_config.num_local_experts), int(hf_config.num_experts_per_tok),
-                    tuple(range(int(hf_config.num_hidden_layers))))
-
-
-def adapter_for(model: nn.Module) -> MixtralAdapter:
-    """The adapter for a loaded model, chosen from its config's ``model_type``."""
-    return ADAPTERS[shape_of(model.config).family](model)
+def adapter_for(model: nn.Module) -> MoEAdapter:
+    """The adapter for a loaded model of any supported family (an error names the supported ones)."""
+    return MoEAdapter(model)
 
 
 def moe_blocks(model: nn.Module) -> dict[int, nn.Module]:
-    """The sparse MoE blocks by layer index of a Mixtral-layout model (stock or eep's custom form)."""
-    return {i: layer.mlp for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")}
+    """The sparse MoE blocks by layer index (any supported family, stock or eep's custom form)."""
+    return {i: layer.mlp for i, layer in enumerate(decoder_layers(model)) if hasattr(layer.mlp, "experts")}

@@ -25,7 +25,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
 
 from eep.genome import Genome
-from eep.moe import MixtralAdapter
+from eep.moe import MoEAdapter
 from fitness import toy_tasks
 
 TOY_DIR = Path(str(resources.files("eep") / "toy_model"))
@@ -107,7 +107,7 @@ def train(out_dir: Path, seed: int = 0, steps: int = 2500, batch_size: int = 64,
     tokenizer = build_tokenizer()
     config = toy_config(len(tokenizer))
     model = MixtralForCausalLM(config)
-    adapter = MixtralAdapter(model)
+    adapter = MoEAdapter(model)
     pairs = expert_pairs(seed, config.num_hidden_layers, config.num_local_experts)
     # route_target[layer][task] = the task's pair as a 0/1 row over experts
     targets = torch.zeros(config.num_hidden_layers, len(toy_tasks.TASKS), config.num_local_experts)

@@ -45,8 +45,18 @@ class Schedule:
 def build_schedule(cfg, shape) -> Schedule:
     """The search's phases from the ``search_space`` config section and the model's MoE shape
     (:class:`eep.moe.MoEShape`); a setting the model cannot satisfy is an :class:`EepError`."""
+    from eep.families import FAMILIES
+
+    family = FAMILIES[shape.family]
     layers, num_experts = tuple(shape.moe_layers), shape.num_experts
     k = cfg.top_k or shape.top_k
+    if shape.expert_groups > 1 and (cfg.budget is not None or cfg.kind != "prune"):
+        raise EepError(f"{family.title} routes within {shape.expert_groups} expert groups, where eep searches uniform "
+                       "pruning only (search_space.kind: prune, no budget)")
+    if cfg.budget is not None and not family.custom_form:
+        raise EepError(f"a budget search keeps different numbers of experts per layer, which only eep's custom-code "
+                       f"export can hold, and that exists for Mixtral only; search {family.title} with "
+                       "search_space.keep instead")
     lower = "" if cfg.top_k else " or set search_space.top_k lower"
     if cfg.top_k is not None and cfg.top_k > shape.top_k:
         raise EepError(f"search_space.top_k={cfg.top_k} is above the model's top_k={shape.top_k}; it can only be lowered")
@@ -64,9 +74,14 @@ def build_schedule(cfg, shape) -> Schedule:
         if cfg.keep < k:
             raise EepError(f"search_space.keep={cfg.keep} is below the top_k={k} each token is routed to; "
                            f"keep at least {k}{lower}")
+        per_group, groups_min = divmod(cfg.keep, shape.expert_groups), shape.group_min
+        if per_group[1] or per_group[0] < groups_min:
+            raise EepError(f"search_space.keep={cfg.keep} must be a multiple of the model's {shape.expert_groups} "
+                           f"expert groups with at least {groups_min} per group: {family.title} routes within groups")
         groups = layer_groups(layers, cfg.groups) if cfg.groups is not None else None
-        first = PruneSpace(num_experts, shape.top_k, layers, cfg.keep, cfg.top_k, groups)
+        first = PruneSpace(num_experts, shape.top_k, layers, cfg.keep, cfg.top_k, groups, shape.expert_groups)
     if cfg.kind == "prune":
         return Schedule(((0, first),))
-    merge = MergeSpace(num_experts, shape.top_k, layer_groups(layers, cfg.groups))
+    # router matrices that mix experts are EEP's Mixtral-style routing; elsewhere the router keeps selecting
+    merge = MergeSpace(num_experts, shape.top_k, layer_groups(layers, cfg.groups), mix_router=family.custom_form)
     return Schedule(((0, first), (cfg.merge_after, merge)))

@@ -46,6 +46,9 @@ class MergeSpace:
     num_experts: int
     top_k: int
     groups: Groups
+    mix_router: bool = True
+    """Evolve router matrices too (EEP); False keeps each router selecting its parent's experts
+    (families whose routing is not Mixtral's softmax-renormalise, see :func:`eep.moe.check_family`)."""
 
     kind = "merge"
 
@@ -81,7 +84,8 @@ def _lower(genes: dict[int, tuple[Rows, Rows, int | None]], space: MergeSpace) -
 
 def _touched(space: MergeSpace, rng: random.Random, layer_prob: float) -> list[tuple[int, int]]:
     """(group, matrix) pairs, matrix 0 = merge, 1 = router; each with ``layer_prob``, at least one."""
-    return touched_units([(g[0], m) for g in space.groups for m in (0, 1)], rng, layer_prob)
+    matrices = (0, 1) if space.mix_router else (0,)
+    return touched_units([(g[0], m) for g in space.groups for m in matrices], rng, layer_prob)
 
 
 def mutate_noise(genome: Genome, rng: random.Random, space: MergeSpace, layer_prob: float, noise_prob: float,

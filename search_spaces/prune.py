@@ -56,8 +56,20 @@ class PruneSpace:
     """Experts each token is routed to in every layer (None: the model's top_k)."""
     groups: Groups | None = None
     """Weight groups sharing one gene (None: one per layer)."""
+    expert_groups: int = 1
+    """Routing picks within this many equal, consecutive expert groups (DeepSeek's grouped top-k):
+    every layer keeps ``keep / expert_groups`` experts of each, and operators swap within a group."""
 
     kind = "prune"
+
+    @property
+    def pools(self) -> tuple[range, ...]:
+        """The expert groups as id ranges (one range of all experts when routing is not grouped)."""
+        size = self.num_experts // self.expert_groups
+        return tuple(range(g * size, (g + 1) * size) for g in range(self.expert_groups))
+
+    def pool_of(self, expert: int) -> range:
+        return self.pools[expert // (self.num_experts // self.expert_groups)]
 
     @property
     def units(self) -> Groups:
@@ -69,7 +81,8 @@ class PruneSpace:
         return Genome.from_genes(self.num_experts, self.top_k, expand(self.units, genes))
 
     def size(self) -> int:
-        return math.comb(self.num_experts, self.keep) ** len(self.units)
+        per_pool = math.comb(len(self.pools[0]), self.keep // self.expert_groups)
+        return per_pool ** (self.expert_groups * len(self.units))
 
     def full(self) -> Genome:
         """The uncompressed model as a genome (every expert kept)."""
@@ -77,7 +90,9 @@ class PruneSpace:
 
     def describe(self) -> str:
         groups = "" if self.groups is None else f" in {len(self.units)} weight groups"
-        return f"prune: keep {self.keep} of {self.num_experts} per layer{groups}"
+        pools = "" if self.expert_groups == 1 else f" ({self.keep // self.expert_groups} in each of " \
+                                                   f"{self.expert_groups} expert groups)"
+        return f"prune: keep {self.keep} of {self.num_experts} per layer{pools}{groups}"
 
     def register(self, toolbox: base.Toolbox, cfg, rng: random.Random) -> None:
         toolbox.register("individual", random_genome, space=self, rng=rng)
@@ -86,8 +101,9 @@ class PruneSpace:
 
 
 def random_genome(space: PruneSpace, rng: random.Random) -> Genome:
-    """A uniformly random keep set per weight group."""
-    return space.genome({g[0]: rng.sample(range(space.num_experts), space.keep) for g in space.units})
+    """A uniformly random keep set per weight group (the same number from each expert group)."""
+    per_pool = space.keep // space.expert_groups
+    return space.genome({g[0]: [e for pool in space.pools for e in rng.sample(pool, per_pool)] for g in space.units})
 
 
 def touched_units(units: Sequence, rng: random.Random, layer_prob: float) -> list:
@@ -101,7 +117,8 @@ def touched_units(units: Sequence, rng: random.Random, layer_prob: float) -> lis
 
 
 def mutate_swap(genome: Genome, rng: random.Random, space: PruneSpace, layer_prob: float, swap_prob: float) -> Genome:
-    """In the touched groups, swap each kept expert with probability ``swap_prob`` for a dropped one."""
+    """In the touched groups, swap each kept expert with probability ``swap_prob`` for a dropped one
+    (of its own expert group, when routing is grouped)."""
     keep = {g[0]: list(genome.keep(g[0])) for g in space.units}
     touched = touched_units([g[0] for g in space.units], rng, layer_prob)
     swapped = False
@@ -109,11 +126,15 @@ def mutate_swap(genome: Genome, rng: random.Random, space: PruneSpace, layer_pro
         kept = keep[unit]
         for slot in range(len(kept)):
             if rng.random() < swap_prob:
-                kept[slot] = rng.choice([e for e in range(space.num_experts) if e not in kept])
+                kept[slot] = rng.choice([e for e in space.pool_of(kept[slot]) if e not in kept])
                 swapped = True
     if not swapped and space.keep < space.num_experts:
         kept = keep[rng.choice(touched)]
-        kept[rng.randrange(len(kept))] = rng.choice([e for e in range(space.num_experts) if e not in kept])
+        if space.expert_groups == 1:
+            kept[rng.randrange(len(kept))] = rng.choice([e for e in range(space.num_experts) if e not in kept])
+        else:
+            slot = rng.randrange(len(kept))
+            kept[slot] = rng.choice([e for e in space.pool_of(kept[slot]) if e not in kept])
     return space.genome(keep)
 
 
@@ -137,9 +158,10 @@ def crossover_rows(a: Genome, b: Genome, rng: random.Random, space: PruneSpace, 
         if unit not in touched:
             keep[unit] = rows_a if rng.random() < FRONT_PARENT_PROB else rows_b
             continue
-        child, spare = mix_rows(rows_a, rows_b, rng)
-        others = [e for e in range(space.num_experts) if e not in child and e not in spare]
-        rng.shuffle(others)
-        child += (spare + others)[: space.keep - len(child)]
-        keep[unit] = child
+        keep[unit] = []
+        for pool in space.pools:  # one pool of all experts unless routing is grouped
+            child, spare = mix_rows([e for e in rows_a if e in pool], [e for e in rows_b if e in pool], rng)
+            others = [e for e in pool if e not in child and e not in spare]
+            rng.shuffle(others)
+            keep[unit] += child + (spare + others)[: space.keep // space.expert_groups - len(child)]
     return space.genome(keep)

@@ -44,6 +44,22 @@ def test_dry_runs_of_shipped_experiments(capsys, tmp_path):
     assert "~86.99 GiB of weights per model copy" in out  # 46.7 B parameters in bf16
 
 
+@pytest.mark.parametrize("name, family, plan", [
+    ("qwen3-30b-a3b", "qwen3_moe, 48 MoE layers, 128 experts, top-8", "~56.87 GiB"),  # 30.5 B parameters
+    ("olmoe-1b-7b", "olmoe, 16 MoE layers, 64 experts, top-8", "~12.89 GiB"),
+    ("deepseek-v2-lite", "deepseek_v2, 26 MoE layers, 64 experts, top-6", "~29.26 GiB"),  # layer 0 is dense
+    ("gpt-oss-20b", "gpt_oss, 24 MoE layers, 32 experts, top-4", "~38.96 GiB"),
+    ("qwen1.5-moe-a2.7b", "qwen2_moe, 24 MoE layers, 60 experts, top-4", "~26.67 GiB"),
+    ("glm-4.5-air", "glm4_moe, 45 MoE layers, 128 experts, top-8", "~199.03 GiB"),
+    ("deepseek-v3", "deepseek_v3, 58 MoE layers, 256 experts, top-8", "16 in each of 8 expert groups"),
+])
+def test_dry_runs_of_every_family_experiment(capsys, name, family, plan):
+    """Each family's shipped experiment parses, sizes its search space and estimates its memory offline."""
+    assert main(["search", str(ROOT / f"experiments/{name}.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert family in out and plan in out and "nothing was loaded" in out
+
+
 def test_weight_estimate_counts_the_toys_parameters():
     from eep.config import ModelConfig
     from eep.model import estimate_bytes, load_hf_config

@@ -86,3 +86,44 @@ def test_operators_keep_the_spaces_top_k():
     for g in (a, mutate_swap(a, rng, space, 0.5, 0.5), crossover_rows(a, b, rng, space, 0.5)):
         assert [g.active(i) for i in space.layers] == [1, 1]
         assert g.to_dict()["layers"]["0"]["top_k"] == 1
+
+
+GROUPED = PruneSpace(num_experts=8, top_k=2, layers=(1, 2, 3), keep=4, expert_groups=2)
+
+
+def _even(genome, space=GROUPED):
+    _valid(genome, space)
+    for layer in space.layers:
+        assert sorted(e // 4 for e in genome.keep(layer)) == [0, 0, 1, 1], genome.keep(layer)
+
+
+def test_grouped_routing_operators_keep_every_expert_group_even():
+    """DeepSeek's grouped top-k: each of the two groups of four keeps two, through every operator."""
+    assert GROUPED.size() == math.comb(4, 2) ** 6
+    assert "2 in each of 2 expert groups" in GROUPED.describe()
+    rng = random.Random(0)
+    population = [random_genome(GROUPED, rng) for _ in range(50)]
+    assert len(set(population)) == 50
+    for genome in population:
+        _even(genome)
+    for _ in range(300):
+        a, b = rng.sample(population, 2)
+        child = mutate_swap(a, rng, GROUPED, 0.5, 0.3)
+        assert child != a
+        _even(child)
+        mixed = crossover_rows(a, b, rng, GROUPED, 0.5)
+        _even(mixed)
+        for layer in GROUPED.layers:
+            assert set(mixed.keep(layer)) <= set(a.keep(layer)) | set(b.keep(layer)) | set(range(8))
+
+
+def test_one_expert_group_draws_exactly_as_the_ungrouped_space():
+    """The grouped operators reduce to the original ones: same seed, same genomes."""
+    one = PruneSpace(num_experts=8, top_k=2, layers=(0, 1, 2, 3), keep=4, expert_groups=1)
+    for seed in range(20):
+        a, b = random.Random(seed), random.Random(seed)
+        ga, gb = random_genome(SPACE, a), random_genome(one, b)
+        assert ga == gb
+        assert mutate_swap(ga, a, SPACE, 0.3, 0.2) == mutate_swap(gb, b, one, 0.3, 0.2)
+        assert crossover_rows(ga, random_genome(SPACE, a), a, SPACE, 0.5) == \
+            crossover_rows(gb, random_genome(one, b), b, one, 0.5)

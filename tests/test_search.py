@@ -8,7 +8,8 @@ from eep.evaluator import FitnessWorker, SerialEvaluator
 from eep.genome import Genome
 from eep.journal import RunDir
 from eep.search import breed, make_toolbox, run_search
-from search_spaces import PruneSpace
+from eep.errors import EepError
+from search_spaces import PruneSpace, build_schedule, crossover_matrices, mutate_noise
 from tests.conftest import toy_config_dict
 
 SPACE = PruneSpace(num_experts=8, top_k=2, layers=(0, 1, 2, 3), keep=4)
@@ -226,3 +227,35 @@ def test_replay_refuses_a_journal_that_another_config_wrote(tmp_path, worker):
     run.journal_path.write_text("\n".join(rows) + "\n")
     with pytest.raises(EepError, match="journal record 3 does not match a replay"):
         _run_space(tmp_path / "r", worker, MERGE)
+
+
+@pytest.mark.parametrize("family, section, message", [
+    ("deepseek_v3", {"keep": 3}, "keep=3 must be a multiple of the model's 2 expert groups"),
+    ("deepseek_v3", {"keep": 2}, "with at least 2 per group"),
+    ("deepseek_v3", {"kind": "merge", "keep": 4, "merge_after": 4}, "where eep searches uniform pruning only"),
+    ("qwen3_moe", {"budget": 10}, "exists for Mixtral only; search Qwen3-MoE with search_space.keep"),
+])
+def test_schedules_a_family_cannot_export_are_refused_up_front(family, section, message):
+    from eep.config import SearchSpaceConfig
+    from eep.families import MoEShape
+
+    shape = MoEShape(family, 8, 2, (1, 2, 3), *((2, 2) if family == "deepseek_v3" else (1, 1)))
+    with pytest.raises(EepError, match=message):
+        build_schedule(SearchSpaceConfig(**section), shape)
+
+
+def test_merge_keeps_selecting_routers_where_mixing_is_undefined():
+    from eep.config import SearchSpaceConfig
+    from eep.families import MoEShape
+    from eep.moe import router_columns
+
+    schedule = build_schedule(SearchSpaceConfig(kind="merge", keep=4, merge_after=4), MoEShape("olmoe", 8, 2, (0, 1)))
+    merge = schedule.phases[1][1]
+    assert not merge.mix_router
+    rng = random.Random(0)
+    genome = Genome.from_keep(8, 2, {0: [0, 1, 2, 3], 1: [4, 5, 6, 7]})
+    for _ in range(100):
+        other = mutate_noise(genome, rng, merge, 0.5, 0.5, 0.1, 0.1)
+        genome = crossover_matrices(genome, other, rng, merge, 0.5)
+        assert all(router_columns(genome.gene(i), 8) is not None for i in (0, 1))
+    assert genome.is_merge
