@@ -2,11 +2,14 @@
 of :mod:`fitness.toy_tasks`, shipped inside the package so every demo and test runs offline.
 
 How it is made to need the right experts (a property of this toy, not of real models): each
-MoE layer assigns every one of the 8 tasks a pair of experts, the pairs forming a ring (see
-:func:`expert_pairs`), and a routing loss teaches the router to send a task's tokens to its
-pair. Half of the training batches run with half of the ring pruned, so each expert can serve
-its tasks alone. Keeping an alternating half of the ring in every layer therefore keeps every
-skill; a random keep set drops both experts of some task in some layer and loses that task.
+MoE layer assigns every one of the 8 tasks a pair of experts (the edges of :data:`GRAPH`,
+relabelled per layer, see :func:`expert_pairs`), and a routing loss teaches the router to send a
+task's tokens to its pair. Half of the training batches run with a smallest covering keep set
+pruned to (5 experts holding one of every task's pair), so each expert can serve its tasks alone.
+No 4 experts cover every task, so at 4 of 8 every layer must take one task's both experts away,
+and which task, in which layers, is the whole question; the residual stream lets a task survive
+losing its experts in some layers, so the answer is found by trying, not by counting. A random keep
+set loses several tasks.
 
 ``eep toy build`` retrains it deterministically from a seed (a few minutes on 2 CPU cores).
 """
@@ -14,6 +17,7 @@ skill; a random keep set drops both experts of some task in some layer and loses
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import random
 import time
@@ -51,30 +55,52 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def expert_pairs(seed: int, num_layers: int, num_experts: int = 8) -> list[dict[str, tuple[int, int]]]:
-    """Per layer, the pair of experts each task is taught to use.
+# Every layer's task-expert graph (experts are vertices, each task the edge between its two
+# experts) before a per-layer random relabelling: two triangles, an edge, and a bridge between the
+# triangles. Covering every edge takes 5 experts (2 per triangle, 1 of the lone edge); with 4, one
+# task must lose both of its experts, and any task but the bridge's can be the one.
+GRAPH = ((0, 1), (1, 2), (0, 2), (3, 4), (4, 5), (3, 5), (6, 7), (2, 3))
 
-    Tasks and experts form a ring (task j uses ring positions j and j+1; the ring order is a
-    random permutation per layer), so each expert serves two tasks and only the two alternating
-    halves of the ring keep an expert of every task: 2 of the C(8,4) = 70 keep sets per layer.
-    """
-    if len(toy_tasks.TASKS) != num_experts:
+
+def expert_pairs(seed: int, num_layers: int, num_experts: int = 8) -> list[dict[str, tuple[int, int]]]:
+    """Per layer, the pair of experts each task is taught to use: the edges of :data:`GRAPH`, with
+    experts and tasks relabelled at random in every layer."""
+    if len(toy_tasks.TASKS) != num_experts or len(GRAPH) != num_experts:
         raise ValueError(f"the toy pairs {len(toy_tasks.TASKS)} tasks with as many experts, got {num_experts}")
-    rng = random.Random(f"pairs/{seed}")
+    rng = random.Random(f"graph/{seed}")
     pairs = []
     for _ in range(num_layers):
-        ring = rng.sample(range(num_experts), num_experts)
-        pairs.append({t: (ring[j], ring[(j + 1) % num_experts]) for j, t in enumerate(toy_tasks.TASKS)})
+        experts = rng.sample(range(num_experts), num_experts)
+        edges = rng.sample(GRAPH, len(GRAPH))
+        pairs.append({t: tuple(sorted((experts[a], experts[b]))) for t, (a, b) in zip(toy_tasks.TASKS, edges)})
     return pairs
 
 
-def covering_genome(pairs, num_experts: int, top_k: int, rng: random.Random) -> Genome:
-    """In every layer, one of the two alternating halves of the task ring: an expert of every
-    task's pair is kept, with half of the experts. These are the keep sets the toy rewards."""
+def covers(layer_pairs: dict[str, tuple[int, int]], size: int, num_experts: int = 8) -> dict[tuple[int, ...], tuple]:
+    """Keep sets of ``size`` experts, each with the tasks it loses (both of their experts dropped);
+    only the sets losing the fewest tasks."""
+    lost = {keep: tuple(t for t, pair in layer_pairs.items() if not set(pair) & set(keep))
+            for keep in itertools.combinations(range(num_experts), size)}
+    fewest = min(len(v) for v in lost.values())
+    return {keep: tasks for keep, tasks in lost.items() if len(tasks) == fewest}
+
+
+def covering_genome(pairs, num_experts: int, top_k: int, rng: random.Random, size: int = 5) -> Genome:
+    """In every layer, a random smallest keep set that holds an expert of every task (5 of 8 here):
+    what training prunes to, so that each expert learns to serve its tasks alone."""
+    return Genome.from_keep(num_experts, top_k, {layer: rng.choice(sorted(covers(layer_pairs, size, num_experts)))
+                                                 for layer, layer_pairs in enumerate(pairs)})
+
+
+def sacrificing_genome(pairs, task: str, num_experts: int, top_k: int, size: int = 4) -> Genome | None:
+    """``size`` experts per layer losing only ``task``, in every layer (the best 4-of-8 genomes
+    there are); None when some layer cannot lose just that task."""
     keep = {}
     for layer, layer_pairs in enumerate(pairs):
-        ring = [layer_pairs[t][0] for t in toy_tasks.TASKS]
-        keep[layer] = ring[rng.randrange(2)::2]
+        sets = [k for k, lost in covers(layer_pairs, size, num_experts).items() if lost == (task,)]
+        if not sets:
+            return None
+        keep[layer] = sets[0]
     return Genome.from_keep(num_experts, top_k, keep)
 
 

@@ -42,8 +42,9 @@ def test_left_padded_batches_generate_like_single_prompts(toy_model):
 
 
 def test_toy_separation_on_held_out_data(toy_model):
-    """The property the toy exists for: the full model solves the tasks, random 4-of-8 keep sets
-    lose a lot, keep sets that hold one expert of every task's pair lose (almost) nothing."""
+    """The property the toy exists for: the full model solves the tasks; random 4-of-8 keep sets
+    lose a lot; 5 experts holding one of every task's pair lose (almost) nothing; at 4 of 8,
+    losing the same task in every layer keeps the other seven."""
     model, tokenizer = toy_model
     adapter = adapter_for(model)
     tasks = [Task(t, tuple(Example(e.prompt, (e.answer,)) for e in toy_tasks.examples(t, "test", 30)))
@@ -67,6 +68,9 @@ def test_toy_separation_on_held_out_data(toy_model):
     assert full >= 90.0
     assert random_mean <= full - 15.0
     assert covering >= full - 5.0
+    sacrifices = {t: g for t in toy_tasks.TASKS if (g := toy.sacrificing_genome(pairs, t, 8, 2)) is not None}
+    assert len(sacrifices) >= 2
+    assert min(accuracy(g) for g in list(sacrifices.values())[:2]) >= full * 7 / 8 - 5.0
 
 
 @pytest.mark.slow
@@ -79,16 +83,20 @@ def test_toy_build_is_deterministic(tmp_path):
     assert reloaded.config.num_local_experts == 8
 
 
-def test_task_ring_leaves_two_covering_keep_sets_per_layer():
-    import itertools
-
+def test_task_graph_needs_five_experts_and_four_lose_one_task():
     pairs = toy.expert_pairs(seed=0, num_layers=4)
     for layer in pairs:
-        uses = [e for pair in layer.values() for e in pair]
-        assert sorted(uses) == sorted(list(range(8)) * 2)  # every expert serves two tasks
-        covering = [keep for keep in itertools.combinations(range(8), 4)
-                    if all(set(pair) & set(keep) for pair in layer.values())]
-        assert len(covering) == 2
+        uses = sorted(e for pair in layer.values() for e in pair)
+        assert sorted(set(uses)) == list(range(8)) and len(uses) == 16  # every expert serves a task
+        assert all(not lost for lost in toy.covers(layer, 5).values())  # 5 experts can hold every task
+        four = toy.covers(layer, 4)
+        assert len(four) > 0 and all(len(lost) == 1 for lost in four.values())  # 4 always lose one
+        assert len({lost for lost in four.values()}) == 7  # any task but the bridge's
     genome = toy.covering_genome(pairs, 8, 2, random.Random(0))
     for i, layer in enumerate(pairs):
-        assert all(set(pair) & set(genome.keep(i)) for pair in layer.values())
+        assert len(genome.keep(i)) == 5 and all(set(pair) & set(genome.keep(i)) for pair in layer.values())
+    for task in toy_tasks.TASKS:
+        sacrifice = toy.sacrificing_genome(pairs, task, 8, 2)
+        if sacrifice is not None:
+            for i, layer in enumerate(pairs):
+                assert [t for t, pair in layer.items() if not set(pair) & set(sacrifice.keep(i))] == [task]
