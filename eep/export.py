@@ -25,18 +25,14 @@ from pathlib import Path
 from eep.config import Config, ModelConfig
 from eep.errors import EepError
 from eep.genome import Genome
+from eep.journal import check_creatable
 
 
 def check_target(out: Path) -> None:
     """Refuse an existing target and an unwritable parent before anything is loaded."""
     if out.exists():
         raise EepError(f"export target {out} already exists; choose a new --out or remove it")
-    parent = out.parent if str(out.parent) else Path(".")
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise EepError(f"cannot write the export under {parent}: permission denied")
+    check_creatable(out, "the export target")
 
 
 def export_genome(model_cfg: ModelConfig, genome: Genome, out: str | Path, config: Config | None = None,

@@ -82,6 +82,18 @@ def _checksum(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def check_creatable(path: Path, what: str) -> None:
+    """An :class:`EepError` unless ``path`` could be created: its nearest existing ancestor must be
+    a writable directory. Checked before any model loads, so a bad path costs nothing."""
+    probe = Path(os.path.abspath(path)).parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise EepError(f"cannot create {what} {path}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise EepError(f"cannot create {what} {path}: no permission to write in {probe}")
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -98,6 +110,7 @@ class RunDir:
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise EepError(f"run directory {path} already exists and is not empty; "
                            f"continue it with `eep resume {path}` or choose another --run-dir")
+        check_creatable(path, "the run directory")
 
     @classmethod
     def create(cls, path: str | Path, config: Config) -> RunDir:

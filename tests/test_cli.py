@@ -96,6 +96,26 @@ def test_config_errors_are_one_line_exit_2_and_write_nothing(capsys, tmp_path, c
     assert not (tmp_path / "run").exists()
 
 
+def test_bad_paths_and_models_fail_before_loading(capsys, tmp_path):
+    """A model without MoE layers, and run / export paths that cannot be created: one line, exit 2,
+    nothing loaded (no weights exist to load) or written."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(num_hidden_layers=2, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                vocab_size=50).save_pretrained(tmp_path / "llama")  # a config without weights
+    _fails(capsys, ["search", str(_config(tmp_path, model__path=str(tmp_path / "llama"))), "--run-dir",
+                    str(tmp_path / "run")], "model family 'llama' has no MoE layers")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    _fails(capsys, ["search", str(_config(tmp_path)), "--run-dir", str(blocker / "run")],
+           f"cannot create the run directory {blocker / 'run'}: {blocker} is a file, not a directory")
+    genome = tmp_path / "g.json"
+    Genome.from_keep(8, 2, {i: [0, 1, 2, 3] for i in range(4)}).save(genome)
+    _fails(capsys, ["export", "--model", "toy", "--genome", str(genome), "--out", str(blocker / "x" / "out")],
+           "cannot create the export target")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "cfg.yaml", "g.json", "llama"]
+
+
 def test_missing_config_file(capsys, tmp_path):
     _fails(capsys, ["search", str(tmp_path / "nope.yaml")], "does not exist")
 
