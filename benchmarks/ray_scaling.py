@@ -20,7 +20,7 @@ from pathlib import Path
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from models import random_mixtral  # noqa: E402  (benchmarks/models.py, next to this script)
+from eep.bench import random_mixtral  # noqa: E402
 
 
 def main() -> None:

@@ -76,6 +76,16 @@ def _parser() -> argparse.ArgumentParser:
     _override_flag(p)
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("bench", help="measure apply cost, speedup vs rebuilding, duplicates, Ray scaling and export speed")
+    p.add_argument("--model", default="toy",
+                   help="toy, random-mixtral (~25M), random-100m, or a model directory / hub id (default: toy)")
+    p.add_argument("--out", default="bench", help="directory for bench.json and bench.md (default: bench)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--repeats", type=int, default=5, help="repeats behind each median (default: 5)")
+    p.add_argument("--evaluations", type=int, default=40, help="evaluations of each search row (default: 40)")
+    p.add_argument("--no-ray", dest="ray", action="store_false", help="skip the Ray rows")
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("toy", help="the embedded toy model")
     toy_sub = p.add_subparsers(dest="toy_command", required=True)
     b = toy_sub.add_parser("build", help="retrain the toy model from a seed (a few minutes on CPU)")
@@ -347,6 +357,15 @@ def cmd_export(args) -> int:
 
 
 # -- toy ----------------------------------------------------------------------------------------
+
+def cmd_bench(args) -> int:
+    from eep.bench import run_bench
+
+    if args.repeats < 1 or args.evaluations < 2:
+        raise EepError("--repeats must be at least 1 and --evaluations at least 2")
+    run_bench(args.model, args.out, args.device, args.repeats, args.evaluations, ray=args.ray, log=log)
+    return 0
+
 
 def cmd_toy_build(args) -> int:
     from eep import toy

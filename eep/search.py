@@ -61,11 +61,13 @@ def breed(toolbox: base.Toolbox, archive: list[Evaluation], cfg: SearchConfig, r
 
 
 def run_search(run: RunDir, space, evaluator, log: Callable[[str], None] = print,
-               stop_after: int | None = None) -> dict:
+               stop_after: int | None = None, stats: dict | None = None) -> dict:
     """Run (or resume) the search recorded in ``run`` until its budget is spent.
 
     ``space`` is a search space or a :class:`search_spaces.Schedule` of them.
     ``stop_after`` ends this call after that many new evaluations (the search stays resumable).
+    ``stats``, when given, receives ``rebred``: children of this call that were already evaluated
+    or in flight and were bred again instead (never re-evaluated).
     Returns the summary also written to ``summary.json``.
     """
     config = run.config()
@@ -95,8 +97,10 @@ def run_search(run: RunDir, space, evaluator, log: Callable[[str], None] = print
                           for c in state["in_flight"] if c["id"] not in done)
     seen = {e.genome.key for e in archive} | {c.genome.key for c in in_flight}
 
+    rebred = 0
+
     def proposals() -> Iterator[Candidate]:
-        nonlocal next_id
+        nonlocal next_id, rebred
         yield from list(in_flight)  # bred before a stop, never finished: evaluate them first
         while next_id < cfg.evaluations:
             toolbox = toolboxes[schedule.phase(next_id)]
@@ -104,6 +108,7 @@ def run_search(run: RunDir, space, evaluator, log: Callable[[str], None] = print
                 genome = toolbox.individual() if next_id < cfg.initial else breed(toolbox, archive, cfg, rng)
                 if genome.key not in seen:
                     break
+                rebred += 1
             else:
                 log(f"[eep] stopping: {cfg.max_breed_attempts} children in a row were already evaluated "
                     f"(the search space has {schedule.size()} genomes)")
@@ -136,6 +141,8 @@ def run_search(run: RunDir, space, evaluator, log: Callable[[str], None] = print
             new += 1
             if stop_after is not None and new >= stop_after:
                 break
+    if stats is not None:
+        stats["rebred"] = rebred
     return summarise(archive + replay[len(archive):])
 
 

@@ -1,0 +1,37 @@
+import json
+
+import pytest
+
+from eep.bench import GOALS, markdown, run_bench
+
+
+@pytest.mark.slow
+def test_bench_measures_everything_and_writes_json_and_markdown(tmp_path):
+    """A minimal `eep bench` on the toy (no Ray rows here; the Ray evaluator has its own tests):
+    every figure is measured, the rebuilt models score exactly as eep's in-place genomes (else it
+    raises), and the exports are smaller."""
+    result = run_bench("toy", tmp_path / "b", device="cpu", repeats=1, evaluations=6, rebuild_genomes=2, ray=False,
+                       log=lambda m: None)
+    saved = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    for key in ("apply_fraction_prune", "apply_fraction_merge", "speedup_vs_rebuild", "reevaluations",
+                "busy_fraction", "export_speedup"):
+        assert key in saved
+    assert 0 < saved["apply_fraction_prune"] < 1 and 0 < saved["apply_fraction_merge"] < 1
+    assert saved["speedup_vs_rebuild"] > 0 and saved["reevaluations"] == 0 and saved["busy_fraction"] is None
+    assert saved["search"]["serial"]["evaluations"] == 6
+    full, pruned, top1 = saved["export"].values()
+    assert full["parameters"] == 842_048 and pruned["parameters"] == top1["parameters"] < full["parameters"]
+    assert pruned["disk_bytes"] < full["disk_bytes"]
+    assert set(saved["export_speedup"]) == {"keep 4 of 8", "keep 4 of 8, top-1"}
+    assert set(saved["goals"]) == set(GOALS) - {"busy_fraction"}
+    text = (tmp_path / "b" / "bench.md").read_text()
+    assert text == markdown(saved) and "rebuild per candidate" in text and "keep 4 of 8, top-1" in text
+
+
+def test_bench_refuses_an_output_path_that_is_a_file(tmp_path, capsys):
+    from eep.cli import main
+
+    (tmp_path / "f").write_text("")
+    assert main(["bench", "--out", str(tmp_path / "f")]) == 2
+    assert "is a file; give a directory" in capsys.readouterr().err
