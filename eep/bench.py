@@ -235,9 +235,7 @@ def bench_search(model: str, device: str, evaluations: int, actors: tuple[int, .
 
 def _generation(path: str, device: str, batches: tuple[int, ...], new_tokens: int, repeats: int) -> dict:
     """In a fresh process: load ``path``, greedy-generate exactly ``new_tokens`` for each batch
-    size; tokens/s (median) and peak memory (GPU: allocated; CPU: the process's max RSS)."""
-    import resource
-
+    size; tokens/s (median) and peak memory (GPU: allocated; CPU: the process's peak RSS)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from eep.model import pick_device
@@ -262,9 +260,22 @@ def _generation(path: str, device: str, batches: tuple[int, ...], new_tokens: in
         seconds, spread = median_spread(generate, repeats)
         out["tokens_per_s"][str(batch)] = {"median": batch * new_tokens / seconds,
                                            "spread": batch * new_tokens * spread / seconds**2}
-    out["peak_memory_bytes"] = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
-                                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    out["peak_memory_bytes"] = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else _peak_rss()
     return out
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory since it started its program: Linux's VmHWM, which,
+    unlike ``ru_maxrss``, does not carry over the parent's high-water mark through fork + exec."""
+    import resource
+
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def bench_export(worker, device: str, scratch: Path, repeats: int, log) -> dict:
