@@ -328,8 +328,7 @@ def run_bench(model: str = "toy", out: str | Path = "bench", device: str = "auto
         raise EepError(f"--out {out} is a file; give a directory")
     check_creatable(out / "bench.json", "the benchmark output")
     dev = pick_device(device)
-    torch.set_grad_enabled(False)
-    with tempfile.TemporaryDirectory(prefix="eep-bench-") as tmp:
+    with torch.no_grad(), tempfile.TemporaryDirectory(prefix="eep-bench-") as tmp:
         scratch = Path(tmp)
         path = random_mixtral(scratch / "model", model) if model in RANDOM_SIZES else model
         worker = FitnessWorker(_config(path, str(dev)))

@@ -125,6 +125,7 @@ def _batch(tokenizer, rng: random.Random, size: int):
     return ids, labels, tasks
 
 
+@torch.enable_grad()  # whatever the caller disabled
 def train(out_dir: Path, seed: int = 0, steps: int = 2500, batch_size: int = 64, log=print) -> dict:
     """Train the toy from ``seed`` and save it (weights, config, tokenizer, pairing) to ``out_dir``."""
     torch.manual_seed(seed)
