@@ -1,4 +1,13 @@
+import contextlib
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,3 +51,39 @@ def toy_config_dict(**search):
             {"name": t, "dataset": f"toy:{t}", "search_size": 6, "test_size": 12}
             for t in ("copy", "reverse", "shift", "lookup")]},
     }
+
+
+@contextlib.contextmanager
+def local_ray_cluster(nodes: int = 1, cpus_per_node: int = 1):
+    """A real Ray cluster on 127.0.0.1 (`ray start --head` plus ``nodes - 1`` nodes joining it),
+    yielding its address; stops exactly the processes it started (never `ray stop`)."""
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    started = []
+    temp_dir = tempfile.mkdtemp(prefix="eepray-", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
+    common = ["--block", f"--num-cpus={cpus_per_node}", "--node-ip-address=127.0.0.1", "--object-store-memory=100000000"]
+    try:
+        head = [ray_bin, "start", "--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp_dir}"]
+        started.append(subprocess.Popen(head + common, env=env, start_new_session=True,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(8)
+        for _ in range(nodes - 1):
+            node = [ray_bin, "start", f"--address=127.0.0.1:{port}"]
+            started.append(subprocess.Popen(node + common, env=env, start_new_session=True,
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            time.sleep(6)
+        yield f"127.0.0.1:{port}"
+    finally:
+        for process in reversed(started):
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import toy_config_dict
+from tests.conftest import local_ray_cluster, toy_config_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ POINTS = [("after-append", 3), ("journal-write", 7), ("snapshot", 9), ("snapshot
 
 def _eep(*args, driver=None):
     cmd = [sys.executable, "-c", DRIVER, *driver, *args] if driver else [sys.executable, "-m", "eep", *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -98,6 +98,30 @@ def test_kill_9_anywhere_then_resume_equals_uninterrupted(tmp_path):
         if point == "journal-write":
             assert "torn last journal line" in resumed.stderr
         assert not list(run.glob(".*.json.*"))  # the cut-short snapshot's temporary is cleaned up
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_ray_driver_then_resume_equals_uninterrupted(tmp_path):
+    """The same with the Ray evaluator: the driver of a search on a running local cluster (2
+    actors, 2 candidates in flight) is SIGKILLed mid-run, its actors die with it, and `eep resume
+    --ray-address` on the cluster ends with the uninterrupted serial run's journal and best."""
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(toy_config_dict(in_flight=2)))
+    whole = _eep("search", str(config), "--run-dir", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    expected = _records(tmp_path / "whole")
+    expected_best = json.loads((tmp_path / "whole" / "summary.json").read_text())["best_genome"]
+    with local_ray_cluster(nodes=1, cpus_per_node=2) as address:
+        ray = ("--ray-address", address, "--workers", "2")
+        for point, at in (("journal-write", 5), ("snapshot", 10)):
+            run = tmp_path / f"ray-{point}-{at}"
+            killed = _eep("search", str(config), "--run-dir", str(run), *ray, driver=(point, str(at)))
+            assert killed.returncode == -signal.SIGKILL, (point, at, killed.stderr[-2000:])
+            resumed = _eep("resume", str(run), *ray)
+            assert resumed.returncode == 0, (point, at, resumed.stderr[-2000:])
+            assert "2 actor(s)" in resumed.stderr
+            assert _records(run) == expected, (point, at)
+            assert json.loads((run / "summary.json").read_text())["best_genome"] == expected_best
 
 
 def _records_or_torn(run: Path) -> list[str]:

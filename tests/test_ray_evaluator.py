@@ -2,13 +2,9 @@
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +15,7 @@ from eep.evaluator import FitnessWorker, SerialEvaluator
 from eep.journal import RunDir
 from eep.search import run_search
 from search_spaces import PruneSpace
-from tests.conftest import toy_config_dict
+from tests.conftest import local_ray_cluster, toy_config_dict
 
 SPACE = PruneSpace(num_experts=8, top_k=2, layers=(0, 1, 2, 3), keep=4)
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,49 +81,18 @@ def test_ray_search_equals_serial_and_survives_a_killed_actor(tmp_path, serial_r
     assert 0.0 < busy <= 1.0
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_search_on_a_two_node_local_cluster_equals_serial(tmp_path, serial_run):
     """`ray start --head` plus a second node joining it, then `eep search --ray-address`."""
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    port = _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    nodes = []
-    temp_dir = tempfile.mkdtemp(prefix="eepray-", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
-    try:
-        head = [ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
-                "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--object-store-memory=100000000"]
-        nodes.append(subprocess.Popen(head, env=env, start_new_session=True,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        time.sleep(8)
-        worker = [ray_bin, "start", "--block", f"--address=127.0.0.1:{port}", "--num-cpus=1",
-                  "--node-ip-address=127.0.0.1", "--object-store-memory=100000000"]
-        nodes.append(subprocess.Popen(worker, env=env, start_new_session=True,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        time.sleep(6)
+    with local_ray_cluster(nodes=2) as address:
         cfg = tmp_path / "cfg.yaml"
         cfg.write_text(yaml.safe_dump(toy_config_dict(in_flight=2)))
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
         done = subprocess.run([sys.executable, "-m", "eep", "search", str(cfg), "--run-dir", str(tmp_path / "run"),
-                               "--ray-address", f"127.0.0.1:{port}"],
+                               "--ray-address", address],
                               capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         assert "on 2 node(s)" in done.stderr and "2 actor(s)" in done.stderr
-    finally:
-        for node in reversed(nodes):  # stop exactly the processes this test started
-            try:
-                os.killpg(node.pid, signal.SIGTERM)
-                node.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(node.pid, signal.SIGKILL)
-                node.wait()
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(temp_dir, ignore_errors=True)
     serial, serial_summary = serial_run
     run = RunDir.open(tmp_path / "run")
     assert _journal(run) == _journal(serial)
