@@ -95,6 +95,9 @@ class SearchConfig(_Section):
     """Merge phase: probability that a child's merge rows are re-normalised to sum to one (EEP: 0.1)."""
     max_breed_attempts: PositiveInt = 1000
     """Children that duplicate an evaluated genome are re-bred up to this many times."""
+    max_failures: PositiveInt = 10
+    """Evaluations failing in a row (each journaled with its reason) that stop the search with an
+    error; `eep resume` continues it once the cause is fixed. Does not change the search's outcome."""
     in_flight: PositiveInt = 1
     """Candidates evaluated at once: candidate i is bred from the results of candidates 0..i-in_flight.
     The outcome depends on this, never on the evaluator, so a serial run with in_flight=N equals a
@@ -247,8 +250,10 @@ class Config(_Section):
         return self.model_dump(mode="json")
 
     def digest(self) -> str:
-        """Hash of everything that decides the search's outcome (the evaluator and baselines do not)."""
+        """Hash of everything that decides the search's outcome (the evaluator, the baselines and
+        when to give up on failures do not)."""
         data = {k: v for k, v in self.to_dict().items() if k not in ("evaluator", "baselines")}
+        data["search"] = {k: v for k, v in data["search"].items() if k != "max_failures"}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -123,7 +123,7 @@ def run_search(run: RunDir, space, evaluator, log: Callable[[str], None] = print
             yield candidate
 
     progress = _Progress(cfg.evaluations, log)
-    new = 0
+    new = failing = 0
     if len(archive) + len(replay) < cfg.evaluations:
         source = _Replay(replay, evaluator, cfg.in_flight) if replay else evaluator
         for evaluation in source.imap(proposals()):
@@ -139,6 +139,10 @@ def run_search(run: RunDir, space, evaluator, log: Callable[[str], None] = print
             run.write_summary(summarise(archive))
             progress.update(archive, evaluation, evaluator.busy_fraction())
             new += 1
+            failing = 0 if evaluation.ok else failing + 1
+            if failing >= cfg.max_failures:
+                raise EepError(f"{failing} evaluations in a row failed (the last: {evaluation.error}); every one is in "
+                               f"the journal; fix the cause and continue with `eep resume {run.path}`")
             if stop_after is not None and new >= stop_after:
                 break
     if stats is not None:

@@ -139,3 +139,15 @@ print("ok")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           stdin=subprocess.DEVNULL)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_an_interrupted_export_leaves_nothing_loadable(tmp_path, monkeypatch):
+    """Interrupted after the weights are written (here: while writing the genome file), the export
+    leaves neither the target nor its temporary directory behind."""
+    def interrupted(self, path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Genome, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_genome(TOY, GENOME, tmp_path / "out", log=lambda m: None)
+    assert list(tmp_path.iterdir()) == []

@@ -140,6 +140,22 @@ def test_an_evaluation_that_raises_is_a_failed_record_not_a_crash(tmp_path, work
     assert all(r["status"] == "ok" for i, r in enumerate(rows) if i != 2)
 
 
+def test_failures_piling_up_stop_the_search_with_an_error(tmp_path, worker):
+    """Every evaluation raising: the search stops after max_failures in a row, each journaled with
+    its reason. max_failures is not part of the search's identity (its digest), so a run can be
+    resumed with another limit."""
+    failing = FailingWorker.__new__(FailingWorker)
+    failing.__dict__.update(worker.__dict__, poison=None)
+    failing.scores = lambda genome, split="search": (_ for _ in ()).throw(RuntimeError("disk on fire"))
+    config = parse_config(toy_config_dict(max_failures=3))
+    run = RunDir.create(tmp_path / "run", config)
+    with pytest.raises(EepError, match=r"3 evaluations in a row failed \(the last: RuntimeError: disk on fire\)"):
+        run_search(run, SPACE, SerialEvaluator(failing), log=lambda m: None)
+    rows = [json.loads(line) for line in run.journal_path.read_text().splitlines()]
+    assert [r["status"] for r in rows] == ["failed"] * 3
+    assert config.digest() == parse_config(toy_config_dict()).digest()
+
+
 def _run_space(path, worker, search_space, stop_after=None, log=lambda m: None, **search):
     from eep.moe import MoEShape
     from search_spaces import build_schedule
