@@ -243,7 +243,7 @@ def _search(run, config, space, evaluator) -> int:
 
 def cmd_baselines(args) -> int:
     from eep.compare import check_baselines, run_baselines
-    from eep.config import load_config
+    from eep.config import differences, load_config
     from eep.evaluator import FitnessWorker
     from eep.journal import RunDir, write_json_atomic
 
@@ -254,8 +254,8 @@ def cmd_baselines(args) -> int:
     fresh = not (run_dir.exists() and any(run_dir.iterdir()))
     run = RunDir.create(run_dir, config) if fresh else RunDir.open(run_dir)
     if not fresh and run.config().digest() != config.digest():
-        raise EepError(f"{run_dir} holds a search of another config; give this config's run with --run-dir "
-                       "or a new directory")
+        raise EepError(f"{run_dir} holds a search of another config ({differences(run.config().outcome(), config.outcome())}"
+                       "); give this config's run with --run-dir or a new directory")
     with run.lock():
         summary = run.summary() if run.summary_path.exists() else None
         worker = None

@@ -249,12 +249,35 @@ class Config(_Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
-    def digest(self) -> str:
-        """Hash of everything that decides the search's outcome (the evaluator, the baselines and
-        when to give up on failures do not)."""
+    def outcome(self) -> dict:
+        """Everything that decides the search's outcome (the evaluator, the baselines and when to
+        give up on failures do not), as plain data."""
         data = {k: v for k, v in self.to_dict().items() if k not in ("evaluator", "baselines")}
         data["search"] = {k: v for k, v in data["search"].items() if k != "max_failures"}
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+        return data
+
+    def digest(self) -> str:
+        """Hash of :meth:`outcome`: two configs with the same digest run the same search."""
+        return hashlib.sha256(json.dumps(self.outcome(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def differences(before: Any, after: Any, prefix: str = "", limit: int = 4) -> str:
+    """``key: old -> new`` for the first ``limit`` dotted keys where two config dicts differ."""
+    found: list[str] = []
+
+    def walk(a, b, path):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b), key=str):
+                walk(a.get(key, "<unset>"), b.get(key, "<unset>"), f"{path}.{key}" if path else str(key))
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b)):
+                walk(x, y, f"{path}.{i}")
+        elif a != b:
+            found.append(f"{path}: {a!r} -> {b!r}")
+
+    walk(before, after, prefix)
+    more = f" (and {len(found) - limit} more)" if len(found) > limit else ""
+    return "; ".join(found[:limit]) + more
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:

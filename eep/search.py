@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 
 from deap import base
 
-from eep.config import SearchConfig
+from eep.config import SearchConfig, differences
 from eep.errors import EepError
 from eep.evaluator import Candidate
 from eep.genome import Genome
@@ -89,7 +89,8 @@ def run_search(run: RunDir, space, evaluator, log: Callable[[str], None] = print
         next_id, in_flight = 0, deque()
     else:
         if state["config_digest"] != config.digest():
-            raise EepError(f"{run.path}/config.yaml changed since the search started; restore it to resume")
+            what = f" ({differences(state['config'], config.outcome())})" if "config" in state else ""
+            raise EepError(f"{run.path}/config.yaml changed since the search started{what}; restore it to resume")
         rng.setstate(_rng_state_from_json(state["rng"]))
         next_id = state["next_id"]
         done = {e.id for e in archive}
@@ -117,7 +118,7 @@ def run_search(run: RunDir, space, evaluator, log: Callable[[str], None] = print
             next_id += 1
             seen.add(genome.key)
             in_flight.append(candidate)
-            run.save_state({"config_digest": config.digest(), "next_id": next_id,
+            run.save_state({"config_digest": config.digest(), "config": config.outcome(), "next_id": next_id,
                             "rng": _rng_state_to_json(rng.getstate()),
                             "in_flight": [{"id": c.id, "genome": c.genome.to_dict()} for c in in_flight]})
             yield candidate

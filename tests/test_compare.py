@@ -94,5 +94,5 @@ def test_baselines_input_errors(tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.yaml").write_text(yaml.safe_dump(parse_config(toy_config_dict(seed=99)).to_dict()))
-    fails(toy_config_dict(), "holds a search of another config", run=other)
+    fails(toy_config_dict(), "holds a search of another config (search.seed: 99 -> 3)", run=other)
     assert not (other / "baselines.json").exists()

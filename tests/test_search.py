@@ -92,7 +92,7 @@ def test_resume_refuses_a_changed_config(tmp_path, worker):
     run.config_path.write_text(run.config_path.read_text().replace("seed: 3", "seed: 4"))
     from eep.errors import EepError
 
-    with pytest.raises(EepError, match="changed since the search started"):
+    with pytest.raises(EepError, match=r"changed since the search started \(search.seed: 3 -> 4\)"):
         _run(tmp_path / "r", worker)
 
 
