@@ -18,23 +18,12 @@ import argparse
 import os
 import random
 import shutil
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from eep.bench import random_mixtral  # noqa: E402
-
-
-def _median_seconds(fn, repeats: int) -> tuple[float, float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), (max(times) - min(times)) / 2
+from eep.bench import median_spread, random_mixtral  # noqa: E402
 
 
 def main() -> None:
@@ -91,8 +80,8 @@ def main() -> None:
         rows = []
         for name, genomes in (("prune", (pruned,)), ("merge, cold", (merged, other)), ("merge, child", (merged, child))):
             genome = genomes[0]
-            apply_s, apply_spread = _median_seconds(apply(*genomes), args.repeats * 4)
-            eval_s, eval_spread = _median_seconds(lambda g=genome: (worker.scores(g), sync()), args.repeats)
+            apply_s, apply_spread = median_spread(apply(*genomes), args.repeats * 4)
+            eval_s, eval_spread = median_spread(lambda g=genome: (worker.scores(g), sync()), args.repeats)
             rows.append((name, apply_s, apply_spread, eval_s, eval_spread))
             print(f"{name}: apply+restore {1e3 * apply_s:.3f} ms, evaluation {eval_s:.3f} s", flush=True)
         print(f"\n| genome ({args.model}, {device.type}) | apply + restore | one evaluation | apply / evaluation |"
