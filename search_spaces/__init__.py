@@ -44,7 +44,7 @@ class Schedule:
 
 def build_schedule(cfg, shape) -> Schedule:
     """The search's phases from the ``search_space`` config section and the model's MoE shape
-    (:class:`eep.moe.MoEShape`); a setting the model cannot satisfy is an :class:`EepError`."""
+    (:class:`eep.families.MoEShape`); a setting the model cannot satisfy is an :class:`EepError`."""
     from eep.families import FAMILIES
 
     family = FAMILIES[shape.family]
@@ -74,10 +74,11 @@ def build_schedule(cfg, shape) -> Schedule:
         if cfg.keep < k:
             raise EepError(f"search_space.keep={cfg.keep} is below the top_k={k} each token is routed to; "
                            f"keep at least {k}{lower}")
-        per_group, groups_min = divmod(cfg.keep, shape.expert_groups), shape.group_min
-        if per_group[1] or per_group[0] < groups_min:
+        per_group, left = divmod(cfg.keep, shape.expert_groups)
+        if left or per_group < shape.group_min:
             raise EepError(f"search_space.keep={cfg.keep} must be a multiple of the model's {shape.expert_groups} "
-                           f"expert groups with at least {groups_min} per group: {family.title} routes within groups")
+                           f"expert groups with at least {shape.group_min} per group: {family.title} routes within "
+                           "groups")
         groups = layer_groups(layers, cfg.groups) if cfg.groups is not None else None
         first = PruneSpace(num_experts, shape.top_k, layers, cfg.keep, cfg.top_k, groups, shape.expert_groups)
     if cfg.kind == "prune":
