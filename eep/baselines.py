@@ -32,7 +32,7 @@ from torch import nn
 
 from eep.errors import EepError
 from eep.genome import Genome, LayerGene
-from eep.moe import MoEAdapter, MoEShape, keep_mask, mapped_routing, masked_routing, router_columns
+from eep.moe import MoEAdapter, MoEShape, mapped_routing, router_columns
 
 
 @dataclass(frozen=True)
@@ -54,13 +54,14 @@ class Calibration:
     """[N, E, E] float32: Gram matrices of the experts' outputs on the sampled tokens."""
     route: Callable[[int, torch.Tensor, list[int], int], tuple[torch.Tensor, torch.Tensor]] | None = None
     """The model family's routing of logits [N, E] of a layer among some experts with some top-k
-    (:meth:`eep.moe.MoEAdapter.route`); None: Mixtral's (softmax, top-k, renormalise)."""
+    (:meth:`eep.moe.MoEAdapter.route`, set by :func:`collect`); None for statistics built by hand,
+    which then cannot route."""
 
     def routing(self, layer: int, logits: torch.Tensor, keep, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights, expert ids), each [N, top_k]: how the layer routes ``logits`` among ``keep``."""
-        if self.route is not None:
-            return self.route(layer, logits, sorted(keep), top_k)
-        return masked_routing(logits, keep_mask(keep, logits.shape[-1], logits.device), top_k)
+        if self.route is None:
+            raise EepError("these calibration statistics carry no routing; build them with collect()")
+        return self.route(layer, logits, sorted(keep), top_k)
 
 
 @dataclass
@@ -216,7 +217,7 @@ def random_genomes(shape: MoEShape | Calibration, keep: int, n: int, seed: int) 
 
 def naee_genome(cal: Calibration, keep: int, max_subsets: int = 20_000) -> tuple[Genome, str]:
     """NAEE task-agnostic pruning: per layer, the keep set S minimising ‖Z − Z_S‖_F on the sampled
-    tokens, Z_S routing among S exactly as a prune gene does (:func:`eep.moe.masked_routing`).
+    tokens, Z_S routing among S exactly as a prune gene does (:meth:`eep.moe.MoEAdapter.route`).
     Returns (genome, how): ``enumeration`` of all C(E, keep) sets, or, when there are more than
     ``max_subsets``, ``greedy`` backward elimination (drop the expert whose removal raises the
     error least, repeatedly), which is not guaranteed to find the best set.

@@ -95,17 +95,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def half_kept(adapter):
+    """The pruning space every row measures at: half the experts (at least top-k) in every MoE layer."""
+    from search_spaces import PruneSpace
+
+    keep = max(adapter.top_k, adapter.num_experts // 2)
+    return PruneSpace(adapter.num_experts, adapter.top_k, tuple(adapter.moe_layers), keep)
+
+
 # -- 1. apply ------------------------------------------------------------------------------------
 
 
 def bench_apply(worker, repeats: int, log) -> dict:
-    from search_spaces import MergeSpace, PruneSpace, layer_groups, mutate_noise, random_genome
+    from search_spaces import MergeSpace, layer_groups, mutate_noise, random_genome
 
     adapter = worker.adapter
     layers, device = tuple(adapter.moe_layers), adapter.routers[adapter.moe_layers[0]].weight.device
     rng = random.Random(0)
-    keep = max(adapter.top_k, adapter.num_experts // 2)
-    pruned = random_genome(PruneSpace(adapter.num_experts, adapter.top_k, layers, keep), rng)
+    pruned = random_genome(half_kept(adapter), rng)
     space = MergeSpace(adapter.num_experts, adapter.top_k, layer_groups(layers, None))
     merged, other = (mutate_noise(pruned, rng, space, 1.0, 0.25, 0.065, 0.0) for _ in range(2))
     worker.scores(pruned)  # warm-up
@@ -144,27 +151,18 @@ class Rebuild:
             self.cpu_adapter = MoEAdapter(copy.deepcopy(worker.model).to("cpu"))
 
     def scores(self, genome) -> dict[str, float]:
-        from eep.moe import moe_blocks
+        from eep.moe import assemble, moe_blocks
 
         small, _ = self.cpu_adapter.compressed(genome)  # slice / merge on CPU
         state = {k: v.to(self.device, copy=True) for k, v in small.state_dict().items()}
-        with torch.device("meta"):
-            model = type(small)(small.config)
-        model.load_state_dict(state, assign=True)
-        for name, buffer in small.named_buffers():  # rotary tables (not in the state dict)
-            if name not in state:
-                owner, _, leaf = name.rpartition(".")
-                model.get_submodule(owner)._buffers[leaf] = buffer.to(self.device)
-        return self.worker.scorers["search"](model.eval(), moe_blocks(model))
+        model = assemble(type(small), small.config, state, small, self.device)
+        return self.worker.scorers["search"](model, moe_blocks(model))
 
 
 def bench_rebuild(worker, genomes: int, log) -> dict:
-    from search_spaces import PruneSpace, random_genome
+    from search_spaces import random_genome
 
-    adapter = worker.adapter
-    rng = random.Random(1)
-    keep = max(adapter.top_k, adapter.num_experts // 2)
-    space = PruneSpace(adapter.num_experts, adapter.top_k, tuple(adapter.moe_layers), keep)
+    rng, space = random.Random(1), half_kept(worker.adapter)
     sample = [random_genome(space, rng) for _ in range(genomes)]
     rebuild = Rebuild(worker)
     device = rebuild.device
@@ -282,11 +280,11 @@ def bench_export(worker, device: str, scratch: Path, repeats: int, log) -> dict:
     import multiprocessing
 
     from eep.genome import Genome
-    from search_spaces import PruneSpace, random_genome
+    from search_spaces import random_genome
 
     adapter, tokenizer = worker.adapter, worker.tokenizer
-    keep = max(adapter.top_k, adapter.num_experts // 2)
-    space = PruneSpace(adapter.num_experts, adapter.top_k, tuple(adapter.moe_layers), keep)
+    space = half_kept(adapter)
+    keep = space.keep
     pruned = random_genome(space, random.Random(2))
     variants = {"full": None, f"keep {keep} of {adapter.num_experts}": pruned,
                 f"keep {keep} of {adapter.num_experts}, top-1": Genome.from_keep(

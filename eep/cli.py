@@ -293,7 +293,7 @@ def cmd_eval(args) -> int:
     from eep.genome import Genome
     from eep.journal import write_json_atomic
     from eep.model import load_hf_config
-    from eep.moe import check_family, shape_of
+    from eep.moe import check_genome, shape_of
     from fitness.metrics import weighted_fitness
     from fitness.tasks import check_tasks
 
@@ -304,8 +304,7 @@ def cmd_eval(args) -> int:
     check_tasks(config.fitness.tasks)
     if genome is not None:
         shape = shape_of(load_hf_config(config.model))
-        genome.validate_for(shape.num_experts, shape.top_k, shape.moe_layers)
-        check_family(genome, shape)
+        check_genome(genome, shape)
     if args.out:
         out = Path(args.out)
         if not out.parent.is_dir():

@@ -46,14 +46,13 @@ def export_genome(model_cfg: ModelConfig, genome: Genome, out: str | Path, confi
     Returns the report written into the card.
     """
     from eep.model import load_hf_config, load_model
-    from eep.moe import adapter_for, check_family, export_form, moe_blocks, shape_of
+    from eep.moe import adapter_for, check_genome, export_form, moe_blocks, shape_of
     from fitness.tasks import load_tasks
 
     out = Path(out)
     check_target(out)
     shape = shape_of(load_hf_config(model_cfg))
-    genome.validate_for(shape.num_experts, shape.top_k, shape.moe_layers)
-    check_family(genome, shape)
+    check_genome(genome, shape)
     export_form(genome, shape, form)  # an impossible stock form fails here, before the weights load
     tasks = load_tasks(config.fitness.tasks, "test") if config is not None else None  # bad task data too
     model, tokenizer = load_model(model_cfg)

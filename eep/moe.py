@@ -147,8 +147,7 @@ class MoEAdapter:
         self._merged_for: dict[int, tuple | None] = {}  # the merge matrix each layer's buffers hold
 
     def validate(self, genome: Genome, skip: Mapping[int, float] | None = None) -> None:
-        genome.validate_for(self.num_experts, self.top_k, self.moe_layers)
-        check_family(genome, self.shape)
+        check_genome(genome, self.shape)
         for layer, beta in (skip or {}).items():
             if layer not in self.moe_layers:
                 raise EepError(f"skip names layer {layer}, which is not an MoE layer of this model")
@@ -325,22 +324,30 @@ class MoEAdapter:
             config.auto_map = {"AutoConfig": "modeling_eep_mixtral.EepMixtralConfig",
                                "AutoModelForCausalLM": "modeling_eep_mixtral.EepMixtralForCausalLM"}
             model_cls = EepMixtralForCausalLM
-        with torch.device("meta"):
-            small = model_cls(config)
-        small.load_state_dict(state, assign=True, strict=True)
-        for name, buffer in self.model.named_buffers():  # non-persistent buffers (rotary tables)
-            if name in state:
-                continue
+        return assemble(model_cls, config, state, self.model)
+
+
+def assemble(model_cls: type, config, state: dict, source: nn.Module, device=None) -> nn.Module:
+    """A ``model_cls(config)`` holding exactly ``state`` (assigned, not copied, and without the
+    cost of a random initialisation: it is built on the meta device), with the non-persistent
+    buffers (rotary tables) that the state dict lacks copied from ``source``; in eval mode."""
+    with torch.device("meta"):
+        model = model_cls(config)
+    model.load_state_dict(state, assign=True, strict=True)
+    for name, buffer in source.named_buffers():
+        if name not in state:
             owner, _, leaf = name.rpartition(".")
-            small.get_submodule(owner)._buffers[leaf] = buffer.clone()
-        small.tie_weights()
-        return small.eval()
+            model.get_submodule(owner)._buffers[leaf] = buffer.to(device or buffer.device, copy=True)
+    model.tie_weights()
+    return model.eval()
 
 
-def check_family(genome: Genome, shape: MoEShape) -> None:
-    """What a family's routing allows beyond a genome's own validity: grouped routing needs the
-    same number of experts kept in every group; router matrices that mix experts are defined on
-    softmax-renormalised routing, i.e. families with eep's custom form."""
+def check_genome(genome: Genome, shape: MoEShape) -> None:
+    """An :class:`EepError` unless ``genome`` fits a model of this shape (its experts, top-k and
+    MoE layers) and what the family's routing allows: grouped routing needs the same number of
+    experts kept in every group; router matrices that mix experts are defined on
+    softmax-renormalised routing, i.e. families with eep's custom form. Needs no weights."""
+    genome.validate_for(shape.num_experts, shape.top_k, shape.moe_layers)
     family = FAMILIES[shape.family]
     for layer, gene in genome.layers:
         if gene.is_merge and router_columns(gene, shape.num_experts) is None and not family.custom_form:
@@ -380,21 +387,6 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     base = getattr(model, "model", model)
     base = getattr(base, "language_model", base)
     return base.layers
-
-
-def keep_mask(keep, num_experts: int, device: torch.device) -> torch.Tensor:
-    """[E] router-logit mask: 0 for the kept experts, -inf for the others (see :func:`masked_routing`)."""
-    mask = torch.full((num_experts,), float("-inf"), device=device)
-    mask[list(keep)] = 0.0
-    return mask
-
-
-def masked_routing(logits: torch.Tensor, mask: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixtral routing among the experts where ``mask`` is 0 (-inf elsewhere): softmax, top-k,
-    renormalise. Returns (weights, index), each [tokens, top_k]."""
-    probs = torch.softmax(logits.float() + mask, dim=-1)
-    weights, index = torch.topk(probs, top_k, dim=-1)
-    return weights / weights.sum(dim=-1, keepdim=True), index
 
 
 def mapped_routing(logits: torch.Tensor, router_t: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -72,6 +72,7 @@ def run_search(run: RunDir, space, evaluator, log: Callable[[str], None] = print
     """
     config = run.config()
     cfg = config.search
+    outcome, digest = config.outcome(), config.digest()  # what the snapshot records, computed once
     rng = random.Random(cfg.seed)
     schedule = Schedule.of(space)
     toolboxes = [make_toolbox(phase_space, cfg, rng) for _, phase_space in schedule.phases]
@@ -88,8 +89,8 @@ def run_search(run: RunDir, space, evaluator, log: Callable[[str], None] = print
         replay, archive = archive, []
         next_id, in_flight = 0, deque()
     else:
-        if state["config_digest"] != config.digest():
-            what = f" ({differences(state['config'], config.outcome())})" if "config" in state else ""
+        if state["config_digest"] != digest:
+            what = f" ({differences(state['config'], outcome)})" if "config" in state else ""
             raise EepError(f"{run.path}/config.yaml changed since the search started{what}; restore it to resume")
         rng.setstate(_rng_state_from_json(state["rng"]))
         next_id = state["next_id"]
@@ -118,7 +119,7 @@ def run_search(run: RunDir, space, evaluator, log: Callable[[str], None] = print
             next_id += 1
             seen.add(genome.key)
             in_flight.append(candidate)
-            run.save_state({"config_digest": config.digest(), "config": config.outcome(), "next_id": next_id,
+            run.save_state({"config_digest": digest, "config": outcome, "next_id": next_id,
                             "rng": _rng_state_to_json(rng.getstate()),
                             "in_flight": [{"id": c.id, "genome": c.genome.to_dict()} for c in in_flight]})
             yield candidate

@@ -48,7 +48,7 @@ class MergeSpace:
     groups: Groups
     mix_router: bool = True
     """Evolve router matrices too (EEP); False keeps each router selecting its parent's experts
-    (families whose routing is not Mixtral's softmax-renormalise, see :func:`eep.moe.check_family`)."""
+    (families whose routing is not Mixtral's softmax-renormalise, see :func:`eep.moe.check_genome`)."""
 
     kind = "merge"
 
