@@ -63,6 +63,18 @@ def test_search_is_deterministic_for_a_seed_and_never_reevaluates(tmp_path, work
     assert _journal(RunDir.open(tmp_path / "c")) != _journal(run_a)
 
 
+def test_duplicate_children_are_bred_again_and_counted_never_evaluated(tmp_path, worker):
+    """A space of 8 genomes (keep 7 of 8, one gene for all layers) searched to exhaustion: breeding
+    keeps proposing evaluated genomes, which are counted in ``stats`` and bred again instead."""
+    tiny = PruneSpace(num_experts=8, top_k=2, layers=(0, 1, 2, 3), keep=7, groups=((0, 1, 2, 3),))
+    assert tiny.size() == 8
+    config = parse_config(toy_config_dict(evaluations=8, initial=3))
+    evaluator, stats = CountingEvaluator(worker), {}
+    run_search(RunDir.create(tmp_path / "run", config), tiny, evaluator, log=lambda m: None, stats=stats)
+    assert len(evaluator.keys) == len(set(evaluator.keys)) == 8
+    assert stats["rebred"] > 0
+
+
 def test_stop_and_resume_equals_uninterrupted(tmp_path, worker):
     whole, summary_whole, _ = _run(tmp_path / "whole", worker)
     for stop in (3, 6, 7, 11):  # inside the initial population, at its end, and while breeding
