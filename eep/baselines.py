@@ -233,7 +233,7 @@ def naee_genome(cal: Calibration, keep: int, max_subsets: int = 20_000) -> tuple
     how = "enumeration" if math.comb(cal.num_experts, keep) <= max_subsets else "greedy"
     chosen = {}
     for layer in cal.moe_layers:
-        error = _error_of_keep_sets(cal, layer)
+        error = keep_set_error(cal, layer)
         if how == "enumeration":
             chosen[layer] = min(itertools.combinations(range(cal.num_experts), keep), key=error)
         else:
@@ -247,10 +247,17 @@ def naee_genome(cal: Calibration, keep: int, max_subsets: int = 20_000) -> tuple
 def output_error(cal: Calibration, layer: int, keep: Iterable[int]) -> float:
     """‖Z − Z_S‖_F²: squared error of the layer's MoE output on the sampled tokens when only the
     experts ``keep`` remain (routing restricted to them, as a prune gene routes)."""
-    return _error_of_keep_sets(cal, layer)(list(keep))
+    return keep_set_error(cal, layer)(list(keep))
 
 
-def _error_of_keep_sets(cal: Calibration, layer: int) -> Callable[[Iterable[int]], float]:
+def output_energy(cal: Calibration, layer: int) -> float:
+    """‖Z‖_F²: the unpruned layer's MoE output energy on the sampled tokens."""
+    full = _dense_weights(cal, layer, range(cal.num_experts))
+    return float(torch.einsum("ne,nef,nf->", full, cal.gram[layer].double(), full))
+
+
+def keep_set_error(cal: Calibration, layer: int) -> Callable[[Iterable[int]], float]:
+    """:func:`output_error` of the layer as a function of the keep set (its set-up done once)."""
     logits, gram = cal.logits[layer], cal.gram[layer].double()
     full = _dense_weights(cal, layer, range(cal.num_experts))
 

@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--form", choices=["stock", "custom"],
                    help="stock: plain transformers classes (an error if the genome needs more); custom: eep's "
                         "modeling file, trust_remote_code=True (default: stock when possible)")
+    p.add_argument("--dense", action="store_true",
+                   help="low-rank experts (MoE-I² stage 2) as re-multiplied dense matrices, in the stock form when "
+                        "the pruning allows (larger, no custom code for that); default: stored as their factors")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("baselines", help="score random, frequency, NAEE and REAP pruning next to the search, held out")
@@ -131,6 +134,13 @@ def _plan(config, dry_run: bool = False) -> tuple[object, object, object]:
     check_tasks(config.fitness.tasks)
     hf_config = load_hf_config(config.model, prefer_file=dry_run)
     shape = shape_of(hf_config)
+    if config.search_space.kind == "moei2":
+        from eep.moei2 import moei2_plan
+
+        if config.evaluator.kind == "ray":
+            raise EepError("MoE-I² scores its layer searches in this process on cached calibration statistics (each "
+                           "evaluation takes milliseconds); run it without --workers / --ray-address")
+        return hf_config, shape, moei2_plan(config, shape)
     return hf_config, shape, build_schedule(config.search_space, shape)
 
 
@@ -142,8 +152,13 @@ def _print_plan(config, hf_config, shape, space, run_dir) -> None:
     routing = f", top-{shape.top_k} -> top-{active}" if active not in (None, shape.top_k) else ""
     print(f"search space {space.describe()}{routing} -> "
           + ("continuous" if size == float("inf") else _large(size)) + " genomes")
-    print(f"budget       {config.search.evaluations} evaluations ({config.search.initial} random initial), "
-          f"seed {config.search.seed}")
+    if config.search_space.kind == "moei2":
+        m = config.moei2
+        print(f"budget       up to {m.population * m.generations} evaluations per layer ({m.population} random "
+              f"initial), seed {config.search.seed} + layer")
+    else:
+        print(f"budget       {config.search.evaluations} evaluations ({config.search.initial} random initial), "
+              f"seed {config.search.seed}")
     tasks = ", ".join(f"{t.name} ({t.search_size} search / {t.test_size} held-out)" for t in config.fitness.tasks)
     print(f"fitness      {tasks}")
     ev = config.evaluator
@@ -175,6 +190,10 @@ def cmd_search(args) -> int:
         print("dry run: config is valid; nothing was loaded or written")
         return 0
     RunDir.check_new(run_dir)
+    if config.search_space.kind == "moei2":
+        run = RunDir.create(run_dir, config)
+        with run.lock():
+            return _moei2(run, config, space)
     evaluator = make_evaluator(config)
     try:
         if config.evaluator.kind == "ray" and not in_flight_is_set:  # keep every actor busy
@@ -196,7 +215,29 @@ def cmd_resume(args) -> int:
     _, _, space = _plan(config)
     with run.lock():  # before the model loads: a second writer fails fast
         log(f"[eep] resuming {run.path}")
+        if config.search_space.kind == "moei2":
+            return _moei2(run, config, space)
         return _search(run, config, space, make_evaluator(config))
+
+
+def _moei2(run, config, plan, worker=None) -> int:
+    """A MoE-I² run (both stages, resumable from the layer searches' journals) on a resident model."""
+    from eep.evaluator import FitnessWorker
+    from eep.moei2 import run_moei2
+
+    start = time.perf_counter()
+    if worker is None:
+        log(f"[eep] loading {config.model.path}")
+        worker = FitnessWorker(config)
+    summary = run_moei2(run, config, worker, plan, log)
+    stages = summary["stages"]
+    log(f"[eep] done in {time.perf_counter() - start:.0f}s: "
+        + "; ".join(f"{name} held-out {s['heldout']['mean']:.2f} ({s['heldout']['kept_params']:,} parameters)"
+                    for name, s in stages.items())
+        + f"; full model {summary['heldout']['full']['mean']:.2f}")
+    print(json.dumps({"evaluations": summary["evaluations"],
+                      **{name: round(s["heldout"]["mean"], 4) for name, s in stages.items()}}))
+    return 0
 
 
 def make_evaluator(config):
@@ -261,14 +302,18 @@ def cmd_baselines(args) -> int:
         worker = None
         if summary is None or "heldout" not in summary or summary["evaluations"] < config.search.evaluations:
             log(f"[eep] {'running' if fresh else 'finishing'} the search in {run_dir} first")
-            evaluator = make_evaluator(config)
-            _search(run, config, space, evaluator)
-            worker = getattr(evaluator, "worker", None)  # a serial evaluator's model is still loaded
+            if config.search_space.kind == "moei2":
+                worker = FitnessWorker(config)
+                _moei2(run, config, space, worker)
+            else:
+                evaluator = make_evaluator(config)
+                _search(run, config, space, evaluator)
+                worker = getattr(evaluator, "worker", None)  # a serial evaluator's model is still loaded
             summary = run.summary()
         if worker is None:
             log(f"[eep] loading {config.model.path}")
             worker = FitnessWorker(config)
-        result = run_baselines(config, worker, summary, log)
+        result = run_baselines(config, worker, summary, log, run.path / "baselines")
         write_json_atomic(run.path / "baselines.json", result)
     methods = result["methods"]
     width = max(len(m) for m in methods)
@@ -347,7 +392,8 @@ def cmd_export(args) -> int:
         config = load_config(args.config) if args.config else None
         model_cfg = config.model.model_copy(update={"path": args.model}) if config else ModelConfig(path=args.model)
         genome, fitness = Genome.load(args.genome), None
-    report = export_genome(model_cfg, genome, out, config=config, search_fitness=fitness, log=log, form=args.form)
+    report = export_genome(model_cfg, genome, out, config=config, search_fitness=fitness, log=log, form=args.form,
+                           dense=args.dense)
     params = report["parameters"]
     held = report["heldout"]
     log(f"[eep] exported to {out} ({report['form']} form): {params['before']:,} -> {params['after']:,} parameters, "

@@ -9,9 +9,13 @@ draws, with ``heldout_std``), plus a ``sweep`` of the baselines at other kept-ex
 
 from __future__ import annotations
 
+import hashlib
+import json
 import statistics
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 from eep.config import Config
 from eep.errors import EepError
@@ -21,7 +25,10 @@ from eep.genome import Genome
 def parameter_counts(model, adapter, genome: Genome | None) -> tuple[int, int]:
     """(parameters kept, parameters active per token) of ``model`` compressed by ``genome``
     (``None``: uncompressed). Embeddings count as kept and active; a dropped expert removes its
-    weights and its router row; an expert not routed to is kept but not active."""
+    weights and its router row; an expert not routed to is kept but not active; a low-rank expert's
+    matrices count as their factors."""
+    from eep.lowrank import expert_params
+
     total = sum(p.numel() for p in model.parameters())
     active = total
     for layer in adapter.moe_layers:
@@ -35,6 +42,11 @@ def parameter_counts(model, adapter, genome: Genome | None) -> tuple[int, int]:
         dropped = adapter.num_experts - slots
         total -= dropped * (expert + router_row)
         active -= dropped * router_row + (adapter.num_experts - k) * expert
+        ranks = None if genome is None else genome.gene(layer).ranks
+        if ranks is not None:  # low-rank experts: their matrices are factors (a token's: the layer's mean)
+            saved = [expert_params(adapter, None) - expert_params(adapter, r) for r in ranks]
+            total -= sum(saved)
+            active -= round(k * sum(saved) / len(saved))
     return total, active
 
 
@@ -55,10 +67,10 @@ def calibration_texts(config: Config) -> list[str]:
     return texts[: cal.size]
 
 
-def _batches(tokenizer, texts: list[str], batch_size: int, max_length: int):
-    for start in range(0, len(texts), batch_size):
-        yield tokenizer(texts[start: start + batch_size], return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_length, padding_side="right")
+def calibration_batches(tokenizer, texts: list[str], batch_size: int, max_length: int) -> list[dict]:
+    """The texts tokenized in right-padded batches (``input_ids``, ``attention_mask``)."""
+    return [tokenizer(texts[start: start + batch_size], return_tensors="pt", padding=True, truncation=True,
+                      max_length=max_length, padding_side="right") for start in range(0, len(texts), batch_size)]
 
 
 def check_baselines(config: Config, shape) -> None:
@@ -73,12 +85,26 @@ def check_baselines(config: Config, shape) -> None:
         if not shape.top_k <= k <= shape.num_experts:
             raise EepError(f"baselines at {k} experts per layer: must be between top-k ({shape.top_k}) and "
                            f"{shape.num_experts}; fix search_space.keep or baselines.sweep")
+    if "moei2" in config.baselines.methods:
+        from eep.families import FAMILIES
+
+        if not FAMILIES[shape.family].custom_form:
+            raise EepError(f"the moei2 baseline keeps different numbers of experts per layer, which only eep's custom-"
+                           f"code export holds (Mixtral only); remove moei2 from baselines.methods for "
+                           f"{FAMILIES[shape.family].title}")
     if "naee+skip" in config.baselines.methods and shape.top_k != 2:
         raise EepError("naee+skip (dynamic skipping) needs a top-2 model; remove it from baselines.methods")
 
 
-def run_baselines(config: Config, worker, summary: dict | None, log: Callable[[str], None]) -> dict:
-    """Score the configured baselines (and, from ``summary``, the search and the full model) held out."""
+def _no_low_rank(config: Config) -> Config:
+    return config.model_copy(update={"moei2": config.moei2.model_copy(update={"rank_params": None})})
+
+
+def run_baselines(config: Config, worker, summary: dict | None, log: Callable[[str], None],
+                  workdir: Path | None = None) -> dict:
+    """Score the configured baselines (and, from ``summary``, the search and the full model) held
+    out. ``workdir`` holds the journals of the ``moei2`` baseline's layer searches (default: a
+    temporary directory)."""
     from eep import baselines as bl
     from eep.moe import shape_of
     from fitness.metrics import weighted_fitness
@@ -86,10 +112,12 @@ def run_baselines(config: Config, worker, summary: dict | None, log: Callable[[s
     cfg, keep = config.baselines, config.search_space.keep
     shape = shape_of(worker.model.config)
     check_baselines(config, shape)
+    if workdir is None:
+        workdir = Path(tempfile.mkdtemp(prefix="eep-baselines-"))
     texts = calibration_texts(config)
     log(f"[eep] calibration pass over {len(texts)} texts")
     cal = bl.collect(worker.model, worker.adapter,
-                     _batches(worker.tokenizer, texts, config.fitness.batch_size, cfg.calibration.max_length),
+                     calibration_batches(worker.tokenizer, texts, config.fitness.batch_size, cfg.calibration.max_length),
                      cfg.calibration.max_tokens_per_layer, seed=cfg.calibration.seed)
 
     def score(genome: Genome | None, skip=None) -> dict:
@@ -108,6 +136,8 @@ def run_baselines(config: Config, worker, summary: dict | None, log: Callable[[s
                 out[method] = score(bl.frequency_genome(cal, k))
             elif method == "reap":
                 out[method] = score(bl.reap_genome(cal, k))
+            elif method == "moei2":
+                out.update(moei2_rows(k))
             else:  # naee, naee+skip
                 genome, how = bl.naee_genome(cal, k, cfg.naee_max_subsets)
                 skip = bl.skip_betas(cal, genome) if method == "naee+skip" else None
@@ -116,9 +146,33 @@ def run_baselines(config: Config, worker, summary: dict | None, log: Callable[[s
                     out[method]["betas"] = {str(i): round(b, 4) for i, b in skip.items()}
         return out
 
+    def moei2_rows(k: int) -> dict[str, dict]:
+        """MoE-I² at k experts per layer's worth: stage 1 alone at k x layers experts, and (with
+        ``moei2.rank_params``) stage 1 keeping more experts, then low-rank to the same size."""
+        from dataclasses import replace
+
+        from eep.moei2 import Moei2Plan, compress
+
+        layers = tuple(shape.moe_layers)
+        plan = Moei2Plan(shape.num_experts, shape.top_k, layers, k * len(layers), k * len(layers), config.moei2)
+        quiet = lambda message: None  # noqa: E731  (the layer searches' progress lines)
+        settings = json.dumps([config.moei2.model_dump(mode="json"), cfg.calibration.model_dump(mode="json")],
+                              sort_keys=True)  # journals of other settings are never reused
+        workdir_k = workdir / f"moei2-{k}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
+        rows = {}
+        stage1 = compress(_no_low_rank(config), worker, workdir_k, plan, quiet, cal=cal)["stage1"]
+        rows["moei2"] = {**score(stage1), "genome_key": stage1.key}
+        if config.moei2.rank_params is not None:
+            stage1_size = min(shape.num_experts * len(layers), round(k * len(layers) / config.moei2.rank_params))
+            result = compress(config, worker, workdir_k.with_name(workdir_k.name + "-rank"), replace(plan, stage1=stage1_size), quiet,
+                              cal=cal)
+            rows["moei2+low-rank"] = {**score(result["stage2"]), "genome_key": result["stage2"].key,
+                                      "stage1_experts": stage1_size}
+        return rows
+
     methods = {"full": score(None)}
     methods.update(methods_at(keep))
-    if summary and summary.get("heldout") and summary.get("best_genome"):
+    if summary and summary.get("heldout") and summary.get("best_genome") and summary.get("method") != "moei2":
         best = Genome.from_dict(summary["best_genome"])
         kept, active = parameter_counts(worker.model, worker.adapter, best)
         held = summary["heldout"]["best"]

@@ -37,9 +37,11 @@ class ModelConfig(_Section):
 
 
 class SearchSpaceConfig(_Section):
-    kind: Literal["prune", "merge"] = "prune"
+    kind: Literal["prune", "merge", "moei2"] = "prune"
     """``prune``: which experts each layer keeps. ``merge``: EEP's two phases in one run, pruning
-    for ``merge_after`` evaluations, then merge + router matrices bred from the best pruned genomes."""
+    for ``merge_after`` evaluations, then merge + router matrices bred from the best pruned genomes.
+    ``moei2``: MoE-I²'s task-agnostic two stages (see the ``moei2`` section) instead of EEP's search;
+    ``keep``/``budget`` is then the size it reaches, in experts' worth of parameters."""
     keep: PositiveInt | None = None
     """Experts kept in every MoE layer (default 4 unless ``budget`` is set)."""
     budget: PositiveInt | None = None
@@ -184,7 +186,32 @@ class FitnessConfig(_Section):
         return self
 
 
-BaselineName = Literal["random", "frequency", "naee", "naee+skip", "reap"]
+class Moei2Config(_Section):
+    """``search_space.kind: moei2`` (arXiv 2411.01016) and the ``moei2`` baseline: stage 1 spends
+    an expert budget unevenly over layers by importance and picks each layer's experts by a
+    layer-wise genetic search on reconstruction loss, combined across blocks of layers; stage 2
+    gives the kept experts low-rank factors. Calibration texts: ``baselines.calibration``."""
+
+    importance: Literal["drop", "reroute"] = "drop"
+    """An expert's importance, the MoE-output loss of removing it alone: ``drop`` its weighted output,
+    or ``reroute`` its tokens to the next experts (what a pruned model does)."""
+    rank_params: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    """Stage 2: the fraction of the stage-1 experts' parameters the low-rank factors keep; stage 1 then
+    keeps ``search_space`` size / rank_params experts so both stages together reach that size. Unset:
+    stage 1 only."""
+    alpha: Annotated[float, Field(ge=0.0)] = 0.15
+    """Stage 2: ranks in a layer follow (importance + eps)^alpha (MoE-I²: 0.15; 0 gives every expert one rank)."""
+    population: PositiveInt = 100
+    """Layer-wise search: random keep sets before breeding (MoE-I²: population 100)."""
+    generations: PositiveInt = 50
+    """Layer-wise search: population x generations evaluations per layer (MoE-I²: 50)."""
+    candidates: PositiveInt = 3
+    """K: best distinct keep sets each layer's search passes on (MoE-I²: 3)."""
+    block: PositiveInt = 3
+    """T: consecutive MoE layers whose K^T combinations are scored together (MoE-I²: 3)."""
+
+
+BaselineName = Literal["random", "frequency", "naee", "naee+skip", "reap", "moei2"]
 
 
 class CalibrationConfig(_Section):
@@ -237,6 +264,7 @@ class Config(_Section):
     fitness: FitnessConfig
     evaluator: EvaluatorConfig = EvaluatorConfig()
     baselines: BaselinesConfig = BaselinesConfig()
+    moei2: Moei2Config = Moei2Config()
 
     @model_validator(mode="after")
     def _merge_after_initial(self):
@@ -253,6 +281,10 @@ class Config(_Section):
         """Everything that decides the search's outcome (the evaluator, the baselines and when to
         give up on failures do not), as plain data."""
         data = {k: v for k, v in self.to_dict().items() if k not in ("evaluator", "baselines")}
+        if self.search_space.kind != "moei2":
+            del data["moei2"]  # only decides MoE-I² runs (and keeps older runs' digests)
+        else:  # MoE-I² is decided by its calibration texts
+            data["calibration"] = self.baselines.calibration.model_dump(mode="json")
         data["search"] = {k: v for k, v in data["search"].items() if k != "max_failures"}
         return data
 

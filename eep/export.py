@@ -37,10 +37,12 @@ def check_target(out: Path) -> None:
 
 def export_genome(model_cfg: ModelConfig, genome: Genome, out: str | Path, config: Config | None = None,
                   search_fitness: float | None = None, log: Callable[[str], None] = print,
-                  form: str | None = None) -> dict:
+                  form: str | None = None, dense: bool = False) -> dict:
     """Write the compressed model, its tokenizer, ``eep_genome.json`` and a model card to ``out``.
 
     ``form`` forces ``stock`` (an error if impossible) or ``custom``; default: stock when possible.
+    ``dense``: low-rank experts are written re-multiplied (the form their pruning needs) instead of
+    as factors (custom form).
 
     When ``config`` is given its tasks' held-out split is scored on the exported model itself.
     Returns the report written into the card.
@@ -53,11 +55,11 @@ def export_genome(model_cfg: ModelConfig, genome: Genome, out: str | Path, confi
     check_target(out)
     shape = shape_of(load_hf_config(model_cfg))
     check_genome(genome, shape)
-    export_form(genome, shape, form)  # an impossible stock form fails here, before the weights load
+    export_form(genome.dense() if dense else genome, shape, form)  # an impossible form fails before loading
     tasks = load_tasks(config.fitness.tasks, "test") if config is not None else None  # bad task data too
     model, tokenizer = load_model(model_cfg)
     adapter = adapter_for(model)
-    small, chosen = adapter.compressed(genome, form)
+    small, chosen = adapter.compressed(genome, form, dense=dense)
     log(f"[eep] {chosen.kind} form: {chosen.reason}")
     report = {
         "source_model": model_cfg.path,
@@ -69,6 +71,7 @@ def export_genome(model_cfg: ModelConfig, genome: Genome, out: str | Path, confi
         "experts_per_token": {"before": adapter.top_k, "after": {str(i): genome.active(i) for i in adapter.moe_layers}},
         "parameters": {"before": _count(model), "after": _count(small)},
         "tensors": {"before": _tensors(model), "after": _tensors(small)},
+        "low_rank": None if not genome.is_low_rank else ("dense" if dense else "factors"),
         "search_fitness": search_fitness,
         "heldout": None,
     }
@@ -140,6 +143,10 @@ def model_card(report: dict, genome: Genome) -> str:
         f"- load with {load}; form chosen because: {report['form_reason']}",
         f"- genome: `{genome.key}`",
     ]
+    if report.get("low_rank"):
+        lines.append("- low-rank experts (MoE-I² stage 2): each kept expert's matrices are its truncated SVD at the rank "
+                     "in `eep_genome.json` (`rank`), stored " + ("as the factors" if report["low_rank"] == "factors"
+                                                                  else "re-multiplied (dense)"))
     if report["search_fitness"] is not None:
         lines.append(f"- search fitness (search split): {report['search_fitness']:.2f}")
     if report["heldout"] is not None:

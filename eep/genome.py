@@ -18,6 +18,9 @@ to its gene. A layer that is missing is left unchanged. A gene is one of:
   :mod:`search_spaces.merge` for why), so scores are positive and the renormalisation is safe.
 
 Either may set ``top_k``, the experts each token is routed to in that layer (e.g. 2 -> 1).
+A pruning gene may also set ``rank`` (MoE-I² stage 2), one integer per kept expert: that
+expert's weight matrices are replaced by their rank-r truncated SVD factors (see
+:mod:`eep.lowrank`); a gene without ``rank`` keeps its experts dense, so older files stay valid.
 A merge gene whose matrices are the same one-hot rows *is* a pruning gene and is stored as one, so
 the two spellings of one model share a content hash. Readers reject keys they do not know rather
 than silently dropping them.
@@ -36,7 +39,7 @@ from typing import Any
 from eep.errors import EepError
 
 GENOME_FORMAT = "eep.genome/v1"
-_LAYER_KEYS = {"keep", "top_k", "merge", "router"}
+_LAYER_KEYS = {"keep", "top_k", "merge", "router", "rank"}
 
 Matrix = tuple[tuple[float, ...], ...]
 
@@ -45,12 +48,14 @@ Matrix = tuple[tuple[float, ...], ...]
 class LayerGene:
     """One MoE layer's gene. A pruning gene holds the sorted ids of the kept experts; a merge gene
     holds E'×E ``merge`` and ``router`` matrices, and ``keep`` lists the experts they draw on.
-    ``top_k`` is the experts each token is routed to (``None`` keeps the model's)."""
+    ``top_k`` is the experts each token is routed to (``None`` keeps the model's); ``ranks``, for a
+    pruning gene, the rank of each kept expert's low-rank factors (``None``: dense experts)."""
 
     keep: tuple[int, ...]
     top_k: int | None = None
     merge: Matrix | None = None
     router: Matrix | None = None
+    ranks: tuple[int, ...] | None = None
 
     @classmethod
     def merged(cls, merge, router, top_k: int | None = None) -> LayerGene:
@@ -85,6 +90,8 @@ class LayerGene:
             data: dict[str, Any] = {"merge": [list(r) for r in self.merge], "router": [list(r) for r in self.router]}
         else:
             data = {"keep": list(self.keep)}
+            if self.ranks is not None:
+                data["rank"] = list(self.ranks)
         if self.top_k is not None:
             data["top_k"] = self.top_k
         return data
@@ -125,6 +132,11 @@ class Genome:
             _check(list(keep) == sorted(set(keep)), f"layer {i}: expert ids must be distinct, got {list(keep)}")
             if gene.is_merge:
                 self._check_matrices(i, gene)
+            if gene.ranks is not None:
+                _check(not gene.is_merge, f"layer {i}: 'rank' is for pruning genes; merged experts stay dense")
+                _check(len(gene.ranks) == len(keep) and all(type(r) is int and r >= 1 for r in gene.ranks),
+                       f"layer {i}: 'rank' must list one positive integer per kept expert ({len(keep)}), "
+                       f"got {list(gene.ranks)}")
             if gene.top_k is not None:
                 _check(type(gene.top_k) is int and gene.top_k >= 1,
                        f"layer {i}: top_k must be a positive integer, got {gene.top_k!r}")
@@ -195,6 +207,7 @@ class Genome:
                    f"layer {name}: top_k must be an integer, got {gene.get('top_k')!r}")
             top_k = gene.get("top_k")
             if "merge" in gene or "router" in gene:
+                _check("rank" not in gene, f"layer {name}: 'rank' is for pruning genes; merged experts stay dense")
                 _check("keep" not in gene and "merge" in gene and "router" in gene,
                        f"layer {name}: a gene has either 'keep', or both 'merge' and 'router'")
                 for key in ("merge", "router"):
@@ -207,7 +220,12 @@ class Genome:
             _check(isinstance(ids, list) and all(type(e) is int for e in ids),
                    f"layer {name}: 'keep' must be a list of expert ids")
             _check(len(ids) == len(set(ids)), f"layer {name}: expert ids must be distinct, got {ids}")
-            genes[int(name)] = LayerGene(tuple(sorted(ids)), top_k)
+            ranks = gene.get("rank")
+            if ranks is not None:  # listed in the order of 'keep'; stored in the order of sorted ids
+                _check(isinstance(ranks, list) and len(ranks) == len(ids) and all(type(r) is int for r in ranks),
+                       f"layer {name}: 'rank' must list one integer per kept expert ({len(ids)})")
+                ranks = tuple(r for _, r in sorted(zip(ids, ranks)))
+            genes[int(name)] = LayerGene(tuple(sorted(ids)), top_k, ranks=ranks)
         _check(len(genes) == len(layers), "genome layer indices must be distinct")
         return cls.from_genes(data["num_experts"], data["top_k"], genes)
 
@@ -252,6 +270,27 @@ class Genome:
     @property
     def is_merge(self) -> bool:
         return any(gene.is_merge for _, gene in self.layers)
+
+    @property
+    def is_low_rank(self) -> bool:
+        return any(gene.ranks is not None for _, gene in self.layers)
+
+    def with_ranks(self, ranks: Mapping[int, Mapping[int, int]]) -> Genome:
+        """This pruning genome with low-rank experts: ``{layer: {expert: rank}}`` for every kept
+        expert of each named layer."""
+        genes = dict(self.layers)
+        for layer, by_expert in ranks.items():
+            gene = self.gene(layer)
+            _check(set(by_expert) == set(gene.keep), f"layer {layer}: ranks must name exactly the kept experts "
+                                                     f"{list(gene.keep)}, got {sorted(by_expert)}")
+            genes[layer] = LayerGene(gene.keep, gene.top_k, gene.merge, gene.router,
+                                     tuple(int(by_expert[e]) for e in gene.keep))
+        return Genome.from_genes(self.num_experts, self.top_k, genes)
+
+    def dense(self) -> Genome:
+        """The same genome with every expert dense (its low-rank ranks dropped)."""
+        return Genome.from_genes(self.num_experts, self.top_k, {
+            i: LayerGene(g.keep, g.top_k, g.merge, g.router) for i, g in self.layers})
 
     def active(self, layer: int, gene: LayerGene | None = None) -> int:
         """Experts each token is routed to in ``layer`` (the layer's ``top_k``, else the model's)."""

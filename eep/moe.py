@@ -18,6 +18,9 @@ rule is run by its own ``transformers`` router code, never re-derived here.
   A router matrix that only selects (one source expert per slot) routes like pruning, over the
   selected experts; one that mixes experts is EEP's routing (softmax over the E logits -> router
   matrix -> top-k -> renormalise), defined for Mixtral-style routing only.
+- Low-rank experts (MoE-I² stage 2, a pruning gene's ``rank``): each kept expert's matrices are
+  swapped for their rank-r approximations (:mod:`eep.lowrank`; the SVD of each matrix is computed
+  once) for the duration of the evaluation, and the originals swapped back after.
 - Dynamic skipping (NAEE, top-2 only) is one more router hook after those: a token whose second
   weight w2 < beta * w1 keeps only its first expert, with weight 1 (NAEE renormalises after
   zeroing w2). The second expert still runs with weight 0 in transformers' experts kernels, so in
@@ -87,7 +90,11 @@ def export_form(genome: Genome, shape: MoEShape, form: str | None = None) -> Exp
     actives = sorted({genome.active(i) for i in layers})
     general = [i for i in layers if router_columns(genome.gene(i), shape.num_experts) is None]
     stock = f"a stock {family.title} checkpoint"
-    if len(counts) > 1:
+    low_rank = [i for i in layers if genome.gene(i).ranks is not None]
+    if low_rank:
+        chosen = ExportForm("custom", f"layers {low_rank} store low-rank expert factors; {stock} holds dense experts "
+                                      "(export with --dense for the re-multiplied weights)")
+    elif len(counts) > 1:
         chosen = ExportForm("custom", f"layers keep different numbers of experts ({counts}); {stock} has one expert "
                                       "count")
     elif len(actives) > 1:
@@ -145,9 +152,22 @@ class MoEAdapter:
                                     if t.shape[0] == self.num_experts)
         self._buffers: dict[tuple[int, str], torch.Tensor] = {}  # merged experts, reused across candidates
         self._merged_for: dict[int, tuple | None] = {}  # the merge matrix each layer's buffers hold
+        self._factors = None  # eep.lowrank.Factors, made on first use
+
+    @property
+    def factors(self):
+        """Truncated-SVD factors of this model's experts (:class:`eep.lowrank.Factors`), cached."""
+        if self._factors is None:
+            from eep.lowrank import Factors
+
+            self._factors = Factors(self)
+        return self._factors
 
     def validate(self, genome: Genome, skip: Mapping[int, float] | None = None) -> None:
+        from eep.lowrank import check_ranks
+
         check_genome(genome, self.shape)
+        check_ranks(genome, self)
         for layer, beta in (skip or {}).items():
             if layer not in self.moe_layers:
                 raise EepError(f"skip names layer {layer}, which is not an MoE layer of this model")
@@ -208,6 +228,8 @@ class MoEAdapter:
                         handles.append(router.register_forward_hook(self._reroute(layer, picks, k, remap=False)))
                 elif len(gene.keep) < self.num_experts or k != self.top_k:
                     handles.append(router.register_forward_hook(self._reroute(layer, gene.keep, k, remap=True)))
+                if gene.ranks is not None:
+                    self._swap_low_rank(layer, gene, swapped)
             for layer, beta in (skip or {}).items():  # after the routing hooks: sees their output
                 handles.append(self.routers[layer].register_forward_hook(_skip_hook(beta)))
             yield
@@ -252,6 +274,20 @@ class MoEAdapter:
                 setattr(experts, name, nn.Parameter(merged, requires_grad=False))
         self._merged_for[layer] = gene.merge
 
+    def _swap_low_rank(self, layer: int, gene: LayerGene, swapped: list) -> None:
+        """Swap in a copy of the layer's experts whose kept ones are their low-rank approximations."""
+        from eep.lowrank import matrix_tensors
+
+        experts = self.blocks[layer].experts
+        with torch.no_grad():
+            for name in matrix_tensors(self):
+                original = getattr(experts, name)
+                approximated = original.detach().clone()
+                for expert, rank in zip(gene.keep, gene.ranks):
+                    approximated[expert] = self.factors.product(layer, name, expert, rank)
+                swapped.append((experts, name, original))
+                setattr(experts, name, nn.Parameter(approximated, requires_grad=False))
+
     def _buffer(self, layer: int, name: str, weight: torch.Tensor, slots: int) -> torch.Tensor:
         """The layer's merged-experts buffer, grown (never shrunk) to ``slots``: allocating (and on
         CPU, page-faulting) fresh tensors for every candidate costs more than the merge itself."""
@@ -273,18 +309,31 @@ class MoEAdapter:
         self.validate(genome)
         return export_form(genome, self.shape)
 
-    def compressed(self, genome: Genome, form: str | None = None) -> tuple[nn.Module, ExportForm]:
+    def compressed(self, genome: Genome, form: str | None = None, dense: bool = False) -> tuple[nn.Module, ExportForm]:
         """A new, physically smaller model equal to the genome applied to this one, in the stock
-        form when possible (or the ``form`` asked for); its config's expert counts are updated."""
+        form when possible (or the ``form`` asked for); its config's expert counts are updated.
+        Low-rank experts are stored as their factors (custom form), or with ``dense`` as the
+        re-multiplied matrices in the form the genome's pruning needs."""
+        from eep.lowrank import matrix_tensors
+
         self.validate(genome)
-        chosen = export_form(genome, self.shape, form)
+        chosen = export_form(genome.dense() if dense else genome, self.shape, form)
         state = self.model.state_dict()
         layers = {}
         for layer in self.moe_layers:
             gene = genome.gene(layer)
             prefix, router = self.prefixes[layer], self.prefixes[layer] + self.family.router + "."
             for name in self.expert_tensors:
-                state[prefix + f"experts.{name}"] = self._experts_for(gene, state[prefix + f"experts.{name}"])
+                key = prefix + f"experts.{name}"
+                if gene.ranks is None or name not in matrix_tensors(self):
+                    state[key] = self._experts_for(gene, state[key])
+                elif dense:
+                    state[key] = torch.stack([self.factors.product(layer, name, e, r).to(state[key].device)
+                                              for e, r in zip(gene.keep, gene.ranks)])
+                else:  # the factors themselves: what makes a low-rank model physically smaller
+                    del state[key]
+                    for slot, (e, r) in enumerate(zip(gene.keep, gene.ranks)):
+                        state[f"{key}_a.{slot}"], state[f"{key}_b.{slot}"] = self.factors.factors(layer, name, e, r)
             picks = router_columns(gene, self.num_experts)
             if chosen.kind == "stock":
                 for name in self.router_tensors:
@@ -292,6 +341,8 @@ class MoEAdapter:
             else:
                 state[router + "router_map"] = self._matrix(gene.matrices(self.num_experts)[1], self.routers[layer])
                 layers[str(layer)] = {"experts": gene.slots, "sources": self.num_experts, "top_k": genome.active(layer)}
+                if gene.ranks is not None and not dense:
+                    layers[str(layer)]["ranks"] = list(gene.ranks)
         with torch.no_grad():
             small = self._build(genome, chosen, layers, state)
         return small, chosen

@@ -9,6 +9,9 @@ Per MoE layer ``l`` (``config.eep_layers[str(l)]``: ``experts`` E'_l, ``sources`
     top-k_l of scores, renormalised to sum to 1, weight experts 0..E'_l-1 (already merged)
 
 With ``router_map`` one-hot this is the source model's routing restricted to the kept experts.
+A layer whose spec has ``ranks`` (one per expert) stores each expert's matrices as low-rank
+factors, ``W ≈ A @ B`` (``gate_up_proj_a.j`` [2i, r_j], ``gate_up_proj_b.j`` [r_j, h], likewise
+``down_proj``), and applies them as two thin products.
 Needs only torch and transformers (>= 5, fused MoE experts).
 """
 
@@ -22,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import MixtralConfig
 from transformers import initialization as init
+from transformers.activations import ACT2FN
 from transformers.models.mixtral import modeling_mixtral
 
 
@@ -49,6 +53,33 @@ class EepRouter(modeling_mixtral.MixtralTopKRouter):
         return router_logits, weights, indices
 
 
+class EepLowRankExperts(nn.Module):
+    """Mixtral's experts with each expert's matrices as rank-r_j factors (r_j may differ)."""
+
+    def __init__(self, config: EepMixtralConfig, ranks: list[int]):
+        super().__init__()
+        self.num_experts = len(ranks)
+        h, i = config.hidden_size, config.intermediate_size
+        for name, (out, inp) in (("gate_up_proj", (2 * i, h)), ("down_proj", (h, i))):
+            setattr(self, f"{name}_a", nn.ParameterList(nn.Parameter(torch.empty(out, r)) for r in ranks))
+            setattr(self, f"{name}_b", nn.ParameterList(nn.Parameter(torch.empty(r, inp)) for r in ranks))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    @staticmethod
+    def _linear(x, a, b):
+        return F.linear(F.linear(x, b), a)
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        final = torch.zeros_like(hidden_states)
+        for expert in top_k_index.unique().tolist():
+            token, slot = torch.where(top_k_index == expert)
+            gate, up = self._linear(hidden_states[token], self.gate_up_proj_a[expert],
+                                    self.gate_up_proj_b[expert]).chunk(2, dim=-1)
+            out = self._linear(self.act_fn(gate) * up, self.down_proj_a[expert], self.down_proj_b[expert])
+            final.index_add_(0, token, (out * top_k_weights[token, slot, None]).to(final.dtype))
+        return final
+
+
 @contextlib.contextmanager
 def _sized(config: EepMixtralConfig, **values):
     """Build one layer's modules with its own sizes; the modules keep a reference to ``config``."""
@@ -69,8 +100,11 @@ class EepMixtralForCausalLM(modeling_mixtral.MixtralForCausalLM):
         super().__init__(config)
         for name, spec in (config.eep_layers or {}).items():
             block = self.model.layers[int(name)].mlp
-            with _sized(config, num_local_experts=spec["experts"]):
-                block.experts = modeling_mixtral.MixtralExperts(config)
+            if spec.get("ranks") is not None:
+                block.experts = EepLowRankExperts(config, spec["ranks"])
+            else:
+                with _sized(config, num_local_experts=spec["experts"]):
+                    block.experts = modeling_mixtral.MixtralExperts(config)
             with _sized(config, num_local_experts=spec["sources"], num_experts_per_tok=spec["top_k"]):
                 block.gate = EepRouter(config, spec["experts"])
             block.top_k = spec["top_k"]
@@ -81,6 +115,9 @@ class EepMixtralForCausalLM(modeling_mixtral.MixtralForCausalLM):
         super()._init_weights(module)
         if isinstance(module, EepRouter):
             init.uniform_(module.router_map, 0.0, 1.0)  # any non-negative map is a valid router
+        if isinstance(module, EepLowRankExperts):
+            for parameter in module.parameters():
+                init.normal_(parameter, 0.0, self.config.initializer_range)
 
 
 __all__ = ["EepMixtralConfig", "EepMixtralForCausalLM"]
