@@ -42,6 +42,10 @@ def test_dry_runs_of_shipped_experiments(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "32 MoE layers, 8 experts, top-2" in out and "1.104e+59 genomes" in out
     assert "~86.99 GiB of weights per model copy" in out  # 46.7 B parameters in bf16
+    assert main(["search", str(ROOT / "experiments/mixtral-8x7b-moei2.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "stage 1 keeps 192 of 256 experts" in out and "keeping 0.667 of their parameters" in out
+    assert "size 128 experts' worth" in out and "nothing was loaded" in out
 
 
 @pytest.mark.parametrize("name, family, plan", [

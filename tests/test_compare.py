@@ -9,6 +9,7 @@ from eep.config import parse_config
 from eep.genome import Genome
 from eep.moe import adapter_for
 from tests.conftest import toy_config_dict
+from tests.test_cli import ROOT
 
 
 def _write(tmp_path, data):
@@ -96,3 +97,22 @@ def test_baselines_input_errors(tmp_path, capsys):
     (other / "config.yaml").write_text(yaml.safe_dump(parse_config(toy_config_dict(seed=99)).to_dict()))
     fails(toy_config_dict(), "holds a search of another config (search.seed: 99 -> 3)", run=other)
     assert not (other / "baselines.json").exists()
+
+
+def test_moei2_rows_compare_at_equal_kept_parameters(tmp_path, capsys):
+    """`eep baselines` on a MoE-I² config: its run first, then the rows at 4 experts' worth per
+    layer: moei2 stage 1 alone (16 experts) and stage 1 at 20 experts + low-rank to 16's worth."""
+    run = tmp_path / "run"
+    sets = ["--set", "moei2.population=8", "--set", "moei2.generations=4", "--set", "baselines.calibration.size=48",
+            "--set", "baselines.random_draws=2", "--set", "baselines.methods=[random, naee, moei2]"]
+    assert main(["baselines", str(ROOT / "experiments/toy-moei2.yaml"), "--run-dir", str(run), *sets]) == 0
+    methods = json.loads((run / "baselines.json").read_text())["methods"]
+    assert set(methods) == {"full", "random", "naee", "moei2", "moei2+low-rank"}  # the run is the moei2 row
+    assert methods["moei2"]["kept_params"] == methods["naee"]["kept_params"]
+    assert methods["moei2+low-rank"]["stage1_experts"] == 20
+    assert abs(methods["moei2+low-rank"]["kept_params"] / methods["naee"]["kept_params"] - 1) < 0.005
+    summary = json.loads((run / "summary.json").read_text())
+    assert methods["moei2+low-rank"]["genome_key"] == Genome.from_dict(summary["best_genome"]).key  # same computation
+    assert methods["moei2+low-rank"]["heldout"] == pytest.approx(summary["stages"]["stage2"]["heldout"]["mean"])
+    assert main(["report", str(run)]) == 0
+    assert "moei2+low-rank" in (run / "report.md").read_text()

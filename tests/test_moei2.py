@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 
@@ -53,3 +55,147 @@ def test_keep_counts_follow_layer_importance_within_bounds(sums, budget, low, hi
 def test_an_impossible_budget_is_refused():
     with pytest.raises(EepError, match="a budget of 3 experts must lie in 4..16"):
         layer_keep_counts({0: torch.ones(8), 1: torch.ones(8)}, 3, 2, 8)
+
+
+# -- stage 1: the KT receptive field ------------------------------------------------------------
+
+
+def test_kt_search_finds_the_brute_force_optimum(tiny_mixtral):
+    """All keep sets of layers 0 and 1 among experts 0..3 as candidates, one block of both layers:
+    the KT choice equals the best of every combination scored independently (whole-model passes
+    with a hook on layer 1's output)."""
+    import itertools
+
+    from eep.moe import decoder_layers
+    from eep.moei2 import BlockScorer, kt_search
+
+    adapter = adapter_for(tiny_mixtral)
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # padding counts nowhere
+    batches = [{"input_ids": ids[:2], "attention_mask": mask[:2]}, {"input_ids": ids[2:], "attention_mask": mask[2:]}]
+    candidates = {0: [Genome.from_keep(8, 2, {0: s}) for s in itertools.combinations(range(4), 2)],
+                  1: [Genome.from_keep(8, 2, {1: s}) for s in itertools.combinations(range(4), 3)]}
+    scorer = BlockScorer(tiny_mixtral, adapter, batches, [[0, 1]])
+    chosen, report = kt_search(scorer, candidates)
+    assert report == [{"layers": [0, 1], "combinations": 24, "error": report[0]["error"]}]
+
+    outputs = {}
+    hook = decoder_layers(tiny_mixtral)[1].register_forward_hook(lambda m, a, out: outputs.__setitem__("h", out))
+
+    def block_output(genome):
+        with torch.no_grad(), (adapter.applied(genome) if genome else contextlib.nullcontext()):
+            return [(tiny_mixtral(**b).logits, outputs["h"][b["attention_mask"].bool()])[1] for b in batches]
+
+    full = block_output(None)
+    errors = {}
+    for a, b in itertools.product(candidates[0], candidates[1]):
+        genome = Genome.from_keep(8, 2, {0: a.keep(0), 1: b.keep(1)})
+        errors[genome] = sum(float(((x - y).double() ** 2).sum()) for x, y in zip(block_output(genome), full))
+    hook.remove()
+    best = min(errors, key=errors.get)
+    assert chosen == best
+    assert report[0]["error"] == pytest.approx(errors[best], rel=1e-4)
+    assert len({f"{e:.4g}" for e in errors.values()}) > 10  # the case does discriminate
+
+
+def test_blocks_are_consecutive_layers():
+    from eep.moei2 import blocks_of
+
+    assert blocks_of([0, 1, 2, 3, 4, 5, 6], 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert blocks_of([2, 4], 3) == [[2, 4]]
+
+
+# -- the run: layer-wise searches on eep's engine -----------------------------------------------
+
+
+def _toy_config(**moei2):
+    from eep.config import load_config
+    from tests.test_cli import ROOT
+
+    overrides = [f"moei2.{k}={v}" for k, v in {"population": 8, "generations": 4, **moei2}.items()]
+    return load_config(ROOT / "experiments/toy-moei2.yaml",
+                       ["baselines.calibration.size=48", "fitness.tasks.0.test_size=8", *overrides])
+
+
+def _journal(path):
+    from eep.journal import RunDir
+
+    return [(e.id, e.genome.key, e.fitness) for e in RunDir(path).evaluations()]
+
+
+def test_a_stopped_stage_1_resumes_to_the_uninterrupted_result(tmp_path):
+    from eep.evaluator import FitnessWorker
+    from eep.journal import RunDir
+    from eep.moe import shape_of
+    from eep.moei2 import moei2_plan, run_moei2
+
+    config = _toy_config()
+    worker = FitnessWorker(config)
+    plan = moei2_plan(config, shape_of(worker.model.config))
+    quiet = lambda m: None  # noqa: E731
+    whole = RunDir.create(tmp_path / "whole", config)
+    expected = run_moei2(whole, config, worker, plan, quiet)
+    stopped = RunDir.create(tmp_path / "stopped", config)
+    assert run_moei2(stopped, config, worker, plan, quiet, stop_after=13) is None  # mid-search
+    assert not stopped.summary_path.exists()
+    assert len(_journal(tmp_path / "stopped/stage1/layer-00")) + len(_journal(tmp_path / "stopped/stage1/layer-01")) == 13
+    assert run_moei2(stopped, config, worker, plan, quiet, stop_after=9) is None
+    got = run_moei2(RunDir.open(tmp_path / "stopped"), config, worker, plan, quiet)
+    for layer in plan.layers:
+        name = f"stage1/layer-{layer:02d}"
+        assert _journal(tmp_path / "stopped" / name) == _journal(tmp_path / "whole" / name)
+    assert got["best_genome"] == expected["best_genome"] and got["blocks"] == expected["blocks"]
+    assert got["stages"]["stage1"]["genome"] == expected["stages"]["stage1"]["genome"]
+    counts = {int(i): n for i, n in expected["keep_counts"].items()}
+    assert sum(counts.values()) == plan.stage1 == 20
+    assert {i: len(Genome.from_dict(got["stages"]["stage1"]["genome"]).keep(i)) for i in counts} == counts
+
+
+def test_moei2_search_then_export_is_smaller_than_stage_1_and_reports_both(tmp_path, capsys):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from eep.cli import main
+    from tests.test_cli import ROOT
+
+    run, out = tmp_path / "run", tmp_path / "export"
+    sets = ["--set", "moei2.population=8", "--set", "moei2.generations=4", "--set", "baselines.calibration.size=48"]
+    assert main(["search", str(ROOT / "experiments/toy-moei2.yaml"), "--run-dir", str(run), *sets]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    stages = summary["stages"]
+    assert set(stages) == {"stage1", "stage2"} and summary["method"] == "moei2"
+    assert stages["stage2"]["heldout"]["kept_params"] < stages["stage1"]["heldout"]["kept_params"]
+    assert all(0 <= s["heldout"]["mean"] <= 100 for s in stages.values())
+    assert summary["heldout"]["best"] == stages["stage2"]["heldout"]
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    report = json.loads((out / "eep_report.json").read_text())
+    assert report["low_rank"] == "factors" and report["form"] == "custom"
+    assert sum(p.numel() for p in model.parameters()) == report["parameters"]["after"]
+    stage1 = Genome.from_dict(stages["stage1"]["genome"])
+    stage1.save(tmp_path / "stage1.json")
+    assert main(["export", "--model", "toy", "--genome", str(tmp_path / "stage1.json"), "--out",
+                 str(tmp_path / "stage1")]) == 0
+    stage1_report = json.loads((tmp_path / "stage1/eep_report.json").read_text())
+    assert report["parameters"]["after"] < stage1_report["parameters"]["after"]
+    # resuming a finished run changes nothing
+    before = (run / "summary.json").read_text()
+    assert main(["resume", str(run)]) == 0
+    assert json.loads((run / "summary.json").read_text())["best_genome"] == json.loads(before)["best_genome"]
+
+
+def test_moei2_is_refused_where_it_cannot_work(tmp_path, capsys):
+    from eep.cli import main
+    from tests.test_cli import ROOT
+
+    config = str(ROOT / "experiments/toy-moei2.yaml")
+    assert main(["search", config, "--dry-run", "--set", "search_space.keep=1"]) == 2
+    assert "MoE-I² size 4 experts must lie in 8..32" in capsys.readouterr().err
+    assert main(["search", config, "--dry-run", "--set", "search_space.top_k=1"]) == 2
+    assert "search_space.top_k and groups are EEP search settings" in capsys.readouterr().err
+    assert main(["search", config, "--dry-run", "--workers", "2"]) == 2
+    assert "run it without --workers" in capsys.readouterr().err
+    assert main(["search", config, "--dry-run", "--set", "moei2.rank_params=0"]) == 2
+    assert "moei2.rank_params" in capsys.readouterr().err
