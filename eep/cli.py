@@ -335,8 +335,10 @@ def cmd_report(args) -> int:
 def cmd_eval(args) -> int:
     from eep.config import load_config
     from eep.evaluator import FitnessWorker
+    from eep.export import scales_for
     from eep.genome import Genome
     from eep.journal import write_json_atomic
+    from eep.lowrank import SCALES_FILE
     from eep.model import load_hf_config
     from eep.moe import check_genome, shape_of
     from fitness.metrics import weighted_fitness
@@ -354,8 +356,10 @@ def cmd_eval(args) -> int:
         out = Path(args.out)
         if not out.parent.is_dir():
             raise EepError(f"--out {out}: directory {out.parent} does not exist")
+    scales = scales_for(genome, Path(args.genome).parent / SCALES_FILE) if genome is not None else None
     log(f"[eep] loading {config.model.path}")
     worker = FitnessWorker(config)
+    worker.adapter.use_scales(scales)
     scores = worker.scores(genome, args.split)
     mean = weighted_fitness(config.fitness.tasks, scores)
     width = max(len(name) for name in scores)
@@ -375,6 +379,7 @@ def cmd_export(args) -> int:
     from eep.export import export_genome
     from eep.genome import Genome
     from eep.journal import RunDir
+    from eep.lowrank import SCALES_FILE
 
     out = Path(args.out)
     if args.run_dir:
@@ -386,14 +391,16 @@ def cmd_export(args) -> int:
         if summary.get("best_genome") is None:
             raise EepError(f"{run.path} has no successful evaluation to export")
         model_cfg, genome, fitness = config.model, Genome.from_dict(summary["best_genome"]), summary["best_fitness"]
+        scales = run.path / SCALES_FILE
     else:
         if not (args.model and args.genome):
             raise EepError("export needs RUN_DIR, or --model PATH with --genome FILE")
         config = load_config(args.config) if args.config else None
         model_cfg = config.model.model_copy(update={"path": args.model}) if config else ModelConfig(path=args.model)
         genome, fitness = Genome.load(args.genome), None
+        scales = Path(args.genome).parent / SCALES_FILE
     report = export_genome(model_cfg, genome, out, config=config, search_fitness=fitness, log=log, form=args.form,
-                           dense=args.dense)
+                           dense=args.dense, scales=scales)
     params = report["parameters"]
     held = report["heldout"]
     log(f"[eep] exported to {out} ({report['form']} form): {params['before']:,} -> {params['after']:,} parameters, "

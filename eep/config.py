@@ -199,6 +199,9 @@ class Moei2Config(_Section):
     """Stage 2: the fraction of the stage-1 experts' parameters the low-rank factors keep; stage 1 then
     keeps ``search_space`` size / rank_params experts so both stages together reach that size. Unset:
     stage 1 only."""
+    factors: Literal["svd", "activation"] = "svd"
+    """Stage 2: plain truncated SVD of each matrix, or activation-aware (scaled by the calibration
+    activations' per-channel RMS, see ``eep.lowrank``)."""
     alpha: Annotated[float, Field(ge=0.0)] = 0.15
     """Stage 2: ranks in a layer follow (importance + eps)^alpha (MoE-I²: 0.15; 0 gives every expert one rank)."""
     population: PositiveInt = 100

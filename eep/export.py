@@ -37,12 +37,13 @@ def check_target(out: Path) -> None:
 
 def export_genome(model_cfg: ModelConfig, genome: Genome, out: str | Path, config: Config | None = None,
                   search_fitness: float | None = None, log: Callable[[str], None] = print,
-                  form: str | None = None, dense: bool = False) -> dict:
+                  form: str | None = None, dense: bool = False, scales: str | Path | None = None) -> dict:
     """Write the compressed model, its tokenizer, ``eep_genome.json`` and a model card to ``out``.
 
     ``form`` forces ``stock`` (an error if impossible) or ``custom``; default: stock when possible.
     ``dense``: low-rank experts are written re-multiplied (the form their pruning needs) instead of
-    as factors (custom form).
+    as factors (custom form). ``scales``: the activation scales file an activation-aware genome
+    needs (copied into ``out`` beside ``eep_genome.json``).
 
     When ``config`` is given its tasks' held-out split is scored on the exported model itself.
     Returns the report written into the card.
@@ -57,8 +58,10 @@ def export_genome(model_cfg: ModelConfig, genome: Genome, out: str | Path, confi
     check_genome(genome, shape)
     export_form(genome.dense() if dense else genome, shape, form)  # an impossible form fails before loading
     tasks = load_tasks(config.fitness.tasks, "test") if config is not None else None  # bad task data too
+    scale_values = scales_for(genome, scales)
     model, tokenizer = load_model(model_cfg)
     adapter = adapter_for(model)
+    adapter.use_scales(scale_values)
     small, chosen = adapter.compressed(genome, form, dense=dense)
     log(f"[eep] {chosen.kind} form: {chosen.reason}")
     report = {
@@ -97,6 +100,10 @@ def export_genome(model_cfg: ModelConfig, genome: Genome, out: str | Path, confi
             shutil.copyfile(source, tmp / source.name)
         tokenizer.save_pretrained(tmp)
         genome.save(tmp / "eep_genome.json")
+        if scale_values is not None:
+            from eep.lowrank import SCALES_FILE
+
+            shutil.copyfile(scales, tmp / SCALES_FILE)
         (tmp / "eep_report.json").write_text(json.dumps(report, indent=1) + "\n")
         (tmp / "README.md").write_text(model_card(report, genome))
         os.replace(tmp, out)
@@ -105,6 +112,22 @@ def export_genome(model_cfg: ModelConfig, genome: Genome, out: str | Path, confi
         raise
     report["disk_bytes"] = sum(f.stat().st_size for f in out.iterdir())
     return report
+
+
+def scales_for(genome: Genome, path: str | Path | None):
+    """The activation scales an activation-aware genome names, from ``path``, checked by digest."""
+    from eep.lowrank import SCALES_FILE, load_scales, scales_digest
+
+    if genome.scales is None:
+        return None
+    if path is None or not Path(path).exists():
+        raise EepError(f"this genome's low-rank experts are activation-aware: they need {SCALES_FILE} (digest "
+                       f"{genome.scales}) beside the genome file or in its run directory"
+                       + (f"; {path} does not exist" if path else ""))
+    values = load_scales(path)
+    if scales_digest(values) != genome.scales:
+        raise EepError(f"{path} holds scales {scales_digest(values)}, but the genome was made with {genome.scales}")
+    return values
 
 
 def _count(model) -> int:

@@ -21,6 +21,8 @@ Either may set ``top_k``, the experts each token is routed to in that layer (e.g
 A pruning gene may also set ``rank`` (MoE-I² stage 2), one integer per kept expert: that
 expert's weight matrices are replaced by their rank-r truncated SVD factors (see
 :mod:`eep.lowrank`); a gene without ``rank`` keeps its experts dense, so older files stay valid.
+A top-level ``activation_scales`` (a digest) makes those factors activation-aware, computed with
+the activation scales of that digest (``eep_scales.safetensors``, saved beside the genome).
 A merge gene whose matrices are the same one-hot rows *is* a pruning gene and is stored as one, so
 the two spellings of one model share a content hash. Readers reject keys they do not know rather
 than silently dropping them.
@@ -115,6 +117,8 @@ class Genome:
     num_experts: int
     top_k: int
     layers: tuple[tuple[int, LayerGene], ...]
+    scales: str | None = None
+    """Digest of the activation scales of activation-aware low-rank experts (None: plain SVD)."""
     key: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -144,6 +148,8 @@ class Genome:
             what = "merged experts" if gene.is_merge else "experts"
             _check(gene.slots >= k, f"layer {i}: keeps {gene.slots} {what} but routes each token to top_k={k}; "
                                     f"keep at least {k} or lower the layer's top_k")
+        _check(self.scales is None or (isinstance(self.scales, str) and self.is_low_rank),
+               "activation_scales only goes with low-rank experts (a 'rank' in some layer)")
         text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         object.__setattr__(self, "key", hashlib.sha256(text.encode()).hexdigest()[:16])
 
@@ -182,8 +188,8 @@ class Genome:
         return cls(num_experts, top_k, layers)
 
     @classmethod
-    def from_genes(cls, num_experts: int, top_k: int, genes: Mapping[int, LayerGene]) -> Genome:
-        return cls(num_experts, top_k, tuple((int(i), gene) for i, gene in sorted(genes.items())))
+    def from_genes(cls, num_experts: int, top_k: int, genes: Mapping[int, LayerGene], scales: str | None = None) -> Genome:
+        return cls(num_experts, top_k, tuple((int(i), gene) for i, gene in sorted(genes.items())), scales)
 
     @classmethod
     def from_dict(cls, data: Any) -> Genome:
@@ -191,7 +197,7 @@ class Genome:
         _check(isinstance(data, dict), "a genome must be a JSON object")
         _check(data.get("format") == GENOME_FORMAT,
                f"unsupported genome format {data.get('format')!r}; expected {GENOME_FORMAT!r}")
-        unknown = set(data) - {"format", "num_experts", "top_k", "layers"}
+        unknown = set(data) - {"format", "num_experts", "top_k", "layers", "activation_scales"}
         _check(not unknown, f"unknown genome keys: {', '.join(sorted(unknown))}")
         for name in ("num_experts", "top_k"):
             _check(type(data.get(name)) is int, f"genome {name} must be an integer, got {data.get(name)!r}")
@@ -227,7 +233,9 @@ class Genome:
                 ranks = tuple(r for _, r in sorted(zip(ids, ranks)))
             genes[int(name)] = LayerGene(tuple(sorted(ids)), top_k, ranks=ranks)
         _check(len(genes) == len(layers), "genome layer indices must be distinct")
-        return cls.from_genes(data["num_experts"], data["top_k"], genes)
+        scales = data.get("activation_scales")
+        _check(scales is None or isinstance(scales, str), "activation_scales must be a digest string")
+        return cls.from_genes(data["num_experts"], data["top_k"], genes, scales)
 
     @classmethod
     def load(cls, path: str | Path) -> Genome:
@@ -243,12 +251,15 @@ class Genome:
     # -- views --------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "format": GENOME_FORMAT,
             "num_experts": self.num_experts,
             "top_k": self.top_k,
             "layers": {str(i): gene.to_dict() for i, gene in self.layers},
         }
+        if self.scales is not None:
+            data["activation_scales"] = self.scales
+        return data
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
@@ -275,9 +286,9 @@ class Genome:
     def is_low_rank(self) -> bool:
         return any(gene.ranks is not None for _, gene in self.layers)
 
-    def with_ranks(self, ranks: Mapping[int, Mapping[int, int]]) -> Genome:
+    def with_ranks(self, ranks: Mapping[int, Mapping[int, int]], scales: str | None = None) -> Genome:
         """This pruning genome with low-rank experts: ``{layer: {expert: rank}}`` for every kept
-        expert of each named layer."""
+        expert of each named layer; ``scales``: the digest of activation-aware factors' scales."""
         genes = dict(self.layers)
         for layer, by_expert in ranks.items():
             gene = self.gene(layer)
@@ -285,7 +296,7 @@ class Genome:
                                                      f"{list(gene.keep)}, got {sorted(by_expert)}")
             genes[layer] = LayerGene(gene.keep, gene.top_k, gene.merge, gene.router,
                                      tuple(int(by_expert[e]) for e in gene.keep))
-        return Genome.from_genes(self.num_experts, self.top_k, genes)
+        return Genome.from_genes(self.num_experts, self.top_k, genes, scales)
 
     def dense(self) -> Genome:
         """The same genome with every expert dense (its low-rank ranks dropped)."""

@@ -6,6 +6,13 @@ from its importance under a parameter budget.
   and truncated per rank (the best rank-r approximation in Frobenius norm, Eckart–Young). Every
   matrix of an expert (Mixtral: the fused ``gate_up_proj`` [2i, h] and ``down_proj`` [h, i]) gets
   the expert's rank; 1-D tensors (biases) stay as they are.
+- Activation-aware factors (``method: activation``): the SVD of ``W D``, ``D = diag(s)`` with ``s_j``
+  the root-mean-square of input channel j over the calibration tokens routed to the expert, and
+  ``B = V_rᵀ D⁻¹``: the best rank-r approximation of ``W x`` in expectation when the input channels
+  are uncorrelated (a diagonal whitening; full whitening by the Cholesky factor of XᵀX, as SVD-LLM
+  does, would need [in, in] statistics per expert — 0.8 GB per Mixtral expert for ``down_proj`` —
+  where the diagonal needs [in]). The scales (:func:`collect_scales`) are a few MB for Mixtral and
+  are saved beside the genome (``eep_scales.safetensors``); the genome names their digest.
 - Ranks, MoE-I²'s rule (from secondary summaries): in each layer ``R_ij ∝ (I_ij + ε)^α``,
   normalised over the layer's kept experts so that they average the target rank, α = 0.15, I the
   stage-1 importance (the loss of removing the expert). Chosen here: the target average rank is
@@ -18,6 +25,7 @@ from its importance under a parameter budget.
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -52,24 +60,98 @@ def expert_params(adapter, rank: int | None) -> int:
     return sum(out * inp if rank is None else rank * (out + inp) for out, inp in matrix_shapes(adapter))
 
 
-class Factors:
-    """Truncated-SVD factors of the experts' matrices of one model, computed once per matrix."""
+SCALES_FILE = "eep_scales.safetensors"
 
-    def __init__(self, adapter):
-        self.adapter = adapter
+
+def scales_digest(scales: dict[str, torch.Tensor]) -> str:
+    """A content hash of activation scales (what a genome's ``factors`` names)."""
+    digest = hashlib.sha256()
+    for key in sorted(scales):
+        digest.update(key.encode())
+        digest.update(scales[key].detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def save_scales(scales: dict[str, torch.Tensor], path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in scales.items()}, str(path))
+
+
+def load_scales(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def collect_scales(model, adapter, batches) -> dict[str, torch.Tensor]:
+    """``{"layer.tensor.expert": s}``: the root-mean-square of each expert matrix's input channels
+    over the non-padding calibration tokens routed to that expert (``gate_up_proj``: the block
+    input; ``down_proj``: ``act(gate) * up``). Experts no token reached get no entry."""
+    experts0 = adapter.blocks[adapter.moe_layers[0]].experts
+    if not all(hasattr(experts0, name) for name in ("gate_up_proj", "down_proj", "act_fn")):
+        raise EepError(f"activation-aware factors need Mixtral-style experts (gate_up_proj, down_proj); "
+                       f"{adapter.family.title} has {', '.join(adapter.expert_tensors)}")
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    valid: dict[str, torch.Tensor] = {}
+
+    def observe(layer: int):
+        def hook(module, args):
+            x, index = args[0], args[1]
+            keep = valid["mask"].to(x.device)
+            x, index = x[keep].float(), index[keep]
+            for expert in index.unique().tolist():
+                tokens = x[(index == expert).any(dim=-1)]
+                gate, up = (tokens @ module.gate_up_proj[expert].float().T).chunk(2, dim=-1)
+                for name, inputs in (("gate_up_proj", tokens), ("down_proj", module.act_fn(gate) * up)):
+                    key = f"{layer}.{name}.{expert}"
+                    sums[key] = sums.get(key, 0) + inputs.double().pow(2).sum(dim=0).cpu()
+                    counts[key] = counts.get(key, 0) + len(tokens)
+        return hook
+
+    handles = [adapter.blocks[i].experts.register_forward_pre_hook(observe(i)) for i in adapter.moe_layers]
+    device = model.get_input_embeddings().weight.device
+    try:
+        with torch.no_grad():
+            for inputs in batches:
+                ids = inputs["input_ids"]
+                mask = inputs.get("attention_mask")
+                mask = torch.ones_like(ids) if mask is None else mask
+                valid["mask"] = mask.reshape(-1).bool()
+                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {key: (total / counts[key]).sqrt().float() for key, total in sums.items()}
+
+
+class Factors:
+    """Low-rank factors of the experts' matrices of one model: plain truncated SVD, or
+    activation-aware with ``scales`` (see the module); one decomposition per matrix, cached."""
+
+    def __init__(self, adapter, scales: dict[str, torch.Tensor] | None = None):
+        self.adapter, self.scales = adapter, scales
+        self.digest = scales_digest(scales) if scales is not None else None
         self._svd: dict[tuple[int, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def factors(self, layer: int, name: str, expert: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A [out, r], B [r, in]) in the weight's dtype and device, r = min(rank, full rank)."""
         key = (layer, name, expert)
         if key not in self._svd:
-            weight = getattr(self.adapter.blocks[layer].experts, name)[expert].detach()
-            u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
-            self._svd[key] = (u * s, vh)
+            weight = getattr(self.adapter.blocks[layer].experts, name)[expert].detach().double()
+            scale = None if self.scales is None else self.scales.get(f"{layer}.{name}.{expert}")
+            if scale is not None:  # unreached experts (no scale) fall back to the plain SVD
+                scale = scale.double().to(weight.device)
+                scale = scale + 1e-6 * float(scale.max()) + 1e-30  # channels never active stay invertible
+                u, s, vh = torch.linalg.svd(weight * scale, full_matrices=False)
+                self._svd[key] = (u * s, vh / scale)
+            else:
+                u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+                self._svd[key] = (u * s, vh)
         us, vh = self._svd[key]
-        weight = getattr(self.adapter.blocks[layer].experts, name)
-        a, b = us[:, :rank], vh[:rank]
-        return a.to(weight.dtype), b.to(weight.dtype)
+        dtype = getattr(self.adapter.blocks[layer].experts, name).dtype
+        return us[:, :rank].to(dtype), vh[:rank].to(dtype)
 
     def product(self, layer: int, name: str, expert: int, rank: int) -> torch.Tensor:
         """The rank-``rank`` approximation A @ B of the expert's matrix (what search evaluates)."""
@@ -78,9 +160,14 @@ class Factors:
 
 
 def check_ranks(genome: Genome, adapter) -> None:
-    """An :class:`EepError` unless every rank of the genome is at most the experts' full rank."""
+    """An :class:`EepError` unless every rank of the genome is at most the experts' full rank and
+    the adapter holds the activation scales an activation-aware genome names."""
     if not genome.is_low_rank:
         return
+    if genome.scales is not None and adapter.factors.digest != genome.scales:
+        held = f"holds scales {adapter.factors.digest}" if adapter.factors.digest else "holds none"
+        raise EepError(f"this genome's low-rank experts are activation-aware, made with the scales {genome.scales} "
+                       f"({SCALES_FILE} beside the genome or in its run directory); the model {held}")
     if not matrix_tensors(adapter):
         raise EepError(f"{adapter.family.title} experts have no weight matrices eep can factor")
     limit = full_rank(adapter)
@@ -92,7 +179,8 @@ def check_ranks(genome: Genome, adapter) -> None:
 def allocate_ranks(genome: Genome, importance: dict[int, torch.Tensor], adapter, fraction: float,
                    alpha: float = 0.15) -> Genome:
     """``genome`` with low-rank experts whose matrices hold about ``fraction`` of the kept experts'
-    dense parameters (never more), ranks following importance (see the module)."""
+    dense parameters (never more), ranks following importance (see the module); the factors are
+    those the adapter makes (activation-aware when it holds scales)."""
     if genome.is_merge:
         raise EepError("low-rank experts are for pruning genomes; this one merges experts")
     per_rank = expert_params(adapter, 1)
@@ -113,4 +201,4 @@ def allocate_ranks(genome: Genome, importance: dict[int, torch.Tensor], adapter,
         for j in sorted(range(len(kept)), key=lambda j: (-float(share[j] - ranks[j]), j))[: total - int(ranks.sum())]:
             ranks[j] += 1
         by_layer[layer] = {e: int(min(max(int(r), 1), limit)) for e, r in zip(kept, ranks)}
-    return genome.with_ranks(by_layer)
+    return genome.with_ranks(by_layer, adapter.factors.digest)

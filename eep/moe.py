@@ -156,12 +156,18 @@ class MoEAdapter:
 
     @property
     def factors(self):
-        """Truncated-SVD factors of this model's experts (:class:`eep.lowrank.Factors`), cached."""
+        """Low-rank factors of this model's experts (:class:`eep.lowrank.Factors`), cached."""
         if self._factors is None:
             from eep.lowrank import Factors
 
             self._factors = Factors(self)
         return self._factors
+
+    def use_scales(self, scales: dict[str, torch.Tensor] | None) -> None:
+        """Make low-rank factors activation-aware with these scales (None: plain SVD)."""
+        from eep.lowrank import Factors
+
+        self._factors = Factors(self, scales)
 
     def validate(self, genome: Genome, skip: Mapping[int, float] | None = None) -> None:
         from eep.lowrank import check_ranks

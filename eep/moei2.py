@@ -355,8 +355,14 @@ def compress(config, worker, directory, plan: Moei2Plan, log: Callable[[str], No
               "importance": {str(i): [round(float(x), 6) for x in importance[i]] for i in plan.layers},
               "blocks": blocks, "stage1": stage1, "stage2": None}
     if plan.low_rank_fraction is not None:
-        from eep.lowrank import allocate_ranks
+        from eep.lowrank import allocate_ranks, collect_scales
 
+        scales = None
+        if cfg.factors == "activation":
+            log("[eep] stage 2: activation scales of the kept experts' inputs")
+            scales = collect_scales(worker.model, worker.adapter, batches)
+        worker.adapter.use_scales(scales)
+        result["scales"] = scales
         result["stage2"] = allocate_ranks(stage1, importance, worker.adapter, plan.low_rank_fraction, cfg.alpha)
     return result
 
@@ -382,6 +388,10 @@ def run_moei2(run, config, worker, plan: Moei2Plan, log: Callable[[str], None], 
             out["kept_params"], out["active_params"] = parameter_counts(worker.model, worker.adapter, genome)
         return out
 
+    if result.get("scales") is not None:  # what an activation-aware genome needs beside it
+        from eep.lowrank import SCALES_FILE, save_scales
+
+        save_scales(result["scales"], run.path / SCALES_FILE)
     stages = {name: result[name] for name in ("stage1", "stage2") if result[name] is not None}
     final = stages.get("stage2", stages["stage1"])
     summary = {"method": "moei2", "evaluations": evaluations, "failed": 0, "best_fitness": None, "best_id": None,

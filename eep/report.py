@@ -29,11 +29,11 @@ from eep.errors import EepError
 from eep.journal import Evaluation, RunDir
 from eep.search import best_of
 
-METHOD_ORDER = ("full", "random", "frequency", "reap", "naee", "naee+skip", "search")
+METHOD_ORDER = ("full", "random", "frequency", "reap", "naee", "naee+skip", "moei2", "moei2+low-rank", "search")
 WINDOW = 20  # evaluations in the population-trend mean of fitness.png
 _COLORS = {"random": "tab:gray", "frequency": "tab:blue", "reap": "tab:purple", "naee": "tab:green",
-           "naee+skip": "tab:olive", "search": "tab:red"}
-_SPARE_COLORS = ("tab:orange", "tab:brown", "tab:pink", "tab:cyan", "gold", "navy")
+           "naee+skip": "tab:olive", "moei2": "tab:cyan", "moei2+low-rank": "tab:orange", "search": "tab:red"}
+_SPARE_COLORS = ("tab:brown", "tab:pink", "gold", "navy", "teal", "black")
 _DASH = "–"
 
 

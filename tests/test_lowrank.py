@@ -148,3 +148,54 @@ def test_ranks_follow_importance_within_the_parameter_budget(tiny_mixtral):
     assert all(max(g.ranks) - min(g.ranks) <= 1 for _, g in even.layers)
     with pytest.raises(EepError, match="below rank 1"):
         lowrank.allocate_ranks(genome, importance, adapter, 0.001)
+
+
+def _skewed(model):
+    """Layer 1's MoE inputs with per-channel scales spread over two decades (as real models have)."""
+    with torch.no_grad():
+        model.model.layers[1].post_attention_layernorm.weight.mul_(torch.logspace(-1, 1, 32)[torch.randperm(32)])
+    return model
+
+
+def test_activation_aware_factors_fit_the_calibration_activations_better(tiny_mixtral):
+    model = _skewed(tiny_mixtral)
+    adapter = adapter_for(model)
+    batches = [{"input_ids": IDS}]
+    scales = lowrank.collect_scales(model, adapter, batches)
+    assert {key.split(".")[0] for key in scales} == {"0", "1", "2"}
+    assert scales["1.gate_up_proj.0"].shape == (32,) and scales["1.down_proj.0"].shape == (48,)
+    inputs = {}
+    hook = adapter.blocks[1].register_forward_pre_hook(lambda m, args: inputs.__setitem__("x", args[0]))
+    with torch.no_grad():
+        model(IDS)
+    hook.remove()
+    everyone = Genome.from_keep(8, 2, {1: range(8)})
+    with torch.no_grad():
+        full = adapter.blocks[1](inputs["x"])
+    errors = {}
+    for name, values in (("svd", None), ("activation", scales)):
+        adapter.use_scales(values)
+        genome = everyone.with_ranks({1: dict.fromkeys(range(8), 6)}, adapter.factors.digest)
+        with torch.no_grad(), adapter.applied(genome):
+            errors[name] = float((adapter.blocks[1](inputs["x"]) - full).pow(2).sum())
+        at_full_rank = everyone.with_ranks({1: dict.fromkeys(range(8), 32)}, adapter.factors.digest)
+        with torch.no_grad(), adapter.applied(at_full_rank):
+            torch.testing.assert_close(adapter.blocks[1](inputs["x"]), full, atol=1e-5, rtol=0)
+    assert errors["activation"] < 0.8 * errors["svd"], errors
+
+
+def test_an_activation_aware_genome_needs_its_scales(tiny_mixtral, tmp_path):
+    adapter = adapter_for(tiny_mixtral)
+    scales = lowrank.collect_scales(tiny_mixtral, adapter, [{"input_ids": IDS}])
+    adapter.use_scales(scales)
+    genome = _pruned().with_ranks({0: {0: 3, 2: 1, 5: 7, 7: 2}}, adapter.factors.digest)
+    assert genome.to_dict()["activation_scales"] == lowrank.scales_digest(scales)
+    assert Genome.from_dict(genome.to_dict()) == genome and genome.dense().scales is None
+    with pytest.raises(EepError, match="activation_scales only goes with low-rank experts"):
+        Genome.from_dict({**_pruned().to_dict(), "activation_scales": "abc"})
+    lowrank.save_scales(scales, tmp_path / "s.safetensors")
+    assert lowrank.scales_digest(lowrank.load_scales(tmp_path / "s.safetensors")) == genome.scales
+    adapter.use_scales(None)
+    with pytest.raises(EepError, match="activation-aware, made with the scales .* holds none"):
+        with adapter.applied(genome):
+            pass

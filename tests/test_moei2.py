@@ -161,7 +161,8 @@ def test_moei2_search_then_export_is_smaller_than_stage_1_and_reports_both(tmp_p
     from tests.test_cli import ROOT
 
     run, out = tmp_path / "run", tmp_path / "export"
-    sets = ["--set", "moei2.population=8", "--set", "moei2.generations=4", "--set", "baselines.calibration.size=48"]
+    sets = ["--set", "moei2.population=8", "--set", "moei2.generations=4", "--set", "baselines.calibration.size=48",
+            "--set", "moei2.factors=activation"]
     assert main(["search", str(ROOT / "experiments/toy-moei2.yaml"), "--run-dir", str(run), *sets]) == 0
     summary = json.loads((run / "summary.json").read_text())
     stages = summary["stages"]
@@ -180,6 +181,16 @@ def test_moei2_search_then_export_is_smaller_than_stage_1_and_reports_both(tmp_p
                  str(tmp_path / "stage1")]) == 0
     stage1_report = json.loads((tmp_path / "stage1/eep_report.json").read_text())
     assert report["parameters"]["after"] < stage1_report["parameters"]["after"]
+    # activation-aware factors travel with the genome: the run's scales are copied beside the export's
+    assert (run / "eep_scales.safetensors").read_bytes() == (out / "eep_scales.safetensors").read_bytes()
+    assert Genome.from_dict(summary["best_genome"]).scales is not None
+    config = str(ROOT / "experiments/toy-moei2.yaml")
+    assert main(["eval", config, "--genome", str(out / "eep_genome.json"), "--set", "fitness.tasks.0.test_size=4"]) == 0
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "alone/g.json").write_text((out / "eep_genome.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", config, "--genome", str(tmp_path / "alone/g.json")]) == 2
+    assert "need eep_scales.safetensors" in capsys.readouterr().err
     # resuming a finished run changes nothing
     before = (run / "summary.json").read_text()
     assert main(["resume", str(run)]) == 0
