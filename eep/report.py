@@ -66,11 +66,14 @@ def ordered_methods(names) -> list[str]:
     return [m for m in METHOD_ORDER if m in names] + [m for m in names if m not in METHOD_ORDER]
 
 
-def method_rows(baselines: dict[str, Any] | None, heldout: dict[str, Any] | None = None) -> list[Row]:
+def method_rows(baselines: dict[str, Any] | None, heldout: dict[str, Any] | None = None,
+                more: dict[str, dict] | None = None) -> list[Row]:
     """The table's rows: every method of ``baselines``, plus the full model and the search from
-    ``summary.json``'s ``heldout`` block (``{"best": ..., "full": ...}``) where the baselines
-    lack them."""
+    ``summary.json``'s ``heldout`` block (``{"best": ..., "full": ...}``) and the rows ``more``
+    (``{method: {"heldout", "tasks", ...}}``) where the baselines lack them."""
     methods = dict((baselines or {}).get("methods", {}))
+    for method, row in (more or {}).items():
+        methods.setdefault(method, row)
     for method, key in (("full", "full"), ("search", "best")):
         if method not in methods and heldout and key in heldout:
             methods[method] = {"heldout": heldout[key]["mean"], "tasks": heldout[key]["scores"]}
@@ -300,13 +303,23 @@ def write_report(run_dir: str | Path) -> Path:
         lines.append("- **the search has not finished** (summary.json has no held-out scores yet): "
                      "held-out comparisons are missing")
 
-    lines += ["", "## Search", ""]
+    moei2 = summary is not None and summary.get("method") == "moei2"
+    more = None
+    if moei2:  # no search of EEP's in this run: MoE-I²'s stages instead
+        lines += ["", "## MoE-I²", "", *_moei2_lines(summary, config)]
+        more = {f"moei2 {name.replace('stage', 'stage ')}": {
+            "heldout": s["heldout"]["mean"], "tasks": s["heldout"]["scores"], "kept_params": s["heldout"].get("kept_params"),
+            "active_params": s["heldout"].get("active_params")} for name, s in summary["stages"].items()}
+        heldout = {"full": heldout["full"]} if heldout else None
+    else:
+        lines += ["", "## Search", ""]
     best = best_of(evaluations)
     failed = sum(not e.ok for e in evaluations)
-    lines.append(f"- evaluations: {len(evaluations)} of {config.search.evaluations}, {failed} failed")
+    if not moei2:
+        lines.append(f"- evaluations: {len(evaluations)} of {config.search.evaluations}, {failed} failed")
     if best is not None:
         lines.append(f"- best search fitness: {best.fitness:.2f} (candidate {best.id}, genome `{best.genome.key}`)")
-    if heldout and "best" in heldout:
+    if heldout and "best" in heldout and not moei2:
         lines.append(f"- held-out score of the best genome: {heldout['best']['mean']:.2f}")
     if evaluations:
         phases = [(config.search.initial, "breeding starts")]
@@ -317,15 +330,19 @@ def write_report(run_dir: str | Path) -> Path:
     else:
         fitness_png.unlink(missing_ok=True)
 
-    rows = method_rows(baselines, heldout)
+    rows = method_rows(baselines, heldout, more)
     keep = (baselines or {}).get("keep") or config.search_space.keep
     lines += ["", "## Held-out comparison", ""]
     if rows:
         tasks = list(dict.fromkeys([t.name for t in config.fitness.tasks] + [t for r in rows for t in r.tasks]))
         experts = (baselines or {}).get("num_experts") or (best.genome.num_experts if best else None)
-        if keep:
+        if keep and moei2 and not baselines:
+            lines += [f"MoE-I² stage 2 keeps {keep} experts' worth of parameters per MoE layer; stage 1 alone keeps "
+                      "the experts listed above. Scores are on the held-out split.", ""]
+        elif keep:
             lines += [f"Compressed methods keep {keep}" + (f" of {experts}" if experts else "")
-                      + " experts per MoE layer. Scores are on the held-out split.", ""]
+                      + " experts per MoE layer" + (" (MoE-I² stage 2: that many experts' worth of parameters)"
+                                                     if moei2 else "") + ". Scores are on the held-out split.", ""]
         lines += comparison_table(rows, tasks)
         winner = best_compressed(rows)
         full = next((r for r in rows if r.method == "full"), None)
@@ -347,6 +364,27 @@ def write_report(run_dir: str | Path) -> Path:
     path = run.path / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _moei2_lines(summary: dict, config) -> list[str]:
+    """A MoE-I² run's stages: keep counts, the layer searches, the KT blocks, the ranks."""
+    stages = summary["stages"]
+    counts = summary["keep_counts"]
+    lines = [f"- stage 1: {sum(counts.values())} experts kept, per layer "
+             + ", ".join(f"{layer}: {n}" for layer, n in counts.items()) + f" ({config.moei2.importance} importance)",
+             f"- layer-wise searches: {summary['evaluations']} evaluations in all (`stage1/layer-NN/journal.jsonl`)",
+             "- KT blocks: " + "; ".join(f"layers {b['layers'][0]}–{b['layers'][-1]}: {b['combinations']} combinations"
+                                        for b in summary["blocks"])]
+    if "stage2" in stages:
+        ranks = [r for gene in stages["stage2"]["genome"]["layers"].values() for r in gene.get("rank", [])]
+        how = "activation-aware" if stages["stage2"]["genome"].get("activation_scales") else "plain SVD"
+        lines.append(f"- stage 2: low-rank experts ({how}), ranks {min(ranks)}–{max(ranks)}, mean "
+                     f"{sum(ranks) / len(ranks):.1f}")
+    for name, stage in stages.items():
+        held = stage["heldout"]
+        lines.append(f"- {name.replace('stage', 'stage ')}: held-out {held['mean']:.2f}, "
+                     f"{human_count(held.get('kept_params'))} parameters kept")
+    return lines
 
 
 def _gap(row: Row, full: Row | None) -> str:

@@ -170,6 +170,10 @@ def test_moei2_search_then_export_is_smaller_than_stage_1_and_reports_both(tmp_p
     assert stages["stage2"]["heldout"]["kept_params"] < stages["stage1"]["heldout"]["kept_params"]
     assert all(0 <= s["heldout"]["mean"] <= 100 for s in stages.values())
     assert summary["heldout"]["best"] == stages["stage2"]["heldout"]
+    assert main(["report", str(run)]) == 0
+    report = (run / "report.md").read_text()
+    assert "## MoE-I²" in report and "low-rank experts (activation-aware)" in report and "## Search" not in report
+    assert "| moei2 stage 1 |" in report and "| moei2 stage 2 |" in report and "| search |" not in report
     assert main(["export", str(run), "--out", str(out)]) == 0
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     report = json.loads((out / "eep_report.json").read_text())
