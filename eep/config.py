@@ -192,9 +192,10 @@ class Moei2Config(_Section):
     layer-wise genetic search on reconstruction loss, combined across blocks of layers; stage 2
     gives the kept experts low-rank factors. Calibration texts: ``baselines.calibration``."""
 
-    importance: Literal["drop", "reroute"] = "drop"
-    """An expert's importance, the MoE-output loss of removing it alone: ``drop`` its weighted output,
-    or ``reroute`` its tokens to the next experts (what a pruned model does)."""
+    importance: Literal["drop", "reroute", "loss"] = "drop"
+    """An expert's importance, the loss of removing it alone: the MoE-output reconstruction loss when
+    its weighted output is dropped (``drop``) or its tokens go to their next experts (``reroute``), or
+    the increase of the model's next-token loss on the calibration texts (``loss``: E x layers passes)."""
     rank_params: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     """Stage 2: the fraction of the stage-1 experts' parameters the low-rank factors keep; stage 1 then
     keeps ``search_space`` size / rank_params experts so both stages together reach that size. Unset:

@@ -18,11 +18,15 @@ Stage 2, low-rank experts: the kept experts get truncated-SVD factors with ranks
 importance under a parameter budget (:mod:`eep.lowrank`), stored as a pruning gene's ``rank``.
 
 Details the paper's abstract and secondary descriptions leave open, chosen here:
-- an expert's importance is the reconstruction loss ‖Z − Z₋ₑ‖²_F of its layer's MoE output on the
-  sampled calibration tokens when that expert alone is removed. ``reroute=False`` (default) drops
-  its contribution and leaves the other experts' weights alone (Σ_t w_te² ‖y_te‖², so an expert
-  whose output is zero has importance 0); ``reroute=True`` routes among the others as a pruning
-  gene does (the tokens it served go to their next expert), the loss a pruned model really sees;
+- an expert's importance is the loss of removing that expert alone: by default the reconstruction
+  loss ‖Z − Z₋ₑ‖²_F of its layer's MoE output on the sampled calibration tokens
+  (:func:`expert_importance`), or with ``importance: loss`` the increase of the model's
+  next-token loss on the calibration texts (:func:`loss_importance`, one model pass per expert).
+  For the reconstruction loss, ``reroute=False`` (default) drops its contribution and leaves the
+  other experts' weights alone (Σ_t w_te² ‖y_te‖², so an expert whose output is zero has
+  importance 0); ``reroute=True`` routes among the others as a pruning gene does (the tokens it
+  served go to their next expert), the loss a pruned model really sees. A negative importance
+  (removing the expert helps) counts as 0 when budgets are shared;
 - a layer's importance is the sum of its experts';
 - keep counts: every layer gets at least ``low`` (top-k) and at most ``high`` (E) experts; the
   rest of the budget is shared in proportion to layer importance (water-filling: a layer that
@@ -71,6 +75,43 @@ def expert_importance(cal: Calibration, reroute: bool = False) -> dict[int, torc
             dense = torch.zeros(cal.logits[layer].shape, dtype=torch.float64).scatter_(1, index, weights.double())
             diagonal = torch.diagonal(cal.gram[layer].double(), dim1=1, dim2=2)  # ‖y_te‖² [N, E]
             out[layer] = (dense ** 2 * diagonal).sum(dim=0)
+    return out
+
+
+def next_token_loss(model, batches: Iterable[dict]) -> float:
+    """Mean next-token cross-entropy over the non-padding positions of the batches."""
+    device = model.get_input_embeddings().weight.device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for inputs in batches:
+            ids = inputs["input_ids"].to(device)
+            mask = inputs.get("attention_mask")
+            mask = torch.ones_like(ids) if mask is None else mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+            targets, valid = ids[:, 1:], mask[:, 1:].bool() & mask[:, :-1].bool()
+            losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+            total += float(losses[valid].double().sum())
+            count += int(valid.sum())
+    if count == 0:
+        raise EepError("the calibration texts hold no next-token positions (all shorter than two tokens)")
+    return total / count
+
+
+def loss_importance(model, adapter, batches: list[dict], log: Callable[[str], None] = lambda m: None
+                    ) -> dict[int, torch.Tensor]:
+    """[E] float64 per MoE layer: the increase of the model's next-token loss on the calibration
+    texts when that expert alone is removed (a pruning gene keeping the others; its tokens go to
+    their next experts). One model pass over the texts per expert: E x layers passes in all."""
+    base = next_token_loss(model, batches)
+    out = {}
+    for layer in adapter.moe_layers:
+        log(f"[eep] loss importance: layer {layer}")
+        losses = []
+        for expert in range(adapter.num_experts):
+            others = [e for e in range(adapter.num_experts) if e != expert]
+            with adapter.applied(Genome.from_keep(adapter.num_experts, adapter.top_k, {layer: others})):
+                losses.append(next_token_loss(model, batches) - base)
+        out[layer] = torch.tensor(losses, dtype=torch.float64)
     return out
 
 
@@ -209,11 +250,9 @@ def layer_search(directory, config, cal: Calibration, layer: int, keep: int, log
     run = RunDir.open(directory) if (directory / "config.yaml").exists() else RunDir.create(directory, sub_config)
     before = len(run.evaluations())
     space = PruneSpace(cal.num_experts, cal.top_k, (layer,), keep)
-    stats: dict = {}
     with run.lock():
         run_search(run, space, SerialEvaluator(LayerReconstruction(cal, layer)),
-                   log=lambda m: log(m.replace("[eep] ", f"[eep] layer {layer}: ", 1)), stop_after=stop_after,
-                   stats=stats)
+                   log=lambda m: log(m.replace("[eep] ", f"[eep] layer {layer}: ", 1)), stop_after=stop_after)
     archive = run.evaluations()
     made = len(archive) - before
     finished = stop_after is None or made < stop_after
@@ -333,7 +372,10 @@ def compress(config, worker, directory, plan: Moei2Plan, log: Callable[[str], No
     if cal is None:
         log(f"[eep] MoE-I² calibration pass over {len(texts)} texts")
         cal = bl.collect(worker.model, worker.adapter, batches, cal_cfg.max_tokens_per_layer, seed=cal_cfg.seed)
-    importance = expert_importance(cal, reroute=cfg.importance == "reroute")
+    if cfg.importance == "loss":
+        importance = loss_importance(worker.model, worker.adapter, batches, log)
+    else:
+        importance = expert_importance(cal, reroute=cfg.importance == "reroute")
     counts = layer_keep_counts(importance, plan.stage1, plan.top_k, plan.num_experts)
     log(f"[eep] stage 1: {plan.stage1} experts kept, per layer " + " ".join(f"{counts[i]}" for i in plan.layers))
     candidates, made = {}, 0

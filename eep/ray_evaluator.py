@@ -2,9 +2,18 @@
 
 Same seam as :class:`eep.evaluator.SerialEvaluator`: ``imap(candidates)`` yields evaluations in
 candidate order and pulls the next candidate only after the caller folded a result, keeping
-``in_flight`` candidates outstanding. Candidates go to whichever actor is free, so completion
+``in_flight`` candidates outstanding. Candidates go to the least loaded actor, so completion
 order varies; the search does not, because it folds results by candidate id and breeds candidate
-i from results 0..i-in_flight only.
+i from results 0..i-in_flight only. With ``in_flight`` above the number of actors, each actor
+gets up to ceil(in_flight / actors) candidates at once and queues them: it starts the next as soon
+as one ends, without waiting for the round trip through the driver (which idles an actor for the
+time a result takes to reach the driver and the next candidate to come back).
+
+The busy fraction is the actors' own evaluation time (``Evaluation.seconds``, measured in the
+actor, placed at the time the driver received the result) over actors x wall time since the first
+dispatch: time a candidate spends in transit or queued does not count as busy. In steady state
+(``busy_fraction(steady=True)``) the window ends at the last dispatch, so the drain at the end of a
+search, when no candidate is left to send, does not count as idle.
 
 Faults: an actor that dies (process killed, node lost) is replaced by a new one, and its
 candidate is re-run there; the journal record notes the re-run. An exception inside an
@@ -58,8 +67,9 @@ class RayEvaluator:
         for _ in range(self.size):
             self._spawn()
         log(f"[eep] ray: models loaded on {', '.join(ray.get([a.ready.remote() for a in self.actors]))}")
-        self._busy = [0.0] * self.size
-        self._running: dict = {}  # object ref -> (candidate, actor index, start time)
+        self._finished: list[tuple[float, float]] = []  # (received at, seconds evaluating) per evaluation
+        self._last_dispatch = 0.0
+        self._running: dict = {}  # object ref -> (candidate, actor index, actor handle, actor name)
         self._start: float | None = None
 
     def _spawn(self, index: int | None = None) -> None:
@@ -73,13 +83,17 @@ class RayEvaluator:
         else:
             self.actors[index], self.names[index] = actor, name
 
-    def busy_fraction(self) -> float | None:
-        """Share of actor time spent evaluating since the first dispatch."""
+    def busy_fraction(self, steady: bool = False) -> float | None:
+        """Share of actor time spent evaluating since the first dispatch (until the last dispatch
+        with ``steady``)."""
         if self._start is None:
             return None
-        now = time.perf_counter()
-        busy = sum(self._busy) + sum(now - started for _, _, started in self._running.values())
-        return min(1.0, busy / (self.size * (now - self._start))) if now > self._start else None
+        end = self._last_dispatch if steady else time.perf_counter()
+        if end <= self._start:
+            return None
+        busy = sum(max(0.0, min(received, end) - max(received - seconds, self._start))
+                   for received, seconds in self._finished)
+        return min(1.0, busy / (self.size * (end - self._start)))
 
     def imap(self, candidates: Iterable[Candidate]) -> Iterator[Evaluation]:
         import ray
@@ -87,10 +101,11 @@ class RayEvaluator:
 
         pending = iter(candidates)
         order: deque[int] = deque()           # ids pulled, not yet yielded
-        waiting: deque[Candidate] = deque()   # pulled, not yet sent to an actor
+        waiting: list[Candidate] = []         # pulled, not yet sent to an actor (by id)
         done: dict[int, Evaluation] = {}
         notes: dict[int, str] = {}
-        idle = deque(range(self.size))
+        depth = -(-self.in_flight // self.size)  # candidates an actor holds at once (queued in Ray)
+        load = [0] * self.size
         self._start = self._start or time.perf_counter()
 
         def pull(n: int) -> None:
@@ -100,10 +115,12 @@ class RayEvaluator:
 
         pull(self.in_flight)
         while order:
-            while waiting and idle:
-                candidate, index = waiting.popleft(), idle.popleft()
+            while waiting and min(load) < depth:
+                candidate, index = waiting.pop(0), load.index(min(load))
                 ref = self.actors[index].evaluate.remote(candidate)
-                self._running[ref] = (candidate, index, time.perf_counter())
+                self._running[ref] = (candidate, index, self.actors[index], self.names[index])
+                load[index] += 1
+                self._last_dispatch = time.perf_counter()
             if order[0] in done:
                 evaluation = done.pop(order.popleft())
                 yield evaluation
@@ -111,26 +128,26 @@ class RayEvaluator:
                 continue
             ready, _ = ray.wait(list(self._running), num_returns=1)
             for ref in ready:
-                candidate, index, started = self._running.pop(ref)
-                self._busy[index] += time.perf_counter() - started
+                candidate, index, actor, name = self._running.pop(ref)
+                load[index] -= 1
                 try:
                     evaluation = ray.get(ref)
                 except RayActorError as err:
-                    lost = self.names[index]
-                    self.log(f"[eep] ray: {lost} died while evaluating candidate {candidate.id} "
-                             f"({type(err).__name__}); replacing it and re-running the candidate")
-                    notes[candidate.id] = f"re-run: {lost} died ({type(err).__name__})"
-                    self._spawn(index)
-                    waiting.appendleft(candidate)
-                    idle.append(index)
+                    if self.actors[index] is actor:  # the first of its candidates to report the loss
+                        self.log(f"[eep] ray: {name} died while evaluating candidate {candidate.id} "
+                                 f"({type(err).__name__}); replacing it and re-running its candidates")
+                        self._spawn(index)
+                    notes[candidate.id] = f"re-run: {name} died ({type(err).__name__})"
+                    waiting.append(candidate)
+                    waiting.sort(key=lambda c: c.id)
                     continue
                 except RayTaskError as err:
                     evaluation = Evaluation(candidate.id, candidate.genome, None, {}, 0.0,
                                             self.names[index], f"{type(err).__name__}: {err}".splitlines()[0])
+                self._finished.append((time.perf_counter(), evaluation.seconds))
                 if candidate.id in notes:
                     evaluation = replace(evaluation, note=notes.pop(candidate.id))
                 done[candidate.id] = evaluation
-                idle.append(index)
 
     def heldout(self, genome) -> dict[str, float]:
         import ray

@@ -214,3 +214,23 @@ def test_moei2_is_refused_where_it_cannot_work(tmp_path, capsys):
     assert "run it without --workers" in capsys.readouterr().err
     assert main(["search", config, "--dry-run", "--set", "moei2.rank_params=0"]) == 2
     assert "moei2.rank_params" in capsys.readouterr().err
+
+
+def test_loss_importance_is_the_next_token_loss_increase_of_removing_each_expert(tiny_mixtral):
+    from eep.moei2 import loss_importance, next_token_loss
+
+    adapter = adapter_for(tiny_mixtral)
+    ids = _ids()
+    batches = [{"input_ids": ids[:2]}, {"input_ids": ids[2:]}]
+    with torch.no_grad():  # transformers' own loss (mean over the next-token positions of equal batches)
+        reference = sum(float(tiny_mixtral(input_ids=b["input_ids"], labels=b["input_ids"]).loss) for b in batches) / 2
+    assert next_token_loss(tiny_mixtral, batches) == pytest.approx(reference, rel=1e-5)
+    padded = {"input_ids": torch.cat([ids[:1], torch.zeros_like(ids[:1])], dim=1),
+              "attention_mask": torch.cat([torch.ones_like(ids[:1]), torch.zeros_like(ids[:1])], dim=1)}
+    assert next_token_loss(tiny_mixtral, [padded]) == pytest.approx(next_token_loss(tiny_mixtral, [{"input_ids": ids[:1]}]),
+                                                                   rel=1e-5)  # padding counts nowhere
+    importance = loss_importance(tiny_mixtral, adapter, batches)
+    base = next_token_loss(tiny_mixtral, batches)
+    with adapter.applied(Genome.from_keep(8, 2, {2: [0, 1, 2, 3, 4, 5, 7]})):
+        assert float(importance[2][6]) == pytest.approx(next_token_loss(tiny_mixtral, batches) - base, abs=1e-9)
+    assert set(importance) == {0, 1, 2} and all((v != 0).any() for v in importance.values())

@@ -21,8 +21,8 @@ SPACE = PruneSpace(num_experts=8, top_k=2, layers=(0, 1, 2, 3), keep=4)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _config(**evaluator):
-    data = toy_config_dict(in_flight=2)
+def _config(in_flight=2, **evaluator):
+    data = toy_config_dict(in_flight=in_flight)
     data["evaluator"] = evaluator
     return parse_config(data)
 
@@ -79,6 +79,34 @@ def test_ray_search_equals_serial_and_survives_a_killed_actor(tmp_path, serial_r
     assert rows[5]["note"].startswith("re-run: actor-") and "died" in rows[5]["note"]
     assert any(r["worker"].startswith("actor-3@") for r in rows)  # the replacement actor did work
     assert 0.0 < busy <= 1.0
+
+
+def test_actors_holding_two_candidates_each_equal_serial_and_lose_none_when_killed(tmp_path, monkeypatch):
+    """in_flight 4 on 2 actors: each actor queues two candidates; the one killed mid-evaluation
+    takes its queued candidate with it, and both are re-run on its replacement."""
+    import ray
+
+    from eep.ray_evaluator import RayEvaluator
+
+    config = _config(in_flight=4)
+    serial = RunDir.create(tmp_path / "serial", config)
+    expected = run_search(serial, SPACE, SerialEvaluator(FitnessWorker(config), in_flight=4), log=lambda m: None)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setenv("EEP_TEST_KILL_MARKER", str(tmp_path / "killed"))
+    config = _config(in_flight=4, kind="ray", workers=2)
+    run = RunDir.create(tmp_path / "run", config)
+    messages = []
+    evaluator = RayEvaluator(config, log=messages.append, worker_cls=SelfKillingWorker)
+    try:
+        summary = run_search(run, SPACE, evaluator, log=messages.append)
+    finally:
+        evaluator.close()
+    assert (tmp_path / "killed").exists()
+    assert sum("died while evaluating" in m for m in messages) == 1  # one replacement for one death
+    assert _journal(run) == _journal(serial) and summary == expected
+    rows = [json.loads(line) for line in run.journal_path.read_text().splitlines()]
+    assert [r["id"] for r in rows] == list(range(16))
+    assert len({r["worker"].split("@")[0] for r in rows}) >= 2
 
 
 @pytest.mark.slow
