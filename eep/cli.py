@@ -185,11 +185,15 @@ def cmd_search(args) -> int:
     config = _with_evaluator_flags(config, args)
     run_dir = Path(args.run_dir or Path("runs") / config.name)
     hf_config, shape, space = _plan(config, dry_run=args.dry_run)
+    seeds = _seed_genomes(config, space, Path(args.config).parent)
     _print_plan(config, hf_config, shape, space, run_dir)
     if args.dry_run:
         print("dry run: config is valid; nothing was loaded or written")
         return 0
     RunDir.check_new(run_dir)
+    if seeds:  # the run keeps its own copies: it resumes from anywhere, whatever happens to the files
+        config = config.model_copy(update={"search": config.search.model_copy(
+            update={"seed_genomes": [f"seeds/seed-{n}.json" for n in range(len(seeds))]})})
     if config.search_space.kind == "moei2":
         run = RunDir.create(run_dir, config)
         with run.lock():
@@ -200,11 +204,35 @@ def cmd_search(args) -> int:
             evaluator.in_flight = evaluator.size
             config = config.model_copy(update={"search": config.search.model_copy(update={"in_flight": evaluator.size})})
         run = RunDir.create(run_dir, config)
+        if seeds:
+            (run.path / "seeds").mkdir()
+            for n, genome in enumerate(seeds):
+                genome.save(run.path / f"seeds/seed-{n}.json")
     except BaseException:
         evaluator.close()
         raise
     with run.lock():
         return _search(run, config, space, evaluator)
+
+
+def _seed_genomes(config, space, config_dir: Path) -> list:
+    """The config's seed genomes, loaded (paths relative to the working directory, else to the
+    config file) and checked against the search's first space; an error names the file and why."""
+    from eep.genome import Genome
+    from search_spaces import Schedule
+
+    paths = config.search.seed_genomes
+    if paths and config.search_space.kind == "moei2":
+        raise EepError("search.seed_genomes seeds EEP's search; a MoE-I² run has no initial population")
+    seeds = []
+    for name in paths:
+        path = Path(name) if Path(name).exists() or Path(name).is_absolute() else config_dir / name
+        genome = Genome.load(path)
+        reason = Schedule.of(space).first.reject(genome)
+        if reason is not None:
+            raise EepError(f"seed genome {path} does not belong to this search's space: {reason}")
+        seeds.append(genome)
+    return seeds
 
 
 def cmd_resume(args) -> int:

@@ -75,6 +75,10 @@ class SearchConfig(_Section):
     """Total candidate evaluations, the initial population included."""
     initial: PositiveInt = 30
     """Random genomes evaluated before breeding starts (EEP: 30)."""
+    seed_genomes: list[str] = []
+    """Genome files evaluated first, in place of as many random initial ones (e.g. MoE-I²'s stage-1
+    genome, or a baseline's): they must belong to the search space. ``eep search`` copies them into
+    the run directory (``seeds/``) and names the copies here, so the run is self-contained."""
     mutate_threshold: Annotated[float, Field(ge=0.0)] = 3.0
     """Mutation parents are drawn among candidates within this many points of the best (EEP: 3.0)."""
     crossover_threshold: Annotated[float, Field(ge=0.0)] = 1.0
@@ -109,6 +113,9 @@ class SearchConfig(_Section):
     def _initial_within_budget(self):
         if self.initial > self.evaluations:
             raise ValueError(f"initial ({self.initial}) must not exceed evaluations ({self.evaluations})")
+        if len(self.seed_genomes) > self.initial:
+            raise ValueError(f"{len(self.seed_genomes)} seed_genomes but initial is {self.initial}; seeds take the "
+                             "place of initial random genomes")
         return self
 
 

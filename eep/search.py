@@ -1,6 +1,7 @@
 """The search: EEP's steady-state evolution over an archive of evaluated genomes.
 
-There are no generations. Candidate ``i`` is a random genome while ``i < initial``; after that it
+There are no generations. Candidate ``i`` is the i-th of ``seed_genomes`` (genome files copied into
+the run directory) while there is one, then a random genome while ``i < initial``; after that it
 is bred from the archive: with probability ``crossover_prob`` two parents among those within
 ``crossover_threshold`` points of the best are crossed, otherwise one parent within
 ``mutate_threshold`` points is taken; the child is then always mutated. A child whose content
@@ -98,6 +99,7 @@ def run_search(run: RunDir, space, evaluator, log: Callable[[str], None] = print
         in_flight = deque(Candidate(c["id"], Genome.from_dict(c["genome"]))
                           for c in state["in_flight"] if c["id"] not in done)
     seen = {e.genome.key for e in archive} | {c.genome.key for c in in_flight}
+    seeds = [Genome.load(run.path / path) for path in cfg.seed_genomes]
 
     rebred = 0
 
@@ -107,7 +109,10 @@ def run_search(run: RunDir, space, evaluator, log: Callable[[str], None] = print
         while next_id < cfg.evaluations:
             toolbox = toolboxes[schedule.phase(next_id)]
             for _ in range(cfg.max_breed_attempts):
-                genome = toolbox.individual() if next_id < cfg.initial else breed(toolbox, archive, cfg, rng)
+                if next_id < len(seeds) and seeds[next_id].key not in seen:
+                    genome = seeds[next_id]
+                else:
+                    genome = toolbox.individual() if next_id < cfg.initial else breed(toolbox, archive, cfg, rng)
                 if genome.key not in seen:
                     break
                 rebred += 1

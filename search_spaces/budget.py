@@ -47,6 +47,19 @@ class BudgetSpace:
                         for n in range(self.min_keep, min(self.num_experts, t) + 1)) for t in range(self.budget + 1)]
         return ways[self.budget]
 
+    def reject(self, genome: Genome) -> str | None:
+        """Why ``genome`` is not in this space (None when it is): e.g. a seed for the search."""
+        if {i for i, _ in genome.layers} != set(self.layers) or genome.is_merge or genome.is_low_rank:
+            return f"it must be a pruning genome naming exactly the layers {list(self.layers)}"
+        counts = [len(genome.keep(i)) for i in self.layers]
+        if sum(counts) != self.budget:
+            return f"it keeps {sum(counts)} experts in all; the budget is {self.budget}"
+        for layer, n in zip(self.layers, counts):
+            if not self.min_keep <= n or genome.gene(layer).top_k != self.active:
+                return f"layer {layer} keeps {n} experts routed top-{genome.active(layer)}; each layer keeps " \
+                       f"{self.min_keep}..{self.num_experts}" + (f" routed top-{self.active}" if self.active else "")
+        return None
+
     def describe(self) -> str:
         mean = self.budget / len(self.layers)
         return (f"budget: {self.budget} experts over {len(self.layers)} layers (mean {mean:.2f} of "

@@ -88,6 +88,24 @@ class PruneSpace:
         """The uncompressed model as a genome (every expert kept)."""
         return Genome.from_keep(self.num_experts, self.top_k, {i: range(self.num_experts) for i in self.layers})
 
+    def reject(self, genome: Genome) -> str | None:
+        """Why ``genome`` is not in this space (None when it is): e.g. a seed for the search."""
+        names = {i for i, _ in genome.layers}
+        if names != set(self.layers) or genome.is_merge or genome.is_low_rank:
+            return f"it must be a pruning genome naming exactly the layers {list(self.layers)}"
+        for layer in self.layers:
+            gene = genome.gene(layer)
+            if len(gene.keep) != self.keep or gene.top_k != self.active:
+                return f"layer {layer} keeps {len(gene.keep)} experts routed top-{genome.active(layer)}; the space " \
+                       f"keeps {self.keep}" + (f" routed top-{self.active}" if self.active else "")
+            if self.expert_groups > 1 and any(sum(e in pool for e in gene.keep) != self.keep // self.expert_groups
+                                              for pool in self.pools):
+                return f"layer {layer} must keep {self.keep // self.expert_groups} experts in each expert group"
+        for unit in self.units:
+            if len({genome.gene(layer) for layer in unit}) > 1:
+                return f"layers {list(unit)} form one weight group and must share one gene"
+        return None
+
     def describe(self) -> str:
         groups = "" if self.groups is None else f" in {len(self.units)} weight groups"
         pools = "" if self.expert_groups == 1 else f" ({self.keep // self.expert_groups} in each of " \

@@ -234,3 +234,42 @@ def test_loss_importance_is_the_next_token_loss_increase_of_removing_each_expert
     with adapter.applied(Genome.from_keep(8, 2, {2: [0, 1, 2, 3, 4, 5, 7]})):
         assert float(importance[2][6]) == pytest.approx(next_token_loss(tiny_mixtral, batches) - base, abs=1e-9)
     assert set(importance) == {0, 1, 2} and all((v != 0).any() for v in importance.values())
+
+
+def test_a_moei2_genome_seeds_a_budget_search(tmp_path, capsys):
+    """MoE-I²'s stage-1 genome is an ordinary non-uniform pruning genome: EEP's budget search can
+    start from it (candidate 0), with the file copied into the run; a genome of another size is
+    refused in one line before anything loads."""
+    import json
+
+    import yaml
+
+    from eep.cli import main
+    from eep.journal import RunDir
+    from tests.conftest import toy_config_dict
+
+    seed = Genome.from_keep(8, 2, {0: [3, 4], 1: [0, 2, 4, 5, 6, 7], 2: [4, 5, 6, 7], 3: range(8)})
+    seed.save(tmp_path / "stage1.json")
+    data = toy_config_dict(evaluations=8, initial=4, seed_genomes=["stage1.json"])
+    data["search_space"] = {"kind": "prune", "budget": 20}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(data))
+    run = tmp_path / "run"
+    assert main(["search", str(tmp_path / "cfg.yaml"), "--run-dir", str(run)]) == 0  # relative to the config
+    records = RunDir(run).evaluations()
+    assert records[0].genome == seed and len({r.genome.key for r in records}) == 8
+    assert Genome.load(run / "seeds/seed-0.json") == seed
+    assert yaml.safe_load((run / "config.yaml").read_text())["search"]["seed_genomes"] == ["seeds/seed-0.json"]
+    (tmp_path / "stage1.json").unlink()  # the run does not need the original any more
+    (run / "summary.json").unlink()
+    (run / "state.json").unlink()  # forces a replay from the journal, seeds included
+    assert main(["resume", str(run)]) == 0
+    assert [r.genome.key for r in RunDir(run).evaluations()] == [r.genome.key for r in records]
+    Genome.from_keep(8, 2, {i: range(4) for i in range(4)}).save(tmp_path / "uniform.json")
+    data["search"]["seed_genomes"] = [str(tmp_path / "uniform.json")]
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(data))
+    capsys.readouterr()
+    assert main(["search", str(tmp_path / "cfg.yaml"), "--run-dir", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert "does not belong to this search's space: it keeps 16 experts in all; the budget is 20" in err
+    assert err.count("\n") == 1 and not (tmp_path / "other").exists()
+    assert json.loads((run / "summary.json").read_text())["evaluations"] == 8

@@ -3,6 +3,7 @@ import random
 
 import pytest
 
+from eep.genome import Genome
 from search_spaces.prune import PruneSpace, crossover_rows, mutate_swap, random_genome
 
 SPACE = PruneSpace(num_experts=8, top_k=2, layers=(0, 1, 2, 3), keep=4)
@@ -127,3 +128,16 @@ def test_one_expert_group_draws_exactly_as_the_ungrouped_space():
         assert mutate_swap(ga, a, SPACE, 0.3, 0.2) == mutate_swap(gb, b, one, 0.3, 0.2)
         assert crossover_rows(ga, random_genome(SPACE, a), a, SPACE, 0.5) == \
             crossover_rows(gb, random_genome(one, b), b, one, 0.5)
+
+
+def test_reject_says_why_a_genome_is_not_in_the_space():
+    space = PruneSpace(8, 2, (0, 1, 2, 3), 4, groups=((0, 1), (2, 3)))
+    inside = space.genome({0: [0, 1, 2, 3], 2: [4, 5, 6, 7]})
+    assert space.reject(inside) is None
+    assert "keeps 3 experts" in space.reject(Genome.from_keep(8, 2, {i: range(3) for i in range(4)}))
+    assert "naming exactly the layers [0, 1, 2, 3]" in space.reject(Genome.from_keep(8, 2, {0: range(4)}))
+    split = Genome.from_keep(8, 2, {0: range(4), 1: range(4, 8), 2: range(4), 3: range(4)})
+    assert "layers [0, 1] form one weight group" in space.reject(split)
+    grouped = PruneSpace(8, 2, (0,), 4, expert_groups=2)
+    assert grouped.reject(Genome.from_keep(8, 2, {0: [0, 1, 4, 5]})) is None
+    assert "2 experts in each expert group" in grouped.reject(Genome.from_keep(8, 2, {0: [0, 1, 2, 4]}))
