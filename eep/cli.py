@@ -363,10 +363,9 @@ def cmd_report(args) -> int:
 def cmd_eval(args) -> int:
     from eep.config import load_config
     from eep.evaluator import FitnessWorker
-    from eep.export import scales_for
     from eep.genome import Genome
     from eep.journal import write_json_atomic
-    from eep.lowrank import SCALES_FILE
+    from eep.lowrank import SCALES_FILE, scales_for
     from eep.model import load_hf_config
     from eep.moe import check_genome, shape_of
     from fitness.metrics import weighted_fitness

@@ -112,8 +112,9 @@ def run_baselines(config: Config, worker, summary: dict | None, log: Callable[[s
     cfg, keep = config.baselines, config.search_space.keep
     shape = shape_of(worker.model.config)
     check_baselines(config, shape)
-    if workdir is None:
-        workdir = Path(tempfile.mkdtemp(prefix="eep-baselines-"))
+    if workdir is None:  # removed when this call returns
+        scratch = tempfile.TemporaryDirectory(prefix="eep-baselines-")
+        workdir = Path(scratch.name)
     texts = calibration_texts(config)
     log(f"[eep] calibration pass over {len(texts)} texts")
     cal = bl.collect(worker.model, worker.adapter,
@@ -164,8 +165,8 @@ def run_baselines(config: Config, worker, summary: dict | None, log: Callable[[s
         rows["moei2"] = {**score(stage1), "genome_key": stage1.key}
         if config.moei2.rank_params is not None:
             stage1_size = min(shape.num_experts * len(layers), round(k * len(layers) / config.moei2.rank_params))
-            result = compress(config, worker, workdir_k.with_name(workdir_k.name + "-rank"), replace(plan, stage1=stage1_size), quiet,
-                              cal=cal)
+            result = compress(config, worker, workdir_k.with_name(workdir_k.name + "-rank"),
+                              replace(plan, stage1=stage1_size), quiet, cal=cal)
             rows["moei2+low-rank"] = {**score(result["stage2"]), "genome_key": result["stage2"].key,
                                       "stage1_experts": stage1_size}
         return rows

@@ -48,6 +48,7 @@ def export_genome(model_cfg: ModelConfig, genome: Genome, out: str | Path, confi
     When ``config`` is given its tasks' held-out split is scored on the exported model itself.
     Returns the report written into the card.
     """
+    from eep.lowrank import scales_for
     from eep.model import load_hf_config, load_model
     from eep.moe import adapter_for, check_genome, export_form, moe_blocks, shape_of
     from fitness.tasks import load_tasks
@@ -112,22 +113,6 @@ def export_genome(model_cfg: ModelConfig, genome: Genome, out: str | Path, confi
         raise
     report["disk_bytes"] = sum(f.stat().st_size for f in out.iterdir())
     return report
-
-
-def scales_for(genome: Genome, path: str | Path | None):
-    """The activation scales an activation-aware genome names, from ``path``, checked by digest."""
-    from eep.lowrank import SCALES_FILE, load_scales, scales_digest
-
-    if genome.scales is None:
-        return None
-    if path is None or not Path(path).exists():
-        raise EepError(f"this genome's low-rank experts are activation-aware: they need {SCALES_FILE} (digest "
-                       f"{genome.scales}) beside the genome file or in its run directory"
-                       + (f"; {path} does not exist" if path else ""))
-    values = load_scales(path)
-    if scales_digest(values) != genome.scales:
-        raise EepError(f"{path} holds scales {scales_digest(values)}, but the genome was made with {genome.scales}")
-    return values
 
 
 def _count(model) -> int:

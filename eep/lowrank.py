@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from pathlib import Path
 
 import torch
 
@@ -82,6 +83,20 @@ def load_scales(path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def scales_for(genome: Genome, path) -> dict[str, torch.Tensor] | None:
+    """The activation scales an activation-aware genome names, from ``path``, checked by digest."""
+    if genome.scales is None:
+        return None
+    if path is None or not Path(path).exists():
+        raise EepError(f"this genome's low-rank experts are activation-aware: they need {SCALES_FILE} (digest "
+                       f"{genome.scales}) beside the genome file or in its run directory"
+                       + (f"; {path} does not exist" if path else ""))
+    values = load_scales(path)
+    if scales_digest(values) != genome.scales:
+        raise EepError(f"{path} holds scales {scales_digest(values)}, but the genome was made with {genome.scales}")
+    return values
 
 
 def collect_scales(model, adapter, batches) -> dict[str, torch.Tensor]:
