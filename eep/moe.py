@@ -18,9 +18,10 @@ rule is run by its own ``transformers`` router code, never re-derived here.
   A router matrix that only selects (one source expert per slot) routes like pruning, over the
   selected experts; one that mixes experts is EEP's routing (softmax over the E logits -> router
   matrix -> top-k -> renormalise), defined for Mixtral-style routing only.
-- Low-rank experts (MoE-I² stage 2, a pruning gene's ``rank``): each kept expert's matrices are
-  swapped for their rank-r approximations (:mod:`eep.lowrank`; the SVD of each matrix is computed
-  once) for the duration of the evaluation, and the originals swapped back after.
+- Low-rank experts (MoE-I² stage 2, a pruning gene's ``rank``): the kept experts, their matrices
+  replaced by rank-r approximations (:mod:`eep.lowrank`; the SVD of each matrix is computed once),
+  are written into the merge buffers as slots 0..n-1 and swapped in for the evaluation, routed like
+  the smaller exported model; the originals are swapped back after.
 - Dynamic skipping (NAEE, top-2 only) is one more router hook after those: a token whose second
   weight w2 < beta * w1 keeps only its first expert, with weight 1 (NAEE renormalises after
   zeroing w2). The second expert still runs with weight 0 in transformers' experts kernels, so in
@@ -232,10 +233,13 @@ class MoEAdapter:
                         handles.append(router.register_forward_hook(_mapped_routing_hook(router_map, k)))
                     else:
                         handles.append(router.register_forward_hook(self._reroute(layer, picks, k, remap=False)))
+                elif gene.ranks is not None:  # the kept experts, low-rank, in slots 0..n-1 as a smaller model's
+                    swapped.append((block.experts, "num_experts", block.experts.num_experts))
+                    block.experts.num_experts = gene.slots
+                    self._swap_low_rank(layer, gene, swapped)
+                    handles.append(router.register_forward_hook(self._reroute(layer, gene.keep, k, remap=False)))
                 elif len(gene.keep) < self.num_experts or k != self.top_k:
                     handles.append(router.register_forward_hook(self._reroute(layer, gene.keep, k, remap=True)))
-                if gene.ranks is not None:
-                    self._swap_low_rank(layer, gene, swapped)
             for layer, beta in (skip or {}).items():  # after the routing hooks: sees their output
                 handles.append(self.routers[layer].register_forward_hook(_skip_hook(beta)))
             yield
@@ -281,18 +285,22 @@ class MoEAdapter:
         self._merged_for[layer] = gene.merge
 
     def _swap_low_rank(self, layer: int, gene: LayerGene, swapped: list) -> None:
-        """Swap in a copy of the layer's experts whose kept ones are their low-rank approximations."""
+        """Swap in the kept experts only, as slots 0..n-1 of the reused merge buffers: their
+        matrices as low-rank approximations, their other tensors (biases) as they are. Extra
+        memory: n/E of the layer's expert weights, as for merging."""
         from eep.lowrank import matrix_tensors
 
         experts = self.blocks[layer].experts
+        factored = matrix_tensors(self)
         with torch.no_grad():
-            for name in matrix_tensors(self):
+            for name in self.expert_tensors:
                 original = getattr(experts, name)
-                approximated = original.detach().clone()
-                for expert, rank in zip(gene.keep, gene.ranks):
-                    approximated[expert] = self.factors.product(layer, name, expert, rank)
+                kept = self._buffer(layer, name, original, gene.slots)
+                for slot, (expert, rank) in enumerate(zip(gene.keep, gene.ranks)):
+                    kept[slot] = self.factors.product(layer, name, expert, rank) if name in factored else original[expert]
                 swapped.append((experts, name, original))
-                setattr(experts, name, nn.Parameter(approximated, requires_grad=False))
+                setattr(experts, name, nn.Parameter(kept, requires_grad=False))
+        self._merged_for[layer] = None  # the buffers no longer hold a merge
 
     def _buffer(self, layer: int, name: str, weight: torch.Tensor, slots: int) -> torch.Tensor:
         """The layer's merged-experts buffer, grown (never shrunk) to ``slots``: allocating (and on
