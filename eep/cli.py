@@ -1,4 +1,4 @@
-"""Command line: ``eep search | resume | export | baselines | report | eval | toy build``.
+"""Command line: ``eep search | resume | export | baselines | report | eval | finetune | bench | toy build``.
 
 User mistakes (bad config, missing paths, wrong genome) print one line and exit with code 2;
 they are checked before any weights are loaded wherever the check does not need them.
@@ -78,6 +78,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the scores to this JSON file")
     _override_flag(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("finetune", help="the one gradient step: a short LoRA fine-tune of a compressed model on "
+                                        "calibration text (MoE-I²'s recovery step)")
+    p.add_argument("model", help="model directory to fine-tune, e.g. an `eep export` output")
+    p.add_argument("--config", required=True, help="YAML config: its baselines.calibration texts are trained on, its "
+                                                   "tasks' held-out split is scored before and after")
+    p.add_argument("--out", required=True, help="new directory for the fine-tuned checkpoint")
+    p.add_argument("--steps", type=int, default=50, help="training batches (default: 50)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default: 1e-4)")
+    _override_flag(p)
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("bench", help="measure apply cost, speedup vs rebuilding, duplicates, Ray scaling and export speed")
     p.add_argument("--model", default="toy",
@@ -432,6 +444,66 @@ def cmd_export(args) -> int:
     held = report["heldout"]
     log(f"[eep] exported to {out} ({report['form']} form): {params['before']:,} -> {params['after']:,} parameters, "
         f"{report['disk_bytes'] / 1e6:.1f} MB on disk" + (f", held-out {held['mean']:.2f}" if held else ""))
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    import os
+    import shutil
+
+    from eep.compare import calibration_batches, calibration_texts
+    from eep.config import load_config
+    from eep.evaluator import FitnessWorker
+    from eep.export import check_target
+    from eep.finetune import lora_finetune
+    from eep.journal import write_json_atomic
+    from eep.model import resolve_path
+    from fitness.metrics import weighted_fitness
+
+    if args.steps < 1 or args.rank < 1 or not args.lr > 0:
+        raise EepError("--steps and --rank must be at least 1 and --lr positive")
+    out = Path(args.out)
+    check_target(out)
+    source = Path(resolve_path(args.model))
+    if not (source / "config.json").exists():
+        raise EepError(f"{args.model} is not a model directory (no config.json); give an `eep export` output")
+    config = load_config(args.config, args.overrides)
+    config = config.model_copy(update={"model": config.model.model_copy(update={"path": str(source)})})
+    texts = calibration_texts(config)
+    log(f"[eep] loading {source}")
+    worker = FitnessWorker(config)
+    tasks = config.fitness.tasks
+
+    def heldout() -> dict:
+        scores = worker.scores(None, "test")
+        return {"scores": scores, "mean": weighted_fitness(tasks, scores)}
+
+    before = heldout()
+    batches = calibration_batches(worker.tokenizer, texts, config.fitness.batch_size,
+                                  config.baselines.calibration.max_length)
+    log(f"[eep] LoRA fine-tune on {len(texts)} calibration texts: the one gradient step in eep")
+    trained = lora_finetune(worker.model, batches, steps=args.steps, rank=args.rank, lr=args.lr,
+                            seed=config.search.seed, log=log)
+    after = heldout()
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:  # everything of the source (tokenizer, modeling file, genome, scales) but its weights
+        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("model*.safetensors", "model.safetensors.index.json",
+                                                                   "pytorch_model*.bin", "eep_finetune.json"))
+        worker.model.save_pretrained(tmp)
+        write_json_atomic(tmp / "eep_finetune.json", {"source": str(source), "heldout_before": before,
+                                                      "heldout_after": after, **trained})
+        card = tmp / "README.md"
+        if card.exists():
+            card.write_text(card.read_text() + f"\n## Fine-tuned\n\nLoRA (rank {args.rank}, {args.steps} steps, "
+                            f"attention projections) on calibration text, merged into the weights: held-out "
+                            f"{before['mean']:.2f} -> {after['mean']:.2f} (`eep_finetune.json`).\n")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"[eep] fine-tuned model written to {out}: calibration loss {trained['losses'][0]:.4f} -> "
+        f"{trained['losses'][-1]:.4f}, held-out {before['mean']:.2f} -> {after['mean']:.2f}")
     return 0
 
 
