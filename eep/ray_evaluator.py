@@ -15,8 +15,8 @@ dispatch: time a candidate spends in transit or queued does not count as busy. I
 (``busy_fraction(steady=True)``) the window ends at the last dispatch, so the drain at the end of a
 search, when no candidate is left to send, does not count as idle.
 
-Faults: an actor that dies (process killed, node lost) is replaced by a new one, and its
-candidate is re-run there; the journal record notes the re-run. An exception inside an
+Faults: an actor that dies (process killed, node lost) is replaced by one new actor, and every
+candidate it held (running or queued) is re-run; the journal records note the re-run. An exception inside an
 evaluation is already a failed evaluation (see ``FitnessWorker``), not a crashed search.
 """
 
