@@ -297,6 +297,8 @@ class Config(_Section):
         else:  # MoE-I² is decided by its calibration texts
             data["calibration"] = self.baselines.calibration.model_dump(mode="json")
         data["search"] = {k: v for k, v in data["search"].items() if k != "max_failures"}
+        if not data["search"]["seed_genomes"]:
+            del data["search"]["seed_genomes"]  # keys added with a neutral default keep older runs' digests
         return data
 
     def digest(self) -> str:

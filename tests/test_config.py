@@ -65,3 +65,18 @@ def test_any_mutation_parses_or_raises_eep_error(section, key, value):
         assert "\n" not in str(err)
         return
     assert parse_config(cfg.to_dict()) == cfg
+
+
+def test_settings_added_with_neutral_defaults_keep_older_runs_resumable():
+    """A run records its config's digest; a key added later with a neutral default (MoE-I²'s
+    section, seed genomes) must not change it, or runs started by an earlier eep would refuse to
+    resume. The pinned value is experiments/toy.yaml's digest before those keys existed."""
+    from pathlib import Path
+
+    config = load_config(Path(__file__).resolve().parents[1] / "experiments/toy.yaml")
+    assert "moei2" not in config.outcome() and "seed_genomes" not in config.outcome()["search"]
+    assert config.digest() == "fdf1cdd0be23161d"
+    seeded = config.model_copy(update={"search": config.search.model_copy(update={"seed_genomes": ["s.json"]})})
+    assert seeded.digest() != config.digest()
+    moei2 = config.model_copy(update={"search_space": config.search_space.model_copy(update={"kind": "moei2"})})
+    assert "moei2" in moei2.outcome() and "calibration" in moei2.outcome()
