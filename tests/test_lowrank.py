@@ -199,3 +199,22 @@ def test_an_activation_aware_genome_needs_its_scales(tiny_mixtral, tmp_path):
     with pytest.raises(EepError, match="activation-aware, made with the scales .* holds none"):
         with adapter.applied(genome):
             pass
+
+
+def test_low_rank_and_merge_genomes_share_the_buffers_without_mixing_up(tiny_mixtral):
+    """Low-rank experts are written into the buffers merged experts live in: a merge evaluated
+    after a low-rank genome must merge again, not reuse what the buffers hold."""
+    adapter = adapter_for(tiny_mixtral)
+    merge = [[0.5, 0.5, 0, 0, 0, 0, 0, 0], [0, 0, 1.0, 0, 0, 0, 0, 0], [0, 0, 0, 0.3, 0.7, 0, 0, 0]]
+    merged = Genome.from_dict({"format": "eep.genome/v1", "num_experts": 8, "top_k": 2,
+                               "layers": {"1": {"merge": merge, "router": merge}}})
+    low = Genome.from_keep(8, 2, {1: [0, 2, 3]}).with_ranks({1: {0: 2, 2: 2, 3: 2}})
+    with torch.no_grad():
+        with adapter.applied(merged):
+            first = tiny_mixtral(IDS).logits
+        with adapter.applied(low):
+            between = tiny_mixtral(IDS).logits
+        with adapter.applied(merged):
+            again = tiny_mixtral(IDS).logits
+    assert not torch.allclose(first, between)
+    assert torch.equal(first, again)
