@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +93,16 @@ class _TokenSample:
         return slots, new
 
 
+def calibration_inputs(model: nn.Module, batches: Iterable[dict]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids, attention_mask) of each tokenizer-output batch on the model's input device; a
+    batch without a mask is all tokens."""
+    device = model.get_input_embeddings().weight.device
+    for inputs in batches:
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        yield ids.to(device), (torch.ones_like(ids) if mask is None else mask).to(device)
+
+
 def collect(model: nn.Module, adapter: MoEAdapter, batches: Iterable[dict], max_tokens_per_layer: int = 8192,
             seed: int = 0, chunk: int = 1024) -> Calibration:
     """One pass of the (unpruned, eval-mode) model over tokenizer-output batches (``input_ids``,
@@ -121,21 +131,17 @@ def collect(model: nn.Module, adapter: MoEAdapter, batches: Iterable[dict], max_
 
         return hook
 
-    device = model.get_input_embeddings().weight.device
     tokens = 0
     handles = []
     try:
         handles = [adapter.routers[i].register_forward_hook(observer(i)) for i in adapter.moe_layers]
         with torch.no_grad():
-            for inputs in batches:
-                ids = inputs["input_ids"]
-                mask = inputs.get("attention_mask")
-                mask = torch.ones_like(ids) if mask is None else mask
+            for ids, mask in calibration_inputs(model, batches):
                 batch["valid"] = mask.reshape(-1).bool()
                 n = int(batch["valid"].sum())
                 batch["slots"], batch["new"] = sample.offer(n)
                 tokens += n
-                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()

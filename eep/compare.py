@@ -117,9 +117,9 @@ def run_baselines(config: Config, worker, summary: dict | None, log: Callable[[s
         workdir = Path(scratch.name)
     texts = calibration_texts(config)
     log(f"[eep] calibration pass over {len(texts)} texts")
-    cal = bl.collect(worker.model, worker.adapter,
-                     calibration_batches(worker.tokenizer, texts, config.fitness.batch_size, cfg.calibration.max_length),
-                     cfg.calibration.max_tokens_per_layer, seed=cfg.calibration.seed)
+    batches = calibration_batches(worker.tokenizer, texts, config.fitness.batch_size, cfg.calibration.max_length)
+    cal = bl.collect(worker.model, worker.adapter, batches, cfg.calibration.max_tokens_per_layer,
+                     seed=cfg.calibration.seed)
 
     def score(genome: Genome | None, skip=None) -> dict:
         tasks = worker.scores(genome, "test", skip=skip)
@@ -150,25 +150,24 @@ def run_baselines(config: Config, worker, summary: dict | None, log: Callable[[s
     def moei2_rows(k: int) -> dict[str, dict]:
         """MoE-I² at k experts per layer's worth: stage 1 alone at k x layers experts, and (with
         ``moei2.rank_params``) stage 1 keeping more experts, then low-rank to the same size."""
-        from dataclasses import replace
-
         from eep.moei2 import Moei2Plan, compress
 
-        layers = tuple(shape.moe_layers)
-        plan = Moei2Plan(shape.num_experts, shape.top_k, layers, k * len(layers), k * len(layers), config.moei2)
+        size = k * len(shape.moe_layers)
         quiet = lambda message: None  # noqa: E731  (the layer searches' progress lines)
         settings = json.dumps([config.moei2.model_dump(mode="json"), cfg.calibration.model_dump(mode="json")],
                               sort_keys=True)  # journals of other settings are never reused
         workdir_k = workdir / f"moei2-{k}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
         rows = {}
-        stage1 = compress(_no_low_rank(config), worker, workdir_k, plan, quiet, cal=cal)["stage1"]
+        alone = _no_low_rank(config)
+        stage1 = compress(alone, worker, workdir_k, Moei2Plan.of(shape, size, alone.moei2), quiet, cal=cal,
+                          batches=batches)["stage1"]
         rows["moei2"] = {**score(stage1), "genome_key": stage1.key}
         if config.moei2.rank_params is not None:
-            stage1_size = min(shape.num_experts * len(layers), round(k * len(layers) / config.moei2.rank_params))
-            result = compress(config, worker, workdir_k.with_name(workdir_k.name + "-rank"),
-                              replace(plan, stage1=stage1_size), quiet, cal=cal)
+            plan = Moei2Plan.of(shape, size, config.moei2)
+            result = compress(config, worker, workdir_k.with_name(workdir_k.name + "-rank"), plan, quiet, cal=cal,
+                              batches=batches)
             rows["moei2+low-rank"] = {**score(result["stage2"]), "genome_key": result["stage2"].key,
-                                      "stage1_experts": stage1_size}
+                                      "stage1_experts": plan.stage1}
         return rows
 
     methods = {"full": score(None)}

@@ -64,14 +64,11 @@ def _wrap(model: nn.Module, targets: Sequence[str], rank: int, alpha: float, see
 
 def batch_loss(model: nn.Module, inputs: dict) -> torch.Tensor:
     """Mean next-token cross-entropy over the non-padding positions of one batch."""
-    device = model.get_input_embeddings().weight.device
-    ids = inputs["input_ids"].to(device)
-    mask = inputs.get("attention_mask")
-    mask = torch.ones_like(ids) if mask is None else mask.to(device)
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-    valid = mask[:, 1:].bool() & mask[:, :-1].bool()
-    losses = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-    return losses[valid].mean()
+    from eep.baselines import calibration_inputs
+    from fitness.likelihood import next_token_nll
+
+    ids, mask = next(calibration_inputs(model, [inputs]))
+    return next_token_nll(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask).mean()
 
 
 def lora_finetune(model: nn.Module, batches: Iterable[dict], steps: int = 50, rank: int = 8, alpha: float = 16.0,

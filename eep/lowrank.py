@@ -103,6 +103,8 @@ def collect_scales(model, adapter, batches) -> dict[str, torch.Tensor]:
     """``{"layer.tensor.expert": s}``: the root-mean-square of each expert matrix's input channels
     over the non-padding calibration tokens routed to that expert (``gate_up_proj``: the block
     input; ``down_proj``: ``act(gate) * up``). Experts no token reached get no entry."""
+    from eep.baselines import calibration_inputs
+
     experts0 = adapter.blocks[adapter.moe_layers[0]].experts
     if not all(hasattr(experts0, name) for name in ("gate_up_proj", "down_proj", "act_fn")):
         raise EepError(f"activation-aware factors need Mixtral-style experts (gate_up_proj, down_proj); "
@@ -126,15 +128,11 @@ def collect_scales(model, adapter, batches) -> dict[str, torch.Tensor]:
         return hook
 
     handles = [adapter.blocks[i].experts.register_forward_pre_hook(observe(i)) for i in adapter.moe_layers]
-    device = model.get_input_embeddings().weight.device
     try:
         with torch.no_grad():
-            for inputs in batches:
-                ids = inputs["input_ids"]
-                mask = inputs.get("attention_mask")
-                mask = torch.ones_like(ids) if mask is None else mask
+            for ids, mask in calibration_inputs(model, batches):
                 valid["mask"] = mask.reshape(-1).bool()
-                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()

@@ -332,6 +332,7 @@ class MoEAdapter:
 
         self.validate(genome)
         chosen = export_form(genome.dense() if dense else genome, self.shape, form)
+        factored = matrix_tensors(self)
         state = self.model.state_dict()
         layers = {}
         for layer in self.moe_layers:
@@ -339,7 +340,7 @@ class MoEAdapter:
             prefix, router = self.prefixes[layer], self.prefixes[layer] + self.family.router + "."
             for name in self.expert_tensors:
                 key = prefix + f"experts.{name}"
-                if gene.ranks is None or name not in matrix_tensors(self):
+                if gene.ranks is None or name not in factored:
                     state[key] = self._experts_for(gene, state[key])
                 elif dense:
                     state[key] = torch.stack([self.factors.product(layer, name, e, r).to(state[key].device)

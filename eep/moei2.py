@@ -57,7 +57,7 @@ from dataclasses import dataclass
 
 import torch
 
-from eep.baselines import Calibration, keep_set_error, output_energy, output_error
+from eep.baselines import Calibration, calibration_inputs, keep_set_error, output_energy, output_error
 from eep.errors import EepError
 from eep.genome import Genome
 
@@ -80,18 +80,14 @@ def expert_importance(cal: Calibration, reroute: bool = False) -> dict[int, torc
 
 def next_token_loss(model, batches: Iterable[dict]) -> float:
     """Mean next-token cross-entropy over the non-padding positions of the batches."""
-    device = model.get_input_embeddings().weight.device
+    from fitness.likelihood import next_token_nll
+
     total, count = 0.0, 0
     with torch.no_grad():
-        for inputs in batches:
-            ids = inputs["input_ids"].to(device)
-            mask = inputs.get("attention_mask")
-            mask = torch.ones_like(ids) if mask is None else mask.to(device)
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-            targets, valid = ids[:, 1:], mask[:, 1:].bool() & mask[:, :-1].bool()
-            losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-            total += float(losses[valid].double().sum())
-            count += int(valid.sum())
+        for ids, mask in calibration_inputs(model, batches):
+            nll = next_token_nll(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask)
+            total += float(nll.double().sum())
+            count += len(nll)
     if count == 0:
         raise EepError("the calibration texts hold no next-token positions (all shorter than two tokens)")
     return total / count
@@ -160,6 +156,15 @@ class Moei2Plan:
     stage1: int
     cfg: object  # Moei2Config
 
+    @classmethod
+    def of(cls, shape, target: int, cfg) -> Moei2Plan:
+        """The plan reaching ``target`` experts' worth on a model of this shape (``cfg``: the
+        ``moei2`` config section): stage 1 keeps target / rank_params experts, at most all."""
+        layers = tuple(shape.moe_layers)
+        stage1 = target if cfg.rank_params is None else min(shape.num_experts * len(layers),
+                                                            round(target / cfg.rank_params))
+        return cls(shape.num_experts, shape.top_k, layers, target, stage1, cfg)
+
     @property
     def low_rank_fraction(self) -> float | None:
         return self.target / self.stage1 if self.cfg.rank_params is not None else None
@@ -196,9 +201,7 @@ def moei2_plan(config, shape) -> Moei2Plan:
     if not shape.top_k * len(layers) <= target <= e * len(layers):
         raise EepError(f"MoE-I² size {target} experts must lie in {shape.top_k * len(layers)}..{e * len(layers)} "
                        f"({len(layers)} layers, each keeping {shape.top_k}..{e})")
-    rank = config.moei2.rank_params
-    stage1 = target if rank is None else min(e * len(layers), round(target / rank))
-    return Moei2Plan(e, shape.top_k, layers, target, stage1, config.moei2)
+    return Moei2Plan.of(shape, target, config.moei2)
 
 
 # -- stage 1: layer-wise search -----------------------------------------------------------------
@@ -238,9 +241,10 @@ def layer_config(config, layer: int, keep: int):
 
 
 def layer_search(directory, config, cal: Calibration, layer: int, keep: int, log: Callable[[str], None],
-                 stop_after: int | None = None) -> tuple[list[Genome], int, bool]:
+                 stop_after: int | None = None) -> tuple[list[Genome], int, int, bool]:
     """Run (or resume) one layer's search in ``directory``. Returns (its K best distinct keep sets
-    as one-layer genomes, evaluations made by this call, whether the search is finished)."""
+    as one-layer genomes, evaluations made by this call, evaluations in its journal, whether the
+    search is finished)."""
     from eep.evaluator import SerialEvaluator
     from eep.journal import RunDir
     from eep.search import run_search
@@ -257,7 +261,7 @@ def layer_search(directory, config, cal: Calibration, layer: int, keep: int, log
     made = len(archive) - before
     finished = stop_after is None or made < stop_after
     ranked = sorted((e for e in archive if e.ok), key=lambda e: (-e.fitness, e.id))
-    return [e.genome for e in ranked[: config.moei2.candidates]], made, finished
+    return [e.genome for e in ranked[: config.moei2.candidates]], made, len(archive), finished
 
 
 # -- stage 1: the KT receptive field ------------------------------------------------------------
@@ -288,15 +292,11 @@ class BlockScorer:
             return hook
 
         handles = [self.layers[i].register_forward_pre_hook(capture(i), with_kwargs=True) for i in sorted(wanted)]
-        device = model.get_input_embeddings().weight.device
         try:
             with torch.no_grad():
-                for inputs in batches:
-                    ids = inputs["input_ids"]
-                    mask = inputs.get("attention_mask")
-                    mask = torch.ones_like(ids) if mask is None else mask
-                    current = {"inputs": {}, "kwargs": {}, "valid": mask.bool().to(device)}
-                    model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                for ids, mask in calibration_inputs(model, batches):
+                    current = {"inputs": {}, "kwargs": {}, "valid": mask.bool()}
+                    model(input_ids=ids, attention_mask=mask, use_cache=False)
                     self.batches.append(current)
         finally:
             for handle in handles:
@@ -356,21 +356,24 @@ def kt_search(scorer: BlockScorer, candidates: dict[int, list[Genome]]) -> tuple
 
 
 def compress(config, worker, directory, plan: Moei2Plan, log: Callable[[str], None],
-             stop_after: int | None = None, cal: Calibration | None = None) -> dict | None:
+             stop_after: int | None = None, cal: Calibration | None = None,
+             batches: list[dict] | None = None) -> dict | None:
     """Both stages on ``worker``'s resident model; the layer searches live under ``directory``.
     Returns the stage results (genomes, keep counts, block errors), or None when ``stop_after``
     evaluations of the layer searches ended this call first (it resumes from their journals).
-    ``cal``: the calibration statistics when already collected from the config's texts."""
+    ``cal``, ``batches``: the calibration statistics and tokenized texts when the caller has them
+    (from the config's calibration texts)."""
     from pathlib import Path
 
     from eep import baselines as bl
     from eep.compare import calibration_batches, calibration_texts
 
     cfg, cal_cfg = config.moei2, config.baselines.calibration
-    texts = calibration_texts(config)
-    batches = calibration_batches(worker.tokenizer, texts, config.fitness.batch_size, cal_cfg.max_length)
+    if batches is None:
+        batches = calibration_batches(worker.tokenizer, calibration_texts(config), config.fitness.batch_size,
+                                      cal_cfg.max_length)
     if cal is None:
-        log(f"[eep] MoE-I² calibration pass over {len(texts)} texts")
+        log(f"[eep] MoE-I² calibration pass over {sum(len(b['input_ids']) for b in batches)} texts")
         cal = bl.collect(worker.model, worker.adapter, batches, cal_cfg.max_tokens_per_layer, seed=cal_cfg.seed)
     if cfg.importance == "loss":
         importance = loss_importance(worker.model, worker.adapter, batches, log)
@@ -378,14 +381,15 @@ def compress(config, worker, directory, plan: Moei2Plan, log: Callable[[str], No
         importance = expert_importance(cal, reroute=cfg.importance == "reroute")
     counts = layer_keep_counts(importance, plan.stage1, plan.top_k, plan.num_experts)
     log(f"[eep] stage 1: {plan.stage1} experts kept, per layer " + " ".join(f"{counts[i]}" for i in plan.layers))
-    candidates, made = {}, 0
+    candidates, made, journaled = {}, 0, 0
     for layer in plan.layers:
         left = None if stop_after is None else stop_after - made
         if left == 0:
             return None
-        best, new, finished = layer_search(Path(directory) / f"layer-{layer:02d}", config, cal, layer, counts[layer],
+        best, new, total, finished = layer_search(Path(directory) / f"layer-{layer:02d}", config, cal, layer, counts[layer],
                                            log, left)
         made += new
+        journaled += total
         if not finished:
             return None
         candidates[layer] = best
@@ -393,7 +397,7 @@ def compress(config, worker, directory, plan: Moei2Plan, log: Callable[[str], No
     scorer = BlockScorer(worker.model, worker.adapter, batches, blocks_of(plan.layers, cfg.block))
     stage1, blocks = kt_search(scorer, candidates)
     del scorer
-    result = {"keep_counts": {str(i): counts[i] for i in plan.layers},
+    result = {"evaluations": journaled, "keep_counts": {str(i): counts[i] for i in plan.layers},
               "importance": {str(i): [round(float(x), 6) for x in importance[i]] for i in plan.layers},
               "blocks": blocks, "stage1": stage1, "stage2": None}
     if plan.low_rank_fraction is not None:
@@ -419,8 +423,6 @@ def run_moei2(run, config, worker, plan: Moei2Plan, log: Callable[[str], None], 
     result = compress(config, worker, run.path / "stage1", plan, log, stop_after)
     if result is None:
         return None
-    layer_runs = sorted((run.path / "stage1").glob("layer-*/journal.jsonl"))
-    evaluations = sum(sum(1 for line in path.read_text().splitlines() if line.strip()) for path in layer_runs)
     log("[eep] scoring each stage's genome and the full model on the held-out split")
 
     def heldout(genome):
@@ -436,7 +438,7 @@ def run_moei2(run, config, worker, plan: Moei2Plan, log: Callable[[str], None], 
         save_scales(result["scales"], run.path / SCALES_FILE)
     stages = {name: result[name] for name in ("stage1", "stage2") if result[name] is not None}
     final = stages.get("stage2", stages["stage1"])
-    summary = {"method": "moei2", "evaluations": evaluations, "failed": 0, "best_fitness": None, "best_id": None,
+    summary = {"method": "moei2", "evaluations": result["evaluations"], "failed": 0, "best_fitness": None, "best_id": None,
                "best_scores": None, "best_genome": final.to_dict(), "keep_counts": result["keep_counts"],
                "importance": result["importance"], "blocks": result["blocks"],
                "stages": {name: {"genome": g.to_dict(), "heldout": heldout(g)} for name, g in stages.items()}}

@@ -86,17 +86,23 @@ def _forward(model, batch) -> torch.Tensor:
     return torch.log_softmax(logits[batch["attention_mask"].to(device).bool()], dim=-1)
 
 
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[n] negative log-likelihood of every predicted token: positions whose token and the one
+    before it are both unpadded (for right-padded batches: every token after the first)."""
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return nll[mask[:, 1:].bool() & mask[:, :-1].bool()]
+
+
 @torch.inference_mode()
 def perplexity(model, texts: TextBatches) -> float:
     """exp(mean next-token NLL) over every predicted token of the texts."""
     device, total, count = _device(model), 0.0, 0
     for batch in texts:
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-        nll = -logprobs[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
-        valid = mask[:, 1:].bool()
-        total += nll[valid].sum().item()
-        count += int(valid.sum())
+        nll = next_token_nll(model(input_ids=ids, attention_mask=mask).logits, ids, mask)
+        total += nll.sum().item()
+        count += len(nll)
     return math.exp(total / count)
 
 
