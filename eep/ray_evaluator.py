@@ -34,6 +34,15 @@ from eep.evaluator import Candidate, FitnessWorker
 from eep.journal import Evaluation
 
 
+def busy_share(finished: list[tuple[float, float]], start: float, end: float, actors: int) -> float | None:
+    """Share of ``actors`` x [start, end] spent evaluating, each evaluation ``(received at,
+    seconds)`` taken as the interval [received - seconds, received], clipped to the window."""
+    if end <= start:
+        return None
+    busy = sum(max(0.0, min(received, end) - max(received - seconds, start)) for received, seconds in finished)
+    return min(1.0, busy / (actors * (end - start)))
+
+
 class RayEvaluator:
     def __init__(self, config: Config, log: Callable[[str], None] = print, worker_cls: type = FitnessWorker):
         import ray
@@ -88,12 +97,8 @@ class RayEvaluator:
         with ``steady``)."""
         if self._start is None:
             return None
-        end = self._last_dispatch if steady else time.perf_counter()
-        if end <= self._start:
-            return None
-        busy = sum(max(0.0, min(received, end) - max(received - seconds, self._start))
-                   for received, seconds in self._finished)
-        return min(1.0, busy / (self.size * (end - self._start)))
+        return busy_share(self._finished, self._start, self._last_dispatch if steady else time.perf_counter(),
+                          self.size)
 
     def imap(self, candidates: Iterable[Candidate]) -> Iterator[Evaluation]:
         import ray

@@ -126,3 +126,13 @@ def test_search_on_a_two_node_local_cluster_equals_serial(tmp_path, serial_run):
     assert _journal(run) == _journal(serial)
     summary = json.loads(run.summary_path.read_text())
     assert summary["best_genome"] == serial_summary["best_genome"]
+
+
+def test_busy_share_counts_evaluation_time_inside_the_window_only():
+    from eep.ray_evaluator import busy_share
+
+    finished = [(2.0, 2.0), (4.0, 2.0), (3.0, 1.0), (6.0, 3.0)]  # two actors over [0, 4]: 2+2 and 1, then 1 of 3
+    assert busy_share(finished, 0.0, 4.0, 2) == pytest.approx((2 + 2 + 1 + 1) / 8)
+    assert busy_share(finished, 0.0, 10.0, 2) == pytest.approx((2 + 2 + 1 + 3) / 20)
+    assert busy_share(finished, 1.0, 1.0, 2) is None
+    assert busy_share([(1.0, 5.0)], 0.0, 1.0, 1) == 1.0
