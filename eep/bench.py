@@ -12,7 +12,15 @@
    candidate per actor, and with two queued per actor, ``in_flight`` = 2 x actors);
 5. **export**: the full model against its 4-of-8 export and its 4-of-8 top-1 export: parameters,
    bytes on disk, peak memory and tokens/s of greedy generation at batch 1 and 32, each model
-   measured in a fresh process.
+   measured in a fresh process;
+6. **scoring**: one evaluation teacher-forced against the same one generated (same hits checked),
+   its tokens/s against plain ``generate`` on the same batch, and the roofline: a decode step's time
+   against reading every weight once at the memory bandwidth a device copy reaches in this run;
+7. **early cut**: the same search at a quarter of the experts with and without the cut (same
+   genomes and best checked): the share of its time the cut saves.
+
+Every row frees what the rows before it held (models, rebuilt copies, the GPU allocator's cache),
+so a wide model's later rows start from the memory of one resident model.
 
 Times are medians of ``repeats`` runs with half their range as spread; ratios come from one run.
 Candidates are scored on the toy tasks' search split (8 tasks x 16 prompts, greedy, 8 new tokens),
@@ -38,7 +46,8 @@ from eep.errors import EepError
 
 NEW_TOKENS = 16  # generated per prompt in the tokens/s rows (the toy's prompts + 16 fit its 32 positions)
 GOALS = {"apply_fraction_prune": ("<=", 0.02), "apply_fraction_merge": ("<=", 0.02),
-         "speedup_vs_rebuild": (">=", 10.0), "reevaluations": ("<=", 0), "busy_fraction": (">=", 0.95)}
+         "speedup_vs_rebuild": (">=", 10.0), "reevaluations": ("<=", 0), "busy_fraction": (">=", 0.95),
+         "tf_speedup": (">=", 5.0), "cut_saved_fraction": (">=", 0.30), "roofline_ratio": ("<=", 3.0)}
 
 RANDOM_SIZES = {
     # ~25M parameters: 8 layers, hidden 256
@@ -47,22 +56,32 @@ RANDOM_SIZES = {
     # ~100M parameters: 8 layers, hidden 512
     "random-100m": dict(hidden_size=512, intermediate_size=960, num_hidden_layers=8,
                         num_attention_heads=8, num_key_value_heads=4),
+    # Mixtral-8x7B's layer shape (1.4 B parameters a layer), few layers: `--layers`, default 2
+    "random-mixtral-width": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
+                                 num_attention_heads=32, num_key_value_heads=8),
 }
+WIDE = "random-mixtral-width"
 
 
-def random_mixtral(path: Path, name: str = "random-mixtral") -> str:
+def random_mixtral(path: Path, name: str = "random-mixtral", layers: int | None = None) -> str:
     """A randomly initialised Mixtral with the toy's tokenizer saved to ``path``: its accuracy is
-    meaningless, its compute and memory per candidate are real."""
+    meaningless, its compute and memory per candidate are real. The wide one is built and saved in
+    bfloat16 (11 GiB in float32 at two layers)."""
     from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
 
     from eep.toy import TOY_DIR
 
     tokenizer = AutoTokenizer.from_pretrained(TOY_DIR)
+    sizes = {**RANDOM_SIZES[name], **({"num_hidden_layers": layers} if layers else {})}
     config = MixtralConfig(vocab_size=len(tokenizer), num_local_experts=8, num_experts_per_tok=2,
-                           max_position_embeddings=64, bos_token_id=2, eos_token_id=3, pad_token_id=0,
-                           **RANDOM_SIZES[name])
+                           max_position_embeddings=64, bos_token_id=2, eos_token_id=3, pad_token_id=0, **sizes)
     torch.manual_seed(0)
-    model = MixtralForCausalLM(config)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if name == WIDE else torch.float32)
+    try:
+        model = MixtralForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
     with torch.no_grad():  # default init routes almost uniformly; sharper routing is more realistic
         for layer in model.model.layers:
             layer.mlp.gate.weight.normal_(0, 0.5)
@@ -81,14 +100,23 @@ def median_spread(fn: Callable[[], object], repeats: int) -> tuple[float, float]
     return statistics.median(times), (max(times) - min(times)) / 2
 
 
-def _config(model: str, device: str, **extra):
+def _config(model: str, device: str, batch_size: int = 128, **extra):
     from eep.config import parse_config
     from fitness import toy_tasks
 
     return parse_config({
         "name": "bench", "model": {"path": model, "device": device},
-        "fitness": {"batch_size": 128, "max_new_tokens": 8, "tasks": [
+        "fitness": {"batch_size": batch_size, "max_new_tokens": 8, "tasks": [
             {"name": t, "dataset": f"toy:{t}", "search_size": 16} for t in toy_tasks.TASKS]}, **extra})
+
+
+def _free(device: torch.device) -> None:
+    """Return what earlier rows held: Python garbage, then the GPU allocator's cached blocks."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _sync(device: torch.device) -> None:
@@ -313,14 +341,125 @@ def bench_export(worker, device: str, scratch: Path, repeats: int, log) -> dict:
     return rows
 
 
+# -- 6. scoring: teacher forcing, tokens/s, roofline ---------------------------------------------
+
+
+def _bandwidth(device: torch.device, nbytes: int = 2**28) -> float:
+    """Bytes/s a device-to-device copy reaches (each byte read once and written once)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    dst.copy_(src), _sync(device)
+    seconds, _ = median_spread(lambda: (dst.copy_(src), _sync(device)), 5)
+    del src, dst
+    return 2 * nbytes / seconds
+
+
+def bench_scoring(worker, genomes: int, repeats: int, log) -> dict:
+    """Teacher-forced vs generated scoring of the same genomes; tokens/s against ``generate``; roofline."""
+    from fitness.scoring import Scorer
+    from search_spaces import random_genome
+
+    adapter, model, tokenizer, fit = worker.adapter, worker.model, worker.tokenizer, worker.config.fitness
+    device = next(model.parameters()).device
+    scorers = {path: Scorer(model, tokenizer, worker.scorers["search"].tasks, fit.batch_size, fit.max_new_tokens,
+                            fit.max_length, scoring=path) for path in ("auto", "generate")}
+    rng = random.Random(3)
+    sample = [random_genome(half_kept(adapter), rng) for _ in range(genomes)]
+    timed, hits = {}, {}
+    for path, scorer in scorers.items():
+        def score_all(scorer=scorer, path=path):
+            hits[path] = []
+            for genome in sample:
+                with adapter.applied(genome):
+                    hits[path].append(scorer.example_scores())
+            _sync(device)
+
+        score_all()  # warm-up
+        timed[path] = median_spread(score_all, repeats)[0] / genomes
+    differ = sum(a != b for x, y in zip(hits["auto"], hits["generate"]) for t in x for a, b in zip(x[t], y[t]))
+    forced = scorers["auto"]
+    items = [i for t in forced.items.values() for i in t if i is not None]
+    tf_tokens = sum(len(i.prompt) + len(i.rows[0]) for i in items)
+    prompts = [p for t in forced.prompts.values() for p in t]
+
+    def generate(new_tokens, batch=prompts[:fit.batch_size]):
+        ids = tokenizer(batch, return_tensors="pt", padding=True, padding_side="left").to(device)
+        model.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       pad_token_id=tokenizer.pad_token_id)
+        _sync(device)
+        return ids["attention_mask"].sum().item() + len(batch) * new_tokens
+
+    generate(fit.max_new_tokens)  # warm-up
+    gen_s, _ = median_spread(lambda: generate(fit.max_new_tokens), repeats)
+    gen_tokens = generate(fit.max_new_tokens)
+    one_s, _ = median_spread(lambda: generate(1), repeats)
+    step_s = max(gen_s - one_s, 1e-9) / (fit.max_new_tokens - 1)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = _bandwidth(device)
+    roofline_s = weight_bytes / bandwidth
+    row = {"genomes": genomes, "teacher_forced_s": timed["auto"], "generated_s": timed["generate"],
+           "tf_speedup": timed["generate"] / timed["auto"], "examples_differing": differ,
+           "examples": sum(len(t) for t in forced.prompts.values()), "forced_examples": len(items),
+           "eval_tokens_per_s": tf_tokens / timed["auto"], "generate_tokens_per_s": gen_tokens / gen_s,
+           "generate_batch": min(len(prompts), fit.batch_size), "decode_step_s": step_s,
+           "weight_bytes": weight_bytes, "bandwidth_bytes_per_s": bandwidth, "roofline_step_s": roofline_s,
+           "roofline_ratio": step_s / roofline_s, "forward_passes": len(forced.chunks),
+           "evaluation_roofline_ratio": timed["auto"] / (len(forced.chunks) * roofline_s)}
+    log(f"[bench] scoring: teacher-forced {timed['auto']:.3f} s vs generated {timed['generate']:.3f} s per evaluation "
+        f"= {row['tf_speedup']:.2f}x ({differ} of {row['examples']} x {genomes} example verdicts differ); "
+        f"{row['eval_tokens_per_s']:.0f} evaluation tokens/s vs {row['generate_tokens_per_s']:.0f} of generate")
+    log(f"[bench] roofline: decode step {1e3 * step_s:.2f} ms vs {1e3 * roofline_s:.2f} ms to read "
+        f"{weight_bytes / 2**30:.2f} GiB at {bandwidth / 1e9:.0f} GB/s = {row['roofline_ratio']:.1f}x; an evaluation "
+        f"({row['forward_passes']} forward passes) {row['evaluation_roofline_ratio']:.1f}x its roofline")
+    return row
+
+
+# -- 7. early cut ----------------------------------------------------------------------------------
+
+
+def bench_cut(model: str, device: str, evaluations: int, scratch: Path, log) -> dict:
+    """The same search at a quarter of the experts, cut and uncut: the share of time saved."""
+    from eep.evaluator import FitnessWorker, SerialEvaluator
+    from eep.journal import RunDir
+    from eep.model import load_hf_config
+    from eep.moe import shape_of
+    from eep.search import run_search
+    from search_spaces import build_schedule
+
+    shape = None
+    timed, results = {}, {}
+    worker = None
+    for cut in (True, False):
+        extra = {"search": {"seed": 0, "evaluations": evaluations, "initial": min(30, evaluations // 2),
+                            "early_cut": cut}}
+        config = _config(model, device, batch_size=32, **extra)
+        shape = shape or shape_of(load_hf_config(config.model))
+        keep = max(shape.top_k, shape.num_experts // 4)
+        config = config.model_copy(update={"search_space": config.search_space.model_copy(update={"keep": keep})})
+        worker = worker or FitnessWorker(config)  # one resident model serves both runs
+        run = RunDir.create(scratch / f"cut-{cut}", config)
+        space = build_schedule(config.search_space, shape)
+        start = time.perf_counter()
+        results[cut] = run_search(run, space, SerialEvaluator(worker), log=lambda m: None)
+        timed[cut] = time.perf_counter() - start
+        results[cut]["keys"] = [e.genome.key for e in run.evaluations()]
+    if results[True]["keys"] != results[False]["keys"] or results[True]["best_genome"] != results[False]["best_genome"]:
+        raise EepError("the search with the early cut differs from the one without; the comparison is void")
+    row = {"keep": keep, "evaluations": evaluations, "cut": results[True]["cut"], "cut_s": timed[True],
+           "uncut_s": timed[False], "saved_fraction": 1 - timed[True] / timed[False]}
+    log(f"[bench] early cut at keep {keep} of {shape.num_experts}: {row['cut']} of {evaluations} candidates cut, "
+        f"{timed[True]:.1f} s vs {timed[False]:.1f} s = {100 * row['saved_fraction']:.0f} % saved (same search)")
+    return row
+
+
 # -- the command ------------------------------------------------------------------------------
 
 
 def run_bench(model: str = "toy", out: str | Path = "bench", device: str = "auto", repeats: int = 5,
-              evaluations: int = 40, rebuild_genomes: int = 8, ray: bool = True,
-              log: Callable[[str], None] = print) -> dict:
-    """Run every measurement on ``model`` (``toy``, ``random-mixtral``, ``random-100m`` or a path)
-    and write ``bench.json`` and ``bench.md`` to ``out``."""
+              evaluations: int = 40, rebuild_genomes: int = 8, ray: bool = True, export: bool = True,
+              layers: int | None = None, cut_evaluations: int = 200, log: Callable[[str], None] = print) -> dict:
+    """Run every measurement on ``model`` (``toy``, ``random-mixtral``, ``random-100m``,
+    ``random-mixtral-width`` with ``layers``, or a path) and write ``bench.json`` and ``bench.md`` to ``out``."""
     from eep.evaluator import FitnessWorker
     from eep.journal import check_creatable
     from eep.model import pick_device
@@ -332,16 +471,27 @@ def run_bench(model: str = "toy", out: str | Path = "bench", device: str = "auto
     dev = pick_device(device)
     with torch.no_grad(), tempfile.TemporaryDirectory(prefix="eep-bench-") as tmp:
         scratch = Path(tmp)
-        path = random_mixtral(scratch / "model", model) if model in RANDOM_SIZES else model
+        if layers is not None and model != WIDE:
+            raise EepError(f"--layers is for --model {WIDE}")
+        path = random_mixtral(scratch / "model", model, layers) if model in RANDOM_SIZES else model
         worker = FitnessWorker(_config(path, str(dev)))
         params = sum(p.numel() for p in worker.model.parameters())
-        log(f"[bench] {model}: {params / 1e6:.1f} M parameters on {dev}; medians of {repeats}")
+        implementation = getattr(worker.model.config, "_experts_implementation", None)
+        log(f"[bench] {model}: {params / 1e6:.1f} M parameters on {dev}, experts kernel {implementation}; "
+            f"medians of {repeats}")
         result = {"model": model, "parameters": params, "device": str(dev), "machine": machine(dev),
-                  "repeats": repeats}
+                  "repeats": repeats, "experts_implementation": implementation}
         result["apply"] = bench_apply(worker, repeats, log)
+        _free(dev)
+        result["scoring"] = bench_scoring(worker, min(rebuild_genomes, 4), repeats, log)
+        _free(dev)
         result["rebuild"] = bench_rebuild(worker, rebuild_genomes, log)
-        result["export"] = bench_export(worker, str(dev), scratch, repeats, log)
+        _free(dev)
+        result["export"] = bench_export(worker, str(dev), scratch, repeats, log) if export else {}
         del worker
+        _free(dev)
+        result["cut"] = bench_cut(path, str(dev), cut_evaluations, scratch, log)
+        _free(dev)
         actors = ((1, 1), (2, 1), (2, 2)) if ray else ()
         result["search"] = bench_search(path, str(dev), evaluations, actors, scratch, log)
     search = result["search"]
@@ -351,7 +501,9 @@ def run_bench(model: str = "toy", out: str | Path = "bench", device: str = "auto
         speedup_vs_rebuild=result["rebuild"]["speedup"],
         reevaluations=search["serial"]["reevaluations"],
         busy_fraction=search["ray, 2 actors, 2 queued each"]["busy_fraction"] if ray else None,
-        export_speedup={name: row["speedup"] for name, row in result["export"].items() if name != "full"})
+        export_speedup={name: row["speedup"] for name, row in result["export"].items() if name != "full"},
+        tf_speedup=result["scoring"]["tf_speedup"], cut_saved_fraction=result["cut"]["saved_fraction"],
+        roofline_ratio=result["scoring"]["roofline_ratio"] if dev.type == "cuda" else None)
     result["goals"] = {key: _meets(result[key], *goal) for key, goal in GOALS.items() if result[key] is not None}
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -381,7 +533,8 @@ def markdown(r: dict) -> str:
         shown = pct(value) if "fraction" in key else f"{value:g}"
         return f"{op} {shown} " + ("(met)" if met else "(not met)" if met is not None else "")
 
-    lines = [f"# eep bench: {r['model']} ({r['parameters'] / 1e6:.1f} M parameters) on {r['device']}",
+    lines = [f"# eep bench: {r['model']} ({r['parameters'] / 1e6:.1f} M parameters) on {r['device']}, "
+             f"experts kernel {r['experts_implementation']}",
              "", f"Machine: {r['machine']}. Medians of {r['repeats']} runs ± half their range; ratios from one run.",
              "", "| measure | value | goal |", "|---|---|---|"]
     for name in ("prune", "merge"):
@@ -392,6 +545,20 @@ def markdown(r: dict) -> str:
     lines.append(f"| evals/s: eep in place vs rebuild per candidate ({rb['genomes']} genomes, same scores) | "
                  f"{rb['eep_evals_per_s']:.2f} vs {rb['rebuild_evals_per_s']:.2f} = {rb['speedup']:.2f}x | "
                  f"{goal('speedup_vs_rebuild')} |")
+    sc, cut = r["scoring"], r["cut"]
+    lines.append(f"| one evaluation: teacher-forced vs generated ({sc['forced_examples']} of {sc['examples']} examples "
+                 f"forced; {sc['examples_differing']} verdicts differ) | {sc['teacher_forced_s']:.3f} s vs "
+                 f"{sc['generated_s']:.3f} s = {sc['tf_speedup']:.2f}x | {goal('tf_speedup')} |")
+    lines.append(f"| early cut, search of {cut['evaluations']} at keep {cut['keep']} ({cut['cut']} cut, same search) | "
+                 f"{cut['cut_s']:.1f} s vs {cut['uncut_s']:.1f} s = {pct(cut['saved_fraction'])} saved | "
+                 f"{goal('cut_saved_fraction')} |")
+    lines.append(f"| tokens/s: evaluation vs plain generate (batch {sc['generate_batch']}) | "
+                 f"{sc['eval_tokens_per_s']:.0f} vs {sc['generate_tokens_per_s']:.0f} | |")
+    lines.append(f"| decode step vs roofline ({sc['weight_bytes'] / 2**30:.2f} GiB at "
+                 f"{sc['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s copy bandwidth) | {1e3 * sc['decode_step_s']:.2f} ms vs "
+                 f"{1e3 * sc['roofline_step_s']:.2f} ms = {sc['roofline_ratio']:.1f}x | {goal('roofline_ratio')} |")
+    lines.append(f"| one teacher-forced evaluation vs its roofline ({sc['forward_passes']} forward passes) | "
+                 f"{sc['evaluation_roofline_ratio']:.1f}x | |")
     serial = r["search"]["serial"]
     lines.append(f"| search of {serial['evaluations']}: duplicate children bred again / genomes re-evaluated | "
                  f"{serial['rebred']} / {serial['reevaluations']} | re-evaluated {goal('reevaluations')} |")
@@ -403,6 +570,8 @@ def markdown(r: dict) -> str:
         lines.append(f"\nSteady-state busy fraction of 2 actors holding 2 candidates each: {pct(r['busy_fraction'])}, "
                      f"goal {goal('busy_fraction')} (with one each: "
                      f"{pct(r['search']['ray, 2 actors']['busy_fraction'])}; actor-measured evaluation time).")
+    if not r["export"]:
+        return "\n".join(lines) + "\n"
     lines += ["", "| model | parameters | on disk | peak memory | tokens/s, batch 1 | tokens/s, batch 32 |",
               "|---|---|---|---|---|---|"]
     for name, row in r["export"].items():

@@ -93,12 +93,17 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="measure apply cost, speedup vs rebuilding, duplicates, Ray scaling and export speed")
     p.add_argument("--model", default="toy",
-                   help="toy, random-mixtral (~25M), random-100m, or a model directory / hub id (default: toy)")
+                   help="toy, random-mixtral (~25M), random-100m, random-mixtral-width (Mixtral-8x7B's layer shape, "
+                        "1.4 B parameters a layer), or a model directory / hub id (default: toy)")
+    p.add_argument("--layers", type=int, help="layers of random-mixtral-width (default: 2)")
     p.add_argument("--out", default="bench", help="directory for bench.json and bench.md (default: bench)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--repeats", type=int, default=5, help="repeats behind each median (default: 5)")
     p.add_argument("--evaluations", type=int, default=40, help="evaluations of each search row (default: 40)")
+    p.add_argument("--cut-evaluations", type=int, default=200,
+                   help="evaluations of each early-cut search row (default: 200)")
     p.add_argument("--no-ray", dest="ray", action="store_false", help="skip the Ray rows")
+    p.add_argument("--no-export", dest="export", action="store_false", help="skip the export rows")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("toy", help="the embedded toy model")
@@ -173,6 +178,8 @@ def _print_plan(config, hf_config, shape, space, run_dir) -> None:
               f"seed {config.search.seed}")
     tasks = ", ".join(f"{t.name} ({t.search_size} search / {t.test_size} held-out)" for t in config.fitness.tasks)
     print(f"fitness      {tasks}")
+    if config.search_space.kind != "moei2":
+        print(f"scoring      {_scoring_plan(config)}")
     ev = config.evaluator
     where = (f"ray, {ev.workers or 'one per GPU/CPU'} actor(s)" + (f" at {ev.address}" if ev.address else " (local)")
              if ev.kind == "ray" else "serial (this process)")
@@ -280,6 +287,20 @@ def _moei2(run, config, plan, worker=None) -> int:
     return 0
 
 
+def _scoring_plan(config) -> str:
+    """Which path each task's examples take, and whether hopeless candidates are cut short."""
+    from fitness.scoring import scoring_path
+
+    fit = config.fitness
+    why_not = "fitness.scoring: generate" if fit.scoring == "generate" else None
+    paths: dict[str, list[str]] = {}
+    for task in fit.tasks:
+        paths.setdefault(scoring_path(task.metric, why_not), []).append(task.name)
+    cut = ("; early cut of hopeless candidates" if config.search.early_cut
+           else "; no early cut (search.early_cut: false)")
+    return "; ".join(f"{path}: {', '.join(names)}" for path, names in paths.items()) + cut
+
+
 def make_evaluator(config):
     """The evaluator the config asks for: serial in this process, or Ray actors."""
     from eep.evaluator import FitnessWorker, SerialEvaluator
@@ -312,6 +333,9 @@ def _search(run, config, space, evaluator) -> int:
     finally:
         evaluator.close()
     held = summary.get("heldout")
+    if summary.get("cut"):
+        log(f"[eep] {summary['cut']} hopeless candidates cut short, saving ~{summary['cut_seconds_saved']:.0f}s "
+            "of scoring")
     log(f"[eep] done: {summary['evaluations']} evaluations in {time.perf_counter() - start:.0f}s; "
         + (f"best search fitness {summary['best_fitness']:.2f}" if summary["best_fitness"] is not None
            else "no evaluation succeeded (see the journal's errors)")
@@ -512,9 +536,12 @@ def cmd_finetune(args) -> int:
 def cmd_bench(args) -> int:
     from eep.bench import run_bench
 
-    if args.repeats < 1 or args.evaluations < 2:
-        raise EepError("--repeats must be at least 1 and --evaluations at least 2")
-    run_bench(args.model, args.out, args.device, args.repeats, args.evaluations, ray=args.ray, log=log)
+    if args.repeats < 1 or args.evaluations < 2 or args.cut_evaluations < 2:
+        raise EepError("--repeats must be at least 1, --evaluations and --cut-evaluations at least 2")
+    if args.layers is not None and args.layers < 1:
+        raise EepError("--layers must be at least 1")
+    run_bench(args.model, args.out, args.device, args.repeats, args.evaluations, ray=args.ray, export=args.export,
+              layers=args.layers, cut_evaluations=args.cut_evaluations, log=log)
     return 0
 
 

@@ -104,6 +104,11 @@ class SearchConfig(_Section):
     max_failures: PositiveInt = 10
     """Evaluations failing in a row (each journaled with its reason) that stop the search with an
     error; `eep resume` continues it once the cause is fixed. Does not change the search's outcome."""
+    early_cut: bool = True
+    """Stop scoring a candidate once even perfect scores on its remaining examples could not make it a
+    parent or the best (journaled as ``cut`` with that upper bound). Needs every task bounded (accuracy
+    metrics, or text metrics scored first) and several chunks (``fitness.batch_size`` below the number of
+    generation examples). Does not change the search's outcome: the same genomes in the same order."""
     in_flight: PositiveInt = 1
     """Candidates evaluated at once: candidate i is bred from the results of candidates 0..i-in_flight.
     The outcome depends on this, never on the evaluator, so a serial run with in_flight=N equals a
@@ -184,6 +189,11 @@ class FitnessConfig(_Section):
     max_new_tokens: PositiveInt = 16
     max_length: PositiveInt = 2048
     """Longest input in tokens for likelihood and text metrics (longer inputs lose their start)."""
+    scoring: Literal["auto", "generate"] = "auto"
+    """``auto``: ``exact_match`` examples are scored by one teacher-forced forward pass wherever that
+    gives generation's verdict (see ``fitness.teacher_forcing``), the rest generated; ``generate``:
+    every example by greedy generation (the reference, e.g. to check the other with ``eep eval``).
+    Not part of the run's digest: both give the same verdicts up to floating-point ties."""
 
     @model_validator(mode="after")
     def _unique_names(self):
@@ -289,14 +299,15 @@ class Config(_Section):
         return self.model_dump(mode="json")
 
     def outcome(self) -> dict:
-        """Everything that decides the search's outcome (the evaluator, the baselines and when to
-        give up on failures do not), as plain data."""
+        """Everything that decides the search's outcome (the evaluator, the baselines, when to give up
+        on failures, the early cut and the scoring path do not), as plain data."""
         data = {k: v for k, v in self.to_dict().items() if k not in ("evaluator", "baselines")}
         if self.search_space.kind != "moei2":
             del data["moei2"]  # only decides MoE-I² runs (and keeps older runs' digests)
         else:  # MoE-I² is decided by its calibration texts
             data["calibration"] = self.baselines.calibration.model_dump(mode="json")
-        data["search"] = {k: v for k, v in data["search"].items() if k != "max_failures"}
+        data["search"] = {k: v for k, v in data["search"].items() if k not in ("max_failures", "early_cut")}
+        data["fitness"] = {k: v for k, v in data["fitness"].items() if k != "scoring"}
         if not data["search"]["seed_genomes"]:
             del data["search"]["seed_genomes"]  # keys added with a neutral default keep older runs' digests
         return data

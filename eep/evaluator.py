@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from eep.config import Config
+from eep.errors import EepError
 from eep.genome import Genome
 from eep.journal import Evaluation
 
@@ -28,6 +29,9 @@ from eep.journal import Evaluation
 class Candidate:
     id: int
     genome: Genome
+    bar: float | None = None
+    """Fitness below which the search would never use this candidate (see ``eep.search.parent_bar``):
+    a worker may stop scoring it once it cannot reach this."""
 
 
 class FitnessWorker:
@@ -35,7 +39,6 @@ class FitnessWorker:
 
     def __init__(self, config: Config, name: str | None = None):
         from eep.model import load_model
-        from eep.errors import EepError
         from eep.moe import adapter_for, moe_blocks
         from fitness.scoring import Scorer
         from fitness.tasks import load_tasks
@@ -50,17 +53,19 @@ class FitnessWorker:
             self.adapter = None
         fit = config.fitness
         self.scorers = {split: Scorer(self.model, self.tokenizer, tasks[split], fit.batch_size, fit.max_new_tokens,
-                                      fit.max_length, moe_blocks(self.model)) for split in tasks}
+                                      fit.max_length, moe_blocks(self.model), fit.scoring) for split in tasks}
 
-    def scores(self, genome: Genome | None, split: str = "search", skip: dict[int, float] | None = None) -> dict[str, float]:
+    def scores(self, genome: Genome | None, split: str = "search", skip: dict[int, float] | None = None,
+               cut_below: float | None = None) -> dict[str, float]:
         """Per-task scores of ``genome`` (``None``: the unpruned model) on a split; ``skip``: NAEE
-        dynamic-skipping thresholds by layer, an inference option on top of the genome."""
+        dynamic-skipping thresholds by layer, an inference option on top of the genome; ``cut_below``:
+        raise :class:`fitness.scoring.Cut` once the fitness cannot reach it."""
         if genome is not None and self.adapter is None:
             raise EepError(f"cannot apply a genome to {self.config.model.path} ({self.model.config.model_type}); "
                            "give the source model")
         context = self.adapter.applied(genome, skip=skip) if genome is not None else contextlib.nullcontext()
         with context:
-            return self.scorers[split]()
+            return self.scorers[split](cut_below=cut_below)
 
     def fitness(self, scores: dict[str, float]) -> float:
         from fitness.metrics import weighted_fitness
@@ -72,9 +77,14 @@ class FitnessWorker:
         return self.name
 
     def __call__(self, candidate: Candidate) -> Evaluation:
+        from fitness.scoring import Cut
+
         start = time.perf_counter()
         try:
-            scores = self.scores(candidate.genome)
+            scores = self.scores(candidate.genome, cut_below=candidate.bar)
+        except Cut as cut:
+            return Evaluation(candidate.id, candidate.genome, None, {}, time.perf_counter() - start, self.name,
+                              cut=cut.bound)
         except Exception as err:  # one failing genome is a failed evaluation, not a crashed search
             return Evaluation(candidate.id, candidate.genome, None, {}, time.perf_counter() - start,
                               self.name, f"{type(err).__name__}: {err}")

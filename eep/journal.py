@@ -41,26 +41,37 @@ class Evaluation:
 
     id: int
     genome: Genome
-    fitness: float | None  # None when the evaluation failed
+    fitness: float | None  # None when the evaluation failed or was cut
     scores: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     worker: str = ""
     error: str | None = None
     note: str | None = None  # e.g. "re-run: actor-1 died" when a worker was lost mid-evaluation
+    cut: float | None = None
+    """Stopped early: the fitness could be at most this, below what could make it a parent or the best."""
 
     @property
     def ok(self) -> bool:
         return self.fitness is not None
 
+    @property
+    def failed(self) -> bool:
+        return self.fitness is None and self.cut is None
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.ok else "cut" if self.cut is not None else "failed"
+
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "key": self.genome.key, "status": "ok" if self.ok else "failed",
+        data = {"id": self.id, "key": self.genome.key, "status": self.status,
                 "fitness": self.fitness, "scores": self.scores, "seconds": round(self.seconds, 4),
                 "worker": self.worker, "error": self.error, "note": self.note, "genome": self.genome.to_dict()}
+        return data | ({"cut": self.cut} if self.cut is not None else {})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Evaluation:
         return cls(data["id"], Genome.from_dict(data["genome"]), data["fitness"], data["scores"],
-                   data["seconds"], data["worker"], data["error"], data.get("note"))
+                   data["seconds"], data["worker"], data["error"], data.get("note"), data.get("cut"))
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -61,6 +61,21 @@ def breed(toolbox: base.Toolbox, archive: list[Evaluation], cfg: SearchConfig, r
     return toolbox.mutate(child)
 
 
+def parent_bar(archive: list[Evaluation], cfg: SearchConfig) -> float | None:
+    """The fitness a new candidate must reach to ever matter to this search, judged on ``archive``
+    (the results it was bred from); None when any fitness could matter.
+
+    A candidate below the bar is outside every parent pool of :func:`breed` for good: the best only
+    rises, so it stays more than both thresholds below the best, and the ``crossover_pool_min``
+    genomes already at or above the bar keep it out of the top that the crossover pool falls back
+    to. Nor is it ever the best. So whether it is scored to the end changes nothing the search does.
+    """
+    ranked = sorted((e.fitness for e in archive if e.ok), reverse=True)
+    if len(ranked) < max(cfg.crossover_pool_min, 1):
+        return None
+    return min(ranked[0] - max(cfg.crossover_threshold, cfg.mutate_threshold), ranked[cfg.crossover_pool_min - 1])
+
+
 def run_search(run: RunDir, space, evaluator, log: Callable[[str], None] = print,
                stop_after: int | None = None, stats: dict | None = None) -> dict:
     """Run (or resume) the search recorded in ``run`` until its budget is spent.
@@ -96,7 +111,7 @@ def run_search(run: RunDir, space, evaluator, log: Callable[[str], None] = print
         rng.setstate(_rng_state_from_json(state["rng"]))
         next_id = state["next_id"]
         done = {e.id for e in archive}
-        in_flight = deque(Candidate(c["id"], Genome.from_dict(c["genome"]))
+        in_flight = deque(Candidate(c["id"], Genome.from_dict(c["genome"]), c.get("bar"))
                           for c in state["in_flight"] if c["id"] not in done)
     seen = {e.genome.key for e in archive} | {c.genome.key for c in in_flight}
     seeds = [Genome.load(run.path / path) for path in cfg.seed_genomes]
@@ -120,13 +135,14 @@ def run_search(run: RunDir, space, evaluator, log: Callable[[str], None] = print
                 log(f"[eep] stopping: {cfg.max_breed_attempts} children in a row were already evaluated "
                     f"(the search space has {schedule.size()} genomes)")
                 return
-            candidate = Candidate(next_id, genome)
+            candidate = Candidate(next_id, genome, parent_bar(archive, cfg) if cfg.early_cut else None)
             next_id += 1
             seen.add(genome.key)
             in_flight.append(candidate)
             run.save_state({"config_digest": digest, "config": outcome, "next_id": next_id,
                             "rng": _rng_state_to_json(rng.getstate()),
-                            "in_flight": [{"id": c.id, "genome": c.genome.to_dict()} for c in in_flight]})
+                            "in_flight": [{"id": c.id, "genome": c.genome.to_dict(), "bar": c.bar}
+                                          for c in in_flight]})
             yield candidate
 
     progress = _Progress(cfg.evaluations, log)
@@ -146,7 +162,7 @@ def run_search(run: RunDir, space, evaluator, log: Callable[[str], None] = print
             run.write_summary(summarise(archive))
             progress.update(archive, evaluation, evaluator.busy_fraction())
             new += 1
-            failing = 0 if evaluation.ok else failing + 1
+            failing = failing + 1 if evaluation.failed else 0
             if failing >= cfg.max_failures:
                 raise EepError(f"{failing} evaluations in a row failed (the last: {evaluation.error}); every one is in "
                                f"the journal; fix the cause and continue with `eep resume {run.path}`")
@@ -185,9 +201,14 @@ def best_of(archive: list[Evaluation]) -> Evaluation | None:
 
 def summarise(archive: list[Evaluation]) -> dict:
     best = best_of(archive)
+    cut = [e for e in archive if e.cut is not None]
+    full = [e.seconds for e in archive if e.ok]
     return {
         "evaluations": len(archive),
-        "failed": sum(not e.ok for e in archive),
+        "failed": sum(e.failed for e in archive),
+        "cut": len(cut),
+        # each cut candidate against the mean time of a full evaluation in this run
+        "cut_seconds_saved": sum(sum(full) / len(full) - e.seconds for e in cut) if full and cut else 0.0,
         "best_fitness": best.fitness if best else None,
         "best_id": best.id if best else None,
         "best_scores": best.scores if best else None,
@@ -219,7 +240,8 @@ class _Progress:
             return
         self.last = now
         best = best_of(archive)
-        last = f"{evaluation.fitness:6.2f}" if evaluation.ok else "failed"
+        last = (f"{evaluation.fitness:6.2f}" if evaluation.ok else
+                f"<{evaluation.cut:5.1f}" if evaluation.cut is not None else "failed")
         self.log(f"[eep] {len(archive):4d}/{self.total} evals  best {best.fitness if best else float('nan'):6.2f}"
                  f"  last {last}  {self.count / (now - self.start):5.2f} evals/s"
                  + (f"  actors busy {100 * busy:3.0f}%" if busy is not None else ""))

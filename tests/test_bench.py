@@ -11,7 +11,7 @@ def test_bench_measures_everything_and_writes_json_and_markdown(tmp_path):
     every figure is measured, the rebuilt models score exactly as eep's in-place genomes (else it
     raises), and the exports are smaller."""
     result = run_bench("toy", tmp_path / "b", device="cpu", repeats=1, evaluations=6, rebuild_genomes=2, ray=False,
-                       log=lambda m: None)
+                       cut_evaluations=40, log=lambda m: None)
     saved = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert saved == json.loads(json.dumps(result))
     for key in ("apply_fraction_prune", "apply_fraction_merge", "speedup_vs_rebuild", "reevaluations",
@@ -24,9 +24,15 @@ def test_bench_measures_everything_and_writes_json_and_markdown(tmp_path):
     assert full["parameters"] == 842_048 and pruned["parameters"] == top1["parameters"] < full["parameters"]
     assert pruned["disk_bytes"] < full["disk_bytes"]
     assert set(saved["export_speedup"]) == {"keep 4 of 8", "keep 4 of 8, top-1"}
-    assert set(saved["goals"]) == set(GOALS) - {"busy_fraction"}
+    assert set(saved["goals"]) == set(GOALS) - {"busy_fraction", "roofline_ratio"}  # no Ray rows, no GPU
+    scoring, cut = saved["scoring"], saved["cut"]
+    assert scoring["examples_differing"] == 0 and scoring["forced_examples"] == scoring["examples"] == 128
+    assert saved["tf_speedup"] == scoring["tf_speedup"] > 0 and scoring["roofline_ratio"] > 0
+    assert saved["roofline_ratio"] is None and saved["experts_implementation"]
+    assert cut["keep"] == 2 and cut["cut"] > 0 and saved["cut_saved_fraction"] == cut["saved_fraction"]
     text = (tmp_path / "b" / "bench.md").read_text()
     assert text == markdown(saved) and "rebuild per candidate" in text and "keep 4 of 8, top-1" in text
+    assert "teacher-forced vs generated" in text and "early cut" in text and "roofline" in text
 
 
 def test_bench_refuses_an_output_path_that_is_a_file(tmp_path, capsys):

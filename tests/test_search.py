@@ -131,10 +131,10 @@ def test_breeding_draws_parents_from_the_threshold_pools():
 class FailingWorker(FitnessWorker):
     """Raises (as an out-of-memory would) for one genome."""
 
-    def scores(self, genome, split="search"):
+    def scores(self, genome, split="search", **kwargs):
         if split == "search" and genome is not None and genome.key == self.poison:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return super().scores(genome, split)
+        return super().scores(genome, split, **kwargs)
 
 
 def test_an_evaluation_that_raises_is_a_failed_record_not_a_crash(tmp_path, worker):
@@ -158,7 +158,7 @@ def test_failures_piling_up_stop_the_search_with_an_error(tmp_path, worker):
     resumed with another limit."""
     failing = FailingWorker.__new__(FailingWorker)
     failing.__dict__.update(worker.__dict__, poison=None)
-    failing.scores = lambda genome, split="search": (_ for _ in ()).throw(RuntimeError("disk on fire"))
+    failing.scores = lambda genome, split="search", **_: (_ for _ in ()).throw(RuntimeError("disk on fire"))
     config = parse_config(toy_config_dict(max_failures=3))
     run = RunDir.create(tmp_path / "run", config)
     with pytest.raises(EepError, match=r"3 evaluations in a row failed \(the last: RuntimeError: disk on fire\)"):
@@ -287,3 +287,54 @@ def test_merge_keeps_selecting_routers_where_mixing_is_undefined():
         genome = crossover_matrices(genome, other, rng, merge, 0.5)
         assert all(router_columns(genome.gene(i), 8) is not None for i in (0, 1))
     assert genome.is_merge
+
+
+@pytest.fixture(scope="module")
+def chunked_worker():
+    """Scores the toy's 24 search examples in three chunks of 8, so a candidate can be cut short."""
+    data = toy_config_dict()
+    data["fitness"]["batch_size"] = 8
+    return FitnessWorker(parse_config(data))
+
+
+@pytest.mark.parametrize("keep", [2, 3, 4])
+def test_early_cut_leaves_the_search_unchanged(tmp_path, chunked_worker, keep):
+    """Same genomes in the same order and the same best as an uncut run; the cut candidates'
+    bounds really lie below what they would have scored... and below the bar they were given."""
+    space = PruneSpace(num_experts=8, top_k=2, layers=(0, 1, 2, 3), keep=keep)
+    runs = {}
+    for cut in (True, False):
+        data = toy_config_dict(evaluations=40, initial=10, early_cut=cut)
+        data["fitness"]["batch_size"] = 8
+        data["search_space"]["keep"] = keep
+        run = RunDir.create(tmp_path / str(cut), parse_config(data))
+        runs[cut] = run, run_search(run, space, SerialEvaluator(chunked_worker), log=lambda m: None)
+    (cut_run, cut_summary), (full_run, full_summary) = runs[True], runs[False]
+    cut_rows, full_rows = _journal(cut_run), _journal(full_run)
+    assert [(r["id"], r["key"]) for r in cut_rows] == [(r["id"], r["key"]) for r in full_rows]
+    assert cut_summary["best_genome"] == full_summary["best_genome"]
+    assert cut_summary["best_fitness"] == full_summary["best_fitness"]
+    cut = [(c, f) for c, f in zip(cut_rows, full_rows) if c["status"] == "cut"]
+    assert cut_summary["cut"] == len(cut) and full_summary["cut"] == 0
+    if keep == 2:
+        assert cut  # at 2 of 8 some children are hopeless even this early
+    for c, f in cut:
+        assert f["status"] == "ok" and f["fitness"] <= c["cut"]
+    for c, f in zip(cut_rows, full_rows):
+        if c["status"] == "ok":
+            assert c["fitness"] == f["fitness"] and c["scores"] == f["scores"]
+
+
+def test_parent_bar_lies_below_both_thresholds_and_the_pool_minimum():
+    from eep.config import SearchConfig
+    from eep.journal import Evaluation
+    from eep.search import parent_bar
+
+    genome = Genome.from_keep(8, 2, {0: [0, 1]})
+    archive = [Evaluation(i, genome, f) for i, f in enumerate([90.0, 89.5, 80.0, 70.0, 60.0, 50.0, 40.0])]
+    cfg = SearchConfig(crossover_pool_min=6, mutate_threshold=3.0, crossover_threshold=1.0)
+    assert parent_bar(archive, cfg) == 50.0  # the sixth best: a worse child never enters the crossover pool
+    assert parent_bar(archive, SearchConfig(crossover_pool_min=2)) == 87.0  # best - 3
+    assert parent_bar(archive[:5], cfg) is None  # fewer than the pool minimum: anything could be a parent
+    failed = Evaluation(9, genome, None, error="boom")
+    assert parent_bar([*archive[:5], failed], cfg) is None
