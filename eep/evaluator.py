@@ -32,6 +32,8 @@ class Candidate:
     bar: float | None = None
     """Fitness below which the search would never use this candidate (see ``eep.search.parent_bar``):
     a worker may stop scoring it once it cannot reach this."""
+    order: tuple[str, ...] = ()
+    """Tasks to score first (``eep.search.task_order``), so that a cut comes early; never changes a score."""
 
 
 class FitnessWorker:
@@ -56,16 +58,16 @@ class FitnessWorker:
                                       fit.max_length, moe_blocks(self.model), fit.scoring) for split in tasks}
 
     def scores(self, genome: Genome | None, split: str = "search", skip: dict[int, float] | None = None,
-               cut_below: float | None = None) -> dict[str, float]:
+               cut_below: float | None = None, order: tuple[str, ...] = ()) -> dict[str, float]:
         """Per-task scores of ``genome`` (``None``: the unpruned model) on a split; ``skip``: NAEE
         dynamic-skipping thresholds by layer, an inference option on top of the genome; ``cut_below``:
-        raise :class:`fitness.scoring.Cut` once the fitness cannot reach it."""
+        raise :class:`fitness.scoring.Cut` once the fitness cannot reach it; ``order``: tasks scored first."""
         if genome is not None and self.adapter is None:
             raise EepError(f"cannot apply a genome to {self.config.model.path} ({self.model.config.model_type}); "
                            "give the source model")
         context = self.adapter.applied(genome, skip=skip) if genome is not None else contextlib.nullcontext()
         with context:
-            return self.scorers[split](cut_below=cut_below)
+            return self.scorers[split](cut_below=cut_below, order=order)
 
     def fitness(self, scores: dict[str, float]) -> float:
         from fitness.metrics import weighted_fitness
@@ -81,7 +83,7 @@ class FitnessWorker:
 
         start = time.perf_counter()
         try:
-            scores = self.scores(candidate.genome, cut_below=candidate.bar)
+            scores = self.scores(candidate.genome, cut_below=candidate.bar, order=candidate.order)
         except Cut as cut:
             return Evaluation(candidate.id, candidate.genome, None, {}, time.perf_counter() - start, self.name,
                               cut=cut.bound)

@@ -3,8 +3,8 @@
 A :class:`Scorer` is built on the *unpruned* model: tasks that compare with the full model
 (``esap``, ``kl``, ``reconstruction``) compute its reference there, once. Each call then runs the
 model as it is now: all options of choice tasks in one batched pass, one teacher-forced pass per
-text task, then the generation tasks' examples chunk by chunk (``batch_size`` examples, the tasks
-interleaved). In a chunk, ``exact_match`` examples are scored teacher-forced in one forward pass
+text task, then the generation tasks' examples chunk by chunk (``batch_size`` examples; the tasks
+interleaved, or those a search names first one after another). In a chunk, ``exact_match`` examples are scored teacher-forced in one forward pass
 (:mod:`fitness.teacher_forcing`) and the rest — other metrics, and examples the forward pass leaves
 undecided — by greedy generation. ``scoring="generate"`` generates every example instead.
 
@@ -61,10 +61,8 @@ class Scorer:
                                if self.paths[t.name] == "teacher-forced" else None
                                for p, ex in zip(self.prompts[t.name], t.examples)]
                       for t in self.tasks if t.name in self.prompts}
-        generated = [t for t in self.tasks if t.name in self.prompts]
-        order = [(t, i) for i in range(max((len(t.examples) for t in generated), default=0))
-                 for t in generated if i < len(t.examples)]
-        self.chunks = [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
+        self._chunks: dict[tuple[str, ...], list] = {}
+        self.chunks = self.chunks_for(())
         self.options = [(self._chat(t, ctx), cont) for t in self.tasks if metric(t.metric).kind == "choice"
                         for ex in t.examples for ctx, cont in ex.options]
         self.texts, self.references = {}, {}
@@ -78,6 +76,20 @@ class Scorer:
                 self.references[task.name] = Reference(
                     model, self.texts[task.name], blocks if task.metric == "reconstruction" else None,
                     distributions=task.metric != "reconstruction")
+
+    def chunks_for(self, order: Sequence[str]) -> list[list[tuple[Task, int]]]:
+        """The generation examples in chunks of ``batch_size``: the tasks named in ``order`` one
+        after another, then the others interleaved example by example."""
+        key = tuple(order)
+        if key not in self._chunks:
+            generated = {t.name: t for t in self.tasks if t.name in self.prompts}
+            first = [generated[name] for name in key if name in generated]
+            rest = [t for t in generated.values() if t not in first]
+            items = [(t, i) for t in first for i in range(len(t.examples))]
+            items += [(t, i) for i in range(max((len(t.examples) for t in rest), default=0))
+                      for t in rest if i < len(t.examples)]
+            self._chunks[key] = [items[s: s + self.batch_size] for s in range(0, len(items), self.batch_size)]
+        return self._chunks[key]
 
     def _paths(self, scoring: str) -> dict[str, str]:
         why_not = "fitness.scoring: generate" if scoring == "generate" else teacher_forcing.greedy_is_argmax(self.model)
@@ -96,11 +108,13 @@ class Scorer:
         return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                   add_generation_prompt=True)
 
-    def __call__(self, model=None, blocks: dict | None = None, cut_below: float | None = None) -> dict[str, float]:
+    def __call__(self, model=None, blocks: dict | None = None, cut_below: float | None = None,
+                 order: Sequence[str] = ()) -> dict[str, float]:
         """Per-task scores of the model as it is now — or of another ``model`` (e.g. an exported
         smaller one, with its MoE ``blocks``) against the same references. Fidelity tasks also
         record the other measure (``<task>.kl`` next to an ``esap`` task and vice versa).
-        ``cut_below``: raise :class:`Cut` once the fitness cannot reach it."""
+        ``cut_below``: raise :class:`Cut` once the fitness cannot reach it; ``order``: generation tasks
+        scored first, in this order (it decides how soon a cut comes, never a score)."""
         model = model if model is not None else self.model
         blocks = blocks if blocks is not None else self.blocks
         scores: dict[str, float] = {}
@@ -114,19 +128,20 @@ class Scorer:
                 scores[f"{task.name}.{'kl' if task.metric == 'esap' else 'esap'}"] = kl if task.metric == "esap" else esap
             elif task.metric == "reconstruction":
                 scores[task.name] = self.references[task.name].reconstruction(model, blocks)
-        hits = self.example_scores(model, scores, cut_below)
+        hits = self.example_scores(model, scores, cut_below, order)
         scores.update({name: 100.0 * sum(values) / len(values) for name, values in hits.items()})
         return {t.name: scores[t.name] for t in self.tasks} | scores
 
     def example_scores(self, model=None, known: dict[str, float] | None = None,
-                       cut_below: float | None = None) -> dict[str, list[float]]:
+                       cut_below: float | None = None, order: Sequence[str] = ()) -> dict[str, list[float]]:
         """Each generation example's score (0-1) by task, chunk by chunk; ``known``: the other
         tasks' scores, for the bound that ``cut_below`` is checked against."""
         model = model if model is not None else self.model
         hits: dict[str, list[float | None]] = {name: [None] * len(p) for name, p in self.prompts.items()}
-        total = sum(len(c) for c in self.chunks)
+        chunks = self.chunks_for(order)
+        total = sum(len(c) for c in chunks)
         done = 0
-        for chunk in self.chunks:
+        for chunk in chunks:
             self._score_chunk(model, chunk, hits)
             done += len(chunk)
             if cut_below is not None and done < total:

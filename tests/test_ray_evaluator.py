@@ -136,3 +136,36 @@ def test_busy_share_counts_evaluation_time_inside_the_window_only():
     assert busy_share(finished, 0.0, 10.0, 2) == pytest.approx((2 + 2 + 1 + 3) / 20)
     assert busy_share(finished, 1.0, 1.0, 2) is None
     assert busy_share([(1.0, 5.0)], 0.0, 1.0, 1) == 1.0
+
+
+def test_ray_search_with_early_cut_equals_serial_with_and_without_it(tmp_path):
+    """The cut is judged on the results a candidate was bred from, so two actors with two candidates
+    in flight cut exactly what the serial run cuts, and the genomes and best equal an uncut run's."""
+    from eep.ray_evaluator import RayEvaluator
+
+    space = PruneSpace(num_experts=8, top_k=2, layers=(0, 1, 2, 3), keep=2)
+
+    def config(cut, **evaluator):
+        data = toy_config_dict(in_flight=2, evaluations=24, initial=8, early_cut=cut)
+        data["fitness"]["batch_size"] = 8
+        data["search_space"]["keep"] = 2
+        data["evaluator"] = evaluator
+        return parse_config(data)
+
+    runs = {}
+    for name, cfg in (("serial", config(True)), ("uncut", config(False))):
+        runs[name] = RunDir.create(tmp_path / name, cfg)
+        run_search(runs[name], space, SerialEvaluator(FitnessWorker(cfg), in_flight=2), log=lambda m: None)
+    cfg = config(True, kind="ray", workers=2)
+    runs["ray"] = RunDir.create(tmp_path / "ray", cfg)
+    evaluator = RayEvaluator(cfg, log=lambda m: None)
+    try:
+        run_search(runs["ray"], space, evaluator, log=lambda m: None)
+    finally:
+        evaluator.close()
+    journals = {name: _journal(run) for name, run in runs.items()}
+    assert journals["ray"] == journals["serial"]
+    assert any(row["status"] == "cut" for row in journals["ray"])
+    assert [(r["id"], r["key"]) for r in journals["ray"]] == [(r["id"], r["key"]) for r in journals["uncut"]]
+    summaries = {name: json.loads(run.summary_path.read_text()) for name, run in runs.items()}
+    assert summaries["ray"]["best_genome"] == summaries["uncut"]["best_genome"]
