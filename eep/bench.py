@@ -56,6 +56,9 @@ RANDOM_SIZES = {
     # ~100M parameters: 8 layers, hidden 512
     "random-100m": dict(hidden_size=512, intermediate_size=960, num_hidden_layers=8,
                         num_attention_heads=8, num_key_value_heads=4),
+    # ~180M parameters: wide, shallow experts (hidden 1024, intermediate 3584), 2 layers
+    "random-wide": dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=2,
+                        num_attention_heads=8, num_key_value_heads=4),
     # Mixtral-8x7B's layer shape (1.4 B parameters a layer), few layers: `--layers`, default 2
     "random-mixtral-width": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
                                  num_attention_heads=32, num_key_value_heads=8),
@@ -266,15 +269,12 @@ def bench_search(model: str, device: str, evaluations: int, actors: tuple[tuple[
 def _generation(path: str, device: str, batches: tuple[int, ...], new_tokens: int, repeats: int) -> dict:
     """In a fresh process: load ``path``, greedy-generate exactly ``new_tokens`` for each batch
     size; tokens/s (median) and peak memory (GPU: allocated; CPU: the process's peak RSS)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from eep.model import pick_device
+    from eep.config import ModelConfig
+    from eep.model import load_model
     from fitness import toy_tasks
 
-    dev = pick_device(device)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if dev.type == "cpu" else torch.bfloat16)
-    model = model.to(dev).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    model, tokenizer = load_model(ModelConfig(path=path, device=device))  # fp32 on CPU, bf16 on GPU
+    dev = model.device
     prompts = [e.prompt for t in toy_tasks.TASKS for e in toy_tasks.examples(t, "test", 8)]
     out = {"parameters": sum(p.numel() for p in model.parameters()), "tokens_per_s": {}}
     for batch in batches:

@@ -165,6 +165,8 @@ def _print_plan(config, hf_config, shape, space, run_dir) -> None:
     size = space.size()
     print(f"model        {config.model.path} ({shape.family}, {len(shape.moe_layers)} MoE layers, "
           f"{shape.num_experts} experts, top-{shape.top_k})")
+    print(f"experts      {experts_implementation(config.model)} (model.experts_implementation: "
+          f"{config.model.experts_implementation})")
     active = config.search_space.top_k
     routing = f", top-{shape.top_k} -> top-{active}" if active not in (None, shape.top_k) else ""
     print(f"search space {space.describe()}{routing} -> "
@@ -187,6 +189,18 @@ def _print_plan(config, hf_config, shape, space, run_dir) -> None:
     print(f"evaluator    {where}; {config.search.in_flight} candidate(s) in flight; ~"
           + (f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB") + " of weights per model copy")
     print(f"run dir      {run_dir}")
+
+
+def experts_implementation(model_cfg) -> str:
+    """The experts implementation the model loads with here (``eep.model.choose_experts``); for a
+    device this machine lacks (a dry run of a GPU config), what decides it when it loads there."""
+    from eep.model import choose_experts, pick_device, pick_dtype
+
+    try:
+        device = pick_device(model_cfg.device)
+    except EepError:
+        return f"chosen on {model_cfg.device} when the model loads"
+    return choose_experts(model_cfg.experts_implementation, device, pick_dtype(model_cfg.dtype, device))
 
 
 def _large(n: int) -> str:
@@ -329,7 +343,8 @@ def _search(run, config, space, evaluator) -> int:
             for key, genome in (("best", best), ("full", None)):
                 scores = evaluator.heldout(genome)
                 summary["heldout"][key] = {"scores": scores, "mean": weighted_fitness(config.fitness.tasks, scores)}
-            run.write_summary(summary)
+        summary["experts_implementation"] = experts_implementation(config.model)
+        run.write_summary(summary)
     finally:
         evaluator.close()
     held = summary.get("heldout")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from eep.errors import EepError
 
@@ -34,6 +34,17 @@ class ModelConfig(_Section):
     """``auto`` (GPU when available), ``cpu``, ``cuda`` or ``cuda:N``."""
     config_file: str | None = None
     """A local copy of the model's ``config.json``, read by ``--dry-run`` when the hub is offline."""
+    experts_implementation: Literal["auto", "grouped_mm", "eager", "batched_mm"] = "auto"
+    """How ``transformers`` computes the MoE experts; ``auto``: ``grouped_mm`` where torch supports
+    it on the device, else ``eager`` (see :func:`eep.model.choose_experts`; ``batched_mm`` copies
+    the selected experts' weights per token)."""
+
+    @model_serializer(mode="wrap")
+    def _drop_auto_experts(self, handler):
+        data = handler(self)
+        if data.get("experts_implementation") == "auto":  # keeps the digests of runs started before the key existed
+            del data["experts_implementation"]
+        return data
 
 
 class SearchSpaceConfig(_Section):

@@ -91,6 +91,7 @@ def test_weight_estimate_counts_the_toys_parameters():
     ({}, ["search.crossover_prob=2"], "search.crossover_prob: Input should be less than or equal to 1"),
     ({}, ["search.seed"], "must look like section.key=value"),
     ({}, ["fitness.tasks=[]"], "fitness.tasks: List should have at least 1 item"),
+    ({}, ["model.experts_implementation=grouped"], "model.experts_implementation: Input should be 'auto', "),
 ])
 def test_config_errors_are_one_line_exit_2_and_write_nothing(capsys, tmp_path, changes, overrides, message):
     argv = ["search", str(_config(tmp_path, **changes)), "--run-dir", str(tmp_path / "run")]
@@ -155,6 +156,27 @@ def test_export_input_errors(capsys, tmp_path):
     _fails(capsys, ["export", "--model", "toy", "--genome", str(uneven), "--out", str(tmp_path / "o"),
                     "--form", "stock"], "cannot be a stock checkpoint: layers keep different numbers of experts")
     assert not (tmp_path / "o").exists()
+
+
+def test_search_shows_and_records_its_experts_implementation(capsys, tmp_path, monkeypatch):
+    """The plan names the experts implementation before anything loads, summary.json records it,
+    and one torch cannot run is refused in one line."""
+    import torch
+
+    from eep import model
+    from eep.model import choose_experts
+
+    chosen = choose_experts("auto", torch.device("cpu"), torch.float32)
+    run = tmp_path / "run"
+    argv = ["search", str(_config(tmp_path)), "--run-dir", str(run), "--set", "search.evaluations=2",
+            "--set", "search.initial=2"]
+    assert main(argv) == 0
+    assert f"experts      {chosen} (model.experts_implementation: auto)" in capsys.readouterr().out
+    assert json.loads((run / "summary.json").read_text())["experts_implementation"] == chosen
+    monkeypatch.setattr(model, "grouped_mm_runs", lambda device, dtype: False)
+    _fails(capsys, argv[:2] + ["--run-dir", str(tmp_path / "other"), "--set", "model.experts_implementation=grouped_mm"],
+           "model.experts_implementation is grouped_mm but torch")
+    assert not (tmp_path / "other").exists()
 
 
 @pytest.mark.slow

@@ -75,7 +75,10 @@ def test_settings_added_with_neutral_defaults_keep_older_runs_resumable():
 
     config = load_config(Path(__file__).resolve().parents[1] / "experiments/toy.yaml")
     assert "moei2" not in config.outcome() and "seed_genomes" not in config.outcome()["search"]
+    assert "experts_implementation" not in config.outcome()["model"]  # auto, the default
     assert config.digest() == "fdf1cdd0be23161d"
+    eager = config.model_copy(update={"model": config.model.model_copy(update={"experts_implementation": "eager"})})
+    assert parse_config(eager.to_dict()) == eager and eager.digest() != config.digest()  # a choice is kept
     seeded = config.model_copy(update={"search": config.search.model_copy(update={"seed_genomes": ["s.json"]})})
     assert seeded.digest() != config.digest()
     moei2 = config.model_copy(update={"search_space": config.search_space.model_copy(update={"kind": "moei2"})})

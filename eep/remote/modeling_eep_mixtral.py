@@ -110,6 +110,12 @@ class EepMixtralForCausalLM(modeling_mixtral.MixtralForCausalLM):
             block.top_k = spec["top_k"]
         self.post_init()
 
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        # transformers looks for its decorator in the model's own source file; the experts here are
+        # its decorated MixtralExperts (low-rank ones have a forward of their own and ignore it)
+        return True
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
