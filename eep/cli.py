@@ -154,14 +154,28 @@ def _plan(config, dry_run: bool = False) -> tuple[object, object, object]:
     if config.search_space.kind == "moei2":
         from eep.moei2 import moei2_plan
 
+        if config.search.warm_start:
+            raise EepError("search.warm_start seeds EEP's search; a MoE-I² run has no initial population")
         if config.evaluator.kind == "ray":
             raise EepError("MoE-I² scores its layer searches in this process on cached calibration statistics (each "
                            "evaluation takes milliseconds); run it without --workers / --ray-address")
         return hf_config, shape, moei2_plan(config, shape)
-    return hf_config, shape, build_schedule(config.search_space, shape)
+    schedule = build_schedule(config.search_space, shape)
+    if config.search.warm_start:
+        from eep import greedy
+
+        greedy.check(schedule.first)  # the baselines' genomes, like greedy's, keep a uniform number per layer
+    if "greedy" in config.search.warm_start:
+        cost = greedy.cost(schedule.first)
+        if cost >= config.search.evaluations:
+            raise EepError(f"search.warm_start greedy takes {cost} evaluations at this size, and search.evaluations is "
+                           f"{config.search.evaluations}; raise evaluations above {cost} or drop greedy")
+    return hf_config, shape, schedule
 
 
 def _print_plan(config, hf_config, shape, space, run_dir) -> None:
+    from search_spaces import Schedule
+
     size = space.size()
     print(f"model        {config.model.path} ({shape.family}, {len(shape.moe_layers)} MoE layers, "
           f"{shape.num_experts} experts, top-{shape.top_k})")
@@ -178,6 +192,12 @@ def _print_plan(config, hf_config, shape, space, run_dir) -> None:
     else:
         print(f"budget       {config.search.evaluations} evaluations ({config.search.initial} random initial), "
               f"seed {config.search.seed}")
+        if config.search.warm_start:
+            from eep import greedy
+
+            print("warm start   " + ", ".join(
+                f"greedy elimination ({greedy.cost(Schedule.of(space).first)} of the evaluations)" if m == "greedy"
+                else f"{m} (one calibration pass)" for m in config.search.warm_start))
     tasks = ", ".join(f"{t.name} ({t.search_size} search / {t.test_size} held-out)" for t in config.fitness.tasks)
     print(f"fitness      {tasks}")
     if config.search_space.kind != "moei2":
@@ -224,9 +244,6 @@ def cmd_search(args) -> int:
         print("dry run: config is valid; nothing was loaded or written")
         return 0
     RunDir.check_new(run_dir)
-    if seeds:  # the run keeps its own copies: it resumes from anywhere, whatever happens to the files
-        config = config.model_copy(update={"search": config.search.model_copy(
-            update={"seed_genomes": [f"seeds/seed-{n}.json" for n in range(len(seeds))]})})
     if config.search_space.kind == "moei2":
         run = RunDir.create(run_dir, config)
         with run.lock():
@@ -236,16 +253,43 @@ def cmd_search(args) -> int:
         if config.evaluator.kind == "ray" and not in_flight_is_set:  # keep every actor busy
             evaluator.in_flight = evaluator.size
             config = config.model_copy(update={"search": config.search.model_copy(update={"in_flight": evaluator.size})})
+        names = [f"seeds/seed-{n}.json" for n in range(len(seeds))]
+        calibrated = [m for m in config.search.warm_start if m != "greedy"]
+        if calibrated:  # become seed genomes of the run: its config says what it does, and it resumes exactly
+            seeds, names = _warm_seeds(config, evaluator, calibrated, seeds, names)
+            config = config.model_copy(update={"search": config.search.model_copy(
+                update={"warm_start": [m for m in config.search.warm_start if m == "greedy"]})})
+        if seeds:  # the run keeps its own copies: it resumes from anywhere, whatever happens to the files
+            config = config.model_copy(update={"search": config.search.model_copy(update={"seed_genomes": names})})
         run = RunDir.create(run_dir, config)
         if seeds:
             (run.path / "seeds").mkdir()
-            for n, genome in enumerate(seeds):
-                genome.save(run.path / f"seeds/seed-{n}.json")
+            for name, genome in zip(names, seeds):
+                genome.save(run.path / name)
     except BaseException:
         evaluator.close()
         raise
     with run.lock():
         return _search(run, config, space, evaluator)
+
+
+def _warm_seeds(config, evaluator, methods, seeds, names) -> tuple[list, list]:
+    """The seeds with the calibration-pass warm starts appended (those not already among them)."""
+    from eep.compare import warm_genomes
+    from eep.evaluator import FitnessWorker
+
+    worker = getattr(evaluator, "worker", None)
+    if worker is None:  # Ray: the baselines' one calibration pass runs on a model loaded here
+        log(f"[eep] loading {config.model.path} here for the warm start's calibration pass")
+        worker = FitnessWorker(config)
+    seeds, names = list(seeds), list(names)
+    for method, genome in warm_genomes(config, worker, methods, log).items():
+        if genome.key in {s.key for s in seeds}:
+            log(f"[eep] warm start: {method}'s genome is already a seed")
+            continue
+        seeds.append(genome)
+        names.append(f"seeds/warm-{method}.json")
+    return seeds, names
 
 
 def _seed_genomes(config, space, config_dir: Path) -> list:
@@ -398,7 +442,9 @@ def cmd_baselines(args) -> int:
     width = max(len(m) for m in methods)
     for name, row in methods.items():
         spread = f" ± {row['heldout_std']:.2f}" if "heldout_std" in row else ""
-        print(f"{name:<{width}}  {row['heldout']:6.2f}{spread}  kept {row['kept_params']:,}  active {row['active_params']:,}")
+        spent = f"  ({row['evaluations']} evaluations)" if "evaluations" in row else ""
+        print(f"{name:<{width}}  {row['heldout']:6.2f}{spread}  kept {row['kept_params']:,}  "
+              f"active {row['active_params']:,}{spent}")
     log(f"[eep] wrote {run.path / 'baselines.json'}; `eep report {run.path}` makes the report")
     return 0
 

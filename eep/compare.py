@@ -96,6 +96,40 @@ def check_baselines(config: Config, shape) -> None:
         raise EepError("naee+skip (dynamic skipping) needs a top-2 model; remove it from baselines.methods")
 
 
+def calibrate(config: Config, worker, log: Callable[[str], None]):
+    """(texts, batches, :class:`eep.baselines.Calibration`): one pass of the unpruned model."""
+    from eep import baselines as bl
+
+    cal = config.baselines.calibration
+    texts = calibration_texts(config)
+    log(f"[eep] calibration pass over {len(texts)} texts")
+    batches = calibration_batches(worker.tokenizer, texts, config.fitness.batch_size, cal.max_length)
+    return texts, batches, bl.collect(worker.model, worker.adapter, batches, cal.max_tokens_per_layer, seed=cal.seed)
+
+
+def warm_genomes(config: Config, worker, methods, log: Callable[[str], None]) -> dict[str, Genome]:
+    """``search.warm_start``'s calibration-pass genomes (``naee``, ``reap``, ``frequency``) at the
+    search's keep count, by method."""
+    from eep import baselines as bl
+
+    keep = config.search_space.keep
+    _, _, cal = calibrate(config, worker, log)
+    out = {}
+    for method in methods:
+        if method == "naee":
+            out[method] = bl.naee_genome(cal, keep, config.baselines.naee_max_subsets)[0]
+        elif method == "reap":
+            out[method] = bl.reap_genome(cal, keep)
+        elif method == "frequency":
+            out[method] = bl.frequency_genome(cal, keep)
+        else:
+            raise ValueError(f"{method!r} is not a calibration-pass warm start")
+        if config.search_space.top_k is not None:  # the search routes to fewer experts: so do its seeds
+            out[method] = Genome.from_keep(out[method].num_experts, out[method].top_k, out[method].keep_map(),
+                                           config.search_space.top_k)
+    return out
+
+
 def _no_low_rank(config: Config) -> Config:
     return config.model_copy(update={"moei2": config.moei2.model_copy(update={"rank_params": None})})
 
@@ -106,7 +140,9 @@ def run_baselines(config: Config, worker, summary: dict | None, log: Callable[[s
     out. ``workdir`` holds the journals of the ``moei2`` baseline's layer searches (default: a
     temporary directory)."""
     from eep import baselines as bl
+    from eep import greedy
     from eep.moe import shape_of
+    from search_spaces import PruneSpace
     from fitness.metrics import weighted_fitness
 
     cfg, keep = config.baselines, config.search_space.keep
@@ -115,11 +151,7 @@ def run_baselines(config: Config, worker, summary: dict | None, log: Callable[[s
     if workdir is None:  # removed when this call returns
         scratch = tempfile.TemporaryDirectory(prefix="eep-baselines-")
         workdir = Path(scratch.name)
-    texts = calibration_texts(config)
-    log(f"[eep] calibration pass over {len(texts)} texts")
-    batches = calibration_batches(worker.tokenizer, texts, config.fitness.batch_size, cfg.calibration.max_length)
-    cal = bl.collect(worker.model, worker.adapter, batches, cfg.calibration.max_tokens_per_layer,
-                     seed=cfg.calibration.seed)
+    texts, batches, cal = calibrate(config, worker, log)
 
     def score(genome: Genome | None, skip=None) -> dict:
         tasks = worker.scores(genome, "test", skip=skip)
@@ -139,6 +171,12 @@ def run_baselines(config: Config, worker, summary: dict | None, log: Callable[[s
                 out[method] = score(bl.reap_genome(cal, k))
             elif method == "moei2":
                 out.update(moei2_rows(k))
+            elif method == "greedy":
+                space = PruneSpace(shape.num_experts, shape.top_k, tuple(shape.moe_layers), k, config.search_space.top_k)
+                genome, fitness, spent = greedy.run(greedy.steps(space),
+                                                    lambda genomes: [worker.fitness(worker.scores(g)) for g in genomes])
+                out[method] = {**score(genome), "evaluations": spent, "search_fitness": fitness,
+                               "genome": genome.to_dict()}
             else:  # naee, naee+skip
                 genome, how = bl.naee_genome(cal, k, cfg.naee_max_subsets)
                 skip = bl.skip_betas(cal, genome) if method == "naee+skip" else None
@@ -177,7 +215,7 @@ def run_baselines(config: Config, worker, summary: dict | None, log: Callable[[s
         kept, active = parameter_counts(worker.model, worker.adapter, best)
         held = summary["heldout"]["best"]
         methods["search"] = {"heldout": held["mean"], "tasks": held["scores"], "kept_params": kept,
-                             "active_params": active, "genome_key": best.key}
+                             "active_params": active, "genome_key": best.key, "evaluations": summary["evaluations"]}
     sweep = {str(k): {m: v["heldout"] for m, v in methods_at(k).items()} for k in cfg.sweep if k != keep}
     return {"keep": keep, "num_experts": shape.num_experts, "num_layers": len(shape.moe_layers),
             "top_k": shape.top_k, "calibration_texts": len(texts), "calibration_tokens": cal.tokens,

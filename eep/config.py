@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from eep.errors import EepError
 
@@ -37,14 +37,7 @@ class ModelConfig(_Section):
     experts_implementation: Literal["auto", "grouped_mm", "eager", "batched_mm"] = "auto"
     """How ``transformers`` computes the MoE experts; ``auto``: ``grouped_mm`` where torch supports
     it on the device, else ``eager`` (see :func:`eep.model.choose_experts`; ``batched_mm`` copies
-    the selected experts' weights per token)."""
-
-    @model_serializer(mode="wrap")
-    def _drop_auto_experts(self, handler):
-        data = handler(self)
-        if data.get("experts_implementation") == "auto":  # keeps the digests of runs started before the key existed
-            del data["experts_implementation"]
-        return data
+    the selected experts' weights per token). Not part of the run's digest: the same math in another order."""
 
 
 class SearchSpaceConfig(_Section):
@@ -90,6 +83,10 @@ class SearchConfig(_Section):
     """Genome files evaluated first, in place of as many random initial ones (e.g. MoE-I²'s stage-1
     genome, or a baseline's): they must belong to the search space. ``eep search`` copies them into
     the run directory (``seeds/``) and names the copies here, so the run is self-contained."""
+    warm_start: list[Literal["greedy", "naee", "reap", "frequency"]] = []
+    """Start from the baselines' genomes, counted in ``evaluations``: ``greedy`` runs greedy elimination
+    (``eep.greedy``) as the first candidates, journaled; ``naee``, ``reap``, ``frequency`` are computed
+    from one calibration pass before the search and evaluated first, like ``seed_genomes``."""
     mutate_threshold: Annotated[float, Field(ge=0.0)] = 3.0
     """Mutation parents are drawn among candidates within this many points of the best (EEP: 3.0)."""
     crossover_threshold: Annotated[float, Field(ge=0.0)] = 1.0
@@ -116,10 +113,10 @@ class SearchConfig(_Section):
     """Evaluations failing in a row (each journaled with its reason) that stop the search with an
     error; `eep resume` continues it once the cause is fixed. Does not change the search's outcome."""
     early_cut: bool = True
-    """Stop scoring a candidate once even perfect scores on its remaining examples could not make it a
-    parent or the best (journaled as ``cut`` with that upper bound). Needs every task bounded (accuracy
-    metrics, or text metrics scored first) and several chunks (``fitness.batch_size`` below the number of
-    generation examples). Does not change the search's outcome: the same genomes in the same order."""
+    """Stop scoring a candidate once even perfect scores on its remaining generation examples could not
+    make it a parent or the best (journaled as ``cut`` with that upper bound; other tasks are scored
+    first, in full). The examples go in chunks of ``fitness.batch_size``, so it needs several chunks.
+    Does not change the search's outcome: the same genomes in the same order, the same best."""
     in_flight: PositiveInt = 1
     """Candidates evaluated at once: candidate i is bred from the results of candidates 0..i-in_flight.
     The outcome depends on this, never on the evaluator, so a serial run with in_flight=N equals a
@@ -129,9 +126,9 @@ class SearchConfig(_Section):
     def _initial_within_budget(self):
         if self.initial > self.evaluations:
             raise ValueError(f"initial ({self.initial}) must not exceed evaluations ({self.evaluations})")
-        if len(self.seed_genomes) > self.initial:
-            raise ValueError(f"{len(self.seed_genomes)} seed_genomes but initial is {self.initial}; seeds take the "
-                             "place of initial random genomes")
+        if len(self.seed_genomes) + len(set(self.warm_start) - {"greedy"}) > self.initial:
+            raise ValueError(f"{len(self.seed_genomes)} seed_genomes and warm_start {self.warm_start} but initial is "
+                             f"{self.initial}; seeds take the place of initial random genomes")
         return self
 
 
@@ -243,7 +240,7 @@ class Moei2Config(_Section):
     """T: consecutive MoE layers whose K^T combinations are scored together (MoE-I²: 3)."""
 
 
-BaselineName = Literal["random", "frequency", "naee", "naee+skip", "reap", "moei2"]
+BaselineName = Literal["random", "frequency", "naee", "naee+skip", "reap", "moei2", "greedy"]
 
 
 class CalibrationConfig(_Section):
@@ -267,7 +264,9 @@ class CalibrationConfig(_Section):
 class BaselinesConfig(_Section):
     """``eep baselines``: what the search is compared against."""
 
-    methods: list[BaselineName] = ["random", "frequency", "naee", "naee+skip", "reap"]
+    methods: list[BaselineName] = ["random", "frequency", "naee", "naee+skip", "reap", "greedy"]
+    """``greedy``: backward elimination with the real fitness on the search split (``eep.greedy``); the
+    only baseline that pays in evaluations, shown next to its row."""
     random_draws: PositiveInt = 5
     sweep: list[PositiveInt] = []
     """Further experts-per-layer counts at which the baselines are also scored (for the report's plot)."""
@@ -311,16 +310,18 @@ class Config(_Section):
 
     def outcome(self) -> dict:
         """Everything that decides the search's outcome (the evaluator, the baselines, when to give up
-        on failures, the early cut and the scoring path do not), as plain data."""
+        on failures, the early cut, the scoring path and the experts kernel do not), as plain data."""
         data = {k: v for k, v in self.to_dict().items() if k not in ("evaluator", "baselines")}
+        data["model"] = {k: v for k, v in data["model"].items() if k != "experts_implementation"}
         if self.search_space.kind != "moei2":
             del data["moei2"]  # only decides MoE-I² runs (and keeps older runs' digests)
         else:  # MoE-I² is decided by its calibration texts
             data["calibration"] = self.baselines.calibration.model_dump(mode="json")
         data["search"] = {k: v for k, v in data["search"].items() if k not in ("max_failures", "early_cut")}
         data["fitness"] = {k: v for k, v in data["fitness"].items() if k != "scoring"}
-        if not data["search"]["seed_genomes"]:
-            del data["search"]["seed_genomes"]  # keys added with a neutral default keep older runs' digests
+        for key in ("seed_genomes", "warm_start"):
+            if not data["search"][key]:
+                del data["search"][key]  # keys added with a neutral default keep older runs' digests
         return data
 
     def digest(self) -> str:

@@ -49,10 +49,18 @@ class Evaluation:
     note: str | None = None  # e.g. "re-run: actor-1 died" when a worker was lost mid-evaluation
     cut: float | None = None
     """Stopped early: the fitness could be at most this, below what could make it a parent or the best."""
+    outside: bool = False
+    """A warm-start step outside the search space (greedy elimination part-way, keeping more experts
+    than the space allows): journaled, since it cost an evaluation, but never a parent nor the best."""
 
     @property
     def ok(self) -> bool:
         return self.fitness is not None
+
+    @property
+    def candidate(self) -> bool:
+        """Scored in full and inside the search space: what parents and the best are drawn from."""
+        return self.fitness is not None and not self.outside
 
     @property
     def failed(self) -> bool:
@@ -66,12 +74,13 @@ class Evaluation:
         data = {"id": self.id, "key": self.genome.key, "status": self.status,
                 "fitness": self.fitness, "scores": self.scores, "seconds": round(self.seconds, 4),
                 "worker": self.worker, "error": self.error, "note": self.note, "genome": self.genome.to_dict()}
-        return data | ({"cut": self.cut} if self.cut is not None else {})
+        return data | ({"cut": self.cut} if self.cut is not None else {}) | ({"outside": True} if self.outside else {})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Evaluation:
         return cls(data["id"], Genome.from_dict(data["genome"]), data["fitness"], data["scores"],
-                   data["seconds"], data["worker"], data["error"], data.get("note"), data.get("cut"))
+                   data["seconds"], data["worker"], data["error"], data.get("note"), data.get("cut"),
+                   data.get("outside", False))
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -29,11 +29,13 @@ from eep.errors import EepError
 from eep.journal import Evaluation, RunDir
 from eep.search import best_of
 
-METHOD_ORDER = ("full", "random", "frequency", "reap", "naee", "naee+skip", "moei2", "moei2+low-rank", "search")
+METHOD_ORDER = ("full", "random", "frequency", "reap", "naee", "naee+skip", "moei2", "moei2+low-rank", "greedy",
+                "search")
 WINDOW = 20  # evaluations in the population-trend mean of fitness.png
 _COLORS = {"random": "tab:gray", "frequency": "tab:blue", "reap": "tab:purple", "naee": "tab:green",
-           "naee+skip": "tab:olive", "moei2": "tab:cyan", "moei2+low-rank": "tab:orange", "search": "tab:red"}
-_SPARE_COLORS = ("tab:brown", "tab:pink", "gold", "navy", "teal", "black")
+           "naee+skip": "tab:olive", "moei2": "tab:cyan", "moei2+low-rank": "tab:orange", "greedy": "tab:brown",
+           "search": "tab:red"}
+_SPARE_COLORS = ("tab:pink", "gold", "navy", "teal", "black")
 _DASH = "–"
 
 
@@ -49,10 +51,14 @@ class Row:
     kept_params: int | None = None
     active_params: int | None = None
     how: str | None = None
+    evaluations: int | None = None
+    """Fitness evaluations the method spent (the search; greedy elimination)."""
 
     @property
     def label(self) -> str:
         notes = [self.how] if self.how else []
+        if self.evaluations is not None:
+            notes.append(f"{self.evaluations} evaluations")
         if self.heldout_std is not None:
             notes.append(f"mean ± std of {self.draws} draws" if self.draws else "mean ± std")
         return f"{self.method} ({', '.join(notes)})" if notes else self.method
@@ -79,7 +85,7 @@ def method_rows(baselines: dict[str, Any] | None, heldout: dict[str, Any] | None
             methods[method] = {"heldout": heldout[key]["mean"], "tasks": heldout[key]["scores"]}
     return [Row(m, methods[m]["heldout"], dict(methods[m].get("tasks", {})), methods[m].get("heldout_std"),
                 methods[m].get("draws"), methods[m].get("kept_params"), methods[m].get("active_params"),
-                methods[m].get("how"))
+                methods[m].get("how"), methods[m].get("evaluations"))
             for m in ordered_methods(methods)]
 
 
@@ -210,7 +216,8 @@ def _legend(ax) -> None:
 def plot_fitness(evaluations: Sequence[Evaluation], path: Path, title: str,
                  phases: Sequence[tuple[int, str]] = ()) -> None:
     """Every evaluation's fitness by candidate id, the running best and the population trend;
-    failed evaluations as red crosses on the bottom edge; ``phases`` as (id, label) markers."""
+    candidates cut short at their upper bound; failed evaluations as red crosses on the bottom edge;
+    ``phases`` as (id, label) markers."""
     from matplotlib.transforms import blended_transform_factory
 
     fig, ax = _figure()
@@ -228,7 +235,11 @@ def plot_fitness(evaluations: Sequence[Evaluation], path: Path, title: str,
     if top is not None:
         ax.scatter([top.id], [top.fitness], marker="*", s=160, color="tab:red", edgecolors="black",
                    linewidths=0.6, label=f"best: {top.fitness:.1f} (candidate {top.id})", zorder=4)
-    failed = [e.id for e in evaluations if not e.ok]
+    cut = [e for e in evaluations if e.cut is not None]
+    if cut:  # scored part-way: their bound, an upper limit on what they would have scored
+        ax.scatter([e.id for e in cut], [e.cut for e in cut], s=10, marker="v", color="0.6", alpha=0.6,
+                   linewidths=0, label=f"cut short, at most ({len(cut)})", zorder=2)
+    failed = [e.id for e in evaluations if e.failed]
     if failed:
         edge = blended_transform_factory(ax.transData, ax.transAxes)
         ax.scatter(failed, [0.02] * len(failed), transform=edge, marker="x", s=20, color="tab:red",
@@ -314,9 +325,11 @@ def write_report(run_dir: str | Path) -> Path:
     else:
         lines += ["", "## Search", ""]
     best = best_of(evaluations)
-    failed = sum(not e.ok for e in evaluations)
+    failed = sum(e.failed for e in evaluations)
+    cut = sum(e.cut is not None for e in evaluations)
     if not moei2:
-        lines.append(f"- evaluations: {len(evaluations)} of {config.search.evaluations}, {failed} failed")
+        lines.append(f"- evaluations: {len(evaluations)} of {config.search.evaluations}, {failed} failed"
+                     + (f", {cut} cut short as hopeless (scored part-way; never a parent or the best)" if cut else ""))
     if best is not None:
         lines.append(f"- best search fitness: {best.fitness:.2f} (candidate {best.id}, genome `{best.genome.key}`)")
     if heldout and "best" in heldout and not moei2:

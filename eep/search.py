@@ -26,10 +26,12 @@ import random
 import sys
 import time
 from collections import deque
+from dataclasses import replace
 from collections.abc import Callable, Iterator
 
 from deap import base
 
+from eep import greedy
 from eep.config import SearchConfig, differences
 from eep.errors import EepError
 from eep.evaluator import Candidate
@@ -47,7 +49,7 @@ def make_toolbox(space, cfg: SearchConfig, rng: random.Random) -> base.Toolbox:
 
 def breed(toolbox: base.Toolbox, archive: list[Evaluation], cfg: SearchConfig, rng: random.Random) -> Genome:
     """One child from the archive (EEP's parent pools; no generation barrier)."""
-    ranked = sorted((e for e in archive if e.ok), key=lambda e: (-e.fitness, e.id))
+    ranked = sorted((e for e in archive if e.candidate), key=lambda e: (-e.fitness, e.id))
     if not ranked:
         return toolbox.individual()
     best = ranked[0].fitness
@@ -70,7 +72,7 @@ def parent_bar(archive: list[Evaluation], cfg: SearchConfig) -> float | None:
     genomes already at or above the bar keep it out of the top that the crossover pool falls back
     to. Nor is it ever the best. So whether it is scored to the end changes nothing the search does.
     """
-    ranked = sorted((e.fitness for e in archive if e.ok), reverse=True)
+    ranked = sorted((e.fitness for e in archive if e.candidate), reverse=True)
     if len(ranked) < max(cfg.crossover_pool_min, 1):
         return None
     return min(ranked[0] - max(cfg.crossover_threshold, cfg.mutate_threshold), ranked[cfg.crossover_pool_min - 1])
@@ -112,6 +114,9 @@ def run_search(run: RunDir, space, evaluator, log: Callable[[str], None] = print
     schedule = Schedule.of(space)
     toolboxes = [make_toolbox(phase_space, cfg, rng) for _, phase_space in schedule.phases]
     archive = run.evaluations()
+    warm = _greedy_phase(run, schedule.first, evaluator, archive, log) if "greedy" in cfg.warm_start else []
+    start = len(warm)  # candidates 0..start-1 are the greedy warm start's
+    archive = warm + [e for e in archive if e.id >= start]
     try:
         state = run.load_state()
     except EepError as err:
@@ -119,10 +124,10 @@ def run_search(run: RunDir, space, evaluator, log: Callable[[str], None] = print
         state = None
     replay: list[Evaluation] = []
     if state is None:
-        if archive:
-            log(f"[eep] rebuilding the search state by replaying the {len(archive)} journal records")
-        replay, archive = archive, []
-        next_id, in_flight = 0, deque()
+        if len(archive) > start:
+            log(f"[eep] rebuilding the search state by replaying the {len(archive) - start} journal records")
+        replay, archive = archive[start:], archive[:start]
+        next_id, in_flight = start, deque()
     else:
         if state["config_digest"] != digest:
             what = f" ({differences(state['config'], outcome)})" if "config" in state else ""
@@ -143,8 +148,9 @@ def run_search(run: RunDir, space, evaluator, log: Callable[[str], None] = print
         while next_id < cfg.evaluations:
             toolbox = toolboxes[schedule.phase(next_id)]
             for _ in range(cfg.max_breed_attempts):
-                if next_id < len(seeds) and seeds[next_id].key not in seen:
-                    genome = seeds[next_id]
+                seed = next_id - start  # seeds follow the greedy warm start
+                if seed < len(seeds) and seeds[seed].key not in seen:
+                    genome = seeds[seed]
                 else:
                     genome = toolbox.individual() if next_id < cfg.initial else breed(toolbox, archive, cfg, rng)
                 if genome.key not in seen:
@@ -172,7 +178,7 @@ def run_search(run: RunDir, space, evaluator, log: Callable[[str], None] = print
         for evaluation in source.imap(proposals()):
             if evaluation.id != in_flight[0].id:
                 raise RuntimeError(f"evaluator returned candidate {evaluation.id} before {in_flight[0].id}")
-            replayed = evaluation.id < len(replay)
+            replayed = evaluation.id < start + len(replay)
             if not replayed:
                 run.append(evaluation)  # on disk before it counts
             archive.append(evaluation)
@@ -190,7 +196,44 @@ def run_search(run: RunDir, space, evaluator, log: Callable[[str], None] = print
                 break
     if stats is not None:
         stats["rebred"] = rebred
-    return summarise(archive + replay[len(archive):])
+    return summarise(archive + replay[len(archive) - start:])
+
+
+def _greedy_phase(run: RunDir, space, evaluator, records: list[Evaluation], log) -> list[Evaluation]:
+    """``search.warm_start: [greedy]``: greedy elimination (:mod:`eep.greedy`) as candidates 0..G-1,
+    each batch through the evaluator and into the journal like any evaluation. Its steps that keep
+    more experts than the space allows are marked ``outside`` (never parents, never the best). On
+    resume the journal's records stand in for the steps they hold (each checked against the genome
+    the elimination asks for) and only the rest is evaluated. Returns the G records."""
+    by_id = {e.id: e for e in records}
+    done: list[Evaluation] = []
+    steps = greedy.steps(space)
+    fresh = not records
+    if fresh:
+        log(f"[eep] warm start: greedy elimination, {greedy.cost(space)} evaluations")
+    try:
+        batch = next(steps)
+        while True:
+            ids = range(len(done), len(done) + len(batch))
+            for i, genome in zip(ids, batch):
+                if i in by_id and by_id[i].genome.key != genome.key:
+                    raise EepError(f"journal record {i} is not the greedy warm start's step; the journal was written "
+                                   "by another config or version of eep")
+            new = {}
+            for evaluation in evaluator.imap(Candidate(i, g) for i, g in zip(ids, batch) if i not in by_id):
+                evaluation = replace(evaluation, outside=space.reject(evaluation.genome) is not None)
+                run.append(evaluation)
+                new[evaluation.id] = evaluation
+            results = [by_id[i] if i in by_id else new[i] for i in ids]
+            done.extend(results)
+            failed = next((r for r in results if not r.ok), None)
+            if failed is not None:
+                raise EepError(f"the greedy warm start needs every step scored, and candidate {failed.id} "
+                               f"{'was cut' if failed.cut is not None else 'failed'} ({failed.error})")
+            batch = steps.send([r.fitness for r in results])
+    except StopIteration:
+        pass
+    return done
 
 
 class _Replay:
@@ -215,7 +258,7 @@ class _Replay:
 
 
 def best_of(archive: list[Evaluation]) -> Evaluation | None:
-    ok = [e for e in archive if e.ok]
+    ok = [e for e in archive if e.candidate]
     return min(ok, key=lambda e: (-e.fitness, e.id)) if ok else None
 
 

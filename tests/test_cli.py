@@ -211,3 +211,33 @@ def test_demo_search_resume_and_export_end_to_end(tmp_path):
     text = tokenizer.decode(generated[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert text == "d c b a"
     assert Genome.load(out / "eep_genome.json").to_dict() == summary["best_genome"]
+
+
+def test_warm_start_genomes_become_the_runs_seeds_and_greedy_spends_the_budget(capsys, tmp_path):
+    """naee and reap come from one calibration pass and are evaluated right after greedy's 60
+    journaled steps (keep 7 of 8 in 4 layers); the run's config says exactly what it did."""
+    run = tmp_path / "run"
+    argv = ["search", str(_config(tmp_path, search_space__keep=7)), "--run-dir", str(run),
+            "--set", "search.warm_start=[naee, reap, greedy]", "--set", "search.evaluations=64",
+            "--set", "search.initial=4"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "warm start   naee (one calibration pass), reap (one calibration pass), greedy elimination (60 of the " \
+           "evaluations)" in out
+    saved = yaml.safe_load((run / "config.yaml").read_text())["search"]
+    assert saved["warm_start"] == ["greedy"] and set(saved["seed_genomes"]) <= {"seeds/warm-naee.json",
+                                                                                "seeds/warm-reap.json"}
+    rows = [json.loads(line) for line in (run / "journal.jsonl").read_text().splitlines()]
+    assert len(rows) == 64
+    keys = [r["key"] for r in rows]
+    for name in saved["seed_genomes"]:  # evaluated right after greedy, or already one of greedy's steps
+        assert Genome.load(run / name).key in keys[:60 + len(saved["seed_genomes"])]
+    assert main(["resume", str(run)]) == 0  # finished: nothing to do, nothing changes
+    assert len((run / "journal.jsonl").read_text().splitlines()) == 64
+    capsys.readouterr()
+    _fails(capsys, argv[:2] + ["--run-dir", str(tmp_path / "small"), "--set", "search.warm_start=[greedy]",
+                               "--set", "search.evaluations=50"],
+           "search.warm_start greedy takes 60 evaluations at this size, and search.evaluations is 50")
+    _fails(capsys, argv[:2] + ["--run-dir", str(tmp_path / "budget"), "--set", "search.warm_start=[naee]",
+                               "--set", "search_space.budget=20", "--set", "search_space.keep=null"],
+           "greedy elimination needs a uniform pruning space")

@@ -167,3 +167,14 @@ def test_the_search_from_the_summary_is_plotted_and_a_sweep_uses_the_runs_keep(t
     assert list(_table(report)) == ["method", "full", "naee", "search"]
     assert "**Best compressed method: search**, held-out 87.0" in report
     assert _image_size(run.path / "methods.png")[0] > 0
+
+
+def test_cut_candidates_are_counted_apart_from_failures(tmp_path):
+    run = _run(tmp_path)
+    genome = Genome.from_keep(8, 2, {0: [4, 5, 6, 7]})
+    with run.path.joinpath("journal.jsonl").open("a") as journal:  # a hopeless candidate stopped part-way
+        journal.write(json.dumps(Evaluation(10, genome, None, {}, 0.05, "w", cut=41.5).to_dict()) + "\n")
+    report = write_report(run.path).read_text()
+    assert "- evaluations: 11 of 10, 2 failed, 1 cut short as hopeless" in report
+    assert [e.status for e in run.evaluations()][-1] == "cut" and run.evaluations()[-1].cut == 41.5
+    assert _image_size(run.path / "fitness.png")[0] > 0

@@ -338,3 +338,37 @@ def test_parent_bar_lies_below_both_thresholds_and_the_pool_minimum():
     assert parent_bar(archive[:5], cfg) is None  # fewer than the pool minimum: anything could be a parent
     failed = Evaluation(9, genome, None, error="boom")
     assert parent_bar([*archive[:5], failed], cfg) is None
+
+
+def test_greedy_warm_start_is_journaled_counted_and_resumes_exactly(tmp_path, worker):
+    """The greedy elimination runs as candidates 0..G-1 (its part-way steps marked outside the
+    space), breeding continues from its result, and a journal cut anywhere — in the greedy phase,
+    with no snapshot — resumes to the uninterrupted run's records."""
+    from eep import greedy
+
+    space = PruneSpace(num_experts=8, top_k=2, layers=(0, 1, 2, 3), keep=6)
+    cost = greedy.cost(space)
+
+    def config():
+        data = toy_config_dict(evaluations=cost + 12, initial=6, warm_start=["greedy"])
+        data["search_space"]["keep"] = 6
+        return parse_config(data)
+
+    full = RunDir.create(tmp_path / "full", config())
+    summary = run_search(full, space, SerialEvaluator(worker), log=lambda m: None)
+    rows = _journal(full)
+    assert [r["id"] for r in rows] == list(range(cost + 12)) and summary["evaluations"] == cost + 12
+    warm, bred = rows[:cost], rows[cost:]
+    outside = [bool(r.get("outside")) for r in rows]
+    assert outside == [space.reject(Genome.from_dict(r["genome"])) is not None for r in rows]
+    assert sum(outside) == 4 * (8 + 7) - 7 and not any(outside[cost:])  # all but the last layer's last step
+    expected, value, _ = greedy.run(greedy.steps(space), lambda gs: [worker.fitness(worker.scores(g)) for g in gs])
+    assert summary["best_fitness"] >= value
+    assert Genome.from_dict(summary["best_genome"]).keep_map() != {} and space.reject(expected) is None
+
+    cut = RunDir.create(tmp_path / "cut", config())  # stopped during the greedy phase, snapshot lost
+    with cut.journal_path.open("a") as journal:
+        for line in full.journal_path.read_text().splitlines()[:50]:
+            journal.write(line + "\n")
+    resumed = run_search(cut, space, SerialEvaluator(worker), log=lambda m: None)
+    assert _journal(cut) == rows and resumed == summary

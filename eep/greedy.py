@@ -1,0 +1,83 @@
+"""Greedy backward elimination: the honest bar a search must clear.
+
+Layer by layer (or weight group by group), drop the expert whose removal costs the least fitness
+(every remaining expert of the layer tried, the other layers as decided so far), until the layer
+keeps ``keep``; then one swap pass: per layer, every kept <-> dropped exchange tried at once and the
+best taken if it improves. It uses the real fitness on the search split, so it pays in evaluations,
+a fixed number of them (:func:`cost`): for E experts kept down to k in L layers,
+L·(E + (E-1) + ... + (k+1)) + L·k·(E-k), e.g. 168 for 4 of 8 in 4 layers.
+
+:func:`steps` is a generator so that both its users drive it the same way: ``eep baselines``
+scores each batch on the resident worker, the search (``search.warm_start: [greedy]``) through
+its evaluator and journal. It yields a batch of genomes to score and receives their fitnesses;
+its return value is the final genome and its fitness. Ties go to the lowest expert id, so it is
+deterministic given the fitnesses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+
+from eep.errors import EepError
+from eep.genome import Genome
+from search_spaces import PruneSpace
+
+Steps = Generator[list[Genome], list[float], tuple[Genome, float]]
+
+
+def check(space) -> None:
+    """Greedy elimination walks a uniform pruning space with ungrouped routing."""
+    if not isinstance(space, PruneSpace) or space.expert_groups > 1:
+        raise EepError("greedy elimination needs a uniform pruning space (search_space.keep) over ungrouped "
+                       "experts; drop greedy from search.warm_start / baselines.methods")
+
+
+def cost(space: PruneSpace) -> int:
+    """Evaluations :func:`steps` asks for (the same whatever the fitnesses)."""
+    e, k = space.num_experts, space.keep
+    return len(space.units) * (sum(range(k + 1, e + 1)) + k * (e - k)) or 1  # keeping all: the full model, once
+
+
+def steps(space: PruneSpace) -> Steps:
+    """Backward elimination then one best-swap pass per layer (see the module docstring)."""
+    check(space)
+    num_experts, keep = space.num_experts, space.keep
+    layers = [unit[0] for unit in space.units]
+    kept = {layer: list(range(num_experts)) for layer in layers}
+
+    def genome(changes: dict[int, list[int]]) -> Genome:
+        return space.genome({**kept, **changes})
+
+    fitness = None
+    for layer in layers:
+        while len(kept[layer]) > keep:
+            options = [[e for e in kept[layer] if e != drop] for drop in kept[layer]]
+            scores = yield [genome({layer: o}) for o in options]
+            best = max(range(len(options)), key=lambda i: (scores[i], -i))
+            kept[layer], fitness = options[best], scores[best]
+    for layer in layers:
+        dropped = [e for e in range(num_experts) if e not in kept[layer]]
+        options = [sorted([*(k for k in kept[layer] if k != out), into]) for out in kept[layer] for into in dropped]
+        if not options:
+            continue
+        scores = yield [genome({layer: o}) for o in options]
+        best = max(range(len(options)), key=lambda i: (scores[i], -i))
+        if fitness is None or scores[best] > fitness:
+            kept[layer], fitness = options[best], scores[best]
+    if fitness is None:  # nothing to drop or swap: the full model is the answer
+        fitness = (yield [genome({})])[0]
+    return genome({}), fitness
+
+
+def run(gen: Steps, score) -> tuple[Genome, float, int]:
+    """Drive ``gen`` with ``score(genomes) -> fitnesses``: (genome, its fitness, evaluations spent)."""
+    spent = 0
+    try:
+        batch = next(gen)
+        while True:
+            fitnesses = score(batch)
+            spent += len(batch)
+            batch = gen.send(fitnesses)
+    except StopIteration as done:
+        genome, fitness = done.value
+        return genome, fitness, spent
