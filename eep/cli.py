@@ -74,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config whose fitness tasks are scored")
     p.add_argument("--model", help="model to score instead of the config's (directory, hub id or 'toy')")
     p.add_argument("--genome", help="genome JSON applied to the model before scoring")
-    p.add_argument("--split", choices=["test", "search"], default="test", help="which split (default: held-out test)")
+    p.add_argument("--split", choices=["test", "search", "validation"], default="test",
+                   help="which split (default: held-out test; validation: tasks with validation_size)")
     p.add_argument("--out", help="also write the scores to this JSON file")
     _override_flag(p)
     p.set_defaults(func=cmd_eval)
@@ -372,21 +373,34 @@ def make_evaluator(config):
 
 
 def _search(run, config, space, evaluator) -> int:
-    """Run the search on ``evaluator`` (closed at the end), then score the best genome held-out."""
+    """Run the search on ``evaluator`` (closed at the end), pick the genome to export (the best, or
+    with validation examples the best of the top few on them), then score it held-out."""
     from eep.genome import Genome
-    from eep.search import run_search
+    from eep.search import run_search, select
     from fitness.metrics import weighted_fitness
 
     start = time.perf_counter()
     try:
         summary = run_search(run, space, evaluator, log=log)
         if summary["best_genome"] is not None:
-            log("[eep] scoring the best genome and the full model on the held-out split")
-            best = Genome.from_dict(summary["best_genome"])
+            validated = [t for t in config.fitness.tasks if t.validation_size]
+            if validated:
+                log(f"[eep] picking the export among the {config.search.select_top} best by their validation examples")
+                chosen, tried = select(run.evaluations(), lambda g: weighted_fitness(validated, evaluator.heldout(
+                    g, "validation")), config.search.select_top)
+                summary["selected"] = {"id": chosen.id, "genome": chosen.genome.to_dict(), "fitness": chosen.fitness,
+                                       "validation": tried[chosen.id], "by": "validation",
+                                       "candidates": {str(i): v for i, v in tried.items()}}
+            else:
+                summary["selected"] = {"id": summary["best_id"], "genome": summary["best_genome"],
+                                       "fitness": summary["best_fitness"], "by": "search fitness"}
+            log("[eep] scoring the exported genome and the full model on the held-out split")
+            best = Genome.from_dict(summary["selected"]["genome"])
             summary["heldout"] = {}
             for key, genome in (("best", best), ("full", None)):
                 scores = evaluator.heldout(genome)
                 summary["heldout"][key] = {"scores": scores, "mean": weighted_fitness(config.fitness.tasks, scores)}
+            summary["generalisation_gap"] = summary["selected"]["fitness"] - summary["heldout"]["best"]["mean"]
         summary["experts_implementation"] = experts_implementation(config.model)
         run.write_summary(summary)
     finally:
@@ -395,10 +409,14 @@ def _search(run, config, space, evaluator) -> int:
     if summary.get("cut"):
         log(f"[eep] {summary['cut']} hopeless candidates cut short, saving ~{summary['cut_seconds_saved']:.0f}s "
             "of scoring")
+    chosen = summary.get("selected")
     log(f"[eep] done: {summary['evaluations']} evaluations in {time.perf_counter() - start:.0f}s; "
         + (f"best search fitness {summary['best_fitness']:.2f}" if summary["best_fitness"] is not None
            else "no evaluation succeeded (see the journal's errors)")
-        + (f"; held-out {held['best']['mean']:.2f} (full model {held['full']['mean']:.2f})" if held else ""))
+        + (f"; exported candidate {chosen['id']} (search {chosen['fitness']:.2f}, validation "
+           f"{chosen['validation']:.2f})" if chosen and chosen["by"] == "validation" else "")
+        + (f"; held-out {held['best']['mean']:.2f} (full model {held['full']['mean']:.2f}), generalisation gap "
+           f"{summary['generalisation_gap']:.2f}" if held else ""))
     print(json.dumps({k: summary[k] for k in ("evaluations", "best_fitness", "best_id")}))
     return 0
 
@@ -473,6 +491,9 @@ def cmd_eval(args) -> int:
         config = config.model_copy(update={"model": config.model.model_copy(update={"path": args.model})})
     genome = Genome.load(args.genome) if args.genome else None
     check_tasks(config.fitness.tasks)
+    tasks = [t for t in config.fitness.tasks if args.split != "validation" or t.validation_size]
+    if not tasks:
+        raise EepError("--split validation needs tasks with validation_size; set fitness.tasks[].validation_size")
     if genome is not None:
         shape = shape_of(load_hf_config(config.model))
         check_genome(genome, shape)
@@ -485,7 +506,7 @@ def cmd_eval(args) -> int:
     worker = FitnessWorker(config)
     worker.adapter.use_scales(scales)
     scores = worker.scores(genome, args.split)
-    mean = weighted_fitness(config.fitness.tasks, scores)
+    mean = weighted_fitness(tasks, scores)
     width = max(len(name) for name in scores)
     for name, value in scores.items():
         print(f"{name:<{width}}  {value:8.3f}")
@@ -514,7 +535,8 @@ def cmd_export(args) -> int:
         summary = run.summary()
         if summary.get("best_genome") is None:
             raise EepError(f"{run.path} has no successful evaluation to export")
-        model_cfg, genome, fitness = config.model, Genome.from_dict(summary["best_genome"]), summary["best_fitness"]
+        chosen = summary.get("selected") or {"genome": summary["best_genome"], "fitness": summary["best_fitness"]}
+        model_cfg, genome, fitness = config.model, Genome.from_dict(chosen["genome"]), chosen["fitness"]
         scales = run.path / SCALES_FILE
     else:
         if not (args.model and args.genome):

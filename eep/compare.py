@@ -211,7 +211,7 @@ def run_baselines(config: Config, worker, summary: dict | None, log: Callable[[s
     methods = {"full": score(None)}
     methods.update(methods_at(keep))
     if summary and summary.get("heldout") and summary.get("best_genome") and summary.get("method") != "moei2":
-        best = Genome.from_dict(summary["best_genome"])
+        best = Genome.from_dict((summary.get("selected") or {"genome": summary["best_genome"]})["genome"])
         kept, active = parameter_counts(worker.model, worker.adapter, best)
         held = summary["heldout"]["best"]
         methods["search"] = {"heldout": held["mean"], "tasks": held["scores"], "kept_params": kept,

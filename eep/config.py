@@ -117,6 +117,9 @@ class SearchConfig(_Section):
     make it a parent or the best (journaled as ``cut`` with that upper bound; other tasks are scored
     first, in full). The examples go in chunks of ``fitness.batch_size``, so it needs several chunks.
     Does not change the search's outcome: the same genomes in the same order, the same best."""
+    select_top: PositiveInt = 5
+    """With validation examples (``fitness.tasks[].validation_size``): the best candidates by search
+    fitness among which the one scoring best on them is exported. Not part of the run's digest."""
     in_flight: PositiveInt = 1
     """Candidates evaluated at once: candidate i is bred from the results of candidates 0..i-in_flight.
     The outcome depends on this, never on the evaluator, so a serial run with in_flight=N equals a
@@ -177,6 +180,10 @@ class TaskConfig(_Section):
     test_split: str = "test"
     """Held-out split reported for the best genome and the export; never optimised."""
     search_size: PositiveInt = 32
+    validation_size: PositiveInt | None = None
+    """Examples drawn from the search split's source after the search ones (disjoint from both the
+    search and the test examples), never searched on: the exported genome is picked among the search's
+    best by them (``search.select_top``). Unset: the best search fitness is exported."""
     test_size: PositiveInt = 100
     seed: int = 0
     weight: Annotated[float, Field(gt=0.0)] = 1.0
@@ -317,8 +324,11 @@ class Config(_Section):
             del data["moei2"]  # only decides MoE-I² runs (and keeps older runs' digests)
         else:  # MoE-I² is decided by its calibration texts
             data["calibration"] = self.baselines.calibration.model_dump(mode="json")
-        data["search"] = {k: v for k, v in data["search"].items() if k not in ("max_failures", "early_cut")}
+        data["search"] = {k: v for k, v in data["search"].items()
+                          if k not in ("max_failures", "early_cut", "select_top")}
         data["fitness"] = {k: v for k, v in data["fitness"].items() if k != "scoring"}
+        for task in data["fitness"]["tasks"]:  # decides only which genome is exported, after the search
+            task.pop("validation_size")
         for key in ("seed_genomes", "warm_start"):
             if not data["search"][key]:
                 del data["search"][key]  # keys added with a neutral default keep older runs' digests

@@ -47,7 +47,8 @@ class FitnessWorker:
 
         self.config = config
         self.name = f"{name or 'worker'}@{socket.gethostname()}:{os.getpid()}"  # journaled per evaluation
-        tasks = {split: load_tasks(config.fitness.tasks, split) for split in ("search", "test")}  # data errors first
+        splits = ("search", "test", "validation") if any(t.validation_size for t in config.fitness.tasks) else ("search", "test")
+        tasks = {split: load_tasks(config.fitness.tasks, split) for split in splits}  # data errors first
         self.model, self.tokenizer = load_model(config.model)
         try:
             self.adapter = adapter_for(self.model)
@@ -117,9 +118,9 @@ class SerialEvaluator:
     def busy_fraction(self) -> float | None:
         return None  # one in-process worker: nothing to report
 
-    def heldout(self, genome: Genome | None) -> dict[str, float]:
-        """Held-out (test split) scores, never used as fitness."""
-        return self.worker.scores(genome, split="test")
+    def heldout(self, genome: Genome | None, split: str = "test") -> dict[str, float]:
+        """Scores on a split never searched on (``test``: held out; ``validation``: picks the export)."""
+        return self.worker.scores(genome, split=split)
 
     def close(self) -> None:
         pass

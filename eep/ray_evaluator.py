@@ -154,10 +154,10 @@ class RayEvaluator:
                     evaluation = replace(evaluation, note=notes.pop(candidate.id))
                 done[candidate.id] = evaluation
 
-    def heldout(self, genome) -> dict[str, float]:
+    def heldout(self, genome, split: str = "test") -> dict[str, float]:
         import ray
 
-        return ray.get(self.actors[0].scores.remote(genome, "test"))
+        return ray.get(self.actors[0].scores.remote(genome, split))
 
     def close(self) -> None:
         import ray

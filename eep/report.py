@@ -332,8 +332,16 @@ def write_report(run_dir: str | Path) -> Path:
                      + (f", {cut} cut short as hopeless (scored part-way; never a parent or the best)" if cut else ""))
     if best is not None:
         lines.append(f"- best search fitness: {best.fitness:.2f} (candidate {best.id}, genome `{best.genome.key}`)")
+    chosen = (summary or {}).get("selected")
+    if chosen and chosen.get("by") == "validation" and not moei2:
+        lines.append(f"- exported: candidate {chosen['id']} (search fitness {chosen['fitness']:.2f}), the best on the "
+                     f"validation examples ({chosen['validation']:.2f}) among the {len(chosen['candidates'])} best "
+                     "by search fitness")
     if heldout and "best" in heldout and not moei2:
-        lines.append(f"- held-out score of the best genome: {heldout['best']['mean']:.2f}")
+        lines.append(f"- held-out score of the exported genome: {heldout['best']['mean']:.2f}")
+    if summary and summary.get("generalisation_gap") is not None and not moei2:
+        lines.append(f"- generalisation gap (its search fitness minus held-out): {summary['generalisation_gap']:.2f} "
+                     "points")
     if evaluations:
         phases = [(config.search.initial, "breeding starts")]
         if config.search_space.kind == "merge":

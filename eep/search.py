@@ -262,6 +262,15 @@ def best_of(archive: list[Evaluation]) -> Evaluation | None:
     return min(ok, key=lambda e: (-e.fitness, e.id)) if ok else None
 
 
+def select(archive: list[Evaluation], validate: Callable[[Genome], float], top: int) -> tuple[Evaluation, dict]:
+    """The genome to export: among the ``top`` best candidates by search fitness, the best by
+    ``validate`` (fitness on examples never searched on; ties: the better search fitness, then the
+    earlier). Returns it and the validation fitness of each candidate tried, by id."""
+    ranked = sorted((e for e in archive if e.candidate), key=lambda e: (-e.fitness, e.id))[:top]
+    scores = {e.id: validate(e.genome) for e in ranked}
+    return max(ranked, key=lambda e: (scores[e.id], e.fitness, -e.id)), scores
+
+
 def summarise(archive: list[Evaluation]) -> dict:
     best = best_of(archive)
     cut = [e for e in archive if e.cut is not None]

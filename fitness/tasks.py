@@ -96,17 +96,26 @@ def check_tasks(configs: Sequence[TaskConfig]) -> None:
 
 
 def load_tasks(configs: Sequence[TaskConfig], which: str) -> list[Task]:
-    """The tasks' ``search`` (fitness) or ``test`` (held-out report) examples."""
-    if which not in ("search", "test"):
-        raise ValueError(f"which must be 'search' or 'test', got {which!r}")
+    """The tasks' ``search`` (fitness), ``validation`` (picks the exported genome; only tasks with a
+    ``validation_size``) or ``test`` (held-out report) examples. Validation examples come from the
+    search split after its ``search_size`` ones, so the search examples are the same with or without."""
+    if which not in ("search", "validation", "test"):
+        raise ValueError(f"which must be 'search', 'validation' or 'test', got {which!r}")
     check_tasks(configs)
     tasks = []
     for cfg in configs:
-        split, size = (cfg.search_split, cfg.search_size) if which == "search" else (cfg.test_split, cfg.test_size)
+        if which == "validation" and not cfg.validation_size:
+            continue
+        split, size, skip = {"search": (cfg.search_split, cfg.search_size, 0), "test": (cfg.test_split, cfg.test_size, 0),
+                             "validation": (cfg.search_split, cfg.search_size + (cfg.validation_size or 0),
+                                            cfg.search_size)}[which]
         if cfg.dataset.startswith("toy:"):
-            examples = _toy_examples(cfg, split, size)
+            examples = _toy_examples(cfg, split, size)[skip:]
         else:
-            examples = tuple(_example(cfg, row) for row in _rows(cfg, split, size))
+            examples = tuple(_example(cfg, row) for row in _rows(cfg, split, size)[skip:])
+        if which == "validation" and not examples:
+            raise EepError(f"task {cfg.name!r}: split {split!r} of {cfg.dataset!r} has no rows left for validation "
+                           f"after the {cfg.search_size} search ones; lower search_size or validation_size")
         tasks.append(Task(cfg.name, examples, cfg.metric, cfg.weight, tuple(cfg.stop or ()), cfg.chat_template))
     return tasks
 

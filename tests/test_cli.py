@@ -241,3 +241,39 @@ def test_warm_start_genomes_become_the_runs_seeds_and_greedy_spends_the_budget(c
     _fails(capsys, argv[:2] + ["--run-dir", str(tmp_path / "budget"), "--set", "search.warm_start=[naee]",
                                "--set", "search_space.budget=20", "--set", "search_space.keep=null"],
            "greedy elimination needs a uniform pruning space")
+
+
+def test_validation_examples_pick_the_export_and_the_gap_is_reported(capsys, tmp_path):
+    """With validation examples, the exported genome is the best of the top candidates on them (none
+    of them searched on); summary, report and export follow that pick."""
+    from fitness.tasks import load_tasks
+    from eep.config import load_config
+
+    cfg = _config(tmp_path)
+    config = load_config(cfg, ["fitness.tasks=" + json.dumps([
+        {"name": t, "dataset": f"toy:{t}", "search_size": 6, "validation_size": 6, "test_size": 12}
+        for t in ("copy", "reverse", "shift", "lookup")])])
+    search, validation, test = (load_tasks(config.fitness.tasks, w) for w in ("search", "validation", "test"))
+    assert [t.examples for t in search] == [t.examples for t in load_tasks(_no_validation(config), "search")]
+    prompts = [{e.prompt for e in t.examples} for t in (*search, *validation, *test)]
+    assert all(not (a & b) for i, a in enumerate(prompts) for b in prompts[i + 1:])  # disjoint
+    run = tmp_path / "run"
+    argv = ["search", str(cfg), "--run-dir", str(run), "--set", "search_space.keep=2",
+            "--set", "fitness.tasks=" + json.dumps(config.model_dump(mode="json")["fitness"]["tasks"])]
+    assert main(argv) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    chosen = summary["selected"]
+    assert chosen["by"] == "validation" and len(chosen["candidates"]) == 5
+    assert chosen["validation"] == max(chosen["candidates"].values())
+    assert summary["generalisation_gap"] == pytest.approx(chosen["fitness"] - summary["heldout"]["best"]["mean"])
+    assert main(["report", str(run)]) == 0
+    report = (run / "report.md").read_text()
+    assert f"- exported: candidate {chosen['id']}" in report and "generalisation gap" in report
+    assert main(["export", str(run), "--out", str(tmp_path / "out")]) == 0
+    exported = Genome.load(tmp_path / "out" / "eep_genome.json")
+    assert exported.key == Genome.from_dict(chosen["genome"]).key
+
+
+def _no_validation(config):
+    tasks = [t.model_copy(update={"validation_size": None}) for t in config.fitness.tasks]
+    return config.fitness.model_copy(update={"tasks": tasks}).tasks
