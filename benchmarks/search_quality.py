@@ -1,0 +1,121 @@
+"""Search quality: the search against every baseline, held out, with wall time and evaluations.
+
+For each toy config and keep count: random keep sets, routing frequency, REAP, NAEE (one
+calibration pass, timed once and shown on each), greedy elimination (``eep.greedy``, real
+evaluations), the search as EEP ran it (no warm start, 200 evaluations) and the search as
+configured. Every genome is scored on the held-out
+test split by the same resident worker.
+
+    python benchmarks/search_quality.py                       # both toys, keep 2, 3, 4, seed 0
+    python benchmarks/search_quality.py --configs experiments/toy.yaml --keeps 2 --seeds 0 1 2
+    python benchmarks/search_quality.py --set search.evaluations=500   # a variant of the search
+
+The first toy (``experiments/toy.yaml``) is what eep's defaults were tuned on; the second
+(``experiments/toy-qwen.yaml``, a Qwen3-MoE with other tasks and another expert-sharing
+structure) was kept out of tuning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+EEP_SCHEME = ["search.warm_start=[]", "search.evaluations=200"]
+
+
+def _search(config, worker, space, tmp: Path) -> tuple[object, float, int, float]:
+    from eep.evaluator import SerialEvaluator
+    from eep.genome import Genome
+    from eep.journal import RunDir
+    from eep.search import run_search, select
+    from fitness.metrics import weighted_fitness
+
+    run = RunDir.create(tmp / f"run-{time.monotonic_ns()}", config)
+    start = time.perf_counter()
+    summary = run_search(run, space, SerialEvaluator(worker), log=lambda m: None)
+    validated = [t for t in config.fitness.tasks if t.validation_size]
+    genome = Genome.from_dict(summary["best_genome"])
+    fitness = summary["best_fitness"]
+    if validated:
+        chosen, _ = select(run.evaluations(), lambda g: weighted_fitness(validated, worker.scores(g, "validation")),
+                           config.search.select_top)
+        genome, fitness = chosen.genome, chosen.fitness
+    return genome, time.perf_counter() - start, summary["evaluations"], fitness
+
+
+def measure(config_path: str, keep: int, seed: int, overrides: list[str], tmp: Path) -> dict[str, dict]:
+    from eep import baselines as bl
+    from eep import greedy
+    from eep.cli import _plan
+    from eep.compare import calibrate
+    from eep.config import load_config
+    from eep.evaluator import FitnessWorker
+    from fitness.metrics import weighted_fitness
+
+    base = [f"search_space.keep={keep}", f"search.seed={seed}"]
+    config = load_config(config_path, base + overrides)
+    _, shape, schedule = _plan(config)
+    space = schedule.first
+    worker = FitnessWorker(config)
+
+    def heldout(genome) -> float:
+        return weighted_fitness(config.fitness.tasks, worker.scores(genome, "test"))
+
+    rows: dict[str, dict] = {}
+    start = time.perf_counter()
+    _, _, cal = calibrate(config, worker, lambda m: None)
+    calibration_s = time.perf_counter() - start
+    draws = [heldout(g) for g in bl.random_genomes(cal, keep, 5, seed)]
+    rows["random (5 draws)"] = {"heldout": statistics.mean(draws), "seconds": 0.0, "evaluations": 0}
+    for name, genome in (("frequency", bl.frequency_genome(cal, keep)), ("reap", bl.reap_genome(cal, keep)),
+                         ("naee", bl.naee_genome(cal, keep, config.baselines.naee_max_subsets)[0])):
+        rows[name] = {"heldout": heldout(genome), "seconds": calibration_s, "evaluations": 0}
+    start = time.perf_counter()
+    genome, fitness, spent = greedy.run(greedy.steps(space), lambda gs: [worker.fitness(worker.scores(g)) for g in gs])
+    rows["greedy"] = {"heldout": heldout(genome), "seconds": time.perf_counter() - start, "evaluations": spent,
+                      "fitness": fitness}
+    eep_config = load_config(config_path, base + overrides + EEP_SCHEME)
+    for name, cfg in (("search, EEP's scheme", eep_config), ("search (default)", config)):
+        genome, seconds, evaluations, fitness = _search(cfg, worker, space, tmp)
+        rows[name] = {"heldout": heldout(genome), "seconds": seconds, "evaluations": evaluations, "fitness": fitness}
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=["experiments/toy.yaml", "experiments/toy-qwen.yaml"])
+    parser.add_argument("--keeps", nargs="+", type=int, default=[2, 3, 4])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override the configured search (and every row's config), e.g. search.evaluations=500")
+    args = parser.parse_args(argv)
+    print("| config | keep | method | held-out | search fitness | evaluations | wall s |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory(prefix="eep-quality-") as tmp:
+        for path in args.configs:
+            if not (ROOT / path).exists() and not Path(path).exists():
+                print(f"| {path} | – | missing | | | | |")
+                continue
+            for keep in args.keeps:
+                per_seed = [measure(path, keep, seed, args.overrides, Path(tmp)) for seed in args.seeds]
+                for method in per_seed[0]:
+                    held = [rows[method]["heldout"] for rows in per_seed]
+                    fit = [rows[method].get("fitness") for rows in per_seed]
+                    shown = f"{statistics.mean(held):.2f}" + (f" ± {statistics.stdev(held):.2f}" if len(held) > 1 else "")
+                    fitness = f"{statistics.mean(fit):.2f}" if None not in fit else ""
+                    evals = statistics.mean(rows[method]["evaluations"] for rows in per_seed)
+                    secs = statistics.mean(rows[method]["seconds"] for rows in per_seed)
+                    print(f"| {Path(path).stem} | {keep} | {method} | {shown} | {fitness} | {evals:.0f} | {secs:.1f} |",
+                          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
