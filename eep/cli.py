@@ -112,7 +112,9 @@ def _parser() -> argparse.ArgumentParser:
     b = toy_sub.add_parser("build", help="retrain the toy model from a seed (a few minutes on CPU)")
     b.add_argument("--out", help="output directory (default: the packaged toy model)")
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--steps", type=int, default=2500)
+    b.add_argument("--steps", type=int, help="training steps (default: 2500 for mixtral, 3500 for qwen)")
+    b.add_argument("--which", choices=("mixtral", "qwen"), default="mixtral",
+                   help="mixtral: the toy (model 'toy'); qwen: toy-qwen, the untuned second toy (default: mixtral)")
     b.set_defaults(func=cmd_toy_build)
     return parser
 
@@ -629,9 +631,10 @@ def cmd_bench(args) -> int:
 
 
 def cmd_toy_build(args) -> int:
-    from eep import toy
+    from eep import toy, toy_qwen
 
-    out = Path(args.out) if args.out else toy.TOY_DIR
-    toy.train(out, seed=args.seed, steps=args.steps, log=log)
+    module, default = (toy_qwen, toy_qwen.TOY_QWEN_DIR) if args.which == "qwen" else (toy, toy.TOY_DIR)
+    out = Path(args.out) if args.out else default
+    module.train(out, seed=args.seed, log=log, **({"steps": args.steps} if args.steps else {}))
     log(f"[eep] toy model written to {out}")
     return 0

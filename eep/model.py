@@ -14,13 +14,19 @@ from eep.errors import EepError
 
 
 def resolve_path(path: str) -> str:
-    """``toy`` → the packaged toy model directory; other values are returned unchanged."""
+    """``toy`` / ``toy-qwen`` → a packaged toy model's directory; other values are returned unchanged."""
     if path == "toy":
         from eep.toy import TOY_DIR
 
         if not (TOY_DIR / "model.safetensors").exists():
             raise EepError(f"the embedded toy model is missing from {TOY_DIR}; rebuild it with `eep toy build`")
         return str(TOY_DIR)
+    if path == "toy-qwen":
+        from eep.toy_qwen import TOY_QWEN_DIR
+
+        if not (TOY_QWEN_DIR / "model.safetensors").exists():
+            raise EepError(f"the toy-qwen model is missing from {TOY_QWEN_DIR}; rebuild it with `eep toy build --which qwen`")
+        return str(TOY_QWEN_DIR)
     return path
 
 

@@ -44,8 +44,9 @@ def toy_config(vocab_size: int) -> MixtralConfig:
     )
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {word: i for i, word in enumerate(toy_tasks.vocabulary())}
+def build_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``words`` (default: the toy tasks' vocabulary)."""
+    vocab = {word: i for i, word in enumerate(words or toy_tasks.vocabulary())}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
@@ -104,14 +105,14 @@ def sacrificing_genome(pairs, task: str, num_experts: int, top_k: int, size: int
     return Genome.from_keep(num_experts, top_k, keep)
 
 
-def _batch(tokenizer, rng: random.Random, size: int):
+def _batch(tokenizer, rng: random.Random, size: int, tasks_module=toy_tasks):
     rows, tasks = [], []
     for _ in range(size):
-        task = rng.choice(toy_tasks.TASKS)
-        seq = [rng.choice(toy_tasks.SYMBOLS) for _ in range(rng.randint(toy_tasks.MIN_LEN, toy_tasks.MAX_LEN))]
-        if toy_tasks.split_of(task, seq) != "train":
+        task = rng.choice(tasks_module.TASKS)
+        seq = [rng.choice(tasks_module.SYMBOLS) for _ in range(rng.randint(tasks_module.MIN_LEN, tasks_module.MAX_LEN))]
+        if tasks_module.split_of(task, seq) != "train":
             continue
-        ex = toy_tasks.make_example(task, seq)
+        ex = tasks_module.make_example(task, seq)
         prompt = tokenizer(ex.prompt)["input_ids"]
         answer = tokenizer(ex.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append((prompt, answer))
@@ -126,32 +127,38 @@ def _batch(tokenizer, rng: random.Random, size: int):
 
 
 @torch.enable_grad()  # whatever the caller disabled
-def train(out_dir: Path, seed: int = 0, steps: int = 2500, batch_size: int = 64, log=print) -> dict:
-    """Train the toy from ``seed`` and save it (weights, config, tokenizer, pairing) to ``out_dir``."""
+def train(out_dir: Path, seed: int = 0, steps: int = 2500, batch_size: int = 64, log=print, *,
+          tasks_module=toy_tasks, new_model=None, expert_sets=expert_pairs, sets_key: str = "expert_pairs",
+          cover_size: int = 5) -> dict:
+    """Train the toy from ``seed`` and save it (weights, config, tokenizer, pairing) to ``out_dir``.
+
+    The keywords make another toy (:mod:`eep.toy_qwen`): its tasks module, ``new_model(vocab_size)``,
+    ``expert_sets(seed, num_layers, num_experts)`` (per layer, each task's experts), the json key
+    they are saved under, and the size of the covering keep sets half the batches are pruned to."""
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
     rng = random.Random(seed)
-    tokenizer = build_tokenizer()
-    config = toy_config(len(tokenizer))
-    model = MixtralForCausalLM(config)
+    tokenizer = build_tokenizer(tasks_module.vocabulary())
+    model = (new_model or (lambda vocab: MixtralForCausalLM(toy_config(vocab))))(len(tokenizer))
     adapter = MoEAdapter(model)
-    pairs = expert_pairs(seed, config.num_hidden_layers, config.num_local_experts)
-    # route_target[layer][task] = the task's pair as a 0/1 row over experts
-    targets = torch.zeros(config.num_hidden_layers, len(toy_tasks.TASKS), config.num_local_experts)
+    num_layers = model.config.num_hidden_layers
+    pairs = expert_sets(seed, num_layers, adapter.num_experts)
+    # route_target[layer][task] = the task's experts, sharing one unit of probability
+    targets = torch.zeros(num_layers, len(tasks_module.TASKS), adapter.num_experts)
     for layer, layer_pairs in enumerate(pairs):
-        for t, task in enumerate(toy_tasks.TASKS):
-            targets[layer, t, list(layer_pairs[task])] = 0.5
+        for t, task in enumerate(tasks_module.TASKS):
+            targets[layer, t, list(layer_pairs[task])] = 1 / len(layer_pairs[task])
     optim = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=3e-3, total_steps=steps, pct_start=0.05)
     model.train()
     start = time.time()
     for step in range(steps):
-        ids, labels, tasks = _batch(tokenizer, rng, batch_size)
-        task_idx = torch.tensor([toy_tasks.TASKS.index(t) for t in tasks])
+        ids, labels, tasks = _batch(tokenizer, rng, batch_size, tasks_module)
+        task_idx = torch.tensor([tasks_module.TASKS.index(t) for t in tasks])
         real = ids != tokenizer.pad_token_id
         real[:, 0] = False  # <bos> carries no task information yet
         pruned = rng.random() < 0.5
-        context = (adapter.applied(covering_genome(pairs, adapter.num_experts, adapter.top_k, rng))
+        context = (adapter.applied(covering_genome(pairs, adapter.num_experts, adapter.top_k, rng, cover_size))
                    if pruned else contextlib.nullcontext())
         with context:
             out = model(input_ids=ids, labels=labels, output_router_logits=True)
@@ -173,8 +180,8 @@ def train(out_dir: Path, seed: int = 0, steps: int = 2500, batch_size: int = 64,
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    info = {"seed": seed, "steps": steps, "batch_size": batch_size, "tasks": list(toy_tasks.TASKS),
-            "expert_pairs": [{t: list(p) for t, p in layer.items()} for layer in pairs]}
+    info = {"seed": seed, "steps": steps, "batch_size": batch_size, "tasks": list(tasks_module.TASKS),
+            sets_key: [{t: list(p) for t, p in layer.items()} for layer in pairs]}
     (out_dir / "eep_toy.json").write_text(json.dumps(info, indent=1) + "\n")
     return info
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from eep.config import TaskConfig
 from eep.errors import EepError
-from fitness import presets, toy_tasks
+from fitness import presets, toy_qwen_tasks, toy_tasks
 from fitness.metrics import metric
 
 
@@ -42,6 +42,7 @@ class Task:
     chat_template: bool = False
 
 
+_TOYS = {"toy": toy_tasks, "toyq": toy_qwen_tasks}  # dataset prefix -> the toy model's tasks
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -61,10 +62,10 @@ def check_tasks(configs: Sequence[TaskConfig]) -> None:
             raise EepError(f"{where}: unknown preprocess {cfg.preprocess!r}; available: {', '.join(presets.PREPROCESS)}")
         if cfg.chat_template and kind == "text":
             raise EepError(f"{where}: chat_template applies to prompts, not to {cfg.metric} texts; remove it")
-        if source == "toy":
-            if name not in toy_tasks.TASKS:
+        if source in _TOYS:
+            if name not in _TOYS[source].TASKS:
                 raise EepError(f"{where}: unknown toy task {cfg.dataset!r}; "
-                               f"available: {', '.join('toy:' + t for t in toy_tasks.TASKS)}")
+                               f"available: {', '.join(f'{source}:{t}' for t in _TOYS[source].TASKS)}")
             if kind == "choice":
                 raise EepError(f"{where}: toy tasks have no options; use a generation or text metric, not {cfg.metric}")
             for split in (cfg.search_split, cfg.test_split):
@@ -109,7 +110,7 @@ def load_tasks(configs: Sequence[TaskConfig], which: str) -> list[Task]:
         split, size, skip = {"search": (cfg.search_split, cfg.search_size, 0), "test": (cfg.test_split, cfg.test_size, 0),
                              "validation": (cfg.search_split, cfg.search_size + (cfg.validation_size or 0),
                                             cfg.search_size)}[which]
-        if cfg.dataset.startswith("toy:"):
+        if cfg.dataset.partition(":")[0] in _TOYS:
             examples = _toy_examples(cfg, split, size)[skip:]
         else:
             examples = tuple(_example(cfg, row) for row in _rows(cfg, split, size)[skip:])
@@ -121,7 +122,8 @@ def load_tasks(configs: Sequence[TaskConfig], which: str) -> list[Task]:
 
 
 def _toy_examples(cfg: TaskConfig, split: str, size: int) -> tuple[Example, ...]:
-    rows = toy_tasks.examples(cfg.dataset[4:], split, size, seed=cfg.seed)
+    source, _, name = cfg.dataset.partition(":")
+    rows = _TOYS[source].examples(name, split, size, seed=cfg.seed)
     if metric(cfg.metric).kind == "text":  # the whole worked example is the text
         return tuple(Example(f"{e.prompt} {e.answer}") for e in rows)
     return tuple(Example(e.prompt, (e.answer,)) for e in rows)

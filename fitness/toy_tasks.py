@@ -70,12 +70,17 @@ def examples(task: str, split: str, n: int, seed: int = 0) -> list[Example]:
         raise ValueError(f"unknown toy task {task!r}; choose one of {', '.join(TASKS)}")
     if split not in SPLITS:
         raise ValueError(f"unknown toy split {split!r}; choose one of {', '.join(SPLITS)}")
+    return sample(make_example, task, split, n, seed)
+
+
+def sample(make, task: str, split: str, n: int, seed: int = 0, symbols=SYMBOLS, lengths=(MIN_LEN, MAX_LEN)):
+    """``n`` distinct examples ``make(task, seq)`` of random inputs in ``split`` (shared by both toys)."""
     rng = random.Random(f"{task}/{split}/{seed}")
     seen: set[str] = set()
     out: list[Example] = []
     while len(out) < n:
-        seq = [rng.choice(SYMBOLS) for _ in range(rng.randint(MIN_LEN, MAX_LEN))]
-        ex = make_example(task, seq)
+        seq = [rng.choice(symbols) for _ in range(rng.randint(*lengths))]
+        ex = make(task, seq)
         if split_of(task, seq) == split and ex.prompt not in seen:
             seen.add(ex.prompt)
             out.append(ex)
