@@ -2,8 +2,8 @@
 
 For each toy config and keep count: random keep sets, routing frequency, REAP, NAEE (one
 calibration pass, timed once and shown on each), greedy elimination (``eep.greedy``, real
-evaluations), the search as EEP ran it (no warm start, 200 evaluations) and the search as
-configured. Every genome is scored on the held-out
+evaluations), the search as EEP ran it (200 evaluations, the best by search fitness exported) and
+the search as configured (the toys: 500 evaluations, the export picked on validation examples). Every genome is scored on the held-out
 test split by the same resident worker.
 
     python benchmarks/search_quality.py                       # both toys, keep 2, 3, 4, seed 0
@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-EEP_SCHEME = ["search.warm_start=[]", "search.evaluations=200"]
+EEP_SCHEME = ["search.warm_start=[]", "search.evaluations=200"]  # and no validation examples
 
 
 def _search(config, worker, space, tmp: Path) -> tuple[object, float, int, float]:
@@ -50,7 +50,16 @@ def _search(config, worker, space, tmp: Path) -> tuple[object, float, int, float
     return genome, time.perf_counter() - start, summary["evaluations"], fitness
 
 
-def measure(config_path: str, keep: int, seed: int, overrides: list[str], tmp: Path) -> dict[str, dict]:
+def _with_validation(config, size: int | None):
+    """``config`` with ``validation_size`` of every task set (0: removed; None: as configured)."""
+    if size is None:
+        return config
+    tasks = [t.model_copy(update={"validation_size": size or None}) for t in config.fitness.tasks]
+    return config.model_copy(update={"fitness": config.fitness.model_copy(update={"tasks": tasks})})
+
+
+def measure(config_path: str, keep: int, seed: int, overrides: list[str], tmp: Path,
+            validation: int | None = None) -> dict[str, dict]:
     from eep import baselines as bl
     from eep import greedy
     from eep.cli import _plan
@@ -60,7 +69,7 @@ def measure(config_path: str, keep: int, seed: int, overrides: list[str], tmp: P
     from fitness.metrics import weighted_fitness
 
     base = [f"search_space.keep={keep}", f"search.seed={seed}"]
-    config = load_config(config_path, base + overrides)
+    config = _with_validation(load_config(config_path, base + overrides), validation)
     _, shape, schedule = _plan(config)
     space = schedule.first
     worker = FitnessWorker(config)
@@ -81,7 +90,7 @@ def measure(config_path: str, keep: int, seed: int, overrides: list[str], tmp: P
     genome, fitness, spent = greedy.run(greedy.steps(space), lambda gs: [worker.fitness(worker.scores(g)) for g in gs])
     rows["greedy"] = {"heldout": heldout(genome), "seconds": time.perf_counter() - start, "evaluations": spent,
                       "fitness": fitness}
-    eep_config = load_config(config_path, base + overrides + EEP_SCHEME)
+    eep_config = _with_validation(load_config(config_path, base + overrides + EEP_SCHEME), 0)  # EEP exports its best
     for name, cfg in (("search, EEP's scheme", eep_config), ("search (default)", config)):
         genome, seconds, evaluations, fitness = _search(cfg, worker, space, tmp)
         rows[name] = {"heldout": heldout(genome), "seconds": seconds, "evaluations": evaluations, "fitness": fitness}
@@ -93,6 +102,7 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", nargs="+", default=["experiments/toy.yaml", "experiments/toy-qwen.yaml"])
     parser.add_argument("--keeps", nargs="+", type=int, default=[2, 3, 4])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--validation", type=int, help="validation_size of every task for the configured search")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override the configured search (and every row's config), e.g. search.evaluations=500")
     args = parser.parse_args(argv)
@@ -104,7 +114,7 @@ def main(argv=None) -> int:
                 print(f"| {path} | – | missing | | | | |")
                 continue
             for keep in args.keeps:
-                per_seed = [measure(path, keep, seed, args.overrides, Path(tmp)) for seed in args.seeds]
+                per_seed = [measure(path, keep, seed, args.overrides, Path(tmp), args.validation) for seed in args.seeds]
                 for method in per_seed[0]:
                     held = [rows[method]["heldout"] for rows in per_seed]
                     fit = [rows[method].get("fitness") for rows in per_seed]

@@ -7,6 +7,11 @@ is bred from the archive: with probability ``crossover_prob`` two parents among 
 ``mutate_threshold`` points is taken; the child is then always mutated. A child whose content
 hash was already proposed is bred again, so no genome is evaluated twice.
 
+With ``search.warm_start: [greedy]`` the first candidates are greedy elimination's (:mod:`eep.greedy`),
+journaled like the rest; seeds and random genomes follow. Each candidate carries the fitness it
+must reach to matter (:func:`parent_bar`) so that a worker may cut a hopeless one short, and the
+order of tasks that makes such a cut come soonest (:func:`task_order`).
+
 The operators come from the search space of the candidate's phase (:class:`search_spaces.Schedule`):
 EEP prunes first, then from ``merge_after`` on breeds merge genomes from the same archive, so
 the first merge children are perturbed copies of the best pruned genomes.
@@ -26,8 +31,8 @@ import random
 import sys
 import time
 from collections import deque
-from dataclasses import replace
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 from deap import base
 
