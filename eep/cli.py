@@ -460,9 +460,11 @@ def cmd_baselines(args) -> int:
         write_json_atomic(run.path / "baselines.json", result)
     methods = result["methods"]
     width = max(len(m) for m in methods)
+    print(f"held-out mean at {result['keep']} of {result['num_experts']} experts; calibration: {result['calibration']}")
     for name, row in methods.items():
         spread = f" ± {row['heldout_std']:.2f}" if "heldout_std" in row else ""
         spent = f"  ({row['evaluations']} evaluations)" if "evaluations" in row else ""
+        spent += f"  ({row['how']})" if row.get("how", "").startswith("no-op") else ""
         print(f"{name:<{width}}  {row['heldout']:6.2f}{spread}  kept {row['kept_params']:,}  "
               f"active {row['active_params']:,}{spent}")
     log(f"[eep] wrote {run.path / 'baselines.json'}; `eep report {run.path}` makes the report")

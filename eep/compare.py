@@ -51,20 +51,35 @@ def parameter_counts(model, adapter, genome: Genome | None) -> tuple[int, int]:
 
 
 def calibration_texts(config: Config) -> list[str]:
-    """The calibration texts: a dataset's, or the fitness tasks' search examples written out."""
+    """The calibration texts: a dataset's, or the fitness tasks' search examples written out, taken
+    from the tasks in turn (one of each, then the next of each...) so that a ``size`` below their
+    total still covers every task."""
     from fitness.tasks import load_tasks, load_texts
 
     cal = config.baselines.calibration
     if cal.dataset is not None:
         return load_texts(cal.dataset, cal.subset, cal.split, cal.prompt, cal.size, cal.seed)
-    texts = []
+    per_task = []
     for task in load_tasks(config.fitness.tasks, "search"):
+        texts = []
         for ex in task.examples:
             if ex.options:
                 texts.append("".join(ex.options[ex.label]))
             else:
                 texts.append(f"{ex.prompt} {ex.answers[0]}" if ex.answers else ex.prompt)
-    return texts[: cal.size]
+        per_task.append(texts)
+    balanced = [texts[i] for i in range(max(map(len, per_task))) for texts in per_task if i < len(texts)]
+    return balanced[: cal.size]
+
+
+def calibration_coverage(config: Config) -> str:
+    """What the calibration texts are drawn from, for the table: ``128 texts of 8 of 8 tasks``."""
+    cal = config.baselines.calibration
+    if cal.dataset is not None:
+        return f"{cal.size} texts of {cal.dataset}"
+    sizes = [t.search_size for t in config.fitness.tasks]
+    covered = sum(1 for n in sizes if n) if cal.size >= len(sizes) else cal.size
+    return f"{min(cal.size, sum(sizes))} texts of {covered} of {len(sizes)} tasks' search examples"
 
 
 def calibration_batches(tokenizer, texts: list[str], batch_size: int, max_length: int) -> list[dict]:
@@ -157,7 +172,7 @@ def run_baselines(config: Config, worker, summary: dict | None, log: Callable[[s
         tasks = worker.scores(genome, "test", skip=skip)
         kept, active = parameter_counts(worker.model, worker.adapter, genome)
         return {"heldout": weighted_fitness(config.fitness.tasks, tasks), "tasks": tasks,
-                "kept_params": kept, "active_params": active}
+                "kept_params": kept, "active_params": active} | ({"genome": genome.to_dict()} if genome else {})
 
     def methods_at(k: int) -> dict[str, dict]:
         out: dict[str, dict] = {}
@@ -175,14 +190,15 @@ def run_baselines(config: Config, worker, summary: dict | None, log: Callable[[s
                 space = PruneSpace(shape.num_experts, shape.top_k, tuple(shape.moe_layers), k, config.search_space.top_k)
                 genome, fitness, spent = greedy.run(greedy.steps(space),
                                                     lambda genomes: [worker.fitness(worker.scores(g)) for g in genomes])
-                out[method] = {**score(genome), "evaluations": spent, "search_fitness": fitness,
-                               "genome": genome.to_dict()}
+                out[method] = {**score(genome), "evaluations": spent, "search_fitness": fitness}
             else:  # naee, naee+skip
                 genome, how = bl.naee_genome(cal, k, cfg.naee_max_subsets)
                 skip = bl.skip_betas(cal, genome) if method == "naee+skip" else None
                 out[method] = {**score(genome, skip), "how": how}
                 if skip is not None:
                     out[method]["betas"] = {str(i): round(b, 4) for i, b in skip.items()}
+                    if max(skip.values()) < 1e-3:  # the router's second weight is ~0: nothing to skip
+                        out[method]["how"] = "no-op: the second expert's weight is ~0, nothing is skipped"
         return out
 
     def moei2_rows(k: int) -> dict[str, dict]:
@@ -216,17 +232,19 @@ def run_baselines(config: Config, worker, summary: dict | None, log: Callable[[s
         held = summary["heldout"]["best"]
         methods["search"] = {"heldout": held["mean"], "tasks": held["scores"], "kept_params": kept,
                              "active_params": active, "genome_key": best.key, "evaluations": summary["evaluations"]}
-    sweep = {str(k): {m: v["heldout"] for m, v in methods_at(k).items()} for k in cfg.sweep if k != keep}
+    sweep_rows = {str(k): methods_at(k) for k in cfg.sweep if k != keep}
+    sweep = {k: {m: v["heldout"] for m, v in rows.items()} for k, rows in sweep_rows.items()}
     return {"keep": keep, "num_experts": shape.num_experts, "num_layers": len(shape.moe_layers),
             "top_k": shape.top_k, "calibration_texts": len(texts), "calibration_tokens": cal.tokens,
-            "methods": methods, "sweep": sweep}
+            "calibration": calibration_coverage(config), "methods": methods, "sweep": sweep, "sweep_rows": sweep_rows}
 
 
 def _mean_of(draws: list[dict]) -> dict:
     means = [d["heldout"] for d in draws]
     return {"heldout": statistics.mean(means), "heldout_std": statistics.stdev(means) if len(means) > 1 else 0.0,
             "draws": len(draws), "tasks": {t: statistics.mean(d["tasks"][t] for d in draws) for t in draws[0]["tasks"]},
-            "kept_params": draws[0]["kept_params"], "active_params": draws[0]["active_params"]}
+            "kept_params": draws[0]["kept_params"], "active_params": draws[0]["active_params"],
+            "genomes": [d["genome"] for d in draws]}
 
 
 def _progress(items, description: str):

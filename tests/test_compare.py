@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from eep.cli import main
-from eep.compare import calibration_texts, parameter_counts
+from eep.compare import calibration_coverage, calibration_texts, parameter_counts
 from eep.config import parse_config
 from eep.genome import Genome
 from eep.moe import adapter_for
@@ -38,8 +38,13 @@ def test_calibration_defaults_to_the_search_examples_written_out():
     config = parse_config(toy_config_dict())
     texts = calibration_texts(config)
     assert len(texts) == 4 * 6 and texts[0].startswith("copy : ") and " = " in texts[0]
+    # the tasks in turn: a size below the total still covers every task
+    assert [t.split(" : ")[0] for t in texts[:5]] == ["copy", "reverse", "shift", "lookup", "copy"]
     small = parse_config({**toy_config_dict(), "baselines": {"calibration": {"size": 5}}})
     assert calibration_texts(small) == texts[:5]
+    assert calibration_coverage(small) == "5 texts of 4 of 4 tasks' search examples"
+    tiny = parse_config({**toy_config_dict(), "baselines": {"calibration": {"size": 3}}})
+    assert calibration_coverage(tiny) == "3 texts of 3 of 4 tasks' search examples"
 
 
 @pytest.mark.slow
@@ -51,14 +56,19 @@ def test_baselines_then_report_then_eval_on_the_toy(tmp_path, capsys):
     assert main(["baselines", str(config), "--run-dir", str(run)]) == 0  # runs the search first
     result = json.loads((run / "baselines.json").read_text())
     methods = result["methods"]
-    assert set(methods) == {"full", "random", "frequency", "naee", "naee+skip", "reap", "search"}
+    assert set(methods) == {"full", "random", "frequency", "naee", "naee+skip", "reap", "greedy", "search"}
+    assert methods["greedy"]["evaluations"] == 4 * (8 + 7 + 6 + 5) + 4 * 4 * 4  # 4 of 8 in 4 layers
+    assert methods["search"]["evaluations"] == 10 and "genome" in methods["naee"]
+    assert len(methods["random"]["genomes"]) == 2 and result["calibration"].startswith("24 texts of 4 of 4 tasks")
     assert methods["random"]["draws"] == 2 and "heldout_std" in methods["random"]
     assert methods["naee"]["how"] == "enumeration" and set(methods["naee+skip"]["betas"]) == {"0", "1", "2", "3"}
     summary = json.loads((run / "summary.json").read_text())
     assert methods["search"]["heldout"] == summary["heldout"]["best"]["mean"]
     assert methods["full"]["heldout"] == pytest.approx(summary["heldout"]["full"]["mean"])
     assert methods["full"]["kept_params"] > methods["naee"]["kept_params"] == methods["search"]["kept_params"]
-    assert set(result["sweep"]["2"]) == {"random", "frequency", "naee", "naee+skip", "reap"}
+    assert set(result["sweep"]["2"]) == {"random", "frequency", "naee", "naee+skip", "reap", "greedy"}
+    assert result["sweep_rows"]["2"]["naee"]["heldout"] == result["sweep"]["2"]["naee"]
+    assert set(result["sweep_rows"]["2"]["greedy"]["tasks"]) == {"copy", "reverse", "shift", "lookup"}
     assert all(0 <= m["heldout"] <= 100 for m in methods.values())
     journal_lines = (run / "journal.jsonl").read_text().count("\n")
 
