@@ -146,7 +146,7 @@ def test_ray_search_with_early_cut_equals_serial_with_and_without_it(tmp_path):
     space = PruneSpace(num_experts=8, top_k=2, layers=(0, 1, 2, 3), keep=2)
 
     def config(cut, **evaluator):
-        data = toy_config_dict(in_flight=2, evaluations=24, initial=8, early_cut=cut)
+        data = toy_config_dict(in_flight=2, evaluations=18, initial=7, early_cut=cut)
         data["fitness"]["batch_size"] = 8
         data["search_space"]["keep"] = 2
         data["evaluator"] = evaluator
