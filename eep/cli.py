@@ -20,6 +20,8 @@ from eep.search import stderr_log as log
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if hasattr(args, "threads"):
+            _use_threads(args.threads)
         return args.func(args) or 0
     except EepError as err:
         print(f"eep: error: {err}", file=sys.stderr)
@@ -30,7 +32,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from eep import __version__
+
     parser = argparse.ArgumentParser(prog="eep", description="Evolutionary expert pruning for MoE language models.")
+    parser.add_argument("--version", action="version", version=f"eep {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("search", help="start a search from a YAML config")
@@ -38,12 +43,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="where the run lives (default: runs/<config name>)")
     _override_flag(p)
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan; load no weights")
+    p.add_argument("--resume-if-exists", action="store_true",
+                   help="if the run directory holds this config's run, resume it instead of refusing (scripts, jobs)")
     _evaluator_flags(p)
+    _threads_flag(p)
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("resume", help="continue a stopped search (on any evaluator)")
     p.add_argument("run_dir")
     _evaluator_flags(p)
+    _threads_flag(p)
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("export", help="write a genome as a smaller Hugging Face checkpoint")
@@ -58,12 +67,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dense", action="store_true",
                    help="low-rank experts (MoE-I² stage 2) as re-multiplied dense matrices, in the stock form when "
                         "the pruning allows (larger, no custom code for that); default: stored as their factors")
+    _threads_flag(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("baselines", help="score random, frequency, NAEE and REAP pruning next to the search, held out")
     p.add_argument("config", help="YAML config (its search runs first unless --run-dir holds it finished)")
     p.add_argument("--run-dir", help="the search's run directory (default: runs/<config name>)")
     _override_flag(p)
+    _threads_flag(p)
     p.set_defaults(func=cmd_baselines)
 
     p = sub.add_parser("report", help="write RUN_DIR/report.md with the comparison table and plots")
@@ -77,7 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["test", "search", "validation"], default="test",
                    help="which split (default: held-out test; validation: tasks with validation_size)")
     p.add_argument("--out", help="also write the scores to this JSON file")
+    p.add_argument("--json", action="store_true", help="print the scores as one JSON object instead of a table")
     _override_flag(p)
+    _threads_flag(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("finetune", help="the one gradient step: a short LoRA fine-tune of a compressed model on "
@@ -90,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default: 1e-4)")
     _override_flag(p)
+    _threads_flag(p)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("bench", help="measure apply cost, speedup vs rebuilding, duplicates, Ray scaling and export speed")
@@ -105,18 +119,37 @@ def _parser() -> argparse.ArgumentParser:
                    help="evaluations of each early-cut search row (default: 200)")
     p.add_argument("--no-ray", dest="ray", action="store_false", help="skip the Ray rows")
     p.add_argument("--no-export", dest="export", action="store_false", help="skip the export rows")
+    _threads_flag(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("toy", help="the embedded toy model")
     toy_sub = p.add_subparsers(dest="toy_command", required=True)
     b = toy_sub.add_parser("build", help="retrain the toy model from a seed (a few minutes on CPU)")
-    b.add_argument("--out", help="output directory (default: the packaged toy model)")
+    b.add_argument("--out", help="output directory, new or empty (default: toy-build/<which>)")
+    b.add_argument("--replace-packaged", action="store_true",
+                   help="write over the toy model shipped in the package instead (what its tests check)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--steps", type=int, help="training steps (default: 2500 for mixtral, 3500 for qwen)")
     b.add_argument("--which", choices=("mixtral", "qwen"), default="mixtral",
                    help="mixtral: the toy (model 'toy'); qwen: toy-qwen, the untuned second toy (default: mixtral)")
     b.set_defaults(func=cmd_toy_build)
     return parser
+
+
+def _threads_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch threads for CPU work in this process (default: 1, see the README's 'Threads')")
+
+
+def _use_threads(requested: int | None) -> None:
+    """Set torch's CPU threads: ``requested``, else :data:`eep.model.DEFAULT_THREADS`."""
+    import torch
+
+    from eep.model import DEFAULT_THREADS
+
+    if requested is not None and requested < 1:
+        raise EepError(f"--threads must be at least 1, got {requested}")
+    torch.set_num_threads(requested or DEFAULT_THREADS)
 
 
 def _override_flag(p: argparse.ArgumentParser) -> None:
@@ -209,7 +242,10 @@ def _print_plan(config, hf_config, shape, space, run_dir) -> None:
     where = (f"ray, {ev.workers or 'one per GPU/CPU'} actor(s)" + (f" at {ev.address}" if ev.address else " (local)")
              if ev.kind == "ray" else "serial (this process)")
     size = estimate_bytes(hf_config, config.model)
-    print(f"evaluator    {where}; {config.search.in_flight} candidate(s) in flight; ~"
+    import torch
+
+    threads = f"{torch.get_num_threads()} torch thread(s) here (--threads)" if ev.kind != "ray" else "1 thread per actor"
+    print(f"evaluator    {where}; {threads}; {config.search.in_flight} candidate(s) in flight; ~"
           + (f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB") + " of weights per model copy")
     print(f"run dir      {run_dir}")
 
@@ -246,6 +282,15 @@ def cmd_search(args) -> int:
     if args.dry_run:
         print("dry run: config is valid; nothing was loaded or written")
         return 0
+    if args.resume_if_exists and (run_dir / "config.yaml").exists():
+        from eep.config import differences
+
+        existing = RunDir.open(run_dir).config()
+        if existing.digest() != config.digest():
+            raise EepError(f"{run_dir} holds a run of another config ({differences(existing.outcome(), config.outcome())})"
+                           "; give a new --run-dir")
+        args.run_dir = str(run_dir)
+        return cmd_resume(args)
     RunDir.check_new(run_dir)
     if config.search_space.kind == "moei2":
         run = RunDir.create(run_dir, config)
@@ -322,6 +367,12 @@ def cmd_resume(args) -> int:
     config = _with_evaluator_flags(run.config(), args)
     _, _, space = _plan(config)
     with run.lock():  # before the model loads: a second writer fails fast
+        summary = run.summary() if run.summary_path.exists() else {}
+        if (config.search_space.kind != "moei2" and "heldout" in summary
+                and summary["evaluations"] >= config.search.evaluations):
+            log(f"[eep] {run.path} is finished ({summary['evaluations']} of {config.search.evaluations} evaluations, "
+                "held-out scored); nothing to do. Export it with `eep export`")
+            return 0
         log(f"[eep] resuming {run.path}")
         if config.search_space.kind == "moei2":
             return _moei2(run, config, space)
@@ -511,13 +562,20 @@ def cmd_eval(args) -> int:
     worker.adapter.use_scales(scales)
     scores = worker.scores(genome, args.split)
     mean = weighted_fitness(tasks, scores)
-    width = max(len(name) for name in scores)
-    for name, value in scores.items():
-        print(f"{name:<{width}}  {value:8.3f}")
-    print(f"{'fitness':<{width}}  {mean:8.3f}")
+    sizes = {t.name: len(t.examples) for t in worker.scorers[args.split].tasks}
+    result = {"model": config.model.path, "genome": args.genome, "split": args.split, "examples": sizes,
+              "scores": scores, "fitness": mean}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{config.model.path}" + (f" + genome {args.genome}" if args.genome else "") + f", {args.split} split")
+        width = max(len(name) for name in scores)
+        print(f"{'task':<{width}}  {'score':>8}  examples")
+        for name, value in scores.items():
+            print(f"{name:<{width}}  {value:8.3f}  {sizes.get(name, '')}")
+        print(f"{'fitness':<{width}}  {mean:8.3f}")
     if args.out:
-        write_json_atomic(Path(args.out), {"model": config.model.path, "genome": args.genome, "split": args.split,
-                                           "scores": scores, "fitness": mean})
+        write_json_atomic(Path(args.out), result)
     return 0
 
 
@@ -542,15 +600,21 @@ def cmd_export(args) -> int:
         chosen = summary.get("selected") or {"genome": summary["best_genome"], "fitness": summary["best_fitness"]}
         model_cfg, genome, fitness = config.model, Genome.from_dict(chosen["genome"]), chosen["fitness"]
         scales = run.path / SCALES_FILE
+        progress = None
+        if summary.get("method") != "moei2":
+            progress = (summary["evaluations"], config.search.evaluations)
+            if progress[0] < progress[1]:
+                log(f"[eep] warning: the search in {run.path} stopped at {progress[0]} of {progress[1]} evaluations; "
+                    "exporting its best so far (the model card says so; `eep resume` finishes it)")
     else:
         if not (args.model and args.genome):
             raise EepError("export needs RUN_DIR, or --model PATH with --genome FILE")
         config = load_config(args.config) if args.config else None
         model_cfg = config.model.model_copy(update={"path": args.model}) if config else ModelConfig(path=args.model)
-        genome, fitness = Genome.load(args.genome), None
+        genome, fitness, progress = Genome.load(args.genome), None, None
         scales = Path(args.genome).parent / SCALES_FILE
     report = export_genome(model_cfg, genome, out, config=config, search_fitness=fitness, log=log, form=args.form,
-                           dense=args.dense, scales=scales)
+                           dense=args.dense, scales=scales, search_progress=progress)
     params = report["parameters"]
     held = report["heldout"]
     log(f"[eep] exported to {out} ({report['form']} form): {params['before']:,} -> {params['after']:,} parameters, "
@@ -635,8 +699,13 @@ def cmd_bench(args) -> int:
 def cmd_toy_build(args) -> int:
     from eep import toy, toy_qwen
 
-    module, default = (toy_qwen, toy_qwen.TOY_QWEN_DIR) if args.which == "qwen" else (toy, toy.TOY_DIR)
-    out = Path(args.out) if args.out else default
+    module, packaged = (toy_qwen, toy_qwen.TOY_QWEN_DIR) if args.which == "qwen" else (toy, toy.TOY_DIR)
+    if args.replace_packaged and args.out:
+        raise EepError("give --out or --replace-packaged, not both")
+    out = packaged if args.replace_packaged else Path(args.out or f"toy-build/{args.which}")
+    if not args.replace_packaged and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise EepError(f"{out} already exists and is not empty; choose another --out (or --replace-packaged to "
+                       "overwrite the shipped toy)")
     module.train(out, seed=args.seed, log=log, **({"steps": args.steps} if args.steps else {}))
     log(f"[eep] toy model written to {out}")
     return 0

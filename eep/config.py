@@ -6,6 +6,7 @@ Every section forbids unknown keys and checks types strictly, so a typo fails in
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -371,7 +372,16 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise EepError(f"config file {path} must hold a mapping of sections (model, search, fitness, ...)")
     for item in overrides:
         apply_override(data, item)
-    return parse_config(data, source=str(path))
+    source = str(path)
+    if overrides:  # a bad value may come from either: name the --set one when it was overridden
+        try:
+            return parse_config(data, source=source)
+        except EepError as err:
+            key = str(err).removeprefix(f"{source}: ").split(":")[0]
+            if any(o.partition("=")[0].strip() == key for o in overrides):
+                raise EepError(f"--set {str(err).removeprefix(f'{source}: ')}") from None
+            raise
+    return parse_config(data, source=source)
 
 
 def parse_config(data: Any, source: str = "config") -> Config:
@@ -422,7 +432,10 @@ def _first_error(err: ValidationError) -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "config"
     if first["type"] == "extra_forbidden":
-        return f"{where}: unknown key; allowed here: {', '.join(_allowed_keys(first['loc'][:-1]))}"
+        allowed = _allowed_keys(first["loc"][:-1])
+        close = difflib.get_close_matches(str(first["loc"][-1]), allowed, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"{where}: unknown key; {hint}allowed here: {', '.join(allowed)}"
     if first["type"] == "missing":
         return f"{where}: required key is missing"
     message = first["msg"].removeprefix("Value error, ")

@@ -37,7 +37,8 @@ def check_target(out: Path) -> None:
 
 def export_genome(model_cfg: ModelConfig, genome: Genome, out: str | Path, config: Config | None = None,
                   search_fitness: float | None = None, log: Callable[[str], None] = print,
-                  form: str | None = None, dense: bool = False, scales: str | Path | None = None) -> dict:
+                  form: str | None = None, dense: bool = False, scales: str | Path | None = None,
+                  search_progress: tuple[int, int] | None = None) -> dict:
     """Write the compressed model, its tokenizer, ``eep_genome.json`` and a model card to ``out``.
 
     ``form`` forces ``stock`` (an error if impossible) or ``custom``; default: stock when possible.
@@ -46,6 +47,7 @@ def export_genome(model_cfg: ModelConfig, genome: Genome, out: str | Path, confi
     needs (copied into ``out`` beside ``eep_genome.json``).
 
     When ``config`` is given its tasks' held-out split is scored on the exported model itself.
+    ``search_progress``: (evaluations done, planned) of the search the genome comes from.
     Returns the report written into the card.
     """
     from eep.lowrank import scales_for
@@ -77,6 +79,8 @@ def export_genome(model_cfg: ModelConfig, genome: Genome, out: str | Path, confi
         "tensors": {"before": _tensors(model), "after": _tensors(small)},
         "low_rank": None if not genome.is_low_rank else ("dense" if dense else "factors"),
         "search_fitness": search_fitness,
+        "search_evaluations": None if search_progress is None else {"done": search_progress[0],
+                                                                     "planned": search_progress[1]},
         "heldout": None,
     }
     if config is not None:  # fidelity tasks compare with the full model, so score while it is here
@@ -157,6 +161,10 @@ def model_card(report: dict, genome: Genome) -> str:
                                                                   else "re-multiplied (dense)"))
     if report["search_fitness"] is not None:
         lines.append(f"- search fitness (search split): {report['search_fitness']:.2f}")
+    progress = report.get("search_evaluations")
+    if progress is not None:
+        unfinished = " — **the search was stopped before it finished**" if progress["done"] < progress["planned"] else ""
+        lines.append(f"- search: {progress['done']} of {progress['planned']} planned evaluations{unfinished}")
     if report["heldout"] is not None:
         per_task = ", ".join(f"{k} {v:.1f}" for k, v in report["heldout"]["scores"].items())
         lines.append(f"- held-out accuracy of this checkpoint: {report['heldout']['mean']:.2f} ({per_task})")

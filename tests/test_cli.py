@@ -75,7 +75,7 @@ def test_weight_estimate_counts_the_toys_parameters():
 
 
 @pytest.mark.parametrize("changes, overrides, message", [
-    ({"search__evaluatons": 5}, [], "search.evaluatons: unknown key; allowed here: seed, evaluations"),
+    ({"search__evaluatons": 5}, [], "search.evaluatons: unknown key; did you mean 'evaluations'? allowed here: seed, evaluations"),
     ({"search__evaluations": "many"}, [], "search.evaluations: Input should be a valid integer"),
     ({"model__path": "/no/such/model"}, [], "model path /no/such/model does not exist"),
     ({"search_space__keep": 9}, [], "keep=9 but the model has only 8 experts"),
@@ -277,3 +277,64 @@ def test_validation_examples_pick_the_export_and_the_gap_is_reported(capsys, tmp
 def _no_validation(config):
     tasks = [t.model_copy(update={"validation_size": None}) for t in config.fitness.tasks]
     return config.fitness.model_copy(update={"tasks": tasks}).tasks
+
+
+def test_first_hour_messages(capsys, tmp_path):
+    """--version; a misspelt key gets the closest allowed one, and a bad --set value is blamed on --set."""
+    from eep import __version__
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"eep {__version__}"
+    argv = ["search", str(_config(tmp_path)), "--run-dir", str(tmp_path / "r"), "--dry-run"]
+    _fails(capsys, argv + ["--set", "search.evaluatons=5"],
+           "--set search.evaluatons: unknown key; did you mean 'evaluations'?")
+    _fails(capsys, argv + ["--set", "search.evaluations=0"], "--set search.evaluations: Input should be greater")
+
+
+def test_threads_are_applied_and_shown_in_the_plan(capsys, tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        argv = ["search", str(_config(tmp_path)), "--run-dir", str(tmp_path / "r"), "--dry-run", "--threads", "2"]
+        assert main(argv) == 0 and torch.get_num_threads() == 2
+        assert "2 torch thread(s) here (--threads)" in capsys.readouterr().out
+        from eep.model import DEFAULT_THREADS
+
+        assert main(argv[:-2]) == 0 and torch.get_num_threads() == DEFAULT_THREADS
+        _fails(capsys, argv[:-1] + ["0"], "--threads must be at least 1, got 0")
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_finished_unfinished_and_existing_runs(capsys, tmp_path):
+    """An unfinished search exports with a warning and says so in the model card; a finished one
+    resumes to nothing; --resume-if-exists continues a stopped run instead of refusing it."""
+    run = tmp_path / "run"
+    argv = ["search", str(_config(tmp_path)), "--run-dir", str(run), "--set", "search.evaluations=8",
+            "--set", "search.initial=4"]
+    assert main(argv) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    lines = (run / "journal.jsonl").read_text().splitlines()
+    (run / "journal.jsonl").write_text("\n".join(lines[:5]) + "\n")  # as if stopped after 5
+    (run / "summary.json").write_text(json.dumps({**summary, "evaluations": 5}))
+    (run / "state.json").unlink()
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(tmp_path / "early")]) == 0
+    assert "stopped at 5 of 8 evaluations" in capsys.readouterr().err
+    assert "5 of 8 planned evaluations — **the search was stopped" in (tmp_path / "early" / "README.md").read_text()
+    assert main(argv + ["--resume-if-exists"]) == 0  # continues it: 8 evaluations, nothing twice
+    assert len((run / "journal.jsonl").read_text().splitlines()) == 8
+    capsys.readouterr()
+    assert main(["resume", str(run)]) == 0
+    assert "is finished (8 of 8 evaluations, held-out scored); nothing to do" in capsys.readouterr().err
+    _fails(capsys, argv[:-4] + ["--set", "search.seed=9", "--resume-if-exists"], "holds a run of another config")
+
+
+def test_toy_build_never_writes_over_the_packaged_model_unasked(capsys, tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    _fails(capsys, ["toy", "build", "--out", str(tmp_path / "full")], "already exists and is not empty")
+    _fails(capsys, ["toy", "build", "--out", str(tmp_path / "o"), "--replace-packaged"],
+           "give --out or --replace-packaged, not both")

@@ -87,7 +87,11 @@ def test_baselines_then_report_then_eval_on_the_toy(tmp_path, capsys):
     assert main(["eval", str(config), "--genome", str(genome), "--out", str(out)]) == 0
     scores = json.loads(out.read_text())
     assert scores["fitness"] == pytest.approx(summary["heldout"]["best"]["mean"])
-    assert "fitness" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"toy + genome {genome}, test split" in printed and "fitness" in printed
+    assert scores["examples"] == {"copy": 12, "reverse": 12, "shift": 12, "lookup": 12}
+    assert main(["eval", str(config), "--genome", str(genome), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fitness"] == scores["fitness"]
 
 
 def test_baselines_input_errors(tmp_path, capsys):
