@@ -25,7 +25,7 @@ from pathlib import Path
 from eep.config import Config, ModelConfig
 from eep.errors import EepError
 from eep.genome import Genome
-from eep.journal import check_creatable
+from eep.journal import check_creatable, share_tree
 
 
 def check_target(out: Path) -> None:
@@ -111,6 +111,7 @@ def export_genome(model_cfg: ModelConfig, genome: Genome, out: str | Path, confi
             shutil.copyfile(scales, tmp / SCALES_FILE)
         (tmp / "eep_report.json").write_text(json.dumps(report, indent=1) + "\n")
         (tmp / "README.md").write_text(model_card(report, genome))
+        share_tree(tmp)  # shareable like save_pretrained's own files (safetensors are written 0600)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -83,6 +83,21 @@ class Evaluation:
                    data.get("outside", False))
 
 
+def file_mode() -> int:
+    """The mode a plain ``open()`` would give a new file under this process's umask (0644 usually):
+    temporary files start private (0600) and would stay so after their rename."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def share_tree(root: Path) -> None:
+    """Give ``root`` and everything under it the modes ``open()`` / ``mkdir`` would (0644 / 0755)."""
+    mode = file_mode()
+    for path in [root, *Path(root).rglob("*")]:
+        os.chmod(path, (mode | 0o111) if path.is_dir() else mode)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write ``data`` as JSON to ``path`` so that readers see the old or the new file, never half."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -92,6 +107,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

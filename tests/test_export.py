@@ -151,3 +151,22 @@ def test_an_interrupted_export_leaves_nothing_loadable(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         export_genome(TOY, GENOME, tmp_path / "out", log=lambda m: None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_exports_and_run_files_are_shareable(tmp_path):
+    """Written like save_pretrained's own files under the umask (0644 / 0755), never left 0600."""
+    import stat
+
+    from eep.config import ModelConfig
+    from eep.export import export_genome
+    from eep.genome import Genome
+    from eep.journal import file_mode, write_json_atomic
+
+    out = tmp_path / "out"
+    export_genome(ModelConfig(path="toy", device="cpu"), Genome.from_keep(8, 2, {i: [0, 1, 2, 3] for i in range(4)}),
+                  out, log=lambda m: None)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes["model.safetensors"] == file_mode() and set(modes.values()) == {file_mode()}
+    assert stat.S_IMODE(out.stat().st_mode) == file_mode() | 0o111
+    write_json_atomic(tmp_path / "s.json", {"a": 1})
+    assert stat.S_IMODE((tmp_path / "s.json").stat().st_mode) == file_mode()
