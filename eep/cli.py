@@ -433,6 +433,7 @@ def _search(run, config, space, evaluator) -> int:
     from fitness.metrics import weighted_fitness
 
     start = time.perf_counter()
+    before = len(run.evaluations())
     try:
         summary = run_search(run, space, evaluator, log=log)
         if summary["best_genome"] is not None:
@@ -463,7 +464,10 @@ def _search(run, config, space, evaluator) -> int:
         log(f"[eep] {summary['cut']} hopeless candidates cut short, saving ~{summary['cut_seconds_saved']:.0f}s "
             "of scoring")
     chosen = summary.get("selected")
-    log(f"[eep] done: {summary['evaluations']} evaluations in {time.perf_counter() - start:.0f}s; "
+    session = (f"{summary['evaluations']} evaluations in {time.perf_counter() - start:.0f}s" if not before else
+               f"{summary['evaluations']} evaluations ({summary['evaluations'] - before} in this session, "
+               f"{time.perf_counter() - start:.0f}s)")
+    log(f"[eep] done: {session}; "
         + (f"best search fitness {summary['best_fitness']:.2f}" if summary["best_fitness"] is not None
            else "no evaluation succeeded (see the journal's errors)")
         + (f"; exported candidate {chosen['id']} (search {chosen['fitness']:.2f}, validation "

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import statistics
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -157,6 +156,7 @@ def run_baselines(config: Config, worker, summary: dict | None, log: Callable[[s
     from eep import baselines as bl
     from eep import greedy
     from eep.moe import shape_of
+    from eep.progress import Progress, tracked
     from search_spaces import PruneSpace
     from fitness.metrics import weighted_fitness
 
@@ -176,7 +176,7 @@ def run_baselines(config: Config, worker, summary: dict | None, log: Callable[[s
 
     def methods_at(k: int) -> dict[str, dict]:
         out: dict[str, dict] = {}
-        for method in _progress(cfg.methods, f"baselines at {k} of {shape.num_experts} experts"):
+        for method in tracked(cfg.methods, f"baselines at {k} of {shape.num_experts} experts", log):
             if method == "random":
                 draws = [score(g) for g in bl.random_genomes(cal, k, cfg.random_draws, config.search.seed)]
                 out[method] = _mean_of(draws)
@@ -188,8 +188,15 @@ def run_baselines(config: Config, worker, summary: dict | None, log: Callable[[s
                 out.update(moei2_rows(k))
             elif method == "greedy":
                 space = PruneSpace(shape.num_experts, shape.top_k, tuple(shape.moe_layers), k, config.search_space.top_k)
-                genome, fitness, spent = greedy.run(greedy.steps(space),
-                                                    lambda genomes: [worker.fitness(worker.scores(g)) for g in genomes])
+                progress = Progress(f"greedy elimination at {k} of {shape.num_experts}", greedy.cost(space), log)
+
+                def fitnesses(genomes):
+                    scored = [worker.fitness(worker.scores(g)) for g in genomes]
+                    progress.step(len(genomes))
+                    return scored
+
+                genome, fitness, spent = greedy.run(greedy.steps(space), fitnesses)
+                progress.close()
                 out[method] = {**score(genome), "evaluations": spent, "search_fitness": fitness}
             else:  # naee, naee+skip
                 genome, how = bl.naee_genome(cal, k, cfg.naee_max_subsets)
@@ -245,10 +252,3 @@ def _mean_of(draws: list[dict]) -> dict:
             "draws": len(draws), "tasks": {t: statistics.mean(d["tasks"][t] for d in draws) for t in draws[0]["tasks"]},
             "kept_params": draws[0]["kept_params"], "active_params": draws[0]["active_params"],
             "genomes": [d["genome"] for d in draws]}
-
-
-def _progress(items, description: str):
-    """A progress bar on a terminal; plain iteration otherwise."""
-    from tqdm import tqdm
-
-    return tqdm(items, desc=description, disable=not sys.stderr.isatty(), leave=False)

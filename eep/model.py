@@ -58,8 +58,13 @@ def load_hf_config(cfg: ModelConfig, prefer_file: bool = False):
     except (OSError, ValueError) as err:
         if cfg.config_file:
             return _config_from_file(Path(cfg.config_file))
-        raise EepError(f"cannot read the config of model {path!r} ({' '.join(str(err).split())[:200]}); "
-                       "check the path or hub id, or set model.config_file to a local config.json") from None
+        import os
+
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        where = ("the hub is off (HF_HUB_OFFLINE is set), so only local files count" if offline
+                 else "neither a local directory nor a hub model this machine can reach")
+        raise EepError(f"cannot read the config of model {path!r}: {where}; check the path or hub id, or set "
+                       "model.config_file to a local config.json") from None
 
 
 def _config_from_file(file: Path):
@@ -157,13 +162,17 @@ def load_model(cfg: ModelConfig):
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     experts = choose_experts(cfg.experts_implementation, device, dtype)
+    try:  # before the weights: a directory saved without its tokenizer fails in a second, not after loading
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # noqa: BLE001  (tokenizer conversion raises anything)
+        raise EepError(f"model {path!r} has no usable tokenizer ({type(err).__name__}); save it beside the weights "
+                       "(tokenizer.save_pretrained(DIR)) or give the source model's directory") from None
     if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
         # a model larger than one GPU (e.g. a Ray actor holding several): accelerate spreads it
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto",
                                                      experts_implementation=experts).eval()
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, experts_implementation=experts).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -130,7 +130,12 @@ def _toy_examples(cfg: TaskConfig, split: str, size: int) -> tuple[Example, ...]
 
 
 def _load(cfg: TaskConfig, split: str):
+    import sys
+
     import datasets
+
+    if not sys.stderr.isatty():  # "Generating ... split" bars would flood a log
+        datasets.disable_progress_bars()
 
     path = Path(cfg.dataset)
     try:

@@ -326,6 +326,7 @@ def test_finished_unfinished_and_existing_runs(capsys, tmp_path):
     assert "5 of 8 planned evaluations — **the search was stopped" in (tmp_path / "early" / "README.md").read_text()
     assert main(argv + ["--resume-if-exists"]) == 0  # continues it: 8 evaluations, nothing twice
     assert len((run / "journal.jsonl").read_text().splitlines()) == 8
+    assert "done: 8 evaluations (3 in this session, " in capsys.readouterr().err
     capsys.readouterr()
     assert main(["resume", str(run)]) == 0
     assert "is finished (8 of 8 evaluations, held-out scored); nothing to do" in capsys.readouterr().err
@@ -338,3 +339,29 @@ def test_toy_build_never_writes_over_the_packaged_model_unasked(capsys, tmp_path
     _fails(capsys, ["toy", "build", "--out", str(tmp_path / "full")], "already exists and is not empty")
     _fails(capsys, ["toy", "build", "--out", str(tmp_path / "o"), "--replace-packaged"],
            "give --out or --replace-packaged, not both")
+
+
+def test_a_model_without_tokenizer_or_config_fails_in_one_line(capsys, tmp_path, tiny_mixtral):
+    genome = tmp_path / "g.json"
+    Genome.from_keep(8, 2, {i: [0, 1, 2, 3] for i in range(3)}).save(genome)
+    tiny_mixtral.save_pretrained(tmp_path / "weights-only")  # as save_pretrained of a model alone writes
+    capsys.readouterr()
+    _fails(capsys, ["export", "--model", str(tmp_path / "weights-only"), "--genome", str(genome),
+                    "--out", str(tmp_path / "out")], "has no usable tokenizer")
+    assert not (tmp_path / "out").exists()
+    _fails(capsys, ["search", str(_config(tmp_path)), "--dry-run", "--set", "model.path=nobody-here/no-such-moe"],
+           "cannot read the config of model 'nobody-here/no-such-moe': the hub is off (HF_HUB_OFFLINE is set)")
+
+
+def test_progress_in_a_log_reports_done_total_rate_and_time_left():
+    from eep.progress import Progress, tracked
+
+    lines = []
+    assert list(tracked(range(3), "scoring", lines.append, every=0.0)) == [0, 1, 2]
+    assert len(lines) == 3 and lines[-1].startswith("[eep] scoring: 3/3, ") and lines[-1].endswith("~0s left")
+    lines.clear()
+    progress = Progress("greedy", 10, lines.append, every=3600.0)
+    progress.step(4)
+    assert lines == []  # not yet due
+    progress.step(6)
+    assert len(lines) == 1 and lines[0].startswith("[eep] greedy: 10/10")
