@@ -144,9 +144,13 @@ class TaskConfig(_Section):
     """One scored task. ``preset`` (see ``fitness.presets``) fills in the rest for common benchmarks."""
 
     name: str
-    dataset: str
-    """``toy:<task>`` (see ``fitness.toy_tasks.TASKS``), a ``datasets`` hub id, or a local directory or
-    file(s) of json/jsonl/csv/parquet data."""
+    dataset: str | None = None
+    """``toy:<task>`` (see ``fitness.toy_tasks.TASKS``), a ``datasets`` hub id, a local directory of
+    split files, or ONE local json/jsonl/csv/parquet file (its rows split by a content hash: 30 % held
+    out, the rest searched). Or, instead, ``data_files``."""
+    data_files: dict[str, str] | None = None
+    """Local files as they lie, per split: ``{search: data/rev_train.jsonl, test: data/rev_heldout.jsonl}``
+    (paths or globs; json/jsonl/csv/parquet); ``search_split`` / ``test_split`` name its keys."""
     subset: str | None = None
     """The dataset's configuration name, if it has several."""
     prompt: str | None = None
@@ -188,6 +192,12 @@ class TaskConfig(_Section):
     test_size: PositiveInt = 100
     seed: int = 0
     weight: Annotated[float, Field(gt=0.0)] = 1.0
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.dataset is None) == (self.data_files is None):
+            raise ValueError("give either dataset or data_files")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -328,8 +338,10 @@ class Config(_Section):
         data["search"] = {k: v for k, v in data["search"].items()
                           if k not in ("max_failures", "early_cut", "select_top")}
         data["fitness"] = {k: v for k, v in data["fitness"].items() if k != "scoring"}
-        for task in data["fitness"]["tasks"]:  # decides only which genome is exported, after the search
-            task.pop("validation_size")
+        for task in data["fitness"]["tasks"]:
+            task.pop("validation_size")  # decides only which genome is exported, after the search
+            if task["data_files"] is None:
+                del task["data_files"]  # added with a neutral default
         for key in ("seed_genomes", "warm_start"):
             if not data["search"][key]:
                 del data["search"][key]  # keys added with a neutral default keep older runs' digests

@@ -6,6 +6,9 @@ fail in one line without costing a model load.
 
 from __future__ import annotations
 
+import glob
+import hashlib
+import json
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,7 +60,14 @@ def check_tasks(configs: Sequence[TaskConfig]) -> None:
     for cfg in configs:
         kind = metric(cfg.metric).kind
         where = f"task {cfg.name!r}"
-        source, _, name = cfg.dataset.partition(":")
+        source, _, name = (cfg.dataset or "").partition(":")
+        for split, pattern in (cfg.data_files or {}).items():
+            if not glob.glob(pattern):
+                raise EepError(f"{where}: data_files.{split} {pattern!r} matches no file")
+        for split in (cfg.search_split, cfg.test_split) if cfg.data_files else ():
+            if split not in cfg.data_files:
+                raise EepError(f"{where}: split {split!r} is not in data_files ({', '.join(cfg.data_files)}); name it "
+                               "there or set search_split / test_split to its keys")
         if cfg.preprocess is not None and cfg.preprocess not in presets.PREPROCESS:
             raise EepError(f"{where}: unknown preprocess {cfg.preprocess!r}; available: {', '.join(presets.PREPROCESS)}")
         if cfg.chat_template and kind == "text":
@@ -73,7 +83,7 @@ def check_tasks(configs: Sequence[TaskConfig]) -> None:
                     raise EepError(f"{where}: unknown split {split!r}; {cfg.dataset} has {', '.join(toy_tasks.SPLITS)}")
             continue
         if not cfg.prompt:
-            raise EepError(f"{where}: dataset {cfg.dataset!r} needs 'prompt' (a template over its fields)")
+            raise EepError(f"{where}: dataset {cfg.dataset or 'data_files'!r} needs 'prompt' (a template over its fields)")
         if kind != "text" and not cfg.answer:
             raise EepError(f"{where}: metric {cfg.metric} needs 'answer' (the field of the reference answer)")
         if kind == "choice" and not cfg.choices:
@@ -110,7 +120,7 @@ def load_tasks(configs: Sequence[TaskConfig], which: str) -> list[Task]:
         split, size, skip = {"search": (cfg.search_split, cfg.search_size, 0), "test": (cfg.test_split, cfg.test_size, 0),
                              "validation": (cfg.search_split, cfg.search_size + (cfg.validation_size or 0),
                                             cfg.search_size)}[which]
-        if cfg.dataset.partition(":")[0] in _TOYS:
+        if (cfg.dataset or "").partition(":")[0] in _TOYS:
             examples = _toy_examples(cfg, split, size)[skip:]
         else:
             examples = tuple(_example(cfg, row) for row in _rows(cfg, split, size)[skip:])
@@ -137,13 +147,19 @@ def _load(cfg: TaskConfig, split: str):
     if not sys.stderr.isatty():  # "Generating ... split" bars would flood a log
         datasets.disable_progress_bars()
 
-    path = Path(cfg.dataset)
     try:
-        if path.is_file():  # one local data file: its rows are the split named in the config
+        if cfg.data_files is not None:  # files as they lie, one entry per split
+            files = sorted(glob.glob(cfg.data_files[split]))
+            if all(Path(f).stat().st_size == 0 for f in files):
+                raise EepError(f"task {cfg.name!r}: data_files.{split} is empty")
+            return datasets.load_dataset(_FILE_BUILDERS.get(Path(files[0]).suffix, "json"), data_files={split: files},
+                                         split=split)
+        path = Path(cfg.dataset)
+        if path.is_file():  # one local data file: its rows, split by content below (see _rows)
             if path.stat().st_size == 0:
                 raise EepError(f"task {cfg.name!r}: split {split!r} of {cfg.dataset!r} is empty (the file is empty)")
-            return datasets.load_dataset(_FILE_BUILDERS.get(path.suffix, "json"), data_files={split: str(path)},
-                                         split=split)
+            return datasets.load_dataset(_FILE_BUILDERS.get(path.suffix, "json"), data_files={"rows": str(path)},
+                                         split="rows")
         return datasets.load_dataset(cfg.dataset, cfg.subset, split=split)
     except (FileNotFoundError, ValueError, ConnectionError, datasets.exceptions.DatasetGenerationError) as err:
         raise EepError(f"task {cfg.name!r}: cannot load split {split!r} of {cfg.dataset!r} "
@@ -153,8 +169,11 @@ def _load(cfg: TaskConfig, split: str):
 def _rows(cfg: TaskConfig, split: str, size: int) -> list[dict[str, Any]]:
     """A seeded subset of ``size`` rows (preprocessed; blank texts dropped for text metrics)."""
     data = _load(cfg, split)
+    if cfg.data_files is None and Path(cfg.dataset).is_file():  # one file for every split: never read twice
+        held_out = split == cfg.test_split
+        data = data.filter(lambda row: _held_out(row) == held_out)
     if len(data) == 0:
-        raise EepError(f"task {cfg.name!r}: split {split!r} of {cfg.dataset!r} is empty")
+        raise EepError(f"task {cfg.name!r}: split {split!r} of {cfg.dataset or 'data_files'!r} is empty")
     text_metric = metric(cfg.metric).kind == "text"
     transform = presets.PREPROCESS.get(cfg.preprocess or "", lambda row: row)
     rows = []
@@ -172,6 +191,13 @@ def _rows(cfg: TaskConfig, split: str, size: int) -> list[dict[str, Any]]:
     if not rows:
         raise EepError(f"task {cfg.name!r}: split {split!r} of {cfg.dataset!r} has no non-empty text")
     return rows
+
+
+def _held_out(row: dict[str, Any]) -> bool:
+    """Whether a row of a single-file dataset is held out: 3 buckets in 10 by a hash of its content,
+    so the search and held-out rows are disjoint and stay so however the file is reordered."""
+    digest = hashlib.sha1(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()
+    return int(digest, 16) % 10 < 3
 
 
 def _format(cfg: TaskConfig, template: str, row: dict[str, Any], **extra: str) -> str:

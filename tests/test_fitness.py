@@ -314,3 +314,31 @@ def test_chat_template_wraps_prompts_when_a_task_asks(tokenizer):
     assert Scorer(model, chatty, [task]).prompts["chat"] == ["<bos> copy : a = ="]
     plain = Task("plain", task.examples, "exact_match")
     assert Scorer(model, chatty, [plain]).prompts["plain"] == ["copy : a ="]
+
+
+def test_task_files_as_they_lie_and_one_file_never_read_twice(tmp_path):
+    rows = [{"question": f"q{i}", "answer": str(i)} for i in range(40)]
+    _jsonl(tmp_path / "rev_train.jsonl", rows[:30])
+    _jsonl(tmp_path / "rev_heldout.jsonl", rows[30:])
+    files = TaskConfig(name="rev", data_files={"search": str(tmp_path / "rev_train.jsonl"),
+                                               "test": str(tmp_path / "rev_held*.jsonl")},
+                       prompt="{question}", answer="answer", search_size=30, test_size=30)
+    search, test = load_tasks([files], "search")[0], load_tasks([files], "test")[0]
+    assert len(search.examples) == 30 and len(test.examples) == 10
+    assert not {e.prompt for e in search.examples} & {e.prompt for e in test.examples}
+
+    one = TaskConfig(name="rev", dataset=str(tmp_path / "rev_train.jsonl"), prompt="{question}", answer="answer",
+                     search_split="train", test_split="heldout", search_size=100, test_size=100)
+    search, test = ({e.prompt for e in load_tasks([one], w)[0].examples} for w in ("search", "test"))
+    assert not search & test and search | test == {f"q{i}" for i in range(30)} and 0 < len(test) < len(search)
+    _jsonl(tmp_path / "shuffled.jsonl", rows[:30][::-1])  # the split follows the rows, not their order
+    shuffled = one.model_copy(update={"dataset": str(tmp_path / "shuffled.jsonl")})
+    assert {e.prompt for e in load_tasks([shuffled], "test")[0].examples} == test
+
+    for update, message in (({"data_files": {"search": str(tmp_path / "nope*.jsonl"), "test": "x"}},
+                             "data_files.search .* matches no file"),
+                            ({"test_split": "heldout"}, "split 'heldout' is not in data_files \\(search, test\\)")):
+        with pytest.raises(EepError, match=message):
+            load_tasks([files.model_copy(update=update)], "search")
+    with pytest.raises(ValueError, match="give either dataset or data_files"):
+        TaskConfig(name="x", dataset="d", data_files={"search": "a"}, prompt="{a}", answer="b")
