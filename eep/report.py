@@ -35,6 +35,8 @@ WINDOW = 20  # evaluations in the population-trend mean of fitness.png
 _COLORS = {"random": "tab:gray", "frequency": "tab:blue", "reap": "tab:purple", "naee": "tab:green",
            "naee+skip": "tab:olive", "moei2": "tab:cyan", "moei2+low-rank": "tab:orange", "greedy": "tab:brown",
            "search": "tab:red"}
+_MARKERS = {"random": "o", "frequency": "s", "reap": "D", "naee": "^", "naee+skip": "v", "moei2": "P",
+            "moei2+low-rank": "X", "greedy": "h"}
 _SPARE_COLORS = ("tab:pink", "gold", "navy", "teal", "black")
 _DASH = "–"
 
@@ -120,7 +122,10 @@ def comparison_table(rows: Sequence[Row], tasks: Sequence[str]) -> list[str]:
     full = next((r for r in rows if r.method == "full"), None)
     best = best_compressed(rows)
     with_params = any(r.kept_params is not None or r.active_params is not None for r in rows)
-    header = ["method", *tasks, "held-out mean"] + (["kept params", "active params / token"] if with_params else [])
+    # active parameters only where a method routes to fewer experts than the full model
+    with_active = with_params and len({r.active_params for r in rows if r.active_params is not None}) > 1
+    header = ["method", *tasks, "held-out mean"] + (["kept params"] if with_params else []) \
+        + (["active params / token"] if with_active else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
     for row in rows:
         mean = _DASH if row.heldout is None else f"{row.heldout:.1f}"
@@ -130,8 +135,9 @@ def comparison_table(rows: Sequence[Row], tasks: Sequence[str]) -> list[str]:
             mean = f"**{mean}**"
         cells = [row.label, *(f"{row.tasks[t]:.1f}" if t in row.tasks else _DASH for t in tasks), mean]
         if with_params:
-            cells += [_params(row.kept_params, full and full.kept_params, row is full),
-                      _params(row.active_params, full and full.active_params, row is full)]
+            cells.append(_params(row.kept_params, full and full.kept_params, row is full))
+        if with_active:
+            cells.append(_params(row.active_params, full and full.active_params, row is full))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -153,6 +159,15 @@ def running_mean(values: Sequence[float], window: int = WINDOW) -> list[float]:
         total += v - (values[i - window] if i >= window else 0.0)
         out.append(total / min(i + 1, window))
     return out
+
+
+def sweep_table(series: dict[str, dict[int, float]]) -> list[str]:
+    """Markdown lines: a row per method, a column per number of experts kept (the plot's numbers)."""
+    keeps = sorted({k for points in series.values() for k in points})
+    lines = ["| method | " + " | ".join(f"{k} kept" for k in keeps) + " |", "|---|" + "---:|" * len(keeps)]
+    for method, points in series.items():
+        lines.append(f"| {method} | " + " | ".join(f"{points[k]:.1f}" if k in points else _DASH for k in keeps) + " |")
+    return lines
 
 
 def sweep_series(baselines: dict[str, Any], keep: int | None = None) -> dict[str, dict[int, float]]:
@@ -271,8 +286,9 @@ def plot_methods(baselines: dict[str, Any], path: Path, title: str, keep: int | 
         if method == "search":
             style = dict(marker="*", markersize=14, markeredgecolor="black", markeredgewidth=0.6, zorder=4,
                          linewidth=1.5 if len(points) > 1 else 0)
-        else:
-            style = dict(marker="o", markersize=5, linewidth=1.5, zorder=3)
+        else:  # a marker of its own, and dashed where it may hide under another (naee+skip over naee)
+            style = dict(marker=_MARKERS.get(method, "o"), markersize=6, linewidth=1.5, zorder=3,
+                         linestyle="--" if method.endswith("+skip") else "-")
         ax.plot(list(points), list(points.values()), color=color,
                 label=f"{method} (± std at {keep})" if std else method, **style)
         if std:
@@ -378,7 +394,7 @@ def write_report(run_dir: str | Path) -> Path:
                                                       for r in rows}}
     if plotted and sweep_series(plotted, keep):
         plot_methods(plotted, methods_png, f"{config.name}: held-out score by experts kept", keep)
-        lines += ["", "![held-out score by experts kept](methods.png)"]
+        lines += ["", *sweep_table(sweep_series(plotted, keep)), "", "![held-out score by experts kept](methods.png)"]
     else:
         methods_png.unlink(missing_ok=True)
 

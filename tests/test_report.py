@@ -7,8 +7,8 @@ from eep.config import parse_config
 from eep.errors import EepError
 from eep.genome import Genome
 from eep.journal import Evaluation, RunDir
-from eep.report import (best_compressed, comparison_table, human_count, method_rows, running_best, running_mean,
-                        sweep_series, write_report)
+from eep.report import (Row, best_compressed, comparison_table, human_count, method_rows, running_best,
+                        running_mean, sweep_series, sweep_table, write_report)
 from tests.conftest import toy_config_dict
 
 TASKS = ("copy", "reverse", "shift", "lookup")
@@ -78,11 +78,15 @@ def test_rows_are_ordered_and_the_best_compressed_method_wins():
     table = _table("\n".join(comparison_table(rows, list(TASKS))))
     assert list(table) == ["method", "full", "random (mean ± std of 5 draws)", "reap", "naee (enumeration)",
                            "search", "mystery"]
-    assert table["method"] == [*TASKS, "held-out mean", "kept params", "active params / token"]
-    assert table["random (mean ± std of 5 draws)"] == ["51.2"] * 4 + ["51.2 ± 6.3", "13.2M (50 %)", "4.4M (100 %)"]
+    # every method routes a token to as many experts as the full model: no active-parameter column
+    assert table["method"] == [*TASKS, "held-out mean", "kept params"]
+    assert table["random (mean ± std of 5 draws)"] == ["51.2"] * 4 + ["51.2 ± 6.3", "13.2M (50 %)"]
     assert table["naee (enumeration)"][4] == "**90.5**"
-    assert table["full"][4:] == ["99.1", "26.4M", "4.4M"]
-    assert table["mystery"] == ["70.0", "–", "–", "–", "70.0", "–", "–"]
+    assert table["full"][4:] == ["99.1", "26.4M"]
+    assert table["mystery"] == ["70.0", "–", "–", "–", "70.0", "–"]
+    top1 = [r if r.method != "naee" else Row(**{**r.__dict__, "active_params": 2_200_000}) for r in rows]
+    table = _table("\n".join(comparison_table(top1, list(TASKS))))
+    assert table["method"][-1] == "active params / token" and table["naee (enumeration)"][-1] == "2.2M (50 %)"
 
 
 def test_rows_without_baselines_come_from_the_summary():
@@ -102,6 +106,9 @@ def test_sweep_series_adds_the_main_keep():
     assert "full" not in series
     assert sweep_series({"methods": {"naee": {"heldout": 5.0}}}) == {}
     assert sweep_series({"methods": {"naee": {"heldout": 5.0}}}, keep=3) == {"naee": {3: 5.0}}
+    table = _table("\n".join(sweep_table(series)))
+    assert table["method"] == ["2 kept", "4 kept", "6 kept"] and table["naee"] == ["40.2", "90.5", "97.0"]
+    assert table["search"] == ["–", "88.2", "98.0"]
 
 
 def test_report_with_baselines(tmp_path):
@@ -115,7 +122,9 @@ def test_report_with_baselines(tmp_path):
     assert "**Best compressed method: naee**, held-out 90.5, 8.6 points below the full model (99.1)." in report
     assert "not finished" not in report
     assert "](fitness.png)" in report and "](methods.png)" in report
-    assert _table(report)["search"][4] == "88.2"
+    comparison, sweep = report.split("\n| method | 2 kept | 4 kept | 6 kept |")
+    assert _table(comparison)["search"][4] == "88.2"
+    assert "| naee | 40.2 | 90.5 | 97.0 |" in sweep  # the plot's numbers as a table
     for png in ("fitness.png", "methods.png"):
         width, height = _image_size(run.path / png)
         assert width > 600 and height > 300
