@@ -177,39 +177,8 @@ def _with_evaluator_flags(config, args):
 
 # -- search / resume ----------------------------------------------------------------------------
 
-def _plan(config, dry_run: bool = False) -> tuple[object, object, object]:
-    """Validate the config against the model's shape (config.json only) and the tasks."""
-    from eep.model import load_hf_config
-    from eep.moe import shape_of
-    from fitness.tasks import check_tasks
-    from search_spaces import build_schedule
-
-    check_tasks(config.fitness.tasks)
-    hf_config = load_hf_config(config.model, prefer_file=dry_run)
-    shape = shape_of(hf_config)
-    if config.search_space.kind == "moei2":
-        from eep.moei2 import moei2_plan
-
-        if config.search.warm_start:
-            raise EepError("search.warm_start seeds EEP's search; a MoE-I² run has no initial population")
-        if config.evaluator.kind == "ray":
-            raise EepError("MoE-I² scores its layer searches in this process on cached calibration statistics (each "
-                           "evaluation takes milliseconds); run it without --workers / --ray-address")
-        return hf_config, shape, moei2_plan(config, shape)
-    schedule = build_schedule(config.search_space, shape)
-    if config.search.warm_start:
-        from eep import greedy
-
-        greedy.check(schedule.first)  # the baselines' genomes, like greedy's, keep a uniform number per layer
-    if "greedy" in config.search.warm_start:
-        cost = greedy.cost(schedule.first)
-        if cost >= config.search.evaluations:
-            raise EepError(f"search.warm_start greedy takes {cost} evaluations at this size, and search.evaluations is "
-                           f"{config.search.evaluations}; raise evaluations above {cost} or drop greedy")
-    return hf_config, shape, schedule
-
-
 def _print_plan(config, hf_config, shape, space, run_dir) -> None:
+    from eep.api import experts_implementation
     from search_spaces import Schedule
 
     size = space.size()
@@ -250,18 +219,6 @@ def _print_plan(config, hf_config, shape, space, run_dir) -> None:
     print(f"run dir      {run_dir}")
 
 
-def experts_implementation(model_cfg) -> str:
-    """The experts implementation the model loads with here (``eep.model.choose_experts``); for a
-    device this machine lacks (a dry run of a GPU config), what decides it when it loads there."""
-    from eep.model import choose_experts, pick_device, pick_dtype
-
-    try:
-        device = pick_device(model_cfg.device)
-    except EepError:
-        return f"chosen on {model_cfg.device} when the model loads"
-    return choose_experts(model_cfg.experts_implementation, device, pick_dtype(model_cfg.dtype, device))
-
-
 def _large(n: int) -> str:
     """An exact count as digits, or as d.ddde+NN beyond a million (exact ints may exceed floats)."""
     digits = str(n)
@@ -269,134 +226,49 @@ def _large(n: int) -> str:
 
 
 def cmd_search(args) -> int:
+    from eep.api import plan, search, seed_genomes
     from eep.config import load_config
-    from eep.journal import RunDir
 
-    config = load_config(args.config, args.overrides)
-    in_flight_is_set = "in_flight" in config.search.model_fields_set
-    config = _with_evaluator_flags(config, args)
+    config = _with_evaluator_flags(load_config(args.config, args.overrides), args)
     run_dir = Path(args.run_dir or Path("runs") / config.name)
-    hf_config, shape, space = _plan(config, dry_run=args.dry_run)
-    seeds = _seed_genomes(config, space, Path(args.config).parent)
+    hf_config, shape, space = plan(config, dry_run=args.dry_run)
+    seed_genomes(config, space, Path(args.config).parent)  # a bad seed file fails before the plan prints
     _print_plan(config, hf_config, shape, space, run_dir)
     if args.dry_run:
         print("dry run: config is valid; nothing was loaded or written")
         return 0
-    if args.resume_if_exists and (run_dir / "config.yaml").exists():
-        from eep.config import differences
-
-        existing = RunDir.open(run_dir).config()
-        if existing.digest() != config.digest():
-            raise EepError(f"{run_dir} holds a run of another config ({differences(existing.outcome(), config.outcome())})"
-                           "; give a new --run-dir")
-        args.run_dir = str(run_dir)
-        return cmd_resume(args)
-    RunDir.check_new(run_dir)
-    if config.search_space.kind == "moei2":
-        run = RunDir.create(run_dir, config)
-        with run.lock():
-            return _moei2(run, config, space)
-    evaluator = make_evaluator(config)
-    try:
-        if config.evaluator.kind == "ray" and not in_flight_is_set:  # keep every actor busy
-            evaluator.in_flight = evaluator.size
-            config = config.model_copy(update={"search": config.search.model_copy(update={"in_flight": evaluator.size})})
-        names = [f"seeds/seed-{n}.json" for n in range(len(seeds))]
-        calibrated = [m for m in config.search.warm_start if m != "greedy"]
-        if calibrated:  # become seed genomes of the run: its config says what it does, and it resumes exactly
-            seeds, names = _warm_seeds(config, evaluator, calibrated, seeds, names)
-            config = config.model_copy(update={"search": config.search.model_copy(
-                update={"warm_start": [m for m in config.search.warm_start if m == "greedy"]})})
-        if seeds:  # the run keeps its own copies: it resumes from anywhere, whatever happens to the files
-            config = config.model_copy(update={"search": config.search.model_copy(update={"seed_genomes": names})})
-        run = RunDir.create(run_dir, config)
-        if seeds:
-            (run.path / "seeds").mkdir()
-            for name, genome in zip(names, seeds):
-                genome.save(run.path / name)
-    except BaseException:
-        evaluator.close()
-        raise
-    with run.lock():
-        return _search(run, config, space, evaluator)
+    return _done(search(args.config, run_dir, _flag_overrides(args), args.resume_if_exists, log=log))
 
 
-def _warm_seeds(config, evaluator, methods, seeds, names) -> tuple[list, list]:
-    """The seeds with the calibration-pass warm starts appended (those not already among them)."""
-    from eep.compare import warm_genomes
-    from eep.evaluator import FitnessWorker
-
-    worker = getattr(evaluator, "worker", None)
-    if worker is None:  # Ray: the baselines' one calibration pass runs on a model loaded here
-        log(f"[eep] loading {config.model.path} here for the warm start's calibration pass")
-        worker = FitnessWorker(config)
-    seeds, names = list(seeds), list(names)
-    for method, genome in warm_genomes(config, worker, methods, log).items():
-        if genome.key in {s.key for s in seeds}:
-            log(f"[eep] warm start: {method}'s genome is already a seed")
-            continue
-        seeds.append(genome)
-        names.append(f"seeds/warm-{method}.json")
-    return seeds, names
+def _flag_overrides(args) -> list[str]:
+    """``--set`` values plus --workers / --ray-address as the overrides they amount to."""
+    extra = []
+    if args.workers is not None or args.ray_address is not None:
+        extra.append("evaluator.kind=ray")
+        if args.workers is not None:
+            extra.append(f"evaluator.workers={args.workers}")
+        if args.ray_address is not None:
+            extra.append(f"evaluator.address={args.ray_address}")
+    return list(args.overrides) + extra
 
 
-def _seed_genomes(config, space, config_dir: Path) -> list:
-    """The config's seed genomes, loaded (paths relative to the working directory, else to the
-    config file) and checked against the search's first space; an error names the file and why."""
-    from eep.genome import Genome
-    from search_spaces import Schedule
-
-    paths = config.search.seed_genomes
-    if paths and config.search_space.kind == "moei2":
-        raise EepError("search.seed_genomes seeds EEP's search; a MoE-I² run has no initial population")
-    seeds = []
-    for name in paths:
-        path = Path(name) if Path(name).exists() or Path(name).is_absolute() else config_dir / name
-        genome = Genome.load(path)
-        reason = Schedule.of(space).first.reject(genome)
-        if reason is not None:
-            raise EepError(f"seed genome {path} does not belong to this search's space: {reason}")
-        seeds.append(genome)
-    return seeds
+def _done(run) -> int:
+    """The one JSON line a finished search prints on stdout."""
+    summary = run.summary
+    if summary.get("method") == "moei2":
+        print(json.dumps({"evaluations": summary["evaluations"],
+                          **{name: round(s["heldout"]["mean"], 4) for name, s in summary["stages"].items()}}))
+    else:
+        print(json.dumps({k: summary.get(k) for k in ("evaluations", "best_fitness", "best_id")}))
+    return 0
 
 
 def cmd_resume(args) -> int:
+    from eep.api import resume
     from eep.journal import RunDir
 
-    run = RunDir.open(args.run_dir)
-    config = _with_evaluator_flags(run.config(), args)
-    _, _, space = _plan(config)
-    with run.lock():  # before the model loads: a second writer fails fast
-        summary = run.summary() if run.summary_path.exists() else {}
-        if (config.search_space.kind != "moei2" and "heldout" in summary
-                and summary["evaluations"] >= config.search.evaluations):
-            log(f"[eep] {run.path} is finished ({summary['evaluations']} of {config.search.evaluations} evaluations, "
-                "held-out scored); nothing to do. Export it with `eep export`")
-            return 0
-        log(f"[eep] resuming {run.path}")
-        if config.search_space.kind == "moei2":
-            return _moei2(run, config, space)
-        return _search(run, config, space, make_evaluator(config))
-
-
-def _moei2(run, config, plan, worker=None) -> int:
-    """A MoE-I² run (both stages, resumable from the layer searches' journals) on a resident model."""
-    from eep.evaluator import FitnessWorker
-    from eep.moei2 import run_moei2
-
-    start = time.perf_counter()
-    if worker is None:
-        log(f"[eep] loading {config.model.path}")
-        worker = FitnessWorker(config)
-    summary = run_moei2(run, config, worker, plan, log)
-    stages = summary["stages"]
-    log(f"[eep] done in {time.perf_counter() - start:.0f}s: "
-        + "; ".join(f"{name} held-out {s['heldout']['mean']:.2f} ({s['heldout']['kept_params']:,} parameters)"
-                    for name, s in stages.items())
-        + f"; full model {summary['heldout']['full']['mean']:.2f}")
-    print(json.dumps({"evaluations": summary["evaluations"],
-                      **{name: round(s["heldout"]["mean"], 4) for name, s in stages.items()}}))
-    return 0
+    config = _with_evaluator_flags(RunDir.open(args.run_dir).config(), args)
+    return _done(resume(args.run_dir, config.evaluator, log=log))
 
 
 def _scoring_plan(config) -> str:
@@ -413,74 +285,10 @@ def _scoring_plan(config) -> str:
     return "; ".join(f"{path}: {', '.join(names)}" for path, names in paths.items()) + cut
 
 
-def make_evaluator(config):
-    """The evaluator the config asks for: serial in this process, or Ray actors."""
-    from eep.evaluator import FitnessWorker, SerialEvaluator
-
-    log(f"[eep] loading {config.model.path}")
-    if config.evaluator.kind == "ray":
-        from eep.ray_evaluator import RayEvaluator
-
-        return RayEvaluator(config, log=log)
-    return SerialEvaluator(FitnessWorker(config), in_flight=config.search.in_flight)
-
-
-def _search(run, config, space, evaluator) -> int:
-    """Run the search on ``evaluator`` (closed at the end), pick the genome to export (the best, or
-    with validation examples the best of the top few on them), then score it held-out."""
-    from eep.genome import Genome
-    from eep.search import run_search, select
-    from fitness.metrics import weighted_fitness
-
-    start = time.perf_counter()
-    before = len(run.evaluations())
-    try:
-        summary = run_search(run, space, evaluator, log=log)
-        if summary["best_genome"] is not None:
-            validated = [t for t in config.fitness.tasks if t.validation_size]
-            if validated:
-                log(f"[eep] picking the export among the {config.search.select_top} best by their validation examples")
-                chosen, tried = select(run.evaluations(), lambda g: weighted_fitness(validated, evaluator.heldout(
-                    g, "validation")), config.search.select_top)
-                summary["selected"] = {"id": chosen.id, "genome": chosen.genome.to_dict(), "fitness": chosen.fitness,
-                                       "validation": tried[chosen.id], "by": "validation",
-                                       "candidates": {str(i): v for i, v in tried.items()}}
-            else:
-                summary["selected"] = {"id": summary["best_id"], "genome": summary["best_genome"],
-                                       "fitness": summary["best_fitness"], "by": "search fitness"}
-            log("[eep] scoring the exported genome and the full model on the held-out split")
-            best = Genome.from_dict(summary["selected"]["genome"])
-            summary["heldout"] = {}
-            for key, genome in (("best", best), ("full", None)):
-                scores = evaluator.heldout(genome)
-                summary["heldout"][key] = {"scores": scores, "mean": weighted_fitness(config.fitness.tasks, scores)}
-            summary["generalisation_gap"] = summary["selected"]["fitness"] - summary["heldout"]["best"]["mean"]
-        summary["experts_implementation"] = experts_implementation(config.model)
-        run.write_summary(summary)
-    finally:
-        evaluator.close()
-    held = summary.get("heldout")
-    if summary.get("cut"):
-        log(f"[eep] {summary['cut']} hopeless candidates cut short, saving ~{summary['cut_seconds_saved']:.0f}s "
-            "of scoring")
-    chosen = summary.get("selected")
-    session = (f"{summary['evaluations']} evaluations in {time.perf_counter() - start:.0f}s" if not before else
-               f"{summary['evaluations']} evaluations ({summary['evaluations'] - before} in this session, "
-               f"{time.perf_counter() - start:.0f}s)")
-    log(f"[eep] done: {session}; "
-        + (f"best search fitness {summary['best_fitness']:.2f}" if summary["best_fitness"] is not None
-           else "no evaluation succeeded (see the journal's errors)")
-        + (f"; exported candidate {chosen['id']} (search {chosen['fitness']:.2f}, validation "
-           f"{chosen['validation']:.2f})" if chosen and chosen["by"] == "validation" else "")
-        + (f"; held-out {held['best']['mean']:.2f} (full model {held['full']['mean']:.2f}), generalisation gap "
-           f"{summary['generalisation_gap']:.2f}" if held else ""))
-    print(json.dumps({k: summary[k] for k in ("evaluations", "best_fitness", "best_id")}))
-    return 0
-
-
 # -- baselines / report / eval -------------------------------------------------------------------
 
 def cmd_baselines(args) -> int:
+    from eep.api import _finish, _moei2, make_evaluator, plan, search
     from eep.compare import check_baselines, run_baselines
     from eep.config import differences, load_config
     from eep.evaluator import FitnessWorker
@@ -488,11 +296,14 @@ def cmd_baselines(args) -> int:
 
     config = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir or Path("runs") / config.name)
-    _, shape, space = _plan(config)
+    _, shape, space = plan(config)
     check_baselines(config, shape)
     fresh = not (run_dir.exists() and any(run_dir.iterdir()))
+    if fresh and set(config.search.warm_start) - {"greedy"}:  # seeds to compute and copy first: a whole start
+        search(args.config, run_dir, args.overrides, log=log)
+        fresh = False
     run = RunDir.create(run_dir, config) if fresh else RunDir.open(run_dir)
-    if not fresh and run.config().digest() != config.digest():
+    if not fresh and not run.holds(config):
         raise EepError(f"{run_dir} holds a search of another config ({differences(run.config().outcome(), config.outcome())}"
                        "); give this config's run with --run-dir or a new directory")
     with run.lock():
@@ -502,10 +313,10 @@ def cmd_baselines(args) -> int:
             log(f"[eep] {'running' if fresh else 'finishing'} the search in {run_dir} first")
             if config.search_space.kind == "moei2":
                 worker = FitnessWorker(config)
-                _moei2(run, config, space, worker)
+                _moei2(run, config, space, log, worker)
             else:
-                evaluator = make_evaluator(config)
-                _search(run, config, space, evaluator)
+                evaluator = make_evaluator(config, log)
+                _finish(run, config, space, evaluator, log)
                 worker = getattr(evaluator, "worker", None)  # a serial evaluator's model is still loaded
             summary = run.summary()
         if worker is None:
@@ -535,49 +346,22 @@ def cmd_report(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from eep.config import load_config
-    from eep.evaluator import FitnessWorker
-    from eep.genome import Genome
+    from eep.api import evaluate
     from eep.journal import write_json_atomic
-    from eep.lowrank import SCALES_FILE, scales_for
-    from eep.model import load_hf_config
-    from eep.moe import check_genome, shape_of
-    from fitness.metrics import weighted_fitness
-    from fitness.tasks import check_tasks
 
-    config = load_config(args.config, args.overrides)
-    if args.model:
-        config = config.model_copy(update={"model": config.model.model_copy(update={"path": args.model})})
-    genome = Genome.load(args.genome) if args.genome else None
-    check_tasks(config.fitness.tasks)
-    tasks = [t for t in config.fitness.tasks if args.split != "validation" or t.validation_size]
-    if not tasks:
-        raise EepError("--split validation needs tasks with validation_size; set fitness.tasks[].validation_size")
-    if genome is not None:
-        shape = shape_of(load_hf_config(config.model))
-        check_genome(genome, shape)
-    if args.out:
-        out = Path(args.out)
-        if not out.parent.is_dir():
-            raise EepError(f"--out {out}: directory {out.parent} does not exist")
-    scales = scales_for(genome, Path(args.genome).parent / SCALES_FILE) if genome is not None else None
-    log(f"[eep] loading {config.model.path}")
-    worker = FitnessWorker(config)
-    worker.adapter.use_scales(scales)
-    scores = worker.scores(genome, args.split)
-    mean = weighted_fitness(tasks, scores)
-    sizes = {t.name: len(t.examples) for t in worker.scorers[args.split].tasks}
-    result = {"model": config.model.path, "genome": args.genome, "split": args.split, "examples": sizes,
-              "scores": scores, "fitness": mean}
+    if args.out and not Path(args.out).parent.is_dir():
+        raise EepError(f"--out {args.out}: directory {Path(args.out).parent} does not exist")
+    result = evaluate(args.config, args.genome, args.model, args.split, args.overrides, log=log)
+    scores, sizes = result["scores"], result["examples"]
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{config.model.path}" + (f" + genome {args.genome}" if args.genome else "") + f", {args.split} split")
+        print(f"{result['model']}" + (f" + genome {args.genome}" if args.genome else "") + f", {args.split} split")
         width = max(len(name) for name in scores)
         print(f"{'task':<{width}}  {'score':>8}  examples")
         for name, value in scores.items():
             print(f"{name:<{width}}  {value:8.3f}  {sizes.get(name, '')}")
-        print(f"{'fitness':<{width}}  {mean:8.3f}")
+        print(f"{'fitness':<{width}}  {result['fitness']:8.3f}")
     if args.out:
         write_json_atomic(Path(args.out), result)
     return 0
@@ -586,39 +370,24 @@ def cmd_eval(args) -> int:
 # -- export -------------------------------------------------------------------------------------
 
 def cmd_export(args) -> int:
+    from eep.api import Run
     from eep.config import ModelConfig, load_config
     from eep.export import export_genome
     from eep.genome import Genome
-    from eep.journal import RunDir
     from eep.lowrank import SCALES_FILE
 
     out = Path(args.out)
     if args.run_dir:
         if args.model or args.genome or args.config:
             raise EepError("give either RUN_DIR or --model with --genome, not both")
-        run = RunDir.open(args.run_dir)
-        config = run.config()
-        summary = run.summary()
-        if summary.get("best_genome") is None:
-            raise EepError(f"{run.path} has no successful evaluation to export")
-        chosen = summary.get("selected") or {"genome": summary["best_genome"], "fitness": summary["best_fitness"]}
-        model_cfg, genome, fitness = config.model, Genome.from_dict(chosen["genome"]), chosen["fitness"]
-        scales = run.path / SCALES_FILE
-        progress = None
-        if summary.get("method") != "moei2":
-            progress = (summary["evaluations"], config.search.evaluations)
-            if progress[0] < progress[1]:
-                log(f"[eep] warning: the search in {run.path} stopped at {progress[0]} of {progress[1]} evaluations; "
-                    "exporting its best so far (the model card says so; `eep resume` finishes it)")
+        report = Run(args.run_dir).export(out, args.form, args.dense, log=log)
     else:
         if not (args.model and args.genome):
             raise EepError("export needs RUN_DIR, or --model PATH with --genome FILE")
         config = load_config(args.config) if args.config else None
         model_cfg = config.model.model_copy(update={"path": args.model}) if config else ModelConfig(path=args.model)
-        genome, fitness, progress = Genome.load(args.genome), None, None
-        scales = Path(args.genome).parent / SCALES_FILE
-    report = export_genome(model_cfg, genome, out, config=config, search_fitness=fitness, log=log, form=args.form,
-                           dense=args.dense, scales=scales, search_progress=progress)
+        report = export_genome(model_cfg, Genome.load(args.genome), out, config=config, log=log, form=args.form,
+                               dense=args.dense, scales=Path(args.genome).parent / SCALES_FILE)
     params = report["parameters"]
     held = report["heldout"]
     log(f"[eep] exported to {out} ({report['form']} form): {params['before']:,} -> {params['after']:,} parameters, "

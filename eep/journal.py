@@ -254,6 +254,16 @@ class RunDir:
             raise EepError(f"{self.state_path} fails its checksum (edited or damaged)")
         return payload
 
+    def holds(self, config: Config) -> bool:
+        """Whether this is the run ``config`` asks for: its own config, or the config it was started
+        from before eep resolved it (seed genomes copied in, warm starts computed; ``request.json``)."""
+        request = self.path / "request.json"
+        asked = json.loads(request.read_text())["digest"] if request.exists() else None
+        return config.digest() in (self.config().digest(), asked)
+
+    def write_request(self, config: Config) -> None:
+        write_json_atomic(self.path / "request.json", {"digest": config.digest()})
+
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json_atomic(self.summary_path, summary)
 

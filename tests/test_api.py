@@ -1,0 +1,53 @@
+"""The Python API the CLI is built on: search, Run, export, evaluate, resume."""
+
+import json
+
+import pytest
+
+import eep
+from eep.errors import EepError
+from tests.conftest import toy_config_dict
+
+
+def test_search_export_evaluate_from_python(tmp_path):
+    logged = []
+    run = eep.search(toy_config_dict(evaluations=8, initial=4), run_dir=tmp_path / "run", log=logged.append)
+    assert run.finished and len(run.evaluations()) == 8
+    summary = run.summary
+    assert run.best.key == eep.Genome.from_dict(summary["selected"]["genome"]).key
+    assert any(line.startswith("[eep] done: 8 evaluations") for line in logged)
+
+    report = run.export(tmp_path / "out", log=logged.append)
+    assert report["parameters"]["after"] < report["parameters"]["before"]
+    assert eep.Genome.load(tmp_path / "out" / "eep_genome.json").key == run.best.key
+
+    scored = eep.evaluate(toy_config_dict(), genome=run.best, log=logged.append)
+    assert scored["fitness"] == pytest.approx(summary["heldout"]["best"]["mean"])
+    assert scored["examples"] == {"copy": 12, "reverse": 12, "shift": 12, "lookup": 12}
+    assert eep.evaluate(toy_config_dict(), model=str(tmp_path / "out"), log=logged.append)["fitness"] == \
+        pytest.approx(report["heldout"]["mean"] if report["heldout"] else scored["fitness"])
+
+    again = eep.resume(run.path, log=logged.append)  # finished: nothing happens
+    assert "is finished" in logged[-1] and len(again.evaluations()) == 8
+    with pytest.raises(EepError, match="already exists"):
+        eep.search(toy_config_dict(evaluations=8, initial=4), run_dir=run.path, log=logged.append)
+    same = eep.search(toy_config_dict(evaluations=8, initial=4), run_dir=run.path, resume_if_exists=True,
+                      log=logged.append)
+    assert same.summary == summary
+
+
+def test_a_run_continues_from_its_journal_in_another_process_s_shoes(tmp_path):
+    """Stopped after 5 of 8 (journal cut, no snapshot), resume gives the uninterrupted journal."""
+    config = toy_config_dict(evaluations=8, initial=4)
+    full = eep.search(config, run_dir=tmp_path / "full", log=lambda m: None)
+    cut = eep.search({**config, "search": {**config["search"], "evaluations": 5}}, run_dir=tmp_path / "cut",
+                     log=lambda m: None)
+    lines = cut.dir.journal_path.read_text().splitlines()
+    assert len(lines) == 5
+    (cut.path / "config.yaml").write_text((full.path / "config.yaml").read_text())
+    (cut.path / "state.json").unlink()
+    (cut.path / "summary.json").unlink()
+    resumed = eep.resume(cut.path, log=lambda m: None)
+    strip = lambda run: [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "worker")}  # noqa: E731
+                         for line in run.dir.journal_path.read_text().splitlines()]
+    assert strip(resumed) == strip(full)
