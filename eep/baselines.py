@@ -264,7 +264,7 @@ def output_energy(cal: Calibration, layer: int) -> float:
 
 def keep_set_error(cal: Calibration, layer: int) -> Callable[[Iterable[int]], float]:
     """:func:`output_error` of the layer as a function of the keep set (its set-up done once)."""
-    logits, gram = cal.logits[layer], cal.gram[layer].double()
+    gram = cal.gram[layer].double()
     full = _dense_weights(cal, layer, range(cal.num_experts))
 
     def error(keep: Iterable[int]) -> float:

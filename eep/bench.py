@@ -351,7 +351,6 @@ def _bandwidth(device: torch.device, nbytes: int = 2**28) -> float:
     dst = torch.empty_like(src)
     dst.copy_(src), _sync(device)
     seconds, _ = median_spread(lambda: (dst.copy_(src), _sync(device)), 5)
-    del src, dst
     return 2 * nbytes / seconds
 
 

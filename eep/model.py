@@ -55,7 +55,7 @@ def load_hf_config(cfg: ModelConfig, prefer_file: bool = False):
         return _config_from_file(Path(cfg.config_file))
     try:
         return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError):
         if cfg.config_file:
             return _config_from_file(Path(cfg.config_file))
         import os

@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eep.config import apply_override, load_config, parse_config
+from eep.config import load_config, parse_config
 from eep.errors import EepError
 from tests.conftest import toy_config_dict
 

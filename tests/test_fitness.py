@@ -12,7 +12,7 @@ from eep.errors import EepError
 from eep.genome import Genome
 from eep.moe import adapter_for
 from fitness import presets, toy_tasks
-from fitness.likelihood import TextBatches, continuation_logprobs
+from fitness.likelihood import continuation_logprobs
 from fitness.metrics import METRICS, cut_at_stop, generation_score, token_f1, weighted_fitness
 from fitness.scoring import Scorer
 from fitness.tasks import Example, Task, check_tasks, load_tasks

@@ -3,7 +3,7 @@ import torch
 
 from eep.errors import EepError
 from eep.genome import Genome, LayerGene
-from eep.moe import adapter_for, shape_of
+from eep.moe import adapter_for
 from tests.conftest import tiny_mixtral_config
 
 KEEP = {0: [1, 3, 4, 6], 1: [0, 2, 5, 7], 2: [2, 3, 6, 7]}

@@ -358,7 +358,6 @@ def test_greedy_warm_start_is_journaled_counted_and_resumes_exactly(tmp_path, wo
     summary = run_search(full, space, SerialEvaluator(worker), log=lambda m: None)
     rows = _journal(full)
     assert [r["id"] for r in rows] == list(range(cost + 12)) and summary["evaluations"] == cost + 12
-    warm, bred = rows[:cost], rows[cost:]
     outside = [bool(r.get("outside")) for r in rows]
     assert outside == [space.reject(Genome.from_dict(r["genome"])) is not None for r in rows]
     assert sum(outside) == 4 * (8 + 7) - 7 and not any(outside[cost:])  # all but the last layer's last step

@@ -4,7 +4,6 @@ on tiny random models of three families, for many random genomes (fp32)."""
 import random
 
 import pytest
-import torch
 
 import fitness.scoring
 from eep.genome import Genome
