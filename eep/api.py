@@ -336,6 +336,7 @@ def make_evaluator(config: Config, log: Log = stderr_log):
 def _finish(run: RunDir, config: Config, space, evaluator, log: Log) -> dict:
     """Run the search on ``evaluator`` (closed at the end), pick the genome to export (the best, or
     with validation examples the best of the top few on them), then score it held-out."""
+    from eep.progress import Progress, tracked
     from eep.search import run_search, select
     from fitness.metrics import weighted_fitness
 
@@ -347,8 +348,15 @@ def _finish(run: RunDir, config: Config, space, evaluator, log: Log) -> dict:
             validated = [t for t in config.fitness.tasks if t.validation_size]
             if validated:
                 log(f"[eep] picking the export among the {config.search.select_top} best by their validation examples")
-                chosen, tried = select(run.evaluations(), lambda g: weighted_fitness(validated, evaluator.heldout(
-                    g, "validation")), config.search.select_top)
+                progress = Progress("validation scoring (candidates)", config.search.select_top, log)
+
+                def validate(genome):
+                    fitness = weighted_fitness(validated, evaluator.heldout(genome, "validation"))
+                    progress.step()
+                    return fitness
+
+                chosen, tried = select(run.evaluations(), validate, config.search.select_top)
+                progress.close()
                 summary["selected"] = {"id": chosen.id, "genome": chosen.genome.to_dict(), "fitness": chosen.fitness,
                                        "validation": tried[chosen.id], "by": "validation",
                                        "candidates": {str(i): v for i, v in tried.items()}}
@@ -358,7 +366,7 @@ def _finish(run: RunDir, config: Config, space, evaluator, log: Log) -> dict:
             log("[eep] scoring the exported genome and the full model on the held-out split")
             best = Genome.from_dict(summary["selected"]["genome"])
             summary["heldout"] = {}
-            for key, genome in (("best", best), ("full", None)):
+            for key, genome in tracked((("best", best), ("full", None)), "held-out scoring (models)", log):
                 scores = evaluator.heldout(genome)
                 summary["heldout"][key] = {"scores": scores, "mean": weighted_fitness(config.fitness.tasks, scores)}
             summary["generalisation_gap"] = summary["selected"]["fitness"] - summary["heldout"]["best"]["mean"]

@@ -113,12 +113,15 @@ def check_baselines(config: Config, shape) -> None:
 def calibrate(config: Config, worker, log: Callable[[str], None]):
     """(texts, batches, :class:`eep.baselines.Calibration`): one pass of the unpruned model."""
     from eep import baselines as bl
+    from eep.progress import tracked
 
     cal = config.baselines.calibration
     texts = calibration_texts(config)
     log(f"[eep] calibration pass over {len(texts)} texts")
     batches = calibration_batches(worker.tokenizer, texts, config.fitness.batch_size, cal.max_length)
-    return texts, batches, bl.collect(worker.model, worker.adapter, batches, cal.max_tokens_per_layer, seed=cal.seed)
+    stats = bl.collect(worker.model, worker.adapter, tracked(batches, "calibration pass (batches)", log),
+                       cal.max_tokens_per_layer, seed=cal.seed)
+    return texts, batches, stats
 
 
 def warm_genomes(config: Config, worker, methods, log: Callable[[str], None]) -> dict[str, Genome]:

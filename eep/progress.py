@@ -1,5 +1,6 @@
 """Progress of long steps that works in a log as well as on a terminal: done/total, rate and time
-left, as a tqdm bar on a terminal and as a plain line every ``every`` seconds otherwise."""
+left, as a tqdm bar on a terminal and as a plain line every ``every`` seconds otherwise (and one
+at the end of a step that took that long; quicker steps say nothing)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ class Progress:
             self.bar.update(n)
             return
         now = time.perf_counter()
-        if now - self.last >= self.every or self.done >= self.total:
+        finished_long = self.done >= self.total and now - self.start >= self.every  # quick steps stay quiet
+        if now - self.last >= self.every or finished_long:
             self.last = now
             rate = self.done / max(now - self.start, 1e-9)
             left = (self.total - self.done) / rate if rate else 0.0
