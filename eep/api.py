@@ -153,10 +153,14 @@ def search(config: Config | str | Path | dict, run_dir: str | Path | None = None
     return Run(run_dir)
 
 
-def resume(run_dir: str | Path, evaluator=None, log: Log = stderr_log) -> Run:
+def resume(run_dir: str | Path, evaluator=None, log: Log = stderr_log, evaluations: int | None = None) -> Run:
     """Continue a stopped run (on another evaluator if given: an ``EvaluatorConfig``); a finished
-    one is left as it is."""
+    one is left as it is unless ``evaluations`` raises its budget, which continues the same search."""
     run = RunDir.open(run_dir)
+    if evaluations is not None and evaluations != run.config().search.evaluations:
+        with run.lock():
+            run.extend(evaluations)
+        log(f"[eep] {run.path}: budget raised to {evaluations} evaluations")
     config = run.config()
     if evaluator is not None:
         config = config.model_copy(update={"evaluator": evaluator})

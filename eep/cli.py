@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("resume", help="continue a stopped search (on any evaluator)")
     p.add_argument("run_dir")
+    p.add_argument("--evaluations", type=int, metavar="N",
+                   help="raise the search's budget to N evaluations (the same search, continued)")
     _evaluator_flags(p)
     _threads_flag(p)
     p.set_defaults(func=cmd_resume)
@@ -267,7 +269,7 @@ def cmd_resume(args) -> int:
     from eep.journal import RunDir
 
     config = _with_evaluator_flags(RunDir.open(args.run_dir).config(), args)
-    return _done(resume(args.run_dir, config.evaluator, log=log))
+    return _done(resume(args.run_dir, config.evaluator, log=log, evaluations=args.evaluations))
 
 
 def _scoring_plan(config) -> str:

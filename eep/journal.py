@@ -261,6 +261,19 @@ class RunDir:
         asked = json.loads(request.read_text())["digest"] if request.exists() else None
         return config.digest() in (self.config().digest(), asked)
 
+    def extend(self, evaluations: int) -> None:
+        """Raise the search's budget (``eep resume --evaluations``): the search goes on as if it had
+        been asked for that many from the start."""
+        config = self.config()
+        done = len(self.evaluations())
+        if evaluations < max(done, config.search.evaluations):
+            raise EepError(f"--evaluations {evaluations} would not extend {self.path}: it plans "
+                           f"{config.search.evaluations} and has {done}; give more")
+        config = config.model_copy(update={"search": config.search.model_copy(update={"evaluations": evaluations})})
+        tmp = self.config_path.with_suffix(".yaml.tmp")
+        tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        os.replace(tmp, self.config_path)
+
     def write_request(self, config: Config) -> None:
         write_json_atomic(self.path / "request.json", {"digest": config.digest()})
 

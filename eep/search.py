@@ -134,7 +134,9 @@ def run_search(run: RunDir, space, evaluator, log: Callable[[str], None] = print
         replay, archive = archive[start:], archive[:start]
         next_id, in_flight = start, deque()
     else:
-        if state["config_digest"] != digest:
+        # a larger budget continues the same search: candidate i never depends on the budget
+        extended = "config" in state and _without_budget(state["config"]) == _without_budget(outcome)
+        if state["config_digest"] != digest and not extended:
             what = f" ({differences(state['config'], outcome)})" if "config" in state else ""
             raise EepError(f"{run.path}/config.yaml changed since the search started{what}; restore it to resume")
         rng.setstate(_rng_state_from_json(state["rng"]))
@@ -239,6 +241,10 @@ def _greedy_phase(run: RunDir, space, evaluator, records: list[Evaluation], log)
     except StopIteration:
         pass
     return done
+
+
+def _without_budget(outcome: dict) -> dict:
+    return {**outcome, "search": {k: v for k, v in outcome["search"].items() if k != "evaluations"}}
 
 
 class _Replay:

@@ -51,3 +51,17 @@ def test_a_run_continues_from_its_journal_in_another_process_s_shoes(tmp_path):
     strip = lambda run: [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "worker")}  # noqa: E731
                          for line in run.dir.journal_path.read_text().splitlines()]
     assert strip(resumed) == strip(full)
+
+
+def test_raising_the_budget_of_a_finished_run_continues_the_same_search(tmp_path):
+    config = toy_config_dict(evaluations=12, initial=4)
+    longer = eep.search(config, run_dir=tmp_path / "long", log=lambda m: None)
+    short = eep.search({**config, "search": {**config["search"], "evaluations": 7}}, run_dir=tmp_path / "short",
+                       log=lambda m: None)
+    assert short.finished
+    with pytest.raises(EepError, match="would not extend"):
+        eep.resume(short.path, evaluations=5, log=lambda m: None)
+    extended = eep.resume(short.path, evaluations=12, log=lambda m: None)
+    assert extended.finished and extended.config.search.evaluations == 12
+    keys = lambda run: [e.genome.key for e in run.evaluations()]  # noqa: E731
+    assert keys(extended) == keys(longer) and extended.summary["best_genome"] == longer.summary["best_genome"]
