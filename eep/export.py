@@ -88,9 +88,13 @@ def export_genome(model_cfg: ModelConfig, genome: Genome, out: str | Path, confi
         from fitness.scoring import Scorer
 
         fit = config.fitness
+        from eep.progress import Progress
+
         scorer = Scorer(model, tokenizer, tasks, fit.batch_size, fit.max_new_tokens,
-                        fit.max_length, adapter.blocks)
-        scores = scorer(small, moe_blocks(small))
+                        fit.max_length, adapter.blocks, fit.scoring)
+        progress = Progress("held-out scoring of the export (chunks)", len(scorer.chunks), log)
+        scores = scorer(small, moe_blocks(small), progress=progress.step)
+        progress.close()
         report["heldout"] = {"scores": scores, "mean": weighted_fitness(fit.tasks, scores)}
         del scorer
     del model

@@ -16,7 +16,7 @@ exactly what an uncut one does.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from eep.errors import EepError
 from fitness import teacher_forcing
@@ -109,12 +109,13 @@ class Scorer:
                                                   add_generation_prompt=True)
 
     def __call__(self, model=None, blocks: dict | None = None, cut_below: float | None = None,
-                 order: Sequence[str] = ()) -> dict[str, float]:
+                 order: Sequence[str] = (), progress: Callable[[], None] | None = None) -> dict[str, float]:
         """Per-task scores of the model as it is now — or of another ``model`` (e.g. an exported
         smaller one, with its MoE ``blocks``) against the same references. Fidelity tasks also
         record the other measure (``<task>.kl`` next to an ``esap`` task and vice versa).
         ``cut_below``: raise :class:`Cut` once the fitness cannot reach it; ``order``: generation tasks
-        scored first, in this order (it decides how soon a cut comes, never a score)."""
+        scored first, in this order (it decides how soon a cut comes, never a score); ``progress``:
+        called after each chunk of generation examples."""
         model = model if model is not None else self.model
         blocks = blocks if blocks is not None else self.blocks
         scores: dict[str, float] = {}
@@ -128,12 +129,12 @@ class Scorer:
                 scores[f"{task.name}.{'kl' if task.metric == 'esap' else 'esap'}"] = kl if task.metric == "esap" else esap
             elif task.metric == "reconstruction":
                 scores[task.name] = self.references[task.name].reconstruction(model, blocks)
-        hits = self.example_scores(model, scores, cut_below, order)
+        hits = self.example_scores(model, scores, cut_below, order, progress)
         scores.update({name: 100.0 * sum(values) / len(values) for name, values in hits.items()})
         return {t.name: scores[t.name] for t in self.tasks} | scores
 
-    def example_scores(self, model=None, known: dict[str, float] | None = None,
-                       cut_below: float | None = None, order: Sequence[str] = ()) -> dict[str, list[float]]:
+    def example_scores(self, model=None, known: dict[str, float] | None = None, cut_below: float | None = None,
+                       order: Sequence[str] = (), progress: Callable[[], None] | None = None) -> dict[str, list[float]]:
         """Each generation example's score (0-1) by task, chunk by chunk; ``known``: the other
         tasks' scores, for the bound that ``cut_below`` is checked against."""
         model = model if model is not None else self.model
@@ -144,6 +145,8 @@ class Scorer:
         for chunk in chunks:
             self._score_chunk(model, chunk, hits)
             done += len(chunk)
+            if progress is not None:
+                progress()
             if cut_below is not None and done < total:
                 bound = weighted_fitness(self.tasks, (known or {}) | {
                     name: 100.0 * sum(1.0 if h is None else h for h in values) / len(values)
