@@ -245,8 +245,6 @@ def plan(config: Config, dry_run: bool = False) -> tuple[object, object, object]
     return hf_config, shape, schedule
 
 
-
-
 def experts_implementation(model_cfg) -> str:
     """The experts implementation the model loads with here (``eep.model.choose_experts``); for a
     device this machine lacks (a dry run of a GPU config), what decides it when it loads there."""
@@ -257,8 +255,6 @@ def experts_implementation(model_cfg) -> str:
     except EepError:
         return f"chosen on {model_cfg.device} when the model loads"
     return choose_experts(model_cfg.experts_implementation, device, pick_dtype(model_cfg.dtype, device))
-
-
 
 
 def _warm_seeds(config, evaluator, methods, seeds, names, log: Log) -> tuple[list, list]:
@@ -280,8 +276,6 @@ def _warm_seeds(config, evaluator, methods, seeds, names, log: Log) -> tuple[lis
     return seeds, names
 
 
-
-
 def seed_genomes(config: Config, space, config_dir: Path) -> list[Genome]:
     """The config's seed genomes, loaded (paths relative to the working directory, else to the
     config file) and checked against the search's first space; an error names the file and why."""
@@ -299,8 +293,6 @@ def seed_genomes(config: Config, space, config_dir: Path) -> list[Genome]:
             raise EepError(f"seed genome {path} does not belong to this search's space: {reason}")
         seeds.append(genome)
     return seeds
-
-
 
 
 def _moei2(run: RunDir, config: Config, moei2_plan, log: Log, worker=None) -> dict:
@@ -321,8 +313,6 @@ def _moei2(run: RunDir, config: Config, moei2_plan, log: Log, worker=None) -> di
     return summary
 
 
-
-
 def make_evaluator(config: Config, log: Log = stderr_log):
     """The evaluator the config asks for: serial in this process, or Ray actors."""
     from eep.evaluator import FitnessWorker, SerialEvaluator
@@ -333,8 +323,6 @@ def make_evaluator(config: Config, log: Log = stderr_log):
 
         return RayEvaluator(config, log=log)
     return SerialEvaluator(FitnessWorker(config), in_flight=config.search.in_flight)
-
-
 
 
 def _finish(run: RunDir, config: Config, space, evaluator, log: Log) -> dict:
