@@ -123,6 +123,12 @@ def _parser() -> argparse.ArgumentParser:
     _threads_flag(p)
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("import-eep", help="convert a genome EEP released (searched_coeff/*.pth) into eep's JSON")
+    p.add_argument("file", help="EEP's coefficient file (.pth: a dict of E'xE tensors)")
+    p.add_argument("--model", required=True, help="the model it was searched on (directory, hub id or 'toy')")
+    p.add_argument("--out", required=True, help="genome JSON to write")
+    p.set_defaults(func=cmd_import_eep)
+
     p = sub.add_parser("toy", help="the embedded toy model")
     toy_sub = p.add_subparsers(dest="toy_command", required=True)
     b = toy_sub.add_parser("build", help="retrain the toy model from a seed (a few minutes on CPU)")
@@ -453,6 +459,28 @@ def cmd_finetune(args) -> int:
         raise
     log(f"[eep] fine-tuned model written to {out}: calibration loss {trained['losses'][0]:.4f} -> "
         f"{trained['losses'][-1]:.4f}, held-out {before['mean']:.2f} -> {after['mean']:.2f}")
+    return 0
+
+
+def cmd_import_eep(args) -> int:
+    from eep.config import ModelConfig
+    from eep.eep_format import genome_from_coefficients, load_coefficients
+    from eep.journal import check_creatable
+    from eep.model import load_hf_config
+    from eep.moe import shape_of
+
+    out = Path(args.out)
+    if out.exists():
+        raise EepError(f"{out} already exists; choose another --out")
+    check_creatable(out, "the genome file")
+    shape = shape_of(load_hf_config(ModelConfig(path=args.model)))
+    if shape.family != "mixtral":
+        raise EepError(f"EEP's genomes are Mixtral's; {args.model} is {shape.family}")
+    genome = genome_from_coefficients(load_coefficients(args.file), shape.num_experts, shape.top_k, shape.moe_layers)
+    genome.save(out)
+    slots = sorted({genome.gene(i).slots for i in shape.moe_layers})
+    log(f"[eep] wrote {out}: {len(shape.moe_layers)} layers merged to {'/'.join(map(str, slots))} experts"
+        + (", signed router rows (applied with EEP's arithmetic)" if genome.signed else ""))
     return 0
 
 

@@ -15,7 +15,10 @@ to its gene. A layer that is missing is left unchanged. A gene is one of:
   ``sum_i merge[j][i] * expert_i`` for every expert tensor, and its routing score is
   ``sum_i router[j][i] * softmax(logits)_i`` over the original E router logits; the top-k of the
   E' scores are renormalised to sum to one. Router entries are non-negative (see
-  :mod:`search_spaces.merge` for why), so scores are positive and the renormalisation is safe.
+  :mod:`search_spaces.merge` for why), so scores are positive and the renormalisation is safe —
+  unless the genome says ``"router_sign": "signed"`` (EEP's released genomes have negative router
+  entries, ``eep import-eep``): the same arithmetic then runs on signed rows, exactly as EEP's code
+  does, and a renormalisation denominator near zero is warned about.
 
 Either may set ``top_k``, the experts each token is routed to in that layer (e.g. 2 -> 1).
 A pruning gene may also set ``rank`` (MoE-I² stage 2), one integer per kept expert: that
@@ -119,6 +122,8 @@ class Genome:
     layers: tuple[tuple[int, LayerGene], ...]
     scales: str | None = None
     """Digest of the activation scales of activation-aware low-rank experts (None: plain SVD)."""
+    signed: bool = False
+    """Router rows may have negative entries (``"router_sign": "signed"``; EEP's released genomes)."""
     key: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -168,9 +173,9 @@ class Genome:
                        f"({self.num_experts})")
                 _check(all(math.isfinite(x) for x in row), f"layer {layer}: {name} row {r} has a NaN or infinite entry")
         for r, row in enumerate(gene.router):
-            _check(all(x >= 0.0 for x in row),
+            _check(self.signed or all(x >= 0.0 for x in row),
                    f"layer {layer}: router row {r} has a negative entry; router weights must be >= 0 so that "
-                   "routing scores stay positive")
+                   "routing scores stay positive (or, for EEP's own signed genomes, set \"router_sign\": \"signed\")")
             _check(any(x > 0.0 for x in row), f"layer {layer}: router row {r} is all zeros; that expert could never "
                                               "be routed to")
 
@@ -188,8 +193,9 @@ class Genome:
         return cls(num_experts, top_k, layers)
 
     @classmethod
-    def from_genes(cls, num_experts: int, top_k: int, genes: Mapping[int, LayerGene], scales: str | None = None) -> Genome:
-        return cls(num_experts, top_k, tuple((int(i), gene) for i, gene in sorted(genes.items())), scales)
+    def from_genes(cls, num_experts: int, top_k: int, genes: Mapping[int, LayerGene], scales: str | None = None,
+                   signed: bool = False) -> Genome:
+        return cls(num_experts, top_k, tuple((int(i), gene) for i, gene in sorted(genes.items())), scales, signed)
 
     @classmethod
     def from_dict(cls, data: Any) -> Genome:
@@ -197,7 +203,7 @@ class Genome:
         _check(isinstance(data, dict), "a genome must be a JSON object")
         _check(data.get("format") == GENOME_FORMAT,
                f"unsupported genome format {data.get('format')!r}; expected {GENOME_FORMAT!r}")
-        unknown = set(data) - {"format", "num_experts", "top_k", "layers", "activation_scales"}
+        unknown = set(data) - {"format", "num_experts", "top_k", "layers", "activation_scales", "router_sign"}
         _check(not unknown, f"unknown genome keys: {', '.join(sorted(unknown))}")
         for name in ("num_experts", "top_k"):
             _check(type(data.get(name)) is int, f"genome {name} must be an integer, got {data.get(name)!r}")
@@ -235,7 +241,9 @@ class Genome:
         _check(len(genes) == len(layers), "genome layer indices must be distinct")
         scales = data.get("activation_scales")
         _check(scales is None or isinstance(scales, str), "activation_scales must be a digest string")
-        return cls.from_genes(data["num_experts"], data["top_k"], genes, scales)
+        sign = data.get("router_sign", "nonnegative")
+        _check(sign in ("nonnegative", "signed"), f"router_sign must be 'nonnegative' or 'signed', got {sign!r}")
+        return cls.from_genes(data["num_experts"], data["top_k"], genes, scales, sign == "signed")
 
     @classmethod
     def load(cls, path: str | Path) -> Genome:
@@ -259,6 +267,8 @@ class Genome:
         }
         if self.scales is not None:
             data["activation_scales"] = self.scales
+        if self.signed:
+            data["router_sign"] = "signed"
         return data
 
     def save(self, path: str | Path) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -456,10 +457,20 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def mapped_routing(logits: torch.Tensor, router_t: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """EEP's routing: softmax over the source experts, scores = p @ router.T, top-k, renormalise."""
+    """EEP's routing: softmax over the source experts, scores = p @ router.T, top-k, renormalise
+    by the plain sum (no epsilon, as EEP). With signed router rows that sum can come near zero,
+    where the weights blow up: warned about, as EEP's own behaviour there is ill-conditioned."""
     scores = torch.softmax(logits.float(), dim=-1) @ router_t
     weights, index = torch.topk(scores, top_k, dim=-1)
-    return weights / weights.sum(dim=-1, keepdim=True), index
+    total = weights.sum(dim=-1, keepdim=True)
+    if bool((total.abs() < NEAR_ZERO).any()):
+        warnings.warn(f"EEP routing: a token's top-{top_k} scores sum to {float(total.abs().min()):.2e}, near zero; "
+                      "its expert weights are ill-conditioned (signed router rows)", RuntimeWarning, stacklevel=2)
+    return weights / total, index
+
+
+NEAR_ZERO = 1e-3
+"""A renormalisation denominator below this (in absolute value) is warned about."""
 
 
 def _mapped_routing_hook(router: torch.Tensor, top_k: int):
