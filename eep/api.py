@@ -217,10 +217,11 @@ def plan(config: Config, dry_run: bool = False) -> tuple[object, object, object]
     shape (its config.json only) and the tasks, before any weights load."""
     from eep.model import load_hf_config
     from eep.moe import shape_of
-    from fitness.tasks import check_tasks
+    from fitness.tasks import check_local_data, check_tasks
     from search_spaces import build_schedule
 
     check_tasks(config.fitness.tasks)
+    check_local_data(config.fitness.tasks)  # every data error found here costs no model load
     hf_config = load_hf_config(config.model, prefer_file=dry_run)
     shape = shape_of(hf_config)
     if config.search_space.kind == "moei2":

@@ -268,6 +268,25 @@ def _answers(cfg: TaskConfig, row: dict[str, Any]) -> tuple[str, ...]:
     return tuple(str(v) for v in values)
 
 
+def check_local_data(configs: Sequence[TaskConfig]) -> None:
+    """Load the tasks whose data is on this machine (toys, ``data_files``, local paths) for every
+    split they use, before any model loads, and refuse search / validation / held-out examples that
+    share a prompt (files given by hand can overlap; a held-out score on searched rows means nothing).
+    Hub datasets are left to the run (``--dry-run`` stays offline)."""
+    for cfg in configs:
+        local = cfg.data_files is not None or (cfg.dataset or "").partition(":")[0] in _TOYS \
+            or Path(cfg.dataset or "").exists()
+        if not local:
+            continue
+        splits = ("search", "test", "validation") if cfg.validation_size else ("search", "test")
+        prompts = {which: {ex.prompt for ex in load_tasks([cfg], which)[0].examples} for which in splits}
+        for a, b in (("search", "test"), ("search", "validation"), ("validation", "test")):
+            shared = prompts.get(a, set()) & prompts.get(b, set())
+            if shared:
+                raise EepError(f"task {cfg.name!r}: {len(shared)} {b} examples also appear among its {a} examples "
+                               f"(e.g. {sorted(shared)[0][:60]!r}); give disjoint files")
+
+
 def load_texts(dataset: str, subset: str | None, split: str, template: str, size: int, seed: int = 0) -> list[str]:
     """``size`` non-blank texts formed by ``template`` from a seeded sample of a dataset split."""
     cfg = TaskConfig(name="calibration", dataset=dataset, subset=subset, prompt=template, metric="perplexity",

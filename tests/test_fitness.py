@@ -342,3 +342,22 @@ def test_task_files_as_they_lie_and_one_file_never_read_twice(tmp_path):
             load_tasks([files.model_copy(update=update)], "search")
     with pytest.raises(ValueError, match="give either dataset or data_files"):
         TaskConfig(name="x", dataset="d", data_files={"search": "a"}, prompt="{a}", answer="b")
+
+
+def test_overlapping_task_files_are_refused_before_any_model_loads(tmp_path, capsys):
+    import yaml
+
+    from eep.cli import main
+    from tests.conftest import toy_config_dict
+
+    rows = [{"question": f"q{i}", "answer": str(i)} for i in range(10)]
+    _jsonl(tmp_path / "train.jsonl", rows)
+    _jsonl(tmp_path / "held.jsonl", rows[7:] + [{"question": "new", "answer": "x"}])
+    data = toy_config_dict()
+    data["fitness"]["tasks"] = [{"name": "qa", "prompt": "{question} =", "answer": "answer", "search_size": 10,
+                                 "data_files": {"search": str(tmp_path / "train.jsonl"),
+                                                "test": str(tmp_path / "held.jsonl")}}]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
+    assert main(["search", str(tmp_path / "c.yaml"), "--dry-run", "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "3 test examples also appear among its search examples" in err and err.count("\n") == 1
