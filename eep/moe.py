@@ -463,7 +463,8 @@ def mapped_routing(logits: torch.Tensor, router_t: torch.Tensor, top_k: int) -> 
     scores = torch.softmax(logits.float(), dim=-1) @ router_t
     weights, index = torch.topk(scores, top_k, dim=-1)
     total = weights.sum(dim=-1, keepdim=True)
-    if bool((total.abs() < NEAR_ZERO).any()):
+    # only signed rows can cancel: a small sum of non-negative scores still divides well
+    if bool((router_t < 0).any()) and bool((total.abs() < NEAR_ZERO).any()):
         warnings.warn(f"EEP routing: a token's top-{top_k} scores sum to {float(total.abs().min()):.2e}, near zero; "
                       "its expert weights are ill-conditioned (signed router rows)", RuntimeWarning, stacklevel=2)
     return weights / total, index
