@@ -134,7 +134,7 @@ def search(config: Config | str | Path | dict, run_dir: str | Path | None = None
         names = [f"seeds/seed-{n}.json" for n in range(len(seeds))]
         calibrated = [m for m in config.search.warm_start if m != "greedy"]
         if calibrated:  # become seed genomes of the run: its config says what it does, and it resumes exactly
-            seeds, names = _warm_seeds(config, evaluator, calibrated, seeds, names, log)
+            seeds, names = _warm_seeds(config, evaluator, calibrated, seeds, names, log, space)
             config = config.model_copy(update={"search": config.search.model_copy(
                 update={"warm_start": [m for m in config.search.warm_start if m == "greedy"]})})
         if seeds:  # the run keeps its own copies: it resumes from anywhere, whatever happens to the files
@@ -258,8 +258,11 @@ def experts_implementation(model_cfg) -> str:
     return choose_experts(model_cfg.experts_implementation, device, pick_dtype(model_cfg.dtype, device))
 
 
-def _warm_seeds(config, evaluator, methods, seeds, names, log: Log) -> tuple[list, list]:
-    """The seeds with the calibration-pass warm starts appended (those not already among them)."""
+def _warm_seeds(config, evaluator, methods, seeds, names, log: Log, space) -> tuple[list, list]:
+    """The seeds with the calibration-pass warm starts appended (those not already among them, and
+    only those the search's space holds: e.g. weight groups need one keep set per group)."""
+    from search_spaces import Schedule
+
     from eep.compare import warm_genomes
     from eep.evaluator import FitnessWorker
 
@@ -271,6 +274,10 @@ def _warm_seeds(config, evaluator, methods, seeds, names, log: Log) -> tuple[lis
     for method, genome in warm_genomes(config, worker, methods, log).items():
         if genome.key in {s.key for s in seeds}:
             log(f"[eep] warm start: {method}'s genome is already a seed")
+            continue
+        reason = Schedule.of(space).first.reject(genome)
+        if reason is not None:
+            log(f"[eep] warm start: {method}'s genome is left out: {reason}")
             continue
         seeds.append(genome)
         names.append(f"seeds/warm-{method}.json")

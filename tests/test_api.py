@@ -65,3 +65,19 @@ def test_raising_the_budget_of_a_finished_run_continues_the_same_search(tmp_path
     assert extended.finished and extended.config.search.evaluations == 12
     keys = lambda run: [e.genome.key for e in run.evaluations()]  # noqa: E731
     assert keys(extended) == keys(longer) and extended.summary["best_genome"] == longer.summary["best_genome"]
+
+
+def test_warm_starts_outside_a_grouped_space_are_left_out(tmp_path):
+    """With weight groups every genome keeps one set per group; a layer-wise baseline's genome that
+    does not is not seeded (said in the log), and everything evaluated belongs to the space."""
+    from eep.api import plan
+
+    data = toy_config_dict(evaluations=6, initial=4, warm_start=["naee", "frequency"])
+    data["search_space"]["groups"] = 2
+    logged = []
+    run = eep.search(data, run_dir=tmp_path / "run", log=logged.append)
+    space = plan(run.config)[2].first
+    assert all(space.reject(e.genome) is None for e in run.evaluations())
+    seeded = run.config.search.seed_genomes
+    assert len(seeded) + sum("is left out" in line for line in logged) + sum(
+        "already a seed" in line for line in logged) == 2
