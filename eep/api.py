@@ -203,7 +203,8 @@ def evaluate(config: Config | str | Path | dict, genome: Genome | str | Path | N
     scales = scales_for(genome, source.parent / SCALES_FILE) if source is not None else None
     log(f"[eep] loading {config.model.path}")
     worker = FitnessWorker(config)
-    worker.adapter.use_scales(scales)
+    if worker.adapter is not None:  # None for eep's custom-form exports: scored as they are
+        worker.adapter.use_scales(scales)
     scores = worker.scores(genome, split)
     return {"model": config.model.path, "genome": str(source) if source else (genome.key if genome else None),
             "split": split, "examples": {t.name: len(t.examples) for t in worker.scorers[split].tasks},

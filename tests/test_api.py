@@ -81,3 +81,19 @@ def test_warm_starts_outside_a_grouped_space_are_left_out(tmp_path):
     seeded = run.config.search.seed_genomes
     assert len(seeded) + sum("is left out" in line for line in logged) + sum(
         "already a seed" in line for line in logged) == 2
+
+
+def test_evaluate_scores_a_custom_form_export_as_it_is(tmp_path):
+    """eep's custom-form checkpoints (uneven expert counts) have no MoE adapter: scored as they are,
+    and a genome on top of one is refused in one line (it used to crash with AttributeError)."""
+    from eep.config import ModelConfig
+    from eep.export import export_genome
+
+    genome = eep.Genome.from_keep(8, 2, {0: [0, 2, 5], 1: [1, 2, 3, 4, 6], 2: [0, 3, 4, 6], 3: [1, 4]})
+    report = export_genome(ModelConfig(path="toy", device="cpu", dtype="float32"), genome, tmp_path / "out",
+                           config=eep.api.config_of(toy_config_dict()), log=lambda m: None)
+    assert report["form"] == "custom"
+    scored = eep.evaluate(toy_config_dict(), model=str(tmp_path / "out"), log=lambda m: None)
+    assert scored["fitness"] == pytest.approx(report["heldout"]["mean"])
+    with pytest.raises(EepError, match="eep_mixtral"):  # its config names no family eep can apply genomes to
+        eep.evaluate(toy_config_dict(), model=str(tmp_path / "out"), genome=genome, log=lambda m: None)
