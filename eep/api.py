@@ -15,6 +15,7 @@ run knows is on disk (:class:`eep.journal.RunDir`); a :class:`Run` only reads it
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,23 +31,16 @@ Log = Callable[[str], None]
 
 def config_of(config: Config | str | Path | dict, overrides: Sequence[str] = ()) -> Config:
     """A validated :class:`Config` from a YAML path, a plain dict or a Config (``overrides``: ``a.b=value``)."""
-    if isinstance(config, Config):
-        if overrides:
-            from eep.config import apply_override
-
-            data = config.to_dict()
-            for item in overrides:
-                apply_override(data, item)
-            return parse_config(data)
+    if isinstance(config, (str, Path)):
+        return load_config(config, list(overrides))
+    if isinstance(config, Config) and not overrides:
         return config
-    if isinstance(config, dict):
-        from eep.config import apply_override
+    from eep.config import apply_override
 
-        data = dict(config)
-        for item in overrides:
-            apply_override(data, item)
-        return parse_config(data)
-    return load_config(config, list(overrides))
+    data = config.to_dict() if isinstance(config, Config) else copy.deepcopy(config)  # the caller's dict stays
+    for item in overrides:
+        apply_override(data, item)
+    return parse_config(data)
 
 
 class Run:
@@ -102,15 +96,19 @@ class Run:
 
 
 def search(config: Config | str | Path | dict, run_dir: str | Path | None = None, overrides: Sequence[str] = (),
-           resume_if_exists: bool = False, log: Log = stderr_log) -> Run:
+           resume_if_exists: bool = False, log: Log = stderr_log, config_dir: str | Path | None = None,
+           planned: tuple | None = None) -> Run:
     """Start the search ``config`` describes in ``run_dir`` (default ``runs/<name>``), run it to the
     end and score its pick held out; returns the :class:`Run`. A run directory that exists is
-    refused unless ``resume_if_exists`` and it holds a run of the same config, which is continued."""
-    config_dir = Path(config).parent if isinstance(config, (str, Path)) else Path(".")
+    refused unless ``resume_if_exists`` and it holds a run of the same config, which is continued.
+    ``config_dir``: where relative seed-genome paths start (default: a YAML config's directory);
+    ``planned``: :func:`plan`'s result when the caller has it already (the CLI prints it first)."""
+    if config_dir is None:
+        config_dir = Path(config).parent if isinstance(config, (str, Path)) else Path(".")
     config = config_of(config, overrides)
     run_dir = Path(run_dir or Path("runs") / config.name)
-    _, _, space = plan(config)
-    seeds = seed_genomes(config, space, config_dir)
+    _, _, space = planned or plan(config)
+    seeds = seed_genomes(config, space, Path(config_dir))
     if resume_if_exists and (run_dir / "config.yaml").exists():
         existing = RunDir.open(run_dir)
         if not existing.holds(config):

@@ -238,25 +238,14 @@ def cmd_search(args) -> int:
 
     config = _with_evaluator_flags(load_config(args.config, args.overrides), args)
     run_dir = Path(args.run_dir or Path("runs") / config.name)
-    hf_config, shape, space = plan(config, dry_run=args.dry_run)
-    seed_genomes(config, space, Path(args.config).parent)  # a bad seed file fails before the plan prints
-    _print_plan(config, hf_config, shape, space, run_dir)
+    planned = plan(config, dry_run=args.dry_run)
+    seed_genomes(config, planned[2], Path(args.config).parent)  # a bad seed file fails before the plan prints
+    _print_plan(config, *planned, run_dir)
     if args.dry_run:
         print("dry run: config is valid; nothing was loaded or written")
         return 0
-    return _done(search(args.config, run_dir, _flag_overrides(args), args.resume_if_exists, log=log))
-
-
-def _flag_overrides(args) -> list[str]:
-    """``--set`` values plus --workers / --ray-address as the overrides they amount to."""
-    extra = []
-    if args.workers is not None or args.ray_address is not None:
-        extra.append("evaluator.kind=ray")
-        if args.workers is not None:
-            extra.append(f"evaluator.workers={args.workers}")
-        if args.ray_address is not None:
-            extra.append(f"evaluator.address={args.ray_address}")
-    return list(args.overrides) + extra
+    return _done(search(config, run_dir, resume_if_exists=args.resume_if_exists, log=log,
+                        config_dir=Path(args.config).parent, planned=planned))
 
 
 def _done(run) -> int:
