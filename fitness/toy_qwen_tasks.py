@@ -10,7 +10,8 @@ same content hash as the first toy's, keyed by these task names.
 
 from __future__ import annotations
 
-from fitness.toy_tasks import SPLITS, Example, sample, split_of  # noqa: F401  (split_of: for training)
+from fitness import toy_tasks
+from fitness.toy_tasks import Example, split_of  # noqa: F401  (split_of: for training)
 
 SYMBOLS = tuple("abcdefghijklmnop")
 TASKS = ("sort", "ends", "count", "skip", "atbash", "max", "flip", "halve")
@@ -40,16 +41,12 @@ def solve(task: str, seq: list[str]) -> list[str]:
 
 
 def make_example(task: str, seq: list[str]) -> Example:
-    return Example(task, f"{task} : {' '.join(seq)} =", " ".join(solve(task, seq)))
+    return toy_tasks.make_example(task, seq, solve)
 
 
 def examples(task: str, split: str, n: int, seed: int = 0) -> list[Example]:
     """``n`` distinct examples of ``task`` from ``split``, deterministic for a seed."""
-    if task not in TASKS:
-        raise ValueError(f"unknown toy-qwen task {task!r}; choose one of {', '.join(TASKS)}")
-    if split not in SPLITS:
-        raise ValueError(f"unknown toy-qwen split {split!r}; choose one of {', '.join(SPLITS)}")
-    return sample(make_example, task, split, n, seed, SYMBOLS, (MIN_LEN, MAX_LEN))
+    return toy_tasks.sample(make_example, task, split, n, seed, SYMBOLS, (MIN_LEN, MAX_LEN), TASKS, "toy-qwen")
 
 
 def vocabulary() -> list[str]:

@@ -60,21 +60,24 @@ def split_of(task: str, seq: list[str]) -> str:
     return "train" if bucket < 8 else ("search" if bucket == 8 else "test")
 
 
-def make_example(task: str, seq: list[str]) -> Example:
+def make_example(task: str, seq: list[str], solve=solve) -> Example:
+    """The prompt and answer of ``task`` on ``seq`` (``solve``: a toy's answers; both toys share the form)."""
     return Example(task, f"{task} : {' '.join(seq)} =", " ".join(solve(task, seq)))
 
 
 def examples(task: str, split: str, n: int, seed: int = 0) -> list[Example]:
     """``n`` distinct examples of ``task`` from ``split``, deterministic for a seed."""
-    if task not in TASKS:
-        raise ValueError(f"unknown toy task {task!r}; choose one of {', '.join(TASKS)}")
-    if split not in SPLITS:
-        raise ValueError(f"unknown toy split {split!r}; choose one of {', '.join(SPLITS)}")
     return sample(make_example, task, split, n, seed)
 
 
-def sample(make, task: str, split: str, n: int, seed: int = 0, symbols=SYMBOLS, lengths=(MIN_LEN, MAX_LEN)):
-    """``n`` distinct examples ``make(task, seq)`` of random inputs in ``split`` (shared by both toys)."""
+def sample(make, task: str, split: str, n: int, seed: int = 0, symbols=SYMBOLS, lengths=(MIN_LEN, MAX_LEN),
+           tasks=TASKS, toy: str = "toy") -> list[Example]:
+    """``n`` distinct examples ``make(task, seq)`` of random inputs in ``split`` (shared by both toys:
+    ``tasks``, ``symbols``, ``lengths`` and the ``toy``'s name for errors are the caller's)."""
+    if task not in tasks:
+        raise ValueError(f"unknown {toy} task {task!r}; choose one of {', '.join(tasks)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown {toy} split {split!r}; choose one of {', '.join(SPLITS)}")
     rng = random.Random(f"{task}/{split}/{seed}")
     seen: set[str] = set()
     out: list[Example] = []
