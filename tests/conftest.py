@@ -40,6 +40,28 @@ def tiny_mixtral():
     return model
 
 
+def toy_accuracy(model, tokenizer, tasks_module, per_task: int = 30):
+    """``accuracy(genome=None)``: a toy's mean held-out accuracy over its tasks (``per_task`` test
+    examples each) with ``genome`` applied to ``model`` (None: the model as it is)."""
+    import statistics
+
+    from eep.moe import adapter_for
+    from fitness.scoring import Scorer
+    from fitness.tasks import Example, Task
+
+    tasks = [Task(t, tuple(Example(e.prompt, (e.answer,)) for e in tasks_module.examples(t, "test", per_task)))
+             for t in tasks_module.TASKS]
+    scorer, adapter = Scorer(model, tokenizer, tasks, batch_size=128, max_new_tokens=8), adapter_for(model)
+
+    def accuracy(genome=None) -> float:
+        if genome is None:
+            return statistics.mean(scorer().values())
+        with adapter.applied(genome):
+            return statistics.mean(scorer().values())
+
+    return accuracy
+
+
 def toy_config_dict(**search):
     """A small search on the embedded toy model, fast enough for unit tests."""
     return {

@@ -8,11 +8,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eep import toy
 from eep.genome import Genome
-from eep.moe import adapter_for
 from fitness import toy_tasks
 from fitness.generation import greedy_generate
-from fitness.scoring import Scorer
-from fitness.tasks import Example, Task
+from tests.conftest import toy_accuracy
 
 
 @pytest.fixture(scope="module")
@@ -45,19 +43,7 @@ def test_toy_separation_on_held_out_data(toy_model):
     """The property the toy exists for: the full model solves the tasks; random 4-of-8 keep sets
     lose a lot; 5 experts holding one of every task's pair lose (almost) nothing; at 4 of 8,
     losing the same task in every layer keeps the other seven."""
-    model, tokenizer = toy_model
-    adapter = adapter_for(model)
-    tasks = [Task(t, tuple(Example(e.prompt, (e.answer,)) for e in toy_tasks.examples(t, "test", 30)))
-             for t in toy_tasks.TASKS]
-
-    scorer = Scorer(model, tokenizer, tasks, batch_size=128, max_new_tokens=8)
-
-    def accuracy(genome=None):
-        if genome is None:
-            return statistics.mean(scorer().values())
-        with adapter.applied(genome):
-            return statistics.mean(scorer().values())
-
+    accuracy = toy_accuracy(*toy_model, toy_tasks)
     rng = random.Random(0)
     full = accuracy()
     random_mean = statistics.mean(

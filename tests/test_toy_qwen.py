@@ -14,10 +14,9 @@ from eep.errors import EepError
 from eep.genome import Genome
 from eep.journal import RunDir
 from eep.model import resolve_path
-from eep.moe import adapter_for
 from fitness import toy_qwen_tasks
-from fitness.scoring import Scorer
-from fitness.tasks import Example, Task, check_tasks, load_tasks
+from fitness.tasks import check_tasks, load_tasks
+from tests.conftest import toy_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,18 +81,7 @@ def test_structure_has_trade_offs_at_every_size():
 def test_toy_qwen_separation_on_held_out_data(toy_qwen_model):
     """The full model solves the tasks; random 4-of-8 keep sets lose a lot; covering keep sets of 5
     lose (almost) nothing; the best structured 4-of-8 keep set loses about one task."""
-    model, tokenizer = toy_qwen_model
-    adapter = adapter_for(model)
-    tasks = [Task(t, tuple(Example(e.prompt, (e.answer,)) for e in toy_qwen_tasks.examples(t, "test", 30)))
-             for t in toy_qwen_tasks.TASKS]
-    scorer = Scorer(model, tokenizer, tasks, batch_size=128, max_new_tokens=8)
-
-    def accuracy(genome=None):
-        if genome is None:
-            return statistics.mean(scorer().values())
-        with adapter.applied(genome):
-            return statistics.mean(scorer().values())
-
+    accuracy = toy_accuracy(*toy_qwen_model, toy_qwen_tasks)
     rng = random.Random(0)
     sets = _sets()
     full = accuracy()
