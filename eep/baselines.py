@@ -56,6 +56,8 @@ class Calibration:
     """The model family's routing of logits [N, E] of a layer among some experts with some top-k
     (:meth:`eep.moe.MoEAdapter.route`, set by :func:`collect`); None for statistics built by hand,
     which then cannot route."""
+    router_matrix: tuple[bool, float] | None = (True, 1.0)
+    """How a router matrix mixing experts forms weights in this model (:attr:`eep.families.MoEShape.router_matrix`)."""
 
     def routing(self, layer: int, logits: torch.Tensor, keep, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights, expert ids), each [N, top_k]: how the layer routes ``logits`` among ``keep``."""
@@ -153,7 +155,8 @@ def collect(model: nn.Module, adapter: MoEAdapter, batches: Iterable[dict], max_
         counts={i: s.counts.cpu().long() for i, s in layers.items()},
         reap={i: torch.where(s.counts > 0, s.reap_sum / s.counts.clamp(min=1), 0.0).cpu() for i, s in layers.items()},
         logits={i: s.logits[filled] for i, s in layers.items()},
-        gram={i: s.gram[filled] for i, s in layers.items()}, route=adapter.route)
+        gram={i: s.gram[filled] for i, s in layers.items()}, route=adapter.route,
+        router_matrix=adapter.shape.router_matrix)
 
 
 def _observe(adapter: MoEAdapter, layer: int, stats: _Layer, x: torch.Tensor, logits: torch.Tensor,
@@ -304,9 +307,11 @@ def _gene_routing(cal: Calibration, layer: int, gene: LayerGene, k: int):
     """The routing ``MoEAdapter.applied`` gives this gene, on the layer's sampled logits."""
     logits = cal.logits[layer]
     picks = router_columns(gene, cal.num_experts) if gene.is_merge else list(gene.keep)
-    if picks is None:  # a router matrix mixing experts (Mixtral only)
+    if picks is None:  # a router matrix mixing experts
+        if cal.router_matrix is None:
+            raise EepError("this model's routing defines no router matrix that mixes experts")
         router = torch.tensor(gene.matrices(cal.num_experts)[1], dtype=torch.float32, device=logits.device)
-        return mapped_routing(logits, router.T.contiguous(), k)
+        return mapped_routing(logits, router.T.contiguous(), k, *cal.router_matrix)
     return cal.routing(layer, logits, picks, k)
 
 

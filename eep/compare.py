@@ -99,13 +99,6 @@ def check_baselines(config: Config, shape) -> None:
         if not shape.top_k <= k <= shape.num_experts:
             raise EepError(f"baselines at {k} experts per layer: must be between top-k ({shape.top_k}) and "
                            f"{shape.num_experts}; fix search_space.keep or baselines.sweep")
-    if "moei2" in config.baselines.methods:
-        from eep.families import FAMILIES
-
-        if not FAMILIES[shape.family].custom_form:
-            raise EepError(f"the moei2 baseline keeps different numbers of experts per layer, which only eep's custom-"
-                           f"code export holds (Mixtral only); remove moei2 from baselines.methods for "
-                           f"{FAMILIES[shape.family].title}")
     if "naee+skip" in config.baselines.methods and shape.top_k != 2:
         raise EepError("naee+skip (dynamic skipping) needs a top-2 model; remove it from baselines.methods")
 

@@ -101,12 +101,7 @@ def export_genome(model_cfg: ModelConfig, genome: Genome, out: str | Path, confi
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        small.save_pretrained(tmp)
-        if chosen.kind == "custom":
-            from eep.remote import MODELING_FILES
-
-            source = MODELING_FILES[small.config.model_type]
-            shutil.copyfile(source, tmp / source.name)
+        save_model(small, chosen.kind, tmp)
         tokenizer.save_pretrained(tmp)
         genome.save(tmp / "eep_genome.json")
         if scale_values is not None:
@@ -122,6 +117,15 @@ def export_genome(model_cfg: ModelConfig, genome: Genome, out: str | Path, confi
         raise
     report["disk_bytes"] = sum(f.stat().st_size for f in out.iterdir())
     return report
+
+
+def save_model(model, kind: str, path: str | Path) -> None:
+    """``save_pretrained``, plus for the custom form the modeling file its ``auto_map`` names."""
+    model.save_pretrained(path)
+    if kind == "custom":
+        from eep.remote import MODELING_FILE
+
+        shutil.copyfile(MODELING_FILE, Path(path) / MODELING_FILE.name)
 
 
 def _count(model) -> int:
@@ -146,7 +150,7 @@ def model_card(report: dict, genome: Genome) -> str:
            "model's routing restricted to the kept experts")
     load = ("`AutoModelForCausalLM.from_pretrained(path)` (stock transformers, no custom code)"
             if report["form"] == "stock" else
-            "`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (modeling_eep_mixtral.py)")
+            "`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (modeling_eep_moe.py)")
     lines = [
         "---", "library_name: transformers", f"tags: [eep, moe, {'expert-merging' if merged else 'expert-pruning'}]",
         "---", "",

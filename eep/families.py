@@ -5,7 +5,10 @@ routed-expert count, which decoder layers are sparse, what the MoE block calls i
 whether routing picks experts within groups. How a family routes (softmax then top-k, top-k then
 softmax, sigmoid scores with a correction bias, renormalisation, scaling) is never re-derived in
 ``eep``: the adapter (:mod:`eep.moe`) runs each family's own ``transformers`` router on a sliced
-copy of its weights, which is exactly what a smaller stock model of the family computes.
+copy of its weights, which is exactly what a smaller stock model of the family computes. The
+one routing ``transformers`` has no code for, EEP's router matrix mixing experts, is stated here
+per family as the two facts it needs (renormalise? scale?), and tested against the family's own
+router with one-hot matrices.
 """
 
 from __future__ import annotations
@@ -46,6 +49,24 @@ def _deepseek_v2_groups(config) -> tuple[int, int] | None:
     return None
 
 
+def _no_router_matrix(config) -> tuple[bool, float] | None:
+    return None
+
+
+def _renormalised(config) -> tuple[bool, float] | None:
+    return True, 1.0
+
+
+def _norm_topk_prob(config) -> tuple[bool, float] | None:
+    return bool(config.norm_topk_prob), 1.0
+
+
+def _deepseek_v2_matrix(config) -> tuple[bool, float] | None:
+    """Greedy top-k of softmax probabilities, times ``routed_scaling_factor``, not renormalised;
+    group-limited routing picks within groups first, which a router matrix would cut across."""
+    return (False, float(config.routed_scaling_factor)) if config.topk_method == "greedy" else None
+
+
 def _sigmoid_groups(config) -> tuple[int, int] | None:
     """DeepSeek-V3 / GLM-4-MoE always route through groups, scoring each by its top-2 experts:
     with one group that only needs two experts left; with several, see :class:`MoEShape`."""
@@ -66,27 +87,37 @@ class Family:
     """(expert groups, experts each kept group needs) when routing picks within groups."""
     shared_experts: bool = False
     """Always-active shared experts: never pruned, counted as active parameters."""
-    custom_form: bool = False
-    """eep ships a modeling file for this family: uneven layers, per-layer top-k and EEP router
-    matrices that mix experts (softmax-renormalised routing) can be searched and exported."""
+    router_matrix: Callable[[object], tuple[bool, float] | None] = _no_router_matrix
+    """Where routing is softmax probabilities -> top-k (-> renormalise) (-> x scale): (renormalise,
+    scale). EEP's router matrix maps the probabilities of the E source experts onto the E' merged
+    ones before the top-k, and the weights are then formed as the family forms them (without
+    renormalisation: divided by the sum of all E' scores, as a smaller model's softmax is), so
+    that a one-hot matrix routes exactly as the family over the picked experts
+    (:func:`eep.moe.mapped_routing`). None where routing is something else (sigmoid scores with a
+    correction bias, group-limited top-k): there a merge keeps routers that select."""
+    gated_experts: bool = True
+    """Experts are ``act(x W_gate) * (x W_up)`` then ``W_down`` (fused ``gate_up_proj``,
+    ``down_proj``, no biases), which eep's custom form can store as low-rank factors."""
 
 
 FAMILIES = {f.model_type: f for f in (
     Family("mixtral", "Mixtral", "num_local_experts", _every_layer,
-           routing="softmax, top-k, renormalise", custom_form=True),
+           routing="softmax, top-k, renormalise", router_matrix=_renormalised),
     Family("qwen2_moe", "Qwen2-MoE", "num_experts", _sparse_step,
-           routing="softmax, top-k (renormalise if norm_topk_prob)", shared_experts=True),
+           routing="softmax, top-k (renormalise if norm_topk_prob)", shared_experts=True,
+           router_matrix=_norm_topk_prob),
     Family("qwen3_moe", "Qwen3-MoE", "num_experts", _sparse_step,
-           routing="softmax, top-k (renormalise if norm_topk_prob)"),
+           routing="softmax, top-k (renormalise if norm_topk_prob)", router_matrix=_norm_topk_prob),
     Family("qwen3_next", "Qwen3-Next", "num_experts", _sparse_step,
-           routing="softmax, top-k (renormalise if norm_topk_prob)", shared_experts=True),
+           routing="softmax, top-k (renormalise if norm_topk_prob)", shared_experts=True,
+           router_matrix=_norm_topk_prob),
     Family("qwen3_5_moe_text", "Qwen3.5-MoE (text)", "num_experts", _every_layer,
-           routing="softmax, top-k, renormalise", shared_experts=True),
+           routing="softmax, top-k, renormalise", shared_experts=True, router_matrix=_renormalised),
     Family("olmoe", "OLMoE", "num_experts", _every_layer,
-           routing="softmax, top-k (renormalise if norm_topk_prob)"),
+           routing="softmax, top-k (renormalise if norm_topk_prob)", router_matrix=_norm_topk_prob),
     Family("deepseek_v2", "DeepSeek-V2", "n_routed_experts", _after_dense,
            routing="softmax, greedy or group-limited top-k, x routed_scaling_factor",
-           groups=_deepseek_v2_groups, shared_experts=True),
+           groups=_deepseek_v2_groups, shared_experts=True, router_matrix=_deepseek_v2_matrix),
     Family("deepseek_v3", "DeepSeek-V3", "n_routed_experts", _after_dense,
            routing="sigmoid + correction bias, grouped top-k, renormalise, x routed_scaling_factor",
            groups=_sigmoid_groups, shared_experts=True),
@@ -94,7 +125,9 @@ FAMILIES = {f.model_type: f for f in (
            routing="sigmoid + correction bias, grouped top-k, renormalise, x routed_scaling_factor",
            groups=_sigmoid_groups, shared_experts=True),
     Family("gpt_oss", "GPT-OSS", "num_local_experts", _every_layer, router="router",
-           routing="router bias, top-k of logits, softmax over the k"),
+           routing="router bias, top-k of logits, softmax over the k",
+           # the softmax over the top-k logits is the renormalised top-k of the softmax over all E
+           router_matrix=_renormalised, gated_experts=False),
 )}
 
 _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok")
@@ -115,6 +148,9 @@ class MoEShape:
     moe_layers: tuple[int, ...]
     expert_groups: int = 1
     group_min: int = 1
+    router_matrix: tuple[bool, float] | None = None
+    """(renormalise, scale) of routing through a router matrix that mixes experts
+    (:attr:`Family.router_matrix`); None where that is not defined for this model."""
 
     @property
     def group_size(self) -> int:
@@ -161,4 +197,4 @@ def shape_of(hf_config) -> MoEShape:
     groups, group_min = family.groups(text) or (1, 1)
     if groups > 1 and num_experts % groups:
         raise EepError(f"{family.title} config has {num_experts} experts in {groups} groups, which do not divide them")
-    return MoEShape(family.model_type, num_experts, top_k, layers, groups, group_min)
+    return MoEShape(family.model_type, num_experts, top_k, layers, groups, group_min, family.router_matrix(text))

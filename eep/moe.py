@@ -17,7 +17,8 @@ rule is run by its own ``transformers`` router code, never re-derived here.
   previous candidate's (children share most layers with their parents) is not merged again.
   A router matrix that only selects (one source expert per slot) routes like pruning, over the
   selected experts; one that mixes experts is EEP's routing (softmax over the E logits -> router
-  matrix -> top-k -> renormalise), defined for Mixtral-style routing only.
+  matrix -> top-k -> the family's renormalisation and scale, :attr:`MoEShape.router_matrix`),
+  defined where a family routes by softmax probabilities.
 - Low-rank experts (MoE-I² stage 2, a pruning gene's ``rank``): the kept experts, their matrices
   replaced by rank-r approximations (:mod:`eep.lowrank`; the SVD of each matrix is computed once),
   are written into the merge buffers as slots 0..n-1 and swapped in for the evaluation, routed like
@@ -111,10 +112,9 @@ def export_form(genome: Genome, shape: MoEShape, form: str | None = None) -> Exp
         raise EepError(f"this genome cannot be a stock checkpoint: {chosen.reason}; export it in the custom form")
     if form == "custom" and chosen.kind == "stock":
         chosen = ExportForm("custom", "the custom form was asked for")
-    if chosen.kind == "custom" and not family.custom_form:
-        with_custom = ", ".join(f.title for f in FAMILIES.values() if f.custom_form)
-        raise EepError(f"this genome needs eep's custom-code export ({chosen.reason}), which exists for "
-                       f"{with_custom} only; search {family.title} with one expert count and top_k in every layer")
+    if low_rank and chosen.kind == "custom" and not family.gated_experts:
+        raise EepError(f"{family.title}'s experts (biases, their own activation) have no low-rank form in eep's custom "
+                       "code; export with --dense for the re-multiplied weights")
     return chosen
 
 
@@ -229,9 +229,10 @@ class MoEAdapter:
                     block.experts.num_experts = gene.slots
                     self._swap_merged(layer, gene, swapped)
                     picks = router_columns(gene, self.num_experts)
-                    if picks is None:  # EEP's router matrix mixing experts (Mixtral routing only)
+                    if picks is None:  # EEP's router matrix mixing experts
                         router_map = self._matrix(gene.matrices(self.num_experts)[1], router)
-                        handles.append(router.register_forward_hook(_mapped_routing_hook(router_map, k)))
+                        handles.append(router.register_forward_hook(
+                            _mapped_routing_hook(router_map, k, *self.shape.router_matrix)))
                     else:
                         handles.append(router.register_forward_hook(self._reroute(layer, picks, k, remap=False)))
                 elif gene.ranks is not None:  # the kept experts, low-rank, in slots 0..n-1 as a smaller model's
@@ -350,15 +351,17 @@ class MoEAdapter:
                     del state[key]
                     for slot, (e, r) in enumerate(zip(gene.keep, gene.ranks)):
                         state[f"{key}_a.{slot}"], state[f"{key}_b.{slot}"] = self.factors.factors(layer, name, e, r)
-            picks = router_columns(gene, self.num_experts)
-            if chosen.kind == "stock":
+            picks = router_columns(gene, self.num_experts) if gene.is_merge else list(gene.keep)
+            spec = {"experts": gene.slots, "top_k": genome.active(layer)}
+            if picks is not None:  # the family's own router over the picked experts
                 for name in self.router_tensors:
                     state[router + name] = state[router + name][picks]
-            else:
+            else:  # EEP's: the router over all source experts, and the router matrix
                 state[router + "router_map"] = self._matrix(gene.matrices(self.num_experts)[1], self.routers[layer])
-                layers[str(layer)] = {"experts": gene.slots, "sources": self.num_experts, "top_k": genome.active(layer)}
-                if gene.ranks is not None and not dense:
-                    layers[str(layer)]["ranks"] = list(gene.ranks)
+                spec["sources"] = self.num_experts
+            if gene.ranks is not None and not dense:
+                spec["ranks"] = list(gene.ranks)
+            layers[str(layer)] = spec
         with torch.no_grad():
             small = self._build(genome, chosen, layers, state)
         return small, chosen
@@ -380,17 +383,23 @@ class MoEAdapter:
             text.num_experts_per_tok = genome.active(self.moe_layers[0])
             model_cls = type(self.model)
         else:
-            from eep.remote.modeling_eep_mixtral import EepMixtralConfig, EepMixtralForCausalLM
+            from eep.remote import MODELING_FILE, custom_classes
 
+            if self.config.model_type != self.family.model_type:
+                raise EepError(f"eep's custom form holds {self.family.title} causal LMs; this model is "
+                               f"{self.config.model_type!r} (export its text model, or a genome of the stock form)")
+            config_cls, model_cls = custom_classes(self.family.model_type)
             values = {k: v for k, v in self.config.to_dict().items()
                       if k not in ("model_type", "architectures", "transformers_version", "auto_map")}
-            values.update(num_local_experts=max(s["experts"] for s in layers.values()),
-                          num_experts_per_tok=max(s["top_k"] for s in layers.values()), eep_layers=layers)
-            config = EepMixtralConfig(**values)
-            config.architectures = ["EepMixtralForCausalLM"]
-            config.auto_map = {"AutoConfig": "modeling_eep_mixtral.EepMixtralConfig",
-                               "AutoModelForCausalLM": "modeling_eep_mixtral.EepMixtralForCausalLM"}
-            model_cls = EepMixtralForCausalLM
+            renormalise, scale = self.shape.router_matrix or (True, 1.0)
+            values.update({self.family.experts_key: max(s["experts"] for s in layers.values()),
+                           "num_experts_per_tok": max(s["top_k"] for s in layers.values()), "eep_layers": layers,
+                           "eep_routing": {"renormalise": renormalise, "scale": scale}})
+            config = config_cls(**values)
+            config.architectures = [model_cls.__name__]
+            module = MODELING_FILE.stem
+            config.auto_map = {"AutoConfig": f"{module}.{config_cls.__name__}",
+                               "AutoModelForCausalLM": f"{module}.{model_cls.__name__}"}
         return assemble(model_cls, config, state, self.model)
 
 
@@ -412,15 +421,15 @@ def assemble(model_cls: type, config, state: dict, source: nn.Module, device=Non
 def check_genome(genome: Genome, shape: MoEShape) -> None:
     """An :class:`EepError` unless ``genome`` fits a model of this shape (its experts, top-k and
     MoE layers) and what the family's routing allows: grouped routing needs the same number of
-    experts kept in every group; router matrices that mix experts are defined on
-    softmax-renormalised routing, i.e. families with eep's custom form. Needs no weights."""
+    experts kept in every group; router matrices that mix experts are defined on routing by
+    softmax probabilities (:attr:`MoEShape.router_matrix`). Needs no weights."""
     genome.validate_for(shape.num_experts, shape.top_k, shape.moe_layers)
     family = FAMILIES[shape.family]
     for layer, gene in genome.layers:
-        if gene.is_merge and router_columns(gene, shape.num_experts) is None and not family.custom_form:
-            raise EepError(f"layer {layer} routes through a router matrix that mixes experts, which eep defines for "
-                           f"Mixtral-style routing only; {family.title} merge genomes must keep a selecting router "
-                           "(one source expert per slot)")
+        if gene.is_merge and router_columns(gene, shape.num_experts) is None and shape.router_matrix is None:
+            raise EepError(f"layer {layer} routes through a router matrix that mixes experts, which maps softmax "
+                           f"probabilities; this {family.title} model routes otherwise ({family.routing}), so its merge "
+                           "genomes must keep a selecting router (one source expert per slot)")
         if shape.expert_groups > 1 or shape.group_min > 1:
             rows = gene.keep if not gene.is_merge else router_columns(gene, shape.num_experts) or ()
             if gene.is_merge and shape.expert_groups > 1:
@@ -456,29 +465,34 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return base.layers
 
 
-def mapped_routing(logits: torch.Tensor, router_t: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def mapped_routing(logits: torch.Tensor, router_t: torch.Tensor, top_k: int, renormalise: bool = True,
+                   scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """EEP's routing: softmax over the source experts, scores = p @ router.T, top-k, renormalise
-    by the plain sum (no epsilon, as EEP). With signed router rows that sum can come near zero,
-    where the weights blow up: warned about, as EEP's own behaviour there is ill-conditioned."""
+    by the plain sum (no epsilon, as EEP). For the families that do not renormalise their top-k
+    (:attr:`MoEShape.router_matrix`) the top-k scores are divided by the sum of all E' scores
+    instead, a distribution over the merged experts as a smaller model's softmax gives; then
+    times ``scale``. eep's custom form computes the same. With signed router rows the sum can come
+    near zero, where the weights blow up: warned about, as EEP's own behaviour there is
+    ill-conditioned."""
     scores = torch.softmax(logits.float(), dim=-1) @ router_t
     weights, index = torch.topk(scores, top_k, dim=-1)
-    total = weights.sum(dim=-1, keepdim=True)
+    total = (weights if renormalise else scores).sum(dim=-1, keepdim=True)
     # only signed rows can cancel: a small sum of non-negative scores still divides well
     if bool((router_t < 0).any()) and bool((total.abs() < NEAR_ZERO).any()):
-        warnings.warn(f"EEP routing: a token's top-{top_k} scores sum to {float(total.abs().min()):.2e}, near zero; "
-                      "its expert weights are ill-conditioned (signed router rows)", RuntimeWarning, stacklevel=2)
-    return weights / total, index
+        warnings.warn(f"EEP routing: a token's scores sum to {float(total.abs().min()):.2e}, near zero; its expert "
+                      "weights are ill-conditioned (signed router rows)", RuntimeWarning, stacklevel=2)
+    return weights / total * scale, index
 
 
 NEAR_ZERO = 1e-3
 """A renormalisation denominator below this (in absolute value) is warned about."""
 
 
-def _mapped_routing_hook(router: torch.Tensor, top_k: int):
+def _mapped_routing_hook(router: torch.Tensor, top_k: int, renormalise: bool, scale: float):
     router_t = router.T.contiguous()
 
     def hook(module: nn.Module, args, output):
-        return output[0], *mapped_routing(output[0], router_t, top_k)
+        return output[0], *mapped_routing(output[0], router_t, top_k, renormalise, scale)
 
     return hook
 

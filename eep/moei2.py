@@ -189,9 +189,9 @@ def moei2_plan(config, shape) -> Moei2Plan:
 
     family, space = FAMILIES[shape.family], config.search_space
     layers, e = tuple(shape.moe_layers), shape.num_experts
-    if not family.custom_form:
-        raise EepError(f"MoE-I² keeps different numbers of experts per layer (and low-rank experts), which only eep's "
-                       f"custom-code export holds, and that exists for Mixtral only; {family.title} is not supported")
+    if config.moei2.rank_params is not None and not family.gated_experts:
+        raise EepError(f"MoE-I²'s stage 2 stores low-rank experts, which eep's custom form holds for gated experts "
+                       f"only; {family.title}'s have biases and their own activation: set moei2.rank_params: null")
     if shape.expert_groups > 1:
         raise EepError(f"{family.title} routes within expert groups; MoE-I² does not support grouped routing")
     if space.top_k is not None or space.groups is not None:

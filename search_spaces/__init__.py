@@ -53,10 +53,6 @@ def build_schedule(cfg, shape) -> Schedule:
     if shape.expert_groups > 1 and (cfg.budget is not None or cfg.kind != "prune"):
         raise EepError(f"{family.title} routes within {shape.expert_groups} expert groups, where eep searches uniform "
                        "pruning only (search_space.kind: prune, no budget)")
-    if cfg.budget is not None and not family.custom_form:
-        raise EepError(f"a budget search keeps different numbers of experts per layer, which only eep's custom-code "
-                       f"export can hold, and that exists for Mixtral only; search {family.title} with "
-                       "search_space.keep instead")
     lower = "" if cfg.top_k else " or set search_space.top_k lower"
     if cfg.top_k is not None and cfg.top_k > shape.top_k:
         raise EepError(f"search_space.top_k={cfg.top_k} is above the model's top_k={shape.top_k}; it can only be lowered")
@@ -67,6 +63,10 @@ def build_schedule(cfg, shape) -> Schedule:
         if not low <= cfg.budget <= high:
             raise EepError(f"search_space.budget={cfg.budget} must lie in {low}..{high}: each of the {len(layers)} MoE "
                            f"layers keeps between top_k={k} and {num_experts} experts{lower}")
+        if shape.group_min > k:
+            raise EepError(f"{family.title} scores its expert groups by their top {shape.group_min} experts, so every "
+                           f"layer keeps at least {shape.group_min}; a budget search lets layers keep top_k={k}: "
+                           f"raise search_space.top_k to {shape.group_min}")
         first = BudgetSpace(num_experts, shape.top_k, layers, cfg.budget, cfg.top_k)
     else:
         if cfg.keep > num_experts:
@@ -83,6 +83,7 @@ def build_schedule(cfg, shape) -> Schedule:
         first = PruneSpace(num_experts, shape.top_k, layers, cfg.keep, cfg.top_k, groups, shape.expert_groups)
     if cfg.kind == "prune":
         return Schedule(((0, first),))
-    # router matrices that mix experts are EEP's Mixtral-style routing; elsewhere the router keeps selecting
-    merge = MergeSpace(num_experts, shape.top_k, layer_groups(layers, cfg.groups), mix_router=family.custom_form)
+    # router matrices that mix experts map softmax probabilities; elsewhere the router keeps selecting
+    merge = MergeSpace(num_experts, shape.top_k, layer_groups(layers, cfg.groups),
+                       mix_router=shape.router_matrix is not None)
     return Schedule(((0, first), (cfg.merge_after, merge)))

@@ -93,7 +93,7 @@ def test_every_export_form_equals_search_logits(tmp_path, case):
         in_search = model(**ids).logits
     if kind == "stock":
         exported = AutoModelForCausalLM.from_pretrained(out).eval()
-        assert not (out / "modeling_eep_mixtral.py").exists()
+        assert not (out / "modeling_eep_moe.py").exists()
         assert report["parameters"]["after"] == sum(p.numel() for p in exported.parameters())
         with torch.no_grad():
             torch.testing.assert_close(exported(**ids).logits, in_search, atol=1e-5, rtol=0)
@@ -170,3 +170,36 @@ def test_exports_and_run_files_are_shareable(tmp_path):
     assert stat.S_IMODE(out.stat().st_mode) == file_mode() | 0o111
     write_json_atomic(tmp_path / "s.json", {"a": 1})
     assert stat.S_IMODE((tmp_path / "s.json").stat().st_mode) == file_mode()
+
+
+def test_custom_checkpoints_of_earlier_versions_still_load(tmp_path):
+    """Before every family had a custom form, eep_mixtral checkpoints routed every layer through a
+    router matrix over all source experts (one-hot rows for kept experts) and had no eep_routing:
+    eep's loader reads that layout with today's classes, to the same logits."""
+    from safetensors.torch import load_file, save_file
+
+    from eep.export import save_model
+
+    genome = Genome.from_keep(8, 2, {0: [0, 2, 5], 1: [1, 2, 3, 4, 6], 2: [0, 3, 4, 6], 3: [1, 4]}, active={3: 1})
+    model, tokenizer = load_model(TOY)
+    small, form = adapter_for(model).compressed(genome)
+    save_model(small, form.kind, tmp_path / "old")
+    tokenizer.save_pretrained(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    assert config["model_type"] == "eep_mixtral"
+    state, source = load_file(tmp_path / "old" / "model.safetensors"), model.state_dict()
+    for layer, gene in genome.layers:
+        gate = f"model.layers.{layer}.mlp.gate."
+        state[gate + "weight"] = source[gate + "weight"].clone()
+        state[gate + "router_map"] = torch.eye(8)[list(gene.keep)]
+        config["eep_layers"][str(layer)]["sources"] = 8
+    del config["eep_routing"]
+    save_file(state, tmp_path / "old" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+
+    old, _ = load_model(ModelConfig(path=str(tmp_path / "old"), device="cpu", dtype="float32"))
+    ids = tokenizer(["reverse : a b c d =", "lookup : p o n m l k ="], return_tensors="pt", padding=True)
+    with torch.no_grad(), adapter_for(model).applied(genome):
+        in_search = model(**ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(old(**ids).logits, in_search, atol=1e-5, rtol=0)

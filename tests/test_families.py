@@ -185,15 +185,89 @@ def test_grouped_routing_needs_even_groups():
         adapter.export_form(merge)
 
 
-def test_mixing_router_is_mixtral_only_and_uneven_layers_need_the_custom_form():
-    model = tiny_model("qwen3_moe")
+def _custom_round_trip(model, adapter, genome, path):
+    """The genome's custom-form export, saved and loaded from its own modeling file by stock
+    transformers (trust_remote_code), has the in-search logits."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    from eep.export import save_model
+
+    in_search = _logits(model, genome, adapter)
+    small, form = adapter.compressed(genome)
+    assert form.kind == "custom"
+    save_model(small, form.kind, path)
+    # what from_pretrained(path, trust_remote_code=True) loads (in this process eep may have
+    # registered its own copy of the classes, which transformers would prefer)
+    auto_map = json.loads((path / "config.json").read_text())["auto_map"]
+    remote = get_class_from_dynamic_module(auto_map["AutoModelForCausalLM"], path)
+    assert not remote.__module__.startswith("eep.")  # the checkpoint's own copy of the file
+    reloaded = remote.from_pretrained(path).eval()
+    assert reloaded.config.model_type == "eep_" + adapter.family.model_type
+    torch.testing.assert_close(_logits(reloaded), in_search, atol=1e-5, rtol=0)
+    return in_search
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_every_family_has_the_custom_form(family, tmp_path):
+    """Per-layer expert counts and top-k, router matrices that mix experts and low-rank experts,
+    each exported in eep's custom form and loaded by stock transformers with remote code."""
+    from eep.moe import mapped_routing
+
+    model = tiny_model(family)
     adapter = adapter_for(model)
+    first, last = adapter.moe_layers[0], adapter.moe_layers[-1]
+    full = _logits(model)
+
+    # uneven layers (grouped routing: the same experts in each group, another top-k)
+    grouped = adapter.shape.expert_groups > 1
+    keep = {i: KEEP if grouped or i != last else [0, 1, 2, 5, 6, 7] for i in adapter.moe_layers}
+    uneven = Genome.from_keep(8, adapter.top_k, keep, active={last: 1})
+    assert (_custom_round_trip(model, adapter, uneven, tmp_path / "uneven") - full).abs().max() > 1e-3
+
+    rule = adapter.shape.router_matrix
+    rng = torch.Generator().manual_seed(3)
+    if rule is not None:
+        # a one-hot router matrix routes exactly as the family's own router over the picked experts
+        logits = torch.randn(50, 8, generator=rng) * 2
+        one_hot = torch.eye(8)[KEEP]
+        weights, slots = mapped_routing(logits, one_hot.T.contiguous(), 2, *rule)
+        own_weights, own_ids = adapter.route(first, logits, KEEP, 2)
+        ids = torch.tensor(KEEP)[slots]
+        by_id, own_by_id = ids.argsort(dim=-1), own_ids.argsort(dim=-1)
+        assert torch.equal(ids.gather(1, by_id), own_ids.gather(1, own_by_id))
+        torch.testing.assert_close(weights.gather(1, by_id), own_weights.float().gather(1, own_by_id))
+        # and one that mixes them: eep's custom form holds it
+        genes = {i: LayerGene.merged(torch.rand(4, 8, generator=rng).tolist(), torch.rand(4, 8, generator=rng).tolist())
+                 for i in adapter.moe_layers}
+        mixing = Genome.from_genes(8, adapter.top_k, genes)
+        assert (_custom_round_trip(model, adapter, mixing, tmp_path / "mixing") - full).abs().max() > 1e-3
+    elif not grouped:
+        mixing = Genome.from_genes(8, 2, {i: LayerGene.merged([[0.5] * 8] * 4, [[0.2] * 8] * 4)
+                                          for i in adapter.moe_layers})
+        with pytest.raises(EepError, match="mixes experts, which maps softmax probabilities; this .* routes otherwise"):
+            adapter.export_form(mixing)
+
+    # low-rank experts, stored as their factors
+    low_rank = Genome.from_keep(8, adapter.top_k, {i: KEEP for i in adapter.moe_layers}).with_ranks(
+        {first: {0: 2, 2: 5, 5: 1, 7: 8}})
+    if adapter.family.gated_experts:
+        _custom_round_trip(model, adapter, low_rank, tmp_path / "low-rank")
+    else:
+        with pytest.raises(EepError, match="have no low-rank form in eep's custom code; export with --dense"):
+            adapter.export_form(low_rank)
+        dense, form = adapter.compressed(low_rank, dense=True)  # re-multiplied: a stock checkpoint
+        assert form.kind == "stock"
+        torch.testing.assert_close(_logits(dense), _logits(model, low_rank, adapter), atol=1e-5, rtol=0)
+    assert torch.equal(_logits(model), full)  # restored exactly
+
+
+def test_sigmoid_routing_keeps_merges_selecting():
+    model = tiny_model("glm4_moe")
+    adapter = adapter_for(model)
+    assert adapter.shape.router_matrix is None and adapter.shape.expert_groups == 1
     mixing = Genome.from_genes(8, 2, {i: LayerGene.merged([[0.5] * 8] * 4, [[0.2] * 8] * 4) for i in adapter.moe_layers})
-    with pytest.raises(EepError, match="mixes experts, which eep defines for Mixtral-style routing only"):
+    with pytest.raises(EepError, match="GLM-4-MoE model routes otherwise \\(sigmoid"):
         adapter.export_form(mixing)
-    uneven = Genome.from_keep(8, 2, {1: [0, 1, 2], 2: KEEP})
-    with pytest.raises(EepError, match="needs eep's custom-code export .* exists for Mixtral only"):
-        adapter.export_form(uneven)
 
 
 def test_detection_errors_name_the_supported_families():
@@ -208,10 +282,13 @@ def test_detection_errors_name_the_supported_families():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", sorted(CONFIGS))
-def test_short_search_and_export_end_to_end(family, tmp_path, capsys):
+@pytest.mark.parametrize("family, space", [*((f, {"kind": "prune", "keep": 4}) for f in sorted(CONFIGS)),
+                                          ("qwen3_moe", {"budget": 7}),
+                                          ("olmoe", {"kind": "merge", "keep": 4, "merge_after": 3})])
+def test_short_search_and_export_end_to_end(family, space, tmp_path, capsys):
     """`eep search` then `eep export` on a tiny random model of the family saved with the toy's
-    tokenizer: the run finishes, the export loads in stock transformers and equals the search."""
+    tokenizer: the run finishes, the export loads in stock transformers (custom form: with its
+    modeling file) and equals the search."""
     import yaml
 
     from eep.cli import main
@@ -222,7 +299,7 @@ def test_short_search_and_export_end_to_end(family, tmp_path, capsys):
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     config = {"name": family, "model": {"path": str(tmp_path / "model"), "device": "cpu", "dtype": "float32"},
-              "search_space": {"kind": "prune", "keep": 4},
+              "search_space": space,
               "search": {"seed": 0, "evaluations": 5, "initial": 3},
               "fitness": {"batch_size": 8, "max_new_tokens": 4, "tasks": [
                   {"name": "copy", "dataset": "toy:copy", "search_size": 3, "test_size": 3}]}}
@@ -233,8 +310,10 @@ def test_short_search_and_export_end_to_end(family, tmp_path, capsys):
     assert summary["failed"] == 0 and summary["heldout"]["best"]["mean"] is not None
     assert main(["export", str(run), "--out", str(out)]) == 0
     best = Genome.load(out / "eep_genome.json")
-    exported = tf.AutoModelForCausalLM.from_pretrained(out).eval()
-    assert type(exported) is type(model)
+    custom = json.loads((out / "eep_report.json").read_text())["form"] == "custom"
+    assert custom or "budget" not in space  # an odd budget over two layers: uneven, so custom
+    exported = tf.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=custom).eval()
+    assert (type(exported) is type(model)) != custom
     ids = torch.randint(0, len(tokenizer), (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), adapter_for(model).applied(best):
         in_search = model(ids).logits

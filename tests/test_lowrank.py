@@ -14,14 +14,9 @@ IDS = torch.randint(0, 48, (3, 10), generator=torch.Generator().manual_seed(2))
 
 
 def _save(model, form, path):
-    import shutil
+    from eep.export import save_model
 
-    from eep.remote import MODELING_FILES
-
-    model.save_pretrained(path)
-    if form.kind == "custom":
-        source = MODELING_FILES[model.config.model_type]
-        shutil.copyfile(source, path / source.name)
+    save_model(model, form.kind, path)
 
 
 def _pruned():

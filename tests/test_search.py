@@ -176,7 +176,7 @@ def _run_space(path, worker, search_space, stop_after=None, log=lambda m: None, 
     data["search_space"] = search_space
     config = parse_config(data)
     run = RunDir.create(path, config) if not (path / "config.yaml").exists() else RunDir.open(path)
-    schedule = build_schedule(config.search_space, MoEShape("mixtral", 8, 2, (0, 1, 2, 3)))
+    schedule = build_schedule(config.search_space, MoEShape("mixtral", 8, 2, (0, 1, 2, 3), router_matrix=(True, 1.0)))
     evaluator = CountingEvaluator(worker)
     return run, run_search(run, schedule, evaluator, log=log, stop_after=stop_after), evaluator
 
@@ -261,7 +261,7 @@ def test_replay_refuses_a_journal_that_another_config_wrote(tmp_path, worker):
     ("deepseek_v3", {"keep": 3}, "keep=3 must be a multiple of the model's 2 expert groups"),
     ("deepseek_v3", {"keep": 2}, "with at least 2 per group"),
     ("deepseek_v3", {"kind": "merge", "keep": 4, "merge_after": 4}, "where eep searches uniform pruning only"),
-    ("qwen3_moe", {"budget": 10}, "exists for Mixtral only; search Qwen3-MoE with search_space.keep"),
+    ("deepseek_v3", {"budget": 8}, "where eep searches uniform pruning only"),
 ])
 def test_schedules_a_family_cannot_export_are_refused_up_front(family, section, message):
     from eep.config import SearchSpaceConfig
@@ -272,12 +272,22 @@ def test_schedules_a_family_cannot_export_are_refused_up_front(family, section, 
         build_schedule(SearchSpaceConfig(**section), shape)
 
 
+def test_budget_searches_every_ungrouped_family():
+    from eep.config import SearchSpaceConfig
+    from eep.families import MoEShape
+
+    for family in ("qwen3_moe", "olmoe", "gpt_oss", "glm4_moe"):
+        schedule = build_schedule(SearchSpaceConfig(budget=10), MoEShape(family, 8, 2, (1, 2, 3)))
+        assert schedule.first.describe().startswith("budget")
+
+
 def test_merge_keeps_selecting_routers_where_mixing_is_undefined():
     from eep.config import SearchSpaceConfig
     from eep.families import MoEShape
     from eep.moe import router_columns
 
-    schedule = build_schedule(SearchSpaceConfig(kind="merge", keep=4, merge_after=4), MoEShape("olmoe", 8, 2, (0, 1)))
+    # GLM-4-MoE's sigmoid routing (no router matrix defined)
+    schedule = build_schedule(SearchSpaceConfig(kind="merge", keep=4, merge_after=4), MoEShape("glm4_moe", 8, 2, (0, 1)))
     merge = schedule.phases[1][1]
     assert not merge.mix_router
     rng = random.Random(0)
