@@ -284,7 +284,8 @@ def test_detection_errors_name_the_supported_families():
 @pytest.mark.slow
 @pytest.mark.parametrize("family, space", [*((f, {"kind": "prune", "keep": 4}) for f in sorted(CONFIGS)),
                                           ("qwen3_moe", {"budget": 7}),
-                                          ("olmoe", {"kind": "merge", "keep": 4, "merge_after": 3})])
+                                          ("olmoe", {"kind": "merge", "keep": 4, "merge_after": 3}),
+                                          ("qwen2_moe", {"kind": "moei2", "budget": 7})])
 def test_short_search_and_export_end_to_end(family, space, tmp_path, capsys):
     """`eep search` then `eep export` on a tiny random model of the family saved with the toy's
     tokenizer: the run finishes, the export loads in stock transformers (custom form: with its
@@ -302,7 +303,9 @@ def test_short_search_and_export_end_to_end(family, space, tmp_path, capsys):
               "search_space": space,
               "search": {"seed": 0, "evaluations": 5, "initial": 3},
               "fitness": {"batch_size": 8, "max_new_tokens": 4, "tasks": [
-                  {"name": "copy", "dataset": "toy:copy", "search_size": 3, "test_size": 3}]}}
+                  {"name": "copy", "dataset": "toy:copy", "search_size": 3, "test_size": 3}]},
+              "moei2": {"population": 4, "generations": 2, "candidates": 2, "block": 2, "rank_params": 0.8},
+              "baselines": {"calibration": {"size": 16}}}
     (tmp_path / "search.yaml").write_text(yaml.safe_dump(config))
     run, out = tmp_path / "run", tmp_path / "out"
     assert main(["search", str(tmp_path / "search.yaml"), "--run-dir", str(run)]) == 0
@@ -312,6 +315,7 @@ def test_short_search_and_export_end_to_end(family, space, tmp_path, capsys):
     best = Genome.load(out / "eep_genome.json")
     custom = json.loads((out / "eep_report.json").read_text())["form"] == "custom"
     assert custom or "budget" not in space  # an odd budget over two layers: uneven, so custom
+    assert best.is_low_rank == (space["kind"] == "moei2")
     exported = tf.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=custom).eval()
     assert (type(exported) is type(model)) != custom
     ids = torch.randint(0, len(tokenizer), (2, 7), generator=torch.Generator().manual_seed(0))
