@@ -43,10 +43,20 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="eep-bench-"))
     try:
         model = "toy" if args.model == "toy" else random_mixtral(scratch / "model", args.model)
-        config = parse_config({
-            "name": "bench", "model": {"path": model, "device": "auto"},
-            "fitness": {"batch_size": 128, "max_new_tokens": 8, "tasks": [
-                {"name": t, "dataset": f"toy:{t}", "search_size": 16} for t in toy_tasks.TASKS]}})
+        config = parse_config(
+            {
+                "name": "bench",
+                "model": {"path": model, "device": "auto"},
+                "fitness": {
+                    "batch_size": 128,
+                    "max_new_tokens": 8,
+                    "tasks": [
+                        {"name": t, "dataset": f"toy:{t}", "search_size": 16}
+                        for t in toy_tasks.TASKS
+                    ],
+                },
+            }
+        )
         worker = FitnessWorker(config)
         adapter = worker.adapter
         layers = tuple(adapter.moe_layers)
@@ -55,8 +65,15 @@ def main() -> None:
         space = MergeSpace(adapter.num_experts, adapter.top_k, layer_groups(layers, None))
 
         def mutate(genome, layer_prob):
-            return mutate_noise(genome, rng, space, layer_prob=layer_prob, noise_prob=0.25, noise_scale=0.065,
-                                renorm_prob=0.0)
+            return mutate_noise(
+                genome,
+                rng,
+                space,
+                layer_prob=layer_prob,
+                noise_prob=0.25,
+                noise_scale=0.065,
+                renorm_prob=0.0,
+            )
 
         merged, other = mutate(pruned, 1.0), mutate(pruned, 1.0)
         child = mutate(merged, 0.0)  # one matrix of one layer changed
@@ -72,23 +89,40 @@ def main() -> None:
                 with adapter.applied(genomes[next(turn) % len(genomes)]):
                     pass
                 sync()
+
             return run
 
-        print(f"model {args.model}: {params / 1e6:.1f}M parameters, {len(layers)} MoE layers, {device}; "
-              f"medians of {args.repeats}", flush=True)
+        print(
+            f"model {args.model}: {params / 1e6:.1f}M parameters, {len(layers)} MoE layers, {device}; "
+            f"medians of {args.repeats}",
+            flush=True,
+        )
         worker.scores(pruned)  # warm-up
         rows = []
-        for name, genomes in (("prune", (pruned,)), ("merge, cold", (merged, other)), ("merge, child", (merged, child))):
+        for name, genomes in (
+            ("prune", (pruned,)),
+            ("merge, cold", (merged, other)),
+            ("merge, child", (merged, child)),
+        ):
             genome = genomes[0]
             apply_s, apply_spread = median_spread(apply(*genomes), args.repeats * 4)
-            eval_s, eval_spread = median_spread(lambda g=genome: (worker.scores(g), sync()), args.repeats)
+            eval_s, eval_spread = median_spread(
+                lambda g=genome: (worker.scores(g), sync()), args.repeats
+            )
             rows.append((name, apply_s, apply_spread, eval_s, eval_spread))
-            print(f"{name}: apply+restore {1e3 * apply_s:.3f} ms, evaluation {eval_s:.3f} s", flush=True)
-        print(f"\n| genome ({args.model}, {device.type}) | apply + restore | one evaluation | apply / evaluation |"
-              "\n|---|---|---|---|")
+            print(
+                f"{name}: apply+restore {1e3 * apply_s:.3f} ms, evaluation {eval_s:.3f} s",
+                flush=True,
+            )
+        print(
+            f"\n| genome ({args.model}, {device.type}) | apply + restore | one evaluation | apply / evaluation |"
+            "\n|---|---|---|---|"
+        )
         for name, apply_s, apply_spread, eval_s, eval_spread in rows:
-            print(f"| {name} | {1e3 * apply_s:.3f} ± {1e3 * apply_spread:.3f} ms | {eval_s:.3f} ± {eval_spread:.3f} s"
-                  f" | {100 * apply_s / eval_s:.3f} % |")
+            print(
+                f"| {name} | {1e3 * apply_s:.3f} ± {1e3 * apply_spread:.3f} ms | {eval_s:.3f} ± {eval_spread:.3f} s"
+                f" | {100 * apply_s / eval_s:.3f} % |"
+            )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

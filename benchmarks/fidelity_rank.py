@@ -51,14 +51,31 @@ def main() -> None:
     args = parser.parse_args()
     accuracy = [{"name": t, "dataset": f"toy:{t}", "test_size": 50} for t in toy_tasks.TASKS]
     # each teacher-forced measure on every task's search-split texts (averaged over tasks below)
-    cheap = [{"name": f"{m}:{t}", "dataset": f"toy:{t}", "metric": m, "search_split": "train", "test_split": "search",
-              "test_size": 16} for m in ("esap", "kl", "perplexity", "reconstruction") for t in toy_tasks.TASKS]
-    config = parse_config({"name": "rank", "model": {"path": "toy", "device": "cpu", "dtype": "float32"},
-                           "fitness": {"batch_size": 128, "max_new_tokens": 8, "tasks": accuracy + cheap}})
+    cheap = [
+        {
+            "name": f"{m}:{t}",
+            "dataset": f"toy:{t}",
+            "metric": m,
+            "search_split": "train",
+            "test_split": "search",
+            "test_size": 16,
+        }
+        for m in ("esap", "kl", "perplexity", "reconstruction")
+        for t in toy_tasks.TASKS
+    ]
+    config = parse_config(
+        {
+            "name": "rank",
+            "model": {"path": "toy", "device": "cpu", "dtype": "float32"},
+            "fitness": {"batch_size": 128, "max_new_tokens": 8, "tasks": accuracy + cheap},
+        }
+    )
     worker = FitnessWorker(config)
     rng = random.Random(args.seed)
-    genomes = [Genome.from_keep(8, 2, {i: rng.sample(range(8), rng.randint(2, 6)) for i in range(4)})
-               for _ in range(args.genomes)]
+    genomes = [
+        Genome.from_keep(8, 2, {i: rng.sample(range(8), rng.randint(2, 6)) for i in range(4)})
+        for _ in range(args.genomes)
+    ]
     rows, start = [], time.perf_counter()
     for genome in genomes:
         scores = worker.scores(genome, "test")
@@ -68,8 +85,10 @@ def main() -> None:
         rows.append(row)
     seconds = time.perf_counter() - start
     acc = [r["accuracy"] for r in rows]
-    print(f"{len(rows)} random genomes (2-6 of 8 experts per layer), accuracy "
-          f"{min(acc):.1f}-{max(acc):.1f} (mean {statistics.mean(acc):.1f}); {seconds:.1f}s")
+    print(
+        f"{len(rows)} random genomes (2-6 of 8 experts per layer), accuracy "
+        f"{min(acc):.1f}-{max(acc):.1f} (mean {statistics.mean(acc):.1f}); {seconds:.1f}s"
+    )
     print(f"{'measure':<16}{'Spearman rho vs accuracy':>26}")
     for m, sign in (("esap", 1), ("kl", -1), ("perplexity", -1), ("reconstruction", -1)):
         print(f"{m:<16}{spearman([sign * r[m] for r in rows], acc):>26.3f}")

@@ -43,18 +43,33 @@ def main() -> None:
         rows = []
         for label, actors in (("serial", 0), ("ray, 1 actor", 1), ("ray, 2 actors", 2)):
             data = {
-                "name": "bench", "model": {"path": model, "device": "cpu", "dtype": "float32"},
-                "search": {"seed": 0, "evaluations": args.evaluations, "initial": 10, "in_flight": max(actors, 1)},
-                "fitness": {"batch_size": 128, "max_new_tokens": 8, "tasks": [
-                    {"name": t, "dataset": f"toy:{t}", "search_size": 16} for t in toy_tasks.TASKS]},
+                "name": "bench",
+                "model": {"path": model, "device": "cpu", "dtype": "float32"},
+                "search": {
+                    "seed": 0,
+                    "evaluations": args.evaluations,
+                    "initial": 10,
+                    "in_flight": max(actors, 1),
+                },
+                "fitness": {
+                    "batch_size": 128,
+                    "max_new_tokens": 8,
+                    "tasks": [
+                        {"name": t, "dataset": f"toy:{t}", "search_size": 16}
+                        for t in toy_tasks.TASKS
+                    ],
+                },
                 "evaluator": {"kind": "ray", "workers": actors} if actors else {},
             }
             config = parse_config(data)
             run = RunDir.create(scratch / label.replace(" ", "").replace(",", "-"), config)
             layers = tuple(range(4 if model == "toy" else 8))
             space = PruneSpace(8, 2, layers, 4)
-            evaluator = (RayEvaluator(config, log=lambda m: None) if actors
-                         else SerialEvaluator(FitnessWorker(config), in_flight=1))
+            evaluator = (
+                RayEvaluator(config, log=lambda m: None)
+                if actors
+                else SerialEvaluator(FitnessWorker(config), in_flight=1)
+            )
             try:
                 start = time.perf_counter()
                 run_search(run, space, evaluator, log=lambda m: None)
@@ -63,12 +78,19 @@ def main() -> None:
             finally:
                 evaluator.close()
             rows.append((label, args.evaluations / seconds, busy))
-            print(f"{label:14s} {args.evaluations / seconds:6.2f} evals/s"
-                  + (f"  busy {100 * busy:5.1f} %" if busy is not None else ""), flush=True)
+            print(
+                f"{label:14s} {args.evaluations / seconds:6.2f} evals/s"
+                + (f"  busy {100 * busy:5.1f} %" if busy is not None else ""),
+                flush=True,
+            )
         base = rows[1][1]
-        print(f"\n| evaluator ({args.model}, {os.cpu_count()} CPUs) | evals/s | vs 1 actor | actor busy |\n|---|---|---|---|")
+        print(
+            f"\n| evaluator ({args.model}, {os.cpu_count()} CPUs) | evals/s | vs 1 actor | actor busy |\n|---|---|---|---|"
+        )
         for label, rate, busy in rows:
-            print(f"| {label} | {rate:.2f} | {rate / base:.2f}x | {'' if busy is None else f'{100 * busy:.1f} %'} |")
+            print(
+                f"| {label} | {rate:.2f} | {rate / base:.2f}x | {'' if busy is None else f'{100 * busy:.1f} %'} |"
+            )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

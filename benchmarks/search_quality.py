@@ -44,8 +44,11 @@ def _search(config, worker, space, tmp: Path) -> tuple[object, float, int, float
     genome = Genome.from_dict(summary["best_genome"])
     fitness = summary["best_fitness"]
     if validated:
-        chosen, _ = select(run.evaluations(), lambda g: weighted_fitness(validated, worker.scores(g, "validation")),
-                           config.search.select_top)
+        chosen, _ = select(
+            run.evaluations(),
+            lambda g: weighted_fitness(validated, worker.scores(g, "validation")),
+            config.search.select_top,
+        )
         genome, fitness = chosen.genome, chosen.fitness
     return genome, time.perf_counter() - start, summary["evaluations"], fitness
 
@@ -58,8 +61,14 @@ def _with_validation(config, size: int | None):
     return config.model_copy(update={"fitness": config.fitness.model_copy(update={"tasks": tasks})})
 
 
-def measure(config_path: str, keep: int, seed: int, overrides: list[str], tmp: Path,
-            validation: int | None = None) -> dict[str, dict]:
+def measure(
+    config_path: str,
+    keep: int,
+    seed: int,
+    overrides: list[str],
+    tmp: Path,
+    validation: int | None = None,
+) -> dict[str, dict]:
     from eep import baselines as bl
     from eep import greedy
     from eep.cli import _plan
@@ -83,28 +92,53 @@ def measure(config_path: str, keep: int, seed: int, overrides: list[str], tmp: P
     calibration_s = time.perf_counter() - start
     draws = [heldout(g) for g in bl.random_genomes(cal, keep, 5, seed)]
     rows["random (5 draws)"] = {"heldout": statistics.mean(draws), "seconds": 0.0, "evaluations": 0}
-    for name, genome in (("frequency", bl.frequency_genome(cal, keep)), ("reap", bl.reap_genome(cal, keep)),
-                         ("naee", bl.naee_genome(cal, keep, config.baselines.naee_max_subsets)[0])):
+    for name, genome in (
+        ("frequency", bl.frequency_genome(cal, keep)),
+        ("reap", bl.reap_genome(cal, keep)),
+        ("naee", bl.naee_genome(cal, keep, config.baselines.naee_max_subsets)[0]),
+    ):
         rows[name] = {"heldout": heldout(genome), "seconds": calibration_s, "evaluations": 0}
     start = time.perf_counter()
-    genome, fitness, spent = greedy.run(greedy.steps(space), lambda gs: [worker.fitness(worker.scores(g)) for g in gs])
-    rows["greedy"] = {"heldout": heldout(genome), "seconds": time.perf_counter() - start, "evaluations": spent,
-                      "fitness": fitness}
-    eep_config = _with_validation(load_config(config_path, base + overrides + EEP_SCHEME), 0)  # EEP exports its best
+    genome, fitness, spent = greedy.run(
+        greedy.steps(space), lambda gs: [worker.fitness(worker.scores(g)) for g in gs]
+    )
+    rows["greedy"] = {
+        "heldout": heldout(genome),
+        "seconds": time.perf_counter() - start,
+        "evaluations": spent,
+        "fitness": fitness,
+    }
+    # EEP exports its best
+    eep_config = _with_validation(load_config(config_path, base + overrides + EEP_SCHEME), 0)
     for name, cfg in (("search, EEP's scheme", eep_config), ("search (default)", config)):
         genome, seconds, evaluations, fitness = _search(cfg, worker, space, tmp)
-        rows[name] = {"heldout": heldout(genome), "seconds": seconds, "evaluations": evaluations, "fitness": fitness}
+        rows[name] = {
+            "heldout": heldout(genome),
+            "seconds": seconds,
+            "evaluations": evaluations,
+            "fitness": fitness,
+        }
     return rows
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=["experiments/toy.yaml", "experiments/toy-qwen.yaml"])
+    parser.add_argument(
+        "--configs", nargs="+", default=["experiments/toy.yaml", "experiments/toy-qwen.yaml"]
+    )
     parser.add_argument("--keeps", nargs="+", type=int, default=[2, 3, 4])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--validation", type=int, help="validation_size of every task for the configured search")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override the configured search (and every row's config), e.g. search.evaluations=500")
+    parser.add_argument(
+        "--validation", type=int, help="validation_size of every task for the configured search"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the configured search (and every row's config), e.g. search.evaluations=500",
+    )
     args = parser.parse_args(argv)
     print("| config | keep | method | held-out | search fitness | evaluations | wall s |")
     print("|---|---|---|---:|---:|---:|---:|")
@@ -114,16 +148,23 @@ def main(argv=None) -> int:
                 print(f"| {path} | – | missing | | | | |")
                 continue
             for keep in args.keeps:
-                per_seed = [measure(path, keep, seed, args.overrides, Path(tmp), args.validation) for seed in args.seeds]
+                per_seed = [
+                    measure(path, keep, seed, args.overrides, Path(tmp), args.validation)
+                    for seed in args.seeds
+                ]
                 for method in per_seed[0]:
                     held = [rows[method]["heldout"] for rows in per_seed]
                     fit = [rows[method].get("fitness") for rows in per_seed]
-                    shown = f"{statistics.mean(held):.2f}" + (f" ± {statistics.stdev(held):.2f}" if len(held) > 1 else "")
+                    shown = f"{statistics.mean(held):.2f}" + (
+                        f" ± {statistics.stdev(held):.2f}" if len(held) > 1 else ""
+                    )
                     fitness = f"{statistics.mean(fit):.2f}" if None not in fit else ""
                     evals = statistics.mean(rows[method]["evaluations"] for rows in per_seed)
                     secs = statistics.mean(rows[method]["seconds"] for rows in per_seed)
-                    print(f"| {Path(path).stem} | {keep} | {method} | {shown} | {fitness} | {evals:.0f} | {secs:.1f} |",
-                          flush=True)
+                    print(
+                        f"| {Path(path).stem} | {keep} | {method} | {shown} | {fitness} | {evals:.0f} | {secs:.1f} |",
+                        flush=True,
+                    )
     return 0
 
 

@@ -50,13 +50,23 @@ def main() -> None:
     rows = [
         (f"full model ({adapter.num_experts} of {adapter.num_experts})", mean(None)),
         (f"random genomes ({what}), mean of {args.random}", statistics.mean(randoms)),
-        (f"random genomes, worst / best of {args.random}", f"{min(randoms):.2f} / {max(randoms):.2f}"),
+        (
+            f"random genomes, worst / best of {args.random}",
+            f"{min(randoms):.2f} / {max(randoms):.2f}",
+        ),
         (f"best of the {len(initial)} random initial genomes", mean(best(initial).genome)),
-        (f"search best pruned genome ({len(pruned)} evaluated, id {best(pruned).id})", mean(best(pruned).genome)),
+        (
+            f"search best pruned genome ({len(pruned)} evaluated, id {best(pruned).id})",
+            mean(best(pruned).genome),
+        ),
     ]
     if merged:
-        rows.append((f"search best merged genome ({len(merged)} evaluated, id {best(merged).id})",
-                     mean(best(merged).genome)))
+        rows.append(
+            (
+                f"search best merged genome ({len(merged)} evaluated, id {best(merged).id})",
+                mean(best(merged).genome),
+            )
+        )
     print(f"| genome ({config.name}, held-out split) | mean accuracy % |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value if isinstance(value, str) else f'{value:.2f}'} |")

@@ -52,17 +52,23 @@ class Calibration:
     """[N, E] float32: router logits of the sampled tokens."""
     gram: dict[int, torch.Tensor]
     """[N, E, E] float32: Gram matrices of the experts' outputs on the sampled tokens."""
-    route: Callable[[int, torch.Tensor, list[int], int], tuple[torch.Tensor, torch.Tensor]] | None = None
+    route: (
+        Callable[[int, torch.Tensor, list[int], int], tuple[torch.Tensor, torch.Tensor]] | None
+    ) = None
     """The model family's routing of logits [N, E] of a layer among some experts with some top-k
     (:meth:`eep.moe.MoEAdapter.route`, set by :func:`collect`); None for statistics built by hand,
     which then cannot route."""
     router_matrix: tuple[bool, float] | None = (True, 1.0)
     """How a router matrix mixing experts forms weights in this model (:attr:`eep.families.MoEShape.router_matrix`)."""
 
-    def routing(self, layer: int, logits: torch.Tensor, keep, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def routing(
+        self, layer: int, logits: torch.Tensor, keep, top_k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights, expert ids), each [N, top_k]: how the layer routes ``logits`` among ``keep``."""
         if self.route is None:
-            raise EepError("these calibration statistics carry no routing; build them with collect()")
+            raise EepError(
+                "these calibration statistics carry no routing; build them with collect()"
+            )
         return self.route(layer, logits, sorted(keep), top_k)
 
 
@@ -95,7 +101,9 @@ class _TokenSample:
         return slots, new
 
 
-def calibration_inputs(model: nn.Module, batches: Iterable[dict]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def calibration_inputs(
+    model: nn.Module, batches: Iterable[dict]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(input_ids, attention_mask) of each tokenizer-output batch on the model's input device; a
     batch without a mask is all tokens."""
     device = model.get_input_embeddings().weight.device
@@ -105,8 +113,14 @@ def calibration_inputs(model: nn.Module, batches: Iterable[dict]) -> Iterator[tu
         yield ids.to(device), (torch.ones_like(ids) if mask is None else mask).to(device)
 
 
-def collect(model: nn.Module, adapter: MoEAdapter, batches: Iterable[dict], max_tokens_per_layer: int = 8192,
-            seed: int = 0, chunk: int = 1024) -> Calibration:
+def collect(
+    model: nn.Module,
+    adapter: MoEAdapter,
+    batches: Iterable[dict],
+    max_tokens_per_layer: int = 8192,
+    seed: int = 0,
+    chunk: int = 1024,
+) -> Calibration:
     """One pass of the (unpruned, eval-mode) model over tokenizer-output batches (``input_ids``,
     ``attention_mask``); positions whose mask is 0 count nowhere. Statistics are computed where
     each layer lives and stored on CPU; the model is left exactly as it was, also on error.
@@ -118,25 +132,40 @@ def collect(model: nn.Module, adapter: MoEAdapter, batches: Iterable[dict], max_
     layers = {}
     for layer in adapter.moe_layers:
         device = adapter.routers[layer].weight.device
-        layers[layer] = _Layer(torch.zeros(experts, dtype=torch.float64, device=device),
-                               torch.zeros(experts, dtype=torch.float64, device=device),
-                               torch.zeros(max_tokens_per_layer, experts),
-                               torch.zeros(max_tokens_per_layer, experts, experts))
-    batch: dict[str, torch.Tensor] = {}  # this batch's valid-token mask and sample picks, for the hooks
+        layers[layer] = _Layer(
+            torch.zeros(experts, dtype=torch.float64, device=device),
+            torch.zeros(experts, dtype=torch.float64, device=device),
+            torch.zeros(max_tokens_per_layer, experts),
+            torch.zeros(max_tokens_per_layer, experts, experts),
+        )
+    # this batch's valid-token mask and sample picks, for the hooks
+    batch: dict[str, torch.Tensor] = {}
 
     def observer(layer: int) -> Callable:
         def hook(gate: nn.Module, args, output):
             x = args[0].reshape(-1, args[0].shape[-1])
             valid = batch["valid"].to(x.device)
-            _observe(adapter, layer, layers[layer], x[valid], output[0][valid], output[1][valid],
-                     output[2][valid], batch["slots"], batch["new"], chunk)
+            _observe(
+                adapter,
+                layer,
+                layers[layer],
+                x[valid],
+                output[0][valid],
+                output[1][valid],
+                output[2][valid],
+                batch["slots"],
+                batch["new"],
+                chunk,
+            )
 
         return hook
 
     tokens = 0
     handles = []
     try:
-        handles = [adapter.routers[i].register_forward_hook(observer(i)) for i in adapter.moe_layers]
+        handles = [
+            adapter.routers[i].register_forward_hook(observer(i)) for i in adapter.moe_layers
+        ]
         with torch.no_grad():
             for ids, mask in calibration_inputs(model, batches):
                 batch["valid"] = mask.reshape(-1).bool()
@@ -151,16 +180,34 @@ def collect(model: nn.Module, adapter: MoEAdapter, batches: Iterable[dict], max_
         raise EepError("the calibration batches hold no tokens (empty, or all padding)")
     filled = sample.keys.isfinite()
     return Calibration(
-        experts, adapter.top_k, tuple(adapter.moe_layers), tokens,
+        experts,
+        adapter.top_k,
+        tuple(adapter.moe_layers),
+        tokens,
         counts={i: s.counts.cpu().long() for i, s in layers.items()},
-        reap={i: torch.where(s.counts > 0, s.reap_sum / s.counts.clamp(min=1), 0.0).cpu() for i, s in layers.items()},
+        reap={
+            i: torch.where(s.counts > 0, s.reap_sum / s.counts.clamp(min=1), 0.0).cpu()
+            for i, s in layers.items()
+        },
         logits={i: s.logits[filled] for i, s in layers.items()},
-        gram={i: s.gram[filled] for i, s in layers.items()}, route=adapter.route,
-        router_matrix=adapter.shape.router_matrix)
+        gram={i: s.gram[filled] for i, s in layers.items()},
+        route=adapter.route,
+        router_matrix=adapter.shape.router_matrix,
+    )
 
 
-def _observe(adapter: MoEAdapter, layer: int, stats: _Layer, x: torch.Tensor, logits: torch.Tensor,
-             weights: torch.Tensor, index: torch.Tensor, slots: torch.Tensor, new: torch.Tensor, chunk: int) -> None:
+def _observe(
+    adapter: MoEAdapter,
+    layer: int,
+    stats: _Layer,
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    weights: torch.Tensor,
+    index: torch.Tensor,
+    slots: torch.Tensor,
+    new: torch.Tensor,
+    chunk: int,
+) -> None:
     """Add one batch's valid tokens (x [n, h], router logits [n, E], top-k weights and index [n, k])."""
     gates = _reap_gates(adapter, logits, weights, index)
     stats.counts += torch.bincount(index.reshape(-1), minlength=adapter.num_experts).double()
@@ -175,21 +222,30 @@ def _observe(adapter: MoEAdapter, layer: int, stats: _Layer, x: torch.Tensor, lo
         stats.gram[slots] = output_gram(adapter, layer, x[new], chunk).cpu()
 
 
-def _reap_gates(adapter: MoEAdapter, logits: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def _reap_gates(
+    adapter: MoEAdapter, logits: torch.Tensor, weights: torch.Tensor, index: torch.Tensor
+) -> torch.Tensor:
     """[n, E] REAP gate values g: for Mixtral the softmax over all E logits (REAP's code); for the
     other families the weight the router gives a routed expert, which is what REAP's code takes
     for them (softmax probabilities, renormalised over the top-k with ``norm_topk_prob``) and, for
     sigmoid and top-k-softmax routers, what the model multiplies the expert's output by."""
     if adapter.family.model_type == "mixtral":
         return torch.softmax(logits.float(), dim=-1)
-    return torch.zeros(logits.shape, dtype=torch.float32, device=logits.device).scatter_(1, index, weights.float())
+    return torch.zeros(logits.shape, dtype=torch.float32, device=logits.device).scatter_(
+        1, index, weights.float()
+    )
 
 
-def output_gram(adapter: MoEAdapter, layer: int, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def output_gram(
+    adapter: MoEAdapter, layer: int, x: torch.Tensor, chunk: int = 1024
+) -> torch.Tensor:
     """[n, E, E] float32: for each token of x [n, h], the inner products of the E experts' outputs."""
     grams = []
     for part in x.split(chunk):
-        y = torch.stack([adapter.expert_output(layer, e, part).float() for e in range(adapter.num_experts)], dim=1)
+        y = torch.stack(
+            [adapter.expert_output(layer, e, part).float() for e in range(adapter.num_experts)],
+            dim=1,
+        )
         grams.append(y @ y.transpose(1, 2))
     return torch.cat(grams)
 
@@ -200,13 +256,17 @@ def output_gram(adapter: MoEAdapter, layer: int, x: torch.Tensor, chunk: int = 1
 def frequency_genome(cal: Calibration, keep: int) -> Genome:
     """The ``keep`` most-routed experts of each layer (ties: the lower index)."""
     _check_keep(cal, keep)
-    return Genome.from_keep(cal.num_experts, cal.top_k, {i: _top(cal.counts[i], keep) for i in cal.moe_layers})
+    return Genome.from_keep(
+        cal.num_experts, cal.top_k, {i: _top(cal.counts[i], keep) for i in cal.moe_layers}
+    )
 
 
 def reap_genome(cal: Calibration, keep: int) -> Genome:
     """The ``keep`` experts of highest REAP saliency in each layer (ties: the lower index)."""
     _check_keep(cal, keep)
-    return Genome.from_keep(cal.num_experts, cal.top_k, {i: _top(cal.reap[i], keep) for i in cal.moe_layers})
+    return Genome.from_keep(
+        cal.num_experts, cal.top_k, {i: _top(cal.reap[i], keep) for i in cal.moe_layers}
+    )
 
 
 def random_genomes(shape: MoEShape | Calibration, keep: int, n: int, seed: int) -> list[Genome]:
@@ -214,12 +274,17 @@ def random_genomes(shape: MoEShape | Calibration, keep: int, n: int, seed: int) 
     _check_keep(shape, keep)
     possible = math.comb(shape.num_experts, keep) ** len(shape.moe_layers)
     if n > possible:
-        raise EepError(f"asked for {n} distinct random genomes but only {possible} exist; ask for fewer")
+        raise EepError(
+            f"asked for {n} distinct random genomes but only {possible} exist; ask for fewer"
+        )
     rng = random.Random(seed)
     genomes: dict[str, Genome] = {}
     while len(genomes) < n:
-        genome = Genome.from_keep(shape.num_experts, shape.top_k,
-                                  {i: rng.sample(range(shape.num_experts), keep) for i in shape.moe_layers})
+        genome = Genome.from_keep(
+            shape.num_experts,
+            shape.top_k,
+            {i: rng.sample(range(shape.num_experts), keep) for i in shape.moe_layers},
+        )
         genomes.setdefault(genome.key, genome)
     return list(genomes.values())
 
@@ -297,9 +362,12 @@ def skip_betas(cal: Calibration, genome: Genome) -> dict[int, float]:
     for layer in cal.moe_layers:
         k = genome.active(layer)
         if k != 2:
-            raise EepError(f"dynamic skipping needs top-2 routing; layer {layer} of the genome routes top-{k}")
+            raise EepError(
+                f"dynamic skipping needs top-2 routing; layer {layer} of the genome routes top-{k}"
+            )
         weights, _ = _gene_routing(cal, layer, genome.gene(layer), k)
-        betas[layer] = float(torch.quantile((weights[:, 1] / weights[:, 0]).double(), 0.5))  # = numpy's median
+        # = numpy's median
+        betas[layer] = float(torch.quantile((weights[:, 1] / weights[:, 0]).double(), 0.5))
     return betas
 
 
@@ -310,7 +378,9 @@ def _gene_routing(cal: Calibration, layer: int, gene: LayerGene, k: int):
     if picks is None:  # a router matrix mixing experts
         if cal.router_matrix is None:
             raise EepError("this model's routing defines no router matrix that mixes experts")
-        router = torch.tensor(gene.matrices(cal.num_experts)[1], dtype=torch.float32, device=logits.device)
+        router = torch.tensor(
+            gene.matrices(cal.num_experts)[1], dtype=torch.float32, device=logits.device
+        )
         return mapped_routing(logits, router.T.contiguous(), k, *cal.router_matrix)
     return cal.routing(layer, logits, picks, k)
 
@@ -321,5 +391,7 @@ def _top(scores: torch.Tensor, keep: int) -> list[int]:
 
 def _check_keep(shape: MoEShape | Calibration, keep: int) -> None:
     if not shape.top_k <= keep <= shape.num_experts:
-        raise EepError(f"keep must be between the model's top_k ({shape.top_k}) and its {shape.num_experts} experts, "
-                       f"got {keep}")
+        raise EepError(
+            f"keep must be between the model's top_k ({shape.top_k}) and its {shape.num_experts} experts, "
+            f"got {keep}"
+        )

@@ -45,24 +45,53 @@ import torch
 
 from eep.errors import EepError
 
-NEW_TOKENS = 16  # generated per prompt in the tokens/s rows (the toy's prompts + 16 fit its 32 positions)
-GOALS = {"apply_fraction_prune": ("<=", 0.02), "apply_fraction_merge": ("<=", 0.02),
-         "speedup_vs_rebuild": (">=", 10.0), "reevaluations": ("<=", 0), "busy_fraction": (">=", 0.95),
-         "tf_speedup": (">=", 5.0), "cut_saved_fraction": (">=", 0.30), "roofline_ratio": ("<=", 3.0)}
+NEW_TOKENS = (
+    16  # generated per prompt in the tokens/s rows (the toy's prompts + 16 fit its 32 positions)
+)
+GOALS = {
+    "apply_fraction_prune": ("<=", 0.02),
+    "apply_fraction_merge": ("<=", 0.02),
+    "speedup_vs_rebuild": (">=", 10.0),
+    "reevaluations": ("<=", 0),
+    "busy_fraction": (">=", 0.95),
+    "tf_speedup": (">=", 5.0),
+    "cut_saved_fraction": (">=", 0.30),
+    "roofline_ratio": ("<=", 3.0),
+}
 
 RANDOM_SIZES = {
     # ~25M parameters: 8 layers, hidden 256
-    "random-mixtral": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8,
-                           num_attention_heads=8, num_key_value_heads=4),
+    "random-mixtral": dict(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    ),
     # ~100M parameters: 8 layers, hidden 512
-    "random-100m": dict(hidden_size=512, intermediate_size=960, num_hidden_layers=8,
-                        num_attention_heads=8, num_key_value_heads=4),
+    "random-100m": dict(
+        hidden_size=512,
+        intermediate_size=960,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    ),
     # ~180M parameters: wide, shallow experts (hidden 1024, intermediate 3584), 2 layers
-    "random-wide": dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=2,
-                        num_attention_heads=8, num_key_value_heads=4),
+    "random-wide": dict(
+        hidden_size=1024,
+        intermediate_size=3584,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    ),
     # Mixtral-8x7B's layer shape (1.4 B parameters a layer), few layers: `--layers`, default 2
-    "random-mixtral-width": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
-                                 num_attention_heads=32, num_key_value_heads=8),
+    "random-mixtral-width": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=2,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+    ),
 }
 WIDE = "random-mixtral-width"
 
@@ -77,8 +106,16 @@ def random_mixtral(path: Path, name: str = "random-mixtral", layers: int | None 
 
     tokenizer = AutoTokenizer.from_pretrained(TOY_DIR)
     sizes = {**RANDOM_SIZES[name], **({"num_hidden_layers": layers} if layers else {})}
-    config = MixtralConfig(vocab_size=len(tokenizer), num_local_experts=8, num_experts_per_tok=2,
-                           max_position_embeddings=64, bos_token_id=2, eos_token_id=3, pad_token_id=0, **sizes)
+    config = MixtralConfig(
+        vocab_size=len(tokenizer),
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+        **sizes,
+    )
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16 if name == WIDE else torch.float32)
@@ -108,10 +145,20 @@ def _config(model: str, device: str, batch_size: int = 128, **extra):
     from eep.config import parse_config
     from fitness import toy_tasks
 
-    return parse_config({
-        "name": "bench", "model": {"path": model, "device": device},
-        "fitness": {"batch_size": batch_size, "max_new_tokens": 8, "tasks": [
-            {"name": t, "dataset": f"toy:{t}", "search_size": 16} for t in toy_tasks.TASKS]}, **extra})
+    return parse_config(
+        {
+            "name": "bench",
+            "model": {"path": model, "device": device},
+            "fitness": {
+                "batch_size": batch_size,
+                "max_new_tokens": 8,
+                "tasks": [
+                    {"name": t, "dataset": f"toy:{t}", "search_size": 16} for t in toy_tasks.TASKS
+                ],
+            },
+            **extra,
+        }
+    )
 
 
 def _free(device: torch.device) -> None:
@@ -159,11 +206,20 @@ def bench_apply(worker, repeats: int, log) -> dict:
             _sync(device)
 
         apply_s, apply_spread = median_spread(apply, repeats * 4)
-        eval_s, eval_spread = median_spread(lambda g=genomes[0]: (worker.scores(g), _sync(device)), repeats)
-        rows[name] = {"apply_s": apply_s, "apply_spread_s": apply_spread, "evaluation_s": eval_s,
-                      "evaluation_spread_s": eval_spread, "fraction": apply_s / eval_s}
-        log(f"[bench] apply {name}: {1e3 * apply_s:.2f} ms of a {eval_s:.3f} s evaluation "
-            f"= {100 * apply_s / eval_s:.2f} %")
+        eval_s, eval_spread = median_spread(
+            lambda g=genomes[0]: (worker.scores(g), _sync(device)), repeats
+        )
+        rows[name] = {
+            "apply_s": apply_s,
+            "apply_spread_s": apply_spread,
+            "evaluation_s": eval_s,
+            "evaluation_spread_s": eval_spread,
+            "fraction": apply_s / eval_s,
+        }
+        log(
+            f"[bench] apply {name}: {1e3 * apply_s:.2f} ms of a {eval_s:.3f} s evaluation "
+            f"= {100 * apply_s / eval_s:.2f} %"
+        )
     return rows
 
 
@@ -207,19 +263,33 @@ def bench_rebuild(worker, genomes: int, log) -> dict:
         _sync(device)
         timed[name] = (time.perf_counter() - start, results)
     if timed["eep"][1] != timed["rebuild"][1]:
-        raise EepError("the rebuilt models scored differently from eep's in-place genomes; the comparison is void")
+        raise EepError(
+            "the rebuilt models scored differently from eep's in-place genomes; the comparison is void"
+        )
     rate = {name: genomes / seconds for name, (seconds, _) in timed.items()}
-    log(f"[bench] {genomes} candidates: eep {rate['eep']:.2f} evals/s, rebuild per candidate "
-        f"{rate['rebuild']:.2f} evals/s (same scores) -> {rate['eep'] / rate['rebuild']:.2f}x")
-    return {"genomes": genomes, "eep_evals_per_s": rate["eep"], "rebuild_evals_per_s": rate["rebuild"],
-            "speedup": rate["eep"] / rate["rebuild"]}
+    log(
+        f"[bench] {genomes} candidates: eep {rate['eep']:.2f} evals/s, rebuild per candidate "
+        f"{rate['rebuild']:.2f} evals/s (same scores) -> {rate['eep'] / rate['rebuild']:.2f}x"
+    )
+    return {
+        "genomes": genomes,
+        "eep_evals_per_s": rate["eep"],
+        "rebuild_evals_per_s": rate["rebuild"],
+        "speedup": rate["eep"] / rate["rebuild"],
+    }
 
 
 # -- 3 / 4. search: duplicates, Ray scaling ----------------------------------------------------
 
 
-def bench_search(model: str, device: str, evaluations: int, actors: tuple[tuple[int, int], ...], scratch: Path,
-                 log) -> dict:
+def bench_search(
+    model: str,
+    device: str,
+    evaluations: int,
+    actors: tuple[tuple[int, int], ...],
+    scratch: Path,
+    log,
+) -> dict:
     """The same search serially and on Ray with each ``(actors, candidates queued per actor)``."""
     from eep.evaluator import FitnessWorker, SerialEvaluator
     from eep.journal import RunDir
@@ -230,9 +300,15 @@ def bench_search(model: str, device: str, evaluations: int, actors: tuple[tuple[
 
     rows = {}
     for workers, depth in ((0, 1), *actors):
-        extra = {"search": {"seed": 0, "evaluations": evaluations, "initial": min(10, evaluations),
-                            "in_flight": max(workers, 1) * depth},
-                 "search_space": {"kind": "prune", "keep": 4}}
+        extra = {
+            "search": {
+                "seed": 0,
+                "evaluations": evaluations,
+                "initial": min(10, evaluations),
+                "in_flight": max(workers, 1) * depth,
+            },
+            "search_space": {"kind": "prune", "keep": 4},
+        }
         if workers:
             extra["evaluator"] = {"kind": "ray", "workers": workers}
         config = _config(model, device, **extra)
@@ -253,21 +329,34 @@ def bench_search(model: str, device: str, evaluations: int, actors: tuple[tuple[
         finally:
             evaluator.close()
         keys = [e.genome.key for e in run.evaluations()]
-        label = (f"ray, {workers} actor{'s' if workers > 1 else ''}" + (f", {depth} queued each" if depth > 1 else "")
-                 if workers else "serial")
-        rows[label] = {"evaluations": len(keys), "evals_per_s": len(keys) / seconds, "busy_fraction": busy,
-                       "rebred": stats["rebred"], "reevaluations": len(keys) - len(set(keys)),
-                       "best_fitness": summary["best_fitness"]}
-        log(f"[bench] search, {label}: {len(keys) / seconds:.2f} evals/s"
+        label = (
+            f"ray, {workers} actor{'s' if workers > 1 else ''}"
+            + (f", {depth} queued each" if depth > 1 else "")
+            if workers
+            else "serial"
+        )
+        rows[label] = {
+            "evaluations": len(keys),
+            "evals_per_s": len(keys) / seconds,
+            "busy_fraction": busy,
+            "rebred": stats["rebred"],
+            "reevaluations": len(keys) - len(set(keys)),
+            "best_fitness": summary["best_fitness"],
+        }
+        log(
+            f"[bench] search, {label}: {len(keys) / seconds:.2f} evals/s"
             + (f", actors busy {100 * busy:.1f} %" if busy is not None else "")
-            + f"; {stats['rebred']} duplicate children bred again, {rows[label]['reevaluations']} re-evaluated")
+            + f"; {stats['rebred']} duplicate children bred again, {rows[label]['reevaluations']} re-evaluated"
+        )
     return rows
 
 
 # -- 5. export --------------------------------------------------------------------------------
 
 
-def _generation(path: str, device: str, batches: tuple[int, ...], new_tokens: int, repeats: int) -> dict:
+def _generation(
+    path: str, device: str, batches: tuple[int, ...], new_tokens: int, repeats: int
+) -> dict:
     """In a fresh process: load ``path``, greedy-generate exactly ``new_tokens`` for each batch
     size; tokens/s (median) and peak memory (GPU: allocated; CPU: the process's peak RSS)."""
     from eep.config import ModelConfig
@@ -283,15 +372,24 @@ def _generation(path: str, device: str, batches: tuple[int, ...], new_tokens: in
 
         def generate(ids=ids):
             with torch.no_grad():
-                model.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                               pad_token_id=tokenizer.pad_token_id)
+                model.generate(
+                    **ids,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
             _sync(dev)
 
         generate()  # warm-up
         seconds, spread = median_spread(generate, repeats)
-        out["tokens_per_s"][str(batch)] = {"median": batch * new_tokens / seconds,
-                                           "spread": batch * new_tokens * spread / seconds**2}
-    out["peak_memory_bytes"] = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else _peak_rss()
+        out["tokens_per_s"][str(batch)] = {
+            "median": batch * new_tokens / seconds,
+            "spread": batch * new_tokens * spread / seconds**2,
+        }
+    out["peak_memory_bytes"] = (
+        torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else _peak_rss()
+    )
     return out
 
 
@@ -319,9 +417,13 @@ def bench_export(worker, device: str, scratch: Path, repeats: int, log) -> dict:
     space = half_kept(adapter)
     keep = space.keep
     pruned = random_genome(space, random.Random(2))
-    variants = {"full": None, f"keep {keep} of {adapter.num_experts}": pruned,
-                f"keep {keep} of {adapter.num_experts}, top-1": Genome.from_keep(
-                    adapter.num_experts, adapter.top_k, pruned.keep_map(), active=1)}
+    variants = {
+        "full": None,
+        f"keep {keep} of {adapter.num_experts}": pruned,
+        f"keep {keep} of {adapter.num_experts}, top-1": Genome.from_keep(
+            adapter.num_experts, adapter.top_k, pruned.keep_map(), active=1
+        ),
+    }
     rows = {}
     context = multiprocessing.get_context("spawn")
     for name, genome in variants.items():
@@ -331,11 +433,15 @@ def bench_export(worker, device: str, scratch: Path, repeats: int, log) -> dict:
         tokenizer.save_pretrained(path)
         with context.Pool(1) as pool:
             row = pool.apply(_generation, (str(path), device, (1, 32), NEW_TOKENS, repeats))
-        row["disk_bytes"] = sum(f.stat().st_size for f in path.iterdir() if f.suffix == ".safetensors")
+        row["disk_bytes"] = sum(
+            f.stat().st_size for f in path.iterdir() if f.suffix == ".safetensors"
+        )
         rows[name] = row
-        log(f"[bench] {name}: {row['parameters']:,} parameters, {row['disk_bytes'] / 2**20:.1f} MiB, "
+        log(
+            f"[bench] {name}: {row['parameters']:,} parameters, {row['disk_bytes'] / 2**20:.1f} MiB, "
             f"{row['tokens_per_s']['1']['median']:.0f} / {row['tokens_per_s']['32']['median']:.0f} tokens/s "
-            f"at batch 1 / 32, peak {row['peak_memory_bytes'] / 2**20:.0f} MiB")
+            f"at batch 1 / 32, peak {row['peak_memory_bytes'] / 2**20:.0f} MiB"
+        )
     full = rows["full"]["tokens_per_s"]
     for row in rows.values():
         row["speedup"] = {b: row["tokens_per_s"][b]["median"] / full[b]["median"] for b in full}
@@ -359,14 +465,30 @@ def bench_scoring(worker, genomes: int, repeats: int, log) -> dict:
     from fitness.scoring import Scorer
     from search_spaces import random_genome
 
-    adapter, model, tokenizer, fit = worker.adapter, worker.model, worker.tokenizer, worker.config.fitness
+    adapter, model, tokenizer, fit = (
+        worker.adapter,
+        worker.model,
+        worker.tokenizer,
+        worker.config.fitness,
+    )
     device = next(model.parameters()).device
-    scorers = {path: Scorer(model, tokenizer, worker.scorers["search"].tasks, fit.batch_size, fit.max_new_tokens,
-                            fit.max_length, scoring=path) for path in ("auto", "generate")}
+    scorers = {
+        path: Scorer(
+            model,
+            tokenizer,
+            worker.scorers["search"].tasks,
+            fit.batch_size,
+            fit.max_new_tokens,
+            fit.max_length,
+            scoring=path,
+        )
+        for path in ("auto", "generate")
+    }
     rng = random.Random(3)
     sample = [random_genome(half_kept(adapter), rng) for _ in range(genomes)]
     timed, hits = {}, {}
     for path, scorer in scorers.items():
+
         def score_all(scorer=scorer, path=path):
             hits[path] = []
             for genome in sample:
@@ -376,16 +498,26 @@ def bench_scoring(worker, genomes: int, repeats: int, log) -> dict:
 
         score_all()  # warm-up
         timed[path] = median_spread(score_all, repeats)[0] / genomes
-    differ = sum(a != b for x, y in zip(hits["auto"], hits["generate"]) for t in x for a, b in zip(x[t], y[t]))
+    differ = sum(
+        a != b
+        for x, y in zip(hits["auto"], hits["generate"])
+        for t in x
+        for a, b in zip(x[t], y[t])
+    )
     forced = scorers["auto"]
     items = [i for t in forced.items.values() for i in t if i is not None]
     tf_tokens = sum(len(i.prompt) + len(i.rows[0]) for i in items)
     prompts = [p for t in forced.prompts.values() for p in t]
 
-    def generate(new_tokens, batch=prompts[:fit.batch_size]):
+    def generate(new_tokens, batch=prompts[: fit.batch_size]):
         ids = tokenizer(batch, return_tensors="pt", padding=True, padding_side="left").to(device)
-        model.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       pad_token_id=tokenizer.pad_token_id)
+        model.generate(
+            **ids,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         _sync(device)
         return ids["attention_mask"].sum().item() + len(batch) * new_tokens
 
@@ -397,20 +529,35 @@ def bench_scoring(worker, genomes: int, repeats: int, log) -> dict:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = _bandwidth(device)
     roofline_s = weight_bytes / bandwidth
-    row = {"genomes": genomes, "teacher_forced_s": timed["auto"], "generated_s": timed["generate"],
-           "tf_speedup": timed["generate"] / timed["auto"], "examples_differing": differ,
-           "examples": sum(len(t) for t in forced.prompts.values()), "forced_examples": len(items),
-           "eval_tokens_per_s": tf_tokens / timed["auto"], "generate_tokens_per_s": gen_tokens / gen_s,
-           "generate_batch": min(len(prompts), fit.batch_size), "decode_step_s": step_s,
-           "weight_bytes": weight_bytes, "bandwidth_bytes_per_s": bandwidth, "roofline_step_s": roofline_s,
-           "roofline_ratio": step_s / roofline_s, "forward_passes": len(forced.chunks),
-           "evaluation_roofline_ratio": timed["auto"] / (len(forced.chunks) * roofline_s)}
-    log(f"[bench] scoring: teacher-forced {timed['auto']:.3f} s vs generated {timed['generate']:.3f} s per evaluation "
+    row = {
+        "genomes": genomes,
+        "teacher_forced_s": timed["auto"],
+        "generated_s": timed["generate"],
+        "tf_speedup": timed["generate"] / timed["auto"],
+        "examples_differing": differ,
+        "examples": sum(len(t) for t in forced.prompts.values()),
+        "forced_examples": len(items),
+        "eval_tokens_per_s": tf_tokens / timed["auto"],
+        "generate_tokens_per_s": gen_tokens / gen_s,
+        "generate_batch": min(len(prompts), fit.batch_size),
+        "decode_step_s": step_s,
+        "weight_bytes": weight_bytes,
+        "bandwidth_bytes_per_s": bandwidth,
+        "roofline_step_s": roofline_s,
+        "roofline_ratio": step_s / roofline_s,
+        "forward_passes": len(forced.chunks),
+        "evaluation_roofline_ratio": timed["auto"] / (len(forced.chunks) * roofline_s),
+    }
+    log(
+        f"[bench] scoring: teacher-forced {timed['auto']:.3f} s vs generated {timed['generate']:.3f} s per evaluation "
         f"= {row['tf_speedup']:.2f}x ({differ} of {row['examples']} x {genomes} example verdicts differ); "
-        f"{row['eval_tokens_per_s']:.0f} evaluation tokens/s vs {row['generate_tokens_per_s']:.0f} of generate")
-    log(f"[bench] roofline: decode step {1e3 * step_s:.2f} ms vs {1e3 * roofline_s:.2f} ms to read "
+        f"{row['eval_tokens_per_s']:.0f} evaluation tokens/s vs {row['generate_tokens_per_s']:.0f} of generate"
+    )
+    log(
+        f"[bench] roofline: decode step {1e3 * step_s:.2f} ms vs {1e3 * roofline_s:.2f} ms to read "
         f"{weight_bytes / 2**30:.2f} GiB at {bandwidth / 1e9:.0f} GB/s = {row['roofline_ratio']:.1f}x; an evaluation "
-        f"({row['forward_passes']} forward passes) {row['evaluation_roofline_ratio']:.1f}x its roofline")
+        f"({row['forward_passes']} forward passes) {row['evaluation_roofline_ratio']:.1f}x its roofline"
+    )
     return row
 
 
@@ -430,15 +577,24 @@ def bench_cut(model: str, device: str, evaluations: int, scratch: Path, log) -> 
 
     shape = None
     timed = {True: float("inf"), False: float("inf")}  # wall time of the search
-    scoring = dict(timed)  # the evaluations' own time (journaled), the search's bookkeeping left out
+    # the evaluations' own time (journaled), the search's bookkeeping left out
+    scoring = dict(timed)
     results, worker = {}, None
     for turn, cut in enumerate((True, False, True, False)):
-        extra = {"search": {"seed": 0, "evaluations": evaluations, "initial": min(30, evaluations // 2),
-                            "early_cut": cut}}
+        extra = {
+            "search": {
+                "seed": 0,
+                "evaluations": evaluations,
+                "initial": min(30, evaluations // 2),
+                "early_cut": cut,
+            }
+        }
         config = _config(model, device, batch_size=32, **extra)
         shape = shape or shape_of(load_hf_config(config.model))
         keep = max(shape.top_k, shape.num_experts // 4)
-        config = config.model_copy(update={"search_space": config.search_space.model_copy(update={"keep": keep})})
+        config = config.model_copy(
+            update={"search_space": config.search_space.model_copy(update={"keep": keep})}
+        )
         worker = worker or FitnessWorker(config)  # one resident model serves both runs
         run = RunDir.create(scratch / f"cut-{turn}", config)
         space = build_schedule(config.search_space, shape)
@@ -448,24 +604,48 @@ def bench_cut(model: str, device: str, evaluations: int, scratch: Path, log) -> 
         records = run.evaluations()
         scoring[cut] = min(scoring[cut], sum(e.seconds for e in records))
         results[cut]["keys"] = [e.genome.key for e in records]
-    if results[True]["keys"] != results[False]["keys"] or results[True]["best_genome"] != results[False]["best_genome"]:
-        raise EepError("the search with the early cut differs from the one without; the comparison is void")
-    row = {"keep": keep, "evaluations": evaluations, "cut": results[True]["cut"], "cut_s": timed[True],
-           "uncut_s": timed[False], "wall_saved_fraction": 1 - timed[True] / timed[False],
-           "cut_scoring_s": scoring[True], "uncut_scoring_s": scoring[False],
-           "saved_fraction": 1 - scoring[True] / scoring[False]}
-    log(f"[bench] early cut at keep {keep} of {shape.num_experts}: {row['cut']} of {evaluations} candidates cut; "
+    if (
+        results[True]["keys"] != results[False]["keys"]
+        or results[True]["best_genome"] != results[False]["best_genome"]
+    ):
+        raise EepError(
+            "the search with the early cut differs from the one without; the comparison is void"
+        )
+    row = {
+        "keep": keep,
+        "evaluations": evaluations,
+        "cut": results[True]["cut"],
+        "cut_s": timed[True],
+        "uncut_s": timed[False],
+        "wall_saved_fraction": 1 - timed[True] / timed[False],
+        "cut_scoring_s": scoring[True],
+        "uncut_scoring_s": scoring[False],
+        "saved_fraction": 1 - scoring[True] / scoring[False],
+    }
+    log(
+        f"[bench] early cut at keep {keep} of {shape.num_experts}: {row['cut']} of {evaluations} candidates cut; "
         f"evaluation time {scoring[True]:.1f} s vs {scoring[False]:.1f} s = {100 * row['saved_fraction']:.0f} % saved, "
-        f"search {timed[True]:.1f} s vs {timed[False]:.1f} s = {100 * row['wall_saved_fraction']:.0f} % (same search)")
+        f"search {timed[True]:.1f} s vs {timed[False]:.1f} s = {100 * row['wall_saved_fraction']:.0f} % (same search)"
+    )
     return row
 
 
 # -- the command ------------------------------------------------------------------------------
 
 
-def run_bench(model: str = "toy", out: str | Path = "bench", device: str = "auto", repeats: int = 5,
-              evaluations: int = 40, rebuild_genomes: int = 8, ray: bool = True, export: bool = True,
-              layers: int | None = None, cut_evaluations: int = 200, log: Callable[[str], None] = print) -> dict:
+def run_bench(
+    model: str = "toy",
+    out: str | Path = "bench",
+    device: str = "auto",
+    repeats: int = 5,
+    evaluations: int = 40,
+    rebuild_genomes: int = 8,
+    ray: bool = True,
+    export: bool = True,
+    layers: int | None = None,
+    cut_evaluations: int = 200,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Run every measurement on ``model`` (``toy``, ``random-mixtral``, ``random-100m``,
     ``random-mixtral-width`` with ``layers``, or a path) and write ``bench.json`` and ``bench.md`` to ``out``."""
     from eep.evaluator import FitnessWorker
@@ -485,10 +665,18 @@ def run_bench(model: str = "toy", out: str | Path = "bench", device: str = "auto
         worker = FitnessWorker(_config(path, str(dev)))
         params = sum(p.numel() for p in worker.model.parameters())
         implementation = getattr(worker.model.config, "_experts_implementation", None)
-        log(f"[bench] {model}: {params / 1e6:.1f} M parameters on {dev}, experts kernel {implementation}; "
-            f"medians of {repeats}")
-        result = {"model": model, "parameters": params, "device": str(dev), "machine": machine(dev),
-                  "repeats": repeats, "experts_implementation": implementation}
+        log(
+            f"[bench] {model}: {params / 1e6:.1f} M parameters on {dev}, experts kernel {implementation}; "
+            f"medians of {repeats}"
+        )
+        result = {
+            "model": model,
+            "parameters": params,
+            "device": str(dev),
+            "machine": machine(dev),
+            "repeats": repeats,
+            "experts_implementation": implementation,
+        }
         result["apply"] = bench_apply(worker, repeats, log)
         _free(dev)
         result["scoring"] = bench_scoring(worker, min(rebuild_genomes, 4), repeats, log)
@@ -509,10 +697,16 @@ def run_bench(model: str = "toy", out: str | Path = "bench", device: str = "auto
         speedup_vs_rebuild=result["rebuild"]["speedup"],
         reevaluations=search["serial"]["reevaluations"],
         busy_fraction=search["ray, 2 actors, 2 queued each"]["busy_fraction"] if ray else None,
-        export_speedup={name: row["speedup"] for name, row in result["export"].items() if name != "full"},
-        tf_speedup=result["scoring"]["tf_speedup"], cut_saved_fraction=result["cut"]["saved_fraction"],
-        roofline_ratio=result["scoring"]["roofline_ratio"] if dev.type == "cuda" else None)
-    result["goals"] = {key: _meets(result[key], *goal) for key, goal in GOALS.items() if result[key] is not None}
+        export_speedup={
+            name: row["speedup"] for name, row in result["export"].items() if name != "full"
+        },
+        tf_speedup=result["scoring"]["tf_speedup"],
+        cut_saved_fraction=result["cut"]["saved_fraction"],
+        roofline_ratio=result["scoring"]["roofline_ratio"] if dev.type == "cuda" else None,
+    )
+    result["goals"] = {
+        key: _meets(result[key], *goal) for key, goal in GOALS.items() if result[key] is not None
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "bench.md").write_text(markdown(result))
@@ -541,54 +735,89 @@ def markdown(r: dict) -> str:
         shown = pct(value) if "fraction" in key else f"{value:g}"
         return f"{op} {shown} " + ("(met)" if met else "(not met)" if met is not None else "")
 
-    lines = [f"# eep bench: {r['model']} ({r['parameters'] / 1e6:.1f} M parameters) on {r['device']}, "
-             f"experts kernel {r['experts_implementation']}",
-             "", f"Machine: {r['machine']}. Medians of {r['repeats']} runs ± half their range; ratios from one run.",
-             "", "| measure | value | goal |", "|---|---|---|"]
+    lines = [
+        f"# eep bench: {r['model']} ({r['parameters'] / 1e6:.1f} M parameters) on {r['device']}, "
+        f"experts kernel {r['experts_implementation']}",
+        "",
+        f"Machine: {r['machine']}. Medians of {r['repeats']} runs ± half their range; ratios from one run.",
+        "",
+        "| measure | value | goal |",
+        "|---|---|---|",
+    ]
     for name in ("prune", "merge"):
         a = r["apply"][name]
-        lines.append(f"| apply + restore a {name} genome / one evaluation | {1e3 * a['apply_s']:.2f} ms / "
-                     f"{a['evaluation_s']:.3f} s = {pct(a['fraction'])} | {goal('apply_fraction_' + name)} |")
+        lines.append(
+            f"| apply + restore a {name} genome / one evaluation | {1e3 * a['apply_s']:.2f} ms / "
+            f"{a['evaluation_s']:.3f} s = {pct(a['fraction'])} | {goal('apply_fraction_' + name)} |"
+        )
     rb = r["rebuild"]
-    lines.append(f"| evals/s: eep in place vs rebuild per candidate ({rb['genomes']} genomes, same scores) | "
-                 f"{rb['eep_evals_per_s']:.2f} vs {rb['rebuild_evals_per_s']:.2f} = {rb['speedup']:.2f}x | "
-                 f"{goal('speedup_vs_rebuild')} |")
+    lines.append(
+        f"| evals/s: eep in place vs rebuild per candidate ({rb['genomes']} genomes, same scores) | "
+        f"{rb['eep_evals_per_s']:.2f} vs {rb['rebuild_evals_per_s']:.2f} = {rb['speedup']:.2f}x | "
+        f"{goal('speedup_vs_rebuild')} |"
+    )
     sc, cut = r["scoring"], r["cut"]
-    lines.append(f"| one evaluation: teacher-forced vs generated ({sc['forced_examples']} of {sc['examples']} examples "
-                 f"forced; {sc['examples_differing']} verdicts differ) | {sc['teacher_forced_s']:.3f} s vs "
-                 f"{sc['generated_s']:.3f} s = {sc['tf_speedup']:.2f}x | {goal('tf_speedup')} |")
-    lines.append(f"| early cut, search of {cut['evaluations']} at keep {cut['keep']} ({cut['cut']} cut, same search): "
-                 f"evaluation time | {cut['cut_scoring_s']:.1f} s vs {cut['uncut_scoring_s']:.1f} s = "
-                 f"{pct(cut['saved_fraction'])} saved | {goal('cut_saved_fraction')} |")
-    lines.append(f"| early cut: the whole search's wall time | {cut['cut_s']:.1f} s vs {cut['uncut_s']:.1f} s = "
-                 f"{pct(cut['wall_saved_fraction'])} saved | |")
-    lines.append(f"| tokens/s: evaluation vs plain generate (batch {sc['generate_batch']}) | "
-                 f"{sc['eval_tokens_per_s']:.0f} vs {sc['generate_tokens_per_s']:.0f} | |")
-    lines.append(f"| decode step vs roofline ({sc['weight_bytes'] / 2**30:.2f} GiB at "
-                 f"{sc['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s copy bandwidth) | {1e3 * sc['decode_step_s']:.2f} ms vs "
-                 f"{1e3 * sc['roofline_step_s']:.2f} ms = {sc['roofline_ratio']:.1f}x | {goal('roofline_ratio')} |")
-    lines.append(f"| one teacher-forced evaluation vs its roofline ({sc['forward_passes']} forward passes) | "
-                 f"{sc['evaluation_roofline_ratio']:.1f}x | |")
+    lines.append(
+        f"| one evaluation: teacher-forced vs generated ({sc['forced_examples']} of {sc['examples']} examples "
+        f"forced; {sc['examples_differing']} verdicts differ) | {sc['teacher_forced_s']:.3f} s vs "
+        f"{sc['generated_s']:.3f} s = {sc['tf_speedup']:.2f}x | {goal('tf_speedup')} |"
+    )
+    lines.append(
+        f"| early cut, search of {cut['evaluations']} at keep {cut['keep']} ({cut['cut']} cut, same search): "
+        f"evaluation time | {cut['cut_scoring_s']:.1f} s vs {cut['uncut_scoring_s']:.1f} s = "
+        f"{pct(cut['saved_fraction'])} saved | {goal('cut_saved_fraction')} |"
+    )
+    lines.append(
+        f"| early cut: the whole search's wall time | {cut['cut_s']:.1f} s vs {cut['uncut_s']:.1f} s = "
+        f"{pct(cut['wall_saved_fraction'])} saved | |"
+    )
+    lines.append(
+        f"| tokens/s: evaluation vs plain generate (batch {sc['generate_batch']}) | "
+        f"{sc['eval_tokens_per_s']:.0f} vs {sc['generate_tokens_per_s']:.0f} | |"
+    )
+    lines.append(
+        f"| decode step vs roofline ({sc['weight_bytes'] / 2**30:.2f} GiB at "
+        f"{sc['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s copy bandwidth) | {1e3 * sc['decode_step_s']:.2f} ms vs "
+        f"{1e3 * sc['roofline_step_s']:.2f} ms = {sc['roofline_ratio']:.1f}x | {goal('roofline_ratio')} |"
+    )
+    lines.append(
+        f"| one teacher-forced evaluation vs its roofline ({sc['forward_passes']} forward passes) | "
+        f"{sc['evaluation_roofline_ratio']:.1f}x | |"
+    )
     serial = r["search"]["serial"]
-    lines.append(f"| search of {serial['evaluations']}: duplicate children bred again / genomes re-evaluated | "
-                 f"{serial['rebred']} / {serial['reevaluations']} | re-evaluated {goal('reevaluations')} |")
+    lines.append(
+        f"| search of {serial['evaluations']}: duplicate children bred again / genomes re-evaluated | "
+        f"{serial['rebred']} / {serial['reevaluations']} | re-evaluated {goal('reevaluations')} |"
+    )
     lines += ["", "| evaluator | evals/s | vs serial | actors busy |", "|---|---|---|---|"]
     for label, row in r["search"].items():
         busy = "" if row["busy_fraction"] is None else pct(row["busy_fraction"])
-        lines.append(f"| {label} | {row['evals_per_s']:.2f} | {row['evals_per_s'] / serial['evals_per_s']:.2f}x | {busy} |")
+        lines.append(
+            f"| {label} | {row['evals_per_s']:.2f} | {row['evals_per_s'] / serial['evals_per_s']:.2f}x | {busy} |"
+        )
     if r["busy_fraction"] is not None:
-        lines.append(f"\nSteady-state busy fraction of 2 actors holding 2 candidates each: {pct(r['busy_fraction'])}, "
-                     f"goal {goal('busy_fraction')} (with one each: "
-                     f"{pct(r['search']['ray, 2 actors']['busy_fraction'])}; actor-measured evaluation time).")
+        lines.append(
+            f"\nSteady-state busy fraction of 2 actors holding 2 candidates each: {pct(r['busy_fraction'])}, "
+            f"goal {goal('busy_fraction')} (with one each: "
+            f"{pct(r['search']['ray, 2 actors']['busy_fraction'])}; actor-measured evaluation time)."
+        )
     if not r["export"]:
         return "\n".join(lines) + "\n"
-    lines += ["", "| model | parameters | on disk | peak memory | tokens/s, batch 1 | tokens/s, batch 32 |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| model | parameters | on disk | peak memory | tokens/s, batch 1 | tokens/s, batch 32 |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, row in r["export"].items():
         tps = row["tokens_per_s"]
-        cells = [f"{tps[b]['median']:.0f} ± {tps[b]['spread']:.0f} ({row['speedup'][b]:.2f}x)" for b in ("1", "32")]
-        lines.append(f"| {name} | {row['parameters']:,} | {row['disk_bytes'] / 2**20:.1f} MiB | "
-                     f"{row['peak_memory_bytes'] / 2**20:.0f} MiB | {cells[0]} | {cells[1]} |")
+        cells = [
+            f"{tps[b]['median']:.0f} ± {tps[b]['spread']:.0f} ({row['speedup'][b]:.2f}x)"
+            for b in ("1", "32")
+        ]
+        lines.append(
+            f"| {name} | {row['parameters']:,} | {row['disk_bytes'] / 2**20:.1f} MiB | "
+            f"{row['peak_memory_bytes'] / 2**20:.0f} MiB | {cells[0]} | {cells[1]} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     from eep import __version__
 
-    parser = argparse.ArgumentParser(prog="eep", description="Evolutionary expert pruning for MoE language models.")
+    parser = argparse.ArgumentParser(
+        prog="eep", description="Evolutionary expert pruning for MoE language models."
+    )
     parser.add_argument("--version", action="version", version=f"eep {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -41,17 +43,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config, e.g. experiments/toy.yaml")
     p.add_argument("--run-dir", help="where the run lives (default: runs/<config name>)")
     _override_flag(p)
-    p.add_argument("--dry-run", action="store_true", help="validate and print the plan; load no weights")
-    p.add_argument("--resume-if-exists", action="store_true",
-                   help="if the run directory holds this config's run, resume it instead of refusing (scripts, jobs)")
+    p.add_argument(
+        "--dry-run", action="store_true", help="validate and print the plan; load no weights"
+    )
+    p.add_argument(
+        "--resume-if-exists",
+        action="store_true",
+        help="if the run directory holds this config's run, resume it instead of refusing (scripts, jobs)",
+    )
     _evaluator_flags(p)
     _threads_flag(p)
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("resume", help="continue a stopped search (on any evaluator)")
     p.add_argument("run_dir")
-    p.add_argument("--evaluations", type=int, metavar="N",
-                   help="raise the search's budget to N evaluations (the same search, continued)")
+    p.add_argument(
+        "--evaluations",
+        type=int,
+        metavar="N",
+        help="raise the search's budget to N evaluations (the same search, continued)",
+    )
     _evaluator_flags(p)
     _threads_flag(p)
     p.set_defaults(func=cmd_resume)
@@ -60,19 +71,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", nargs="?", help="export the best genome of this run")
     p.add_argument("--model", help="source model (with --genome): a directory, hub id or 'toy'")
     p.add_argument("--genome", help="genome JSON file (with --model)")
-    p.add_argument("--config", help="with --model: a config whose tasks' held-out split is reported")
+    p.add_argument(
+        "--config", help="with --model: a config whose tasks' held-out split is reported"
+    )
     p.add_argument("--out", required=True, help="new directory for the checkpoint")
-    p.add_argument("--form", choices=["stock", "custom"],
-                   help="stock: plain transformers classes (an error if the genome needs more); custom: eep's "
-                        "modeling file, trust_remote_code=True (default: stock when possible)")
-    p.add_argument("--dense", action="store_true",
-                   help="low-rank experts (MoE-I² stage 2) as re-multiplied dense matrices, in the stock form when "
-                        "the pruning allows (larger, no custom code for that); default: stored as their factors")
+    p.add_argument(
+        "--form",
+        choices=["stock", "custom"],
+        help="stock: plain transformers classes (an error if the genome needs more); custom: eep's "
+        "modeling file, trust_remote_code=True (default: stock when possible)",
+    )
+    p.add_argument(
+        "--dense",
+        action="store_true",
+        help="low-rank experts (MoE-I² stage 2) as re-multiplied dense matrices, in the stock form when "
+        "the pruning allows (larger, no custom code for that); default: stored as their factors",
+    )
     _threads_flag(p)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("baselines", help="score random, frequency, NAEE and REAP pruning next to the search, held out")
-    p.add_argument("config", help="YAML config (its search runs first unless --run-dir holds it finished)")
+    p = sub.add_parser(
+        "baselines",
+        help="score random, frequency, NAEE and REAP pruning next to the search, held out",
+    )
+    p.add_argument(
+        "config", help="YAML config (its search runs first unless --run-dir holds it finished)"
+    )
     p.add_argument("--run-dir", help="the search's run directory (default: runs/<config name>)")
     _override_flag(p)
     _threads_flag(p)
@@ -82,23 +106,41 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("eval", help="score a model, an exported checkpoint, or a genome applied to a model on tasks")
+    p = sub.add_parser(
+        "eval",
+        help="score a model, an exported checkpoint, or a genome applied to a model on tasks",
+    )
     p.add_argument("config", help="YAML config whose fitness tasks are scored")
-    p.add_argument("--model", help="model to score instead of the config's (directory, hub id or 'toy')")
+    p.add_argument(
+        "--model", help="model to score instead of the config's (directory, hub id or 'toy')"
+    )
     p.add_argument("--genome", help="genome JSON applied to the model before scoring")
-    p.add_argument("--split", choices=["test", "search", "validation"], default="test",
-                   help="which split (default: held-out test; validation: tasks with validation_size)")
+    p.add_argument(
+        "--split",
+        choices=["test", "search", "validation"],
+        default="test",
+        help="which split (default: held-out test; validation: tasks with validation_size)",
+    )
     p.add_argument("--out", help="also write the scores to this JSON file")
-    p.add_argument("--json", action="store_true", help="print the scores as one JSON object instead of a table")
+    p.add_argument(
+        "--json", action="store_true", help="print the scores as one JSON object instead of a table"
+    )
     _override_flag(p)
     _threads_flag(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("finetune", help="the one gradient step: a short LoRA fine-tune of a compressed model on "
-                                        "calibration text (MoE-I²'s recovery step)")
+    p = sub.add_parser(
+        "finetune",
+        help="the one gradient step: a short LoRA fine-tune of a compressed model on "
+        "calibration text (MoE-I²'s recovery step)",
+    )
     p.add_argument("model", help="model directory to fine-tune, e.g. an `eep export` output")
-    p.add_argument("--config", required=True, help="YAML config: its baselines.calibration texts are trained on, its "
-                                                   "tasks' held-out split is scored before and after")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="YAML config: its baselines.calibration texts are trained on, its "
+        "tasks' held-out split is scored before and after",
+    )
     p.add_argument("--out", required=True, help="new directory for the fine-tuned checkpoint")
     p.add_argument("--steps", type=int, default=50, help="training batches (default: 50)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
@@ -107,25 +149,43 @@ def _parser() -> argparse.ArgumentParser:
     _threads_flag(p)
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("bench", help="measure apply cost, speedup vs rebuilding, duplicates, Ray scaling and export speed")
-    p.add_argument("--model", default="toy",
-                   help="toy, random-mixtral (~25M), random-100m, random-mixtral-width (Mixtral-8x7B's layer shape, "
-                        "1.4 B parameters a layer), or a model directory / hub id (default: toy)")
+    p = sub.add_parser(
+        "bench",
+        help="measure apply cost, speedup vs rebuilding, duplicates, Ray scaling and export speed",
+    )
+    p.add_argument(
+        "--model",
+        default="toy",
+        help="toy, random-mixtral (~25M), random-100m, random-mixtral-width (Mixtral-8x7B's layer shape, "
+        "1.4 B parameters a layer), or a model directory / hub id (default: toy)",
+    )
     p.add_argument("--layers", type=int, help="layers of random-mixtral-width (default: 2)")
-    p.add_argument("--out", default="bench", help="directory for bench.json and bench.md (default: bench)")
+    p.add_argument(
+        "--out", default="bench", help="directory for bench.json and bench.md (default: bench)"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--repeats", type=int, default=5, help="repeats behind each median (default: 5)")
-    p.add_argument("--evaluations", type=int, default=40, help="evaluations of each search row (default: 40)")
-    p.add_argument("--cut-evaluations", type=int, default=200,
-                   help="evaluations of each early-cut search row (default: 200)")
+    p.add_argument(
+        "--evaluations", type=int, default=40, help="evaluations of each search row (default: 40)"
+    )
+    p.add_argument(
+        "--cut-evaluations",
+        type=int,
+        default=200,
+        help="evaluations of each early-cut search row (default: 200)",
+    )
     p.add_argument("--no-ray", dest="ray", action="store_false", help="skip the Ray rows")
     p.add_argument("--no-export", dest="export", action="store_false", help="skip the export rows")
     _threads_flag(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("import-eep", help="convert a genome EEP released (searched_coeff/*.pth) into eep's JSON")
+    p = sub.add_parser(
+        "import-eep", help="convert a genome EEP released (searched_coeff/*.pth) into eep's JSON"
+    )
     p.add_argument("file", help="EEP's coefficient file (.pth: a dict of E'xE tensors)")
-    p.add_argument("--model", required=True, help="the model it was searched on (directory, hub id or 'toy')")
+    p.add_argument(
+        "--model", required=True, help="the model it was searched on (directory, hub id or 'toy')"
+    )
     p.add_argument("--out", required=True, help="genome JSON to write")
     p.set_defaults(func=cmd_import_eep)
 
@@ -133,19 +193,32 @@ def _parser() -> argparse.ArgumentParser:
     toy_sub = p.add_subparsers(dest="toy_command", required=True)
     b = toy_sub.add_parser("build", help="retrain the toy model from a seed (a few minutes on CPU)")
     b.add_argument("--out", help="output directory, new or empty (default: toy-build/<which>)")
-    b.add_argument("--replace-packaged", action="store_true",
-                   help="write over the toy model shipped in the package instead (what its tests check)")
+    b.add_argument(
+        "--replace-packaged",
+        action="store_true",
+        help="write over the toy model shipped in the package instead (what its tests check)",
+    )
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--steps", type=int, help="training steps (default: 2500 for mixtral, 3500 for qwen)")
-    b.add_argument("--which", choices=("mixtral", "qwen"), default="mixtral",
-                   help="mixtral: the toy (model 'toy'); qwen: toy-qwen, the untuned second toy (default: mixtral)")
+    b.add_argument(
+        "--steps", type=int, help="training steps (default: 2500 for mixtral, 3500 for qwen)"
+    )
+    b.add_argument(
+        "--which",
+        choices=("mixtral", "qwen"),
+        default="mixtral",
+        help="mixtral: the toy (model 'toy'); qwen: toy-qwen, the untuned second toy (default: mixtral)",
+    )
     b.set_defaults(func=cmd_toy_build)
     return parser
 
 
 def _threads_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, metavar="N",
-                   help="torch threads for CPU work in this process (default: 1, see the README's 'Threads')")
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch threads for CPU work in this process (default: 1, see the README's 'Threads')",
+    )
 
 
 def _use_threads(requested: int | None) -> None:
@@ -160,13 +233,23 @@ def _use_threads(requested: int | None) -> None:
 
 
 def _override_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set search.evaluations=100 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set search.evaluations=100 (repeatable)",
+    )
 
 
 def _evaluator_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=int, metavar="N",
-                   help="evaluate on N Ray actors (a local Ray runtime unless --ray-address is given)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="evaluate on N Ray actors (a local Ray runtime unless --ray-address is given)",
+    )
     p.add_argument("--ray-address", metavar="ADDR", help="join a Ray cluster (host:port or 'auto')")
 
 
@@ -176,53 +259,88 @@ def _with_evaluator_flags(config, args):
         return config
     if args.workers is not None and args.workers < 1:
         raise EepError(f"--workers must be at least 1, got {args.workers}")
-    evaluator = config.evaluator.model_copy(update={
-        "kind": "ray", "workers": args.workers or config.evaluator.workers,
-        "address": args.ray_address or config.evaluator.address})
+    evaluator = config.evaluator.model_copy(
+        update={
+            "kind": "ray",
+            "workers": args.workers or config.evaluator.workers,
+            "address": args.ray_address or config.evaluator.address,
+        }
+    )
     return config.model_copy(update={"evaluator": evaluator})
 
 
 # -- search / resume ----------------------------------------------------------------------------
+
 
 def _print_plan(config, hf_config, shape, space, run_dir) -> None:
     from eep.api import experts_implementation
     from search_spaces import Schedule
 
     size = space.size()
-    print(f"model        {config.model.path} ({shape.family}, {len(shape.moe_layers)} MoE layers, "
-          f"{shape.num_experts} experts, top-{shape.top_k})")
-    print(f"experts      {experts_implementation(config.model)} (model.experts_implementation: "
-          f"{config.model.experts_implementation})")
+    print(
+        f"model        {config.model.path} ({shape.family}, {len(shape.moe_layers)} MoE layers, "
+        f"{shape.num_experts} experts, top-{shape.top_k})"
+    )
+    print(
+        f"experts      {experts_implementation(config.model)} (model.experts_implementation: "
+        f"{config.model.experts_implementation})"
+    )
     active = config.search_space.top_k
     routing = f", top-{shape.top_k} -> top-{active}" if active not in (None, shape.top_k) else ""
-    print(f"search space {space.describe()}{routing} -> "
-          + ("continuous" if size == float("inf") else _large(size)) + " genomes")
+    print(
+        f"search space {space.describe()}{routing} -> "
+        + ("continuous" if size == float("inf") else _large(size))
+        + " genomes"
+    )
     if config.search_space.kind == "moei2":
         m = config.moei2
-        print(f"budget       up to {m.population * m.generations} evaluations per layer ({m.population} random "
-              f"initial), seed {config.search.seed} + layer")
+        print(
+            f"budget       up to {m.population * m.generations} evaluations per layer ({m.population} random "
+            f"initial), seed {config.search.seed} + layer"
+        )
     else:
-        print(f"budget       {config.search.evaluations} evaluations ({config.search.initial} random initial), "
-              f"seed {config.search.seed}")
+        print(
+            f"budget       {config.search.evaluations} evaluations ({config.search.initial} random initial), "
+            f"seed {config.search.seed}"
+        )
         if config.search.warm_start:
             from eep import greedy
 
-            print("warm start   " + ", ".join(
-                f"greedy elimination ({greedy.cost(Schedule.of(space).first)} of the evaluations)" if m == "greedy"
-                else f"{m} (one calibration pass)" for m in config.search.warm_start))
-    tasks = ", ".join(f"{t.name} ({t.search_size} search / {t.test_size} held-out)" for t in config.fitness.tasks)
+            print(
+                "warm start   "
+                + ", ".join(
+                    f"greedy elimination ({greedy.cost(Schedule.of(space).first)} of the evaluations)"
+                    if m == "greedy"
+                    else f"{m} (one calibration pass)"
+                    for m in config.search.warm_start
+                )
+            )
+    tasks = ", ".join(
+        f"{t.name} ({t.search_size} search / {t.test_size} held-out)" for t in config.fitness.tasks
+    )
     print(f"fitness      {tasks}")
     if config.search_space.kind != "moei2":
         print(f"scoring      {_scoring_plan(config)}")
     ev = config.evaluator
-    where = (f"ray, {ev.workers or 'one per GPU/CPU'} actor(s)" + (f" at {ev.address}" if ev.address else " (local)")
-             if ev.kind == "ray" else "serial (this process)")
+    where = (
+        f"ray, {ev.workers or 'one per GPU/CPU'} actor(s)"
+        + (f" at {ev.address}" if ev.address else " (local)")
+        if ev.kind == "ray"
+        else "serial (this process)"
+    )
     size = estimate_bytes(hf_config, config.model)
     import torch
 
-    threads = f"{torch.get_num_threads()} torch thread(s) here (--threads)" if ev.kind != "ray" else "1 thread per actor"
-    print(f"evaluator    {where}; {threads}; {config.search.in_flight} candidate(s) in flight; ~"
-          + (f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB") + " of weights per model copy")
+    threads = (
+        f"{torch.get_num_threads()} torch thread(s) here (--threads)"
+        if ev.kind != "ray"
+        else "1 thread per actor"
+    )
+    print(
+        f"evaluator    {where}; {threads}; {config.search.in_flight} candidate(s) in flight; ~"
+        + (f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB")
+        + " of weights per model copy"
+    )
     print(f"run dir      {run_dir}")
 
 
@@ -239,21 +357,39 @@ def cmd_search(args) -> int:
     config = _with_evaluator_flags(load_config(args.config, args.overrides), args)
     run_dir = Path(args.run_dir or Path("runs") / config.name)
     planned = plan(config, dry_run=args.dry_run)
-    seed_genomes(config, planned[2], Path(args.config).parent)  # a bad seed file fails before the plan prints
+    # a bad seed file fails before the plan prints
+    seed_genomes(config, planned[2], Path(args.config).parent)
     _print_plan(config, *planned, run_dir)
     if args.dry_run:
         print("dry run: config is valid; nothing was loaded or written")
         return 0
-    return _done(search(config, run_dir, resume_if_exists=args.resume_if_exists, log=log,
-                        config_dir=Path(args.config).parent, planned=planned))
+    return _done(
+        search(
+            config,
+            run_dir,
+            resume_if_exists=args.resume_if_exists,
+            log=log,
+            config_dir=Path(args.config).parent,
+            planned=planned,
+        )
+    )
 
 
 def _done(run) -> int:
     """The one JSON line a finished search prints on stdout."""
     summary = run.summary
     if summary.get("method") == "moei2":
-        print(json.dumps({"evaluations": summary["evaluations"],
-                          **{name: round(s["heldout"]["mean"], 4) for name, s in summary["stages"].items()}}))
+        print(
+            json.dumps(
+                {
+                    "evaluations": summary["evaluations"],
+                    **{
+                        name: round(s["heldout"]["mean"], 4)
+                        for name, s in summary["stages"].items()
+                    },
+                }
+            )
+        )
     else:
         print(json.dumps({k: summary.get(k) for k in ("evaluations", "best_fitness", "best_id")}))
     return 0
@@ -276,12 +412,16 @@ def _scoring_plan(config) -> str:
     paths: dict[str, list[str]] = {}
     for task in fit.tasks:
         paths.setdefault(scoring_path(task.metric, why_not), []).append(task.name)
-    cut = ("; early cut of hopeless candidates" if config.search.early_cut
-           else "; no early cut (search.early_cut: false)")
+    cut = (
+        "; early cut of hopeless candidates"
+        if config.search.early_cut
+        else "; no early cut (search.early_cut: false)"
+    )
     return "; ".join(f"{path}: {', '.join(names)}" for path, names in paths.items()) + cut
 
 
 # -- baselines / report / eval -------------------------------------------------------------------
+
 
 def cmd_baselines(args) -> int:
     from eep.api import _finish, _moei2, make_evaluator, plan, search
@@ -295,17 +435,24 @@ def cmd_baselines(args) -> int:
     _, shape, space = plan(config)
     check_baselines(config, shape)
     fresh = not (run_dir.exists() and any(run_dir.iterdir()))
-    if fresh and set(config.search.warm_start) - {"greedy"}:  # seeds to compute and copy first: a whole start
+    # seeds to compute and copy first: a whole start
+    if fresh and set(config.search.warm_start) - {"greedy"}:
         search(args.config, run_dir, args.overrides, log=log)
         fresh = False
     run = RunDir.create(run_dir, config) if fresh else RunDir.open(run_dir)
     if not fresh and not run.holds(config):
-        raise EepError(f"{run_dir} holds a search of another config ({differences(run.config().outcome(), config.outcome())}"
-                       "); give this config's run with --run-dir or a new directory")
+        raise EepError(
+            f"{run_dir} holds a search of another config ({differences(run.config().outcome(), config.outcome())}"
+            "); give this config's run with --run-dir or a new directory"
+        )
     with run.lock():
         summary = run.summary() if run.summary_path.exists() else None
         worker = None
-        if summary is None or "heldout" not in summary or summary["evaluations"] < config.search.evaluations:
+        if (
+            summary is None
+            or "heldout" not in summary
+            or summary["evaluations"] < config.search.evaluations
+        ):
             log(f"[eep] {'running' if fresh else 'finishing'} the search in {run_dir} first")
             if config.search_space.kind == "moei2":
                 worker = FitnessWorker(config)
@@ -313,7 +460,8 @@ def cmd_baselines(args) -> int:
             else:
                 evaluator = make_evaluator(config, log)
                 _finish(run, config, space, evaluator, log)
-                worker = getattr(evaluator, "worker", None)  # a serial evaluator's model is still loaded
+                # a serial evaluator's model is still loaded
+                worker = getattr(evaluator, "worker", None)
             summary = run.summary()
         if worker is None:
             log(f"[eep] loading {config.model.path}")
@@ -322,13 +470,17 @@ def cmd_baselines(args) -> int:
         write_json_atomic(run.path / "baselines.json", result)
     methods = result["methods"]
     width = max(len(m) for m in methods)
-    print(f"held-out mean at {result['keep']} of {result['num_experts']} experts; calibration: {result['calibration']}")
+    print(
+        f"held-out mean at {result['keep']} of {result['num_experts']} experts; calibration: {result['calibration']}"
+    )
     for name, row in methods.items():
         spread = f" ± {row['heldout_std']:.2f}" if "heldout_std" in row else ""
         spent = f"  ({row['evaluations']} evaluations)" if "evaluations" in row else ""
         spent += f"  ({row['how']})" if row.get("how", "").startswith("no-op") else ""
-        print(f"{name:<{width}}  {row['heldout']:6.2f}{spread}  kept {row['kept_params']:,}  "
-              f"active {row['active_params']:,}{spent}")
+        print(
+            f"{name:<{width}}  {row['heldout']:6.2f}{spread}  kept {row['kept_params']:,}  "
+            f"active {row['active_params']:,}{spent}"
+        )
     log(f"[eep] wrote {run.path / 'baselines.json'}; `eep report {run.path}` makes the report")
     return 0
 
@@ -352,7 +504,11 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{result['model']}" + (f" + genome {args.genome}" if args.genome else "") + f", {args.split} split")
+        print(
+            f"{result['model']}"
+            + (f" + genome {args.genome}" if args.genome else "")
+            + f", {args.split} split"
+        )
         width = max(len(name) for name in scores)
         print(f"{'task':<{width}}  {'score':>8}  examples")
         for name, value in scores.items():
@@ -364,6 +520,7 @@ def cmd_eval(args) -> int:
 
 
 # -- export -------------------------------------------------------------------------------------
+
 
 def cmd_export(args) -> int:
     from eep.api import Run
@@ -381,13 +538,28 @@ def cmd_export(args) -> int:
         if not (args.model and args.genome):
             raise EepError("export needs RUN_DIR, or --model PATH with --genome FILE")
         config = load_config(args.config) if args.config else None
-        model_cfg = config.model.model_copy(update={"path": args.model}) if config else ModelConfig(path=args.model)
-        report = export_genome(model_cfg, Genome.load(args.genome), out, config=config, log=log, form=args.form,
-                               dense=args.dense, scales=Path(args.genome).parent / SCALES_FILE)
+        model_cfg = (
+            config.model.model_copy(update={"path": args.model})
+            if config
+            else ModelConfig(path=args.model)
+        )
+        report = export_genome(
+            model_cfg,
+            Genome.load(args.genome),
+            out,
+            config=config,
+            log=log,
+            form=args.form,
+            dense=args.dense,
+            scales=Path(args.genome).parent / SCALES_FILE,
+        )
     params = report["parameters"]
     held = report["heldout"]
-    log(f"[eep] exported to {out} ({report['form']} form): {params['before']:,} -> {params['after']:,} parameters, "
-        f"{report['disk_bytes'] / 1e6:.1f} MB on disk" + (f", held-out {held['mean']:.2f}" if held else ""))
+    log(
+        f"[eep] exported to {out} ({report['form']} form): {params['before']:,} -> {params['after']:,} parameters, "
+        f"{report['disk_bytes'] / 1e6:.1f} MB on disk"
+        + (f", held-out {held['mean']:.2f}" if held else "")
+    )
     return 0
 
 
@@ -410,9 +582,13 @@ def cmd_finetune(args) -> int:
     check_target(out)
     source = Path(resolve_path(args.model))
     if not (source / "config.json").exists():
-        raise EepError(f"{args.model} is not a model directory (no config.json); give an `eep export` output")
+        raise EepError(
+            f"{args.model} is not a model directory (no config.json); give an `eep export` output"
+        )
     config = load_config(args.config, args.overrides)
-    config = config.model_copy(update={"model": config.model.model_copy(update={"path": str(source)})})
+    config = config.model_copy(
+        update={"model": config.model.model_copy(update={"path": str(source)})}
+    )
     texts = calibration_texts(config)
     log(f"[eep] loading {source}")
     worker = FitnessWorker(config)
@@ -423,31 +599,54 @@ def cmd_finetune(args) -> int:
         return {"scores": scores, "mean": weighted_fitness(tasks, scores)}
 
     before = heldout()
-    batches = calibration_batches(worker.tokenizer, texts, config.fitness.batch_size,
-                                  config.baselines.calibration.max_length)
+    batches = calibration_batches(
+        worker.tokenizer, texts, config.fitness.batch_size, config.baselines.calibration.max_length
+    )
     log(f"[eep] LoRA fine-tune on {len(texts)} calibration texts: the one gradient step in eep")
-    trained = lora_finetune(worker.model, batches, steps=args.steps, rank=args.rank, lr=args.lr,
-                            seed=config.search.seed, log=log)
+    trained = lora_finetune(
+        worker.model,
+        batches,
+        steps=args.steps,
+        rank=args.rank,
+        lr=args.lr,
+        seed=config.search.seed,
+        log=log,
+    )
     after = heldout()
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:  # everything of the source (tokenizer, modeling file, genome, scales) but its weights
-        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("model*.safetensors", "model.safetensors.index.json",
-                                                                   "pytorch_model*.bin", "eep_finetune.json"))
+        shutil.copytree(
+            source,
+            tmp,
+            ignore=shutil.ignore_patterns(
+                "model*.safetensors",
+                "model.safetensors.index.json",
+                "pytorch_model*.bin",
+                "eep_finetune.json",
+            ),
+        )
         worker.model.save_pretrained(tmp)
-        write_json_atomic(tmp / "eep_finetune.json", {"source": str(source), "heldout_before": before,
-                                                      "heldout_after": after, **trained})
+        write_json_atomic(
+            tmp / "eep_finetune.json",
+            {"source": str(source), "heldout_before": before, "heldout_after": after, **trained},
+        )
         card = tmp / "README.md"
         if card.exists():
-            card.write_text(card.read_text() + f"\n## Fine-tuned\n\nLoRA (rank {args.rank}, {args.steps} steps, "
-                            f"attention projections) on calibration text, merged into the weights: held-out "
-                            f"{before['mean']:.2f} -> {after['mean']:.2f} (`eep_finetune.json`).\n")
+            card.write_text(
+                card.read_text()
+                + f"\n## Fine-tuned\n\nLoRA (rank {args.rank}, {args.steps} steps, "
+                f"attention projections) on calibration text, merged into the weights: held-out "
+                f"{before['mean']:.2f} -> {after['mean']:.2f} (`eep_finetune.json`).\n"
+            )
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"[eep] fine-tuned model written to {out}: calibration loss {trained['losses'][0]:.4f} -> "
-        f"{trained['losses'][-1]:.4f}, held-out {before['mean']:.2f} -> {after['mean']:.2f}")
+    log(
+        f"[eep] fine-tuned model written to {out}: calibration loss {trained['losses'][0]:.4f} -> "
+        f"{trained['losses'][-1]:.4f}, held-out {before['mean']:.2f} -> {after['mean']:.2f}"
+    )
     return 0
 
 
@@ -465,38 +664,59 @@ def cmd_import_eep(args) -> int:
     shape = shape_of(load_hf_config(ModelConfig(path=args.model)))
     if shape.family != "mixtral":
         raise EepError(f"EEP's genomes are Mixtral's; {args.model} is {shape.family}")
-    genome = genome_from_coefficients(load_coefficients(args.file), shape.num_experts, shape.top_k, shape.moe_layers)
+    genome = genome_from_coefficients(
+        load_coefficients(args.file), shape.num_experts, shape.top_k, shape.moe_layers
+    )
     genome.save(out)
     slots = sorted({genome.gene(i).slots for i in shape.moe_layers})
-    log(f"[eep] wrote {out}: {len(shape.moe_layers)} layers merged to {'/'.join(map(str, slots))} experts"
-        + (", signed router rows (applied with EEP's arithmetic)" if genome.signed else ""))
+    log(
+        f"[eep] wrote {out}: {len(shape.moe_layers)} layers merged to {'/'.join(map(str, slots))} experts"
+        + (", signed router rows (applied with EEP's arithmetic)" if genome.signed else "")
+    )
     return 0
 
 
 # -- bench / toy --------------------------------------------------------------------------------
 
+
 def cmd_bench(args) -> int:
     from eep.bench import run_bench
 
     if args.repeats < 1 or args.evaluations < 2 or args.cut_evaluations < 2:
-        raise EepError("--repeats must be at least 1, --evaluations and --cut-evaluations at least 2")
+        raise EepError(
+            "--repeats must be at least 1, --evaluations and --cut-evaluations at least 2"
+        )
     if args.layers is not None and args.layers < 1:
         raise EepError("--layers must be at least 1")
-    run_bench(args.model, args.out, args.device, args.repeats, args.evaluations, ray=args.ray, export=args.export,
-              layers=args.layers, cut_evaluations=args.cut_evaluations, log=log)
+    run_bench(
+        args.model,
+        args.out,
+        args.device,
+        args.repeats,
+        args.evaluations,
+        ray=args.ray,
+        export=args.export,
+        layers=args.layers,
+        cut_evaluations=args.cut_evaluations,
+        log=log,
+    )
     return 0
 
 
 def cmd_toy_build(args) -> int:
     from eep import toy, toy_qwen
 
-    module, packaged = (toy_qwen, toy_qwen.TOY_QWEN_DIR) if args.which == "qwen" else (toy, toy.TOY_DIR)
+    module, packaged = (
+        (toy_qwen, toy_qwen.TOY_QWEN_DIR) if args.which == "qwen" else (toy, toy.TOY_DIR)
+    )
     if args.replace_packaged and args.out:
         raise EepError("give --out or --replace-packaged, not both")
     out = packaged if args.replace_packaged else Path(args.out or f"toy-build/{args.which}")
     if not args.replace_packaged and out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise EepError(f"{out} already exists and is not empty; choose another --out (or --replace-packaged to "
-                       "overwrite the shipped toy)")
+        raise EepError(
+            f"{out} already exists and is not empty; choose another --out (or --replace-packaged to "
+            "overwrite the shipped toy)"
+        )
     module.train(out, seed=args.seed, log=log, **({"steps": args.steps} if args.steps else {}))
     log(f"[eep] toy model written to {out}")
     return 0

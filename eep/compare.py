@@ -34,15 +34,19 @@ def parameter_counts(model, adapter, genome: Genome | None) -> tuple[int, int]:
         experts = adapter.blocks[layer].experts
         expert = sum(getattr(experts, name)[0].numel() for name in adapter.expert_tensors)
         router = adapter.routers[layer]  # a dropped expert's row of every [E, ...] router parameter
-        router_row = sum(p[0].numel() for name, p in router.named_parameters(recurse=False)
-                         if name in adapter.router_tensors)
+        router_row = sum(
+            p[0].numel()
+            for name, p in router.named_parameters(recurse=False)
+            if name in adapter.router_tensors
+        )
         slots = adapter.num_experts if genome is None else genome.gene(layer).slots
         k = adapter.top_k if genome is None else genome.active(layer)
         dropped = adapter.num_experts - slots
         total -= dropped * (expert + router_row)
         active -= dropped * router_row + (adapter.num_experts - k) * expert
         ranks = None if genome is None else genome.gene(layer).ranks
-        if ranks is not None:  # low-rank experts: their matrices are factors (a token's: the layer's mean)
+        # low-rank experts: their matrices are factors (a token's: the layer's mean)
+        if ranks is not None:
             saved = [expert_params(adapter, None) - expert_params(adapter, r) for r in ranks]
             total -= sum(saved)
             active -= round(k * sum(saved) / len(saved))
@@ -67,7 +71,9 @@ def calibration_texts(config: Config) -> list[str]:
             else:
                 texts.append(f"{ex.prompt} {ex.answers[0]}" if ex.answers else ex.prompt)
         per_task.append(texts)
-    balanced = [texts[i] for i in range(max(map(len, per_task))) for texts in per_task if i < len(texts)]
+    balanced = [
+        texts[i] for i in range(max(map(len, per_task))) for texts in per_task if i < len(texts)
+    ]
     return balanced[: cal.size]
 
 
@@ -81,26 +87,45 @@ def calibration_coverage(config: Config) -> str:
     return f"{min(cal.size, sum(sizes))} texts of {covered} of {len(sizes)} tasks' search examples"
 
 
-def calibration_batches(tokenizer, texts: list[str], batch_size: int, max_length: int) -> list[dict]:
+def calibration_batches(
+    tokenizer, texts: list[str], batch_size: int, max_length: int
+) -> list[dict]:
     """The texts tokenized in right-padded batches (``input_ids``, ``attention_mask``)."""
-    return [tokenizer(texts[start: start + batch_size], return_tensors="pt", padding=True, truncation=True,
-                      max_length=max_length, padding_side="right") for start in range(0, len(texts), batch_size)]
+    return [
+        tokenizer(
+            texts[start : start + batch_size],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            padding_side="right",
+        )
+        for start in range(0, len(texts), batch_size)
+    ]
 
 
 def check_baselines(config: Config, shape) -> None:
     """Fail before any model loads when the baselines cannot be compared at the config's size."""
     keep = config.search_space.keep
     if shape.expert_groups > 1:
-        raise EepError(f"baselines pick experts without regard to the model's {shape.expert_groups} routing groups, "
-                       "which its routing needs kept evenly; they are not available for grouped top-k models")
+        raise EepError(
+            f"baselines pick experts without regard to the model's {shape.expert_groups} routing groups, "
+            "which its routing needs kept evenly; they are not available for grouped top-k models"
+        )
     if keep is None:
-        raise EepError("baselines compare at a fixed number of experts per layer; set search_space.keep, not budget")
+        raise EepError(
+            "baselines compare at a fixed number of experts per layer; set search_space.keep, not budget"
+        )
     for k in (keep, *config.baselines.sweep):
         if not shape.top_k <= k <= shape.num_experts:
-            raise EepError(f"baselines at {k} experts per layer: must be between top-k ({shape.top_k}) and "
-                           f"{shape.num_experts}; fix search_space.keep or baselines.sweep")
+            raise EepError(
+                f"baselines at {k} experts per layer: must be between top-k ({shape.top_k}) and "
+                f"{shape.num_experts}; fix search_space.keep or baselines.sweep"
+            )
     if "naee+skip" in config.baselines.methods and shape.top_k != 2:
-        raise EepError("naee+skip (dynamic skipping) needs a top-2 model; remove it from baselines.methods")
+        raise EepError(
+            "naee+skip (dynamic skipping) needs a top-2 model; remove it from baselines.methods"
+        )
 
 
 def calibrate(config: Config, worker, log: Callable[[str], None]):
@@ -111,9 +136,16 @@ def calibrate(config: Config, worker, log: Callable[[str], None]):
     cal = config.baselines.calibration
     texts = calibration_texts(config)
     log(f"[eep] calibration pass over {len(texts)} texts")
-    batches = calibration_batches(worker.tokenizer, texts, config.fitness.batch_size, cal.max_length)
-    stats = bl.collect(worker.model, worker.adapter, tracked(batches, "calibration pass (batches)", log),
-                       cal.max_tokens_per_layer, seed=cal.seed)
+    batches = calibration_batches(
+        worker.tokenizer, texts, config.fitness.batch_size, cal.max_length
+    )
+    stats = bl.collect(
+        worker.model,
+        worker.adapter,
+        tracked(batches, "calibration pass (batches)", log),
+        cal.max_tokens_per_layer,
+        seed=cal.seed,
+    )
     return texts, batches, stats
 
 
@@ -134,18 +166,30 @@ def warm_genomes(config: Config, worker, methods, log: Callable[[str], None]) ->
             out[method] = bl.frequency_genome(cal, keep)
         else:
             raise ValueError(f"{method!r} is not a calibration-pass warm start")
-        if config.search_space.top_k is not None:  # the search routes to fewer experts: so do its seeds
-            out[method] = Genome.from_keep(out[method].num_experts, out[method].top_k, out[method].keep_map(),
-                                           config.search_space.top_k)
+        # the search routes to fewer experts: so do its seeds
+        if config.search_space.top_k is not None:
+            out[method] = Genome.from_keep(
+                out[method].num_experts,
+                out[method].top_k,
+                out[method].keep_map(),
+                config.search_space.top_k,
+            )
     return out
 
 
 def _no_low_rank(config: Config) -> Config:
-    return config.model_copy(update={"moei2": config.moei2.model_copy(update={"rank_params": None})})
+    return config.model_copy(
+        update={"moei2": config.moei2.model_copy(update={"rank_params": None})}
+    )
 
 
-def run_baselines(config: Config, worker, summary: dict | None, log: Callable[[str], None],
-                  workdir: Path | None = None) -> dict:
+def run_baselines(
+    config: Config,
+    worker,
+    summary: dict | None,
+    log: Callable[[str], None],
+    workdir: Path | None = None,
+) -> dict:
     """Score the configured baselines (and, from ``summary``, the search and the full model) held
     out. ``workdir`` holds the journals of the ``moei2`` baseline's layer searches (default: a
     temporary directory)."""
@@ -153,8 +197,8 @@ def run_baselines(config: Config, worker, summary: dict | None, log: Callable[[s
     from eep import greedy
     from eep.moe import shape_of
     from eep.progress import Progress, tracked
-    from search_spaces import PruneSpace
     from fitness.metrics import weighted_fitness
+    from search_spaces import PruneSpace
 
     cfg, keep = config.baselines, config.search_space.keep
     shape = shape_of(worker.model.config)
@@ -167,14 +211,21 @@ def run_baselines(config: Config, worker, summary: dict | None, log: Callable[[s
     def score(genome: Genome | None, skip=None) -> dict:
         tasks = worker.scores(genome, "test", skip=skip)
         kept, active = parameter_counts(worker.model, worker.adapter, genome)
-        return {"heldout": weighted_fitness(config.fitness.tasks, tasks), "tasks": tasks,
-                "kept_params": kept, "active_params": active} | ({"genome": genome.to_dict()} if genome else {})
+        return {
+            "heldout": weighted_fitness(config.fitness.tasks, tasks),
+            "tasks": tasks,
+            "kept_params": kept,
+            "active_params": active,
+        } | ({"genome": genome.to_dict()} if genome else {})
 
     def methods_at(k: int) -> dict[str, dict]:
         out: dict[str, dict] = {}
         for method in tracked(cfg.methods, f"baselines at {k} of {shape.num_experts} experts", log):
             if method == "random":
-                draws = [score(g) for g in bl.random_genomes(cal, k, cfg.random_draws, config.search.seed)]
+                draws = [
+                    score(g)
+                    for g in bl.random_genomes(cal, k, cfg.random_draws, config.search.seed)
+                ]
                 out[method] = _mean_of(draws)
             elif method == "frequency":
                 out[method] = score(bl.frequency_genome(cal, k))
@@ -183,12 +234,20 @@ def run_baselines(config: Config, worker, summary: dict | None, log: Callable[[s
             elif method == "moei2":
                 out.update(moei2_rows(k))
             elif method == "greedy":
-                space = PruneSpace(shape.num_experts, shape.top_k, tuple(shape.moe_layers), k, config.search_space.top_k)
-                progress = Progress(f"greedy elimination at {k} of {shape.num_experts}", greedy.cost(space), log)
+                space = PruneSpace(
+                    shape.num_experts,
+                    shape.top_k,
+                    tuple(shape.moe_layers),
+                    k,
+                    config.search_space.top_k,
+                )
+                progress = Progress(
+                    f"greedy elimination at {k} of {shape.num_experts}", greedy.cost(space), log
+                )
 
                 def fitnesses(genomes):
                     scored = [worker.fitness(worker.scores(g)) for g in genomes]
-                    progress.step(len(genomes))
+                    progress.step(len(genomes))  # noqa: B023  (called within this iteration)
                     return scored
 
                 genome, fitness, spent = greedy.run(greedy.steps(space), fitnesses)
@@ -200,8 +259,11 @@ def run_baselines(config: Config, worker, summary: dict | None, log: Callable[[s
                 out[method] = {**score(genome, skip), "how": how}
                 if skip is not None:
                     out[method]["betas"] = {str(i): round(b, 4) for i, b in skip.items()}
-                    if max(skip.values()) < 1e-3:  # the router's second weight is ~0: nothing to skip
-                        out[method]["how"] = "no-op: the second expert's weight is ~0, nothing is skipped"
+                    # the router's second weight is ~0: nothing to skip
+                    if max(skip.values()) < 1e-3:
+                        out[method]["how"] = (
+                            "no-op: the second expert's weight is ~0, nothing is skipped"
+                        )
         return out
 
     def moei2_rows(k: int) -> dict[str, dict]:
@@ -211,40 +273,87 @@ def run_baselines(config: Config, worker, summary: dict | None, log: Callable[[s
 
         size = k * len(shape.moe_layers)
         quiet = lambda message: None  # noqa: E731  (the layer searches' progress lines)
-        settings = json.dumps([config.moei2.model_dump(mode="json"), cfg.calibration.model_dump(mode="json")],
-                              sort_keys=True)  # journals of other settings are never reused
+        # journals of other settings are never reused
+        settings = json.dumps(
+            [config.moei2.model_dump(mode="json"), cfg.calibration.model_dump(mode="json")],
+            sort_keys=True,
+        )
         workdir_k = workdir / f"moei2-{k}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
         rows = {}
         alone = _no_low_rank(config)
-        stage1 = compress(alone, worker, workdir_k, Moei2Plan.of(shape, size, alone.moei2), quiet, cal=cal,
-                          batches=batches)["stage1"]
+        stage1 = compress(
+            alone,
+            worker,
+            workdir_k,
+            Moei2Plan.of(shape, size, alone.moei2),
+            quiet,
+            cal=cal,
+            batches=batches,
+        )["stage1"]
         rows["moei2"] = {**score(stage1), "genome_key": stage1.key}
         if config.moei2.rank_params is not None:
             plan = Moei2Plan.of(shape, size, config.moei2)
-            result = compress(config, worker, workdir_k.with_name(workdir_k.name + "-rank"), plan, quiet, cal=cal,
-                              batches=batches)
-            rows["moei2+low-rank"] = {**score(result["stage2"]), "genome_key": result["stage2"].key,
-                                      "stage1_experts": plan.stage1}
+            result = compress(
+                config,
+                worker,
+                workdir_k.with_name(workdir_k.name + "-rank"),
+                plan,
+                quiet,
+                cal=cal,
+                batches=batches,
+            )
+            rows["moei2+low-rank"] = {
+                **score(result["stage2"]),
+                "genome_key": result["stage2"].key,
+                "stage1_experts": plan.stage1,
+            }
         return rows
 
     methods = {"full": score(None)}
     methods.update(methods_at(keep))
-    if summary and summary.get("heldout") and summary.get("best_genome") and summary.get("method") != "moei2":
-        best = Genome.from_dict((summary.get("selected") or {"genome": summary["best_genome"]})["genome"])
+    if (
+        summary
+        and summary.get("heldout")
+        and summary.get("best_genome")
+        and summary.get("method") != "moei2"
+    ):
+        best = Genome.from_dict(
+            (summary.get("selected") or {"genome": summary["best_genome"]})["genome"]
+        )
         kept, active = parameter_counts(worker.model, worker.adapter, best)
         held = summary["heldout"]["best"]
-        methods["search"] = {"heldout": held["mean"], "tasks": held["scores"], "kept_params": kept,
-                             "active_params": active, "genome_key": best.key, "evaluations": summary["evaluations"]}
+        methods["search"] = {
+            "heldout": held["mean"],
+            "tasks": held["scores"],
+            "kept_params": kept,
+            "active_params": active,
+            "genome_key": best.key,
+            "evaluations": summary["evaluations"],
+        }
     sweep_rows = {str(k): methods_at(k) for k in cfg.sweep if k != keep}
     sweep = {k: {m: v["heldout"] for m, v in rows.items()} for k, rows in sweep_rows.items()}
-    return {"keep": keep, "num_experts": shape.num_experts, "num_layers": len(shape.moe_layers),
-            "top_k": shape.top_k, "calibration_texts": len(texts), "calibration_tokens": cal.tokens,
-            "calibration": calibration_coverage(config), "methods": methods, "sweep": sweep, "sweep_rows": sweep_rows}
+    return {
+        "keep": keep,
+        "num_experts": shape.num_experts,
+        "num_layers": len(shape.moe_layers),
+        "top_k": shape.top_k,
+        "calibration_texts": len(texts),
+        "calibration_tokens": cal.tokens,
+        "calibration": calibration_coverage(config),
+        "methods": methods,
+        "sweep": sweep,
+        "sweep_rows": sweep_rows,
+    }
 
 
 def _mean_of(draws: list[dict]) -> dict:
     means = [d["heldout"] for d in draws]
-    return {"heldout": statistics.mean(means), "heldout_std": statistics.stdev(means) if len(means) > 1 else 0.0,
-            "draws": len(draws), "tasks": {t: statistics.mean(d["tasks"][t] for d in draws) for t in draws[0]["tasks"]},
-            "kept_params": draws[0]["kept_params"], "active_params": draws[0]["active_params"],
-            "genomes": [d["genome"] for d in draws]}
+    return {
+        "heldout": statistics.mean(means),
+        "heldout_std": statistics.stdev(means) if len(means) > 1 else 0.0,
+        "draws": len(draws),
+        "tasks": {t: statistics.mean(d["tasks"][t] for d in draws) for t in draws[0]["tasks"]},
+        "kept_params": draws[0]["kept_params"],
+        "active_params": draws[0]["active_params"],
+        "genomes": [d["genome"] for d in draws],
+    }

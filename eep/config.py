@@ -68,9 +68,13 @@ class SearchSpaceConfig(_Section):
     @model_validator(mode="after")
     def _one_budget(self):
         if self.keep is not None and self.budget is not None:
-            raise ValueError("set either keep (experts per layer) or budget (experts in all layers), not both")
+            raise ValueError(
+                "set either keep (experts per layer) or budget (experts in all layers), not both"
+            )
         if self.budget is not None and self.groups is not None:
-            raise ValueError("budget and groups cannot be combined: a budget spends experts layer by layer")
+            raise ValueError(
+                "budget and groups cannot be combined: a budget spends experts layer by layer"
+            )
         return self
 
 
@@ -129,15 +133,29 @@ class SearchConfig(_Section):
     @model_validator(mode="after")
     def _initial_within_budget(self):
         if self.initial > self.evaluations:
-            raise ValueError(f"initial ({self.initial}) must not exceed evaluations ({self.evaluations})")
+            raise ValueError(
+                f"initial ({self.initial}) must not exceed evaluations ({self.evaluations})"
+            )
         if len(self.seed_genomes) + len(set(self.warm_start) - {"greedy"}) > self.initial:
-            raise ValueError(f"{len(self.seed_genomes)} seed_genomes and warm_start {self.warm_start} but initial is "
-                             f"{self.initial}; seeds take the place of initial random genomes")
+            raise ValueError(
+                f"{len(self.seed_genomes)} seed_genomes and warm_start {self.warm_start} but initial is "
+                f"{self.initial}; seeds take the place of initial random genomes"
+            )
         return self
 
 
-MetricName = Literal["exact_match", "contains", "first_capital", "f1", "choice", "choice_norm", "perplexity", "esap", "kl",
-                     "reconstruction"]
+MetricName = Literal[
+    "exact_match",
+    "contains",
+    "first_capital",
+    "f1",
+    "choice",
+    "choice_norm",
+    "perplexity",
+    "esap",
+    "kl",
+    "reconstruction",
+]
 
 
 class TaskConfig(_Section):
@@ -319,8 +337,10 @@ class Config(_Section):
     def _merge_after_initial(self):
         space, search = self.search_space, self.search
         if space.kind == "merge" and not search.initial <= space.merge_after < search.evaluations:
-            raise ValueError(f"search_space.merge_after ({space.merge_after}) must be at least search.initial "
-                             f"({search.initial}) and below search.evaluations ({search.evaluations})")
+            raise ValueError(
+                f"search_space.merge_after ({space.merge_after}) must be at least search.initial "
+                f"({search.initial}) and below search.evaluations ({search.evaluations})"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -335,8 +355,11 @@ class Config(_Section):
             del data["moei2"]  # only decides MoE-I² runs (and keeps older runs' digests)
         else:  # MoE-I² is decided by its calibration texts
             data["calibration"] = self.baselines.calibration.model_dump(mode="json")
-        data["search"] = {k: v for k, v in data["search"].items()
-                          if k not in ("max_failures", "early_cut", "select_top")}
+        data["search"] = {
+            k: v
+            for k, v in data["search"].items()
+            if k not in ("max_failures", "early_cut", "select_top")
+        }
         data["fitness"] = {k: v for k, v in data["fitness"].items() if k != "scoring"}
         for task in data["fitness"]["tasks"]:
             task.pop("validation_size")  # decides only which genome is exported, after the search
@@ -344,7 +367,8 @@ class Config(_Section):
                 del task["data_files"]  # added with a neutral default
         for key in ("seed_genomes", "warm_start"):
             if not data["search"][key]:
-                del data["search"][key]  # keys added with a neutral default keep older runs' digests
+                # keys added with a neutral default keep older runs' digests
+                del data["search"][key]
         return data
 
     def digest(self) -> str:
@@ -359,7 +383,11 @@ def differences(before: Any, after: Any, prefix: str = "", limit: int = 4) -> st
     def walk(a, b, path):
         if isinstance(a, dict) and isinstance(b, dict):
             for key in sorted(set(a) | set(b), key=str):
-                walk(a.get(key, "<unset>"), b.get(key, "<unset>"), f"{path}.{key}" if path else str(key))
+                walk(
+                    a.get(key, "<unset>"),
+                    b.get(key, "<unset>"),
+                    f"{path}.{key}" if path else str(key),
+                )
         elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
             for i, (x, y) in enumerate(zip(a, b)):
                 walk(x, y, f"{path}.{i}")
@@ -379,9 +407,13 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     except FileNotFoundError:
         raise EepError(f"config file {path} does not exist") from None
     except yaml.YAMLError as err:
-        raise EepError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
+        raise EepError(
+            f"config file {path} is not valid YAML: {' '.join(str(err).split())}"
+        ) from None
     if not isinstance(data, dict):
-        raise EepError(f"config file {path} must hold a mapping of sections (model, search, fitness, ...)")
+        raise EepError(
+            f"config file {path} must hold a mapping of sections (model, search, fitness, ...)"
+        )
     for item in overrides:
         apply_override(data, item)
     source = str(path)

@@ -51,11 +51,15 @@ def merge_key(keys: Sequence[str], layer: int) -> str:
 def router_key(keys: Sequence[str], layer: int) -> str:
     """The key of ``layer``'s router matrix: the first ``transfer`` key matching ``transfer.<layer>``,
     else ``others_transfer``."""
-    return next((k for k in keys if "transfer" in k and pattern_in(f"transfer.{layer}", k)), "others_transfer")
+    return next(
+        (k for k in keys if "transfer" in k and pattern_in(f"transfer.{layer}", k)),
+        "others_transfer",
+    )
 
 
-def genome_from_coefficients(coeff: Mapping[str, object], num_experts: int, top_k: int,
-                             layers: Sequence[int]) -> Genome:
+def genome_from_coefficients(
+    coeff: Mapping[str, object], num_experts: int, top_k: int, layers: Sequence[int]
+) -> Genome:
     """The eep genome of EEP's coefficient dict for a model with ``num_experts`` experts, top-``top_k``."""
     keys = list(coeff)
     genes, signed = {}, False
@@ -63,12 +67,16 @@ def genome_from_coefficients(coeff: Mapping[str, object], num_experts: int, top_
         names = merge_key(keys, layer), router_key(keys, layer)
         missing = [n for n in names if n not in coeff]
         if missing:
-            raise EepError(f"EEP coefficients name no matrix for layer {layer} (looked for {missing[0]!r}; keys: "
-                           f"{', '.join(keys)})")
+            raise EepError(
+                f"EEP coefficients name no matrix for layer {layer} (looked for {missing[0]!r}; keys: "
+                f"{', '.join(keys)})"
+            )
         merge, router = (_rows(coeff[n], n, num_experts) for n in names)
         if len(merge) != len(router):
-            raise EepError(f"layer {layer}: merge matrix {names[0]!r} has {len(merge)} rows, router {names[1]!r} "
-                           f"{len(router)}; EEP's pair must agree")
+            raise EepError(
+                f"layer {layer}: merge matrix {names[0]!r} has {len(merge)} rows, router {names[1]!r} "
+                f"{len(router)}; EEP's pair must agree"
+            )
         signed = signed or any(x < 0 for row in router for x in row)
         genes[layer] = LayerGene.merged(merge, router)
     return Genome.from_genes(num_experts, top_k, genes, signed=signed)
@@ -76,7 +84,11 @@ def genome_from_coefficients(coeff: Mapping[str, object], num_experts: int, top_
 
 def _rows(value, name: str, num_experts: int) -> list[list[float]]:
     rows = value.tolist() if hasattr(value, "tolist") else value
-    if not (isinstance(rows, list) and rows and all(isinstance(r, list) and len(r) == num_experts for r in rows)):
+    if not (
+        isinstance(rows, list)
+        and rows
+        and all(isinstance(r, list) and len(r) == num_experts for r in rows)
+    ):
         raise EepError(f"EEP coefficient {name!r} must be an E'x{num_experts} matrix")
     return [[float(x) for x in row] for row in rows]
 
@@ -90,7 +102,9 @@ def load_coefficients(path: str | Path) -> dict:
     except FileNotFoundError:
         raise EepError(f"EEP coefficient file {path} does not exist") from None
     except Exception as err:  # noqa: BLE001  (torch raises many kinds for a file that is not one)
-        raise EepError(f"{path} is not an EEP coefficient file readable as plain tensors ({type(err).__name__})") from None
+        raise EepError(
+            f"{path} is not an EEP coefficient file readable as plain tensors ({type(err).__name__})"
+        ) from None
     if not isinstance(data, dict) or not data:
         raise EepError(f"{path} holds no dict of coefficient matrices")
     return data

@@ -46,27 +46,57 @@ class FitnessWorker:
         from fitness.tasks import load_tasks
 
         self.config = config
-        self.name = f"{name or 'worker'}@{socket.gethostname()}:{os.getpid()}"  # journaled per evaluation
-        splits = ("search", "test", "validation") if any(t.validation_size for t in config.fitness.tasks) else ("search", "test")
-        tasks = {split: load_tasks(config.fitness.tasks, split) for split in splits}  # data errors first
+        self.name = (
+            f"{name or 'worker'}@{socket.gethostname()}:{os.getpid()}"  # journaled per evaluation
+        )
+        splits = (
+            ("search", "test", "validation")
+            if any(t.validation_size for t in config.fitness.tasks)
+            else ("search", "test")
+        )
+        # data errors first
+        tasks = {split: load_tasks(config.fitness.tasks, split) for split in splits}
         self.model, self.tokenizer = load_model(config.model)
         try:
             self.adapter = adapter_for(self.model)
         except EepError:  # e.g. eep's custom-form export: scored as it is, no genome applied to it
             self.adapter = None
         fit = config.fitness
-        self.scorers = {split: Scorer(self.model, self.tokenizer, tasks[split], fit.batch_size, fit.max_new_tokens,
-                                      fit.max_length, moe_blocks(self.model), fit.scoring) for split in tasks}
+        self.scorers = {
+            split: Scorer(
+                self.model,
+                self.tokenizer,
+                tasks[split],
+                fit.batch_size,
+                fit.max_new_tokens,
+                fit.max_length,
+                moe_blocks(self.model),
+                fit.scoring,
+            )
+            for split in tasks
+        }
 
-    def scores(self, genome: Genome | None, split: str = "search", skip: dict[int, float] | None = None,
-               cut_below: float | None = None, order: tuple[str, ...] = ()) -> dict[str, float]:
+    def scores(
+        self,
+        genome: Genome | None,
+        split: str = "search",
+        skip: dict[int, float] | None = None,
+        cut_below: float | None = None,
+        order: tuple[str, ...] = (),
+    ) -> dict[str, float]:
         """Per-task scores of ``genome`` (``None``: the unpruned model) on a split; ``skip``: NAEE
         dynamic-skipping thresholds by layer, an inference option on top of the genome; ``cut_below``:
         raise :class:`fitness.scoring.Cut` once the fitness cannot reach it; ``order``: tasks scored first."""
         if genome is not None and self.adapter is None:
-            raise EepError(f"cannot apply a genome to {self.config.model.path} ({self.model.config.model_type}); "
-                           "give the source model")
-        context = self.adapter.applied(genome, skip=skip) if genome is not None else contextlib.nullcontext()
+            raise EepError(
+                f"cannot apply a genome to {self.config.model.path} ({self.model.config.model_type}); "
+                "give the source model"
+            )
+        context = (
+            self.adapter.applied(genome, skip=skip)
+            if genome is not None
+            else contextlib.nullcontext()
+        )
         with context:
             return self.scorers[split](cut_below=cut_below, order=order)
 
@@ -86,13 +116,33 @@ class FitnessWorker:
         try:
             scores = self.scores(candidate.genome, cut_below=candidate.bar, order=candidate.order)
         except Cut as cut:
-            return Evaluation(candidate.id, candidate.genome, None, {}, time.perf_counter() - start, self.name,
-                              cut=cut.bound)
+            return Evaluation(
+                candidate.id,
+                candidate.genome,
+                None,
+                {},
+                time.perf_counter() - start,
+                self.name,
+                cut=cut.bound,
+            )
         except Exception as err:  # one failing genome is a failed evaluation, not a crashed search
-            return Evaluation(candidate.id, candidate.genome, None, {}, time.perf_counter() - start,
-                              self.name, f"{type(err).__name__}: {err}")
-        return Evaluation(candidate.id, candidate.genome, self.fitness(scores), scores,
-                          time.perf_counter() - start, self.name)
+            return Evaluation(
+                candidate.id,
+                candidate.genome,
+                None,
+                {},
+                time.perf_counter() - start,
+                self.name,
+                f"{type(err).__name__}: {err}",
+            )
+        return Evaluation(
+            candidate.id,
+            candidate.genome,
+            self.fitness(scores),
+            scores,
+            time.perf_counter() - start,
+            self.name,
+        )
 
     evaluate = __call__  # Ray actors expose named methods only
 

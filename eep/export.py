@@ -35,10 +35,18 @@ def check_target(out: Path) -> None:
     check_creatable(out, "the export target")
 
 
-def export_genome(model_cfg: ModelConfig, genome: Genome, out: str | Path, config: Config | None = None,
-                  search_fitness: float | None = None, log: Callable[[str], None] = print,
-                  form: str | None = None, dense: bool = False, scales: str | Path | None = None,
-                  search_progress: tuple[int, int] | None = None) -> dict:
+def export_genome(
+    model_cfg: ModelConfig,
+    genome: Genome,
+    out: str | Path,
+    config: Config | None = None,
+    search_fitness: float | None = None,
+    log: Callable[[str], None] = print,
+    form: str | None = None,
+    dense: bool = False,
+    scales: str | Path | None = None,
+    search_progress: tuple[int, int] | None = None,
+) -> dict:
     """Write the compressed model, its tokenizer, ``eep_genome.json`` and a model card to ``out``.
 
     ``form`` forces ``stock`` (an error if impossible) or ``custom``; default: stock when possible.
@@ -59,8 +67,10 @@ def export_genome(model_cfg: ModelConfig, genome: Genome, out: str | Path, confi
     check_target(out)
     shape = shape_of(load_hf_config(model_cfg))
     check_genome(genome, shape)
-    export_form(genome.dense() if dense else genome, shape, form)  # an impossible form fails before loading
-    tasks = load_tasks(config.fitness.tasks, "test") if config is not None else None  # bad task data too
+    # an impossible form fails before loading
+    export_form(genome.dense() if dense else genome, shape, form)
+    # bad task data too
+    tasks = load_tasks(config.fitness.tasks, "test") if config is not None else None
     scale_values = scales_for(genome, scales)
     model, tokenizer = load_model(model_cfg)
     adapter = adapter_for(model)
@@ -72,15 +82,21 @@ def export_genome(model_cfg: ModelConfig, genome: Genome, out: str | Path, confi
         "genome_key": genome.key,
         "form": chosen.kind,
         "form_reason": chosen.reason,
-        "experts_per_layer": {"before": adapter.num_experts,
-                              "after": {str(i): genome.gene(i).slots for i in adapter.moe_layers}},
-        "experts_per_token": {"before": adapter.top_k, "after": {str(i): genome.active(i) for i in adapter.moe_layers}},
+        "experts_per_layer": {
+            "before": adapter.num_experts,
+            "after": {str(i): genome.gene(i).slots for i in adapter.moe_layers},
+        },
+        "experts_per_token": {
+            "before": adapter.top_k,
+            "after": {str(i): genome.active(i) for i in adapter.moe_layers},
+        },
         "parameters": {"before": _count(model), "after": _count(small)},
         "tensors": {"before": _tensors(model), "after": _tensors(small)},
         "low_rank": None if not genome.is_low_rank else ("dense" if dense else "factors"),
         "search_fitness": search_fitness,
-        "search_evaluations": None if search_progress is None else {"done": search_progress[0],
-                                                                     "planned": search_progress[1]},
+        "search_evaluations": None
+        if search_progress is None
+        else {"done": search_progress[0], "planned": search_progress[1]},
         "heldout": None,
     }
     if config is not None:  # fidelity tasks compare with the full model, so score while it is here
@@ -90,8 +106,16 @@ def export_genome(model_cfg: ModelConfig, genome: Genome, out: str | Path, confi
         fit = config.fitness
         from eep.progress import Progress
 
-        scorer = Scorer(model, tokenizer, tasks, fit.batch_size, fit.max_new_tokens,
-                        fit.max_length, adapter.blocks, fit.scoring)
+        scorer = Scorer(
+            model,
+            tokenizer,
+            tasks,
+            fit.batch_size,
+            fit.max_new_tokens,
+            fit.max_length,
+            adapter.blocks,
+            fit.scoring,
+        )
         progress = Progress("held-out scoring of the export (chunks)", len(scorer.chunks), log)
         scores = scorer(small, moe_blocks(small), progress=progress.step)
         progress.close()
@@ -144,18 +168,28 @@ def _spread(values: dict) -> str:
 def model_card(report: dict, genome: Genome) -> str:
     before, after = report["parameters"]["before"], report["parameters"]["after"]
     merged = genome.is_merge
-    how = ("each stored expert is a learned mixture of the source experts (`merge` in `eep_genome.json`) "
-           "and routing maps the source router's probabilities onto them (`router`)" if merged else
-           "only the experts listed in `eep_genome.json` are stored; routing over them is the source "
-           "model's routing restricted to the kept experts")
-    load = ("`AutoModelForCausalLM.from_pretrained(path)` (stock transformers, no custom code)"
-            if report["form"] == "stock" else
-            "`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (modeling_eep_moe.py)")
+    how = (
+        "each stored expert is a learned mixture of the source experts (`merge` in `eep_genome.json`) "
+        "and routing maps the source router's probabilities onto them (`router`)"
+        if merged
+        else "only the experts listed in `eep_genome.json` are stored; routing over them is the source "
+        "model's routing restricted to the kept experts"
+    )
+    load = (
+        "`AutoModelForCausalLM.from_pretrained(path)` (stock transformers, no custom code)"
+        if report["form"] == "stock"
+        else "`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (modeling_eep_moe.py)"
+    )
     lines = [
-        "---", "library_name: transformers", f"tags: [eep, moe, {'expert-merging' if merged else 'expert-pruning'}]",
-        "---", "",
-        f"# {'Expert-merged' if merged else 'Expert-pruned'} {report['source_model']}", "",
-        f"Made with `eep` (evolutionary expert pruning): {how}.", "",
+        "---",
+        "library_name: transformers",
+        f"tags: [eep, moe, {'expert-merging' if merged else 'expert-pruning'}]",
+        "---",
+        "",
+        f"# {'Expert-merged' if merged else 'Expert-pruned'} {report['source_model']}",
+        "",
+        f"Made with `eep` (evolutionary expert pruning): {how}.",
+        "",
         f"- source model: `{report['source_model']}`",
         f"- experts per MoE layer: {report['experts_per_layer']['before']} → {_spread(report['experts_per_layer']['after'])}",
         f"- active experts per token: {report['experts_per_token']['before']} → "
@@ -165,19 +199,32 @@ def model_card(report: dict, genome: Genome) -> str:
         f"- genome: `{genome.key}`",
     ]
     if report.get("low_rank"):
-        lines.append("- low-rank experts (MoE-I² stage 2): each kept expert's matrices are its truncated SVD at the rank "
-                     "in `eep_genome.json` (`rank`), stored " + ("as the factors" if report["low_rank"] == "factors"
-                                                                  else "re-multiplied (dense)"))
+        lines.append(
+            "- low-rank experts (MoE-I² stage 2): each kept expert's matrices are its truncated SVD at the rank "
+            "in `eep_genome.json` (`rank`), stored "
+            + ("as the factors" if report["low_rank"] == "factors" else "re-multiplied (dense)")
+        )
     if report["search_fitness"] is not None:
         lines.append(f"- search fitness (search split): {report['search_fitness']:.2f}")
     progress = report.get("search_evaluations")
     if progress is not None:
-        unfinished = " — **the search was stopped before it finished**" if progress["done"] < progress["planned"] else ""
-        lines.append(f"- search: {progress['done']} of {progress['planned']} planned evaluations{unfinished}")
+        unfinished = (
+            " — **the search was stopped before it finished**"
+            if progress["done"] < progress["planned"]
+            else ""
+        )
+        lines.append(
+            f"- search: {progress['done']} of {progress['planned']} planned evaluations{unfinished}"
+        )
     if report["heldout"] is not None:
         per_task = ", ".join(f"{k} {v:.1f}" for k, v in report["heldout"]["scores"].items())
-        lines.append(f"- held-out accuracy of this checkpoint: {report['heldout']['mean']:.2f} ({per_task})")
+        lines.append(
+            f"- held-out accuracy of this checkpoint: {report['heldout']['mean']:.2f} ({per_task})"
+        )
     title = "source experts drawn on" if merged else "kept experts"
     lines += ["", "## Experts per layer", "", f"| layer | {title} | top-k |", "|---|---|---|"]
-    lines += [f"| {i} | {', '.join(map(str, gene.keep))} | {genome.active(i)} |" for i, gene in genome.layers]
+    lines += [
+        f"| {i} | {', '.join(map(str, gene.keep))} | {genome.active(i)} |"
+        for i, gene in genome.layers
+    ]
     return "\n".join(lines) + "\n"

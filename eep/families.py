@@ -30,7 +30,9 @@ def _sparse_step(config) -> tuple[int, ...]:
     step = int(getattr(config, "decoder_sparse_step", 1) or 1)
     if int(config.num_experts) <= 0:
         return ()
-    return tuple(i for i in range(config.num_hidden_layers) if i not in dense and (i + 1) % step == 0)
+    return tuple(
+        i for i in range(config.num_hidden_layers) if i not in dense and (i + 1) % step == 0
+    )
 
 
 def _after_dense(config) -> tuple[int, ...]:
@@ -100,37 +102,109 @@ class Family:
     ``down_proj``, no biases), which eep's custom form can store as low-rank factors."""
 
 
-FAMILIES = {f.model_type: f for f in (
-    Family("mixtral", "Mixtral", "num_local_experts", _every_layer,
-           routing="softmax, top-k, renormalise", router_matrix=_renormalised),
-    Family("qwen2_moe", "Qwen2-MoE", "num_experts", _sparse_step,
-           routing="softmax, top-k (renormalise if norm_topk_prob)", shared_experts=True,
-           router_matrix=_norm_topk_prob),
-    Family("qwen3_moe", "Qwen3-MoE", "num_experts", _sparse_step,
-           routing="softmax, top-k (renormalise if norm_topk_prob)", router_matrix=_norm_topk_prob),
-    Family("qwen3_next", "Qwen3-Next", "num_experts", _sparse_step,
-           routing="softmax, top-k (renormalise if norm_topk_prob)", shared_experts=True,
-           router_matrix=_norm_topk_prob),
-    Family("qwen3_5_moe_text", "Qwen3.5-MoE (text)", "num_experts", _every_layer,
-           routing="softmax, top-k, renormalise", shared_experts=True, router_matrix=_renormalised),
-    Family("olmoe", "OLMoE", "num_experts", _every_layer,
-           routing="softmax, top-k (renormalise if norm_topk_prob)", router_matrix=_norm_topk_prob),
-    Family("deepseek_v2", "DeepSeek-V2", "n_routed_experts", _after_dense,
-           routing="softmax, greedy or group-limited top-k, x routed_scaling_factor",
-           groups=_deepseek_v2_groups, shared_experts=True, router_matrix=_deepseek_v2_matrix),
-    Family("deepseek_v3", "DeepSeek-V3", "n_routed_experts", _after_dense,
-           routing="sigmoid + correction bias, grouped top-k, renormalise, x routed_scaling_factor",
-           groups=_sigmoid_groups, shared_experts=True),
-    Family("glm4_moe", "GLM-4-MoE", "n_routed_experts", _after_dense,
-           routing="sigmoid + correction bias, grouped top-k, renormalise, x routed_scaling_factor",
-           groups=_sigmoid_groups, shared_experts=True),
-    Family("gpt_oss", "GPT-OSS", "num_local_experts", _every_layer, router="router",
-           routing="router bias, top-k of logits, softmax over the k",
-           # the softmax over the top-k logits is the renormalised top-k of the softmax over all E
-           router_matrix=_renormalised, gated_experts=False),
-)}
+FAMILIES = {
+    f.model_type: f
+    for f in (
+        Family(
+            "mixtral",
+            "Mixtral",
+            "num_local_experts",
+            _every_layer,
+            routing="softmax, top-k, renormalise",
+            router_matrix=_renormalised,
+        ),
+        Family(
+            "qwen2_moe",
+            "Qwen2-MoE",
+            "num_experts",
+            _sparse_step,
+            routing="softmax, top-k (renormalise if norm_topk_prob)",
+            shared_experts=True,
+            router_matrix=_norm_topk_prob,
+        ),
+        Family(
+            "qwen3_moe",
+            "Qwen3-MoE",
+            "num_experts",
+            _sparse_step,
+            routing="softmax, top-k (renormalise if norm_topk_prob)",
+            router_matrix=_norm_topk_prob,
+        ),
+        Family(
+            "qwen3_next",
+            "Qwen3-Next",
+            "num_experts",
+            _sparse_step,
+            routing="softmax, top-k (renormalise if norm_topk_prob)",
+            shared_experts=True,
+            router_matrix=_norm_topk_prob,
+        ),
+        Family(
+            "qwen3_5_moe_text",
+            "Qwen3.5-MoE (text)",
+            "num_experts",
+            _every_layer,
+            routing="softmax, top-k, renormalise",
+            shared_experts=True,
+            router_matrix=_renormalised,
+        ),
+        Family(
+            "olmoe",
+            "OLMoE",
+            "num_experts",
+            _every_layer,
+            routing="softmax, top-k (renormalise if norm_topk_prob)",
+            router_matrix=_norm_topk_prob,
+        ),
+        Family(
+            "deepseek_v2",
+            "DeepSeek-V2",
+            "n_routed_experts",
+            _after_dense,
+            routing="softmax, greedy or group-limited top-k, x routed_scaling_factor",
+            groups=_deepseek_v2_groups,
+            shared_experts=True,
+            router_matrix=_deepseek_v2_matrix,
+        ),
+        Family(
+            "deepseek_v3",
+            "DeepSeek-V3",
+            "n_routed_experts",
+            _after_dense,
+            routing="sigmoid + correction bias, grouped top-k, renormalise, x routed_scaling_factor",
+            groups=_sigmoid_groups,
+            shared_experts=True,
+        ),
+        Family(
+            "glm4_moe",
+            "GLM-4-MoE",
+            "n_routed_experts",
+            _after_dense,
+            routing="sigmoid + correction bias, grouped top-k, renormalise, x routed_scaling_factor",
+            groups=_sigmoid_groups,
+            shared_experts=True,
+        ),
+        Family(
+            "gpt_oss",
+            "GPT-OSS",
+            "num_local_experts",
+            _every_layer,
+            router="router",
+            routing="router bias, top-k of logits, softmax over the k",
+            # the softmax over the top-k logits is the renormalised top-k of the softmax over all E
+            router_matrix=_renormalised,
+            gated_experts=False,
+        ),
+    )
+}
 
-_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok")
+_EXPERT_KEYS = (
+    "num_local_experts",
+    "num_experts",
+    "n_routed_experts",
+    "moe_num_experts",
+    "num_experts_per_tok",
+)
 
 
 @dataclass(frozen=True)
@@ -166,9 +240,11 @@ class MoEShape:
             counts[self.group_of(expert)] += 1
         if len(set(counts)) > 1 or counts[0] < self.group_min:
             title = FAMILIES[self.family].title
-            raise EepError(f"{where} keeps {counts} experts in the {self.expert_groups} expert groups; {title} "
-                           f"routes within groups, so every group must keep the same number (at least "
-                           f"{self.group_min})")
+            raise EepError(
+                f"{where} keeps {counts} experts in the {self.expert_groups} expert groups; {title} "
+                f"routes within groups, so every group must keep the same number (at least "
+                f"{self.group_min})"
+            )
 
 
 def family_of(hf_config) -> Family:
@@ -179,10 +255,14 @@ def family_of(hf_config) -> Family:
         return FAMILIES[model_type]
     supported = ", ".join(f"{f.title} ({f.model_type})" for f in FAMILIES.values())
     if any(getattr(text, key, None) for key in _EXPERT_KEYS):
-        raise EepError(f"model family {model_type!r} is a mixture of experts eep has no adapter for; "
-                       f"supported: {supported}")
-    raise EepError(f"model family {model_type!r} has no MoE layers (no routed experts in its config); "
-                   f"eep compresses mixture-of-experts models: {supported}")
+        raise EepError(
+            f"model family {model_type!r} is a mixture of experts eep has no adapter for; "
+            f"supported: {supported}"
+        )
+    raise EepError(
+        f"model family {model_type!r} has no MoE layers (no routed experts in its config); "
+        f"eep compresses mixture-of-experts models: {supported}"
+    )
 
 
 def shape_of(hf_config) -> MoEShape:
@@ -191,10 +271,16 @@ def shape_of(hf_config) -> MoEShape:
     text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     layers = family.moe_layers(text)
     if not layers:
-        raise EepError(f"this {family.title} config has no MoE layers (all {text.num_hidden_layers} layers are "
-                       "dense); there are no experts to compress")
+        raise EepError(
+            f"this {family.title} config has no MoE layers (all {text.num_hidden_layers} layers are "
+            "dense); there are no experts to compress"
+        )
     num_experts, top_k = int(getattr(text, family.experts_key)), int(text.num_experts_per_tok)
     groups, group_min = family.groups(text) or (1, 1)
     if groups > 1 and num_experts % groups:
-        raise EepError(f"{family.title} config has {num_experts} experts in {groups} groups, which do not divide them")
-    return MoEShape(family.model_type, num_experts, top_k, layers, groups, group_min, family.router_matrix(text))
+        raise EepError(
+            f"{family.title} config has {num_experts} experts in {groups} groups, which do not divide them"
+        )
+    return MoEShape(
+        family.model_type, num_experts, top_k, layers, groups, group_min, family.router_matrix(text)
+    )

@@ -33,10 +33,13 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base, self.scale = base, alpha / rank
         base.weight.requires_grad_(False)
-        bound = 1 / math.sqrt(base.in_features)  # nn.Linear's default (kaiming-uniform, a=sqrt(5)) bound
+        # nn.Linear's default (kaiming-uniform, a=sqrt(5)) bound
+        bound = 1 / math.sqrt(base.in_features)
         a = (torch.rand(rank, base.in_features, generator=generator) * 2 - 1) * bound
         self.a = nn.Parameter(a.to(device=base.weight.device, dtype=torch.float32))
-        self.b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device, dtype=torch.float32))
+        self.b = nn.Parameter(
+            torch.zeros(base.out_features, rank, device=base.weight.device, dtype=torch.float32)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         update = F.linear(F.linear(x.float(), self.a), self.b) * self.scale
@@ -49,10 +52,12 @@ class LoRALinear(nn.Module):
         return self.base
 
 
-def _wrap(model: nn.Module, targets: Sequence[str], rank: int, alpha: float, seed: int) -> list[tuple[nn.Module, str]]:
+def _wrap(
+    model: nn.Module, targets: Sequence[str], rank: int, alpha: float, seed: int
+) -> list[tuple[nn.Module, str]]:
     generator = torch.Generator().manual_seed(seed)
     wrapped = []
-    for name, module in list(model.named_modules()):
+    for _, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if child_name in targets and isinstance(child, nn.Linear):
                 setattr(module, child_name, LoRALinear(child, rank, alpha, generator))
@@ -68,12 +73,22 @@ def batch_loss(model: nn.Module, inputs: dict) -> torch.Tensor:
     from fitness.likelihood import next_token_nll
 
     ids, mask = next(calibration_inputs(model, [inputs]))
-    return next_token_nll(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask).mean()
+    return next_token_nll(
+        model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask
+    ).mean()
 
 
-def lora_finetune(model: nn.Module, batches: Iterable[dict], steps: int = 50, rank: int = 8, alpha: float = 16.0,
-                  lr: float = 1e-4, seed: int = 0, targets: Sequence[str] = TARGETS,
-                  log: Callable[[str], None] = lambda m: None) -> dict:
+def lora_finetune(
+    model: nn.Module,
+    batches: Iterable[dict],
+    steps: int = 50,
+    rank: int = 8,
+    alpha: float = 16.0,
+    lr: float = 1e-4,
+    seed: int = 0,
+    targets: Sequence[str] = TARGETS,
+    log: Callable[[str], None] = lambda m: None,
+) -> dict:
     """Fine-tune ``model`` in place with LoRA for ``steps`` batches (cycling through ``batches`` in
     a seeded order), then merge the updates into its weights. Returns the loss of every step and
     the number of trained parameters. The model is left in eval mode, without gradients."""
@@ -84,7 +99,9 @@ def lora_finetune(model: nn.Module, batches: Iterable[dict], steps: int = 50, ra
     for parameter in frozen:
         parameter.requires_grad_(False)
     wrapped = _wrap(model, targets, rank, alpha, seed)
-    trained = [p for parent, name in wrapped for p in getattr(parent, name).parameters() if p.requires_grad]
+    trained = [
+        p for parent, name in wrapped for p in getattr(parent, name).parameters() if p.requires_grad
+    ]
     optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
     order = random.Random(seed)
     losses = []
@@ -108,5 +125,13 @@ def lora_finetune(model: nn.Module, batches: Iterable[dict], steps: int = 50, ra
             setattr(parent, name, getattr(parent, name).merge())
         for parameter in frozen:
             parameter.requires_grad_(True)
-    return {"losses": losses, "trained_parameters": sum(p.numel() for p in trained), "steps": steps, "rank": rank,
-            "alpha": alpha, "lr": lr, "seed": seed, "targets": list(targets)}
+    return {
+        "losses": losses,
+        "trained_parameters": sum(p.numel() for p in trained),
+        "steps": steps,
+        "rank": rank,
+        "alpha": alpha,
+        "lr": lr,
+        "seed": seed,
+        "targets": list(targets),
+    }

@@ -28,14 +28,17 @@ Steps = Generator[list[Genome], list[float], tuple[Genome, float]]
 def check(space) -> None:
     """Greedy elimination walks a uniform pruning space with ungrouped routing."""
     if not isinstance(space, PruneSpace) or space.expert_groups > 1:
-        raise EepError("greedy elimination needs a uniform pruning space (search_space.keep) over ungrouped "
-                       "experts; drop greedy from search.warm_start / baselines.methods")
+        raise EepError(
+            "greedy elimination needs a uniform pruning space (search_space.keep) over ungrouped "
+            "experts; drop greedy from search.warm_start / baselines.methods"
+        )
 
 
 def cost(space: PruneSpace) -> int:
     """Evaluations :func:`steps` asks for (the same whatever the fitnesses)."""
     e, k = space.num_experts, space.keep
-    return len(space.units) * (sum(range(k + 1, e + 1)) + k * (e - k)) or 1  # keeping all: the full model, once
+    # keeping all: the full model, once
+    return len(space.units) * (sum(range(k + 1, e + 1)) + k * (e - k)) or 1
 
 
 def steps(space: PruneSpace) -> Steps:
@@ -57,7 +60,11 @@ def steps(space: PruneSpace) -> Steps:
             kept[layer], fitness = options[best], scores[best]
     for layer in layers:
         dropped = [e for e in range(num_experts) if e not in kept[layer]]
-        options = [sorted([*(k for k in kept[layer] if k != out), into]) for out in kept[layer] for into in dropped]
+        options = [
+            sorted([*(k for k in kept[layer] if k != out), into])
+            for out in kept[layer]
+            for into in dropped
+        ]
         if not options:
             continue
         scores = yield [genome({layer: o}) for o in options]

@@ -71,16 +71,38 @@ class Evaluation:
         return "ok" if self.ok else "cut" if self.cut is not None else "failed"
 
     def to_dict(self) -> dict[str, Any]:
-        data = {"id": self.id, "key": self.genome.key, "status": self.status,
-                "fitness": self.fitness, "scores": self.scores, "seconds": round(self.seconds, 4),
-                "worker": self.worker, "error": self.error, "note": self.note, "genome": self.genome.to_dict()}
-        return data | ({"cut": self.cut} if self.cut is not None else {}) | ({"outside": True} if self.outside else {})
+        data = {
+            "id": self.id,
+            "key": self.genome.key,
+            "status": self.status,
+            "fitness": self.fitness,
+            "scores": self.scores,
+            "seconds": round(self.seconds, 4),
+            "worker": self.worker,
+            "error": self.error,
+            "note": self.note,
+            "genome": self.genome.to_dict(),
+        }
+        return (
+            data
+            | ({"cut": self.cut} if self.cut is not None else {})
+            | ({"outside": True} if self.outside else {})
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Evaluation:
-        return cls(data["id"], Genome.from_dict(data["genome"]), data["fitness"], data["scores"],
-                   data["seconds"], data["worker"], data["error"], data.get("note"), data.get("cut"),
-                   data.get("outside", False))
+        return cls(
+            data["id"],
+            Genome.from_dict(data["genome"]),
+            data["fitness"],
+            data["scores"],
+            data["seconds"],
+            data["worker"],
+            data["error"],
+            data.get("note"),
+            data.get("cut"),
+            data.get("outside", False),
+        )
 
 
 def file_mode() -> int:
@@ -115,7 +137,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def _checksum(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
 
 
 def check_creatable(path: Path, what: str) -> None:
@@ -144,8 +168,10 @@ class RunDir:
         """Refuse a directory that already holds something (a run or anything else)."""
         path = Path(path)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise EepError(f"run directory {path} already exists and is not empty; "
-                           f"continue it with `eep resume {path}` or choose another --run-dir")
+            raise EepError(
+                f"run directory {path} already exists and is not empty; "
+                f"continue it with `eep resume {path}` or choose another --run-dir"
+            )
         check_creatable(path, "the run directory")
 
     @classmethod
@@ -163,7 +189,9 @@ class RunDir:
     def open(cls, path: str | Path) -> RunDir:
         run = cls(path)
         if not run.config_path.exists():
-            raise EepError(f"{run.path} is not an eep run directory (no config.yaml); start one with `eep search`")
+            raise EepError(
+                f"{run.path} is not an eep run directory (no config.yaml); start one with `eep search`"
+            )
         return run
 
     @contextlib.contextmanager
@@ -178,16 +206,26 @@ class RunDir:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 owner = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-                raise EepError(f"{self.path} is in use by {owner}; one run has one writer: wait for that "
-                               "process to finish or stop it, then resume") from None
+                raise EepError(
+                    f"{self.path} is in use by {owner}; one run has one writer: wait for that "
+                    "process to finish or stop it, then resume"
+                ) from None
             previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
             if previous:
-                print(f"[eep] note: taking over the lock left by {previous}, which has ended", file=sys.stderr)
-            for partial in self.path.glob(".*.json.*"):  # temporaries of atomic writes a crash cut short
+                print(
+                    f"[eep] note: taking over the lock left by {previous}, which has ended",
+                    file=sys.stderr,
+                )
+            # temporaries of atomic writes a crash cut short
+            for partial in self.path.glob(".*.json.*"):
                 partial.unlink(missing_ok=True)
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
-                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+            os.pwrite(
+                fd,
+                f"pid {os.getpid()} on {socket.gethostname()} since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(),
+                0,
+            )
             try:
                 yield
             finally:
@@ -196,7 +234,9 @@ class RunDir:
             os.close(fd)  # closing releases the flock
 
     def config(self) -> Config:
-        return parse_config(yaml.safe_load(self.config_path.read_text()), source=str(self.config_path))
+        return parse_config(
+            yaml.safe_load(self.config_path.read_text()), source=str(self.config_path)
+        )
 
     # -- journal --------------------------------------------------------------------------------
 
@@ -214,11 +254,18 @@ class RunDir:
                 records.append(Evaluation.from_dict(json.loads(line)))
             except (json.JSONDecodeError, KeyError, EepError, UnicodeDecodeError) as err:
                 if number >= len(lines) - 1:  # the last line, possibly torn by a crash mid-write
-                    print(f"[eep] warning: dropping torn last journal line {number} ({err})", file=sys.stderr)
-                    self._truncate_to(b"\n".join(lines[: number - 1]) + (b"\n" if number > 1 else b""))
+                    print(
+                        f"[eep] warning: dropping torn last journal line {number} ({err})",
+                        file=sys.stderr,
+                    )
+                    self._truncate_to(
+                        b"\n".join(lines[: number - 1]) + (b"\n" if number > 1 else b"")
+                    )
                     break
-                raise EepError(f"{self.journal_path} line {number} is corrupt ({err}); "
-                               "the journal cannot be trusted, start a new run") from None
+                raise EepError(
+                    f"{self.journal_path} line {number} is corrupt ({err}); "
+                    "the journal cannot be trusted, start a new run"
+                ) from None
         return records
 
     def _truncate_to(self, content: bytes) -> None:
@@ -234,7 +281,9 @@ class RunDir:
     # -- snapshots ------------------------------------------------------------------------------
 
     def save_state(self, state: dict[str, Any]) -> None:
-        write_json_atomic(self.state_path, {"format": STATE_FORMAT, "checksum": _checksum(state), **state})
+        write_json_atomic(
+            self.state_path, {"format": STATE_FORMAT, "checksum": _checksum(state), **state}
+        )
 
     def load_state(self) -> dict[str, Any] | None:
         """The search snapshot, or None when there is none; a snapshot that is not valid JSON, of
@@ -267,9 +316,13 @@ class RunDir:
         config = self.config()
         done = len(self.evaluations())
         if evaluations < max(done, config.search.evaluations):
-            raise EepError(f"--evaluations {evaluations} would not extend {self.path}: it plans "
-                           f"{config.search.evaluations} and has {done}; give more")
-        config = config.model_copy(update={"search": config.search.model_copy(update={"evaluations": evaluations})})
+            raise EepError(
+                f"--evaluations {evaluations} would not extend {self.path}: it plans "
+                f"{config.search.evaluations} and has {done}; give more"
+            )
+        config = config.model_copy(
+            update={"search": config.search.model_copy(update={"evaluations": evaluations})}
+        )
         tmp = self.config_path.with_suffix(".yaml.tmp")
         tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         os.replace(tmp, self.config_path)
@@ -282,5 +335,7 @@ class RunDir:
 
     def summary(self) -> dict[str, Any]:
         if not self.summary_path.exists():
-            raise EepError(f"{self.path} has no summary.json yet; the search has not finished an evaluation")
+            raise EepError(
+                f"{self.path} has no summary.json yet; the search has not finished an evaluation"
+            )
         return json.loads(self.summary_path.read_text())

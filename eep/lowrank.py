@@ -58,7 +58,9 @@ def break_even_rank(adapter) -> int:
 
 def expert_params(adapter, rank: int | None) -> int:
     """Numbers stored for one expert's matrices: dense (``rank=None``) or as rank-``rank`` factors."""
-    return sum(out * inp if rank is None else rank * (out + inp) for out, inp in matrix_shapes(adapter))
+    return sum(
+        out * inp if rank is None else rank * (out + inp) for out, inp in matrix_shapes(adapter)
+    )
 
 
 SCALES_FILE = "eep_scales.safetensors"
@@ -90,12 +92,16 @@ def scales_for(genome: Genome, path) -> dict[str, torch.Tensor] | None:
     if genome.scales is None:
         return None
     if path is None or not Path(path).exists():
-        raise EepError(f"this genome's low-rank experts are activation-aware: they need {SCALES_FILE} (digest "
-                       f"{genome.scales}) beside the genome file or in its run directory"
-                       + (f"; {path} does not exist" if path else ""))
+        raise EepError(
+            f"this genome's low-rank experts are activation-aware: they need {SCALES_FILE} (digest "
+            f"{genome.scales}) beside the genome file or in its run directory"
+            + (f"; {path} does not exist" if path else "")
+        )
     values = load_scales(path)
     if scales_digest(values) != genome.scales:
-        raise EepError(f"{path} holds scales {scales_digest(values)}, but the genome was made with {genome.scales}")
+        raise EepError(
+            f"{path} holds scales {scales_digest(values)}, but the genome was made with {genome.scales}"
+        )
     return values
 
 
@@ -107,8 +113,10 @@ def collect_scales(model, adapter, batches) -> dict[str, torch.Tensor]:
 
     experts0 = adapter.blocks[adapter.moe_layers[0]].experts
     if not all(hasattr(experts0, name) for name in ("gate_up_proj", "down_proj", "act_fn")):
-        raise EepError(f"activation-aware factors need Mixtral-style experts (gate_up_proj, down_proj); "
-                       f"{adapter.family.title} has {', '.join(adapter.expert_tensors)}")
+        raise EepError(
+            f"activation-aware factors need Mixtral-style experts (gate_up_proj, down_proj); "
+            f"{adapter.family.title} has {', '.join(adapter.expert_tensors)}"
+        )
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     valid: dict[str, torch.Tensor] = {}
@@ -121,13 +129,19 @@ def collect_scales(model, adapter, batches) -> dict[str, torch.Tensor]:
             for expert in index.unique().tolist():
                 tokens = x[(index == expert).any(dim=-1)]
                 gate, up = (tokens @ module.gate_up_proj[expert].float().T).chunk(2, dim=-1)
-                for name, inputs in (("gate_up_proj", tokens), ("down_proj", module.act_fn(gate) * up)):
+                for name, inputs in (
+                    ("gate_up_proj", tokens),
+                    ("down_proj", module.act_fn(gate) * up),
+                ):
                     key = f"{layer}.{name}.{expert}"
                     sums[key] = sums.get(key, 0) + inputs.double().pow(2).sum(dim=0).cpu()
                     counts[key] = counts.get(key, 0) + len(tokens)
+
         return hook
 
-    handles = [adapter.blocks[i].experts.register_forward_pre_hook(observe(i)) for i in adapter.moe_layers]
+    handles = [
+        adapter.blocks[i].experts.register_forward_pre_hook(observe(i)) for i in adapter.moe_layers
+    ]
     try:
         with torch.no_grad():
             for ids, mask in calibration_inputs(model, batches):
@@ -148,7 +162,9 @@ class Factors:
         self.digest = scales_digest(scales) if scales is not None else None
         self._svd: dict[tuple[int, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def factors(self, layer: int, name: str, expert: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(
+        self, layer: int, name: str, expert: int, rank: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(A [out, r], B [r, in]) in the weight's dtype and device, r = min(rank, full rank)."""
         key = (layer, name, expert)
         if key not in self._svd:
@@ -156,7 +172,8 @@ class Factors:
             scale = None if self.scales is None else self.scales.get(f"{layer}.{name}.{expert}")
             if scale is not None:  # unreached experts (no scale) fall back to the plain SVD
                 scale = scale.double().to(weight.device)
-                scale = scale + 1e-6 * float(scale.max()) + 1e-30  # channels never active stay invertible
+                # channels never active stay invertible
+                scale = scale + 1e-6 * float(scale.max()) + 1e-30
                 u, s, vh = torch.linalg.svd(weight * scale, full_matrices=False)
                 self._svd[key] = (u * s, vh / scale)
             else:
@@ -179,18 +196,27 @@ def check_ranks(genome: Genome, adapter) -> None:
         return
     if genome.scales is not None and adapter.factors.digest != genome.scales:
         held = f"holds scales {adapter.factors.digest}" if adapter.factors.digest else "holds none"
-        raise EepError(f"this genome's low-rank experts are activation-aware, made with the scales {genome.scales} "
-                       f"({SCALES_FILE} beside the genome or in its run directory); the model {held}")
+        raise EepError(
+            f"this genome's low-rank experts are activation-aware, made with the scales {genome.scales} "
+            f"({SCALES_FILE} beside the genome or in its run directory); the model {held}"
+        )
     if not matrix_tensors(adapter):
         raise EepError(f"{adapter.family.title} experts have no weight matrices eep can factor")
     limit = full_rank(adapter)
     for layer, gene in genome.layers:
         if gene.ranks is not None and max(gene.ranks) > limit:
-            raise EepError(f"layer {layer}: rank {max(gene.ranks)} exceeds the experts' full rank {limit}")
+            raise EepError(
+                f"layer {layer}: rank {max(gene.ranks)} exceeds the experts' full rank {limit}"
+            )
 
 
-def allocate_ranks(genome: Genome, importance: dict[int, torch.Tensor], adapter, fraction: float,
-                   alpha: float = 0.15) -> Genome:
+def allocate_ranks(
+    genome: Genome,
+    importance: dict[int, torch.Tensor],
+    adapter,
+    fraction: float,
+    alpha: float = 0.15,
+) -> Genome:
     """``genome`` with low-rank experts whose matrices hold about ``fraction`` of the kept experts'
     dense parameters (never more), ranks following importance (see the module); the factors are
     those the adapter makes (activation-aware when it holds scales)."""
@@ -199,19 +225,25 @@ def allocate_ranks(genome: Genome, importance: dict[int, torch.Tensor], adapter,
     per_rank = expert_params(adapter, 1)
     average = fraction * expert_params(adapter, None) / per_rank  # the target average rank
     if average < 1:
-        raise EepError(f"a low-rank budget of {fraction:.3f} of the kept experts' parameters is below rank 1 "
-                       f"({per_rank / expert_params(adapter, None):.4f}); raise it")
+        raise EepError(
+            f"a low-rank budget of {fraction:.3f} of the kept experts' parameters is below rank 1 "
+            f"({per_rank / expert_params(adapter, None):.4f}); raise it"
+        )
     limit = full_rank(adapter)
     by_layer: dict[int, dict[int, int]] = {}
     for layer in adapter.moe_layers:
         kept = list(genome.keep(layer))
-        scores = torch.tensor([max(float(importance[layer][e]), 0.0) for e in kept], dtype=torch.float64)
+        scores = torch.tensor(
+            [max(float(importance[layer][e]), 0.0) for e in kept], dtype=torch.float64
+        )
         scores = scores / scores.mean() if scores.sum() > 0 else torch.ones_like(scores)
         weights = (scores + 1e-6) ** alpha
         total = math.floor(average * len(kept))
         share = total * weights / weights.sum()
         ranks = share.floor().long()
-        for j in sorted(range(len(kept)), key=lambda j: (-float(share[j] - ranks[j]), j))[: total - int(ranks.sum())]:
+        for j in sorted(range(len(kept)), key=lambda j: (-float(share[j] - ranks[j]), j))[
+            : total - int(ranks.sum())
+        ]:
             ranks[j] += 1
         by_layer[layer] = {e: int(min(max(int(r), 1), limit)) for e, r in zip(kept, ranks)}
     return genome.with_ranks(by_layer, adapter.factors.digest)

@@ -12,7 +12,6 @@ import torch
 from eep.config import ModelConfig
 from eep.errors import EepError
 
-
 DEFAULT_THREADS = 1
 """Torch threads for CPU work unless ``--threads`` says otherwise. Measured on a 2-core machine
 (60 toy evaluations; 10 of a random 25 M Mixtral): alone, 2 threads are 1.14x faster on the toy
@@ -28,13 +27,17 @@ def resolve_path(path: str) -> str:
         from eep.toy import TOY_DIR
 
         if not (TOY_DIR / "model.safetensors").exists():
-            raise EepError(f"the embedded toy model is missing from {TOY_DIR}; rebuild it with `eep toy build`")
+            raise EepError(
+                f"the embedded toy model is missing from {TOY_DIR}; rebuild it with `eep toy build`"
+            )
         return str(TOY_DIR)
     if path == "toy-qwen":
         from eep.toy_qwen import TOY_QWEN_DIR
 
         if not (TOY_QWEN_DIR / "model.safetensors").exists():
-            raise EepError(f"the toy-qwen model is missing from {TOY_QWEN_DIR}; rebuild it with `eep toy build --which qwen`")
+            raise EepError(
+                f"the toy-qwen model is missing from {TOY_QWEN_DIR}; rebuild it with `eep toy build --which qwen`"
+            )
         return str(TOY_QWEN_DIR)
     return path
 
@@ -50,7 +53,9 @@ def load_hf_config(cfg: ModelConfig, prefer_file: bool = False):
 
     path = resolve_path(cfg.path)
     if _looks_local(path) and not Path(path).is_dir():
-        raise EepError(f"model path {path} does not exist; give a model directory, a hub id, or 'toy'")
+        raise EepError(
+            f"model path {path} does not exist; give a model directory, a hub id, or 'toy'"
+        )
     if prefer_file and cfg.config_file:
         return _config_from_file(Path(cfg.config_file))
     try:
@@ -61,10 +66,15 @@ def load_hf_config(cfg: ModelConfig, prefer_file: bool = False):
         import os
 
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        where = ("the hub is off (HF_HUB_OFFLINE is set), so only local files count" if offline
-                 else "neither a local directory nor a hub model this machine can reach")
-        raise EepError(f"cannot read the config of model {path!r}: {where}; check the path or hub id, or set "
-                       "model.config_file to a local config.json") from None
+        where = (
+            "the hub is off (HF_HUB_OFFLINE is set), so only local files count"
+            if offline
+            else "neither a local directory nor a hub model this machine can reach"
+        )
+        raise EepError(
+            f"cannot read the config of model {path!r}: {where}; check the path or hub id, or set "
+            "model.config_file to a local config.json"
+        ) from None
 
 
 def _config_from_file(file: Path):
@@ -85,7 +95,9 @@ def pick_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise EepError(f"model.device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        raise EepError(
+            f"model.device {device!r} is not a device; use auto, cpu, cuda or cuda:N"
+        ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise EepError(f"model.device is {device!r} but no CUDA GPU is visible; use auto or cpu")
     return dev
@@ -138,13 +150,21 @@ def choose_experts(choice: str, device: torch.device, dtype: torch.dtype) -> str
     against what this transformers registers, not its version."""
     registered = registered_experts()
     if choice == "auto":
-        return "grouped_mm" if "grouped_mm" in registered and grouped_mm_runs(device, dtype) else "eager"
+        return (
+            "grouped_mm"
+            if "grouped_mm" in registered and grouped_mm_runs(device, dtype)
+            else "eager"
+        )
     if choice not in registered:
-        raise EepError(f"model.experts_implementation {choice!r} is not in this transformers (it has "
-                       f"{', '.join(registered)}); set it to auto or eager")
+        raise EepError(
+            f"model.experts_implementation {choice!r} is not in this transformers (it has "
+            f"{', '.join(registered)}); set it to auto or eager"
+        )
     if choice == "grouped_mm" and not grouped_mm_runs(device, dtype):
-        raise EepError(f"model.experts_implementation is grouped_mm but torch {torch.__version__} has no grouped matmul "
-                       f"for {str(dtype).removeprefix('torch.')} on {device.type}; set it to auto or eager")
+        raise EepError(
+            f"model.experts_implementation is grouped_mm but torch {torch.__version__} has no grouped matmul "
+            f"for {str(dtype).removeprefix('torch.')} on {device.type}; set it to auto or eager"
+        )
     return choice
 
 
@@ -165,14 +185,21 @@ def load_model(cfg: ModelConfig):
     try:  # before the weights: a directory saved without its tokenizer fails in a second, not after loading
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as err:  # noqa: BLE001  (tokenizer conversion raises anything)
-        raise EepError(f"model {path!r} has no usable tokenizer ({type(err).__name__}); save it beside the weights "
-                       "(tokenizer.save_pretrained(DIR)) or give the source model's directory") from None
+        raise EepError(
+            f"model {path!r} has no usable tokenizer ({type(err).__name__}); save it beside the weights "
+            "(tokenizer.save_pretrained(DIR)) or give the source model's directory"
+        ) from None
     if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
         # a model larger than one GPU (e.g. a Ray actor holding several): accelerate spreads it
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto",
-                                                     experts_implementation=experts).eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, device_map="auto", experts_implementation=experts
+        ).eval()
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, experts_implementation=experts).to(device).eval()
+        model = (
+            AutoModelForCausalLM.from_pretrained(path, dtype=dtype, experts_implementation=experts)
+            .to(device)
+            .eval()
+        )
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -55,7 +55,9 @@ class ExportForm:
     reason: str
 
 
-def merge_experts(weight: torch.Tensor, matrix: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def merge_experts(
+    weight: torch.Tensor, matrix: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """[E, ...] expert tensor -> [E', ...] with slot j = sum_i matrix[j, i] * weight[i] (one GEMM),
     written into ``out`` when given (a reused buffer: no allocation per candidate).
 
@@ -63,8 +65,11 @@ def merge_experts(weight: torch.Tensor, matrix: torch.Tensor, out: torch.Tensor 
     shape = (matrix.shape[0], *weight.shape[1:])
     if out is None:
         out = torch.empty(shape, dtype=weight.dtype, device=weight.device)
-    torch.matmul(matrix.to(device=weight.device, dtype=weight.dtype), weight.reshape(weight.shape[0], -1),
-                 out=out.view(matrix.shape[0], -1))
+    torch.matmul(
+        matrix.to(device=weight.device, dtype=weight.dtype),
+        weight.reshape(weight.shape[0], -1),
+        out=out.view(matrix.shape[0], -1),
+    )
     return out
 
 
@@ -95,26 +100,42 @@ def export_form(genome: Genome, shape: MoEShape, form: str | None = None) -> Exp
     stock = f"a stock {family.title} checkpoint"
     low_rank = [i for i in layers if genome.gene(i).ranks is not None]
     if low_rank:
-        chosen = ExportForm("custom", f"layers {low_rank} store low-rank expert factors; {stock} holds dense experts "
-                                      "(export with --dense for the re-multiplied weights)")
+        chosen = ExportForm(
+            "custom",
+            f"layers {low_rank} store low-rank expert factors; {stock} holds dense experts "
+            "(export with --dense for the re-multiplied weights)",
+        )
     elif len(counts) > 1:
-        chosen = ExportForm("custom", f"layers keep different numbers of experts ({counts}); {stock} has one expert "
-                                      "count")
+        chosen = ExportForm(
+            "custom",
+            f"layers keep different numbers of experts ({counts}); {stock} has one expert count",
+        )
     elif len(actives) > 1:
-        chosen = ExportForm("custom", f"layers route to different top_k ({actives}); {stock} has one top_k")
+        chosen = ExportForm(
+            "custom", f"layers route to different top_k ({actives}); {stock} has one top_k"
+        )
     elif general:
-        chosen = ExportForm("custom", f"layers {general} route through a router matrix that mixes experts; {stock} "
-                                      "router can only select them")
+        chosen = ExportForm(
+            "custom",
+            f"layers {general} route through a router matrix that mixes experts; {stock} "
+            "router can only select them",
+        )
     else:
         what = "merged experts with a selecting router" if genome.is_merge else "kept experts"
-        chosen = ExportForm("stock", f"{what}, {counts[0]} per layer, top_k={actives[0]}: {stock} holds it")
+        chosen = ExportForm(
+            "stock", f"{what}, {counts[0]} per layer, top_k={actives[0]}: {stock} holds it"
+        )
     if form == "stock" and chosen.kind != "stock":
-        raise EepError(f"this genome cannot be a stock checkpoint: {chosen.reason}; export it in the custom form")
+        raise EepError(
+            f"this genome cannot be a stock checkpoint: {chosen.reason}; export it in the custom form"
+        )
     if form == "custom" and chosen.kind == "stock":
         chosen = ExportForm("custom", "the custom form was asked for")
     if low_rank and chosen.kind == "custom" and not family.gated_experts:
-        raise EepError(f"{family.title}'s experts (biases, their own activation) have no low-rank form in eep's custom "
-                       "code; export with --dense for the re-multiplied weights")
+        raise EepError(
+            f"{family.title}'s experts (biases, their own activation) have no low-rank form in eep's custom "
+            "code; export with --dense for the re-multiplied weights"
+        )
     return chosen
 
 
@@ -133,26 +154,41 @@ class MoEAdapter:
         shape = shape_of(model.config)
         self.shape = shape
         self.family = FAMILIES[shape.family]
-        self.num_experts, self.top_k, self.moe_layers = shape.num_experts, shape.top_k, list(shape.moe_layers)
+        self.num_experts, self.top_k, self.moe_layers = (
+            shape.num_experts,
+            shape.top_k,
+            list(shape.moe_layers),
+        )
         layers = decoder_layers(model)
         self.blocks = {i: layers[i].mlp for i in self.moe_layers}
         missing = [i for i, block in self.blocks.items() if not hasattr(block, "experts")]
         if missing:
-            raise EepError(f"layers {missing} of this {self.family.title} model have no experts although its config "
-                           "says they are MoE layers; the model does not match its config")
+            raise EepError(
+                f"layers {missing} of this {self.family.title} model have no experts although its config "
+                "says they are MoE layers; the model does not match its config"
+            )
         self.routers = {i: getattr(block, self.family.router) for i, block in self.blocks.items()}
         prefixes = {id(block): name for name, block in model.named_modules()}
         self.prefixes = {i: prefixes[id(block)] + "." for i, block in self.blocks.items()}
         first = self.blocks[self.moe_layers[0]]
         # every [E, ...] tensor of the experts (weights, and GPT-OSS's biases) and of the router
         # (weight, GPT-OSS's bias, DeepSeek-V3/GLM's score-correction bias)
-        self.expert_tensors = tuple(name for name, p in first.experts.named_parameters(recurse=False)
-                                    if p.shape[0] == self.num_experts)
+        self.expert_tensors = tuple(
+            name
+            for name, p in first.experts.named_parameters(recurse=False)
+            if p.shape[0] == self.num_experts
+        )
         router = self.routers[self.moe_layers[0]]
-        self.router_tensors = tuple(name for name, t in [*router.named_parameters(recurse=False),
-                                                          *router.named_buffers(recurse=False)]
-                                    if t.shape[0] == self.num_experts)
-        self._buffers: dict[tuple[int, str], torch.Tensor] = {}  # merged experts, reused across candidates
+        self.router_tensors = tuple(
+            name
+            for name, t in [
+                *router.named_parameters(recurse=False),
+                *router.named_buffers(recurse=False),
+            ]
+            if t.shape[0] == self.num_experts
+        )
+        # merged experts, reused across candidates
+        self._buffers: dict[tuple[int, str], torch.Tensor] = {}
         self._merged_for: dict[int, tuple | None] = {}  # the merge matrix each layer's buffers hold
         self._factors = None  # eep.lowrank.Factors, made on first use
 
@@ -180,9 +216,13 @@ class MoEAdapter:
             if layer not in self.moe_layers:
                 raise EepError(f"skip names layer {layer}, which is not an MoE layer of this model")
             if genome.active(layer) != 2:
-                raise EepError(f"dynamic skipping needs top-2 routing; layer {layer} routes top-{genome.active(layer)}")
+                raise EepError(
+                    f"dynamic skipping needs top-2 routing; layer {layer} routes top-{genome.active(layer)}"
+                )
             if not (math.isfinite(beta) and beta >= 0):
-                raise EepError(f"skip beta of layer {layer} must be a finite number >= 0, got {beta!r}")
+                raise EepError(
+                    f"skip beta of layer {layer} must be a finite number >= 0, got {beta!r}"
+                )
 
     def expert_output(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
         """One expert's output on tokens ``x`` [n, h], unweighted, computed by the family's own
@@ -192,7 +232,9 @@ class MoEAdapter:
         weight = torch.ones((tokens.shape[0], 1), dtype=x.dtype, device=x.device)
         return self.blocks[layer].experts(tokens, index, weight).reshape(x.shape)
 
-    def route(self, layer: int, logits: torch.Tensor, rows: list[int], top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(
+        self, layer: int, logits: torch.Tensor, rows: list[int], top_k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights, expert ids), each [N, top_k]: the layer's routing of router ``logits`` [N, E]
         (as the full model computed them) among the experts ``rows`` only, with ``top_k`` — what a
         pruned layer does, from logits alone. The family's own router code runs on an identity
@@ -201,12 +243,19 @@ class MoEAdapter:
         router = self.routers[layer]
         index = torch.tensor(list(rows), dtype=torch.long, device=logits.device)
         n = len(rows)
-        tensors = {name: getattr(router, name).index_select(0, index.to(router.weight.device)).to(logits.device)
-                   for name in self.router_tensors}
+        tensors = {
+            name: getattr(router, name)
+            .index_select(0, index.to(router.weight.device))
+            .to(logits.device)
+            for name in self.router_tensors
+        }
         tensors["weight"] = torch.eye(n, dtype=logits.dtype, device=logits.device)
         if "bias" in tensors:
             tensors["bias"] = torch.zeros(n, dtype=logits.dtype, device=logits.device)
-        with torch.no_grad(), _replaced(router, tensors, {"num_experts": n, "top_k": top_k, "hidden_dim": n}):
+        with (
+            torch.no_grad(),
+            _replaced(router, tensors, {"num_experts": n, "top_k": top_k, "hidden_dim": n}),
+        ):
             _, weights, chosen = type(router).forward(router, logits.index_select(1, index))
         return weights, index[chosen]
 
@@ -231,17 +280,31 @@ class MoEAdapter:
                     picks = router_columns(gene, self.num_experts)
                     if picks is None:  # EEP's router matrix mixing experts
                         router_map = self._matrix(gene.matrices(self.num_experts)[1], router)
-                        handles.append(router.register_forward_hook(
-                            _mapped_routing_hook(router_map, k, *self.shape.router_matrix)))
+                        handles.append(
+                            router.register_forward_hook(
+                                _mapped_routing_hook(router_map, k, *self.shape.router_matrix)
+                            )
+                        )
                     else:
-                        handles.append(router.register_forward_hook(self._reroute(layer, picks, k, remap=False)))
-                elif gene.ranks is not None:  # the kept experts, low-rank, in slots 0..n-1 as a smaller model's
+                        handles.append(
+                            router.register_forward_hook(
+                                self._reroute(layer, picks, k, remap=False)
+                            )
+                        )
+                # the kept experts, low-rank, in slots 0..n-1 as a smaller model's
+                elif gene.ranks is not None:
                     swapped.append((block.experts, "num_experts", block.experts.num_experts))
                     block.experts.num_experts = gene.slots
                     self._swap_low_rank(layer, gene, swapped)
-                    handles.append(router.register_forward_hook(self._reroute(layer, gene.keep, k, remap=False)))
+                    handles.append(
+                        router.register_forward_hook(
+                            self._reroute(layer, gene.keep, k, remap=False)
+                        )
+                    )
                 elif len(gene.keep) < self.num_experts or k != self.top_k:
-                    handles.append(router.register_forward_hook(self._reroute(layer, gene.keep, k, remap=True)))
+                    handles.append(
+                        router.register_forward_hook(self._reroute(layer, gene.keep, k, remap=True))
+                    )
             for layer, beta in (skip or {}).items():  # after the routing hooks: sees their output
                 handles.append(self.routers[layer].register_forward_hook(_skip_hook(beta)))
             yield
@@ -259,7 +322,9 @@ class MoEAdapter:
         router = self.routers[layer]
         device = router.weight.device
         index = torch.tensor(list(rows), dtype=torch.long, device=device)
-        sliced = {name: getattr(router, name).index_select(0, index) for name in self.router_tensors}
+        sliced = {
+            name: getattr(router, name).index_select(0, index) for name in self.router_tensors
+        }
         sizes = {"num_experts": len(rows), "top_k": top_k}
 
         def hook(module: nn.Module, args, output):
@@ -274,7 +339,8 @@ class MoEAdapter:
         merge matrix differs from the one the buffers hold)."""
         experts = self.blocks[layer].experts
         merge = self._matrix(gene.matrices(self.num_experts)[0], self.routers[layer])
-        fresh = self._merged_for.get(layer) != gene.merge  # the last candidate's merge is still there
+        # the last candidate's merge is still there
+        fresh = self._merged_for.get(layer) != gene.merge
         self._merged_for[layer] = None  # until the merge below completes
         with torch.no_grad():
             for name in self.expert_tensors:
@@ -299,7 +365,11 @@ class MoEAdapter:
                 original = getattr(experts, name)
                 kept = self._buffer(layer, name, original, gene.slots)
                 for slot, (expert, rank) in enumerate(zip(gene.keep, gene.ranks)):
-                    kept[slot] = self.factors.product(layer, name, expert, rank) if name in factored else original[expert]
+                    kept[slot] = (
+                        self.factors.product(layer, name, expert, rank)
+                        if name in factored
+                        else original[expert]
+                    )
                 swapped.append((experts, name, original))
                 setattr(experts, name, nn.Parameter(kept, requires_grad=False))
         self._merged_for[layer] = None  # the buffers no longer hold a merge
@@ -309,7 +379,9 @@ class MoEAdapter:
         CPU, page-faulting) fresh tensors for every candidate costs more than the merge itself."""
         buffer = self._buffers.get((layer, name))
         if buffer is None or buffer.shape[0] < slots:
-            buffer = torch.empty((max(slots, 1), *weight.shape[1:]), dtype=weight.dtype, device=weight.device)
+            buffer = torch.empty(
+                (max(slots, 1), *weight.shape[1:]), dtype=weight.dtype, device=weight.device
+            )
             self._buffers[(layer, name)] = buffer
             self._merged_for[layer] = None
         return buffer[:slots]
@@ -325,7 +397,9 @@ class MoEAdapter:
         self.validate(genome)
         return export_form(genome, self.shape)
 
-    def compressed(self, genome: Genome, form: str | None = None, dense: bool = False) -> tuple[nn.Module, ExportForm]:
+    def compressed(
+        self, genome: Genome, form: str | None = None, dense: bool = False
+    ) -> tuple[nn.Module, ExportForm]:
         """A new, physically smaller model equal to the genome applied to this one, in the stock
         form when possible (or the ``form`` asked for); its config's expert counts are updated.
         Low-rank experts are stored as their factors (custom form), or with ``dense`` as the
@@ -345,19 +419,27 @@ class MoEAdapter:
                 if gene.ranks is None or name not in factored:
                     state[key] = self._experts_for(gene, state[key])
                 elif dense:
-                    state[key] = torch.stack([self.factors.product(layer, name, e, r).to(state[key].device)
-                                              for e, r in zip(gene.keep, gene.ranks)])
+                    state[key] = torch.stack(
+                        [
+                            self.factors.product(layer, name, e, r).to(state[key].device)
+                            for e, r in zip(gene.keep, gene.ranks)
+                        ]
+                    )
                 else:  # the factors themselves: what makes a low-rank model physically smaller
                     del state[key]
                     for slot, (e, r) in enumerate(zip(gene.keep, gene.ranks)):
-                        state[f"{key}_a.{slot}"], state[f"{key}_b.{slot}"] = self.factors.factors(layer, name, e, r)
+                        state[f"{key}_a.{slot}"], state[f"{key}_b.{slot}"] = self.factors.factors(
+                            layer, name, e, r
+                        )
             picks = router_columns(gene, self.num_experts) if gene.is_merge else list(gene.keep)
             spec = {"experts": gene.slots, "top_k": genome.active(layer)}
             if picks is not None:  # the family's own router over the picked experts
                 for name in self.router_tensors:
                     state[router + name] = state[router + name][picks]
             else:  # EEP's: the router over all source experts, and the router matrix
-                state[router + "router_map"] = self._matrix(gene.matrices(self.num_experts)[1], self.routers[layer])
+                state[router + "router_map"] = self._matrix(
+                    gene.matrices(self.num_experts)[1], self.routers[layer]
+                )
                 spec["sources"] = self.num_experts
             if gene.ranks is not None and not dense:
                 spec["ranks"] = list(gene.ranks)
@@ -372,7 +454,9 @@ class MoEAdapter:
 
     def _experts_for(self, gene: LayerGene, weight: torch.Tensor) -> torch.Tensor:
         if gene.is_merge:  # exactly what applied() computes
-            return merge_experts(weight, torch.tensor(gene.merge, dtype=torch.float32, device=weight.device))
+            return merge_experts(
+                weight, torch.tensor(gene.merge, dtype=torch.float32, device=weight.device)
+            )
         return weight.index_select(0, torch.tensor(gene.keep, device=weight.device))
 
     def _build(self, genome: Genome, form: ExportForm, layers: dict, state: dict) -> nn.Module:
@@ -386,20 +470,32 @@ class MoEAdapter:
             from eep.remote import MODELING_FILE, custom_classes
 
             if self.config.model_type != self.family.model_type:
-                raise EepError(f"eep's custom form holds {self.family.title} causal LMs; this model is "
-                               f"{self.config.model_type!r} (export its text model, or a genome of the stock form)")
+                raise EepError(
+                    f"eep's custom form holds {self.family.title} causal LMs; this model is "
+                    f"{self.config.model_type!r} (export its text model, or a genome of the stock form)"
+                )
             config_cls, model_cls = custom_classes(self.family.model_type)
-            values = {k: v for k, v in self.config.to_dict().items()
-                      if k not in ("model_type", "architectures", "transformers_version", "auto_map")}
+            values = {
+                k: v
+                for k, v in self.config.to_dict().items()
+                if k not in ("model_type", "architectures", "transformers_version", "auto_map")
+            }
             renormalise, scale = self.shape.router_matrix or (True, 1.0)
-            values.update({self.family.experts_key: max(s["experts"] for s in layers.values()),
-                           "num_experts_per_tok": max(s["top_k"] for s in layers.values()), "eep_layers": layers,
-                           "eep_routing": {"renormalise": renormalise, "scale": scale}})
+            values.update(
+                {
+                    self.family.experts_key: max(s["experts"] for s in layers.values()),
+                    "num_experts_per_tok": max(s["top_k"] for s in layers.values()),
+                    "eep_layers": layers,
+                    "eep_routing": {"renormalise": renormalise, "scale": scale},
+                }
+            )
             config = config_cls(**values)
             config.architectures = [model_cls.__name__]
             module = MODELING_FILE.stem
-            config.auto_map = {"AutoConfig": f"{module}.{config_cls.__name__}",
-                               "AutoModelForCausalLM": f"{module}.{model_cls.__name__}"}
+            config.auto_map = {
+                "AutoConfig": f"{module}.{config_cls.__name__}",
+                "AutoModelForCausalLM": f"{module}.{model_cls.__name__}",
+            }
         return assemble(model_cls, config, state, self.model)
 
 
@@ -413,7 +509,9 @@ def assemble(model_cls: type, config, state: dict, source: nn.Module, device=Non
     for name, buffer in source.named_buffers():
         if name not in state:
             owner, _, leaf = name.rpartition(".")
-            model.get_submodule(owner)._buffers[leaf] = buffer.to(device or buffer.device, copy=True)
+            model.get_submodule(owner)._buffers[leaf] = buffer.to(
+                device or buffer.device, copy=True
+            )
     model.tie_weights()
     return model.eval()
 
@@ -426,20 +524,30 @@ def check_genome(genome: Genome, shape: MoEShape) -> None:
     genome.validate_for(shape.num_experts, shape.top_k, shape.moe_layers)
     family = FAMILIES[shape.family]
     for layer, gene in genome.layers:
-        if gene.is_merge and router_columns(gene, shape.num_experts) is None and shape.router_matrix is None:
-            raise EepError(f"layer {layer} routes through a router matrix that mixes experts, which maps softmax "
-                           f"probabilities; this {family.title} model routes otherwise ({family.routing}), so its merge "
-                           "genomes must keep a selecting router (one source expert per slot)")
+        if (
+            gene.is_merge
+            and router_columns(gene, shape.num_experts) is None
+            and shape.router_matrix is None
+        ):
+            raise EepError(
+                f"layer {layer} routes through a router matrix that mixes experts, which maps softmax "
+                f"probabilities; this {family.title} model routes otherwise ({family.routing}), so its merge "
+                "genomes must keep a selecting router (one source expert per slot)"
+            )
         if shape.expert_groups > 1 or shape.group_min > 1:
             rows = gene.keep if not gene.is_merge else router_columns(gene, shape.num_experts) or ()
             if gene.is_merge and shape.expert_groups > 1:
-                raise EepError(f"layer {layer} is a merge gene; {family.title} routes within expert groups, "
-                               "where eep supports pruning only")
+                raise EepError(
+                    f"layer {layer} is a merge gene; {family.title} routes within expert groups, "
+                    "where eep supports pruning only"
+                )
             shape.check_groups(rows, f"layer {layer}")
 
 
 @contextlib.contextmanager
-def _replaced(module: nn.Module, tensors: Mapping[str, torch.Tensor], attributes: Mapping[str, int]):
+def _replaced(
+    module: nn.Module, tensors: Mapping[str, torch.Tensor], attributes: Mapping[str, int]
+):
     """Temporarily give ``module`` other parameter/buffer tensors and attributes (no autograd
     bookkeeping: the tensors may carry the graph back to the originals, as in toy training)."""
     saved = []
@@ -465,8 +573,13 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return base.layers
 
 
-def mapped_routing(logits: torch.Tensor, router_t: torch.Tensor, top_k: int, renormalise: bool = True,
-                   scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def mapped_routing(
+    logits: torch.Tensor,
+    router_t: torch.Tensor,
+    top_k: int,
+    renormalise: bool = True,
+    scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """EEP's routing: softmax over the source experts, scores = p @ router.T, top-k, renormalise
     by the plain sum (no epsilon, as EEP). For the families that do not renormalise their top-k
     (:attr:`MoEShape.router_matrix`) the top-k scores are divided by the sum of all E' scores
@@ -479,8 +592,12 @@ def mapped_routing(logits: torch.Tensor, router_t: torch.Tensor, top_k: int, ren
     total = (weights if renormalise else scores).sum(dim=-1, keepdim=True)
     # only signed rows can cancel: a small sum of non-negative scores still divides well
     if bool((router_t < 0).any()) and bool((total.abs() < NEAR_ZERO).any()):
-        warnings.warn(f"EEP routing: a token's scores sum to {float(total.abs().min()):.2e}, near zero; its expert "
-                      "weights are ill-conditioned (signed router rows)", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"EEP routing: a token's scores sum to {float(total.abs().min()):.2e}, near zero; its expert "
+            "weights are ill-conditioned (signed router rows)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return weights / total * scale, index
 
 
@@ -499,10 +616,15 @@ def _mapped_routing_hook(router: torch.Tensor, top_k: int, renormalise: bool, sc
 
 def _skip_hook(beta: float):
     """NAEE dynamic skipping on top-2 weights: where w2 < beta * w1 the weights become (1, 0)."""
+
     def hook(module: nn.Module, args, output):
         logits, weights, index = output
         first_only = torch.tensor([1.0, 0.0], dtype=weights.dtype, device=weights.device)
-        return logits, torch.where((weights[:, 1] < beta * weights[:, 0])[:, None], first_only, weights), index
+        return (
+            logits,
+            torch.where((weights[:, 1] < beta * weights[:, 0])[:, None], first_only, weights),
+            index,
+        )
 
     return hook
 
@@ -514,4 +636,8 @@ def adapter_for(model: nn.Module) -> MoEAdapter:
 
 def moe_blocks(model: nn.Module) -> dict[int, nn.Module]:
     """The sparse MoE blocks by layer index (any supported family, stock or eep's custom form)."""
-    return {i: layer.mlp for i, layer in enumerate(decoder_layers(model)) if hasattr(layer.mlp, "experts")}
+    return {
+        i: layer.mlp
+        for i, layer in enumerate(decoder_layers(model))
+        if hasattr(layer.mlp, "experts")
+    }

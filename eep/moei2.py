@@ -57,7 +57,13 @@ from dataclasses import dataclass
 
 import torch
 
-from eep.baselines import Calibration, calibration_inputs, keep_set_error, output_energy, output_error
+from eep.baselines import (
+    Calibration,
+    calibration_inputs,
+    keep_set_error,
+    output_energy,
+    output_error,
+)
 from eep.errors import EepError
 from eep.genome import Genome
 
@@ -68,13 +74,19 @@ def expert_importance(cal: Calibration, reroute: bool = False) -> dict[int, torc
     for layer in cal.moe_layers:
         if reroute:
             everyone = range(cal.num_experts)
-            out[layer] = torch.tensor([output_error(cal, layer, [x for x in everyone if x != e]) for e in everyone],
-                                      dtype=torch.float64)
+            out[layer] = torch.tensor(
+                [output_error(cal, layer, [x for x in everyone if x != e]) for e in everyone],
+                dtype=torch.float64,
+            )
         else:
-            weights, index = cal.routing(layer, cal.logits[layer], list(range(cal.num_experts)), cal.top_k)
-            dense = torch.zeros(cal.logits[layer].shape, dtype=torch.float64).scatter_(1, index, weights.double())
+            weights, index = cal.routing(
+                layer, cal.logits[layer], list(range(cal.num_experts)), cal.top_k
+            )
+            dense = torch.zeros(cal.logits[layer].shape, dtype=torch.float64).scatter_(
+                1, index, weights.double()
+            )
             diagonal = torch.diagonal(cal.gram[layer].double(), dim1=1, dim2=2)  # ‖y_te‖² [N, E]
-            out[layer] = (dense ** 2 * diagonal).sum(dim=0)
+            out[layer] = (dense**2 * diagonal).sum(dim=0)
     return out
 
 
@@ -85,16 +97,21 @@ def next_token_loss(model, batches: Iterable[dict]) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for ids, mask in calibration_inputs(model, batches):
-            nll = next_token_nll(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask)
+            nll = next_token_nll(
+                model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask
+            )
             total += float(nll.double().sum())
             count += len(nll)
     if count == 0:
-        raise EepError("the calibration texts hold no next-token positions (all shorter than two tokens)")
+        raise EepError(
+            "the calibration texts hold no next-token positions (all shorter than two tokens)"
+        )
     return total / count
 
 
-def loss_importance(model, adapter, batches: list[dict], log: Callable[[str], None] = lambda m: None
-                    ) -> dict[int, torch.Tensor]:
+def loss_importance(
+    model, adapter, batches: list[dict], log: Callable[[str], None] = lambda m: None
+) -> dict[int, torch.Tensor]:
     """[E] float64 per MoE layer: the increase of the model's next-token loss on the calibration
     texts when that expert alone is removed (a pruning gene keeping the others; its tokens go to
     their next experts). One model pass over the texts per expert: E x layers passes in all."""
@@ -105,25 +122,34 @@ def loss_importance(model, adapter, batches: list[dict], log: Callable[[str], No
         losses = []
         for expert in range(adapter.num_experts):
             others = [e for e in range(adapter.num_experts) if e != expert]
-            with adapter.applied(Genome.from_keep(adapter.num_experts, adapter.top_k, {layer: others})):
+            with adapter.applied(
+                Genome.from_keep(adapter.num_experts, adapter.top_k, {layer: others})
+            ):
                 losses.append(next_token_loss(model, batches) - base)
         out[layer] = torch.tensor(losses, dtype=torch.float64)
     return out
 
 
-def layer_keep_counts(importance: dict[int, torch.Tensor], budget: int, low: int, high: int) -> dict[int, int]:
+def layer_keep_counts(
+    importance: dict[int, torch.Tensor], budget: int, low: int, high: int
+) -> dict[int, int]:
     """Experts each layer keeps, summing to ``budget``, each in ``low..high``, more for layers of
     higher importance (see the module for the rule)."""
     layers = sorted(importance)
     if not low * len(layers) <= budget <= high * len(layers):
-        raise EepError(f"a budget of {budget} experts must lie in {low * len(layers)}..{high * len(layers)} for "
-                       f"{len(layers)} layers keeping {low}..{high} each")
+        raise EepError(
+            f"a budget of {budget} experts must lie in {low * len(layers)}..{high * len(layers)} for "
+            f"{len(layers)} layers keeping {low}..{high} each"
+        )
     weight = {i: max(float(importance[i].sum()), 0.0) for i in layers}
     share = {i: float(low) for i in layers}
     open_layers, left = set(layers), float(budget - low * len(layers))
     while left > 1e-9 and open_layers:
         total = sum(weight[i] for i in open_layers)
-        portion = {i: left * (weight[i] / total if total > 0 else 1 / len(open_layers)) for i in open_layers}
+        portion = {
+            i: left * (weight[i] / total if total > 0 else 1 / len(open_layers))
+            for i in open_layers
+        }
         left = 0.0
         for i in sorted(open_layers):
             room = high - share[i]
@@ -134,7 +160,9 @@ def layer_keep_counts(importance: dict[int, torch.Tensor], budget: int, low: int
                 open_layers.discard(i)
     counts = {i: math.floor(share[i] + 1e-9) for i in layers}
     spare = budget - sum(counts.values())
-    by_remainder = sorted((i for i in layers if counts[i] < high), key=lambda i: (-(share[i] - counts[i]), i))
+    by_remainder = sorted(
+        (i for i in layers if counts[i] < high), key=lambda i: (-(share[i] - counts[i]), i)
+    )
     for i in by_remainder[:spare]:
         counts[i] += 1
     return counts
@@ -161,8 +189,11 @@ class Moei2Plan:
         """The plan reaching ``target`` experts' worth on a model of this shape (``cfg``: the
         ``moei2`` config section): stage 1 keeps target / rank_params experts, at most all."""
         layers = tuple(shape.moe_layers)
-        stage1 = target if cfg.rank_params is None else min(shape.num_experts * len(layers),
-                                                            round(target / cfg.rank_params))
+        stage1 = (
+            target
+            if cfg.rank_params is None
+            else min(shape.num_experts * len(layers), round(target / cfg.rank_params))
+        )
         return cls(shape.num_experts, shape.top_k, layers, target, stage1, cfg)
 
     @property
@@ -176,11 +207,16 @@ class Moei2Plan:
 
     def describe(self) -> str:
         c = self.cfg
-        stage2 = (f"; stage 2: low-rank experts keeping {self.low_rank_fraction:.3f} of their parameters"
-                  if self.low_rank_fraction is not None else "")
-        return (f"MoE-I²: stage 1 keeps {self.stage1} of {self.num_experts * len(self.layers)} experts by "
-                f"{c.importance} importance, layer-wise search {c.population}x{c.generations}, K={c.candidates}, "
-                f"T={c.block}{stage2}; size {self.target} experts' worth")
+        stage2 = (
+            f"; stage 2: low-rank experts keeping {self.low_rank_fraction:.3f} of their parameters"
+            if self.low_rank_fraction is not None
+            else ""
+        )
+        return (
+            f"MoE-I²: stage 1 keeps {self.stage1} of {self.num_experts * len(self.layers)} experts by "
+            f"{c.importance} importance, layer-wise search {c.population}x{c.generations}, K={c.candidates}, "
+            f"T={c.block}{stage2}; size {self.target} experts' worth"
+        )
 
 
 def moei2_plan(config, shape) -> Moei2Plan:
@@ -190,17 +226,25 @@ def moei2_plan(config, shape) -> Moei2Plan:
     family, space = FAMILIES[shape.family], config.search_space
     layers, e = tuple(shape.moe_layers), shape.num_experts
     if config.moei2.rank_params is not None and not family.gated_experts:
-        raise EepError(f"MoE-I²'s stage 2 stores low-rank experts, which eep's custom form holds for gated experts "
-                       f"only; {family.title}'s have biases and their own activation: set moei2.rank_params: null")
+        raise EepError(
+            f"MoE-I²'s stage 2 stores low-rank experts, which eep's custom form holds for gated experts "
+            f"only; {family.title}'s have biases and their own activation: set moei2.rank_params: null"
+        )
     if shape.expert_groups > 1:
-        raise EepError(f"{family.title} routes within expert groups; MoE-I² does not support grouped routing")
+        raise EepError(
+            f"{family.title} routes within expert groups; MoE-I² does not support grouped routing"
+        )
     if space.top_k is not None or space.groups is not None:
-        raise EepError("search_space.top_k and groups are EEP search settings; MoE-I² keeps the model's routing "
-                       "and searches layer by layer: remove them")
+        raise EepError(
+            "search_space.top_k and groups are EEP search settings; MoE-I² keeps the model's routing "
+            "and searches layer by layer: remove them"
+        )
     target = space.budget if space.budget is not None else space.keep * len(layers)
     if not shape.top_k * len(layers) <= target <= e * len(layers):
-        raise EepError(f"MoE-I² size {target} experts must lie in {shape.top_k * len(layers)}..{e * len(layers)} "
-                       f"({len(layers)} layers, each keeping {shape.top_k}..{e})")
+        raise EepError(
+            f"MoE-I² size {target} experts must lie in {shape.top_k * len(layers)}..{e * len(layers)} "
+            f"({len(layers)} layers, each keeping {shape.top_k}..{e})"
+        )
     return Moei2Plan.of(shape, target, config.moei2)
 
 
@@ -222,8 +266,14 @@ class LayerReconstruction:
 
         start = time.perf_counter()
         lost = 100.0 * self.error(candidate.genome.keep(self.layer)) / max(self.energy, 1e-30)
-        return Evaluation(candidate.id, candidate.genome, -lost, {"output_lost_pct": lost},
-                          time.perf_counter() - start, self.name)
+        return Evaluation(
+            candidate.id,
+            candidate.genome,
+            -lost,
+            {"output_lost_pct": lost},
+            time.perf_counter() - start,
+            self.name,
+        )
 
 
 def layer_config(config, layer: int, keep: int):
@@ -234,14 +284,26 @@ def layer_config(config, layer: int, keep: int):
     data = config.to_dict()
     data["name"] = f"{config.name}-layer{layer}"
     data["search_space"] = {"kind": "prune", "keep": keep}
-    data["search"] = {**data["search"], "seed": config.search.seed + layer, "initial": c.population,
-                      "evaluations": c.population * c.generations, "in_flight": 1}
+    data["search"] = {
+        **data["search"],
+        "seed": config.search.seed + layer,
+        "initial": c.population,
+        "evaluations": c.population * c.generations,
+        "in_flight": 1,
+    }
     data["evaluator"] = {"kind": "serial"}
     return parse_config(data, source=f"layer {layer} search")
 
 
-def layer_search(directory, config, cal: Calibration, layer: int, keep: int, log: Callable[[str], None],
-                 stop_after: int | None = None) -> tuple[list[Genome], int, int, bool]:
+def layer_search(
+    directory,
+    config,
+    cal: Calibration,
+    layer: int,
+    keep: int,
+    log: Callable[[str], None],
+    stop_after: int | None = None,
+) -> tuple[list[Genome], int, int, bool]:
     """Run (or resume) one layer's search in ``directory``. Returns (its K best distinct keep sets
     as one-layer genomes, evaluations made by this call, evaluations in its journal, whether the
     search is finished)."""
@@ -251,12 +313,21 @@ def layer_search(directory, config, cal: Calibration, layer: int, keep: int, log
     from search_spaces import PruneSpace
 
     sub_config = layer_config(config, layer, keep)
-    run = RunDir.open(directory) if (directory / "config.yaml").exists() else RunDir.create(directory, sub_config)
+    run = (
+        RunDir.open(directory)
+        if (directory / "config.yaml").exists()
+        else RunDir.create(directory, sub_config)
+    )
     before = len(run.evaluations())
     space = PruneSpace(cal.num_experts, cal.top_k, (layer,), keep)
     with run.lock():
-        run_search(run, space, SerialEvaluator(LayerReconstruction(cal, layer)),
-                   log=lambda m: log(m.replace("[eep] ", f"[eep] layer {layer}: ", 1)), stop_after=stop_after)
+        run_search(
+            run,
+            space,
+            SerialEvaluator(LayerReconstruction(cal, layer)),
+            log=lambda m: log(m.replace("[eep] ", f"[eep] layer {layer}: ", 1)),
+            stop_after=stop_after,
+        )
     archive = run.evaluations()
     made = len(archive) - before
     finished = stop_after is None or made < stop_after
@@ -289,9 +360,13 @@ class BlockScorer:
                 if index in starts:
                     current["inputs"][index] = hidden.detach()
                 current["kwargs"][index] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+
             return hook
 
-        handles = [self.layers[i].register_forward_pre_hook(capture(i), with_kwargs=True) for i in sorted(wanted)]
+        handles = [
+            self.layers[i].register_forward_pre_hook(capture(i), with_kwargs=True)
+            for i in sorted(wanted)
+        ]
         try:
             with torch.no_grad():
                 for ids, mask in calibration_inputs(model, batches):
@@ -301,7 +376,9 @@ class BlockScorer:
         finally:
             for handle in handles:
                 handle.remove()
-        self.reference = [[self._run(b, batch) for batch in self.batches] for b in range(len(blocks))]
+        self.reference = [
+            [self._run(b, batch) for batch in self.batches] for b in range(len(blocks))
+        ]
 
     def _run(self, b: int, batch: dict) -> torch.Tensor:
         block = self.blocks[b]
@@ -324,7 +401,7 @@ class BlockScorer:
 def blocks_of(layers: Iterable[int], size: int) -> list[list[int]]:
     """Consecutive blocks of ``size`` MoE layers (the last may be shorter)."""
     layers = list(layers)
-    return [layers[i: i + size] for i in range(0, len(layers), size)]
+    return [layers[i : i + size] for i in range(0, len(layers), size)]
 
 
 def combine(genomes: Iterable[Genome]) -> Genome:
@@ -334,7 +411,9 @@ def combine(genomes: Iterable[Genome]) -> Genome:
     return Genome.from_genes(genomes[0].num_experts, genomes[0].top_k, genes)
 
 
-def kt_search(scorer: BlockScorer, candidates: dict[int, list[Genome]]) -> tuple[Genome, list[dict]]:
+def kt_search(
+    scorer: BlockScorer, candidates: dict[int, list[Genome]]
+) -> tuple[Genome, list[dict]]:
     """The best combination of the layers' candidates in every block of ``scorer`` (all K^T
     tried), joined into one genome; with each block's best error and the combinations tried."""
     chosen, report = [], []
@@ -355,9 +434,16 @@ def kt_search(scorer: BlockScorer, candidates: dict[int, list[Genome]]) -> tuple
 # -- the run ------------------------------------------------------------------------------------
 
 
-def compress(config, worker, directory, plan: Moei2Plan, log: Callable[[str], None],
-             stop_after: int | None = None, cal: Calibration | None = None,
-             batches: list[dict] | None = None) -> dict | None:
+def compress(
+    config,
+    worker,
+    directory,
+    plan: Moei2Plan,
+    log: Callable[[str], None],
+    stop_after: int | None = None,
+    cal: Calibration | None = None,
+    batches: list[dict] | None = None,
+) -> dict | None:
     """Both stages on ``worker``'s resident model; the layer searches live under ``directory``.
     Returns the stage results (genomes, keep counts, block errors), or None when ``stop_after``
     evaluations of the layer searches ended this call first (it resumes from their journals).
@@ -370,36 +456,53 @@ def compress(config, worker, directory, plan: Moei2Plan, log: Callable[[str], No
 
     cfg, cal_cfg = config.moei2, config.baselines.calibration
     if batches is None:
-        batches = calibration_batches(worker.tokenizer, calibration_texts(config), config.fitness.batch_size,
-                                      cal_cfg.max_length)
+        batches = calibration_batches(
+            worker.tokenizer,
+            calibration_texts(config),
+            config.fitness.batch_size,
+            cal_cfg.max_length,
+        )
     if cal is None:
         log(f"[eep] MoE-I² calibration pass over {sum(len(b['input_ids']) for b in batches)} texts")
-        cal = bl.collect(worker.model, worker.adapter, batches, cal_cfg.max_tokens_per_layer, seed=cal_cfg.seed)
+        cal = bl.collect(
+            worker.model, worker.adapter, batches, cal_cfg.max_tokens_per_layer, seed=cal_cfg.seed
+        )
     if cfg.importance == "loss":
         importance = loss_importance(worker.model, worker.adapter, batches, log)
     else:
         importance = expert_importance(cal, reroute=cfg.importance == "reroute")
     counts = layer_keep_counts(importance, plan.stage1, plan.top_k, plan.num_experts)
-    log(f"[eep] stage 1: {plan.stage1} experts kept, per layer " + " ".join(f"{counts[i]}" for i in plan.layers))
+    log(
+        f"[eep] stage 1: {plan.stage1} experts kept, per layer "
+        + " ".join(f"{counts[i]}" for i in plan.layers)
+    )
     candidates, made, journaled = {}, 0, 0
     for layer in plan.layers:
         left = None if stop_after is None else stop_after - made
         if left == 0:
             return None
-        best, new, total, finished = layer_search(Path(directory) / f"layer-{layer:02d}", config, cal, layer, counts[layer],
-                                           log, left)
+        best, new, total, finished = layer_search(
+            Path(directory) / f"layer-{layer:02d}", config, cal, layer, counts[layer], log, left
+        )
         made += new
         journaled += total
         if not finished:
             return None
         candidates[layer] = best
-    log(f"[eep] stage 1: KT search over blocks of {cfg.block} layers, {cfg.candidates} candidates each")
+    log(
+        f"[eep] stage 1: KT search over blocks of {cfg.block} layers, {cfg.candidates} candidates each"
+    )
     scorer = BlockScorer(worker.model, worker.adapter, batches, blocks_of(plan.layers, cfg.block))
     stage1, blocks = kt_search(scorer, candidates)
     del scorer
-    result = {"evaluations": journaled, "keep_counts": {str(i): counts[i] for i in plan.layers},
-              "importance": {str(i): [round(float(x), 6) for x in importance[i]] for i in plan.layers},
-              "blocks": blocks, "stage1": stage1, "stage2": None}
+    result = {
+        "evaluations": journaled,
+        "keep_counts": {str(i): counts[i] for i in plan.layers},
+        "importance": {str(i): [round(float(x), 6) for x in importance[i]] for i in plan.layers},
+        "blocks": blocks,
+        "stage1": stage1,
+        "stage2": None,
+    }
     if plan.low_rank_fraction is not None:
         from eep.lowrank import allocate_ranks, collect_scales
 
@@ -409,11 +512,15 @@ def compress(config, worker, directory, plan: Moei2Plan, log: Callable[[str], No
             scales = collect_scales(worker.model, worker.adapter, batches)
         worker.adapter.use_scales(scales)
         result["scales"] = scales
-        result["stage2"] = allocate_ranks(stage1, importance, worker.adapter, plan.low_rank_fraction, cfg.alpha)
+        result["stage2"] = allocate_ranks(
+            stage1, importance, worker.adapter, plan.low_rank_fraction, cfg.alpha
+        )
     return result
 
 
-def run_moei2(run, config, worker, plan: Moei2Plan, log: Callable[[str], None], stop_after: int | None = None) -> dict | None:
+def run_moei2(
+    run, config, worker, plan: Moei2Plan, log: Callable[[str], None], stop_after: int | None = None
+) -> dict | None:
     """A ``search_space.kind: moei2`` run in ``run`` (a :class:`eep.journal.RunDir`): both stages,
     then the held-out scores of each stage's genome and of the full model into ``summary.json``
     (``best_genome`` is the last stage's, which ``eep export RUN_DIR`` writes). None when stopped."""
@@ -429,7 +536,9 @@ def run_moei2(run, config, worker, plan: Moei2Plan, log: Callable[[str], None], 
         scores = worker.scores(genome, "test")
         out = {"scores": scores, "mean": weighted_fitness(config.fitness.tasks, scores)}
         if genome is not None:
-            out["kept_params"], out["active_params"] = parameter_counts(worker.model, worker.adapter, genome)
+            out["kept_params"], out["active_params"] = parameter_counts(
+                worker.model, worker.adapter, genome
+            )
         return out
 
     if result.get("scales") is not None:  # what an activation-aware genome needs beside it
@@ -438,11 +547,24 @@ def run_moei2(run, config, worker, plan: Moei2Plan, log: Callable[[str], None], 
         save_scales(result["scales"], run.path / SCALES_FILE)
     stages = {name: result[name] for name in ("stage1", "stage2") if result[name] is not None}
     final = stages.get("stage2", stages["stage1"])
-    summary = {"method": "moei2", "evaluations": result["evaluations"], "failed": 0, "best_fitness": None, "best_id": None,
-               "best_scores": None, "best_genome": final.to_dict(), "keep_counts": result["keep_counts"],
-               "importance": result["importance"], "blocks": result["blocks"],
-               "stages": {name: {"genome": g.to_dict(), "heldout": heldout(g)} for name, g in stages.items()}}
-    summary["heldout"] = {"best": summary["stages"]["stage2" if "stage2" in stages else "stage1"]["heldout"],
-                          "full": heldout(None)}
+    summary = {
+        "method": "moei2",
+        "evaluations": result["evaluations"],
+        "failed": 0,
+        "best_fitness": None,
+        "best_id": None,
+        "best_scores": None,
+        "best_genome": final.to_dict(),
+        "keep_counts": result["keep_counts"],
+        "importance": result["importance"],
+        "blocks": result["blocks"],
+        "stages": {
+            name: {"genome": g.to_dict(), "heldout": heldout(g)} for name, g in stages.items()
+        },
+    }
+    summary["heldout"] = {
+        "best": summary["stages"]["stage2" if "stage2" in stages else "stage1"]["heldout"],
+        "full": heldout(None),
+    }
     run.write_summary(summary)
     return summary

@@ -10,7 +10,9 @@ from collections.abc import Callable, Iterable, Iterator
 
 
 class Progress:
-    def __init__(self, description: str, total: int, log: Callable[[str], None], every: float = 10.0):
+    def __init__(
+        self, description: str, total: int, log: Callable[[str], None], every: float = 10.0
+    ):
         self.description, self.total, self.log, self.every = description, total, log, every
         self.done = 0
         self.start = self.last = time.perf_counter()
@@ -26,19 +28,24 @@ class Progress:
             self.bar.update(n)
             return
         now = time.perf_counter()
-        finished_long = self.done >= self.total and now - self.start >= self.every  # quick steps stay quiet
+        # quick steps stay quiet
+        finished_long = self.done >= self.total and now - self.start >= self.every
         if now - self.last >= self.every or finished_long:
             self.last = now
             rate = self.done / max(now - self.start, 1e-9)
             left = (self.total - self.done) / rate if rate else 0.0
-            self.log(f"[eep] {self.description}: {self.done}/{self.total}, {rate:.2f}/s, ~{left:.0f}s left")
+            self.log(
+                f"[eep] {self.description}: {self.done}/{self.total}, {rate:.2f}/s, ~{left:.0f}s left"
+            )
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
-def tracked(items: Iterable, description: str, log: Callable[[str], None], every: float = 10.0) -> Iterator:
+def tracked(
+    items: Iterable, description: str, log: Callable[[str], None], every: float = 10.0
+) -> Iterator:
     """Yield ``items``, reporting each as done once the caller has dealt with it."""
     items = list(items)
     progress = Progress(description, len(items), log, every)

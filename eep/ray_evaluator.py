@@ -34,17 +34,24 @@ from eep.evaluator import Candidate, FitnessWorker
 from eep.journal import Evaluation
 
 
-def busy_share(finished: list[tuple[float, float]], start: float, end: float, actors: int) -> float | None:
+def busy_share(
+    finished: list[tuple[float, float]], start: float, end: float, actors: int
+) -> float | None:
     """Share of ``actors`` x [start, end] spent evaluating, each evaluation ``(received at,
     seconds)`` taken as the interval [received - seconds, received], clipped to the window."""
     if end <= start:
         return None
-    busy = sum(max(0.0, min(received, end) - max(received - seconds, start)) for received, seconds in finished)
+    busy = sum(
+        max(0.0, min(received, end) - max(received - seconds, start))
+        for received, seconds in finished
+    )
     return min(1.0, busy / (actors * (end - start)))
 
 
 class RayEvaluator:
-    def __init__(self, config: Config, log: Callable[[str], None] = print, worker_cls: type = FitnessWorker):
+    def __init__(
+        self, config: Config, log: Callable[[str], None] = print, worker_cls: type = FitnessWorker
+    ):
         import ray
 
         cfg = config.evaluator
@@ -54,8 +61,12 @@ class RayEvaluator:
             if cfg.address:
                 ray.init(address=cfg.address, include_dashboard=False, log_to_driver=False)
             else:
-                ray.init(num_cpus=cfg.workers or 1, include_dashboard=False, log_to_driver=False,
-                         object_store_memory=256 * 1024**2)
+                ray.init(
+                    num_cpus=cfg.workers or 1,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    object_store_memory=256 * 1024**2,
+                )
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         if gpus and config.model.device != "cpu":
@@ -63,20 +74,27 @@ class RayEvaluator:
             fits = gpus // cfg.gpus_per_actor
             if fits == 0:
                 self.close()
-                raise EepError(f"evaluator.gpus_per_actor={cfg.gpus_per_actor} but the cluster has {gpus} GPUs")
+                raise EepError(
+                    f"evaluator.gpus_per_actor={cfg.gpus_per_actor} but the cluster has {gpus} GPUs"
+                )
         else:
             self._options = {"num_cpus": 1}
             fits = int(resources.get("CPU", 1))
         self.size = min(cfg.workers or fits, fits)
-        log(f"[eep] ray: {self.size} actor(s) ({self._options}) on {len(ray.nodes())} node(s); "
-            f"cluster offers {int(resources.get('CPU', 0))} CPUs, {gpus} GPUs")
+        log(
+            f"[eep] ray: {self.size} actor(s) ({self._options}) on {len(ray.nodes())} node(s); "
+            f"cluster offers {int(resources.get('CPU', 0))} CPUs, {gpus} GPUs"
+        )
         self._actor_cls = ray.remote(max_restarts=0)(worker_cls)
         self._spawned = 0
         self.actors, self.names = [], []
         for _ in range(self.size):
             self._spawn()
-        log(f"[eep] ray: models loaded on {', '.join(ray.get([a.ready.remote() for a in self.actors]))}")
-        self._finished: list[tuple[float, float]] = []  # (received at, seconds evaluating) per evaluation
+        log(
+            f"[eep] ray: models loaded on {', '.join(ray.get([a.ready.remote() for a in self.actors]))}"
+        )
+        # (received at, seconds evaluating) per evaluation
+        self._finished: list[tuple[float, float]] = []
         self._last_dispatch = 0.0
         self._running: dict = {}  # object ref -> (candidate, actor index, actor handle, actor name)
         self._start: float | None = None
@@ -97,16 +115,20 @@ class RayEvaluator:
         with ``steady``)."""
         if self._start is None:
             return None
-        return busy_share(self._finished, self._start, self._last_dispatch if steady else time.perf_counter(),
-                          self.size)
+        return busy_share(
+            self._finished,
+            self._start,
+            self._last_dispatch if steady else time.perf_counter(),
+            self.size,
+        )
 
     def imap(self, candidates: Iterable[Candidate]) -> Iterator[Evaluation]:
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
         pending = iter(candidates)
-        order: deque[int] = deque()           # ids pulled, not yet yielded
-        waiting: list[Candidate] = []         # pulled, not yet sent to an actor (by id)
+        order: deque[int] = deque()  # ids pulled, not yet yielded
+        waiting: list[Candidate] = []  # pulled, not yet sent to an actor (by id)
         done: dict[int, Evaluation] = {}
         notes: dict[int, str] = {}
         depth = -(-self.in_flight // self.size)  # candidates an actor holds at once (queued in Ray)
@@ -138,17 +160,27 @@ class RayEvaluator:
                 try:
                     evaluation = ray.get(ref)
                 except RayActorError as err:
-                    if self.actors[index] is actor:  # the first of its candidates to report the loss
-                        self.log(f"[eep] ray: {name} died while evaluating candidate {candidate.id} "
-                                 f"({type(err).__name__}); replacing it and re-running its candidates")
+                    # the first of its candidates to report the loss
+                    if self.actors[index] is actor:
+                        self.log(
+                            f"[eep] ray: {name} died while evaluating candidate {candidate.id} "
+                            f"({type(err).__name__}); replacing it and re-running its candidates"
+                        )
                         self._spawn(index)
                     notes[candidate.id] = f"re-run: {name} died ({type(err).__name__})"
                     waiting.append(candidate)
                     waiting.sort(key=lambda c: c.id)
                     continue
                 except RayTaskError as err:
-                    evaluation = Evaluation(candidate.id, candidate.genome, None, {}, 0.0,
-                                            self.names[index], f"{type(err).__name__}: {err}".splitlines()[0])
+                    evaluation = Evaluation(
+                        candidate.id,
+                        candidate.genome,
+                        None,
+                        {},
+                        0.0,
+                        self.names[index],
+                        f"{type(err).__name__}: {err}".splitlines()[0],
+                    )
                 self._finished.append((time.perf_counter(), evaluation.seconds))
                 if candidate.id in notes:
                     evaluation = replace(evaluation, note=notes.pop(candidate.id))
@@ -167,4 +199,3 @@ class RayEvaluator:
         self.actors = []
         if self._owns_runtime and ray.is_initialized():
             ray.shutdown()
-

@@ -29,14 +29,40 @@ from eep.errors import EepError
 from eep.journal import Evaluation, RunDir
 from eep.search import best_of
 
-METHOD_ORDER = ("full", "random", "frequency", "reap", "naee", "naee+skip", "moei2", "moei2+low-rank", "greedy",
-                "search")
+METHOD_ORDER = (
+    "full",
+    "random",
+    "frequency",
+    "reap",
+    "naee",
+    "naee+skip",
+    "moei2",
+    "moei2+low-rank",
+    "greedy",
+    "search",
+)
 WINDOW = 20  # evaluations in the population-trend mean of fitness.png
-_COLORS = {"random": "tab:gray", "frequency": "tab:blue", "reap": "tab:purple", "naee": "tab:green",
-           "naee+skip": "tab:olive", "moei2": "tab:cyan", "moei2+low-rank": "tab:orange", "greedy": "tab:brown",
-           "search": "tab:red"}
-_MARKERS = {"random": "o", "frequency": "s", "reap": "D", "naee": "^", "naee+skip": "v", "moei2": "P",
-            "moei2+low-rank": "X", "greedy": "h"}
+_COLORS = {
+    "random": "tab:gray",
+    "frequency": "tab:blue",
+    "reap": "tab:purple",
+    "naee": "tab:green",
+    "naee+skip": "tab:olive",
+    "moei2": "tab:cyan",
+    "moei2+low-rank": "tab:orange",
+    "greedy": "tab:brown",
+    "search": "tab:red",
+}
+_MARKERS = {
+    "random": "o",
+    "frequency": "s",
+    "reap": "D",
+    "naee": "^",
+    "naee+skip": "v",
+    "moei2": "P",
+    "moei2+low-rank": "X",
+    "greedy": "h",
+}
 _SPARE_COLORS = ("tab:pink", "gold", "navy", "teal", "black")
 _DASH = "–"
 
@@ -68,14 +94,18 @@ class Row:
 
 # -- pure helpers -------------------------------------------------------------------------------
 
+
 def ordered_methods(names) -> list[str]:
     """Known methods in :data:`METHOD_ORDER`, then the others in the order given."""
     names = list(names)
     return [m for m in METHOD_ORDER if m in names] + [m for m in names if m not in METHOD_ORDER]
 
 
-def method_rows(baselines: dict[str, Any] | None, heldout: dict[str, Any] | None = None,
-                more: dict[str, dict] | None = None) -> list[Row]:
+def method_rows(
+    baselines: dict[str, Any] | None,
+    heldout: dict[str, Any] | None = None,
+    more: dict[str, dict] | None = None,
+) -> list[Row]:
     """The table's rows: every method of ``baselines``, plus the full model and the search from
     ``summary.json``'s ``heldout`` block (``{"best": ..., "full": ...}``) and the rows ``more``
     (``{method: {"heldout", "tasks", ...}}``) where the baselines lack them."""
@@ -85,10 +115,20 @@ def method_rows(baselines: dict[str, Any] | None, heldout: dict[str, Any] | None
     for method, key in (("full", "full"), ("search", "best")):
         if method not in methods and heldout and key in heldout:
             methods[method] = {"heldout": heldout[key]["mean"], "tasks": heldout[key]["scores"]}
-    return [Row(m, methods[m]["heldout"], dict(methods[m].get("tasks", {})), methods[m].get("heldout_std"),
-                methods[m].get("draws"), methods[m].get("kept_params"), methods[m].get("active_params"),
-                methods[m].get("how"), methods[m].get("evaluations"))
-            for m in ordered_methods(methods)]
+    return [
+        Row(
+            m,
+            methods[m]["heldout"],
+            dict(methods[m].get("tasks", {})),
+            methods[m].get("heldout_std"),
+            methods[m].get("draws"),
+            methods[m].get("kept_params"),
+            methods[m].get("active_params"),
+            methods[m].get("how"),
+            methods[m].get("evaluations"),
+        )
+        for m in ordered_methods(methods)
+    ]
 
 
 def best_compressed(rows: Sequence[Row]) -> Row | None:
@@ -123,9 +163,14 @@ def comparison_table(rows: Sequence[Row], tasks: Sequence[str]) -> list[str]:
     best = best_compressed(rows)
     with_params = any(r.kept_params is not None or r.active_params is not None for r in rows)
     # active parameters only where a method routes to fewer experts than the full model
-    with_active = with_params and len({r.active_params for r in rows if r.active_params is not None}) > 1
-    header = ["method", *tasks, "held-out mean"] + (["kept params"] if with_params else []) \
+    with_active = (
+        with_params and len({r.active_params for r in rows if r.active_params is not None}) > 1
+    )
+    header = (
+        ["method", *tasks, "held-out mean"]
+        + (["kept params"] if with_params else [])
         + (["active params / token"] if with_active else [])
+    )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
     for row in rows:
         mean = _DASH if row.heldout is None else f"{row.heldout:.1f}"
@@ -133,7 +178,11 @@ def comparison_table(rows: Sequence[Row], tasks: Sequence[str]) -> list[str]:
             mean += f" ± {row.heldout_std:.1f}"
         if row is best:
             mean = f"**{mean}**"
-        cells = [row.label, *(f"{row.tasks[t]:.1f}" if t in row.tasks else _DASH for t in tasks), mean]
+        cells = [
+            row.label,
+            *(f"{row.tasks[t]:.1f}" if t in row.tasks else _DASH for t in tasks),
+            mean,
+        ]
         if with_params:
             cells.append(_params(row.kept_params, full and full.kept_params, row is full))
         if with_active:
@@ -164,9 +213,16 @@ def running_mean(values: Sequence[float], window: int = WINDOW) -> list[float]:
 def sweep_table(series: dict[str, dict[int, float]]) -> list[str]:
     """Markdown lines: a row per method, a column per number of experts kept (the plot's numbers)."""
     keeps = sorted({k for points in series.values() for k in points})
-    lines = ["| method | " + " | ".join(f"{k} kept" for k in keeps) + " |", "|---|" + "---:|" * len(keeps)]
+    lines = [
+        "| method | " + " | ".join(f"{k} kept" for k in keeps) + " |",
+        "|---|" + "---:|" * len(keeps),
+    ]
     for method, points in series.items():
-        lines.append(f"| {method} | " + " | ".join(f"{points[k]:.1f}" if k in points else _DASH for k in keeps) + " |")
+        lines.append(
+            f"| {method} | "
+            + " | ".join(f"{points[k]:.1f}" if k in points else _DASH for k in keeps)
+            + " |"
+        )
     return lines
 
 
@@ -195,7 +251,9 @@ def load_baselines(path: Path) -> dict[str, Any] | None:
         raise EepError(f"{path} is not valid JSON ({err})") from None
 
     def number(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        )
 
     if not isinstance(data, dict) or not isinstance(data.get("methods", {}), dict):
         raise EepError(f"{path}: expected an object with a 'methods' object (see eep/report.py)")
@@ -206,12 +264,19 @@ def load_baselines(path: Path) -> dict[str, Any] | None:
     if not isinstance(sweep, dict):
         raise EepError(f"{path}: 'sweep' must map a number of kept experts to {{method: score}}")
     for keep, scores in sweep.items():
-        if not str(keep).isdigit() or not isinstance(scores, dict) or not all(map(number, scores.values())):
-            raise EepError(f"{path}: sweep.{keep} must be a number of kept experts mapping methods to scores")
+        if (
+            not str(keep).isdigit()
+            or not isinstance(scores, dict)
+            or not all(map(number, scores.values()))
+        ):
+            raise EepError(
+                f"{path}: sweep.{keep} must be a number of kept experts mapping methods to scores"
+            )
     return data
 
 
 # -- figures ------------------------------------------------------------------------------------
+
 
 def _figure(width: float = 8.5, height: float = 4.0):
     # A bare Figure renders with Agg on savefig and never touches pyplot's global state or a display.
@@ -228,8 +293,12 @@ def _legend(ax) -> None:
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
 
 
-def plot_fitness(evaluations: Sequence[Evaluation], path: Path, title: str,
-                 phases: Sequence[tuple[int, str]] = ()) -> None:
+def plot_fitness(
+    evaluations: Sequence[Evaluation],
+    path: Path,
+    title: str,
+    phases: Sequence[tuple[int, str]] = (),
+) -> None:
     """Every evaluation's fitness by candidate id, the running best and the population trend;
     candidates cut short at their upper bound; failed evaluations as red crosses on the bottom edge;
     ``phases`` as (id, label) markers."""
@@ -239,31 +308,88 @@ def plot_fitness(evaluations: Sequence[Evaluation], path: Path, title: str,
     evaluations = sorted(evaluations, key=lambda e: e.id)
     ok = [e for e in evaluations if e.ok]
     ids = [e.id for e in evaluations]
-    ax.scatter([e.id for e in ok], [e.fitness for e in ok], s=12, color="tab:blue", alpha=0.45,
-               linewidths=0, label="evaluation", zorder=2)
+    ax.scatter(
+        [e.id for e in ok],
+        [e.fitness for e in ok],
+        s=12,
+        color="tab:blue",
+        alpha=0.45,
+        linewidths=0,
+        label="evaluation",
+        zorder=2,
+    )
     best = running_best([e.fitness for e in evaluations])
-    ax.step(ids, [math.nan if b is None else b for b in best], where="post", color="tab:red", linewidth=2,
-            label="best so far", zorder=3)
-    ax.plot([e.id for e in ok], running_mean([e.fitness for e in ok]), color="tab:green", linewidth=1.5,
-            label=f"mean of last {WINDOW}", zorder=3)
+    ax.step(
+        ids,
+        [math.nan if b is None else b for b in best],
+        where="post",
+        color="tab:red",
+        linewidth=2,
+        label="best so far",
+        zorder=3,
+    )
+    ax.plot(
+        [e.id for e in ok],
+        running_mean([e.fitness for e in ok]),
+        color="tab:green",
+        linewidth=1.5,
+        label=f"mean of last {WINDOW}",
+        zorder=3,
+    )
     top = best_of(evaluations)
     if top is not None:
-        ax.scatter([top.id], [top.fitness], marker="*", s=160, color="tab:red", edgecolors="black",
-                   linewidths=0.6, label=f"best: {top.fitness:.1f} (candidate {top.id})", zorder=4)
+        ax.scatter(
+            [top.id],
+            [top.fitness],
+            marker="*",
+            s=160,
+            color="tab:red",
+            edgecolors="black",
+            linewidths=0.6,
+            label=f"best: {top.fitness:.1f} (candidate {top.id})",
+            zorder=4,
+        )
     cut = [e for e in evaluations if e.cut is not None]
     if cut:  # scored part-way: their bound, an upper limit on what they would have scored
-        ax.scatter([e.id for e in cut], [e.cut for e in cut], s=10, marker="v", color="0.6", alpha=0.6,
-                   linewidths=0, label=f"cut short, at most ({len(cut)})", zorder=2)
+        ax.scatter(
+            [e.id for e in cut],
+            [e.cut for e in cut],
+            s=10,
+            marker="v",
+            color="0.6",
+            alpha=0.6,
+            linewidths=0,
+            label=f"cut short, at most ({len(cut)})",
+            zorder=2,
+        )
     failed = [e.id for e in evaluations if e.failed]
     if failed:
         edge = blended_transform_factory(ax.transData, ax.transAxes)
-        ax.scatter(failed, [0.02] * len(failed), transform=edge, marker="x", s=20, color="tab:red",
-                   label=f"failed ({len(failed)})", zorder=3, clip_on=False)
+        ax.scatter(
+            failed,
+            [0.02] * len(failed),
+            transform=edge,
+            marker="x",
+            s=20,
+            color="tab:red",
+            label=f"failed ({len(failed)})",
+            zorder=3,
+            clip_on=False,
+        )
     for start, label in phases:
         if ids and ids[0] < start <= ids[-1]:
             ax.axvline(start - 0.5, color="0.4", linestyle=":", linewidth=1)
-            ax.annotate(label, (start - 0.5, 1), xycoords=("data", "axes fraction"), xytext=(0, 2),
-                        textcoords="offset points", ha="center", va="bottom", fontsize=8, color="0.3")
+            ax.annotate(
+                label,
+                (start - 0.5, 1),
+                xycoords=("data", "axes fraction"),
+                xytext=(0, 2),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                color="0.3",
+            )
     ax.set_xlabel("candidate id (evaluation order)")
     ax.set_ylabel("fitness (search split)")
     ax.set_title(title, pad=14 if phases else 6)
@@ -271,7 +397,9 @@ def plot_fitness(evaluations: Sequence[Evaluation], path: Path, title: str,
     fig.savefig(path)
 
 
-def plot_methods(baselines: dict[str, Any], path: Path, title: str, keep: int | None = None) -> None:
+def plot_methods(
+    baselines: dict[str, Any], path: Path, title: str, keep: int | None = None
+) -> None:
     """Held-out score against experts kept per layer: a line per method, the search as stars, the
     random draws' spread as an error bar, the full model as a dashed line."""
     fig, ax = _figure()
@@ -284,24 +412,51 @@ def plot_methods(baselines: dict[str, Any], path: Path, title: str, keep: int | 
         keeps.update(points)
         std = methods.get(method, {}).get("heldout_std") if keep in points else None
         if method == "search":
-            style = dict(marker="*", markersize=14, markeredgecolor="black", markeredgewidth=0.6, zorder=4,
-                         linewidth=1.5 if len(points) > 1 else 0)
+            style = dict(
+                marker="*",
+                markersize=14,
+                markeredgecolor="black",
+                markeredgewidth=0.6,
+                zorder=4,
+                linewidth=1.5 if len(points) > 1 else 0,
+            )
         else:  # a marker of its own, and dashed where it may hide under another (naee+skip over naee)
-            style = dict(marker=_MARKERS.get(method, "o"), markersize=6, linewidth=1.5, zorder=3,
-                         linestyle="--" if method.endswith("+skip") else "-")
-        ax.plot(list(points), list(points.values()), color=color,
-                label=f"{method} (± std at {keep})" if std else method, **style)
+            style = dict(
+                marker=_MARKERS.get(method, "o"),
+                markersize=6,
+                linewidth=1.5,
+                zorder=3,
+                linestyle="--" if method.endswith("+skip") else "-",
+            )
+        ax.plot(
+            list(points),
+            list(points.values()),
+            color=color,
+            label=f"{method} (± std at {keep})" if std else method,
+            **style,
+        )
         if std:
-            ax.errorbar([keep], [points[keep]], yerr=[std], color=color, capsize=4, linewidth=1, zorder=3)
+            ax.errorbar(
+                [keep], [points[keep]], yerr=[std], color=color, capsize=4, linewidth=1, zorder=3
+            )
     full = methods.get("full")
     experts = baselines.get("num_experts")
     if full is not None:
-        ax.axhline(full["heldout"], color="black", linestyle="--", linewidth=1,
-                   label=f"full model ({experts} experts)" if experts else "full model")
+        ax.axhline(
+            full["heldout"],
+            color="black",
+            linestyle="--",
+            linewidth=1,
+            label=f"full model ({experts} experts)" if experts else "full model",
+        )
     if keeps:
-        ax.set_xticks(sorted(keeps), [f"{k}\n(this run)" if k == keep else str(k) for k in sorted(keeps)])
+        ax.set_xticks(
+            sorted(keeps), [f"{k}\n(this run)" if k == keep else str(k) for k in sorted(keeps)]
+        )
         ax.set_xlim(min(keeps) - 0.5, max(keeps) + 0.5)
-    ax.set_xlabel(f"experts kept per MoE layer (of {experts})" if experts else "experts kept per MoE layer")
+    ax.set_xlabel(
+        f"experts kept per MoE layer (of {experts})" if experts else "experts kept per MoE layer"
+    )
     ax.set_ylabel("held-out score (mean over tasks)")
     ax.set_title(title)
     _legend(ax)
@@ -309,6 +464,7 @@ def plot_methods(baselines: dict[str, Any], path: Path, title: str, keep: int | 
 
 
 # -- the report ---------------------------------------------------------------------------------
+
 
 def write_report(run_dir: str | Path) -> Path:
     """Write ``report.md`` (and its figures) into ``run_dir``; returns the path of ``report.md``."""
@@ -321,22 +477,35 @@ def write_report(run_dir: str | Path) -> Path:
     fitness_png, methods_png = run.path / "fitness.png", run.path / "methods.png"
 
     model = "" if config.model.path == config.name else f" ({config.model.path})"
-    lines = [f"# eep report: {config.name}{model}", "",
-             f"- search space: {_space(config, evaluations)}"]
+    lines = [
+        f"# eep report: {config.name}{model}",
+        "",
+        f"- search space: {_space(config, evaluations)}",
+    ]
     if summary is None:
-        lines.append("- **the search has not finished** (no summary.json yet): this report is built from the "
-                     "journal alone and has no held-out scores")
+        lines.append(
+            "- **the search has not finished** (no summary.json yet): this report is built from the "
+            "journal alone and has no held-out scores"
+        )
     elif heldout is None:
-        lines.append("- **the search has not finished** (summary.json has no held-out scores yet): "
-                     "held-out comparisons are missing")
+        lines.append(
+            "- **the search has not finished** (summary.json has no held-out scores yet): "
+            "held-out comparisons are missing"
+        )
 
     moei2 = summary is not None and summary.get("method") == "moei2"
     more = None
     if moei2:  # no search of EEP's in this run: MoE-I²'s stages instead
         lines += ["", "## MoE-I²", "", *_moei2_lines(summary, config)]
-        more = {f"moei2 {name.replace('stage', 'stage ')}": {
-            "heldout": s["heldout"]["mean"], "tasks": s["heldout"]["scores"], "kept_params": s["heldout"].get("kept_params"),
-            "active_params": s["heldout"].get("active_params")} for name, s in summary["stages"].items()}
+        more = {
+            f"moei2 {name.replace('stage', 'stage ')}": {
+                "heldout": s["heldout"]["mean"],
+                "tasks": s["heldout"]["scores"],
+                "kept_params": s["heldout"].get("kept_params"),
+                "active_params": s["heldout"].get("active_params"),
+            }
+            for name, s in summary["stages"].items()
+        }
         heldout = {"full": heldout["full"]} if heldout else None
     else:
         lines += ["", "## Search", ""]
@@ -344,25 +513,42 @@ def write_report(run_dir: str | Path) -> Path:
     failed = sum(e.failed for e in evaluations)
     cut = sum(e.cut is not None for e in evaluations)
     if not moei2:
-        lines.append(f"- evaluations: {len(evaluations)} of {config.search.evaluations}, {failed} failed"
-                     + (f", {cut} cut short as hopeless (scored part-way; never a parent or the best)" if cut else ""))
+        lines.append(
+            f"- evaluations: {len(evaluations)} of {config.search.evaluations}, {failed} failed"
+            + (
+                f", {cut} cut short as hopeless (scored part-way; never a parent or the best)"
+                if cut
+                else ""
+            )
+        )
     if best is not None:
-        lines.append(f"- best search fitness: {best.fitness:.2f} (candidate {best.id}, genome `{best.genome.key}`)")
+        lines.append(
+            f"- best search fitness: {best.fitness:.2f} (candidate {best.id}, genome `{best.genome.key}`)"
+        )
     chosen = (summary or {}).get("selected")
     if chosen and chosen.get("by") == "validation" and not moei2:
-        lines.append(f"- exported: candidate {chosen['id']} (search fitness {chosen['fitness']:.2f}), the best on the "
-                     f"validation examples ({chosen['validation']:.2f}) among the {len(chosen['candidates'])} best "
-                     "by search fitness")
+        lines.append(
+            f"- exported: candidate {chosen['id']} (search fitness {chosen['fitness']:.2f}), the best on the "
+            f"validation examples ({chosen['validation']:.2f}) among the {len(chosen['candidates'])} best "
+            "by search fitness"
+        )
     if heldout and "best" in heldout and not moei2:
         lines.append(f"- held-out score of the exported genome: {heldout['best']['mean']:.2f}")
     if summary and summary.get("generalisation_gap") is not None and not moei2:
-        lines.append(f"- generalisation gap (its search fitness minus held-out): {summary['generalisation_gap']:.2f} "
-                     "points")
+        lines.append(
+            f"- generalisation gap (its search fitness minus held-out): {summary['generalisation_gap']:.2f} "
+            "points"
+        )
     if evaluations:
         phases = [(config.search.initial, "breeding starts")]
         if config.search_space.kind == "merge":
             phases.append((config.search_space.merge_after, "merging starts"))
-        plot_fitness(evaluations, fitness_png, f"{config.name}: fitness over {len(evaluations)} evaluations", phases)
+        plot_fitness(
+            evaluations,
+            fitness_png,
+            f"{config.name}: fitness over {len(evaluations)} evaluations",
+            phases,
+        )
         lines += ["", "![fitness over evaluations](fitness.png)"]
     else:
         fitness_png.unlink(missing_ok=True)
@@ -371,30 +557,56 @@ def write_report(run_dir: str | Path) -> Path:
     keep = (baselines or {}).get("keep") or config.search_space.keep
     lines += ["", "## Held-out comparison", ""]
     if rows:
-        tasks = list(dict.fromkeys([t.name for t in config.fitness.tasks] + [t for r in rows for t in r.tasks]))
-        experts = (baselines or {}).get("num_experts") or (best.genome.num_experts if best else None)
+        tasks = list(
+            dict.fromkeys(
+                [t.name for t in config.fitness.tasks] + [t for r in rows for t in r.tasks]
+            )
+        )
+        experts = (baselines or {}).get("num_experts") or (
+            best.genome.num_experts if best else None
+        )
         if keep and moei2 and not baselines:
-            lines += [f"MoE-I² stage 2 keeps {keep} experts' worth of parameters per MoE layer; stage 1 alone keeps "
-                      "the experts listed above. Scores are on the held-out split.", ""]
+            lines += [
+                f"MoE-I² stage 2 keeps {keep} experts' worth of parameters per MoE layer; stage 1 alone keeps "
+                "the experts listed above. Scores are on the held-out split.",
+                "",
+            ]
         elif keep:
-            lines += [f"Compressed methods keep {keep}" + (f" of {experts}" if experts else "")
-                      + " experts per MoE layer" + (" (MoE-I² stage 2: that many experts' worth of parameters)"
-                                                     if moei2 else "") + ". Scores are on the held-out split.", ""]
+            lines += [
+                f"Compressed methods keep {keep}"
+                + (f" of {experts}" if experts else "")
+                + " experts per MoE layer"
+                + (" (MoE-I² stage 2: that many experts' worth of parameters)" if moei2 else "")
+                + ". Scores are on the held-out split.",
+                "",
+            ]
         lines += comparison_table(rows, tasks)
         winner = best_compressed(rows)
         full = next((r for r in rows if r.method == "full"), None)
         if winner is not None:
-            lines += ["", f"**Best compressed method: {winner.method}**, held-out {winner.heldout:.1f}"
-                          f"{_gap(winner, full)}."]
+            lines += [
+                "",
+                f"**Best compressed method: {winner.method}**, held-out {winner.heldout:.1f}"
+                f"{_gap(winner, full)}.",
+            ]
     else:
-        lines.append("No held-out scores yet (they are written when the search ends; "
-                     "add baselines.json to compare methods).")
+        lines.append(
+            "No held-out scores yet (they are written when the search ends; "
+            "add baselines.json to compare methods)."
+        )
     # the plot's methods are the table's rows: the search and full model from summary.json included
-    plotted = baselines and {**baselines, "methods": {r.method: {"heldout": r.heldout, "heldout_std": r.heldout_std}
-                                                      for r in rows}}
+    plotted = baselines and {
+        **baselines,
+        "methods": {r.method: {"heldout": r.heldout, "heldout_std": r.heldout_std} for r in rows},
+    }
     if plotted and sweep_series(plotted, keep):
         plot_methods(plotted, methods_png, f"{config.name}: held-out score by experts kept", keep)
-        lines += ["", *sweep_table(sweep_series(plotted, keep)), "", "![held-out score by experts kept](methods.png)"]
+        lines += [
+            "",
+            *sweep_table(sweep_series(plotted, keep)),
+            "",
+            "![held-out score by experts kept](methods.png)",
+        ]
     else:
         methods_png.unlink(missing_ok=True)
 
@@ -407,20 +619,38 @@ def _moei2_lines(summary: dict, config) -> list[str]:
     """A MoE-I² run's stages: keep counts, the layer searches, the KT blocks, the ranks."""
     stages = summary["stages"]
     counts = summary["keep_counts"]
-    lines = [f"- stage 1: {sum(counts.values())} experts kept, per layer "
-             + ", ".join(f"{layer}: {n}" for layer, n in counts.items()) + f" ({config.moei2.importance} importance)",
-             f"- layer-wise searches: {summary['evaluations']} evaluations in all (`stage1/layer-NN/journal.jsonl`)",
-             "- KT blocks: " + "; ".join(f"layers {b['layers'][0]}–{b['layers'][-1]}: {b['combinations']} combinations"
-                                        for b in summary["blocks"])]
+    lines = [
+        f"- stage 1: {sum(counts.values())} experts kept, per layer "
+        + ", ".join(f"{layer}: {n}" for layer, n in counts.items())
+        + f" ({config.moei2.importance} importance)",
+        f"- layer-wise searches: {summary['evaluations']} evaluations in all (`stage1/layer-NN/journal.jsonl`)",
+        "- KT blocks: "
+        + "; ".join(
+            f"layers {b['layers'][0]}–{b['layers'][-1]}: {b['combinations']} combinations"
+            for b in summary["blocks"]
+        ),
+    ]
     if "stage2" in stages:
-        ranks = [r for gene in stages["stage2"]["genome"]["layers"].values() for r in gene.get("rank", [])]
-        how = "activation-aware" if stages["stage2"]["genome"].get("activation_scales") else "plain SVD"
-        lines.append(f"- stage 2: low-rank experts ({how}), ranks {min(ranks)}–{max(ranks)}, mean "
-                     f"{sum(ranks) / len(ranks):.1f}")
+        ranks = [
+            r
+            for gene in stages["stage2"]["genome"]["layers"].values()
+            for r in gene.get("rank", [])
+        ]
+        how = (
+            "activation-aware"
+            if stages["stage2"]["genome"].get("activation_scales")
+            else "plain SVD"
+        )
+        lines.append(
+            f"- stage 2: low-rank experts ({how}), ranks {min(ranks)}–{max(ranks)}, mean "
+            f"{sum(ranks) / len(ranks):.1f}"
+        )
     for name, stage in stages.items():
         held = stage["heldout"]
-        lines.append(f"- {name.replace('stage', 'stage ')}: held-out {held['mean']:.2f}, "
-                     f"{human_count(held.get('kept_params'))} parameters kept")
+        lines.append(
+            f"- {name.replace('stage', 'stage ')}: held-out {held['mean']:.2f}, "
+            f"{human_count(held.get('kept_params'))} parameters kept"
+        )
     return lines
 
 
@@ -428,7 +658,11 @@ def _gap(row: Row, full: Row | None) -> str:
     if full is None:
         return ""
     gap = row.heldout - full.heldout
-    where = "level with" if round(gap, 1) == 0 else f"{abs(gap):.1f} points {'below' if gap < 0 else 'above'}"
+    where = (
+        "level with"
+        if round(gap, 1) == 0
+        else f"{abs(gap):.1f} points {'below' if gap < 0 else 'above'}"
+    )
     return f", {where} the full model ({full.heldout:.1f})"
 
 
@@ -438,5 +672,7 @@ def _space(config, evaluations: Sequence[Evaluation]) -> str:
     if space.keep is not None:
         size = f"keep {space.keep}" + (f" of {experts}" if experts else "") + " experts per layer"
     else:
-        size = f"a budget of {space.budget} experts over all layers" + (f" ({experts} per layer)" if experts else "")
+        size = f"a budget of {space.budget} experts over all layers" + (
+            f" ({experts} per layer)" if experts else ""
+        )
     return f"{space.kind}, {size}" + (f", top-k {space.top_k}" if space.top_k else "")

@@ -52,7 +52,9 @@ def make_toolbox(space, cfg: SearchConfig, rng: random.Random) -> base.Toolbox:
     return toolbox
 
 
-def breed(toolbox: base.Toolbox, archive: list[Evaluation], cfg: SearchConfig, rng: random.Random) -> Genome:
+def breed(
+    toolbox: base.Toolbox, archive: list[Evaluation], cfg: SearchConfig, rng: random.Random
+) -> Genome:
     """One child from the archive (EEP's parent pools; no generation barrier)."""
     ranked = sorted((e for e in archive if e.candidate), key=lambda e: (-e.fitness, e.id))
     if not ranked:
@@ -80,10 +82,15 @@ def parent_bar(archive: list[Evaluation], cfg: SearchConfig) -> float | None:
     ranked = sorted((e.fitness for e in archive if e.candidate), reverse=True)
     if len(ranked) < max(cfg.crossover_pool_min, 1):
         return None
-    return min(ranked[0] - max(cfg.crossover_threshold, cfg.mutate_threshold), ranked[cfg.crossover_pool_min - 1])
+    return min(
+        ranked[0] - max(cfg.crossover_threshold, cfg.mutate_threshold),
+        ranked[cfg.crossover_pool_min - 1],
+    )
 
 
-def task_order(archive: list[Evaluation], genome: Genome, tasks: list[str], neighbours: int = 3) -> tuple[str, ...]:
+def task_order(
+    archive: list[Evaluation], genome: Genome, tasks: list[str], neighbours: int = 3
+) -> tuple[str, ...]:
     """``tasks``, worst first as scored by the ``neighbours`` evaluated genomes sharing most kept
     experts with ``genome``: where a hopeless candidate most likely misses, so that the early cut
     can stop it sooner. Any order gives the same scores; this one only decides how soon a cut comes.
@@ -101,8 +108,14 @@ def task_order(archive: list[Evaluation], genome: Genome, tasks: list[str], neig
     return tuple(sorted(tasks, key=lambda t: (sum(e.scores[t] for e in near), tasks.index(t))))
 
 
-def run_search(run: RunDir, space, evaluator, log: Callable[[str], None] = print,
-               stop_after: int | None = None, stats: dict | None = None) -> dict:
+def run_search(
+    run: RunDir,
+    space,
+    evaluator,
+    log: Callable[[str], None] = print,
+    stop_after: int | None = None,
+    stats: dict | None = None,
+) -> dict:
     """Run (or resume) the search recorded in ``run`` until its budget is spent.
 
     ``space`` is a search space or a :class:`search_spaces.Schedule` of them.
@@ -119,7 +132,11 @@ def run_search(run: RunDir, space, evaluator, log: Callable[[str], None] = print
     schedule = Schedule.of(space)
     toolboxes = [make_toolbox(phase_space, cfg, rng) for _, phase_space in schedule.phases]
     archive = run.evaluations()
-    warm = _greedy_phase(run, schedule.first, evaluator, archive, log) if "greedy" in cfg.warm_start else []
+    warm = (
+        _greedy_phase(run, schedule.first, evaluator, archive, log)
+        if "greedy" in cfg.warm_start
+        else []
+    )
     start = len(warm)  # candidates 0..start-1 are the greedy warm start's
     archive = warm + [e for e in archive if e.id >= start]
     try:
@@ -130,20 +147,31 @@ def run_search(run: RunDir, space, evaluator, log: Callable[[str], None] = print
     replay: list[Evaluation] = []
     if state is None:
         if len(archive) > start:
-            log(f"[eep] rebuilding the search state by replaying the {len(archive) - start} journal records")
+            log(
+                f"[eep] rebuilding the search state by replaying the {len(archive) - start} journal records"
+            )
         replay, archive = archive[start:], archive[:start]
         next_id, in_flight = start, deque()
     else:
         # a larger budget continues the same search: candidate i never depends on the budget
-        extended = "config" in state and _without_budget(state["config"]) == _without_budget(outcome)
+        extended = "config" in state and _without_budget(state["config"]) == _without_budget(
+            outcome
+        )
         if state["config_digest"] != digest and not extended:
             what = f" ({differences(state['config'], outcome)})" if "config" in state else ""
-            raise EepError(f"{run.path}/config.yaml changed since the search started{what}; restore it to resume")
+            raise EepError(
+                f"{run.path}/config.yaml changed since the search started{what}; restore it to resume"
+            )
         rng.setstate(_rng_state_from_json(state["rng"]))
         next_id = state["next_id"]
         done = {e.id for e in archive}
-        in_flight = deque(Candidate(c["id"], Genome.from_dict(c["genome"]), c.get("bar"), tuple(c.get("order", ())))
-                          for c in state["in_flight"] if c["id"] not in done)
+        in_flight = deque(
+            Candidate(
+                c["id"], Genome.from_dict(c["genome"]), c.get("bar"), tuple(c.get("order", ()))
+            )
+            for c in state["in_flight"]
+            if c["id"] not in done
+        )
     seen = {e.genome.key for e in archive} | {c.genome.key for c in in_flight}
     seeds = [Genome.load(run.path / path) for path in cfg.seed_genomes]
 
@@ -159,23 +187,46 @@ def run_search(run: RunDir, space, evaluator, log: Callable[[str], None] = print
                 if seed < len(seeds) and seeds[seed].key not in seen:
                     genome = seeds[seed]
                 else:
-                    genome = toolbox.individual() if next_id < cfg.initial else breed(toolbox, archive, cfg, rng)
+                    genome = (
+                        toolbox.individual()
+                        if next_id < cfg.initial
+                        else breed(toolbox, archive, cfg, rng)
+                    )
                 if genome.key not in seen:
                     break
                 rebred += 1
             else:
-                log(f"[eep] stopping: {cfg.max_breed_attempts} children in a row were already evaluated "
-                    f"(the search space has {schedule.size()} genomes)")
+                log(
+                    f"[eep] stopping: {cfg.max_breed_attempts} children in a row were already evaluated "
+                    f"(the search space has {schedule.size()} genomes)"
+                )
                 return
-            candidate = Candidate(next_id, genome, parent_bar(archive, cfg) if cfg.early_cut else None,
-                                  task_order(archive, genome, tasks))
+            candidate = Candidate(
+                next_id,
+                genome,
+                parent_bar(archive, cfg) if cfg.early_cut else None,
+                task_order(archive, genome, tasks),
+            )
             next_id += 1
             seen.add(genome.key)
             in_flight.append(candidate)
-            run.save_state({"config_digest": digest, "config": outcome, "next_id": next_id,
-                            "rng": _rng_state_to_json(rng.getstate()),
-                            "in_flight": [{"id": c.id, "genome": c.genome.to_dict(), "bar": c.bar,
-                                           "order": list(c.order)} for c in in_flight]})
+            run.save_state(
+                {
+                    "config_digest": digest,
+                    "config": outcome,
+                    "next_id": next_id,
+                    "rng": _rng_state_to_json(rng.getstate()),
+                    "in_flight": [
+                        {
+                            "id": c.id,
+                            "genome": c.genome.to_dict(),
+                            "bar": c.bar,
+                            "order": list(c.order),
+                        }
+                        for c in in_flight
+                    ],
+                }
+            )
             yield candidate
 
     progress = _Progress(cfg.evaluations, log)
@@ -184,7 +235,9 @@ def run_search(run: RunDir, space, evaluator, log: Callable[[str], None] = print
         source = _Replay(replay, evaluator, cfg.in_flight) if replay else evaluator
         for evaluation in source.imap(proposals()):
             if evaluation.id != in_flight[0].id:
-                raise RuntimeError(f"evaluator returned candidate {evaluation.id} before {in_flight[0].id}")
+                raise RuntimeError(
+                    f"evaluator returned candidate {evaluation.id} before {in_flight[0].id}"
+                )
             replayed = evaluation.id < start + len(replay)
             if not replayed:
                 run.append(evaluation)  # on disk before it counts
@@ -197,16 +250,20 @@ def run_search(run: RunDir, space, evaluator, log: Callable[[str], None] = print
             new += 1
             failing = failing + 1 if evaluation.failed else 0
             if failing >= cfg.max_failures:
-                raise EepError(f"{failing} evaluations in a row failed (the last: {evaluation.error}); every one is in "
-                               f"the journal; fix the cause and continue with `eep resume {run.path}`")
+                raise EepError(
+                    f"{failing} evaluations in a row failed (the last: {evaluation.error}); every one is in "
+                    f"the journal; fix the cause and continue with `eep resume {run.path}`"
+                )
             if stop_after is not None and new >= stop_after:
                 break
     if stats is not None:
         stats["rebred"] = rebred
-    return summarise(archive + replay[len(archive) - start:])
+    return summarise(archive + replay[len(archive) - start :])
 
 
-def _greedy_phase(run: RunDir, space, evaluator, records: list[Evaluation], log) -> list[Evaluation]:
+def _greedy_phase(
+    run: RunDir, space, evaluator, records: list[Evaluation], log
+) -> list[Evaluation]:
     """``search.warm_start: [greedy]``: greedy elimination (:mod:`eep.greedy`) as candidates 0..G-1,
     each batch through the evaluator and into the journal like any evaluation. Its steps that keep
     more experts than the space allows are marked ``outside`` (never parents, never the best). On
@@ -224,19 +281,27 @@ def _greedy_phase(run: RunDir, space, evaluator, records: list[Evaluation], log)
             ids = range(len(done), len(done) + len(batch))
             for i, genome in zip(ids, batch):
                 if i in by_id and by_id[i].genome.key != genome.key:
-                    raise EepError(f"journal record {i} is not the greedy warm start's step; the journal was written "
-                                   "by another config or version of eep")
+                    raise EepError(
+                        f"journal record {i} is not the greedy warm start's step; the journal was written "
+                        "by another config or version of eep"
+                    )
             new = {}
-            for evaluation in evaluator.imap(Candidate(i, g) for i, g in zip(ids, batch) if i not in by_id):
-                evaluation = replace(evaluation, outside=space.reject(evaluation.genome) is not None)
+            for evaluation in evaluator.imap(
+                Candidate(i, g) for i, g in zip(ids, batch) if i not in by_id
+            ):
+                evaluation = replace(
+                    evaluation, outside=space.reject(evaluation.genome) is not None
+                )
                 run.append(evaluation)
                 new[evaluation.id] = evaluation
             results = [by_id[i] if i in by_id else new[i] for i in ids]
             done.extend(results)
             failed = next((r for r in results if not r.ok), None)
             if failed is not None:
-                raise EepError(f"the greedy warm start needs every step scored, and candidate {failed.id} "
-                               f"{'was cut' if failed.cut is not None else 'failed'} ({failed.error})")
+                raise EepError(
+                    f"the greedy warm start needs every step scored, and candidate {failed.id} "
+                    f"{'was cut' if failed.cut is not None else 'failed'} ({failed.error})"
+                )
             batch = steps.send([r.fitness for r in results])
     except StopIteration:
         pass
@@ -260,9 +325,14 @@ class _Replay:
         queue = deque(itertools.islice(pending, self.in_flight))
         for record in self.records:
             candidate = queue.popleft() if queue else None
-            if candidate is None or (candidate.id, candidate.genome.key) != (record.id, record.genome.key):
-                raise EepError(f"journal record {record.id} does not match a replay of this run's config (was it "
-                               "written by another version of eep?); the search state cannot be rebuilt")
+            if candidate is None or (candidate.id, candidate.genome.key) != (
+                record.id,
+                record.genome.key,
+            ):
+                raise EepError(
+                    f"journal record {record.id} does not match a replay of this run's config (was it "
+                    "written by another version of eep?); the search state cannot be rebuilt"
+                )
             yield record
             queue.extend(itertools.islice(pending, 1))
         yield from self.evaluator.imap(itertools.chain(queue, pending))
@@ -273,7 +343,9 @@ def best_of(archive: list[Evaluation]) -> Evaluation | None:
     return min(ok, key=lambda e: (-e.fitness, e.id)) if ok else None
 
 
-def select(archive: list[Evaluation], validate: Callable[[Genome], float], top: int) -> tuple[Evaluation, dict]:
+def select(
+    archive: list[Evaluation], validate: Callable[[Genome], float], top: int
+) -> tuple[Evaluation, dict]:
     """The genome to export: among the ``top`` best candidates by search fitness, the best by
     ``validate`` (fitness on examples never searched on; ties: the better search fitness, then the
     earlier). Returns it and the validation fitness of each candidate tried, by id."""
@@ -291,7 +363,9 @@ def summarise(archive: list[Evaluation]) -> dict:
         "failed": sum(e.failed for e in archive),
         "cut": len(cut),
         # each cut candidate against the mean time of a full evaluation in this run
-        "cut_seconds_saved": sum(sum(full) / len(full) - e.seconds for e in cut) if full and cut else 0.0,
+        "cut_seconds_saved": sum(sum(full) / len(full) - e.seconds for e in cut)
+        if full and cut
+        else 0.0,
         "best_fitness": best.fitness if best else None,
         "best_id": best.id if best else None,
         "best_scores": best.scores if best else None,
@@ -323,11 +397,18 @@ class _Progress:
             return
         self.last = now
         best = best_of(archive)
-        last = (f"{evaluation.fitness:6.2f}" if evaluation.ok else
-                f"<{evaluation.cut:5.1f}" if evaluation.cut is not None else "failed")
-        self.log(f"[eep] {len(archive):4d}/{self.total} evals  best {best.fitness if best else float('nan'):6.2f}"
-                 f"  last {last}  {self.count / (now - self.start):5.2f} evals/s"
-                 + (f"  actors busy {100 * busy:3.0f}%" if busy is not None else ""))
+        last = (
+            f"{evaluation.fitness:6.2f}"
+            if evaluation.ok
+            else f"<{evaluation.cut:5.1f}"
+            if evaluation.cut is not None
+            else "failed"
+        )
+        self.log(
+            f"[eep] {len(archive):4d}/{self.total} evals  best {best.fitness if best else float('nan'):6.2f}"
+            f"  last {last}  {self.count / (now - self.start):5.2f} evals/s"
+            + (f"  actors busy {100 * busy:3.0f}%" if busy is not None else "")
+        )
 
 
 def stderr_log(message: str) -> None:

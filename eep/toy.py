@@ -37,10 +37,21 @@ TOY_DIR = Path(str(resources.files("eep") / "toy_model"))
 
 def toy_config(vocab_size: int) -> MixtralConfig:
     return MixtralConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
-        max_position_embeddings=32, rms_norm_eps=1e-6, tie_word_embeddings=False,
-        bos_token_id=2, eos_token_id=3, pad_token_id=0, router_aux_loss_coef=0.0,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=32,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+        router_aux_loss_coef=0.0,
     )
 
 
@@ -49,10 +60,17 @@ def build_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
     vocab = {word: i for i, word in enumerate(words or toy_tasks.vocabulary())}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
-        padding_side="left", clean_up_tokenization_spaces=False,
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
     )
 
 
@@ -63,37 +81,60 @@ def build_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
 GRAPH = ((0, 1), (1, 2), (0, 2), (3, 4), (4, 5), (3, 5), (6, 7), (2, 3))
 
 
-def expert_pairs(seed: int, num_layers: int, num_experts: int = 8) -> list[dict[str, tuple[int, int]]]:
+def expert_pairs(
+    seed: int, num_layers: int, num_experts: int = 8
+) -> list[dict[str, tuple[int, int]]]:
     """Per layer, the pair of experts each task is taught to use: the edges of :data:`GRAPH`, with
     experts and tasks relabelled at random in every layer."""
     if len(toy_tasks.TASKS) != num_experts or len(GRAPH) != num_experts:
-        raise ValueError(f"the toy pairs {len(toy_tasks.TASKS)} tasks with as many experts, got {num_experts}")
+        raise ValueError(
+            f"the toy pairs {len(toy_tasks.TASKS)} tasks with as many experts, got {num_experts}"
+        )
     rng = random.Random(f"graph/{seed}")
     pairs = []
     for _ in range(num_layers):
         experts = rng.sample(range(num_experts), num_experts)
         edges = rng.sample(GRAPH, len(GRAPH))
-        pairs.append({t: tuple(sorted((experts[a], experts[b]))) for t, (a, b) in zip(toy_tasks.TASKS, edges)})
+        pairs.append(
+            {
+                t: tuple(sorted((experts[a], experts[b])))
+                for t, (a, b) in zip(toy_tasks.TASKS, edges)
+            }
+        )
     return pairs
 
 
-def covers(layer_pairs: dict[str, tuple[int, int]], size: int, num_experts: int = 8) -> dict[tuple[int, ...], tuple]:
+def covers(
+    layer_pairs: dict[str, tuple[int, int]], size: int, num_experts: int = 8
+) -> dict[tuple[int, ...], tuple]:
     """Keep sets of ``size`` experts, each with the tasks it loses (both of their experts dropped);
     only the sets losing the fewest tasks."""
-    lost = {keep: tuple(t for t, pair in layer_pairs.items() if not set(pair) & set(keep))
-            for keep in itertools.combinations(range(num_experts), size)}
+    lost = {
+        keep: tuple(t for t, pair in layer_pairs.items() if not set(pair) & set(keep))
+        for keep in itertools.combinations(range(num_experts), size)
+    }
     fewest = min(len(v) for v in lost.values())
     return {keep: tasks for keep, tasks in lost.items() if len(tasks) == fewest}
 
 
-def covering_genome(pairs, num_experts: int, top_k: int, rng: random.Random, size: int = 5) -> Genome:
+def covering_genome(
+    pairs, num_experts: int, top_k: int, rng: random.Random, size: int = 5
+) -> Genome:
     """In every layer, a random smallest keep set that holds an expert of every task (5 of 8 here):
     what training prunes to, so that each expert learns to serve its tasks alone."""
-    return Genome.from_keep(num_experts, top_k, {layer: rng.choice(sorted(covers(layer_pairs, size, num_experts)))
-                                                 for layer, layer_pairs in enumerate(pairs)})
+    return Genome.from_keep(
+        num_experts,
+        top_k,
+        {
+            layer: rng.choice(sorted(covers(layer_pairs, size, num_experts)))
+            for layer, layer_pairs in enumerate(pairs)
+        },
+    )
 
 
-def sacrificing_genome(pairs, task: str, num_experts: int, top_k: int, size: int = 4) -> Genome | None:
+def sacrificing_genome(
+    pairs, task: str, num_experts: int, top_k: int, size: int = 4
+) -> Genome | None:
     """``size`` experts per layer losing only ``task``, in every layer (the best 4-of-8 genomes
     there are); None when some layer cannot lose just that task."""
     keep = {}
@@ -109,12 +150,17 @@ def _batch(tokenizer, rng: random.Random, size: int, tasks_module=toy_tasks):
     rows, tasks = [], []
     for _ in range(size):
         task = rng.choice(tasks_module.TASKS)
-        seq = [rng.choice(tasks_module.SYMBOLS) for _ in range(rng.randint(tasks_module.MIN_LEN, tasks_module.MAX_LEN))]
+        seq = [
+            rng.choice(tasks_module.SYMBOLS)
+            for _ in range(rng.randint(tasks_module.MIN_LEN, tasks_module.MAX_LEN))
+        ]
         if tasks_module.split_of(task, seq) != "train":
             continue
         ex = tasks_module.make_example(task, seq)
         prompt = tokenizer(ex.prompt)["input_ids"]
-        answer = tokenizer(ex.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        answer = tokenizer(ex.answer, add_special_tokens=False)["input_ids"] + [
+            tokenizer.eos_token_id
+        ]
         rows.append((prompt, answer))
         tasks.append(task)
     width = max(len(p) + len(a) for p, a in rows)
@@ -122,14 +168,24 @@ def _batch(tokenizer, rng: random.Random, size: int, tasks_module=toy_tasks):
     labels = torch.full((len(rows), width), -100)
     for r, (p, a) in enumerate(rows):
         ids[r, : len(p) + len(a)] = torch.tensor(p + a)
-        labels[r, len(p): len(p) + len(a)] = torch.tensor(a)
+        labels[r, len(p) : len(p) + len(a)] = torch.tensor(a)
     return ids, labels, tasks
 
 
 @torch.enable_grad()  # whatever the caller disabled
-def train(out_dir: Path, seed: int = 0, steps: int = 2500, batch_size: int = 64, log=print, *,
-          tasks_module=toy_tasks, new_model=None, expert_sets=expert_pairs, sets_key: str = "expert_pairs",
-          cover_size: int = 5) -> dict:
+def train(
+    out_dir: Path,
+    seed: int = 0,
+    steps: int = 2500,
+    batch_size: int = 64,
+    log=print,
+    *,
+    tasks_module=toy_tasks,
+    new_model=None,
+    expert_sets=expert_pairs,
+    sets_key: str = "expert_pairs",
+    cover_size: int = 5,
+) -> dict:
     """Train the toy from ``seed`` and save it (weights, config, tokenizer, pairing) to ``out_dir``.
 
     The keywords make another toy (:mod:`eep.toy_qwen`): its tasks module, ``new_model(vocab_size)``,
@@ -149,7 +205,9 @@ def train(out_dir: Path, seed: int = 0, steps: int = 2500, batch_size: int = 64,
         for t, task in enumerate(tasks_module.TASKS):
             targets[layer, t, list(layer_pairs[task])] = 1 / len(layer_pairs[task])
     optim = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=3e-3, total_steps=steps, pct_start=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        optim, max_lr=3e-3, total_steps=steps, pct_start=0.05
+    )
     model.train()
     start = time.time()
     for step in range(steps):
@@ -158,8 +216,13 @@ def train(out_dir: Path, seed: int = 0, steps: int = 2500, batch_size: int = 64,
         real = ids != tokenizer.pad_token_id
         real[:, 0] = False  # <bos> carries no task information yet
         pruned = rng.random() < 0.5
-        context = (adapter.applied(covering_genome(pairs, adapter.num_experts, adapter.top_k, rng, cover_size))
-                   if pruned else contextlib.nullcontext())
+        context = (
+            adapter.applied(
+                covering_genome(pairs, adapter.num_experts, adapter.top_k, rng, cover_size)
+            )
+            if pruned
+            else contextlib.nullcontext()
+        )
         with context:
             out = model(input_ids=ids, labels=labels, output_router_logits=True)
         route_loss = 0.0
@@ -174,14 +237,20 @@ def train(out_dir: Path, seed: int = 0, steps: int = 2500, batch_size: int = 64,
         optim.step()
         sched.step()
         if step % 100 == 0 or step == steps - 1:
-            log(f"[toy] step {step:5d}/{steps}  lm {out.loss.item():.4f}  route {route_loss.item() / len(out.router_logits):.4f}"
-                f"  {time.time() - start:.0f}s")
+            log(
+                f"[toy] step {step:5d}/{steps}  lm {out.loss.item():.4f}  route {route_loss.item() / len(out.router_logits):.4f}"
+                f"  {time.time() - start:.0f}s"
+            )
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    info = {"seed": seed, "steps": steps, "batch_size": batch_size, "tasks": list(tasks_module.TASKS),
-            sets_key: [{t: list(p) for t, p in layer.items()} for layer in pairs]}
+    info = {
+        "seed": seed,
+        "steps": steps,
+        "batch_size": batch_size,
+        "tasks": list(tasks_module.TASKS),
+        sets_key: [{t: list(p) for t, p in layer.items()} for layer in pairs],
+    }
     (out_dir / "eep_toy.json").write_text(json.dumps(info, indent=1) + "\n")
     return info
-

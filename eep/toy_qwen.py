@@ -52,27 +52,51 @@ LAYER_SHAPES = (PAIR_SHAPE, SOLO_SHAPE, PAIR_SHAPE, SOLO_SHAPE)
 
 def toy_qwen_config(vocab_size: int) -> Qwen3MoeConfig:
     return Qwen3MoeConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, moe_intermediate_size=128,
-        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
-        num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
-        max_position_embeddings=32, rms_norm_eps=1e-6, tie_word_embeddings=False,
-        bos_token_id=2, eos_token_id=3, pad_token_id=0, router_aux_loss_coef=0.0,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        max_position_embeddings=32,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+        router_aux_loss_coef=0.0,
     )
 
 
-def expert_sets(seed: int, num_layers: int = 4, num_experts: int = 8) -> list[dict[str, tuple[int, ...]]]:
+def expert_sets(
+    seed: int, num_layers: int = 4, num_experts: int = 8
+) -> list[dict[str, tuple[int, ...]]]:
     """Per layer, the experts each task is taught to use (one or two): :data:`LAYER_SHAPES` with
     experts and tasks relabelled at random in every layer, drawn again until exactly one task is
     solo in both solo layers."""
     if num_layers != len(LAYER_SHAPES) or num_experts != 8 or len(toy_qwen_tasks.TASKS) != 8:
-        raise ValueError(f"toy-qwen's structure is for 4 layers, 8 experts and 8 tasks, got {num_layers}, {num_experts}")
+        raise ValueError(
+            f"toy-qwen's structure is for 4 layers, 8 experts and 8 tasks, got {num_layers}, {num_experts}"
+        )
     rng = random.Random(f"qwen-sets/{seed}")
     while True:
         sets = []
         for shape in LAYER_SHAPES:
             experts = rng.sample(range(num_experts), num_experts)
             tasks = rng.sample(toy_qwen_tasks.TASKS, len(toy_qwen_tasks.TASKS))
-            sets.append({t: tuple(sorted(experts[e] for e in shape[tasks.index(t)])) for t in toy_qwen_tasks.TASKS})
+            sets.append(
+                {
+                    t: tuple(sorted(experts[e] for e in shape[tasks.index(t)]))
+                    for t in toy_qwen_tasks.TASKS
+                }
+            )
         if len(set.intersection(*(solo_tasks(layer) for layer in sets[1::2]))) == 1:
             return sets
 
@@ -85,11 +109,19 @@ def solo_tasks(layer_sets: dict[str, tuple[int, ...]]) -> set[str]:
 def best_genome(sets, size: int, num_experts: int = 8, top_k: int = 2) -> tuple[Genome, set[str]]:
     """A keep set of ``size`` experts per layer that leaves the fewest tasks without any of their
     experts in some layer, and those tasks; found by trying every set of lost tasks, smallest first."""
-    options = [{keep: {t for t, experts in layer.items() if not set(experts) & set(keep)}
-                for keep in itertools.combinations(range(num_experts), size)} for layer in sets]
+    options = [
+        {
+            keep: {t for t, experts in layer.items() if not set(experts) & set(keep)}
+            for keep in itertools.combinations(range(num_experts), size)
+        }
+        for layer in sets
+    ]
     for n in range(len(sets[0]) + 1):
         for lost in map(set, itertools.combinations(sets[0], n)):
-            keep = {i: next((k for k, gone in layer.items() if gone <= lost), None) for i, layer in enumerate(options)}
+            keep = {
+                i: next((k for k, gone in layer.items() if gone <= lost), None)
+                for i, layer in enumerate(options)
+            }
             if None not in keep.values():
                 return Genome.from_keep(num_experts, top_k, keep), lost
     raise AssertionError("unreachable: a keep set losing every task always fits")
@@ -101,8 +133,16 @@ def train(out_dir: Path, seed: int = 0, steps: int = 3500, batch_size: int = 64,
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return toy.train(out_dir, seed, steps, batch_size, log, tasks_module=toy_qwen_tasks,
-                         new_model=lambda vocab: Qwen3MoeForCausalLM(toy_qwen_config(vocab)),
-                         expert_sets=expert_sets, sets_key="expert_sets")
+        return toy.train(
+            out_dir,
+            seed,
+            steps,
+            batch_size,
+            log,
+            tasks_module=toy_qwen_tasks,
+            new_model=lambda vocab: Qwen3MoeForCausalLM(toy_qwen_config(vocab)),
+            expert_sets=expert_sets,
+            sets_key="expert_sets",
+        )
     finally:
         torch.set_num_threads(threads)

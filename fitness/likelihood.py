@@ -33,8 +33,9 @@ def _pad_id(tokenizer) -> int:
 
 
 @torch.inference_mode()
-def continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int,
-                          max_length: int) -> list[float]:
+def continuation_logprobs(
+    model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int, max_length: int
+) -> list[float]:
     """Summed log-probability of each ``continuation`` given its ``context``, in input order.
 
     Context and continuation are tokenised separately and concatenated (as lm-evaluation-harness
@@ -48,18 +49,23 @@ def continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], ba
         if not cont:
             raise ValueError(f"option {continuation!r} is empty after tokenisation")
         ids = (ctx + cont)[-max_length:]
-        encoded.append((ids, min(len(cont), len(ids) - 1)))  # the first token of a sequence has no prediction
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))  # similar lengths share a batch
+        # the first token of a sequence has no prediction
+        encoded.append((ids, min(len(cont), len(ids) - 1)))
+    # similar lengths share a batch
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
     device, out = _device(model), [0.0] * len(encoded)
     for start in range(0, len(order), batch_size):
-        chunk = order[start: start + batch_size]
-        batch = {k: v.to(device) for k, v in _right_padded([encoded[i][0] for i in chunk], _pad_id(tokenizer)).items()}
+        chunk = order[start : start + batch_size]
+        batch = {
+            k: v.to(device)
+            for k, v in _right_padded([encoded[i][0] for i in chunk], _pad_id(tokenizer)).items()
+        }
         logprobs = torch.log_softmax(model(**batch).logits.float(), dim=-1)
         for row, i in enumerate(chunk):
             ids, n_cont = encoded[i]
             n = len(ids)
-            targets = batch["input_ids"][row, n - n_cont: n]
-            out[i] = logprobs[row, n - n_cont - 1: n - 1].gather(-1, targets[:, None]).sum().item()
+            targets = batch["input_ids"][row, n - n_cont : n]
+            out[i] = logprobs[row, n - n_cont - 1 : n - 1].gather(-1, targets[:, None]).sum().item()
     return out
 
 
@@ -70,7 +76,10 @@ class TextBatches:
         rows = [tokenizer(t).input_ids[:max_length] for t in texts]
         if any(len(r) < 2 for r in rows):
             raise ValueError("every text needs at least two tokens to be scored")
-        self.batches = [_right_padded(rows[i: i + batch_size], _pad_id(tokenizer)) for i in range(0, len(rows), batch_size)]
+        self.batches = [
+            _right_padded(rows[i : i + batch_size], _pad_id(tokenizer))
+            for i in range(0, len(rows), batch_size)
+        ]
 
     def __iter__(self):
         return iter(self.batches)
@@ -114,7 +123,10 @@ def _block_outputs(model, blocks: dict, batch) -> dict[int, torch.Tensor]:
     def hook(layer):
         def capture(module, args, output):
             out = output[0] if isinstance(output, tuple) else output
-            captured[layer] = out.reshape(mask.shape + out.shape[-1:])[mask.to(out.device)].float().cpu()
+            captured[layer] = (
+                out.reshape(mask.shape + out.shape[-1:])[mask.to(out.device)].float().cpu()
+            )
+
         return capture
 
     handles = [block.register_forward_hook(hook(layer)) for layer, block in blocks.items()]
@@ -135,7 +147,9 @@ class Reference:
     a 32k vocabulary are 16 GiB, so size fidelity tasks accordingly (a few thousand positions carry
     most of the signal)."""
 
-    def __init__(self, model, texts: TextBatches, blocks: dict | None = None, distributions: bool = True):
+    def __init__(
+        self, model, texts: TextBatches, blocks: dict | None = None, distributions: bool = True
+    ):
         self.texts = texts
         with torch.inference_mode():
             self.logprobs = [_forward(model, b).cpu() for b in texts] if distributions else None
@@ -169,4 +183,8 @@ class Reference:
             for layer in self.layers:
                 err[layer] += (out[layer] - ref[layer]).pow(2).sum().item()
                 norm[layer] += ref[layer].pow(2).sum().item()
-        return 100.0 * sum(math.sqrt(err[i] / norm[i]) if norm[i] else 0.0 for i in self.layers) / len(self.layers)
+        return (
+            100.0
+            * sum(math.sqrt(err[i] / norm[i]) if norm[i] else 0.0 for i in self.layers)
+            / len(self.layers)
+        )

@@ -30,18 +30,66 @@ class Metric:
     description: str
 
 
-METRICS = {m.name: m for m in (
-    Metric("exact_match", "generate", True, "% of completions equal to an answer (whitespace-normalised)"),
-    Metric("contains", "generate", True, "% of completions whose first line contains an answer (EEP's SQuAD rule)"),
-    Metric("first_capital", "generate", True, "% of completions whose first capital letter is the answer (lettered options; EEP/OpenCompass)"),
-    Metric("f1", "generate", True, "mean best token F1 against the answers, SQuAD normalisation, in %"),
-    Metric("choice", "choice", True, "% of examples whose most likely option (summed log-probability) is the label"),
-    Metric("choice_norm", "choice", True, "as choice, with each option's log-probability divided by its length in bytes"),
-    Metric("perplexity", "text", False, "exp of the mean next-token NLL over all tokens of the texts"),
-    Metric("esap", "text", True, "expected speculative acceptance vs the full model: mean Σ_v min(p_full, p), in %"),
-    Metric("kl", "text", False, "mean KL(p_full ‖ p) per token, in nats"),
-    Metric("reconstruction", "text", False, "mean over MoE layers of ‖Z − Z'‖_F / ‖Z‖_F of the block outputs, in %"),
-)}
+METRICS = {
+    m.name: m
+    for m in (
+        Metric(
+            "exact_match",
+            "generate",
+            True,
+            "% of completions equal to an answer (whitespace-normalised)",
+        ),
+        Metric(
+            "contains",
+            "generate",
+            True,
+            "% of completions whose first line contains an answer (EEP's SQuAD rule)",
+        ),
+        Metric(
+            "first_capital",
+            "generate",
+            True,
+            "% of completions whose first capital letter is the answer (lettered options; EEP/OpenCompass)",
+        ),
+        Metric(
+            "f1",
+            "generate",
+            True,
+            "mean best token F1 against the answers, SQuAD normalisation, in %",
+        ),
+        Metric(
+            "choice",
+            "choice",
+            True,
+            "% of examples whose most likely option (summed log-probability) is the label",
+        ),
+        Metric(
+            "choice_norm",
+            "choice",
+            True,
+            "as choice, with each option's log-probability divided by its length in bytes",
+        ),
+        Metric(
+            "perplexity",
+            "text",
+            False,
+            "exp of the mean next-token NLL over all tokens of the texts",
+        ),
+        Metric(
+            "esap",
+            "text",
+            True,
+            "expected speculative acceptance vs the full model: mean Σ_v min(p_full, p), in %",
+        ),
+        Metric("kl", "text", False, "mean KL(p_full ‖ p) per token, in nats"),
+        Metric(
+            "reconstruction",
+            "text",
+            False,
+            "mean over MoE layers of ‖Z − Z'‖_F / ‖Z‖_F of the block outputs, in %",
+        ),
+    )
+}
 
 
 def metric(name: str) -> Metric:
@@ -75,7 +123,9 @@ def token_f1(prediction: str, answer: str) -> float:
 
 def cut_at_stop(completion: str, stop: Sequence[str]) -> str:
     """The completion up to the first occurrence of any stop string."""
-    cut = min((i for i in (completion.find(s) for s in stop if s) if i >= 0), default=len(completion))
+    cut = min(
+        (i for i in (completion.find(s) for s in stop if s) if i >= 0), default=len(completion)
+    )
     return completion[:cut]
 
 
@@ -97,7 +147,10 @@ def generation_score(name: str, completion: str, answers: Sequence[str]) -> floa
 def best_choice(logprobs: Sequence[float], options: Sequence[str], normalise: bool) -> int:
     """Index of the most likely option; ``normalise`` divides by the option's byte length (lm-eval's
     ``acc_norm``). Ties go to the first."""
-    values = [lp / max(len(o.encode()), 1) if normalise else lp for lp, o in zip(logprobs, options, strict=True)]
+    values = [
+        lp / max(len(o.encode()), 1) if normalise else lp
+        for lp, o in zip(logprobs, options, strict=True)
+    ]
     return max(range(len(values)), key=values.__getitem__)
 
 
@@ -105,5 +158,7 @@ def weighted_fitness(tasks, scores: dict[str, float]) -> float:
     """The search's fitness: weighted mean of the tasks' scores, losses negated so higher is better.
     ``tasks`` are objects with ``name``, ``metric`` and ``weight`` (task configs or loaded tasks)."""
     total = sum(t.weight for t in tasks)
-    signed = (t.weight * (1 if metric(t.metric).higher_is_better else -1) * scores[t.name] for t in tasks)
+    signed = (
+        t.weight * (1 if metric(t.metric).higher_is_better else -1) * scores[t.name] for t in tasks
+    )
     return sum(signed) / total

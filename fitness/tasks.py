@@ -66,31 +66,55 @@ def check_tasks(configs: Sequence[TaskConfig]) -> None:
                 raise EepError(f"{where}: data_files.{split} {pattern!r} matches no file")
         for split in (cfg.search_split, cfg.test_split) if cfg.data_files else ():
             if split not in cfg.data_files:
-                raise EepError(f"{where}: split {split!r} is not in data_files ({', '.join(cfg.data_files)}); name it "
-                               "there or set search_split / test_split to its keys")
+                raise EepError(
+                    f"{where}: split {split!r} is not in data_files ({', '.join(cfg.data_files)}); name it "
+                    "there or set search_split / test_split to its keys"
+                )
         if cfg.preprocess is not None and cfg.preprocess not in presets.PREPROCESS:
-            raise EepError(f"{where}: unknown preprocess {cfg.preprocess!r}; available: {', '.join(presets.PREPROCESS)}")
+            raise EepError(
+                f"{where}: unknown preprocess {cfg.preprocess!r}; available: {', '.join(presets.PREPROCESS)}"
+            )
         if cfg.chat_template and kind == "text":
-            raise EepError(f"{where}: chat_template applies to prompts, not to {cfg.metric} texts; remove it")
+            raise EepError(
+                f"{where}: chat_template applies to prompts, not to {cfg.metric} texts; remove it"
+            )
         if source in _TOYS:
             if name not in _TOYS[source].TASKS:
-                raise EepError(f"{where}: unknown toy task {cfg.dataset!r}; "
-                               f"available: {', '.join(f'{source}:{t}' for t in _TOYS[source].TASKS)}")
+                raise EepError(
+                    f"{where}: unknown toy task {cfg.dataset!r}; "
+                    f"available: {', '.join(f'{source}:{t}' for t in _TOYS[source].TASKS)}"
+                )
             if kind == "choice":
-                raise EepError(f"{where}: toy tasks have no options; use a generation or text metric, not {cfg.metric}")
+                raise EepError(
+                    f"{where}: toy tasks have no options; use a generation or text metric, not {cfg.metric}"
+                )
             for split in (cfg.search_split, cfg.test_split):
                 if split not in toy_tasks.SPLITS:
-                    raise EepError(f"{where}: unknown split {split!r}; {cfg.dataset} has {', '.join(toy_tasks.SPLITS)}")
+                    raise EepError(
+                        f"{where}: unknown split {split!r}; {cfg.dataset} has {', '.join(toy_tasks.SPLITS)}"
+                    )
             continue
         if not cfg.prompt:
-            raise EepError(f"{where}: dataset {cfg.dataset or 'data_files'!r} needs 'prompt' (a template over its fields)")
+            raise EepError(
+                f"{where}: dataset {cfg.dataset or 'data_files'!r} needs 'prompt' (a template over its fields)"
+            )
         if kind != "text" and not cfg.answer:
-            raise EepError(f"{where}: metric {cfg.metric} needs 'answer' (the field of the reference answer)")
+            raise EepError(
+                f"{where}: metric {cfg.metric} needs 'answer' (the field of the reference answer)"
+            )
         if kind == "choice" and not cfg.choices:
-            raise EepError(f"{where}: metric {cfg.metric} needs 'choices' (a field of options or a list of templates)")
+            raise EepError(
+                f"{where}: metric {cfg.metric} needs 'choices' (a field of options or a list of templates)"
+            )
         if kind != "choice" and cfg.choices:
-            raise EepError(f"{where}: 'choices' is for choice metrics; use metric choice or choice_norm, or drop it")
-        templates = [cfg.prompt, *(cfg.choices if isinstance(cfg.choices, list) else []), cfg.continuation or ""]
+            raise EepError(
+                f"{where}: 'choices' is for choice metrics; use metric choice or choice_norm, or drop it"
+            )
+        templates = [
+            cfg.prompt,
+            *(cfg.choices if isinstance(cfg.choices, list) else []),
+            cfg.continuation or "",
+        ]
         for template in templates:
             try:
                 fields = _fields(template)
@@ -99,11 +123,15 @@ def check_tasks(configs: Sequence[TaskConfig]) -> None:
             if any(not f.isidentifier() for f in fields):
                 raise EepError(f"{where}: template placeholders must be field names, got {fields}")
         if ("choice" in _fields(cfg.prompt)) != (cfg.continuation is not None):
-            raise EepError(f"{where}: a prompt with {{choice}} needs 'continuation', and 'continuation' needs "
-                           "{choice} in the prompt")
+            raise EepError(
+                f"{where}: a prompt with {{choice}} needs 'continuation', and 'continuation' needs "
+                "{choice} in the prompt"
+            )
         if cfg.search_split == cfg.test_split:
-            raise EepError(f"{where}: search_split and test_split are both {cfg.search_split!r}; "
-                           "the held-out number must not be the optimised one")
+            raise EepError(
+                f"{where}: search_split and test_split are both {cfg.search_split!r}; "
+                "the held-out number must not be the optimised one"
+            )
 
 
 def load_tasks(configs: Sequence[TaskConfig], which: str) -> list[Task]:
@@ -117,17 +145,29 @@ def load_tasks(configs: Sequence[TaskConfig], which: str) -> list[Task]:
     for cfg in configs:
         if which == "validation" and not cfg.validation_size:
             continue
-        split, size, skip = {"search": (cfg.search_split, cfg.search_size, 0), "test": (cfg.test_split, cfg.test_size, 0),
-                             "validation": (cfg.search_split, cfg.search_size + (cfg.validation_size or 0),
-                                            cfg.search_size)}[which]
+        split, size, skip = {
+            "search": (cfg.search_split, cfg.search_size, 0),
+            "test": (cfg.test_split, cfg.test_size, 0),
+            "validation": (
+                cfg.search_split,
+                cfg.search_size + (cfg.validation_size or 0),
+                cfg.search_size,
+            ),
+        }[which]
         if (cfg.dataset or "").partition(":")[0] in _TOYS:
             examples = _toy_examples(cfg, split, size)[skip:]
         else:
             examples = tuple(_example(cfg, row) for row in _rows(cfg, split, size)[skip:])
         if which == "validation" and not examples:
-            raise EepError(f"task {cfg.name!r}: split {split!r} of {cfg.dataset!r} has no rows left for validation "
-                           f"after the {cfg.search_size} search ones; lower search_size or validation_size")
-        tasks.append(Task(cfg.name, examples, cfg.metric, cfg.weight, tuple(cfg.stop or ()), cfg.chat_template))
+            raise EepError(
+                f"task {cfg.name!r}: split {split!r} of {cfg.dataset!r} has no rows left for validation "
+                f"after the {cfg.search_size} search ones; lower search_size or validation_size"
+            )
+        tasks.append(
+            Task(
+                cfg.name, examples, cfg.metric, cfg.weight, tuple(cfg.stop or ()), cfg.chat_template
+            )
+        )
     return tasks
 
 
@@ -152,28 +192,46 @@ def _load(cfg: TaskConfig, split: str):
             files = sorted(glob.glob(cfg.data_files[split]))
             if all(Path(f).stat().st_size == 0 for f in files):
                 raise EepError(f"task {cfg.name!r}: data_files.{split} is empty")
-            return datasets.load_dataset(_FILE_BUILDERS.get(Path(files[0]).suffix, "json"), data_files={split: files},
-                                         split=split)
+            return datasets.load_dataset(
+                _FILE_BUILDERS.get(Path(files[0]).suffix, "json"),
+                data_files={split: files},
+                split=split,
+            )
         path = Path(cfg.dataset)
         if path.is_file():  # one local data file: its rows, split by content below (see _rows)
             if path.stat().st_size == 0:
-                raise EepError(f"task {cfg.name!r}: split {split!r} of {cfg.dataset!r} is empty (the file is empty)")
-            return datasets.load_dataset(_FILE_BUILDERS.get(path.suffix, "json"), data_files={"rows": str(path)},
-                                         split="rows")
+                raise EepError(
+                    f"task {cfg.name!r}: split {split!r} of {cfg.dataset!r} is empty (the file is empty)"
+                )
+            return datasets.load_dataset(
+                _FILE_BUILDERS.get(path.suffix, "json"),
+                data_files={"rows": str(path)},
+                split="rows",
+            )
         return datasets.load_dataset(cfg.dataset, cfg.subset, split=split)
-    except (FileNotFoundError, ValueError, ConnectionError, datasets.exceptions.DatasetGenerationError) as err:
-        raise EepError(f"task {cfg.name!r}: cannot load split {split!r} of {cfg.dataset!r} "
-                       f"({' '.join(str(err).split())[:200]})") from None
+    except (
+        FileNotFoundError,
+        ValueError,
+        ConnectionError,
+        datasets.exceptions.DatasetGenerationError,
+    ) as err:
+        raise EepError(
+            f"task {cfg.name!r}: cannot load split {split!r} of {cfg.dataset!r} "
+            f"({' '.join(str(err).split())[:200]})"
+        ) from None
 
 
 def _rows(cfg: TaskConfig, split: str, size: int) -> list[dict[str, Any]]:
     """A seeded subset of ``size`` rows (preprocessed; blank texts dropped for text metrics)."""
     data = _load(cfg, split)
-    if cfg.data_files is None and Path(cfg.dataset).is_file():  # one file for every split: never read twice
+    # one file for every split: never read twice
+    if cfg.data_files is None and Path(cfg.dataset).is_file():
         held_out = split == cfg.test_split
         data = data.filter(lambda row: _held_out(row) == held_out)
     if len(data) == 0:
-        raise EepError(f"task {cfg.name!r}: split {split!r} of {cfg.dataset or 'data_files'!r} is empty")
+        raise EepError(
+            f"task {cfg.name!r}: split {split!r} of {cfg.dataset or 'data_files'!r} is empty"
+        )
     text_metric = metric(cfg.metric).kind == "text"
     transform = presets.PREPROCESS.get(cfg.preprocess or "", lambda row: row)
     rows = []
@@ -181,15 +239,19 @@ def _rows(cfg: TaskConfig, split: str, size: int) -> list[dict[str, Any]]:
         try:
             row = transform(row)
         except KeyError as err:
-            raise EepError(f"task {cfg.name!r}: preprocess {cfg.preprocess!r} needs field {err} that "
-                           f"{cfg.dataset!r} lacks; fields: {', '.join(row)}") from None
+            raise EepError(
+                f"task {cfg.name!r}: preprocess {cfg.preprocess!r} needs field {err} that "
+                f"{cfg.dataset!r} lacks; fields: {', '.join(row)}"
+            ) from None
         if text_metric and not _format(cfg, cfg.prompt, row).strip():
             continue
         rows.append(row)
         if len(rows) == size:
             break
     if not rows:
-        raise EepError(f"task {cfg.name!r}: split {split!r} of {cfg.dataset!r} has no non-empty text")
+        raise EepError(
+            f"task {cfg.name!r}: split {split!r} of {cfg.dataset!r} has no non-empty text"
+        )
     return rows
 
 
@@ -204,16 +266,20 @@ def _format(cfg: TaskConfig, template: str, row: dict[str, Any], **extra: str) -
     try:
         return template.format(**row, **extra)
     except (KeyError, IndexError) as err:
-        raise EepError(f"task {cfg.name!r}: template {template!r} uses {err} that {cfg.dataset!r} lacks; "
-                       f"fields: {', '.join(row)}") from None
+        raise EepError(
+            f"task {cfg.name!r}: template {template!r} uses {err} that {cfg.dataset!r} lacks; "
+            f"fields: {', '.join(row)}"
+        ) from None
 
 
 def _field(cfg: TaskConfig, row: dict[str, Any], dotted: str) -> Any:
     value: Any = row
     for part in dotted.split("."):
         if not isinstance(value, dict) or part not in value:
-            raise EepError(f"task {cfg.name!r}: field {dotted!r} is missing from {cfg.dataset!r}; "
-                           f"fields: {', '.join(row)}")
+            raise EepError(
+                f"task {cfg.name!r}: field {dotted!r} is missing from {cfg.dataset!r}; "
+                f"fields: {', '.join(row)}"
+            )
         value = value[part]
     return value
 
@@ -230,7 +296,9 @@ def _example(cfg: TaskConfig, row: dict[str, Any]) -> Example:
     else:
         texts = _field(cfg, row, cfg.choices)
         if not isinstance(texts, list) or not texts:
-            raise EepError(f"task {cfg.name!r}: choices field {cfg.choices!r} must hold a non-empty list of options")
+            raise EepError(
+                f"task {cfg.name!r}: choices field {cfg.choices!r} must hold a non-empty list of options"
+            )
         texts = [str(t) for t in texts]
     if cfg.continuation is not None:  # options fill a blank in the prompt; the rest is scored
         rest = cfg.target_delimiter + _format(cfg, cfg.continuation, row)
@@ -245,11 +313,15 @@ def _label(cfg: TaskConfig, row: dict[str, Any], answer: str, n: int) -> int:
     if cfg.choice_labels:
         labels = [str(x) for x in _field(cfg, row, cfg.choice_labels)]
         if answer not in labels:
-            raise EepError(f"task {cfg.name!r}: answer {answer!r} is not one of the labels {labels}")
+            raise EepError(
+                f"task {cfg.name!r}: answer {answer!r} is not one of the labels {labels}"
+            )
         return labels.index(answer)
     if not answer.lstrip("-").isdigit() or not 0 <= int(answer) < n:
-        raise EepError(f"task {cfg.name!r}: answer {answer!r} is not an option index below {n}; "
-                       "set choice_labels or answer_map")
+        raise EepError(
+            f"task {cfg.name!r}: answer {answer!r} is not an option index below {n}; "
+            "set choice_labels or answer_map"
+        )
     return int(answer)
 
 
@@ -257,7 +329,9 @@ def _answers(cfg: TaskConfig, row: dict[str, Any]) -> tuple[str, ...]:
     value = _field(cfg, row, cfg.answer)
     values = value if isinstance(value, list) else [value]
     if not values:
-        raise EepError(f"task {cfg.name!r}: answer field {cfg.answer!r} is empty in a row of {cfg.dataset!r}")
+        raise EepError(
+            f"task {cfg.name!r}: answer field {cfg.answer!r} is empty in a row of {cfg.dataset!r}"
+        )
     if cfg.answer_map is not None:
         mapping = {k.lower(): v for k, v in cfg.answer_map.items()}
         keys = [str(v).lower() for v in values]
@@ -274,22 +348,40 @@ def check_local_data(configs: Sequence[TaskConfig]) -> None:
     share a prompt (files given by hand can overlap; a held-out score on searched rows means nothing).
     Hub datasets are left to the run (``--dry-run`` stays offline)."""
     for cfg in configs:
-        local = cfg.data_files is not None or (cfg.dataset or "").partition(":")[0] in _TOYS \
+        local = (
+            cfg.data_files is not None
+            or (cfg.dataset or "").partition(":")[0] in _TOYS
             or Path(cfg.dataset or "").exists()
+        )
         if not local:
             continue
         splits = ("search", "test", "validation") if cfg.validation_size else ("search", "test")
-        prompts = {which: {ex.prompt for ex in load_tasks([cfg], which)[0].examples} for which in splits}
+        prompts = {
+            which: {ex.prompt for ex in load_tasks([cfg], which)[0].examples} for which in splits
+        }
         for a, b in (("search", "test"), ("search", "validation"), ("validation", "test")):
             shared = prompts.get(a, set()) & prompts.get(b, set())
             if shared:
-                raise EepError(f"task {cfg.name!r}: {len(shared)} {b} examples also appear among its {a} examples "
-                               f"(e.g. {sorted(shared)[0][:60]!r}); give disjoint files")
+                raise EepError(
+                    f"task {cfg.name!r}: {len(shared)} {b} examples also appear among its {a} examples "
+                    f"(e.g. {sorted(shared)[0][:60]!r}); give disjoint files"
+                )
 
 
-def load_texts(dataset: str, subset: str | None, split: str, template: str, size: int, seed: int = 0) -> list[str]:
+def load_texts(
+    dataset: str, subset: str | None, split: str, template: str, size: int, seed: int = 0
+) -> list[str]:
     """``size`` non-blank texts formed by ``template`` from a seeded sample of a dataset split."""
-    cfg = TaskConfig(name="calibration", dataset=dataset, subset=subset, prompt=template, metric="perplexity",
-                     search_split=split, test_split=f"not-{split}", search_size=size, seed=seed)
+    cfg = TaskConfig(
+        name="calibration",
+        dataset=dataset,
+        subset=subset,
+        prompt=template,
+        metric="perplexity",
+        search_split=split,
+        test_split=f"not-{split}",
+        search_size=size,
+        seed=seed,
+    )
     check_tasks([cfg])
     return [_format(cfg, template, row) for row in _rows(cfg, split, size)]

@@ -27,11 +27,28 @@ import torch
 from fitness.metrics import cut_at_stop, whitespace
 
 # generation settings that make generate's choice differ from the plain argmax of the logits
-_PROCESSORS = ("repetition_penalty", "no_repeat_ngram_size", "min_length", "min_new_tokens", "suppress_tokens",
-               "begin_suppress_tokens", "bad_words_ids", "forced_bos_token_id", "forced_eos_token_id",
-               "sequence_bias", "encoder_repetition_penalty", "renormalize_logits")
-_NEUTRAL = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "min_length": 0, "min_new_tokens": 0,
-            "no_repeat_ngram_size": 0, "renormalize_logits": False}
+_PROCESSORS = (
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "min_length",
+    "min_new_tokens",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "bad_words_ids",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "sequence_bias",
+    "encoder_repetition_penalty",
+    "renormalize_logits",
+)
+_NEUTRAL = {
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "min_length": 0,
+    "min_new_tokens": 0,
+    "no_repeat_ngram_size": 0,
+    "renormalize_logits": False,
+}
 MAX_ROWS = 4
 """Tokenizations of an example's answers scored in one pass; beyond that the example is generated."""
 
@@ -49,7 +66,8 @@ def greedy_is_argmax(model) -> str | None:
 def decide(text: str, final: bool, answers: Sequence[str], stop: Sequence[str]) -> bool | None:
     """Exact match of a completion that begins with ``text`` (``final``: that is all of it), or
     None when what follows could still change the verdict."""
-    if "\ufffd" in text:  # a character cut in half by the token boundary: later tokens may complete it
+    # a character cut in half by the token boundary: later tokens may complete it
+    if "\ufffd" in text:
         return None
     targets = {whitespace(a) for a in answers}
     cut = cut_at_stop(text, stop)
@@ -74,7 +92,9 @@ class Item:
     """Tokenizations of the answers to feed (each at most ``max_new_tokens`` long)."""
 
 
-def prepare(tokenizer, prompt: str, answers: Sequence[str], stop: Sequence[str], max_new_tokens: int) -> Item | None:
+def prepare(
+    tokenizer, prompt: str, answers: Sequence[str], stop: Sequence[str], max_new_tokens: int
+) -> Item | None:
     """The example as an :class:`Item`, or None when it must be generated (too many tokenizations)."""
     rows = []
     for answer in answers:
@@ -88,7 +108,9 @@ def prepare(tokenizer, prompt: str, answers: Sequence[str], stop: Sequence[str],
 
 
 @torch.inference_mode()
-def teacher_forced(model, tokenizer, items: Sequence[Item], max_new_tokens: int) -> list[bool | None]:
+def teacher_forced(
+    model, tokenizer, items: Sequence[Item], max_new_tokens: int
+) -> list[bool | None]:
     """Greedy generation's exact-match verdict per item from one forward pass (None: undecided)."""
     if not items:
         return []
@@ -99,24 +121,30 @@ def teacher_forced(model, tokenizer, items: Sequence[Item], max_new_tokens: int)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for r, (_, seq) in enumerate(seqs):  # left padding, as generation's prompts
-        ids[r, width - len(seq):] = torch.tensor(seq)
-        mask[r, width - len(seq):] = 1
+        ids[r, width - len(seq) :] = torch.tensor(seq)
+        mask[r, width - len(seq) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     keep = max(len(s) - len(items[i].prompt) for i, s in seqs) + 1
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                   logits_to_keep=keep).logits
+    logits = model(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=positions.to(device),
+        logits_to_keep=keep,
+    ).logits
     greedy = logits.argmax(-1).tolist()  # [row][position among the last `keep`]
     verdicts: list[bool | None] = [None] * len(items)
     for r, (i, seq) in enumerate(seqs):
         item = items[i]
-        row = seq[len(item.prompt):]
-        verdict = _follow(tokenizer, item, row, greedy[r][keep - len(row) - 1:], max_new_tokens)
+        row = seq[len(item.prompt) :]
+        verdict = _follow(tokenizer, item, row, greedy[r][keep - len(row) - 1 :], max_new_tokens)
         if verdict is not None:
             verdicts[i] = verdict
     return verdicts
 
 
-def _follow(tokenizer, item: Item, row: Sequence[int], argmax: Sequence[int], max_new_tokens: int) -> bool | None:
+def _follow(
+    tokenizer, item: Item, row: Sequence[int], argmax: Sequence[int], max_new_tokens: int
+) -> bool | None:
     """Walk the greedy path along ``row``: ``argmax[j]`` is the greedy token after ``row[:j]``."""
     eos = tokenizer.eos_token_id
 
@@ -128,6 +156,7 @@ def _follow(tokenizer, item: Item, row: Sequence[int], argmax: Sequence[int], ma
             return decide(text(row[:j]), True, item.answers, item.stop)
         if token == eos:
             return decide(text(row[:j]), True, item.answers, item.stop)
-        if j == len(row) or token != row[j]:  # the greedy path leaves the answer (or goes beyond it)
+        # the greedy path leaves the answer (or goes beyond it)
+        if j == len(row) or token != row[j]:
             return decide(text([*row[:j], token]), j + 1 == max_new_tokens, item.answers, item.stop)
     return None

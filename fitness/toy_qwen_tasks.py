@@ -46,7 +46,9 @@ def make_example(task: str, seq: list[str]) -> Example:
 
 def examples(task: str, split: str, n: int, seed: int = 0) -> list[Example]:
     """``n`` distinct examples of ``task`` from ``split``, deterministic for a seed."""
-    return toy_tasks.sample(make_example, task, split, n, seed, SYMBOLS, (MIN_LEN, MAX_LEN), TASKS, "toy-qwen")
+    return toy_tasks.sample(
+        make_example, task, split, n, seed, SYMBOLS, (MIN_LEN, MAX_LEN), TASKS, "toy-qwen"
+    )
 
 
 def vocabulary() -> list[str]:

@@ -45,7 +45,7 @@ def solve(task: str, seq: list[str]) -> list[str]:
     if task == "rotate":
         return seq[1:] + seq[:1]
     if task == "swap":
-        pairs = [seq[i: i + 2][::-1] for i in range(0, len(seq), 2)]
+        pairs = [seq[i : i + 2][::-1] for i in range(0, len(seq), 2)]
         return [s for pair in pairs for s in pair]
     if task == "lookup":
         return [_LOOKUP[s] for s in seq]
@@ -70,8 +70,17 @@ def examples(task: str, split: str, n: int, seed: int = 0) -> list[Example]:
     return sample(make_example, task, split, n, seed)
 
 
-def sample(make, task: str, split: str, n: int, seed: int = 0, symbols=SYMBOLS, lengths=(MIN_LEN, MAX_LEN),
-           tasks=TASKS, toy: str = "toy") -> list[Example]:
+def sample(
+    make,
+    task: str,
+    split: str,
+    n: int,
+    seed: int = 0,
+    symbols=SYMBOLS,
+    lengths=(MIN_LEN, MAX_LEN),
+    tasks=TASKS,
+    toy: str = "toy",
+) -> list[Example]:
     """``n`` distinct examples ``make(task, seq)`` of random inputs in ``split`` (shared by both toys:
     ``tasks``, ``symbols``, ``lengths`` and the ``toy``'s name for errors are the caller's)."""
     if task not in tasks:

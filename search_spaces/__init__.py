@@ -10,9 +10,22 @@ from search_spaces.budget import BudgetSpace, crossover_budget, mutate_budget, r
 from search_spaces.merge import MergeSpace, crossover_matrices, mutate_noise
 from search_spaces.prune import PruneSpace, crossover_rows, layer_groups, mutate_swap, random_genome
 
-__all__ = ["BudgetSpace", "MergeSpace", "PruneSpace", "Schedule", "build_schedule", "crossover_budget",
-           "crossover_matrices", "crossover_rows", "layer_groups", "mutate_budget", "mutate_noise", "mutate_swap",
-           "random_budget_genome", "random_genome"]
+__all__ = [
+    "BudgetSpace",
+    "MergeSpace",
+    "PruneSpace",
+    "Schedule",
+    "build_schedule",
+    "crossover_budget",
+    "crossover_matrices",
+    "crossover_rows",
+    "layer_groups",
+    "mutate_budget",
+    "mutate_noise",
+    "mutate_swap",
+    "random_budget_genome",
+    "random_genome",
+]
 
 
 @dataclass(frozen=True)
@@ -39,7 +52,9 @@ class Schedule:
     def describe(self) -> str:
         if len(self.phases) == 1:
             return self.first.describe()
-        return "; then ".join(f"from evaluation {start}: {space.describe()}" for start, space in self.phases)
+        return "; then ".join(
+            f"from evaluation {start}: {space.describe()}" for start, space in self.phases
+        )
 
 
 def build_schedule(cfg, shape) -> Schedule:
@@ -51,39 +66,61 @@ def build_schedule(cfg, shape) -> Schedule:
     layers, num_experts = tuple(shape.moe_layers), shape.num_experts
     k = cfg.top_k or shape.top_k
     if shape.expert_groups > 1 and (cfg.budget is not None or cfg.kind != "prune"):
-        raise EepError(f"{family.title} routes within {shape.expert_groups} expert groups, where eep searches uniform "
-                       "pruning only (search_space.kind: prune, no budget)")
+        raise EepError(
+            f"{family.title} routes within {shape.expert_groups} expert groups, where eep searches uniform "
+            "pruning only (search_space.kind: prune, no budget)"
+        )
     lower = "" if cfg.top_k else " or set search_space.top_k lower"
     if cfg.top_k is not None and cfg.top_k > shape.top_k:
-        raise EepError(f"search_space.top_k={cfg.top_k} is above the model's top_k={shape.top_k}; it can only be lowered")
+        raise EepError(
+            f"search_space.top_k={cfg.top_k} is above the model's top_k={shape.top_k}; it can only be lowered"
+        )
     if cfg.groups is not None and cfg.groups > len(layers):
-        raise EepError(f"search_space.groups={cfg.groups} but the model has only {len(layers)} MoE layers")
+        raise EepError(
+            f"search_space.groups={cfg.groups} but the model has only {len(layers)} MoE layers"
+        )
     if cfg.budget is not None:
         low, high = k * len(layers), num_experts * len(layers)
         if not low <= cfg.budget <= high:
-            raise EepError(f"search_space.budget={cfg.budget} must lie in {low}..{high}: each of the {len(layers)} MoE "
-                           f"layers keeps between top_k={k} and {num_experts} experts{lower}")
+            raise EepError(
+                f"search_space.budget={cfg.budget} must lie in {low}..{high}: each of the {len(layers)} MoE "
+                f"layers keeps between top_k={k} and {num_experts} experts{lower}"
+            )
         if shape.group_min > k:
-            raise EepError(f"{family.title} scores its expert groups by their top {shape.group_min} experts, so every "
-                           f"layer keeps at least {shape.group_min}; a budget search lets layers keep top_k={k}: "
-                           f"raise search_space.top_k to {shape.group_min}")
+            raise EepError(
+                f"{family.title} scores its expert groups by their top {shape.group_min} experts, so every "
+                f"layer keeps at least {shape.group_min}; a budget search lets layers keep top_k={k}: "
+                f"raise search_space.top_k to {shape.group_min}"
+            )
         first = BudgetSpace(num_experts, shape.top_k, layers, cfg.budget, cfg.top_k)
     else:
         if cfg.keep > num_experts:
-            raise EepError(f"search_space.keep={cfg.keep} but the model has only {num_experts} experts per layer")
+            raise EepError(
+                f"search_space.keep={cfg.keep} but the model has only {num_experts} experts per layer"
+            )
         if cfg.keep < k:
-            raise EepError(f"search_space.keep={cfg.keep} is below the top_k={k} each token is routed to; "
-                           f"keep at least {k}{lower}")
+            raise EepError(
+                f"search_space.keep={cfg.keep} is below the top_k={k} each token is routed to; "
+                f"keep at least {k}{lower}"
+            )
         per_group, left = divmod(cfg.keep, shape.expert_groups)
         if left or per_group < shape.group_min:
-            raise EepError(f"search_space.keep={cfg.keep} must be a multiple of the model's {shape.expert_groups} "
-                           f"expert groups with at least {shape.group_min} per group: {family.title} routes within "
-                           "groups")
+            raise EepError(
+                f"search_space.keep={cfg.keep} must be a multiple of the model's {shape.expert_groups} "
+                f"expert groups with at least {shape.group_min} per group: {family.title} routes within "
+                "groups"
+            )
         groups = layer_groups(layers, cfg.groups) if cfg.groups is not None else None
-        first = PruneSpace(num_experts, shape.top_k, layers, cfg.keep, cfg.top_k, groups, shape.expert_groups)
+        first = PruneSpace(
+            num_experts, shape.top_k, layers, cfg.keep, cfg.top_k, groups, shape.expert_groups
+        )
     if cfg.kind == "prune":
         return Schedule(((0, first),))
     # router matrices that mix experts map softmax probabilities; elsewhere the router keeps selecting
-    merge = MergeSpace(num_experts, shape.top_k, layer_groups(layers, cfg.groups),
-                       mix_router=shape.router_matrix is not None)
+    merge = MergeSpace(
+        num_experts,
+        shape.top_k,
+        layer_groups(layers, cfg.groups),
+        mix_router=shape.router_matrix is not None,
+    )
     return Schedule(((0, first), (cfg.merge_after, merge)))

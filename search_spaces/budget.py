@@ -43,32 +43,53 @@ class BudgetSpace:
         """Genomes with exactly ``budget`` experts kept (a polynomial product over the layers)."""
         ways = [1] + [0] * self.budget  # ways[t]: keep sets of the layers so far keeping t experts
         for _ in self.layers:
-            ways = [sum(ways[t - n] * math.comb(self.num_experts, n)
-                        for n in range(self.min_keep, min(self.num_experts, t) + 1)) for t in range(self.budget + 1)]
+            ways = [
+                sum(
+                    ways[t - n] * math.comb(self.num_experts, n)
+                    for n in range(self.min_keep, min(self.num_experts, t) + 1)
+                )
+                for t in range(self.budget + 1)
+            ]
         return ways[self.budget]
 
     def reject(self, genome: Genome) -> str | None:
         """Why ``genome`` is not in this space (None when it is): e.g. a seed for the search."""
-        if {i for i, _ in genome.layers} != set(self.layers) or genome.is_merge or genome.is_low_rank:
+        if (
+            {i for i, _ in genome.layers} != set(self.layers)
+            or genome.is_merge
+            or genome.is_low_rank
+        ):
             return f"it must be a pruning genome naming exactly the layers {list(self.layers)}"
         counts = [len(genome.keep(i)) for i in self.layers]
         if sum(counts) != self.budget:
             return f"it keeps {sum(counts)} experts in all; the budget is {self.budget}"
         for layer, n in zip(self.layers, counts):
             if not self.min_keep <= n or genome.gene(layer).top_k != self.active:
-                return f"layer {layer} keeps {n} experts routed top-{genome.active(layer)}; each layer keeps " \
-                       f"{self.min_keep}..{self.num_experts}" + (f" routed top-{self.active}" if self.active else "")
+                return (
+                    f"layer {layer} keeps {n} experts routed top-{genome.active(layer)}; each layer keeps "
+                    f"{self.min_keep}..{self.num_experts}"
+                    + (f" routed top-{self.active}" if self.active else "")
+                )
         return None
 
     def describe(self) -> str:
         mean = self.budget / len(self.layers)
-        return (f"budget: {self.budget} experts over {len(self.layers)} layers (mean {mean:.2f} of "
-                f"{self.num_experts}, each layer {self.min_keep}..{self.num_experts})")
+        return (
+            f"budget: {self.budget} experts over {len(self.layers)} layers (mean {mean:.2f} of "
+            f"{self.num_experts}, each layer {self.min_keep}..{self.num_experts})"
+        )
 
     def register(self, toolbox: base.Toolbox, cfg, rng: random.Random) -> None:
         toolbox.register("individual", random_budget_genome, space=self, rng=rng)
-        toolbox.register("mutate", mutate_budget, rng=rng, space=self, layer_prob=cfg.layer_prob,
-                         swap_prob=cfg.swap_prob, move_prob=cfg.move_prob)
+        toolbox.register(
+            "mutate",
+            mutate_budget,
+            rng=rng,
+            space=self,
+            layer_prob=cfg.layer_prob,
+            swap_prob=cfg.swap_prob,
+            move_prob=cfg.move_prob,
+        )
         toolbox.register("mate", crossover_budget, rng=rng, space=self, layer_prob=cfg.layer_prob)
 
 
@@ -94,8 +115,14 @@ def _move(keep: dict[int, list[int]], space: BudgetSpace, rng: random.Random) ->
     return True
 
 
-def mutate_budget(genome: Genome, rng: random.Random, space: BudgetSpace, layer_prob: float, swap_prob: float,
-                  move_prob: float) -> Genome:
+def mutate_budget(
+    genome: Genome,
+    rng: random.Random,
+    space: BudgetSpace,
+    layer_prob: float,
+    swap_prob: float,
+    move_prob: float,
+) -> Genome:
     """With probability ``move_prob`` move one expert of budget between two layers; then swap kept
     experts for dropped ones as :func:`search_spaces.prune.mutate_swap` does. Always changes something."""
     keep = {i: list(genome.keep(i)) for i in space.layers}
@@ -111,13 +138,17 @@ def mutate_budget(genome: Genome, rng: random.Random, space: BudgetSpace, layer_
         room = [i for i in touched if len(keep[i]) < space.num_experts]
         if room:
             kept = keep[rng.choice(room)]
-            kept[rng.randrange(len(kept))] = rng.choice([e for e in range(space.num_experts) if e not in kept])
+            kept[rng.randrange(len(kept))] = rng.choice(
+                [e for e in range(space.num_experts) if e not in kept]
+            )
         else:
             _move(keep, space, rng)
     return space.genome(keep)
 
 
-def crossover_budget(a: Genome, b: Genome, rng: random.Random, space: BudgetSpace, layer_prob: float) -> Genome:
+def crossover_budget(
+    a: Genome, b: Genome, rng: random.Random, space: BudgetSpace, layer_prob: float
+) -> Genome:
     """Each layer comes whole from one parent (the first with EEP's 0.6); touched layers whose
     parents keep the same number mix them slot by slot. Then the total is repaired to the budget by
     dropping (adding) random experts in random layers that have room."""
@@ -137,6 +168,8 @@ def crossover_budget(a: Genome, b: Genome, rng: random.Random, space: BudgetSpac
         total -= 1
     while total < space.budget:
         layer = rng.choice([i for i in space.layers if len(keep[i]) < space.num_experts])
-        keep[layer].append(rng.choice([e for e in range(space.num_experts) if e not in keep[layer]]))
+        keep[layer].append(
+            rng.choice([e for e in range(space.num_experts) if e not in keep[layer]])
+        )
         total += 1
     return space.genome(keep)

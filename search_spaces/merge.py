@@ -59,8 +59,16 @@ class MergeSpace:
         return f"merge: E'x{self.num_experts} merge + router matrices per weight group ({len(self.groups)} groups)"
 
     def register(self, toolbox: base.Toolbox, cfg, rng: random.Random) -> None:
-        toolbox.register("mutate", mutate_noise, rng=rng, space=self, layer_prob=cfg.layer_prob,
-                         noise_prob=cfg.noise_prob, noise_scale=cfg.noise_scale, renorm_prob=cfg.renorm_prob)
+        toolbox.register(
+            "mutate",
+            mutate_noise,
+            rng=rng,
+            space=self,
+            layer_prob=cfg.layer_prob,
+            noise_prob=cfg.noise_prob,
+            noise_scale=cfg.noise_scale,
+            renorm_prob=cfg.renorm_prob,
+        )
         toolbox.register("mate", crossover_matrices, rng=rng, space=self, layer_prob=cfg.layer_prob)
 
 
@@ -88,8 +96,15 @@ def _touched(space: MergeSpace, rng: random.Random, layer_prob: float) -> list[t
     return touched_units([(g[0], m) for g in space.groups for m in matrices], rng, layer_prob)
 
 
-def mutate_noise(genome: Genome, rng: random.Random, space: MergeSpace, layer_prob: float, noise_prob: float,
-                 noise_scale: float, renorm_prob: float) -> Genome:
+def mutate_noise(
+    genome: Genome,
+    rng: random.Random,
+    space: MergeSpace,
+    layer_prob: float,
+    noise_prob: float,
+    noise_scale: float,
+    renorm_prob: float,
+) -> Genome:
     """Gaussian noise on entries of the touched matrices, then maybe row re-normalisation of merge rows."""
     genes = _lift(genome, space)
     touched = _touched(space, rng, layer_prob)
@@ -97,14 +112,21 @@ def mutate_noise(genome: Genome, rng: random.Random, space: MergeSpace, layer_pr
     for unit, m in touched:
         matrix = genes[unit][m]
         for r, row in enumerate(matrix):
-            new = [x + rng.gauss(0.0, 1.0) * noise_scale if rng.random() < noise_prob else x for x in row]
+            new = [
+                x + rng.gauss(0.0, 1.0) * noise_scale if rng.random() < noise_prob else x
+                for x in row
+            ]
             changed |= _set_row(matrix, r, new, router=m == 1)
     if not changed:  # nothing drawn (or every router change clipped away): perturb one entry
         unit, m = rng.choice(touched)
         matrix = genes[unit][m]
         r, c = rng.randrange(len(matrix)), rng.randrange(space.num_experts)
         row = list(matrix[r])
-        row[c] = abs(row[c] + rng.gauss(0.0, 1.0) * noise_scale) if m == 1 else row[c] + rng.gauss(0.0, 1.0) * noise_scale
+        row[c] = (
+            abs(row[c] + rng.gauss(0.0, 1.0) * noise_scale)
+            if m == 1
+            else row[c] + rng.gauss(0.0, 1.0) * noise_scale
+        )
         _set_row(matrix, r, row, router=m == 1)
     if rng.random() < renorm_prob:
         for merge, _, _ in genes.values():
@@ -125,7 +147,9 @@ def _set_row(matrix: Rows, r: int, new: list[float], router: bool) -> bool:
     return changed
 
 
-def crossover_matrices(a: Genome, b: Genome, rng: random.Random, space: MergeSpace, layer_prob: float) -> Genome:
+def crossover_matrices(
+    a: Genome, b: Genome, rng: random.Random, space: MergeSpace, layer_prob: float
+) -> Genome:
     """Row-wise crossover of touched matrices; untouched matrices from one parent. A group whose
     parents have different expert counts (budget searches) is copied whole from the first parent."""
     genes_a, genes_b = _lift(a, space), _lift(b, space)
@@ -139,7 +163,12 @@ def crossover_matrices(a: Genome, b: Genome, rng: random.Random, space: MergeSpa
         matrices = []
         for m, (rows_a, rows_b) in enumerate(((merge_a, merge_b), (router_a, router_b))):
             if (unit, m) in touched:
-                matrices.append([ra if rng.random() < FRONT_PARENT_PROB else rb for ra, rb in zip(rows_a, rows_b)])
+                matrices.append(
+                    [
+                        ra if rng.random() < FRONT_PARENT_PROB else rb
+                        for ra, rb in zip(rows_a, rows_b)
+                    ]
+                )
             else:
                 matrices.append(rows_a if rng.random() < FRONT_PARENT_PROB else rows_b)
         child[unit] = (matrices[0], matrices[1], k_a)

@@ -36,7 +36,7 @@ def layer_groups(layers: Sequence[int], groups: int | None) -> Groups:
         return tuple((i,) for i in layers)
     size, extra = divmod(len(layers), groups)
     bounds = [g * size + min(g, extra) for g in range(groups + 1)]
-    return tuple(layers[bounds[g]:bounds[g + 1]] for g in range(groups))
+    return tuple(layers[bounds[g] : bounds[g + 1]] for g in range(groups))
 
 
 def expand(groups: Groups, genes: Mapping[int, LayerGene]) -> dict[int, LayerGene]:
@@ -77,7 +77,9 @@ class PruneSpace:
 
     def genome(self, keep: Mapping[int, Sequence[int]]) -> Genome:
         """A genome from ``{group's first layer: expert ids}``."""
-        genes = {i: LayerGene(tuple(sorted(int(e) for e in ids)), self.active) for i, ids in keep.items()}
+        genes = {
+            i: LayerGene(tuple(sorted(int(e) for e in ids)), self.active) for i, ids in keep.items()
+        }
         return Genome.from_genes(self.num_experts, self.top_k, expand(self.units, genes))
 
     def size(self) -> int:
@@ -86,7 +88,9 @@ class PruneSpace:
 
     def full(self) -> Genome:
         """The uncompressed model as a genome (every expert kept)."""
-        return Genome.from_keep(self.num_experts, self.top_k, {i: range(self.num_experts) for i in self.layers})
+        return Genome.from_keep(
+            self.num_experts, self.top_k, {i: range(self.num_experts) for i in self.layers}
+        )
 
     def reject(self, genome: Genome) -> str | None:
         """Why ``genome`` is not in this space (None when it is): e.g. a seed for the search."""
@@ -96,10 +100,14 @@ class PruneSpace:
         for layer in self.layers:
             gene = genome.gene(layer)
             if len(gene.keep) != self.keep or gene.top_k != self.active:
-                return f"layer {layer} keeps {len(gene.keep)} experts routed top-{genome.active(layer)}; the space " \
-                       f"keeps {self.keep}" + (f" routed top-{self.active}" if self.active else "")
-            if self.expert_groups > 1 and any(sum(e in pool for e in gene.keep) != self.keep // self.expert_groups
-                                              for pool in self.pools):
+                return (
+                    f"layer {layer} keeps {len(gene.keep)} experts routed top-{genome.active(layer)}; the space "
+                    f"keeps {self.keep}" + (f" routed top-{self.active}" if self.active else "")
+                )
+            if self.expert_groups > 1 and any(
+                sum(e in pool for e in gene.keep) != self.keep // self.expert_groups
+                for pool in self.pools
+            ):
                 return f"layer {layer} must keep {self.keep // self.expert_groups} experts in each expert group"
         for unit in self.units:
             if len({genome.gene(layer) for layer in unit}) > 1:
@@ -108,20 +116,33 @@ class PruneSpace:
 
     def describe(self) -> str:
         groups = "" if self.groups is None else f" in {len(self.units)} weight groups"
-        pools = "" if self.expert_groups == 1 else f" ({self.keep // self.expert_groups} in each of " \
-                                                   f"{self.expert_groups} expert groups)"
+        pools = (
+            ""
+            if self.expert_groups == 1
+            else f" ({self.keep // self.expert_groups} in each of "
+            f"{self.expert_groups} expert groups)"
+        )
         return f"prune: keep {self.keep} of {self.num_experts} per layer{pools}{groups}"
 
     def register(self, toolbox: base.Toolbox, cfg, rng: random.Random) -> None:
         toolbox.register("individual", random_genome, space=self, rng=rng)
-        toolbox.register("mutate", mutate_swap, rng=rng, space=self, layer_prob=cfg.layer_prob, swap_prob=cfg.swap_prob)
+        toolbox.register(
+            "mutate",
+            mutate_swap,
+            rng=rng,
+            space=self,
+            layer_prob=cfg.layer_prob,
+            swap_prob=cfg.swap_prob,
+        )
         toolbox.register("mate", crossover_rows, rng=rng, space=self, layer_prob=cfg.layer_prob)
 
 
 def random_genome(space: PruneSpace, rng: random.Random) -> Genome:
     """A uniformly random keep set per weight group (the same number from each expert group)."""
     per_pool = space.keep // space.expert_groups
-    return space.genome({g[0]: [e for pool in space.pools for e in rng.sample(pool, per_pool)] for g in space.units})
+    return space.genome(
+        {g[0]: [e for pool in space.pools for e in rng.sample(pool, per_pool)] for g in space.units}
+    )
 
 
 def touched_units(units: Sequence, rng: random.Random, layer_prob: float) -> list:
@@ -134,7 +155,9 @@ def touched_units(units: Sequence, rng: random.Random, layer_prob: float) -> lis
             return touched
 
 
-def mutate_swap(genome: Genome, rng: random.Random, space: PruneSpace, layer_prob: float, swap_prob: float) -> Genome:
+def mutate_swap(
+    genome: Genome, rng: random.Random, space: PruneSpace, layer_prob: float, swap_prob: float
+) -> Genome:
     """In the touched groups, swap each kept expert with probability ``swap_prob`` for a dropped one
     (of its own expert group, when routing is grouped)."""
     keep = {g[0]: list(genome.keep(g[0])) for g in space.units}
@@ -149,24 +172,33 @@ def mutate_swap(genome: Genome, rng: random.Random, space: PruneSpace, layer_pro
     if not swapped and space.keep < space.num_experts:
         kept = keep[rng.choice(touched)]
         if space.expert_groups == 1:
-            kept[rng.randrange(len(kept))] = rng.choice([e for e in range(space.num_experts) if e not in kept])
+            kept[rng.randrange(len(kept))] = rng.choice(
+                [e for e in range(space.num_experts) if e not in kept]
+            )
         else:
             slot = rng.randrange(len(kept))
             kept[slot] = rng.choice([e for e in space.pool_of(kept[slot]) if e not in kept])
     return space.genome(keep)
 
 
-def mix_rows(rows_a: Sequence[int], rows_b: Sequence[int], rng: random.Random) -> tuple[list[int], list[int]]:
+def mix_rows(
+    rows_a: Sequence[int], rows_b: Sequence[int], rng: random.Random
+) -> tuple[list[int], list[int]]:
     """Slot by slot, the first parent's expert with EEP's 0.6, else the second's: (the distinct
     picks, the parents' other experts shuffled) — the child's count is then repaired from the latter."""
-    picks = [ra if rng.random() < FRONT_PARENT_PROB else rb for ra, rb in zip(rows_a, rows_b, strict=True)]
+    picks = [
+        ra if rng.random() < FRONT_PARENT_PROB else rb
+        for ra, rb in zip(rows_a, rows_b, strict=True)
+    ]
     child = list(dict.fromkeys(picks))
     spare = [e for e in dict.fromkeys([*rows_a, *rows_b]) if e not in child]
     rng.shuffle(spare)
     return child, spare
 
 
-def crossover_rows(a: Genome, b: Genome, rng: random.Random, space: PruneSpace, layer_prob: float) -> Genome:
+def crossover_rows(
+    a: Genome, b: Genome, rng: random.Random, space: PruneSpace, layer_prob: float
+) -> Genome:
     """Row-wise crossover (EEP): touched groups mix the parents' kept experts slot by slot;
     the other groups are copied whole from one parent. Duplicates are repaired to the exact count."""
     touched = set(touched_units([g[0] for g in space.units], rng, layer_prob))
@@ -178,7 +210,9 @@ def crossover_rows(a: Genome, b: Genome, rng: random.Random, space: PruneSpace, 
             continue
         keep[unit] = []
         for pool in space.pools:  # one pool of all experts unless routing is grouped
-            child, spare = mix_rows([e for e in rows_a if e in pool], [e for e in rows_b if e in pool], rng)
+            child, spare = mix_rows(
+                [e for e in rows_a if e in pool], [e for e in rows_b if e in pool], rng
+            )
             others = [e for e in pool if e not in child and e not in spare]
             rng.shuffle(others)
             keep[unit] += child + (spare + others)[: space.keep // space.expert_groups - len(child)]

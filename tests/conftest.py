@@ -20,9 +20,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def tiny_mixtral_config(**overrides):
     from transformers import MixtralConfig
 
-    values = dict(vocab_size=48, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
-                  max_position_embeddings=64, tie_word_embeddings=False)
+    values = dict(
+        vocab_size=48,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     values.update(overrides)
     return MixtralConfig(**values)
 
@@ -34,7 +43,8 @@ def tiny_mixtral():
 
     torch.manual_seed(0)
     model = MixtralForCausalLM(tiny_mixtral_config()).eval()
-    with torch.no_grad():  # default init gives small router weights: sharpen routing so masks matter
+    # default init gives small router weights: sharpen routing so masks matter
+    with torch.no_grad():
         for layer in model.model.layers:
             layer.mlp.gate.weight.normal_(0, 1.0)
     return model
@@ -49,9 +59,19 @@ def toy_accuracy(model, tokenizer, tasks_module, per_task: int = 30):
     from fitness.scoring import Scorer
     from fitness.tasks import Example, Task
 
-    tasks = [Task(t, tuple(Example(e.prompt, (e.answer,)) for e in tasks_module.examples(t, "test", per_task)))
-             for t in tasks_module.TASKS]
-    scorer, adapter = Scorer(model, tokenizer, tasks, batch_size=128, max_new_tokens=8), adapter_for(model)
+    tasks = [
+        Task(
+            t,
+            tuple(
+                Example(e.prompt, (e.answer,)) for e in tasks_module.examples(t, "test", per_task)
+            ),
+        )
+        for t in tasks_module.TASKS
+    ]
+    scorer, adapter = (
+        Scorer(model, tokenizer, tasks, batch_size=128, max_new_tokens=8),
+        adapter_for(model),
+    )
 
     def accuracy(genome=None) -> float:
         if genome is None:
@@ -69,9 +89,14 @@ def toy_config_dict(**search):
         "model": {"path": "toy", "device": "cpu", "dtype": "float32"},
         "search_space": {"kind": "prune", "keep": 4},
         "search": {"seed": 3, "evaluations": 16, "initial": 6, **search},
-        "fitness": {"batch_size": 64, "max_new_tokens": 7, "tasks": [
-            {"name": t, "dataset": f"toy:{t}", "search_size": 6, "test_size": 12}
-            for t in ("copy", "reverse", "shift", "lookup")]},
+        "fitness": {
+            "batch_size": 64,
+            "max_new_tokens": 7,
+            "tasks": [
+                {"name": t, "dataset": f"toy:{t}", "search_size": 6, "test_size": 12}
+                for t in ("copy", "reverse", "shift", "lookup")
+            ],
+        },
     }
 
 
@@ -85,17 +110,44 @@ def local_ray_cluster(nodes: int = 1, cpus_per_node: int = 1):
         port = s.getsockname()[1]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     started = []
-    temp_dir = tempfile.mkdtemp(prefix="eepray-", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
-    common = ["--block", f"--num-cpus={cpus_per_node}", "--node-ip-address=127.0.0.1", "--object-store-memory=100000000"]
+    # short: Ray's unix socket paths must fit 107 bytes
+    temp_dir = tempfile.mkdtemp(prefix="eepray-", dir="/tmp")
+    common = [
+        "--block",
+        f"--num-cpus={cpus_per_node}",
+        "--node-ip-address=127.0.0.1",
+        "--object-store-memory=100000000",
+    ]
     try:
-        head = [ray_bin, "start", "--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp_dir}"]
-        started.append(subprocess.Popen(head + common, env=env, start_new_session=True,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        head = [
+            ray_bin,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--include-dashboard=false",
+            f"--temp-dir={temp_dir}",
+        ]
+        started.append(
+            subprocess.Popen(
+                head + common,
+                env=env,
+                start_new_session=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         time.sleep(8)
         for _ in range(nodes - 1):
             node = [ray_bin, "start", f"--address=127.0.0.1:{port}"]
-            started.append(subprocess.Popen(node + common, env=env, start_new_session=True,
-                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            started.append(
+                subprocess.Popen(
+                    node + common,
+                    env=env,
+                    start_new_session=True,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
             time.sleep(6)
         yield f"127.0.0.1:{port}"
     finally:

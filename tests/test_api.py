@@ -11,7 +11,9 @@ from tests.conftest import toy_config_dict
 
 def test_search_export_evaluate_from_python(tmp_path):
     logged = []
-    run = eep.search(toy_config_dict(evaluations=8, initial=4), run_dir=tmp_path / "run", log=logged.append)
+    run = eep.search(
+        toy_config_dict(evaluations=8, initial=4), run_dir=tmp_path / "run", log=logged.append
+    )
     assert run.finished and len(run.evaluations()) == 8
     summary = run.summary
     assert run.best.key == eep.Genome.from_dict(summary["selected"]["genome"]).key
@@ -24,15 +26,20 @@ def test_search_export_evaluate_from_python(tmp_path):
     scored = eep.evaluate(toy_config_dict(), genome=run.best, log=logged.append)
     assert scored["fitness"] == pytest.approx(summary["heldout"]["best"]["mean"])
     assert scored["examples"] == {"copy": 12, "reverse": 12, "shift": 12, "lookup": 12}
-    assert eep.evaluate(toy_config_dict(), model=str(tmp_path / "out"), log=logged.append)["fitness"] == \
-        pytest.approx(report["heldout"]["mean"] if report["heldout"] else scored["fitness"])
+    assert eep.evaluate(toy_config_dict(), model=str(tmp_path / "out"), log=logged.append)[
+        "fitness"
+    ] == pytest.approx(report["heldout"]["mean"] if report["heldout"] else scored["fitness"])
 
     again = eep.resume(run.path, log=logged.append)  # finished: nothing happens
     assert "is finished" in logged[-1] and len(again.evaluations()) == 8
     with pytest.raises(EepError, match="already exists"):
         eep.search(toy_config_dict(evaluations=8, initial=4), run_dir=run.path, log=logged.append)
-    same = eep.search(toy_config_dict(evaluations=8, initial=4), run_dir=run.path, resume_if_exists=True,
-                      log=logged.append)
+    same = eep.search(
+        toy_config_dict(evaluations=8, initial=4),
+        run_dir=run.path,
+        resume_if_exists=True,
+        log=logged.append,
+    )
     assert same.summary == summary
 
 
@@ -40,31 +47,45 @@ def test_a_run_continues_from_its_journal_in_another_process_s_shoes(tmp_path):
     """Stopped after 5 of 8 (journal cut, no snapshot), resume gives the uninterrupted journal."""
     config = toy_config_dict(evaluations=8, initial=4)
     full = eep.search(config, run_dir=tmp_path / "full", log=lambda m: None)
-    cut = eep.search({**config, "search": {**config["search"], "evaluations": 5}}, run_dir=tmp_path / "cut",
-                     log=lambda m: None)
+    cut = eep.search(
+        {**config, "search": {**config["search"], "evaluations": 5}},
+        run_dir=tmp_path / "cut",
+        log=lambda m: None,
+    )
     lines = cut.dir.journal_path.read_text().splitlines()
     assert len(lines) == 5
     (cut.path / "config.yaml").write_text((full.path / "config.yaml").read_text())
     (cut.path / "state.json").unlink()
     (cut.path / "summary.json").unlink()
     resumed = eep.resume(cut.path, log=lambda m: None)
-    strip = lambda run: [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "worker")}  # noqa: E731
-                         for line in run.dir.journal_path.read_text().splitlines()]
+
+    def strip(run):
+        return [
+            {k: v for k, v in json.loads(line).items() if k not in ("seconds", "worker")}
+            for line in run.dir.journal_path.read_text().splitlines()
+        ]
+
     assert strip(resumed) == strip(full)
 
 
 def test_raising_the_budget_of_a_finished_run_continues_the_same_search(tmp_path):
     config = toy_config_dict(evaluations=12, initial=4)
     longer = eep.search(config, run_dir=tmp_path / "long", log=lambda m: None)
-    short = eep.search({**config, "search": {**config["search"], "evaluations": 7}}, run_dir=tmp_path / "short",
-                       log=lambda m: None)
+    short = eep.search(
+        {**config, "search": {**config["search"], "evaluations": 7}},
+        run_dir=tmp_path / "short",
+        log=lambda m: None,
+    )
     assert short.finished
     with pytest.raises(EepError, match="would not extend"):
         eep.resume(short.path, evaluations=5, log=lambda m: None)
     extended = eep.resume(short.path, evaluations=12, log=lambda m: None)
     assert extended.finished and extended.config.search.evaluations == 12
     keys = lambda run: [e.genome.key for e in run.evaluations()]  # noqa: E731
-    assert keys(extended) == keys(longer) and extended.summary["best_genome"] == longer.summary["best_genome"]
+    assert (
+        keys(extended) == keys(longer)
+        and extended.summary["best_genome"] == longer.summary["best_genome"]
+    )
 
 
 def test_warm_starts_outside_a_grouped_space_are_left_out(tmp_path):
@@ -79,8 +100,12 @@ def test_warm_starts_outside_a_grouped_space_are_left_out(tmp_path):
     space = plan(run.config)[2].first
     assert all(space.reject(e.genome) is None for e in run.evaluations())
     seeded = run.config.search.seed_genomes
-    assert len(seeded) + sum("is left out" in line for line in logged) + sum(
-        "already a seed" in line for line in logged) == 2
+    assert (
+        len(seeded)
+        + sum("is left out" in line for line in logged)
+        + sum("already a seed" in line for line in logged)
+        == 2
+    )
 
 
 def test_evaluate_scores_a_custom_form_export_as_it_is(tmp_path):
@@ -89,11 +114,21 @@ def test_evaluate_scores_a_custom_form_export_as_it_is(tmp_path):
     from eep.config import ModelConfig
     from eep.export import export_genome
 
-    genome = eep.Genome.from_keep(8, 2, {0: [0, 2, 5], 1: [1, 2, 3, 4, 6], 2: [0, 3, 4, 6], 3: [1, 4]})
-    report = export_genome(ModelConfig(path="toy", device="cpu", dtype="float32"), genome, tmp_path / "out",
-                           config=eep.api.config_of(toy_config_dict()), log=lambda m: None)
+    genome = eep.Genome.from_keep(
+        8, 2, {0: [0, 2, 5], 1: [1, 2, 3, 4, 6], 2: [0, 3, 4, 6], 3: [1, 4]}
+    )
+    report = export_genome(
+        ModelConfig(path="toy", device="cpu", dtype="float32"),
+        genome,
+        tmp_path / "out",
+        config=eep.api.config_of(toy_config_dict()),
+        log=lambda m: None,
+    )
     assert report["form"] == "custom"
     scored = eep.evaluate(toy_config_dict(), model=str(tmp_path / "out"), log=lambda m: None)
     assert scored["fitness"] == pytest.approx(report["heldout"]["mean"])
-    with pytest.raises(EepError, match="eep_mixtral"):  # its config names no family eep can apply genomes to
-        eep.evaluate(toy_config_dict(), model=str(tmp_path / "out"), genome=genome, log=lambda m: None)
+    # its config names no family eep can apply genomes to
+    with pytest.raises(EepError, match="eep_mixtral"):
+        eep.evaluate(
+            toy_config_dict(), model=str(tmp_path / "out"), genome=genome, log=lambda m: None
+        )

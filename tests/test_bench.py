@@ -10,28 +10,61 @@ def test_bench_measures_everything_and_writes_json_and_markdown(tmp_path):
     """A minimal `eep bench` on the toy (no Ray rows here; the Ray evaluator has its own tests):
     every figure is measured, the rebuilt models score exactly as eep's in-place genomes (else it
     raises), and the exports are smaller."""
-    result = run_bench("toy", tmp_path / "b", device="cpu", repeats=1, evaluations=6, rebuild_genomes=2, ray=False,
-                       cut_evaluations=40, log=lambda m: None)
+    result = run_bench(
+        "toy",
+        tmp_path / "b",
+        device="cpu",
+        repeats=1,
+        evaluations=6,
+        rebuild_genomes=2,
+        ray=False,
+        cut_evaluations=40,
+        log=lambda m: None,
+    )
     saved = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert saved == json.loads(json.dumps(result))
-    for key in ("apply_fraction_prune", "apply_fraction_merge", "speedup_vs_rebuild", "reevaluations",
-                "busy_fraction", "export_speedup"):
+    for key in (
+        "apply_fraction_prune",
+        "apply_fraction_merge",
+        "speedup_vs_rebuild",
+        "reevaluations",
+        "busy_fraction",
+        "export_speedup",
+    ):
         assert key in saved
     assert 0 < saved["apply_fraction_prune"] < 1 and 0 < saved["apply_fraction_merge"] < 1
-    assert saved["speedup_vs_rebuild"] > 0 and saved["reevaluations"] == 0 and saved["busy_fraction"] is None
+    assert (
+        saved["speedup_vs_rebuild"] > 0
+        and saved["reevaluations"] == 0
+        and saved["busy_fraction"] is None
+    )
     assert saved["search"]["serial"]["evaluations"] == 6
     full, pruned, top1 = saved["export"].values()
-    assert full["parameters"] == 842_048 and pruned["parameters"] == top1["parameters"] < full["parameters"]
+    assert (
+        full["parameters"] == 842_048
+        and pruned["parameters"] == top1["parameters"] < full["parameters"]
+    )
     assert pruned["disk_bytes"] < full["disk_bytes"]
     assert set(saved["export_speedup"]) == {"keep 4 of 8", "keep 4 of 8, top-1"}
-    assert set(saved["goals"]) == set(GOALS) - {"busy_fraction", "roofline_ratio"}  # no Ray rows, no GPU
+    # no Ray rows, no GPU
+    assert set(saved["goals"]) == set(GOALS) - {
+        "busy_fraction",
+        "roofline_ratio",
+    }
     scoring, cut = saved["scoring"], saved["cut"]
-    assert scoring["examples_differing"] == 0 and scoring["forced_examples"] == scoring["examples"] == 128
+    assert (
+        scoring["examples_differing"] == 0
+        and scoring["forced_examples"] == scoring["examples"] == 128
+    )
     assert saved["tf_speedup"] == scoring["tf_speedup"] > 0 and scoring["roofline_ratio"] > 0
     assert saved["roofline_ratio"] is None and saved["experts_implementation"]
-    assert cut["keep"] == 2 and cut["cut"] > 0 and saved["cut_saved_fraction"] == cut["saved_fraction"]
+    assert (
+        cut["keep"] == 2 and cut["cut"] > 0 and saved["cut_saved_fraction"] == cut["saved_fraction"]
+    )
     text = (tmp_path / "b" / "bench.md").read_text()
-    assert text == markdown(saved) and "rebuild per candidate" in text and "keep 4 of 8, top-1" in text
+    assert (
+        text == markdown(saved) and "rebuild per candidate" in text and "keep 4 of 8, top-1" in text
+    )
     assert "teacher-forced vs generated" in text and "early cut" in text and "roofline" in text
 
 

@@ -28,7 +28,9 @@ def test_mutation_keeps_the_budget_exact_and_always_changes(move_prob):
     moved = 0
     for _ in range(300):
         parent = random_budget_genome(SPACE, rng)
-        child = mutate_budget(parent, rng, SPACE, layer_prob=0.25, swap_prob=0.15, move_prob=move_prob)
+        child = mutate_budget(
+            parent, rng, SPACE, layer_prob=0.25, swap_prob=0.15, move_prob=move_prob
+        )
         assert child != parent
         moved += _valid(child) != _valid(parent)
     # without moves only a genome whose touched layers are all full moves an expert to change at all
@@ -57,5 +59,7 @@ def test_extreme_budgets_and_top1():
 
 def test_size_counts_the_genomes_with_exactly_the_budget():
     small = BudgetSpace(4, 1, (0, 1), budget=3, active=1)
-    brute = sum(math.comb(4, a) * math.comb(4, b) for a, b in product(range(1, 5), repeat=2) if a + b == 3)
+    brute = sum(
+        math.comb(4, a) * math.comb(4, b) for a, b in product(range(1, 5), repeat=2) if a + b == 3
+    )
     assert small.size() == brute == 2 * 4 * 6

@@ -35,7 +35,18 @@ def _fails(capsys, argv, message):
 
 
 def test_dry_runs_of_shipped_experiments(capsys, tmp_path):
-    assert main(["search", str(ROOT / "experiments/toy.yaml"), "--dry-run", "--run-dir", str(tmp_path / "r")]) == 0
+    assert (
+        main(
+            [
+                "search",
+                str(ROOT / "experiments/toy.yaml"),
+                "--dry-run",
+                "--run-dir",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "keep 4 of 8 per layer -> 2.401e+07 genomes" in out and "nothing was loaded" in out
     assert not (tmp_path / "r").exists()
@@ -49,15 +60,32 @@ def test_dry_runs_of_shipped_experiments(capsys, tmp_path):
     assert "size 128 experts' worth" in out and "nothing was loaded" in out
 
 
-@pytest.mark.parametrize("name, family, plan", [
-    ("qwen3-30b-a3b", "qwen3_moe, 48 MoE layers, 128 experts, top-8", "~56.87 GiB"),  # 30.5 B parameters
-    ("olmoe-1b-7b", "olmoe, 16 MoE layers, 64 experts, top-8", "~12.89 GiB"),
-    ("deepseek-v2-lite", "deepseek_v2, 26 MoE layers, 64 experts, top-6", "~29.26 GiB"),  # layer 0 is dense
-    ("gpt-oss-20b", "gpt_oss, 24 MoE layers, 32 experts, top-4", "~38.96 GiB"),
-    ("qwen1.5-moe-a2.7b", "qwen2_moe, 24 MoE layers, 60 experts, top-4", "~26.67 GiB"),
-    ("glm-4.5-air", "glm4_moe, 45 MoE layers, 128 experts, top-8", "~199.03 GiB"),
-    ("deepseek-v3", "deepseek_v3, 58 MoE layers, 256 experts, top-8", "16 in each of 8 expert groups"),
-])
+@pytest.mark.parametrize(
+    "name, family, plan",
+    [
+        # 30.5 B parameters
+        (
+            "qwen3-30b-a3b",
+            "qwen3_moe, 48 MoE layers, 128 experts, top-8",
+            "~56.87 GiB",
+        ),
+        ("olmoe-1b-7b", "olmoe, 16 MoE layers, 64 experts, top-8", "~12.89 GiB"),
+        # layer 0 is dense
+        (
+            "deepseek-v2-lite",
+            "deepseek_v2, 26 MoE layers, 64 experts, top-6",
+            "~29.26 GiB",
+        ),
+        ("gpt-oss-20b", "gpt_oss, 24 MoE layers, 32 experts, top-4", "~38.96 GiB"),
+        ("qwen1.5-moe-a2.7b", "qwen2_moe, 24 MoE layers, 60 experts, top-4", "~26.67 GiB"),
+        ("glm-4.5-air", "glm4_moe, 45 MoE layers, 128 experts, top-8", "~199.03 GiB"),
+        (
+            "deepseek-v3",
+            "deepseek_v3, 58 MoE layers, 256 experts, top-8",
+            "16 in each of 8 expert groups",
+        ),
+    ],
+)
 def test_dry_runs_of_every_family_experiment(capsys, name, family, plan):
     """Each family's shipped experiment parses, sizes its search space and estimates its memory offline."""
     assert main(["search", str(ROOT / f"experiments/{name}.yaml"), "--dry-run"]) == 0
@@ -75,26 +103,70 @@ def test_weight_estimate_counts_the_toys_parameters():
     assert estimate_bytes(load_hf_config(cpu), gpu) == 842_048 * 2  # bfloat16 on GPU
 
 
-@pytest.mark.parametrize("changes, overrides, message", [
-    ({"search__evaluatons": 5}, [], "search.evaluatons: unknown key; did you mean 'evaluations'? allowed here: seed, evaluations"),
-    ({"search__evaluations": "many"}, [], "search.evaluations: Input should be a valid integer"),
-    ({"model__path": "/no/such/model"}, [], "model path /no/such/model does not exist"),
-    ({"search_space__keep": 9}, [], "keep=9 but the model has only 8 experts"),
-    ({"search_space__keep": 1}, [], "below the top_k=2 each token is routed to"),
-    ({"search_space__keep": 2, "search_space__top_k": 3}, [], "top_k=3 is above the model's top_k=2"),
-    ({"search_space__keep": 3, "search_space__top_k": 3}, [], "top_k=3 is above the model's top_k=2"),
-    ({"search_space__budget": 7, "search_space__keep": None}, [], "budget=7 must lie in 8..32: each of the 4 MoE layers keeps between top_k=2"),
-    ({"search_space__budget": 12, "search_space__keep": 3}, [], "set either keep (experts per layer) or budget"),
-    ({"search_space__groups": 5}, [], "groups=5 but the model has only 4 MoE layers"),
-    ({"search_space__budget": 12, "search_space__keep": None, "search_space__groups": 2}, [], "budget and groups cannot be combined"),
-    ({"search_space__kind": "merge", "search_space__merge_after": 3}, [],
-     "merge_after (3) must be at least search.initial (6) and below search.evaluations (16)"),
-    ({}, ["search.crossover_prob=2"], "search.crossover_prob: Input should be less than or equal to 1"),
-    ({}, ["search.seed"], "must look like section.key=value"),
-    ({}, ["fitness.tasks=[]"], "fitness.tasks: List should have at least 1 item"),
-    ({}, ["model.experts_implementation=grouped"], "model.experts_implementation: Input should be 'auto', "),
-])
-def test_config_errors_are_one_line_exit_2_and_write_nothing(capsys, tmp_path, changes, overrides, message):
+@pytest.mark.parametrize(
+    "changes, overrides, message",
+    [
+        (
+            {"search__evaluatons": 5},
+            [],
+            "search.evaluatons: unknown key; did you mean 'evaluations'? allowed here: seed, evaluations",
+        ),
+        (
+            {"search__evaluations": "many"},
+            [],
+            "search.evaluations: Input should be a valid integer",
+        ),
+        ({"model__path": "/no/such/model"}, [], "model path /no/such/model does not exist"),
+        ({"search_space__keep": 9}, [], "keep=9 but the model has only 8 experts"),
+        ({"search_space__keep": 1}, [], "below the top_k=2 each token is routed to"),
+        (
+            {"search_space__keep": 2, "search_space__top_k": 3},
+            [],
+            "top_k=3 is above the model's top_k=2",
+        ),
+        (
+            {"search_space__keep": 3, "search_space__top_k": 3},
+            [],
+            "top_k=3 is above the model's top_k=2",
+        ),
+        (
+            {"search_space__budget": 7, "search_space__keep": None},
+            [],
+            "budget=7 must lie in 8..32: each of the 4 MoE layers keeps between top_k=2",
+        ),
+        (
+            {"search_space__budget": 12, "search_space__keep": 3},
+            [],
+            "set either keep (experts per layer) or budget",
+        ),
+        ({"search_space__groups": 5}, [], "groups=5 but the model has only 4 MoE layers"),
+        (
+            {"search_space__budget": 12, "search_space__keep": None, "search_space__groups": 2},
+            [],
+            "budget and groups cannot be combined",
+        ),
+        (
+            {"search_space__kind": "merge", "search_space__merge_after": 3},
+            [],
+            "merge_after (3) must be at least search.initial (6) and below search.evaluations (16)",
+        ),
+        (
+            {},
+            ["search.crossover_prob=2"],
+            "search.crossover_prob: Input should be less than or equal to 1",
+        ),
+        ({}, ["search.seed"], "must look like section.key=value"),
+        ({}, ["fitness.tasks=[]"], "fitness.tasks: List should have at least 1 item"),
+        (
+            {},
+            ["model.experts_implementation=grouped"],
+            "model.experts_implementation: Input should be 'auto', ",
+        ),
+    ],
+)
+def test_config_errors_are_one_line_exit_2_and_write_nothing(
+    capsys, tmp_path, changes, overrides, message
+):
     argv = ["search", str(_config(tmp_path, **changes)), "--run-dir", str(tmp_path / "run")]
     for item in overrides:
         argv += ["--set", item]
@@ -107,18 +179,38 @@ def test_bad_paths_and_models_fail_before_loading(capsys, tmp_path):
     nothing loaded (no weights exist to load) or written."""
     from transformers import LlamaConfig
 
-    LlamaConfig(num_hidden_layers=2, hidden_size=16, intermediate_size=32, num_attention_heads=2,
-                vocab_size=50).save_pretrained(tmp_path / "llama")  # a config without weights
-    _fails(capsys, ["search", str(_config(tmp_path, model__path=str(tmp_path / "llama"))), "--run-dir",
-                    str(tmp_path / "run")], "model family 'llama' has no MoE layers")
+    # a config without weights
+    LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=16,
+        intermediate_size=32,
+        num_attention_heads=2,
+        vocab_size=50,
+    ).save_pretrained(tmp_path / "llama")
+    _fails(
+        capsys,
+        [
+            "search",
+            str(_config(tmp_path, model__path=str(tmp_path / "llama"))),
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
+        "model family 'llama' has no MoE layers",
+    )
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    _fails(capsys, ["search", str(_config(tmp_path)), "--run-dir", str(blocker / "run")],
-           f"cannot create the run directory {blocker / 'run'}: {blocker} is a file, not a directory")
+    _fails(
+        capsys,
+        ["search", str(_config(tmp_path)), "--run-dir", str(blocker / "run")],
+        f"cannot create the run directory {blocker / 'run'}: {blocker} is a file, not a directory",
+    )
     genome = tmp_path / "g.json"
     Genome.from_keep(8, 2, {i: [0, 1, 2, 3] for i in range(4)}).save(genome)
-    _fails(capsys, ["export", "--model", "toy", "--genome", str(genome), "--out", str(blocker / "x" / "out")],
-           "cannot create the export target")
+    _fails(
+        capsys,
+        ["export", "--model", "toy", "--genome", str(genome), "--out", str(blocker / "x" / "out")],
+        "cannot create the export target",
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "cfg.yaml", "g.json", "llama"]
 
 
@@ -143,19 +235,38 @@ def test_resume_refuses_a_run_another_process_is_writing(capsys, tmp_path):
 def test_export_input_errors(capsys, tmp_path):
     genome = tmp_path / "g.json"
     Genome.from_keep(16, 2, {0: [0, 1, 2, 3]}).save(genome)
-    _fails(capsys, ["export", "--model", "toy", "--genome", str(genome), "--out", str(tmp_path / "o")],
-           "genome is for models with 16 experts per layer, this model has 8")
+    _fails(
+        capsys,
+        ["export", "--model", "toy", "--genome", str(genome), "--out", str(tmp_path / "o")],
+        "genome is for models with 16 experts per layer, this model has 8",
+    )
     (tmp_path / "taken").mkdir()
     good = tmp_path / "good.json"
     Genome.from_keep(8, 2, {i: [0, 1, 2, 3] for i in range(4)}).save(good)
-    _fails(capsys, ["export", "--model", "toy", "--genome", str(good), "--out", str(tmp_path / "taken")],
-           "already exists")
+    _fails(
+        capsys,
+        ["export", "--model", "toy", "--genome", str(good), "--out", str(tmp_path / "taken")],
+        "already exists",
+    )
     assert not any((tmp_path / "taken").iterdir())
     _fails(capsys, ["export", "--out", str(tmp_path / "o")], "needs RUN_DIR")
     uneven = tmp_path / "uneven.json"
     Genome.from_keep(8, 2, {0: [0, 1, 2], 1: [0, 1, 2, 3, 4]}).save(uneven)
-    _fails(capsys, ["export", "--model", "toy", "--genome", str(uneven), "--out", str(tmp_path / "o"),
-                    "--form", "stock"], "cannot be a stock checkpoint: layers keep different numbers of experts")
+    _fails(
+        capsys,
+        [
+            "export",
+            "--model",
+            "toy",
+            "--genome",
+            str(uneven),
+            "--out",
+            str(tmp_path / "o"),
+            "--form",
+            "stock",
+        ],
+        "cannot be a stock checkpoint: layers keep different numbers of experts",
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -169,14 +280,31 @@ def test_search_shows_and_records_its_experts_implementation(capsys, tmp_path, m
 
     chosen = choose_experts("auto", torch.device("cpu"), torch.float32)
     run = tmp_path / "run"
-    argv = ["search", str(_config(tmp_path)), "--run-dir", str(run), "--set", "search.evaluations=2",
-            "--set", "search.initial=2"]
+    argv = [
+        "search",
+        str(_config(tmp_path)),
+        "--run-dir",
+        str(run),
+        "--set",
+        "search.evaluations=2",
+        "--set",
+        "search.initial=2",
+    ]
     assert main(argv) == 0
     assert f"experts      {chosen} (model.experts_implementation: auto)" in capsys.readouterr().out
     assert json.loads((run / "summary.json").read_text())["experts_implementation"] == chosen
     monkeypatch.setattr(model, "grouped_mm_runs", lambda device, dtype: False)
-    _fails(capsys, argv[:2] + ["--run-dir", str(tmp_path / "other"), "--set", "model.experts_implementation=grouped_mm"],
-           "model.experts_implementation is grouped_mm but torch")
+    _fails(
+        capsys,
+        argv[:2]
+        + [
+            "--run-dir",
+            str(tmp_path / "other"),
+            "--set",
+            "model.experts_implementation=grouped_mm",
+        ],
+        "model.experts_implementation is grouped_mm but torch",
+    )
     assert not (tmp_path / "other").exists()
 
 
@@ -185,9 +313,21 @@ def test_demo_search_resume_and_export_end_to_end(tmp_path):
     """The README's demo path in subprocesses: search (stopped by budget), resume, export, stock load."""
     run, out = tmp_path / "run", tmp_path / "pruned"
     cmd = [sys.executable, "-m", "eep"]
-    common = ["--run-dir", str(run), "--set", "search.evaluations=60", "--set", "fitness.tasks.0.test_size=50"]
-    done = subprocess.run(cmd + ["search", str(ROOT / "experiments/toy.yaml"), *common],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    common = [
+        "--run-dir",
+        str(run),
+        "--set",
+        "search.evaluations=60",
+        "--set",
+        "fitness.tasks.0.test_size=50",
+    ]
+    done = subprocess.run(
+        cmd + ["search", str(ROOT / "experiments/toy.yaml"), *common],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     assert "evals/s" in done.stderr and "held-out" in done.stderr
     summary = json.loads((run / "summary.json").read_text())
@@ -195,12 +335,19 @@ def test_demo_search_resume_and_export_end_to_end(tmp_path):
     assert summary["heldout"]["full"]["mean"] >= 90.0
     assert summary["heldout"]["best"]["mean"] >= 85.0  # random 4-of-8 keep sets average about 72
     # a finished run resumes to the same place without evaluating anything
-    again = subprocess.run(cmd + ["resume", str(run)], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    again = subprocess.run(
+        cmd + ["resume", str(run)], capture_output=True, text=True, cwd=tmp_path, timeout=600
+    )
     assert again.returncode == 0, again.stderr
     assert len((run / "journal.jsonl").read_text().splitlines()) == 60
 
-    done = subprocess.run(cmd + ["export", str(run), "--out", str(out)], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=600)
+    done = subprocess.run(
+        cmd + ["export", str(run), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -209,64 +356,130 @@ def test_demo_search_resume_and_export_end_to_end(tmp_path):
     assert model.config.num_local_experts == 4
     ids = tokenizer(["reverse : a b c d ="], return_tensors="pt")
     generated = model.generate(**ids, max_new_tokens=6, do_sample=False)
-    text = tokenizer.decode(generated[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    text = tokenizer.decode(generated[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert text == "d c b a"
-    assert Genome.load(out / "eep_genome.json").to_dict() == summary["selected"]["genome"]  # picked on validation
+    # picked on validation
+    assert Genome.load(out / "eep_genome.json").to_dict() == summary["selected"]["genome"]
 
 
 def test_warm_start_genomes_become_the_runs_seeds_and_greedy_spends_the_budget(capsys, tmp_path):
     """naee and reap come from one calibration pass and are evaluated right after greedy's 60
     journaled steps (keep 7 of 8 in 4 layers); the run's config says exactly what it did."""
     run = tmp_path / "run"
-    argv = ["search", str(_config(tmp_path, search_space__keep=7)), "--run-dir", str(run),
-            "--set", "search.warm_start=[naee, reap, greedy]", "--set", "search.evaluations=64",
-            "--set", "search.initial=4"]
+    argv = [
+        "search",
+        str(_config(tmp_path, search_space__keep=7)),
+        "--run-dir",
+        str(run),
+        "--set",
+        "search.warm_start=[naee, reap, greedy]",
+        "--set",
+        "search.evaluations=64",
+        "--set",
+        "search.initial=4",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "warm start   naee (one calibration pass), reap (one calibration pass), greedy elimination (60 of the " \
-           "evaluations)" in out
+    assert (
+        "warm start   naee (one calibration pass), reap (one calibration pass), greedy elimination (60 of the "
+        "evaluations)" in out
+    )
     saved = yaml.safe_load((run / "config.yaml").read_text())["search"]
-    assert saved["warm_start"] == ["greedy"] and set(saved["seed_genomes"]) <= {"seeds/warm-naee.json",
-                                                                                "seeds/warm-reap.json"}
+    assert saved["warm_start"] == ["greedy"] and set(saved["seed_genomes"]) <= {
+        "seeds/warm-naee.json",
+        "seeds/warm-reap.json",
+    }
     rows = [json.loads(line) for line in (run / "journal.jsonl").read_text().splitlines()]
     assert len(rows) == 64
     keys = [r["key"] for r in rows]
-    for name in saved["seed_genomes"]:  # evaluated right after greedy, or already one of greedy's steps
-        assert Genome.load(run / name).key in keys[:60 + len(saved["seed_genomes"])]
+    # evaluated right after greedy, or already one of greedy's steps
+    for name in saved["seed_genomes"]:
+        assert Genome.load(run / name).key in keys[: 60 + len(saved["seed_genomes"])]
     assert main(["resume", str(run)]) == 0  # finished: nothing to do, nothing changes
     assert len((run / "journal.jsonl").read_text().splitlines()) == 64
     capsys.readouterr()
-    _fails(capsys, argv[:2] + ["--run-dir", str(tmp_path / "small"), "--set", "search.warm_start=[greedy]",
-                               "--set", "search.evaluations=50"],
-           "search.warm_start greedy takes 60 evaluations at this size, and search.evaluations is 50")
-    _fails(capsys, argv[:2] + ["--run-dir", str(tmp_path / "budget"), "--set", "search.warm_start=[naee]",
-                               "--set", "search_space.budget=20", "--set", "search_space.keep=null"],
-           "greedy elimination needs a uniform pruning space")
+    _fails(
+        capsys,
+        argv[:2]
+        + [
+            "--run-dir",
+            str(tmp_path / "small"),
+            "--set",
+            "search.warm_start=[greedy]",
+            "--set",
+            "search.evaluations=50",
+        ],
+        "search.warm_start greedy takes 60 evaluations at this size, and search.evaluations is 50",
+    )
+    _fails(
+        capsys,
+        argv[:2]
+        + [
+            "--run-dir",
+            str(tmp_path / "budget"),
+            "--set",
+            "search.warm_start=[naee]",
+            "--set",
+            "search_space.budget=20",
+            "--set",
+            "search_space.keep=null",
+        ],
+        "greedy elimination needs a uniform pruning space",
+    )
 
 
 def test_validation_examples_pick_the_export_and_the_gap_is_reported(capsys, tmp_path):
     """With validation examples, the exported genome is the best of the top candidates on them (none
     of them searched on); summary, report and export follow that pick."""
-    from fitness.tasks import load_tasks
     from eep.config import load_config
+    from fitness.tasks import load_tasks
 
     cfg = _config(tmp_path)
-    config = load_config(cfg, ["fitness.tasks=" + json.dumps([
-        {"name": t, "dataset": f"toy:{t}", "search_size": 6, "validation_size": 6, "test_size": 12}
-        for t in ("copy", "reverse", "shift", "lookup")])])
-    search, validation, test = (load_tasks(config.fitness.tasks, w) for w in ("search", "validation", "test"))
-    assert [t.examples for t in search] == [t.examples for t in load_tasks(_no_validation(config), "search")]
+    config = load_config(
+        cfg,
+        [
+            "fitness.tasks="
+            + json.dumps(
+                [
+                    {
+                        "name": t,
+                        "dataset": f"toy:{t}",
+                        "search_size": 6,
+                        "validation_size": 6,
+                        "test_size": 12,
+                    }
+                    for t in ("copy", "reverse", "shift", "lookup")
+                ]
+            )
+        ],
+    )
+    search, validation, test = (
+        load_tasks(config.fitness.tasks, w) for w in ("search", "validation", "test")
+    )
+    assert [t.examples for t in search] == [
+        t.examples for t in load_tasks(_no_validation(config), "search")
+    ]
     prompts = [{e.prompt for e in t.examples} for t in (*search, *validation, *test)]
-    assert all(not (a & b) for i, a in enumerate(prompts) for b in prompts[i + 1:])  # disjoint
+    assert all(not (a & b) for i, a in enumerate(prompts) for b in prompts[i + 1 :])  # disjoint
     run = tmp_path / "run"
-    argv = ["search", str(cfg), "--run-dir", str(run), "--set", "search_space.keep=2",
-            "--set", "fitness.tasks=" + json.dumps(config.model_dump(mode="json")["fitness"]["tasks"])]
+    argv = [
+        "search",
+        str(cfg),
+        "--run-dir",
+        str(run),
+        "--set",
+        "search_space.keep=2",
+        "--set",
+        "fitness.tasks=" + json.dumps(config.model_dump(mode="json")["fitness"]["tasks"]),
+    ]
     assert main(argv) == 0
     summary = json.loads((run / "summary.json").read_text())
     chosen = summary["selected"]
     assert chosen["by"] == "validation" and len(chosen["candidates"]) == 5
     assert chosen["validation"] == max(chosen["candidates"].values())
-    assert summary["generalisation_gap"] == pytest.approx(chosen["fitness"] - summary["heldout"]["best"]["mean"])
+    assert summary["generalisation_gap"] == pytest.approx(
+        chosen["fitness"] - summary["heldout"]["best"]["mean"]
+    )
     assert main(["report", str(run)]) == 0
     report = (run / "report.md").read_text()
     assert f"- exported: candidate {chosen['id']}" in report and "generalisation gap" in report
@@ -288,9 +501,16 @@ def test_first_hour_messages(capsys, tmp_path):
         main(["--version"])
     assert capsys.readouterr().out.strip() == f"eep {__version__}"
     argv = ["search", str(_config(tmp_path)), "--run-dir", str(tmp_path / "r"), "--dry-run"]
-    _fails(capsys, argv + ["--set", "search.evaluatons=5"],
-           "--set search.evaluatons: unknown key; did you mean 'evaluations'?")
-    _fails(capsys, argv + ["--set", "search.evaluations=0"], "--set search.evaluations: Input should be greater")
+    _fails(
+        capsys,
+        argv + ["--set", "search.evaluatons=5"],
+        "--set search.evaluatons: unknown key; did you mean 'evaluations'?",
+    )
+    _fails(
+        capsys,
+        argv + ["--set", "search.evaluations=0"],
+        "--set search.evaluations: Input should be greater",
+    )
 
 
 def test_threads_are_applied_and_shown_in_the_plan(capsys, tmp_path):
@@ -298,7 +518,15 @@ def test_threads_are_applied_and_shown_in_the_plan(capsys, tmp_path):
 
     before = torch.get_num_threads()
     try:
-        argv = ["search", str(_config(tmp_path)), "--run-dir", str(tmp_path / "r"), "--dry-run", "--threads", "2"]
+        argv = [
+            "search",
+            str(_config(tmp_path)),
+            "--run-dir",
+            str(tmp_path / "r"),
+            "--dry-run",
+            "--threads",
+            "2",
+        ]
         assert main(argv) == 0 and torch.get_num_threads() == 2
         assert "2 torch thread(s) here (--threads)" in capsys.readouterr().out
         from eep.model import DEFAULT_THREADS
@@ -313,8 +541,16 @@ def test_finished_unfinished_and_existing_runs(capsys, tmp_path):
     """An unfinished search exports with a warning and says so in the model card; a finished one
     resumes to nothing; --resume-if-exists continues a stopped run instead of refusing it."""
     run = tmp_path / "run"
-    argv = ["search", str(_config(tmp_path)), "--run-dir", str(run), "--set", "search.evaluations=8",
-            "--set", "search.initial=4"]
+    argv = [
+        "search",
+        str(_config(tmp_path)),
+        "--run-dir",
+        str(run),
+        "--set",
+        "search.evaluations=8",
+        "--set",
+        "search.initial=4",
+    ]
     assert main(argv) == 0
     summary = json.loads((run / "summary.json").read_text())
     lines = (run / "journal.jsonl").read_text().splitlines()
@@ -324,34 +560,70 @@ def test_finished_unfinished_and_existing_runs(capsys, tmp_path):
     capsys.readouterr()
     assert main(["export", str(run), "--out", str(tmp_path / "early")]) == 0
     assert "stopped at 5 of 8 evaluations" in capsys.readouterr().err
-    assert "5 of 8 planned evaluations — **the search was stopped" in (tmp_path / "early" / "README.md").read_text()
+    assert (
+        "5 of 8 planned evaluations — **the search was stopped"
+        in (tmp_path / "early" / "README.md").read_text()
+    )
     assert main(argv + ["--resume-if-exists"]) == 0  # continues it: 8 evaluations, nothing twice
     assert len((run / "journal.jsonl").read_text().splitlines()) == 8
     assert "done: 8 evaluations (3 in this session, " in capsys.readouterr().err
     capsys.readouterr()
     assert main(["resume", str(run)]) == 0
-    assert "is finished (8 of 8 evaluations, held-out scored); nothing to do" in capsys.readouterr().err
-    _fails(capsys, argv[:-4] + ["--set", "search.seed=9", "--resume-if-exists"], "holds a run of another config")
+    assert (
+        "is finished (8 of 8 evaluations, held-out scored); nothing to do"
+        in capsys.readouterr().err
+    )
+    _fails(
+        capsys,
+        argv[:-4] + ["--set", "search.seed=9", "--resume-if-exists"],
+        "holds a run of another config",
+    )
 
 
 def test_toy_build_never_writes_over_the_packaged_model_unasked(capsys, tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
-    _fails(capsys, ["toy", "build", "--out", str(tmp_path / "full")], "already exists and is not empty")
-    _fails(capsys, ["toy", "build", "--out", str(tmp_path / "o"), "--replace-packaged"],
-           "give --out or --replace-packaged, not both")
+    _fails(
+        capsys, ["toy", "build", "--out", str(tmp_path / "full")], "already exists and is not empty"
+    )
+    _fails(
+        capsys,
+        ["toy", "build", "--out", str(tmp_path / "o"), "--replace-packaged"],
+        "give --out or --replace-packaged, not both",
+    )
 
 
 def test_a_model_without_tokenizer_or_config_fails_in_one_line(capsys, tmp_path, tiny_mixtral):
     genome = tmp_path / "g.json"
     Genome.from_keep(8, 2, {i: [0, 1, 2, 3] for i in range(3)}).save(genome)
-    tiny_mixtral.save_pretrained(tmp_path / "weights-only")  # as save_pretrained of a model alone writes
+    # as save_pretrained of a model alone writes
+    tiny_mixtral.save_pretrained(tmp_path / "weights-only")
     capsys.readouterr()
-    _fails(capsys, ["export", "--model", str(tmp_path / "weights-only"), "--genome", str(genome),
-                    "--out", str(tmp_path / "out")], "has no usable tokenizer")
+    _fails(
+        capsys,
+        [
+            "export",
+            "--model",
+            str(tmp_path / "weights-only"),
+            "--genome",
+            str(genome),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        "has no usable tokenizer",
+    )
     assert not (tmp_path / "out").exists()
-    _fails(capsys, ["search", str(_config(tmp_path)), "--dry-run", "--set", "model.path=nobody-here/no-such-moe"],
-           "cannot read the config of model 'nobody-here/no-such-moe': the hub is off (HF_HUB_OFFLINE is set)")
+    _fails(
+        capsys,
+        [
+            "search",
+            str(_config(tmp_path)),
+            "--dry-run",
+            "--set",
+            "model.path=nobody-here/no-such-moe",
+        ],
+        "cannot read the config of model 'nobody-here/no-such-moe': the hub is off (HF_HUB_OFFLINE is set)",
+    )
 
 
 def test_progress_in_a_log_reports_done_total_rate_and_time_left():
@@ -359,7 +631,11 @@ def test_progress_in_a_log_reports_done_total_rate_and_time_left():
 
     lines = []
     assert list(tracked(range(3), "scoring", lines.append, every=0.0)) == [0, 1, 2]
-    assert len(lines) == 3 and lines[-1].startswith("[eep] scoring: 3/3, ") and lines[-1].endswith("~0s left")
+    assert (
+        len(lines) == 3
+        and lines[-1].startswith("[eep] scoring: 3/3, ")
+        and lines[-1].endswith("~0s left")
+    )
     lines.clear()
     progress = Progress("greedy", 10, lines.append, every=3600.0)
     progress.step(4)

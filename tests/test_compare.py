@@ -27,11 +27,14 @@ def test_parameter_counts_follow_the_kept_and_active_experts(tiny_mixtral):
     dropped = 4 + 3 + 6
     kept, active = parameter_counts(tiny_mixtral, adapter, genome)
     assert kept == total - dropped * (expert + 32)
-    assert active == total - dropped * 32 - 3 * 6 * expert  # still two experts per token in every layer
+    # still two experts per token in every layer
+    assert active == total - dropped * 32 - 3 * 6 * expert
     uniform = Genome.from_keep(8, 2, {i: [1, 3, 5, 7] for i in range(3)})
     export, form = adapter.compressed(uniform)
     assert form.kind == "stock"
-    assert parameter_counts(tiny_mixtral, adapter, uniform)[0] == sum(p.numel() for p in export.parameters())
+    assert parameter_counts(tiny_mixtral, adapter, uniform)[0] == sum(
+        p.numel() for p in export.parameters()
+    )
 
 
 def test_calibration_defaults_to_the_search_examples_written_out():
@@ -56,29 +59,66 @@ def test_baselines_then_report_then_eval_on_the_toy(tmp_path, capsys):
     assert main(["baselines", str(config), "--run-dir", str(run)]) == 0  # runs the search first
     result = json.loads((run / "baselines.json").read_text())
     methods = result["methods"]
-    assert set(methods) == {"full", "random", "frequency", "naee", "naee+skip", "reap", "greedy", "search"}
+    assert set(methods) == {
+        "full",
+        "random",
+        "frequency",
+        "naee",
+        "naee+skip",
+        "reap",
+        "greedy",
+        "search",
+    }
     assert methods["greedy"]["evaluations"] == 4 * (8 + 7 + 6 + 5) + 4 * 4 * 4  # 4 of 8 in 4 layers
     assert methods["search"]["evaluations"] == 10 and "genome" in methods["naee"]
-    assert len(methods["random"]["genomes"]) == 2 and result["calibration"].startswith("24 texts of 4 of 4 tasks")
+    assert len(methods["random"]["genomes"]) == 2 and result["calibration"].startswith(
+        "24 texts of 4 of 4 tasks"
+    )
     assert methods["random"]["draws"] == 2 and "heldout_std" in methods["random"]
-    assert methods["naee"]["how"] == "enumeration" and set(methods["naee+skip"]["betas"]) == {"0", "1", "2", "3"}
+    assert methods["naee"]["how"] == "enumeration" and set(methods["naee+skip"]["betas"]) == {
+        "0",
+        "1",
+        "2",
+        "3",
+    }
     summary = json.loads((run / "summary.json").read_text())
     assert methods["search"]["heldout"] == summary["heldout"]["best"]["mean"]
     assert methods["full"]["heldout"] == pytest.approx(summary["heldout"]["full"]["mean"])
-    assert methods["full"]["kept_params"] > methods["naee"]["kept_params"] == methods["search"]["kept_params"]
-    assert set(result["sweep"]["2"]) == {"random", "frequency", "naee", "naee+skip", "reap", "greedy"}
+    assert (
+        methods["full"]["kept_params"]
+        > methods["naee"]["kept_params"]
+        == methods["search"]["kept_params"]
+    )
+    assert set(result["sweep"]["2"]) == {
+        "random",
+        "frequency",
+        "naee",
+        "naee+skip",
+        "reap",
+        "greedy",
+    }
     assert result["sweep_rows"]["2"]["naee"]["heldout"] == result["sweep"]["2"]["naee"]
-    assert set(result["sweep_rows"]["2"]["greedy"]["tasks"]) == {"copy", "reverse", "shift", "lookup"}
+    assert set(result["sweep_rows"]["2"]["greedy"]["tasks"]) == {
+        "copy",
+        "reverse",
+        "shift",
+        "lookup",
+    }
     assert all(0 <= m["heldout"] <= 100 for m in methods.values())
     journal_lines = (run / "journal.jsonl").read_text().count("\n")
 
-    assert main(["baselines", str(config), "--run-dir", str(run)]) == 0  # reuses the finished search
+    # reuses the finished search
+    assert main(["baselines", str(config), "--run-dir", str(run)]) == 0
     assert (run / "journal.jsonl").read_text().count("\n") == journal_lines
     assert json.loads((run / "baselines.json").read_text())["methods"] == methods  # deterministic
 
     assert main(["report", str(run)]) == 0
     report = (run / "report.md").read_text()
-    assert "naee" in report and (run / "fitness.png").stat().st_size > 0 and (run / "methods.png").exists()
+    assert (
+        "naee" in report
+        and (run / "fitness.png").stat().st_size > 0
+        and (run / "methods.png").exists()
+    )
 
     genome = tmp_path / "g.json"
     Genome.from_dict(summary["best_genome"]).save(genome)
@@ -108,7 +148,9 @@ def test_baselines_input_errors(tmp_path, capsys):
     fails({**toy_config_dict(), "baselines": {"methods": ["magic"]}}, "baselines.methods.0")
     other = tmp_path / "other"
     other.mkdir()
-    (other / "config.yaml").write_text(yaml.safe_dump(parse_config(toy_config_dict(seed=99)).to_dict()))
+    (other / "config.yaml").write_text(
+        yaml.safe_dump(parse_config(toy_config_dict(seed=99)).to_dict())
+    )
     fails(toy_config_dict(), "holds a search of another config (search.seed: 99 -> 3)", run=other)
     assert not (other / "baselines.json").exists()
 
@@ -117,16 +159,41 @@ def test_moei2_rows_compare_at_equal_kept_parameters(tmp_path, capsys):
     """`eep baselines` on a MoE-I² config: its run first, then the rows at 4 experts' worth per
     layer: moei2 stage 1 alone (16 experts) and stage 1 at 20 experts + low-rank to 16's worth."""
     run = tmp_path / "run"
-    sets = ["--set", "moei2.population=8", "--set", "moei2.generations=4", "--set", "baselines.calibration.size=48",
-            "--set", "baselines.random_draws=2", "--set", "baselines.methods=[random, naee, moei2]"]
-    assert main(["baselines", str(ROOT / "experiments/toy-moei2.yaml"), "--run-dir", str(run), *sets]) == 0
+    sets = [
+        "--set",
+        "moei2.population=8",
+        "--set",
+        "moei2.generations=4",
+        "--set",
+        "baselines.calibration.size=48",
+        "--set",
+        "baselines.random_draws=2",
+        "--set",
+        "baselines.methods=[random, naee, moei2]",
+    ]
+    assert (
+        main(["baselines", str(ROOT / "experiments/toy-moei2.yaml"), "--run-dir", str(run), *sets])
+        == 0
+    )
     methods = json.loads((run / "baselines.json").read_text())["methods"]
-    assert set(methods) == {"full", "random", "naee", "moei2", "moei2+low-rank"}  # the run is the moei2 row
+    # the run is the moei2 row
+    assert set(methods) == {
+        "full",
+        "random",
+        "naee",
+        "moei2",
+        "moei2+low-rank",
+    }
     assert methods["moei2"]["kept_params"] == methods["naee"]["kept_params"]
     assert methods["moei2+low-rank"]["stage1_experts"] == 20
-    assert abs(methods["moei2+low-rank"]["kept_params"] / methods["naee"]["kept_params"] - 1) < 0.005
+    assert (
+        abs(methods["moei2+low-rank"]["kept_params"] / methods["naee"]["kept_params"] - 1) < 0.005
+    )
     summary = json.loads((run / "summary.json").read_text())
-    assert methods["moei2+low-rank"]["genome_key"] == Genome.from_dict(summary["best_genome"]).key  # same computation
-    assert methods["moei2+low-rank"]["heldout"] == pytest.approx(summary["stages"]["stage2"]["heldout"]["mean"])
+    # same computation
+    assert methods["moei2+low-rank"]["genome_key"] == Genome.from_dict(summary["best_genome"]).key
+    assert methods["moei2+low-rank"]["heldout"] == pytest.approx(
+        summary["stages"]["stage2"]["heldout"]["mean"]
+    )
     assert main(["report", str(run)]) == 0
     assert "moei2+low-rank" in (run / "report.md").read_text()

@@ -18,8 +18,14 @@ def test_overrides_parse_values_as_yaml(tmp_path):
 
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(toy_config_dict()))
-    cfg = load_config(path, ["search.evaluations=99", "fitness.tasks.1.weight=2.5", "model.dtype=bfloat16"])
-    assert cfg.search.evaluations == 99 and cfg.fitness.tasks[1].weight == 2.5 and cfg.model.dtype == "bfloat16"
+    cfg = load_config(
+        path, ["search.evaluations=99", "fitness.tasks.1.weight=2.5", "model.dtype=bfloat16"]
+    )
+    assert (
+        cfg.search.evaluations == 99
+        and cfg.fitness.tasks[1].weight == 2.5
+        and cfg.model.dtype == "bfloat16"
+    )
     assert cfg.digest() != load_config(path).digest()
     with pytest.raises(EepError, match="not an index"):
         load_config(path, ["fitness.tasks.9.weight=1"])
@@ -43,11 +49,34 @@ def test_invalid_yaml_is_reported(tmp_path):
         load_config(tmp_path / "list.yaml")
 
 
-scalars = st.none() | st.booleans() | st.integers(-5, 500) | st.floats(-2, 2) | st.just(float("nan")) | st.text(max_size=4)
-values = st.recursive(scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
-                      max_leaves=10)
-keys = st.sampled_from(["name", "model", "search", "search_space", "fitness", "evaluator", "seed", "keep",
-                        "evaluations", "tasks", "x"])
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-5, 500)
+    | st.floats(-2, 2)
+    | st.just(float("nan"))
+    | st.text(max_size=4)
+)
+values = st.recursive(
+    scalars,
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
+    max_leaves=10,
+)
+keys = st.sampled_from(
+    [
+        "name",
+        "model",
+        "search",
+        "search_space",
+        "fitness",
+        "evaluator",
+        "seed",
+        "keep",
+        "evaluations",
+        "tasks",
+        "x",
+    ]
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -75,17 +104,29 @@ def test_settings_added_with_neutral_defaults_keep_older_runs_resumable():
 
     # the toy demo as it was when the pin was taken (it now scores in chunks of 32 for the early cut and
     # spends 500 evaluations; its validation examples stay out of the digest)
-    config = load_config(Path(__file__).resolve().parents[1] / "experiments/toy.yaml",
-                         ["fitness.batch_size=128", "search.evaluations=200"])
+    config = load_config(
+        Path(__file__).resolve().parents[1] / "experiments/toy.yaml",
+        ["fitness.batch_size=128", "search.evaluations=200"],
+    )
     assert "moei2" not in config.outcome() and "seed_genomes" not in config.outcome()["search"]
     assert config.digest() == "fdf1cdd0be23161d"
     # how a candidate is computed never decides the search: kernel, scoring path, early cut
-    eager = config.model_copy(update={"model": config.model.model_copy(update={"experts_implementation": "eager"})})
+    eager = config.model_copy(
+        update={"model": config.model.model_copy(update={"experts_implementation": "eager"})}
+    )
     assert parse_config(eager.to_dict()) == eager and eager.digest() == config.digest()
-    generate = config.model_copy(update={"fitness": config.fitness.model_copy(update={"scoring": "generate"})})
-    uncut = config.model_copy(update={"search": config.search.model_copy(update={"early_cut": False})})
+    generate = config.model_copy(
+        update={"fitness": config.fitness.model_copy(update={"scoring": "generate"})}
+    )
+    uncut = config.model_copy(
+        update={"search": config.search.model_copy(update={"early_cut": False})}
+    )
     assert generate.digest() == uncut.digest() == config.digest()
-    seeded = config.model_copy(update={"search": config.search.model_copy(update={"seed_genomes": ["s.json"]})})
+    seeded = config.model_copy(
+        update={"search": config.search.model_copy(update={"seed_genomes": ["s.json"]})}
+    )
     assert seeded.digest() != config.digest()
-    moei2 = config.model_copy(update={"search_space": config.search_space.model_copy(update={"kind": "moei2"})})
+    moei2 = config.model_copy(
+        update={"search_space": config.search_space.model_copy(update={"kind": "moei2"})}
+    )
     assert "moei2" in moei2.outcome() and "calibration" in moei2.outcome()

@@ -15,26 +15,47 @@ from eep.moe import adapter_for, mapped_routing
 
 
 def test_group_names_resolve_as_eep_does():
-    keys = ["layers.[0-1]", "layers.1", "layers.*.block_sparse_moe", "others", "transfer.[0-1]", "transfer.2",
-            "others_transfer"]
+    keys = [
+        "layers.[0-1]",
+        "layers.1",
+        "layers.*.block_sparse_moe",
+        "others",
+        "transfer.[0-1]",
+        "transfer.2",
+        "others_transfer",
+    ]
     assert merge_key(keys, 1) == "layers.[0-1]"  # the first match in the dict's order wins
     assert merge_key(keys, 5) == "layers.*.block_sparse_moe"  # '*' is any one part
     assert merge_key(["layers.1", "others"], 12) == "others"  # parts match whole: 12 is not 1
-    assert merge_key(["layers.[0-3]"], 3) == "layers.[0-3]" and merge_key(["layers.[0-3]"], 4) == "others"
+    assert (
+        merge_key(["layers.[0-3]"], 3) == "layers.[0-3]"
+        and merge_key(["layers.[0-3]"], 4) == "others"
+    )
     assert router_key(keys, 0) == "transfer.[0-1]" and router_key(keys, 2) == "transfer.2"
     assert router_key(keys, 7) == "others_transfer"
-    assert not pattern_in("model.layers.03.x", "layers.[0-5]")  # "03" is not a number in the range, as in EEP
+    # "03" is not a number in the range, as in EEP
+    assert not pattern_in("model.layers.03.x", "layers.[0-5]")
     assert pattern_in("transfer.31", "transfer.[30-31]")
 
 
 def _coefficients(seed=0, slots=4):
     """A hand-built dict in EEP's layout: a range group, one layer of its own, the 'others' pair."""
     g = torch.Generator().manual_seed(seed)
-    merge = lambda: torch.eye(8)[:slots] * 0.8 + 0.05 * torch.rand(slots, 8, generator=g)  # noqa: E731
-    router = lambda: (torch.eye(8)[:slots] - 0.15 * torch.roll(torch.eye(8), 1, 1)[:slots]  # noqa: E731
-                      + 0.05 * torch.rand(slots, 8, generator=g))
-    return {"layers.[0-1]": merge(), "layers.2": merge(), "others": merge(),
-            "transfer.[0-2]": router(), "others_transfer": router()}
+
+    def merge():
+        return torch.eye(8)[:slots] * 0.8 + 0.05 * torch.rand(slots, 8, generator=g)
+
+    def router():
+        shifted = torch.roll(torch.eye(8), 1, 1)[:slots]
+        return torch.eye(8)[:slots] - 0.15 * shifted + 0.05 * torch.rand(slots, 8, generator=g)
+
+    return {
+        "layers.[0-1]": merge(),
+        "layers.2": merge(),
+        "others": merge(),
+        "transfer.[0-2]": router(),
+        "others_transfer": router(),
+    }
 
 
 def test_signed_routers_follow_eeps_arithmetic_exactly(tiny_mixtral):
@@ -85,14 +106,36 @@ def test_import_eep_cli_writes_a_genome_that_exports_in_the_custom_form(tmp_path
 
     torch.save(_coefficients(seed=3), tmp_path / "wic_budget_4.pth")
     out = tmp_path / "g.json"
-    assert main(["import-eep", str(tmp_path / "wic_budget_4.pth"), "--model", "toy", "--out", str(out)]) == 0
+    assert (
+        main(
+            ["import-eep", str(tmp_path / "wic_budget_4.pth"), "--model", "toy", "--out", str(out)]
+        )
+        == 0
+    )
     assert "signed router rows" in capsys.readouterr().err
     genome = Genome.load(out)
     assert genome.signed and {genome.gene(i).slots for i in range(4)} == {4}
     assert json.loads(out.read_text())["router_sign"] == "signed"
-    assert main(["import-eep", str(tmp_path / "wic_budget_4.pth"), "--model", "toy", "--out", str(out)]) == 2
+    assert (
+        main(
+            ["import-eep", str(tmp_path / "wic_budget_4.pth"), "--model", "toy", "--out", str(out)]
+        )
+        == 2
+    )
     (tmp_path / "bad.pth").write_bytes(b"not a torch file")
-    assert main(["import-eep", str(tmp_path / "bad.pth"), "--model", "toy", "--out", str(tmp_path / "x.json")]) == 2
+    assert (
+        main(
+            [
+                "import-eep",
+                str(tmp_path / "bad.pth"),
+                "--model",
+                "toy",
+                "--out",
+                str(tmp_path / "x.json"),
+            ]
+        )
+        == 2
+    )
     assert "not an EEP coefficient file" in capsys.readouterr().err
 
     toy = ModelConfig(path="toy", device="cpu", dtype="float32")
@@ -102,6 +145,8 @@ def test_import_eep_cli_writes_a_genome_that_exports_in_the_custom_form(tmp_path
     ids = tokenizer(["reverse : a b c d ="], return_tensors="pt")
     with torch.no_grad(), adapter_for(model).applied(genome):
         in_search = model(**ids).logits
-    exported, _ = load_model(ModelConfig(path=str(tmp_path / "export"), device="cpu", dtype="float32"))
+    exported, _ = load_model(
+        ModelConfig(path=str(tmp_path / "export"), device="cpu", dtype="float32")
+    )
     with torch.no_grad():
         torch.testing.assert_close(exported(**ids).logits, in_search, atol=1e-5, rtol=0)

@@ -12,7 +12,9 @@ from eep.model import load_model, resolve_path
 from eep.moe import adapter_for
 from tests.conftest import toy_config_dict
 
-GENOME = Genome.from_keep(8, 2, {0: [0, 2, 5, 7], 1: [1, 2, 3, 4], 2: [0, 3, 4, 6], 3: [1, 4, 5, 7]})
+GENOME = Genome.from_keep(
+    8, 2, {0: [0, 2, 5, 7], 1: [1, 2, 3, 4], 2: [0, 3, 4, 6], 3: [1, 4, 5, 7]}
+)
 TOY = ModelConfig(path="toy", device="cpu", dtype="float32")
 
 
@@ -29,11 +31,15 @@ def test_export_is_smaller_loads_in_stock_transformers_and_equals_search_logits(
     assert exported.config.num_experts_per_tok == (active or 2)
     assert report["parameters"]["after"] == sum(p.numel() for p in exported.parameters())
     assert report["parameters"]["after"] < 0.75 * report["parameters"]["before"]
-    source_bytes = (resolve_path("toy") + "/model.safetensors")
-    assert (out / "model.safetensors").stat().st_size < 0.75 * __import__("os").path.getsize(source_bytes)
+    source_bytes = resolve_path("toy") + "/model.safetensors"
+    assert (out / "model.safetensors").stat().st_size < 0.75 * __import__("os").path.getsize(
+        source_bytes
+    )
 
     model, _ = load_model(TOY)
-    ids = tokenizer(["reverse : a b c d =", "lookup : p o n m l k ="], return_tensors="pt", padding=True)
+    ids = tokenizer(
+        ["reverse : a b c d =", "lookup : p o n m l k ="], return_tensors="pt", padding=True
+    )
     with torch.no_grad(), adapter_for(model).applied(genome):
         in_search = model(**ids).logits
     with torch.no_grad():
@@ -65,8 +71,11 @@ def _merge_genome(seed: int, slots=(4, 4, 4, 4), selecting=False):
     for layer, n in enumerate(slots):
         picks = rng.sample(range(8), n)
         merge = [[(0.8 if i == e else 0.0) + rng.gauss(0, 0.05) for i in range(8)] for e in picks]
-        router = ([[1.0 if i == e else 0.0 for i in range(8)] for e in picks] if selecting
-                  else [[(1.0 if i == e else 0.0) + 0.1 * rng.random() for i in range(8)] for e in picks])
+        router = (
+            [[1.0 if i == e else 0.0 for i in range(8)] for e in picks]
+            if selecting
+            else [[(1.0 if i == e else 0.0) + 0.1 * rng.random() for i in range(8)] for e in picks]
+        )
         genes[layer] = LayerGene.merged(merge, router)
     return Genome.from_genes(8, 2, genes)
 
@@ -74,8 +83,12 @@ def _merge_genome(seed: int, slots=(4, 4, 4, 4), selecting=False):
 CASES = {
     "merged-selecting-router": (lambda: _merge_genome(0, selecting=True), "stock"),
     "merged-general-router": (lambda: _merge_genome(1), "custom"),
-    "pruned-uneven": (lambda: Genome.from_keep(8, 2, {0: [0, 2, 5], 1: [1, 2, 3, 4, 6], 2: [0, 3, 4, 6], 3: [1, 4]},
-                                               active={3: 1}), "custom"),
+    "pruned-uneven": (
+        lambda: Genome.from_keep(
+            8, 2, {0: [0, 2, 5], 1: [1, 2, 3, 4, 6], 2: [0, 3, 4, 6], 3: [1, 4]}, active={3: 1}
+        ),
+        "custom",
+    ),
 }
 
 
@@ -88,7 +101,9 @@ def test_every_export_form_equals_search_logits(tmp_path, case):
     assert report["form"] == kind and report["form_reason"]
     assert report["parameters"]["after"] < 0.8 * report["parameters"]["before"]
     model, tokenizer = load_model(TOY)
-    ids = tokenizer(["reverse : a b c d =", "lookup : p o n m l k ="], return_tensors="pt", padding=True)
+    ids = tokenizer(
+        ["reverse : a b c d =", "lookup : p o n m l k ="], return_tensors="pt", padding=True
+    )
     with torch.no_grad(), adapter_for(model).applied(genome):
         in_search = model(**ids).logits
     if kind == "stock":
@@ -99,7 +114,8 @@ def test_every_export_form_equals_search_logits(tmp_path, case):
             torch.testing.assert_close(exported(**ids).logits, in_search, atol=1e-5, rtol=0)
     else:
         _check_in_fresh_process(out, ids, in_search, report["parameters"]["after"])
-    own, _ = load_model(ModelConfig(path=str(out), device="cpu", dtype="float32"))  # eep's loader, no remote code
+    # eep's loader, no remote code
+    own, _ = load_model(ModelConfig(path=str(out), device="cpu", dtype="float32"))
     with torch.no_grad():
         torch.testing.assert_close(own(**ids).logits, in_search, atol=1e-5, rtol=0)
     assert Genome.load(out / "eep_genome.json") == genome
@@ -107,7 +123,9 @@ def test_every_export_form_equals_search_logits(tmp_path, case):
 
 
 def test_forced_stock_form_of_a_general_genome_is_refused_before_writing(tmp_path):
-    with pytest.raises(EepError, match="cannot be a stock checkpoint: layers \\[0, 1, 2, 3\\] route through"):
+    with pytest.raises(
+        EepError, match="cannot be a stock checkpoint: layers \\[0, 1, 2, 3\\] route through"
+    ):
         export_genome(TOY, _merge_genome(1), tmp_path / "x", log=lambda m: None, form="stock")
     assert not list(tmp_path.iterdir())
 
@@ -136,14 +154,20 @@ with torch.no_grad():
     torch.testing.assert_close(model(**probe["ids"]).logits, probe["expected"], atol=1e-5, rtol=0)
 print("ok")
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          stdin=subprocess.DEVNULL)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_an_interrupted_export_leaves_nothing_loadable(tmp_path, monkeypatch):
     """Interrupted after the weights are written (here: while writing the genome file), the export
     leaves neither the target nor its temporary directory behind."""
+
     def interrupted(self, path):
         raise KeyboardInterrupt
 
@@ -163,8 +187,12 @@ def test_exports_and_run_files_are_shareable(tmp_path):
     from eep.journal import file_mode, write_json_atomic
 
     out = tmp_path / "out"
-    export_genome(ModelConfig(path="toy", device="cpu"), Genome.from_keep(8, 2, {i: [0, 1, 2, 3] for i in range(4)}),
-                  out, log=lambda m: None)
+    export_genome(
+        ModelConfig(path="toy", device="cpu"),
+        Genome.from_keep(8, 2, {i: [0, 1, 2, 3] for i in range(4)}),
+        out,
+        log=lambda m: None,
+    )
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
     assert modes["model.safetensors"] == file_mode() and set(modes.values()) == {file_mode()}
     assert stat.S_IMODE(out.stat().st_mode) == file_mode() | 0o111
@@ -180,7 +208,9 @@ def test_custom_checkpoints_of_earlier_versions_still_load(tmp_path):
 
     from eep.export import save_model
 
-    genome = Genome.from_keep(8, 2, {0: [0, 2, 5], 1: [1, 2, 3, 4, 6], 2: [0, 3, 4, 6], 3: [1, 4]}, active={3: 1})
+    genome = Genome.from_keep(
+        8, 2, {0: [0, 2, 5], 1: [1, 2, 3, 4, 6], 2: [0, 3, 4, 6], 3: [1, 4]}, active={3: 1}
+    )
     model, tokenizer = load_model(TOY)
     small, form = adapter_for(model).compressed(genome)
     save_model(small, form.kind, tmp_path / "old")
@@ -198,7 +228,9 @@ def test_custom_checkpoints_of_earlier_versions_still_load(tmp_path):
     (tmp_path / "old" / "config.json").write_text(json.dumps(config))
 
     old, _ = load_model(ModelConfig(path=str(tmp_path / "old"), device="cpu", dtype="float32"))
-    ids = tokenizer(["reverse : a b c d =", "lookup : p o n m l k ="], return_tensors="pt", padding=True)
+    ids = tokenizer(
+        ["reverse : a b c d =", "lookup : p o n m l k ="], return_tensors="pt", padding=True
+    )
     with torch.no_grad(), adapter_for(model).applied(genome):
         in_search = model(**ids).logits
     with torch.no_grad():

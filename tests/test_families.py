@@ -14,47 +14,124 @@ from eep.families import FAMILIES, shape_of
 from eep.genome import Genome, LayerGene
 from eep.moe import adapter_for
 
-COMMON = dict(vocab_size=48, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=64, tie_word_embeddings=False)
-LINEAR_ATTENTION = dict(layer_types=["linear_attention", "full_attention", "linear_attention"], linear_num_key_heads=2,
-                        linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
-                        linear_conv_kernel_dim=2)
+COMMON = dict(
+    vocab_size=48,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
+LINEAR_ATTENTION = dict(
+    layer_types=["linear_attention", "full_attention", "linear_attention"],
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+    linear_conv_kernel_dim=2,
+)
 MLA = dict(kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)
 
 # each with what makes its family differ: dense layers, shared experts, no renormalisation,
 # expert groups, scaling factors, router and expert biases
 CONFIGS = {
-    "mixtral": lambda **c: tf.MixtralConfig(**c, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2),
-    "qwen2_moe": lambda **c: tf.Qwen2MoeConfig(**c, intermediate_size=40, moe_intermediate_size=24,
-                                               shared_expert_intermediate_size=32, num_experts=8,
-                                               num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[1]),
-    "qwen3_moe": lambda **c: tf.Qwen3MoeConfig(**c, head_dim=8, intermediate_size=40, moe_intermediate_size=24,
-                                               num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
-                                               mlp_only_layers=[0]),
-    "qwen3_next": lambda **c: tf.Qwen3NextConfig(**c, **LINEAR_ATTENTION, head_dim=8, intermediate_size=40,
-                                                 moe_intermediate_size=24, shared_expert_intermediate_size=32,
-                                                 num_experts=8, num_experts_per_tok=2),
-    "qwen3_5_moe_text": lambda **c: tf.Qwen3_5MoeTextConfig(**c, **LINEAR_ATTENTION, head_dim=8,
-                                                            moe_intermediate_size=24,
-                                                            shared_expert_intermediate_size=32, num_experts=8,
-                                                            num_experts_per_tok=2),
-    "olmoe": lambda **c: tf.OlmoeConfig(**c, intermediate_size=24, num_experts=8, num_experts_per_tok=2),
-    "deepseek_v2": lambda **c: tf.DeepseekV2Config(**c, **MLA, intermediate_size=40, moe_intermediate_size=24,
-                                                   n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-                                                   first_k_dense_replace=1, q_lora_rank=None,
-                                                   topk_method="group_limited_greedy", n_group=2, topk_group=1,
-                                                   routed_scaling_factor=1.5),
-    "deepseek_v3": lambda **c: tf.DeepseekV3Config(**c, **MLA, intermediate_size=40, moe_intermediate_size=24,
-                                                   n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-                                                   first_k_dense_replace=1, q_lora_rank=16, n_group=2, topk_group=1,
-                                                   routed_scaling_factor=2.5),
-    "glm4_moe": lambda **c: tf.Glm4MoeConfig(**c, head_dim=8, intermediate_size=40, moe_intermediate_size=24,
-                                             n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-                                             first_k_dense_replace=1, n_group=1, topk_group=1,
-                                             routed_scaling_factor=1.8),
-    "gpt_oss": lambda **c: tf.GptOssConfig(**c, head_dim=8, intermediate_size=24, num_local_experts=8,
-                                           num_experts_per_tok=2, sliding_window=8,
-                                           layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    "mixtral": lambda **c: tf.MixtralConfig(
+        **c, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2
+    ),
+    "qwen2_moe": lambda **c: tf.Qwen2MoeConfig(
+        **c,
+        intermediate_size=40,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+        mlp_only_layers=[1],
+    ),
+    "qwen3_moe": lambda **c: tf.Qwen3MoeConfig(
+        **c,
+        head_dim=8,
+        intermediate_size=40,
+        moe_intermediate_size=24,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        mlp_only_layers=[0],
+    ),
+    "qwen3_next": lambda **c: tf.Qwen3NextConfig(
+        **c,
+        **LINEAR_ATTENTION,
+        head_dim=8,
+        intermediate_size=40,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+    ),
+    "qwen3_5_moe_text": lambda **c: tf.Qwen3_5MoeTextConfig(
+        **c,
+        **LINEAR_ATTENTION,
+        head_dim=8,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+    ),
+    "olmoe": lambda **c: tf.OlmoeConfig(
+        **c, intermediate_size=24, num_experts=8, num_experts_per_tok=2
+    ),
+    "deepseek_v2": lambda **c: tf.DeepseekV2Config(
+        **c,
+        **MLA,
+        intermediate_size=40,
+        moe_intermediate_size=24,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        q_lora_rank=None,
+        topk_method="group_limited_greedy",
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=1.5,
+    ),
+    "deepseek_v3": lambda **c: tf.DeepseekV3Config(
+        **c,
+        **MLA,
+        intermediate_size=40,
+        moe_intermediate_size=24,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        q_lora_rank=16,
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=2.5,
+    ),
+    "glm4_moe": lambda **c: tf.Glm4MoeConfig(
+        **c,
+        head_dim=8,
+        intermediate_size=40,
+        moe_intermediate_size=24,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=1.8,
+    ),
+    "gpt_oss": lambda **c: tf.GptOssConfig(
+        **c,
+        head_dim=8,
+        intermediate_size=24,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    ),
 }
 # two of the eight experts from each half: DeepSeek's tiny configs route within two groups of four
 KEEP = [0, 2, 5, 7]
@@ -64,7 +141,11 @@ def tiny_model(family: str, **overrides):
     """A random model of ``family`` whose routing decides something: router weights and biases
     drawn large enough that pruning changes the output."""
     torch.manual_seed(0)
-    values = {**COMMON, **({"num_key_value_heads": 4} if family.startswith("deepseek") else {}), **overrides}
+    values = {
+        **COMMON,
+        **({"num_key_value_heads": 4} if family.startswith("deepseek") else {}),
+        **overrides,
+    }
     model = tf.AutoModelForCausalLM.from_config(CONFIGS[family](**values)).eval()
     adapter = adapter_for(model)
     with torch.no_grad():
@@ -94,7 +175,9 @@ def _logits(model, genome=None, adapter=None):
 def test_identity_prune_and_merge_equal_their_exports(family, tmp_path):
     model = tiny_model(family)
     adapter = adapter_for(model)
-    assert adapter.family.model_type == family and adapter.moe_layers == list(shape_of(model.config).moe_layers)
+    assert adapter.family.model_type == family and adapter.moe_layers == list(
+        shape_of(model.config).moe_layers
+    )
     layers = adapter.moe_layers
     full = _logits(model)
 
@@ -110,7 +193,9 @@ def test_identity_prune_and_merge_equal_their_exports(family, tmp_path):
     reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
     assert type(reloaded) is type(model)
     assert getattr(reloaded.config.get_text_config(), adapter.family.experts_key) == 4
-    assert sum(p.numel() for p in reloaded.parameters()) < sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for p in reloaded.parameters()) < sum(
+        p.numel() for p in model.parameters()
+    )
     torch.testing.assert_close(_logits(reloaded), in_search, atol=1e-5, rtol=0)
     assert torch.equal(_logits(model), full)  # restored exactly
 
@@ -123,15 +208,21 @@ def test_identity_prune_and_merge_equal_their_exports(family, tmp_path):
     # (c) merged experts with a selecting router: in-search logits == the exported model's
     if adapter.shape.expert_groups == 1:
         rng = torch.Generator().manual_seed(2)
-        genes = {i: LayerGene.merged(torch.rand(4, 8, generator=rng).tolist(),
-                                     [[1.0 if e == k else 0.0 for e in range(8)] for k in KEEP]) for i in layers}
+        genes = {
+            i: LayerGene.merged(
+                torch.rand(4, 8, generator=rng).tolist(),
+                [[1.0 if e == k else 0.0 for e in range(8)] for k in KEEP],
+            )
+            for i in layers
+        }
         merged = Genome.from_genes(8, adapter.top_k, genes)
         assert adapter.export_form(merged).kind == "stock"
         in_search = _logits(model, merged, adapter)
         adapter.sliced(merged).save_pretrained(tmp_path / "merged")
         reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
         torch.testing.assert_close(_logits(reloaded), in_search, atol=1e-5, rtol=0)
-        assert (in_search - _logits(model, pruned, adapter)).abs().max() > 1e-3  # the merge mattered
+        # the merge mattered
+        assert (in_search - _logits(model, pruned, adapter)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
@@ -145,8 +236,10 @@ def test_calibration_error_and_baselines_follow_the_familys_routing(family):
     adapter = adapter_for(model)
     ids = _ids()
     inputs = {}
-    hooks = [block.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
-             for i, block in adapter.blocks.items()]
+    hooks = [
+        block.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
+        for i, block in adapter.blocks.items()
+    ]
     cal = bl.collect(model, adapter, [{"input_ids": ids}], max_tokens_per_layer=1000)
     for hook in hooks:
         hook.remove()
@@ -162,7 +255,11 @@ def test_calibration_error_and_baselines_follow_the_familys_routing(family):
         assert expected > 1e-6
         assert bl.output_error(cal, layer, KEEP) == pytest.approx(expected, rel=1e-4)
     if adapter.shape.expert_groups == 1:
-        for genome in (bl.frequency_genome(cal, 4), bl.reap_genome(cal, 4), bl.naee_genome(cal, 4)[0]):
+        for genome in (
+            bl.frequency_genome(cal, 4),
+            bl.reap_genome(cal, 4),
+            bl.naee_genome(cal, 4)[0],
+        ):
             adapter.validate(genome)
 
 
@@ -175,12 +272,20 @@ def test_grouped_routing_needs_even_groups():
     adapter = adapter_for(model)
     assert (adapter.shape.expert_groups, adapter.shape.group_min) == (2, 2)
     uneven = Genome.from_keep(8, 2, {i: [0, 1, 2, 5] for i in adapter.moe_layers})
-    with pytest.raises(EepError, match=r"keeps \[3, 1\] experts in the 2 expert groups; DeepSeek-V3 routes within"):
+    with pytest.raises(
+        EepError, match=r"keeps \[3, 1\] experts in the 2 expert groups; DeepSeek-V3 routes within"
+    ):
         adapter.export_form(uneven)
     with pytest.raises(EepError, match="routes within groups"), adapter.applied(uneven):
         pass
-    merge = Genome.from_genes(8, 2, {i: LayerGene.merged([[1.0] * 8] * 4, [[float(e == k) for e in range(8)]
-                                                                            for k in KEEP]) for i in adapter.moe_layers})
+    merge = Genome.from_genes(
+        8,
+        2,
+        {
+            i: LayerGene.merged([[1.0] * 8] * 4, [[float(e == k) for e in range(8)] for k in KEEP])
+            for i in adapter.moe_layers
+        },
+    )
     with pytest.raises(EepError, match="supports pruning only"):
         adapter.export_form(merge)
 
@@ -222,7 +327,9 @@ def test_every_family_has_the_custom_form(family, tmp_path):
     grouped = adapter.shape.expert_groups > 1
     keep = {i: KEEP if grouped or i != last else [0, 1, 2, 5, 6, 7] for i in adapter.moe_layers}
     uneven = Genome.from_keep(8, adapter.top_k, keep, active={last: 1})
-    assert (_custom_round_trip(model, adapter, uneven, tmp_path / "uneven") - full).abs().max() > 1e-3
+    assert (
+        _custom_round_trip(model, adapter, uneven, tmp_path / "uneven") - full
+    ).abs().max() > 1e-3
 
     rule = adapter.shape.router_matrix
     rng = torch.Generator().manual_seed(3)
@@ -235,29 +342,48 @@ def test_every_family_has_the_custom_form(family, tmp_path):
         ids = torch.tensor(KEEP)[slots]
         by_id, own_by_id = ids.argsort(dim=-1), own_ids.argsort(dim=-1)
         assert torch.equal(ids.gather(1, by_id), own_ids.gather(1, own_by_id))
-        torch.testing.assert_close(weights.gather(1, by_id), own_weights.float().gather(1, own_by_id))
+        torch.testing.assert_close(
+            weights.gather(1, by_id), own_weights.float().gather(1, own_by_id)
+        )
         # and one that mixes them: eep's custom form holds it
-        genes = {i: LayerGene.merged(torch.rand(4, 8, generator=rng).tolist(), torch.rand(4, 8, generator=rng).tolist())
-                 for i in adapter.moe_layers}
+        genes = {
+            i: LayerGene.merged(
+                torch.rand(4, 8, generator=rng).tolist(), torch.rand(4, 8, generator=rng).tolist()
+            )
+            for i in adapter.moe_layers
+        }
         mixing = Genome.from_genes(8, adapter.top_k, genes)
-        assert (_custom_round_trip(model, adapter, mixing, tmp_path / "mixing") - full).abs().max() > 1e-3
+        assert (
+            _custom_round_trip(model, adapter, mixing, tmp_path / "mixing") - full
+        ).abs().max() > 1e-3
     elif not grouped:
-        mixing = Genome.from_genes(8, 2, {i: LayerGene.merged([[0.5] * 8] * 4, [[0.2] * 8] * 4)
-                                          for i in adapter.moe_layers})
-        with pytest.raises(EepError, match="mixes experts, which maps softmax probabilities; this .* routes otherwise"):
+        mixing = Genome.from_genes(
+            8,
+            2,
+            {i: LayerGene.merged([[0.5] * 8] * 4, [[0.2] * 8] * 4) for i in adapter.moe_layers},
+        )
+        with pytest.raises(
+            EepError,
+            match="mixes experts, which maps softmax probabilities; this .* routes otherwise",
+        ):
             adapter.export_form(mixing)
 
     # low-rank experts, stored as their factors
     low_rank = Genome.from_keep(8, adapter.top_k, {i: KEEP for i in adapter.moe_layers}).with_ranks(
-        {first: {0: 2, 2: 5, 5: 1, 7: 8}})
+        {first: {0: 2, 2: 5, 5: 1, 7: 8}}
+    )
     if adapter.family.gated_experts:
         _custom_round_trip(model, adapter, low_rank, tmp_path / "low-rank")
     else:
-        with pytest.raises(EepError, match="have no low-rank form in eep's custom code; export with --dense"):
+        with pytest.raises(
+            EepError, match="have no low-rank form in eep's custom code; export with --dense"
+        ):
             adapter.export_form(low_rank)
         dense, form = adapter.compressed(low_rank, dense=True)  # re-multiplied: a stock checkpoint
         assert form.kind == "stock"
-        torch.testing.assert_close(_logits(dense), _logits(model, low_rank, adapter), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            _logits(dense), _logits(model, low_rank, adapter), atol=1e-5, rtol=0
+        )
     assert torch.equal(_logits(model), full)  # restored exactly
 
 
@@ -265,27 +391,40 @@ def test_sigmoid_routing_keeps_merges_selecting():
     model = tiny_model("glm4_moe")
     adapter = adapter_for(model)
     assert adapter.shape.router_matrix is None and adapter.shape.expert_groups == 1
-    mixing = Genome.from_genes(8, 2, {i: LayerGene.merged([[0.5] * 8] * 4, [[0.2] * 8] * 4) for i in adapter.moe_layers})
+    mixing = Genome.from_genes(
+        8, 2, {i: LayerGene.merged([[0.5] * 8] * 4, [[0.2] * 8] * 4) for i in adapter.moe_layers}
+    )
     with pytest.raises(EepError, match="GLM-4-MoE model routes otherwise \\(sigmoid"):
         adapter.export_form(mixing)
 
 
 def test_detection_errors_name_the_supported_families():
-    with pytest.raises(EepError, match="'llama' has no MoE layers .* Mixtral \\(mixtral\\), Qwen2-MoE"):
+    with pytest.raises(
+        EepError, match="'llama' has no MoE layers .* Mixtral \\(mixtral\\), Qwen2-MoE"
+    ):
         shape_of(tf.LlamaConfig())
-    with pytest.raises(EepError, match="'phimoe' is a mixture of experts eep has no adapter for; supported: Mixtral"):
+    with pytest.raises(
+        EepError,
+        match="'phimoe' is a mixture of experts eep has no adapter for; supported: Mixtral",
+    ):
         shape_of(tf.PhimoeConfig())
     with pytest.raises(EepError, match="has no MoE layers \\(all 2 layers are dense\\)"):
         shape_of(tf.Qwen2MoeConfig(num_hidden_layers=2, mlp_only_layers=[0, 1]))
-    assert shape_of(tf.DeepseekV3Config()).moe_layers == tuple(range(3, 61))  # three dense layers first
+    # three dense layers first
+    assert shape_of(tf.DeepseekV3Config()).moe_layers == tuple(range(3, 61))
     assert set(FAMILIES) == set(CONFIGS)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family, space", [*((f, {"kind": "prune", "keep": 4}) for f in sorted(CONFIGS)),
-                                          ("qwen3_moe", {"budget": 7}),
-                                          ("olmoe", {"kind": "merge", "keep": 4, "merge_after": 3}),
-                                          ("qwen2_moe", {"kind": "moei2", "budget": 7})])
+@pytest.mark.parametrize(
+    "family, space",
+    [
+        *((f, {"kind": "prune", "keep": 4}) for f in sorted(CONFIGS)),
+        ("qwen3_moe", {"budget": 7}),
+        ("olmoe", {"kind": "merge", "keep": 4, "merge_after": 3}),
+        ("qwen2_moe", {"kind": "moei2", "budget": 7}),
+    ],
+)
 def test_short_search_and_export_end_to_end(family, space, tmp_path, capsys):
     """`eep search` then `eep export` on a tiny random model of the family saved with the toy's
     tokenizer: the run finishes, the export loads in stock transformers (custom form: with its
@@ -299,13 +438,25 @@ def test_short_search_and_export_end_to_end(family, space, tmp_path, capsys):
     model = tiny_model(family, vocab_size=len(tokenizer))
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    config = {"name": family, "model": {"path": str(tmp_path / "model"), "device": "cpu", "dtype": "float32"},
-              "search_space": space,
-              "search": {"seed": 0, "evaluations": 5, "initial": 3},
-              "fitness": {"batch_size": 8, "max_new_tokens": 4, "tasks": [
-                  {"name": "copy", "dataset": "toy:copy", "search_size": 3, "test_size": 3}]},
-              "moei2": {"population": 4, "generations": 2, "candidates": 2, "block": 2, "rank_params": 0.8},
-              "baselines": {"calibration": {"size": 16}}}
+    config = {
+        "name": family,
+        "model": {"path": str(tmp_path / "model"), "device": "cpu", "dtype": "float32"},
+        "search_space": space,
+        "search": {"seed": 0, "evaluations": 5, "initial": 3},
+        "fitness": {
+            "batch_size": 8,
+            "max_new_tokens": 4,
+            "tasks": [{"name": "copy", "dataset": "toy:copy", "search_size": 3, "test_size": 3}],
+        },
+        "moei2": {
+            "population": 4,
+            "generations": 2,
+            "candidates": 2,
+            "block": 2,
+            "rank_params": 0.8,
+        },
+        "baselines": {"calibration": {"size": 16}},
+    }
     (tmp_path / "search.yaml").write_text(yaml.safe_dump(config))
     run, out = tmp_path / "run", tmp_path / "out"
     assert main(["search", str(tmp_path / "search.yaml"), "--run-dir", str(run)]) == 0

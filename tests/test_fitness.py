@@ -42,21 +42,29 @@ def test_generation_metrics():
     assert generation_score("first_capital", "the answer is B. No", ["B"]) == 1.0
     assert generation_score("first_capital", "A, surely", ["B"]) == 0.0
     # SQuAD F1: "the" and punctuation are dropped; 2 of 3 predicted tokens match 2 of 2 gold tokens
-    assert token_f1("The Eiffel tower, Paris!", "eiffel tower") == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))
-    assert generation_score("f1", "Denver Broncos", ["Broncos", "Denver Broncos team"]) == pytest.approx(0.8)
-    assert token_f1("", "x") == 0.0 and token_f1("the", "a") == 1.0  # both empty after normalisation
+    assert token_f1("The Eiffel tower, Paris!", "eiffel tower") == pytest.approx(
+        2 * (2 / 3) * 1 / (2 / 3 + 1)
+    )
+    assert generation_score(
+        "f1", "Denver Broncos", ["Broncos", "Denver Broncos team"]
+    ) == pytest.approx(0.8)
+    # both empty after normalisation
+    assert token_f1("", "x") == 0.0 and token_f1("the", "a") == 1.0
     assert cut_at_stop("Paris\nQuestion: next", ["\n", "Question"]) == "Paris"
     assert cut_at_stop("abc", []) == "abc"
 
 
 def test_weighted_fitness_negates_losses():
-    tasks = [SimpleNamespace(name="acc", metric="exact_match", weight=2.0),
-             SimpleNamespace(name="ppl", metric="perplexity", weight=1.0)]
+    tasks = [
+        SimpleNamespace(name="acc", metric="exact_match", weight=2.0),
+        SimpleNamespace(name="ppl", metric="perplexity", weight=1.0),
+    ]
     assert weighted_fitness(tasks, {"acc": 60.0, "ppl": 3.0}) == pytest.approx((120.0 - 3.0) / 3)
     assert {m.kind for m in METRICS.values()} == {"generate", "choice", "text"}
 
 
 # -- a model whose logits we control: a bigram table ------------------------------------------
+
 
 class Bigram(torch.nn.Module):
     """logits[t] = table[token t]: every probability is known in closed form."""
@@ -75,7 +83,10 @@ def tokenizer():
 
 
 def _bigram(tokenizer, seed):
-    return Bigram(torch.randn(len(tokenizer), len(tokenizer), generator=torch.Generator().manual_seed(seed)) * 2)
+    return Bigram(
+        torch.randn(len(tokenizer), len(tokenizer), generator=torch.Generator().manual_seed(seed))
+        * 2
+    )
 
 
 def _logp(model, prev, nxt):
@@ -85,10 +96,14 @@ def _logp(model, prev, nxt):
 def test_continuation_logprobs_match_the_bigram_by_hand(tokenizer):
     model = _bigram(tokenizer, 0)
     ids = tokenizer.convert_tokens_to_ids
-    got = continuation_logprobs(model, tokenizer, [("copy : a", " b c"), ("swap : a b c d =", " e")], 2, 64)
+    got = continuation_logprobs(
+        model, tokenizer, [("copy : a", " b c"), ("swap : a b c d =", " e")], 2, 64
+    )
     bos = tokenizer.bos_token_id
     assert tokenizer("copy : a").input_ids == [bos, *ids(["copy", ":", "a"])]
-    assert got[0] == pytest.approx(_logp(model, ids("a"), ids("b")) + _logp(model, ids("b"), ids("c")), abs=1e-5)
+    assert got[0] == pytest.approx(
+        _logp(model, ids("a"), ids("b")) + _logp(model, ids("b"), ids("c")), abs=1e-5
+    )
     assert got[1] == pytest.approx(_logp(model, ids("="), ids("e")), abs=1e-5)
     # truncation keeps the continuation and drops context from the left
     short = continuation_logprobs(model, tokenizer, [("copy : a", " b c")], 1, 3)
@@ -107,7 +122,9 @@ def test_choice_task_picks_the_likelier_option_and_normalises_by_length(tokenize
     expected_a = (3 - math.log(math.exp(3) + v - 1)) + (-5 - math.log(math.exp(-5) + v - 1))
     assert lp[0] == pytest.approx(expected_a, abs=1e-4)
     assert lp[1] == pytest.approx(-math.log(math.exp(3) + v - 1), abs=1e-4)
-    both = Scorer(model, tokenizer, [Task("sum", (ex,), "choice"), Task("norm", (ex,), "choice_norm")])()
+    both = Scorer(
+        model, tokenizer, [Task("sum", (ex,), "choice"), Task("norm", (ex,), "choice_norm")]
+    )()
     # summed: " c" (one unlikely token) beats " a b"; per byte: " a b" has 4 bytes to spread its loss over
     assert both["sum"] == 100.0
     assert (lp[0] / 4 > lp[1] / 2) == (both["norm"] == 0.0)
@@ -126,12 +143,17 @@ def test_text_metrics_by_hand(tokenizer):
             accept.append(torch.minimum(p, q).sum().item())
             kl.append((p * (p.log() - q.log())).sum().item())
     scorer = Scorer(full, tokenizer, tasks, batch_size=2)  # references from the full model
-    assert scorer()["esap"] == pytest.approx(100.0) and scorer()["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert scorer()["esap"] == pytest.approx(100.0) and scorer()["kl"] == pytest.approx(
+        0.0, abs=1e-6
+    )
     scores = scorer(cand)
     assert scores["perplexity"] == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)
     assert scores["esap"] == pytest.approx(100 * sum(accept) / len(accept), rel=1e-5)
     assert scores["kl"] == pytest.approx(sum(kl) / len(kl), rel=1e-4)
-    assert scores["esap.kl"] == pytest.approx(scores["kl"], rel=1e-6) and scores["kl.esap"] == scores["esap"]
+    assert (
+        scores["esap.kl"] == pytest.approx(scores["kl"], rel=1e-6)
+        and scores["kl.esap"] == scores["esap"]
+    )
 
 
 def test_reconstruction_is_the_relative_error_of_the_moe_block_outputs(tiny_mixtral):
@@ -153,7 +175,10 @@ def test_reconstruction_is_the_relative_error_of_the_moe_block_outputs(tiny_mixt
 
     def outputs():
         got = {}
-        hooks = [b.register_forward_hook(lambda m, a, o, i=i: got.setdefault(i, []).append(o)) for i, b in adapter.blocks.items()]
+        hooks = [
+            b.register_forward_hook(lambda m, a, o, i=i: got.setdefault(i, []).append(o))
+            for i, b in adapter.blocks.items()
+        ]
         with torch.no_grad():
             for t in texts:
                 model(input_ids=torch.tensor([t]))
@@ -165,13 +190,15 @@ def test_reconstruction_is_the_relative_error_of_the_moe_block_outputs(tiny_mixt
     with adapter.applied(genome):
         pruned = outputs()
         rec = scorer()["rec"]
-    expected = 100 * sum(((pruned[i] - ref[i]).norm() / ref[i].norm()).item() for i in ref) / len(ref)
+    expected = (
+        100 * sum(((pruned[i] - ref[i]).norm() / ref[i].norm()).item() for i in ref) / len(ref)
+    )
     assert rec == pytest.approx(expected, rel=1e-4) and rec > 1.0
 
 
 def test_toy_tasks_as_texts_and_fidelity_on_the_toy(tokenizer):
     cfg = TaskConfig(name="fid", dataset="toy:reverse", metric="esap", search_size=4)
-    task, = load_tasks([cfg], "search")
+    (task,) = load_tasks([cfg], "search")
     assert all(ex.prompt.startswith("reverse : ") and " = " in ex.prompt for ex in task.examples)
     with pytest.raises(EepError, match="toy tasks have no options"):
         check_tasks([cfg.model_copy(update={"metric": "choice"})])
@@ -180,43 +207,79 @@ def test_toy_tasks_as_texts_and_fidelity_on_the_toy(tokenizer):
 def _write_dataset(root):
     root.mkdir()
     for split, n in (("train", 10), ("validation", 4)):
-        rows = [{"question": f"q{i}", "context": f"c{i}", "answers": {"text": [f"a{i}", f"b{i}"]},
-                 "label": bool(i % 2)} for i in range(n)]
+        rows = [
+            {
+                "question": f"q{i}",
+                "context": f"c{i}",
+                "answers": {"text": [f"a{i}", f"b{i}"]},
+                "label": bool(i % 2),
+            }
+            for i in range(n)
+        ]
         (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(root)
 
 
 def test_dataset_task_from_local_files(tmp_path):
     path = _write_dataset(tmp_path / "qa")
-    cfg = TaskConfig(name="qa", dataset=path, prompt="{context} Q: {question} A:", answer="answers.text",
-                     metric="contains", search_split="train", test_split="validation", search_size=6, test_size=50)
-    search, = load_tasks([cfg], "search")
-    test, = load_tasks([cfg], "test")
+    cfg = TaskConfig(
+        name="qa",
+        dataset=path,
+        prompt="{context} Q: {question} A:",
+        answer="answers.text",
+        metric="contains",
+        search_split="train",
+        test_split="validation",
+        search_size=6,
+        test_size=50,
+    )
+    (search,) = load_tasks([cfg], "search")
+    (test,) = load_tasks([cfg], "test")
     assert len(search.examples) == 6 and len(test.examples) == 4  # capped at the split's size
     first = search.examples[0]
     i = first.prompt.split()[0][1:]
     assert first.prompt == f"c{i} Q: q{i} A:" and first.answers == (f"a{i}", f"b{i}")
     assert load_tasks([cfg], "search") == [search]  # seeded subset
-    yes_no = cfg.model_copy(update={"answer": "label", "answer_map": {"true": "yes", "false": "no"}})
+    yes_no = cfg.model_copy(
+        update={"answer": "label", "answer_map": {"true": "yes", "false": "no"}}
+    )
     assert {ex.answers for ex in load_tasks([yes_no], "test")[0].examples} == {("yes",), ("no",)}
 
 
-@pytest.mark.parametrize("update, message", [
-    ({"answer": "missing"}, "field 'missing' is missing from"),
-    ({"prompt": "{nope}"}, "template '{nope}' uses 'nope'"),
-    ({"search_split": "nosuch"}, "cannot load split 'nosuch'"),
-    ({"metric": "choice", "choices": "nochoices", "answer": "label"}, "field 'nochoices' is missing"),
-    ({"metric": "choice", "choices": ["no", "yes"], "answer": "question"}, "not an option index below 2"),
-    ({"answer": "label", "answer_map": {"true": "yes"}}, "answer value 'false' is not in answer_map"),
-    ({"dataset": "EMPTY"}, "split 'train' of .* is empty"),
-])
+@pytest.mark.parametrize(
+    "update, message",
+    [
+        ({"answer": "missing"}, "field 'missing' is missing from"),
+        ({"prompt": "{nope}"}, "template '{nope}' uses 'nope'"),
+        ({"search_split": "nosuch"}, "cannot load split 'nosuch'"),
+        (
+            {"metric": "choice", "choices": "nochoices", "answer": "label"},
+            "field 'nochoices' is missing",
+        ),
+        (
+            {"metric": "choice", "choices": ["no", "yes"], "answer": "question"},
+            "not an option index below 2",
+        ),
+        (
+            {"answer": "label", "answer_map": {"true": "yes"}},
+            "answer value 'false' is not in answer_map",
+        ),
+        ({"dataset": "EMPTY"}, "split 'train' of .* is empty"),
+    ],
+)
 def test_bad_dataset_tasks_fail_clearly(tmp_path, update, message):
     root = _write_dataset(tmp_path / "qa")
     (tmp_path / "empty.jsonl").write_text("")
     if update.get("dataset") == "EMPTY":
         update = {"dataset": str(tmp_path / "empty.jsonl")}
-    cfg = TaskConfig(name="qa", dataset=root, prompt="{question}", answer="answers.text",
-                     search_split="train", test_split="validation").model_copy(update=update)
+    cfg = TaskConfig(
+        name="qa",
+        dataset=root,
+        prompt="{question}",
+        answer="answers.text",
+        search_split="train",
+        test_split="validation",
+    ).model_copy(update=update)
     with pytest.raises(EepError, match=message):
         load_tasks([cfg], "search")
 
@@ -238,31 +301,93 @@ def _preset(name, tmp_path, rows, **over):
 
 def test_presets_parse_their_hub_schemas(tmp_path):
     boolq = _preset("boolq", tmp_path, [{"question": "is it", "passage": "It is.", "answer": True}])
-    assert boolq.metric == "first_capital" and boolq.chat_template and boolq.examples[0].answers == ("A",)
+    assert (
+        boolq.metric == "first_capital"
+        and boolq.chat_template
+        and boolq.examples[0].answers == ("A",)
+    )
     assert boolq.examples[0].prompt == "It is.\nQuestion: is it?\nA. Yes\nB. No\nAnswer:"
-    arc = _preset("arc_easy", tmp_path, [{"question": "Q?", "answerKey": "C",
-                                          "choices": {"text": ["x", "y", "z"], "label": ["A", "B", "C"]}}])
+    arc = _preset(
+        "arc_easy",
+        tmp_path,
+        [
+            {
+                "question": "Q?",
+                "answerKey": "C",
+                "choices": {"text": ["x", "y", "z"], "label": ["A", "B", "C"]},
+            }
+        ],
+    )
     ex = arc.examples[0]
     assert ex.label == 2 and ex.options[2] == ("Question: Q?\nAnswer:", " z")
-    hs = _preset("hellaswag", tmp_path, [{"activity_label": "Cooking", "ctx_a": "He cuts.", "ctx_b": "then he",
-                                          "endings": ["eats [title] it.", "runs."], "label": "1"}])
-    assert hs.examples[0].options[0] == ("Cooking: He cuts. Then he", " eats. it.") and hs.examples[0].label == 1
-    wg = _preset("winogrande", tmp_path, [{"sentence": "Tom gave Ann a gift because _ was kind.", "option1": "Tom",
-                                           "option2": "Ann", "answer": "2"}])
-    assert wg.examples[0].options == (("Tom gave Ann a gift because Tom", " was kind."),
-                                      ("Tom gave Ann a gift because Ann", " was kind.")) and wg.examples[0].label == 1
-    piqa = _preset("piqa", tmp_path, [{"goal": "Open a jar", "sol1": "twist", "sol2": "kick", "label": 0}])
-    assert [c for _, c in piqa.examples[0].options] == [" twist", " kick"] and piqa.examples[0].label == 0
-    mmlu = _preset("mmlu", tmp_path, [{"question": "2+2?", "subject": "math", "choices": ["1", "2", "3", "4"],
-                                       "answer": 3}])
+    hs = _preset(
+        "hellaswag",
+        tmp_path,
+        [
+            {
+                "activity_label": "Cooking",
+                "ctx_a": "He cuts.",
+                "ctx_b": "then he",
+                "endings": ["eats [title] it.", "runs."],
+                "label": "1",
+            }
+        ],
+    )
+    assert (
+        hs.examples[0].options[0] == ("Cooking: He cuts. Then he", " eats. it.")
+        and hs.examples[0].label == 1
+    )
+    wg = _preset(
+        "winogrande",
+        tmp_path,
+        [
+            {
+                "sentence": "Tom gave Ann a gift because _ was kind.",
+                "option1": "Tom",
+                "option2": "Ann",
+                "answer": "2",
+            }
+        ],
+    )
+    assert (
+        wg.examples[0].options
+        == (
+            ("Tom gave Ann a gift because Tom", " was kind."),
+            ("Tom gave Ann a gift because Ann", " was kind."),
+        )
+        and wg.examples[0].label == 1
+    )
+    piqa = _preset(
+        "piqa", tmp_path, [{"goal": "Open a jar", "sol1": "twist", "sol2": "kick", "label": 0}]
+    )
+    assert [c for _, c in piqa.examples[0].options] == [" twist", " kick"] and piqa.examples[
+        0
+    ].label == 0
+    mmlu = _preset(
+        "mmlu",
+        tmp_path,
+        [{"question": "2+2?", "subject": "math", "choices": ["1", "2", "3", "4"], "answer": 3}],
+    )
     assert mmlu.examples[0].options[3] == ("2+2?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer:", " D")
-    squad = _preset("squad", tmp_path, [{"context": "C", "question": "Q", "answers": {"text": ["a", "b"],
-                                                                                    "answer_start": [0, 1]}}])
+    squad = _preset(
+        "squad",
+        tmp_path,
+        [
+            {
+                "context": "C",
+                "question": "Q",
+                "answers": {"text": ["a", "b"], "answer_start": [0, 1]},
+            }
+        ],
+    )
     assert squad.examples[0].answers == ("a", "b") and squad.stop == ("\n",)
-    wiki = _preset("wikitext", tmp_path, [{"text": ""}, {"text": " = Title = "}, {"text": "  "}], search_size=5)
+    wiki = _preset(
+        "wikitext", tmp_path, [{"text": ""}, {"text": " = Title = "}, {"text": "  "}], search_size=5
+    )
     assert [ex.prompt for ex in wiki.examples] == [" = Title = "]  # blank texts are dropped
     with pytest.raises(EepError, match="unknown preset 'nope'"):
         from eep.config import parse_config
+
         parse_config({"name": "x", "fitness": {"tasks": [{"name": "t", "preset": "nope"}]}})
 
 
@@ -275,30 +400,72 @@ def test_search_and_heldout_splits_never_share_an_example(tmp_path):
     rows = [{"question": f"q{i}", "answer": str(i)} for i in range(20)]
     _jsonl(tmp_path / "d" / "train.jsonl", rows[:10])
     _jsonl(tmp_path / "d" / "validation.jsonl", rows[10:])
-    cfg = TaskConfig(name="t", dataset=str(tmp_path / "d"), prompt="{question}", answer="answer",
-                     search_split="train", test_split="validation", search_size=10, test_size=10)
+    cfg = TaskConfig(
+        name="t",
+        dataset=str(tmp_path / "d"),
+        prompt="{question}",
+        answer="answer",
+        search_split="train",
+        test_split="validation",
+        search_size=10,
+        test_size=10,
+    )
     search, test = load_tasks([cfg], "search")[0], load_tasks([cfg], "test")[0]
     assert not {e.prompt for e in search.examples} & {e.prompt for e in test.examples}
     assert len(search.examples) == len(test.examples) == 10
-    one_file = TaskConfig(name="t", dataset=str(tmp_path / "d" / "train.jsonl"), prompt="{question}", answer="answer",
-                          search_split="train", test_split="validation", search_size=3)
+    one_file = TaskConfig(
+        name="t",
+        dataset=str(tmp_path / "d" / "train.jsonl"),
+        prompt="{question}",
+        answer="answer",
+        search_split="train",
+        test_split="validation",
+        search_size=3,
+    )
     assert len(load_tasks([one_file], "search")[0].examples) == 3
 
 
-@pytest.mark.parametrize("cfg, message", [
-    (TaskConfig(name="x", dataset="toy:sort"), "unknown toy task"),
-    (TaskConfig(name="x", dataset="toy:copy", test_split="dev"), "unknown split 'dev'"),
-    (TaskConfig(name="x", dataset="rajpurkar/squad"), "needs 'prompt'"),
-    (TaskConfig(name="x", dataset="d", prompt="{a}"), "needs 'answer'"),
-    (TaskConfig(name="x", dataset="d", prompt="{a}", answer="b", metric="choice"), "needs 'choices'"),
-    (TaskConfig(name="x", dataset="d", prompt="{a}", answer="b", choices=["x"]), "'choices' is for choice"),
-    (TaskConfig(name="x", dataset="d", prompt="{a}", preprocess="nope"), "unknown preprocess"),
-    (TaskConfig(name="x", dataset="d", prompt="{a}", metric="esap", chat_template=True), "chat_template applies"),
-    (TaskConfig(name="x", dataset="d", prompt="{a}", answer="b", metric="choice", choices=["x"], continuation="{c}"),
-     "needs 'continuation'|needs {choice}"),
-    (TaskConfig(name="x", dataset="d", prompt="{a", answer="b"), "malformed"),
-    (TaskConfig(name="x", dataset="d", prompt="{a}", answer="b", search_split="t", test_split="t"), "must not be"),
-])
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        (TaskConfig(name="x", dataset="toy:sort"), "unknown toy task"),
+        (TaskConfig(name="x", dataset="toy:copy", test_split="dev"), "unknown split 'dev'"),
+        (TaskConfig(name="x", dataset="rajpurkar/squad"), "needs 'prompt'"),
+        (TaskConfig(name="x", dataset="d", prompt="{a}"), "needs 'answer'"),
+        (
+            TaskConfig(name="x", dataset="d", prompt="{a}", answer="b", metric="choice"),
+            "needs 'choices'",
+        ),
+        (
+            TaskConfig(name="x", dataset="d", prompt="{a}", answer="b", choices=["x"]),
+            "'choices' is for choice",
+        ),
+        (TaskConfig(name="x", dataset="d", prompt="{a}", preprocess="nope"), "unknown preprocess"),
+        (
+            TaskConfig(name="x", dataset="d", prompt="{a}", metric="esap", chat_template=True),
+            "chat_template applies",
+        ),
+        (
+            TaskConfig(
+                name="x",
+                dataset="d",
+                prompt="{a}",
+                answer="b",
+                metric="choice",
+                choices=["x"],
+                continuation="{c}",
+            ),
+            "needs 'continuation'|needs {choice}",
+        ),
+        (TaskConfig(name="x", dataset="d", prompt="{a", answer="b"), "malformed"),
+        (
+            TaskConfig(
+                name="x", dataset="d", prompt="{a}", answer="b", search_split="t", test_split="t"
+            ),
+            "must not be",
+        ),
+    ],
+)
 def test_task_configs_are_checked_without_loading(cfg, message):
     with pytest.raises(EepError, match=message):
         check_tasks([cfg])
@@ -320,24 +487,51 @@ def test_task_files_as_they_lie_and_one_file_never_read_twice(tmp_path):
     rows = [{"question": f"q{i}", "answer": str(i)} for i in range(40)]
     _jsonl(tmp_path / "rev_train.jsonl", rows[:30])
     _jsonl(tmp_path / "rev_heldout.jsonl", rows[30:])
-    files = TaskConfig(name="rev", data_files={"search": str(tmp_path / "rev_train.jsonl"),
-                                               "test": str(tmp_path / "rev_held*.jsonl")},
-                       prompt="{question}", answer="answer", search_size=30, test_size=30)
+    files = TaskConfig(
+        name="rev",
+        data_files={
+            "search": str(tmp_path / "rev_train.jsonl"),
+            "test": str(tmp_path / "rev_held*.jsonl"),
+        },
+        prompt="{question}",
+        answer="answer",
+        search_size=30,
+        test_size=30,
+    )
     search, test = load_tasks([files], "search")[0], load_tasks([files], "test")[0]
     assert len(search.examples) == 30 and len(test.examples) == 10
     assert not {e.prompt for e in search.examples} & {e.prompt for e in test.examples}
 
-    one = TaskConfig(name="rev", dataset=str(tmp_path / "rev_train.jsonl"), prompt="{question}", answer="answer",
-                     search_split="train", test_split="heldout", search_size=100, test_size=100)
-    search, test = ({e.prompt for e in load_tasks([one], w)[0].examples} for w in ("search", "test"))
-    assert not search & test and search | test == {f"q{i}" for i in range(30)} and 0 < len(test) < len(search)
-    _jsonl(tmp_path / "shuffled.jsonl", rows[:30][::-1])  # the split follows the rows, not their order
+    one = TaskConfig(
+        name="rev",
+        dataset=str(tmp_path / "rev_train.jsonl"),
+        prompt="{question}",
+        answer="answer",
+        search_split="train",
+        test_split="heldout",
+        search_size=100,
+        test_size=100,
+    )
+    search, test = (
+        {e.prompt for e in load_tasks([one], w)[0].examples} for w in ("search", "test")
+    )
+    assert (
+        not search & test
+        and search | test == {f"q{i}" for i in range(30)}
+        and 0 < len(test) < len(search)
+    )
+    # the split follows the rows, not their order
+    _jsonl(tmp_path / "shuffled.jsonl", rows[:30][::-1])
     shuffled = one.model_copy(update={"dataset": str(tmp_path / "shuffled.jsonl")})
     assert {e.prompt for e in load_tasks([shuffled], "test")[0].examples} == test
 
-    for update, message in (({"data_files": {"search": str(tmp_path / "nope*.jsonl"), "test": "x"}},
-                             "data_files.search .* matches no file"),
-                            ({"test_split": "heldout"}, "split 'heldout' is not in data_files \\(search, test\\)")):
+    for update, message in (
+        (
+            {"data_files": {"search": str(tmp_path / "nope*.jsonl"), "test": "x"}},
+            "data_files.search .* matches no file",
+        ),
+        ({"test_split": "heldout"}, "split 'heldout' is not in data_files \\(search, test\\)"),
+    ):
         with pytest.raises(EepError, match=message):
             load_tasks([files.model_copy(update=update)], "search")
     with pytest.raises(ValueError, match="give either dataset or data_files"):
@@ -354,10 +548,22 @@ def test_overlapping_task_files_are_refused_before_any_model_loads(tmp_path, cap
     _jsonl(tmp_path / "train.jsonl", rows)
     _jsonl(tmp_path / "held.jsonl", rows[7:] + [{"question": "new", "answer": "x"}])
     data = toy_config_dict()
-    data["fitness"]["tasks"] = [{"name": "qa", "prompt": "{question} =", "answer": "answer", "search_size": 10,
-                                 "data_files": {"search": str(tmp_path / "train.jsonl"),
-                                                "test": str(tmp_path / "held.jsonl")}}]
+    data["fitness"]["tasks"] = [
+        {
+            "name": "qa",
+            "prompt": "{question} =",
+            "answer": "answer",
+            "search_size": 10,
+            "data_files": {
+                "search": str(tmp_path / "train.jsonl"),
+                "test": str(tmp_path / "held.jsonl"),
+            },
+        }
+    ]
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
-    assert main(["search", str(tmp_path / "c.yaml"), "--dry-run", "--run-dir", str(tmp_path / "r")]) == 2
+    assert (
+        main(["search", str(tmp_path / "c.yaml"), "--dry-run", "--run-dir", str(tmp_path / "r")])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "3 test examples also appear among its search examples" in err and err.count("\n") == 1

@@ -26,10 +26,18 @@ def test_greedy_asks_for_its_stated_cost_and_solves_an_additive_fitness(keep):
     genome, fitness, spent = greedy.run(greedy.steps(space), score)
     assert spent == len(asked) == greedy.cost(space)
     assert space.reject(genome) is None and fitness == _value(genome)
-    best = max(_value(space.genome({i: c for i in space.layers}))  # layers are independent here
-               for c in itertools.combinations(range(8), keep)) if keep == 8 else None
-    per_layer = [max(sum((e * 7 + i * 3) % 11 for e in c) for c in itertools.combinations(range(8), keep))
-                 for i in space.layers]
+    best = (
+        max(
+            _value(space.genome({i: c for i in space.layers}))  # layers are independent here
+            for c in itertools.combinations(range(8), keep)
+        )
+        if keep == 8
+        else None
+    )
+    per_layer = [
+        max(sum((e * 7 + i * 3) % 11 for e in c) for c in itertools.combinations(range(8), keep))
+        for i in space.layers
+    ]
     assert fitness == sum(per_layer) == (best if best is not None else fitness)
 
 
@@ -49,9 +57,15 @@ def test_greedy_swap_pass_repairs_what_elimination_got_wrong():
 
 def test_greedy_follows_weight_groups_and_refuses_other_spaces():
     layers = (0, 1, 2, 3)
-    grouped = PruneSpace(num_experts=8, top_k=2, layers=layers, keep=4, groups=layer_groups(layers, 2))
+    grouped = PruneSpace(
+        num_experts=8, top_k=2, layers=layers, keep=4, groups=layer_groups(layers, 2)
+    )
     genome, _, spent = greedy.run(greedy.steps(grouped), lambda gs: [float(_value(g)) for g in gs])
-    assert genome.keep(0) == genome.keep(1) and genome.keep(2) == genome.keep(3) and spent == greedy.cost(grouped)
+    assert (
+        genome.keep(0) == genome.keep(1)
+        and genome.keep(2) == genome.keep(3)
+        and spent == greedy.cost(grouped)
+    )
     with pytest.raises(EepError, match="uniform pruning space"):
         greedy.check(BudgetSpace(8, 2, layers, 12))
     with pytest.raises(EepError, match="ungrouped"):

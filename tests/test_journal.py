@@ -10,7 +10,9 @@ from tests.conftest import toy_config_dict
 
 
 def _evaluation(i):
-    return Evaluation(i, Genome.from_keep(8, 2, {0: [i % 8, (i + 1) % 8]}), 50.0 + i, {"copy": 50.0 + i}, 0.1, "w")
+    return Evaluation(
+        i, Genome.from_keep(8, 2, {0: [i % 8, (i + 1) % 8]}), 50.0 + i, {"copy": 50.0 + i}, 0.1, "w"
+    )
 
 
 def test_journal_round_trip_and_torn_last_line(tmp_path, capsys):
@@ -65,18 +67,28 @@ def test_one_run_has_one_writer_and_a_dead_owner_leaves_no_lock(tmp_path, capsys
     run = RunDir.create(tmp_path / "run", parse_config(toy_config_dict()))
     with run.lock():
         assert f"pid {os.getpid()}" in run.lock_path.read_text()
-        with pytest.raises(EepError, match=r"is in use by pid \d+ on .* since .*; one run has one writer"):
+        with pytest.raises(
+            EepError, match=r"is in use by pid \d+ on .* since .*; one run has one writer"
+        ):
             with RunDir.open(run.path).lock():
                 pass
     assert run.lock_path.read_text() == ""  # released cleanly
     # a writer killed while holding the lock: the kernel drops the flock, the next writer takes over
-    holder = subprocess.Popen([sys.executable, "-c", f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"""
 import os, signal
 from eep.journal import RunDir
 with RunDir({str(run.path)!r}).lock():
     print("locked", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
-"""], stdout=subprocess.PIPE, text=True)
+""",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "locked"
     holder.wait(timeout=60)
     assert "pid" in run.lock_path.read_text()  # its owner line is still there ...

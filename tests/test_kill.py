@@ -60,12 +60,22 @@ journal.write_json_atomic = killing_write
 sys.exit(cli.main(sys.argv[3:]))
 """
 
-POINTS = [("after-append", 3), ("journal-write", 7), ("snapshot", 9), ("snapshot", 12), ("journal-write", 13),
-          ("after-append", 16)]
+POINTS = [
+    ("after-append", 3),
+    ("journal-write", 7),
+    ("snapshot", 9),
+    ("snapshot", 12),
+    ("journal-write", 13),
+    ("after-append", 16),
+]
 
 
 def _eep(*args, driver=None):
-    cmd = [sys.executable, "-c", DRIVER, *driver, *args] if driver else [sys.executable, "-m", "eep", *args]
+    cmd = (
+        [sys.executable, "-c", DRIVER, *driver, *args]
+        if driver
+        else [sys.executable, "-m", "eep", *args]
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
@@ -115,7 +125,9 @@ def test_kill_9_of_a_ray_driver_then_resume_equals_uninterrupted(tmp_path):
         ray = ("--ray-address", address, "--workers", "2")
         for point, at in (("journal-write", 5), ("snapshot", 10)):
             run = tmp_path / f"ray-{point}-{at}"
-            killed = _eep("search", str(config), "--run-dir", str(run), *ray, driver=(point, str(at)))
+            killed = _eep(
+                "search", str(config), "--run-dir", str(run), *ray, driver=(point, str(at))
+            )
             assert killed.returncode == -signal.SIGKILL, (point, at, killed.stderr[-2000:])
             resumed = _eep("resume", str(run), *ray)
             assert resumed.returncode == 0, (point, at, resumed.stderr[-2000:])

@@ -32,15 +32,24 @@ def test_ranks_round_trip_in_the_file_form_and_old_files_stay_valid():
     assert Genome.from_dict(_pruned().to_dict()) == _pruned() and not _pruned().is_low_rank
     assert genome.dense() == _pruned()
     # listed in the order of 'keep', whatever that order is
-    shuffled = {**data, "layers": {**data["layers"], "0": {"keep": [7, 0, 5, 2], "rank": [2, 3, 7, 1]}}}
+    shuffled = {
+        **data,
+        "layers": {**data["layers"], "0": {"keep": [7, 0, 5, 2], "rank": [2, 3, 7, 1]}},
+    }
     assert Genome.from_dict(shuffled) == genome
 
 
-@pytest.mark.parametrize("gene, message", [
-    ({"keep": [0, 1], "rank": [2]}, "one integer per kept expert"),
-    ({"keep": [0, 1], "rank": [2, 0]}, "one positive integer per kept expert"),
-    ({"merge": [[1, 0], [0, 1]], "router": [[1, 0], [0, 1]], "rank": [1, 1]}, "'rank' is for pruning genes"),
-])
+@pytest.mark.parametrize(
+    "gene, message",
+    [
+        ({"keep": [0, 1], "rank": [2]}, "one integer per kept expert"),
+        ({"keep": [0, 1], "rank": [2, 0]}, "one positive integer per kept expert"),
+        (
+            {"merge": [[1, 0], [0, 1]], "router": [[1, 0], [0, 1]], "rank": [1, 1]},
+            "'rank' is for pruning genes",
+        ),
+    ],
+)
 def test_bad_ranks_are_refused_with_the_reason(gene, message):
     data = {"format": "eep.genome/v1", "num_experts": 2, "top_k": 1, "layers": {"0": gene}}
     with pytest.raises(EepError, match=message):
@@ -49,7 +58,8 @@ def test_bad_ranks_are_refused_with_the_reason(gene, message):
 
 def test_a_rank_above_the_experts_full_rank_is_refused(tiny_mixtral):
     adapter = adapter_for(tiny_mixtral)
-    assert lowrank.full_rank(adapter) == 32  # hidden 32, intermediate 48: gate_up [96, 32], down [32, 48]
+    # hidden 32, intermediate 48: gate_up [96, 32], down [32, 48]
+    assert lowrank.full_rank(adapter) == 32
     genome = _pruned().with_ranks({2: {3: 33, 6: 4}})
     with pytest.raises(EepError, match="rank 33 exceeds the experts' full rank 32"):
         with adapter.applied(genome):
@@ -92,7 +102,9 @@ def test_exported_low_rank_model_is_smaller_and_equals_the_in_search_logits(tiny
     small, form = adapter.compressed(genome)
     assert form.kind == "custom" and "low-rank expert factors" in form.reason
     _save(small, form, tmp_path / "factors")
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "factors", trust_remote_code=True).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "factors", trust_remote_code=True
+    ).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(IDS).logits, expected, atol=1e-4, rtol=0)
     stage1_model, stage1_form = adapter.compressed(stage1)
@@ -133,11 +145,13 @@ def test_ranks_follow_importance_within_the_parameter_budget(tiny_mixtral):
     for fraction in (0.2, 0.5):
         ranked = lowrank.allocate_ranks(genome, importance, adapter, fraction)
         assert ranked.dense() == genome
-        for layer, gene in ranked.layers:
+        for _, gene in ranked.layers:
             used = sum(lowrank.expert_params(adapter, r) for r in gene.ranks)
             budget = fraction * dense * len(gene.keep)
-            assert budget - lowrank.expert_params(adapter, 1) < used <= budget  # spent, never exceeded
-            assert list(gene.ranks) == sorted(gene.ranks) and gene.ranks[0] < gene.ranks[-1]  # importance grows with id
+            # spent, never exceeded
+            assert budget - lowrank.expert_params(adapter, 1) < used <= budget
+            # importance grows with id
+            assert list(gene.ranks) == sorted(gene.ranks) and gene.ranks[0] < gene.ranks[-1]
     # alpha = 0: importance ignored, ranks even
     even = lowrank.allocate_ranks(genome, importance, adapter, 0.5, alpha=0.0)
     assert all(max(g.ranks) - min(g.ranks) <= 1 for _, g in even.layers)
@@ -148,7 +162,9 @@ def test_ranks_follow_importance_within_the_parameter_budget(tiny_mixtral):
 def _skewed(model):
     """Layer 1's MoE inputs with per-channel scales spread over two decades (as real models have)."""
     with torch.no_grad():
-        model.model.layers[1].post_attention_layernorm.weight.mul_(torch.logspace(-1, 1, 32)[torch.randperm(32)])
+        model.model.layers[1].post_attention_layernorm.weight.mul_(
+            torch.logspace(-1, 1, 32)[torch.randperm(32)]
+        )
     return model
 
 
@@ -160,7 +176,9 @@ def test_activation_aware_factors_fit_the_calibration_activations_better(tiny_mi
     assert {key.split(".")[0] for key in scales} == {"0", "1", "2"}
     assert scales["1.gate_up_proj.0"].shape == (32,) and scales["1.down_proj.0"].shape == (48,)
     inputs = {}
-    hook = adapter.blocks[1].register_forward_pre_hook(lambda m, args: inputs.__setitem__("x", args[0]))
+    hook = adapter.blocks[1].register_forward_pre_hook(
+        lambda m, args: inputs.__setitem__("x", args[0])
+    )
     with torch.no_grad():
         model(IDS)
     hook.remove()
@@ -201,8 +219,14 @@ def test_low_rank_and_merge_genomes_share_the_buffers_without_mixing_up(tiny_mix
     after a low-rank genome must merge again, not reuse what the buffers hold."""
     adapter = adapter_for(tiny_mixtral)
     merge = [[0.5, 0.5, 0, 0, 0, 0, 0, 0], [0, 0, 1.0, 0, 0, 0, 0, 0], [0, 0, 0, 0.3, 0.7, 0, 0, 0]]
-    merged = Genome.from_dict({"format": "eep.genome/v1", "num_experts": 8, "top_k": 2,
-                               "layers": {"1": {"merge": merge, "router": merge}}})
+    merged = Genome.from_dict(
+        {
+            "format": "eep.genome/v1",
+            "num_experts": 8,
+            "top_k": 2,
+            "layers": {"1": {"merge": merge, "router": merge}},
+        }
+    )
     low = Genome.from_keep(8, 2, {1: [0, 2, 3]}).with_ranks({1: {0: 2, 2: 2, 3: 2}})
     with torch.no_grad():
         with adapter.applied(merged):

@@ -3,7 +3,14 @@ import random
 import pytest
 
 from eep.genome import Genome
-from search_spaces import MergeSpace, PruneSpace, crossover_matrices, layer_groups, mutate_noise, random_genome
+from search_spaces import (
+    MergeSpace,
+    PruneSpace,
+    crossover_matrices,
+    layer_groups,
+    mutate_noise,
+    random_genome,
+)
 
 PRUNE = PruneSpace(num_experts=8, top_k=2, layers=(0, 1, 2, 3), keep=4)
 SPACE = MergeSpace(num_experts=8, top_k=2, groups=layer_groups((0, 1, 2, 3), None))
@@ -23,8 +30,12 @@ def test_first_merge_child_is_a_small_perturbation_of_its_pruned_parent():
         merge, router = child.gene(layer).matrices(8)
         base, _ = parent.gene(layer).matrices(8)
         assert len(merge) == 4
-        assert max(abs(x - y) for row, ref in zip(merge, base) for x, y in zip(row, ref)) < 0.065 * 6
-        assert max(abs(x - y) for row, ref in zip(router, base) for x, y in zip(row, ref)) < 0.065 * 6
+        assert (
+            max(abs(x - y) for row, ref in zip(merge, base) for x, y in zip(row, ref)) < 0.065 * 6
+        )
+        assert (
+            max(abs(x - y) for row, ref in zip(router, base) for x, y in zip(row, ref)) < 0.065 * 6
+        )
 
 
 def test_mutation_always_changes_keeps_shapes_and_router_non_negative():
@@ -56,7 +67,9 @@ def test_noise_touches_entries_with_the_configured_probability():
     for _ in range(200):
         child = _mutate(parent, rng, layer_prob=1.0, renorm_prob=0.0)
         for layer in PRUNE.layers:
-            for row, ref in zip(child.gene(layer).matrices(8)[0], parent.gene(layer).matrices(8)[0]):
+            for row, ref in zip(
+                child.gene(layer).matrices(8)[0], parent.gene(layer).matrices(8)[0]
+            ):
                 changed += sum(x != y for x, y in zip(row, ref))
                 total += len(row)
     assert 0.22 < changed / total < 0.28
@@ -93,12 +106,15 @@ def test_weight_groups_share_one_gene():
     assert genome.gene(0) != genome.gene(2)
 
 
-@pytest.mark.parametrize("layers, groups, expected", [
-    ((0, 1, 2, 3), None, ((0,), (1,), (2,), (3,))),
-    (tuple(range(32)), 4, tuple(tuple(range(g * 8, g * 8 + 8)) for g in range(4))),
-    ((0, 1, 2, 3, 4), 2, ((0, 1, 2), (3, 4))),
-    ((0, 1, 2), 3, ((0,), (1,), (2,))),
-])
+@pytest.mark.parametrize(
+    "layers, groups, expected",
+    [
+        ((0, 1, 2, 3), None, ((0,), (1,), (2,), (3,))),
+        (tuple(range(32)), 4, tuple(tuple(range(g * 8, g * 8 + 8)) for g in range(4))),
+        ((0, 1, 2, 3, 4), 2, ((0, 1, 2), (3, 4))),
+        ((0, 1, 2), 3, ((0,), (1,), (2,))),
+    ],
+)
 def test_layer_groups_are_consecutive_and_balanced(layers, groups, expected):
     assert layer_groups(layers, groups) == expected
 

@@ -16,11 +16,15 @@ CPU = torch.device("cpu")
 
 
 def test_auto_takes_grouped_mm_where_torch_runs_it_else_eager(monkeypatch):
-    assert choose_experts("auto", CPU, torch.float32) == ("grouped_mm" if grouped_mm_runs(CPU, torch.float32) else "eager")
+    assert choose_experts("auto", CPU, torch.float32) == (
+        "grouped_mm" if grouped_mm_runs(CPU, torch.float32) else "eager"
+    )
     assert choose_experts("batched_mm", CPU, torch.float32) == "batched_mm"  # asked for, so given
     monkeypatch.setattr(eep_model, "grouped_mm_runs", lambda device, dtype: False)
     assert choose_experts("auto", CPU, torch.float32) == "eager"
-    with pytest.raises(EepError, match="is grouped_mm but torch .* for float32 on cpu; set it to auto or eager"):
+    with pytest.raises(
+        EepError, match="is grouped_mm but torch .* for float32 on cpu; set it to auto or eager"
+    ):
         choose_experts("grouped_mm", CPU, torch.float32)
 
 
@@ -28,7 +32,9 @@ def test_a_transformers_without_grouped_mm_runs_eager(monkeypatch):
     """Older transformers register fewer implementations: auto reads what is registered."""
     monkeypatch.setattr(eep_model, "registered_experts", lambda: ("eager", "batched_mm"))
     assert choose_experts("auto", CPU, torch.float32) == "eager"
-    with pytest.raises(EepError, match="'grouped_mm' is not in this transformers .*eager, batched_mm"):
+    with pytest.raises(
+        EepError, match="'grouped_mm' is not in this transformers .*eager, batched_mm"
+    ):
         choose_experts("grouped_mm", CPU, torch.float32)
 
 
@@ -51,8 +57,11 @@ def _score_in_this_process(path: str) -> dict:
 
     worker = FitnessWorker(_config(path, "cpu"))
     worker.scores(random_genome(half_kept(worker.adapter), random.Random(0)))
-    return {"peak": _peak_rss(), "weights": sum(p.numel() * p.element_size() for p in worker.model.parameters()),
-            "experts": worker.model.config._experts_implementation}
+    return {
+        "peak": _peak_rss(),
+        "weights": sum(p.numel() * p.element_size() for p in worker.model.parameters()),
+        "experts": worker.model.config._experts_implementation,
+    }
 
 
 @pytest.mark.slow
@@ -68,7 +77,9 @@ def test_an_evaluation_at_mixtral_width_stays_within_twice_the_weights(tmp_path)
 
     path = random_mixtral(tmp_path / "wide", "random-wide")
     code = f"import json; from tests.test_model import _score_in_this_process as s; print(json.dumps(s({path!r})))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.splitlines()[-1])
     assert result["weights"] == 182_535_168 * 4

@@ -69,14 +69,20 @@ def test_sliced_model_is_smaller_and_equal(tiny_mixtral):
     small = adapter.sliced(genome)
     assert small.config.num_local_experts == 4
     assert small.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 4
-    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in tiny_mixtral.parameters())
+    assert sum(p.numel() for p in small.parameters()) < sum(
+        p.numel() for p in tiny_mixtral.parameters()
+    )
     with torch.no_grad(), adapter.applied(genome):
-        torch.testing.assert_close(small(_ids()).logits, tiny_mixtral(_ids()).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            small(_ids()).logits, tiny_mixtral(_ids()).logits, atol=1e-5, rtol=0
+        )
 
 
 def test_sliced_rejects_uneven_keep_counts(tiny_mixtral):
     genome = Genome.from_keep(8, 2, {0: [0, 1, 2], 1: [0, 1, 2, 3]})
-    with pytest.raises(EepError, match="cannot be a stock checkpoint: layers keep different numbers of experts"):
+    with pytest.raises(
+        EepError, match="cannot be a stock checkpoint: layers keep different numbers of experts"
+    ):
         adapter_for(tiny_mixtral).sliced(genome)
 
 
@@ -97,7 +103,9 @@ def test_top_k_reduction_equals_a_stock_top1_model(tiny_mixtral):
     adapter = adapter_for(tiny_mixtral)
     genome = Genome.from_keep(8, 2, KEEP, active=1)
     reference = _physically_sliced(tiny_mixtral, KEEP)
-    top1 = MixtralForCausalLM(tiny_mixtral_config(num_local_experts=4, num_experts_per_tok=1)).eval()
+    top1 = MixtralForCausalLM(
+        tiny_mixtral_config(num_local_experts=4, num_experts_per_tok=1)
+    ).eval()
     top1.load_state_dict(reference.state_dict())
     small = adapter.sliced(genome)
     assert small.config.num_experts_per_tok == 1 and small.config.num_local_experts == 4
@@ -118,7 +126,9 @@ def test_top_k_alone_without_pruning(tiny_mixtral):
     top1 = MixtralForCausalLM(tiny_mixtral_config(num_experts_per_tok=1)).eval()
     top1.load_state_dict(tiny_mixtral.state_dict())
     with torch.no_grad(), adapter.applied(genome):
-        torch.testing.assert_close(tiny_mixtral(_ids()).logits, top1(_ids()).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            tiny_mixtral(_ids()).logits, top1(_ids()).logits, atol=1e-5, rtol=0
+        )
 
 
 def test_uneven_top_k_cannot_be_a_stock_checkpoint(tiny_mixtral):
@@ -135,9 +145,14 @@ def _random_merge_genome(seed, slots=(4, 4, 4), active=None):
     import random
 
     rng = random.Random(seed)
-    genes = {layer: LayerGene.merged([[rng.gauss(0, 0.5) for _ in range(8)] for _ in range(n)],
-                                     [[rng.random() for _ in range(8)] for _ in range(n)], active)
-             for layer, n in enumerate(slots)}
+    genes = {
+        layer: LayerGene.merged(
+            [[rng.gauss(0, 0.5) for _ in range(8)] for _ in range(n)],
+            [[rng.random() for _ in range(8)] for _ in range(n)],
+            active,
+        )
+        for layer, n in enumerate(slots)
+    }
     return Genome.from_genes(8, 2, genes)
 
 
@@ -145,9 +160,17 @@ def test_one_hot_merge_equals_pruning_equals_physical_slice(tiny_mixtral):
     """EEP's claim, on the merge code path: one-hot merge rows with a selecting router (here scaled
     by 0.5 and in permuted slot order, so it stays a merge gene) route and weigh exactly as pruning."""
     adapter = adapter_for(tiny_mixtral)
-    merge_genome = Genome.from_genes(8, 2, {i: LayerGene.merged(_one_hot(keep[::-1]), _one_hot(keep[::-1], 0.5))
-                                            for i, keep in KEEP.items()})
-    assert merge_genome.is_merge and merge_genome.keep_map() == {i: tuple(k) for i, k in KEEP.items()}
+    merge_genome = Genome.from_genes(
+        8,
+        2,
+        {
+            i: LayerGene.merged(_one_hot(keep[::-1]), _one_hot(keep[::-1], 0.5))
+            for i, keep in KEEP.items()
+        },
+    )
+    assert merge_genome.is_merge and merge_genome.keep_map() == {
+        i: tuple(k) for i, k in KEEP.items()
+    }
     assert adapter.export_form(merge_genome).kind == "stock"
     with torch.no_grad():
         with adapter.applied(merge_genome):
@@ -170,9 +193,20 @@ def test_merge_genome_applies_reversibly_and_equals_its_hand_built_model(tiny_mi
     from transformers import MixtralForCausalLM
 
     adapter = adapter_for(tiny_mixtral)
-    genome = Genome.from_genes(8, 2, {i: LayerGene.merged(
-        [[0.5 if i in (a, b) else 0.0 for i in range(8)] for a, b in ((0, 1), (2, 3), (4, 5), (6, 7))],
-        _one_hot([1, 2, 5, 6])) for i in range(3)})
+    genome = Genome.from_genes(
+        8,
+        2,
+        {
+            i: LayerGene.merged(
+                [
+                    [0.5 if i in (a, b) else 0.0 for i in range(8)]
+                    for a, b in ((0, 1), (2, 3), (4, 5), (6, 7))
+                ],
+                _one_hot([1, 2, 5, 6]),
+            )
+            for i in range(3)
+        },
+    )
     params = {name: p for name, p in tiny_mixtral.named_parameters()}
     before = {name: p.clone() for name, p in params.items()}
     # the same model by hand: averaged expert pairs, router rows of experts 1, 2, 5, 6
@@ -193,7 +227,9 @@ def test_merge_genome_applies_reversibly_and_equals_its_hand_built_model(tiny_mi
         torch.testing.assert_close(merged, reference(_ids()).logits, atol=1e-5, rtol=0)
     assert (merged - full).abs().max() > 1e-3
     assert torch.equal(after, full)
-    assert all(p is params[n] and torch.equal(p, before[n]) for n, p in tiny_mixtral.named_parameters())
+    assert all(
+        p is params[n] and torch.equal(p, before[n]) for n, p in tiny_mixtral.named_parameters()
+    )
     assert all(block.experts.num_experts == 8 for block in adapter.blocks.values())
 
 
@@ -206,15 +242,22 @@ def test_merge_restores_after_an_error(tiny_mixtral):
     assert all(not block.gate._forward_hooks for block in adapter.blocks.values())
 
 
-@pytest.mark.parametrize("slots, active, why", [((4, 4, 4), None, "router matrix that mixes experts"),
-                                                ((3, 5, 4), None, "different numbers of experts"),
-                                                ((4, 4, 4), 1, "router matrix that mixes experts")])
+@pytest.mark.parametrize(
+    "slots, active, why",
+    [
+        ((4, 4, 4), None, "router matrix that mixes experts"),
+        ((3, 5, 4), None, "different numbers of experts"),
+        ((4, 4, 4), 1, "router matrix that mixes experts"),
+    ],
+)
 def test_general_merge_genome_compresses_to_the_custom_form(tiny_mixtral, slots, active, why):
     adapter = adapter_for(tiny_mixtral)
     genome = _random_merge_genome(2, slots, active)
     small, form = adapter.compressed(genome)
     assert form.kind == "custom" and why in form.reason
-    assert [small.model.layers[i].mlp.experts.gate_up_proj.shape[0] for i in range(3)] == list(slots)
+    assert [small.model.layers[i].mlp.experts.gate_up_proj.shape[0] for i in range(3)] == list(
+        slots
+    )
     with torch.no_grad():
         with adapter.applied(genome):
             in_search = tiny_mixtral(_ids()).logits
@@ -236,17 +279,29 @@ def test_reused_merge_buffers_never_serve_stale_experts(tiny_mixtral, monkeypatc
     import eep.moe
 
     a = _random_merge_genome(3)
-    b = Genome.from_genes(8, 2, {0: a.gene(0), 1: _random_merge_genome(4).gene(1), 2: a.gene(2)})  # differs in layer 1
+    # differs in layer 1
+    b = Genome.from_genes(8, 2, {0: a.gene(0), 1: _random_merge_genome(4).gene(1), 2: a.gene(2)})
     c = _random_merge_genome(5, slots=(3, 5, 4))
     expected = {}
     for name, genome in (("a", a), ("b", b), ("c", c)):
-        with torch.no_grad(), adapter_for(tiny_mixtral).applied(genome):  # a fresh adapter: no reuse
+        # a fresh adapter: no reuse
+        with (
+            torch.no_grad(),
+            adapter_for(tiny_mixtral).applied(genome),
+        ):
             expected[name] = tiny_mixtral(_ids()).logits
     merges = []
     real = eep.moe.merge_experts
     monkeypatch.setattr(eep.moe, "merge_experts", lambda *args: merges.append(1) or real(*args))
     adapter = adapter_for(tiny_mixtral)
-    for name, genome, layers_merged in (("a", a, 3), ("b", b, 1), ("a", a, 1), ("c", c, 3), ("a", a, 3), ("a", a, 0)):
+    for name, genome, layers_merged in (
+        ("a", a, 3),
+        ("b", b, 1),
+        ("a", a, 1),
+        ("c", c, 3),
+        ("a", a, 3),
+        ("a", a, 0),
+    ):
         merges.clear()
         with torch.no_grad(), adapter.applied(genome):
             torch.testing.assert_close(tiny_mixtral(_ids()).logits, expected[name], atol=0, rtol=0)
@@ -258,9 +313,14 @@ def test_the_custom_form_can_be_asked_for_a_stock_genome(tiny_mixtral):
     genome = Genome.from_keep(8, 2, KEEP)
     small, form = adapter.compressed(genome, form="custom")
     assert form.kind == "custom" and form.reason == "the custom form was asked for"
-    assert type(small).__name__ == "EepMixtralForCausalLM" and small.config.eep_layers["1"]["experts"] == 4
+    assert (
+        type(small).__name__ == "EepMixtralForCausalLM"
+        and small.config.eep_layers["1"]["experts"] == 4
+    )
     with torch.no_grad(), adapter.applied(genome):
-        torch.testing.assert_close(small(_ids()).logits, tiny_mixtral(_ids()).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            small(_ids()).logits, tiny_mixtral(_ids()).logits, atol=1e-5, rtol=0
+        )
 
 
 def _toy_logits(implementation: str) -> dict[str, torch.Tensor]:
@@ -272,15 +332,26 @@ def _toy_logits(implementation: str) -> dict[str, torch.Tensor]:
     from eep.config import ModelConfig
     from eep.model import load_model
 
-    model, _ = load_model(ModelConfig(device="cpu", dtype="float32", experts_implementation=implementation))
+    model, _ = load_model(
+        ModelConfig(device="cpu", dtype="float32", experts_implementation=implementation)
+    )
     assert model.config._experts_implementation == implementation
     keep = {0: [1, 3, 4, 6], 1: [0, 2, 5, 7], 2: [2, 3, 6, 7], 3: [0, 1, 4]}
     rng = random.Random(0)
-    merge = {layer: LayerGene.merged([[rng.gauss(0, 0.5) for _ in range(8)] for _ in range(3)],
-                                     [[rng.random() for _ in range(8)] for _ in range(3)]) for layer in range(4)}
-    genomes = {"full": None, "prune": Genome.from_keep(8, 2, keep), "top-1": Genome.from_keep(8, 2, keep, active=1),
-               "merge": Genome.from_genes(8, 2, merge),
-               "low-rank": Genome.from_keep(8, 2, keep).with_ranks({1: {0: 4, 2: 9, 5: 1, 7: 30}})}
+    merge = {
+        layer: LayerGene.merged(
+            [[rng.gauss(0, 0.5) for _ in range(8)] for _ in range(3)],
+            [[rng.random() for _ in range(8)] for _ in range(3)],
+        )
+        for layer in range(4)
+    }
+    genomes = {
+        "full": None,
+        "prune": Genome.from_keep(8, 2, keep),
+        "top-1": Genome.from_keep(8, 2, keep, active=1),
+        "merge": Genome.from_genes(8, 2, merge),
+        "low-rank": Genome.from_keep(8, 2, keep).with_ranks({1: {0: 4, 2: 9, 5: 1, 7: 30}}),
+    }
     ids = torch.randint(4, 30, (6, 12), generator=torch.Generator().manual_seed(0))
     adapter, logits = adapter_for(model), {}
     with torch.no_grad():
@@ -299,4 +370,5 @@ def test_genomes_apply_alike_under_every_experts_implementation(implementation):
     for name in eager:
         torch.testing.assert_close(other[name], eager[name], atol=1e-5, rtol=1e-6, msg=name)
         if name != "full":
-            assert (eager[name] - eager["full"]).abs().max() > 1e-3, name  # the genome changed the model
+            # the genome changed the model
+            assert (eager[name] - eager["full"]).abs().max() > 1e-3, name

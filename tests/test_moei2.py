@@ -27,7 +27,9 @@ def test_an_expert_whose_output_is_zero_has_no_importance(tiny_mixtral):
 def test_rerouted_importance_is_the_real_output_change_of_pruning_that_expert(tiny_mixtral):
     adapter = adapter_for(tiny_mixtral)
     inputs = {}
-    hook = adapter.blocks[2].register_forward_pre_hook(lambda m, args: inputs.__setitem__(2, args[0]))
+    hook = adapter.blocks[2].register_forward_pre_hook(
+        lambda m, args: inputs.__setitem__(2, args[0])
+    )
     cal = bl.collect(tiny_mixtral, adapter, [{"input_ids": _ids()}], max_tokens_per_layer=1000)
     hook.remove()
     importance = expert_importance(cal, reroute=True)
@@ -37,17 +39,45 @@ def test_rerouted_importance_is_the_real_output_change_of_pruning_that_expert(ti
             full = adapter.blocks[2](inputs[2])
             with adapter.applied(genome):
                 pruned = adapter.blocks[2](inputs[2])
-        assert float(importance[2][expert]) == pytest.approx(float(((full - pruned).double() ** 2).sum()), rel=1e-4)
+        assert float(importance[2][expert]) == pytest.approx(
+            float(((full - pruned).double() ** 2).sum()), rel=1e-4
+        )
 
 
-@pytest.mark.parametrize("sums, budget, low, high, expected", [
-    ({0: 1.0, 1: 3.0, 2: 0.0, 3: 4.0}, 16, 2, 8, {0: 3, 1: 5, 2: 2, 3: 6}),  # the 8 spare in proportion
-    ({0: 10.0, 1: 0.0}, 12, 2, 8, {0: 8, 1: 4}),  # capped at 8; the rest goes to the other layer
-    ({0: 1.0, 1: 1.0, 2: 1.0}, 10, 2, 8, {0: 4, 1: 3, 2: 3}),  # 3.33 each: largest remainder, lower layer first
-    ({0: 0.0, 1: 0.0}, 6, 2, 8, {0: 3, 1: 3}),  # nothing matters: an even split
-])
+@pytest.mark.parametrize(
+    "sums, budget, low, high, expected",
+    [
+        # the 8 spare in proportion
+        (
+            {0: 1.0, 1: 3.0, 2: 0.0, 3: 4.0},
+            16,
+            2,
+            8,
+            {0: 3, 1: 5, 2: 2, 3: 6},
+        ),
+        # capped at 8; the rest goes to the other layer
+        (
+            {0: 10.0, 1: 0.0},
+            12,
+            2,
+            8,
+            {0: 8, 1: 4},
+        ),
+        # 3.33 each: largest remainder, lower layer first
+        (
+            {0: 1.0, 1: 1.0, 2: 1.0},
+            10,
+            2,
+            8,
+            {0: 4, 1: 3, 2: 3},
+        ),
+        ({0: 0.0, 1: 0.0}, 6, 2, 8, {0: 3, 1: 3}),  # nothing matters: an even split
+    ],
+)
 def test_keep_counts_follow_layer_importance_within_bounds(sums, budget, low, high, expected):
-    importance = {layer: torch.tensor([value / 4] * 4, dtype=torch.float64) for layer, value in sums.items()}
+    importance = {
+        layer: torch.tensor([value / 4] * 4, dtype=torch.float64) for layer, value in sums.items()
+    }
     counts = layer_keep_counts(importance, budget, low, high)
     assert counts == expected and sum(counts.values()) == budget
 
@@ -73,25 +103,37 @@ def test_kt_search_finds_the_brute_force_optimum(tiny_mixtral):
     ids = _ids()
     mask = torch.ones_like(ids)
     mask[1, 7:] = 0  # padding counts nowhere
-    batches = [{"input_ids": ids[:2], "attention_mask": mask[:2]}, {"input_ids": ids[2:], "attention_mask": mask[2:]}]
-    candidates = {0: [Genome.from_keep(8, 2, {0: s}) for s in itertools.combinations(range(4), 2)],
-                  1: [Genome.from_keep(8, 2, {1: s}) for s in itertools.combinations(range(4), 3)]}
+    batches = [
+        {"input_ids": ids[:2], "attention_mask": mask[:2]},
+        {"input_ids": ids[2:], "attention_mask": mask[2:]},
+    ]
+    candidates = {
+        0: [Genome.from_keep(8, 2, {0: s}) for s in itertools.combinations(range(4), 2)],
+        1: [Genome.from_keep(8, 2, {1: s}) for s in itertools.combinations(range(4), 3)],
+    }
     scorer = BlockScorer(tiny_mixtral, adapter, batches, [[0, 1]])
     chosen, report = kt_search(scorer, candidates)
     assert report == [{"layers": [0, 1], "combinations": 24, "error": report[0]["error"]}]
 
     outputs = {}
-    hook = decoder_layers(tiny_mixtral)[1].register_forward_hook(lambda m, a, out: outputs.__setitem__("h", out))
+    hook = decoder_layers(tiny_mixtral)[1].register_forward_hook(
+        lambda m, a, out: outputs.__setitem__("h", out)
+    )
 
     def block_output(genome):
-        with torch.no_grad(), (adapter.applied(genome) if genome else contextlib.nullcontext()):
-            return [(tiny_mixtral(**b).logits, outputs["h"][b["attention_mask"].bool()])[1] for b in batches]
+        with torch.no_grad(), adapter.applied(genome) if genome else contextlib.nullcontext():
+            return [
+                (tiny_mixtral(**b).logits, outputs["h"][b["attention_mask"].bool()])[1]
+                for b in batches
+            ]
 
     full = block_output(None)
     errors = {}
     for a, b in itertools.product(candidates[0], candidates[1]):
         genome = Genome.from_keep(8, 2, {0: a.keep(0), 1: b.keep(1)})
-        errors[genome] = sum(float(((x - y).double() ** 2).sum()) for x, y in zip(block_output(genome), full))
+        errors[genome] = sum(
+            float(((x - y).double() ** 2).sum()) for x, y in zip(block_output(genome), full)
+        )
     hook.remove()
     best = min(errors, key=errors.get)
     assert chosen == best
@@ -114,8 +156,10 @@ def _toy_config(**moei2):
     from tests.test_cli import ROOT
 
     overrides = [f"moei2.{k}={v}" for k, v in {"population": 8, "generations": 4, **moei2}.items()]
-    return load_config(ROOT / "experiments/toy-moei2.yaml",
-                       ["baselines.calibration.size=48", "fitness.tasks.0.test_size=8", *overrides])
+    return load_config(
+        ROOT / "experiments/toy-moei2.yaml",
+        ["baselines.calibration.size=48", "fitness.tasks.0.test_size=8", *overrides],
+    )
 
 
 def _journal(path):
@@ -139,7 +183,11 @@ def test_a_stopped_stage_1_resumes_to_the_uninterrupted_result(tmp_path):
     stopped = RunDir.create(tmp_path / "stopped", config)
     assert run_moei2(stopped, config, worker, plan, quiet, stop_after=13) is None  # mid-search
     assert not stopped.summary_path.exists()
-    assert len(_journal(tmp_path / "stopped/stage1/layer-00")) + len(_journal(tmp_path / "stopped/stage1/layer-01")) == 13
+    assert (
+        len(_journal(tmp_path / "stopped/stage1/layer-00"))
+        + len(_journal(tmp_path / "stopped/stage1/layer-01"))
+        == 13
+    )
     assert run_moei2(stopped, config, worker, plan, quiet, stop_after=9) is None
     got = run_moei2(RunDir.open(tmp_path / "stopped"), config, worker, plan, quiet)
     for layer in plan.layers:
@@ -149,7 +197,9 @@ def test_a_stopped_stage_1_resumes_to_the_uninterrupted_result(tmp_path):
     assert got["stages"]["stage1"]["genome"] == expected["stages"]["stage1"]["genome"]
     counts = {int(i): n for i, n in expected["keep_counts"].items()}
     assert sum(counts.values()) == plan.stage1 == 20
-    assert {i: len(Genome.from_dict(got["stages"]["stage1"]["genome"]).keep(i)) for i in counts} == counts
+    assert {
+        i: len(Genome.from_dict(got["stages"]["stage1"]["genome"]).keep(i)) for i in counts
+    } == counts
 
 
 def test_moei2_search_then_export_is_smaller_than_stage_1_and_reports_both(tmp_path, capsys):
@@ -161,9 +211,20 @@ def test_moei2_search_then_export_is_smaller_than_stage_1_and_reports_both(tmp_p
     from tests.test_cli import ROOT
 
     run, out = tmp_path / "run", tmp_path / "export"
-    sets = ["--set", "moei2.population=8", "--set", "moei2.generations=4", "--set", "baselines.calibration.size=48",
-            "--set", "moei2.factors=activation"]
-    assert main(["search", str(ROOT / "experiments/toy-moei2.yaml"), "--run-dir", str(run), *sets]) == 0
+    sets = [
+        "--set",
+        "moei2.population=8",
+        "--set",
+        "moei2.generations=4",
+        "--set",
+        "baselines.calibration.size=48",
+        "--set",
+        "moei2.factors=activation",
+    ]
+    assert (
+        main(["search", str(ROOT / "experiments/toy-moei2.yaml"), "--run-dir", str(run), *sets])
+        == 0
+    )
     summary = json.loads((run / "summary.json").read_text())
     stages = summary["stages"]
     assert set(stages) == {"stage1", "stage2"} and summary["method"] == "moei2"
@@ -172,8 +233,16 @@ def test_moei2_search_then_export_is_smaller_than_stage_1_and_reports_both(tmp_p
     assert summary["heldout"]["best"] == stages["stage2"]["heldout"]
     assert main(["report", str(run)]) == 0
     report = (run / "report.md").read_text()
-    assert "## MoE-I²" in report and "low-rank experts (activation-aware)" in report and "## Search" not in report
-    assert "| moei2 stage 1 |" in report and "| moei2 stage 2 |" in report and "| search |" not in report
+    assert (
+        "## MoE-I²" in report
+        and "low-rank experts (activation-aware)" in report
+        and "## Search" not in report
+    )
+    assert (
+        "| moei2 stage 1 |" in report
+        and "| moei2 stage 2 |" in report
+        and "| search |" not in report
+    )
     assert main(["export", str(run), "--out", str(out)]) == 0
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     report = json.loads((out / "eep_report.json").read_text())
@@ -181,15 +250,41 @@ def test_moei2_search_then_export_is_smaller_than_stage_1_and_reports_both(tmp_p
     assert sum(p.numel() for p in model.parameters()) == report["parameters"]["after"]
     stage1 = Genome.from_dict(stages["stage1"]["genome"])
     stage1.save(tmp_path / "stage1.json")
-    assert main(["export", "--model", "toy", "--genome", str(tmp_path / "stage1.json"), "--out",
-                 str(tmp_path / "stage1")]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                "toy",
+                "--genome",
+                str(tmp_path / "stage1.json"),
+                "--out",
+                str(tmp_path / "stage1"),
+            ]
+        )
+        == 0
+    )
     stage1_report = json.loads((tmp_path / "stage1/eep_report.json").read_text())
     assert report["parameters"]["after"] < stage1_report["parameters"]["after"]
     # activation-aware factors travel with the genome: the run's scales are copied beside the export's
-    assert (run / "eep_scales.safetensors").read_bytes() == (out / "eep_scales.safetensors").read_bytes()
+    assert (run / "eep_scales.safetensors").read_bytes() == (
+        out / "eep_scales.safetensors"
+    ).read_bytes()
     assert Genome.from_dict(summary["best_genome"]).scales is not None
     config = str(ROOT / "experiments/toy-moei2.yaml")
-    assert main(["eval", config, "--genome", str(out / "eep_genome.json"), "--set", "fitness.tasks.0.test_size=4"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                config,
+                "--genome",
+                str(out / "eep_genome.json"),
+                "--set",
+                "fitness.tasks.0.test_size=4",
+            ]
+        )
+        == 0
+    )
     (tmp_path / "alone").mkdir()
     (tmp_path / "alone/g.json").write_text((out / "eep_genome.json").read_text())
     capsys.readouterr()
@@ -198,7 +293,10 @@ def test_moei2_search_then_export_is_smaller_than_stage_1_and_reports_both(tmp_p
     # resuming a finished run changes nothing
     before = (run / "summary.json").read_text()
     assert main(["resume", str(run)]) == 0
-    assert json.loads((run / "summary.json").read_text())["best_genome"] == json.loads(before)["best_genome"]
+    assert (
+        json.loads((run / "summary.json").read_text())["best_genome"]
+        == json.loads(before)["best_genome"]
+    )
 
 
 def test_moei2_is_refused_where_it_cannot_work(tmp_path, capsys):
@@ -222,17 +320,30 @@ def test_loss_importance_is_the_next_token_loss_increase_of_removing_each_expert
     adapter = adapter_for(tiny_mixtral)
     ids = _ids()
     batches = [{"input_ids": ids[:2]}, {"input_ids": ids[2:]}]
-    with torch.no_grad():  # transformers' own loss (mean over the next-token positions of equal batches)
-        reference = sum(float(tiny_mixtral(input_ids=b["input_ids"], labels=b["input_ids"]).loss) for b in batches) / 2
+    # transformers' own loss (mean over the next-token positions of equal batches)
+    with torch.no_grad():
+        reference = (
+            sum(
+                float(tiny_mixtral(input_ids=b["input_ids"], labels=b["input_ids"]).loss)
+                for b in batches
+            )
+            / 2
+        )
     assert next_token_loss(tiny_mixtral, batches) == pytest.approx(reference, rel=1e-5)
-    padded = {"input_ids": torch.cat([ids[:1], torch.zeros_like(ids[:1])], dim=1),
-              "attention_mask": torch.cat([torch.ones_like(ids[:1]), torch.zeros_like(ids[:1])], dim=1)}
-    assert next_token_loss(tiny_mixtral, [padded]) == pytest.approx(next_token_loss(tiny_mixtral, [{"input_ids": ids[:1]}]),
-                                                                   rel=1e-5)  # padding counts nowhere
+    padded = {
+        "input_ids": torch.cat([ids[:1], torch.zeros_like(ids[:1])], dim=1),
+        "attention_mask": torch.cat([torch.ones_like(ids[:1]), torch.zeros_like(ids[:1])], dim=1),
+    }
+    # padding counts nowhere
+    assert next_token_loss(tiny_mixtral, [padded]) == pytest.approx(
+        next_token_loss(tiny_mixtral, [{"input_ids": ids[:1]}]), rel=1e-5
+    )
     importance = loss_importance(tiny_mixtral, adapter, batches)
     base = next_token_loss(tiny_mixtral, batches)
     with adapter.applied(Genome.from_keep(8, 2, {2: [0, 1, 2, 3, 4, 5, 7]})):
-        assert float(importance[2][6]) == pytest.approx(next_token_loss(tiny_mixtral, batches) - base, abs=1e-9)
+        assert float(importance[2][6]) == pytest.approx(
+            next_token_loss(tiny_mixtral, batches) - base, abs=1e-9
+        )
     assert set(importance) == {0, 1, 2} and all((v != 0).any() for v in importance.values())
 
 
@@ -254,11 +365,14 @@ def test_a_moei2_genome_seeds_a_budget_search(tmp_path, capsys):
     data["search_space"] = {"kind": "prune", "budget": 20}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(data))
     run = tmp_path / "run"
-    assert main(["search", str(tmp_path / "cfg.yaml"), "--run-dir", str(run)]) == 0  # relative to the config
+    # relative to the config
+    assert main(["search", str(tmp_path / "cfg.yaml"), "--run-dir", str(run)]) == 0
     records = RunDir(run).evaluations()
     assert records[0].genome == seed and len({r.genome.key for r in records}) == 8
     assert Genome.load(run / "seeds/seed-0.json") == seed
-    assert yaml.safe_load((run / "config.yaml").read_text())["search"]["seed_genomes"] == ["seeds/seed-0.json"]
+    assert yaml.safe_load((run / "config.yaml").read_text())["search"]["seed_genomes"] == [
+        "seeds/seed-0.json"
+    ]
     (tmp_path / "stage1.json").unlink()  # the run does not need the original any more
     (run / "summary.json").unlink()
     (run / "state.json").unlink()  # forces a replay from the journal, seeds included
@@ -270,6 +384,9 @@ def test_a_moei2_genome_seeds_a_budget_search(tmp_path, capsys):
     capsys.readouterr()
     assert main(["search", str(tmp_path / "cfg.yaml"), "--run-dir", str(tmp_path / "other")]) == 2
     err = capsys.readouterr().err
-    assert "does not belong to this search's space: it keeps 16 experts in all; the budget is 20" in err
+    assert (
+        "does not belong to this search's space: it keeps 16 experts in all; the budget is 20"
+        in err
+    )
     assert err.count("\n") == 1 and not (tmp_path / "other").exists()
     assert json.loads((run / "summary.json").read_text())["evaluations"] == 8

@@ -76,7 +76,9 @@ def test_crossover_repairs_when_union_is_small():
     space = PruneSpace(num_experts=8, top_k=2, layers=(0,), keep=6)
     rng = random.Random(5)
     for _ in range(300):
-        child = crossover_rows(random_genome(space, rng), random_genome(space, rng), rng, space, 1.0)
+        child = crossover_rows(
+            random_genome(space, rng), random_genome(space, rng), rng, space, 1.0
+        )
         _valid(child, space)
 
 
@@ -126,18 +128,25 @@ def test_one_expert_group_draws_exactly_as_the_ungrouped_space():
         ga, gb = random_genome(SPACE, a), random_genome(one, b)
         assert ga == gb
         assert mutate_swap(ga, a, SPACE, 0.3, 0.2) == mutate_swap(gb, b, one, 0.3, 0.2)
-        assert crossover_rows(ga, random_genome(SPACE, a), a, SPACE, 0.5) == \
-            crossover_rows(gb, random_genome(one, b), b, one, 0.5)
+        assert crossover_rows(ga, random_genome(SPACE, a), a, SPACE, 0.5) == crossover_rows(
+            gb, random_genome(one, b), b, one, 0.5
+        )
 
 
 def test_reject_says_why_a_genome_is_not_in_the_space():
     space = PruneSpace(8, 2, (0, 1, 2, 3), 4, groups=((0, 1), (2, 3)))
     inside = space.genome({0: [0, 1, 2, 3], 2: [4, 5, 6, 7]})
     assert space.reject(inside) is None
-    assert "keeps 3 experts" in space.reject(Genome.from_keep(8, 2, {i: range(3) for i in range(4)}))
-    assert "naming exactly the layers [0, 1, 2, 3]" in space.reject(Genome.from_keep(8, 2, {0: range(4)}))
+    assert "keeps 3 experts" in space.reject(
+        Genome.from_keep(8, 2, {i: range(3) for i in range(4)})
+    )
+    assert "naming exactly the layers [0, 1, 2, 3]" in space.reject(
+        Genome.from_keep(8, 2, {0: range(4)})
+    )
     split = Genome.from_keep(8, 2, {0: range(4), 1: range(4, 8), 2: range(4), 3: range(4)})
     assert "layers [0, 1] form one weight group" in space.reject(split)
     grouped = PruneSpace(8, 2, (0,), 4, expert_groups=2)
     assert grouped.reject(Genome.from_keep(8, 2, {0: [0, 1, 4, 5]})) is None
-    assert "2 experts in each expert group" in grouped.reject(Genome.from_keep(8, 2, {0: [0, 1, 2, 4]}))
+    assert "2 experts in each expert group" in grouped.reject(
+        Genome.from_keep(8, 2, {0: [0, 1, 2, 4]})
+    )

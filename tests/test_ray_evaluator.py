@@ -29,14 +29,18 @@ def _config(in_flight=2, **evaluator):
 
 def _journal(run):
     rows = [json.loads(line) for line in run.journal_path.read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k not in ("seconds", "worker", "note")} for row in rows]
+    return [
+        {k: v for k, v in row.items() if k not in ("seconds", "worker", "note")} for row in rows
+    ]
 
 
 @pytest.fixture(scope="module")
 def serial_run(tmp_path_factory):
     config = _config()
     run = RunDir.create(tmp_path_factory.mktemp("serial") / "run", config)
-    summary = run_search(run, SPACE, SerialEvaluator(FitnessWorker(config), in_flight=2), log=lambda m: None)
+    summary = run_search(
+        run, SPACE, SerialEvaluator(FitnessWorker(config), in_flight=2), log=lambda m: None
+    )
     return run, summary
 
 
@@ -81,7 +85,9 @@ def test_ray_search_equals_serial_and_survives_a_killed_actor(tmp_path, serial_r
     assert 0.0 < busy <= 1.0
 
 
-def test_actors_holding_two_candidates_each_equal_serial_and_lose_none_when_killed(tmp_path, monkeypatch):
+def test_actors_holding_two_candidates_each_equal_serial_and_lose_none_when_killed(
+    tmp_path, monkeypatch
+):
     """in_flight 4 on 2 actors: each actor queues two candidates; the one killed mid-evaluation
     takes its queued candidate with it, and both are re-run on its replacement."""
     import ray
@@ -90,7 +96,9 @@ def test_actors_holding_two_candidates_each_equal_serial_and_lose_none_when_kill
 
     config = _config(in_flight=4)
     serial = RunDir.create(tmp_path / "serial", config)
-    expected = run_search(serial, SPACE, SerialEvaluator(FitnessWorker(config), in_flight=4), log=lambda m: None)
+    expected = run_search(
+        serial, SPACE, SerialEvaluator(FitnessWorker(config), in_flight=4), log=lambda m: None
+    )
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     monkeypatch.setenv("EEP_TEST_KILL_MARKER", str(tmp_path / "killed"))
     config = _config(in_flight=4, kind="ray", workers=2)
@@ -116,9 +124,24 @@ def test_search_on_a_two_node_local_cluster_equals_serial(tmp_path, serial_run):
         cfg = tmp_path / "cfg.yaml"
         cfg.write_text(yaml.safe_dump(toy_config_dict(in_flight=2)))
         env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-        done = subprocess.run([sys.executable, "-m", "eep", "search", str(cfg), "--run-dir", str(tmp_path / "run"),
-                               "--ray-address", address],
-                              capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "eep",
+                "search",
+                str(cfg),
+                "--run-dir",
+                str(tmp_path / "run"),
+                "--ray-address",
+                address,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         assert "on 2 node(s)" in done.stderr and "2 actor(s)" in done.stderr
     serial, serial_summary = serial_run
@@ -131,14 +154,22 @@ def test_search_on_a_two_node_local_cluster_equals_serial(tmp_path, serial_run):
 def test_busy_share_counts_evaluation_time_inside_the_window_only():
     from eep.ray_evaluator import busy_share
 
-    finished = [(2.0, 2.0), (4.0, 2.0), (3.0, 1.0), (6.0, 3.0)]  # two actors over [0, 4]: 2+2 and 1, then 1 of 3
+    # two actors over [0, 4]: 2+2 and 1, then 1 of 3
+    finished = [
+        (2.0, 2.0),
+        (4.0, 2.0),
+        (3.0, 1.0),
+        (6.0, 3.0),
+    ]
     assert busy_share(finished, 0.0, 4.0, 2) == pytest.approx((2 + 2 + 1 + 1) / 8)
     assert busy_share(finished, 0.0, 10.0, 2) == pytest.approx((2 + 2 + 1 + 3) / 20)
     assert busy_share(finished, 1.0, 1.0, 2) is None
     assert busy_share([(1.0, 5.0)], 0.0, 1.0, 1) == 1.0
 
 
-@pytest.mark.parametrize("keep", [2, pytest.param(3, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "keep", [2, pytest.param(3, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)]
+)
 def test_ray_search_with_early_cut_equals_serial_with_and_without_it(tmp_path, keep):
     """The cut is judged on the results a candidate was bred from, so two actors with two candidates
     in flight cut exactly what the serial run cuts, and the genomes and best equal an uncut run's."""
@@ -156,7 +187,9 @@ def test_ray_search_with_early_cut_equals_serial_with_and_without_it(tmp_path, k
     runs = {}
     for name, cfg in (("serial", config(True)), ("uncut", config(False))):
         runs[name] = RunDir.create(tmp_path / name, cfg)
-        run_search(runs[name], space, SerialEvaluator(FitnessWorker(cfg), in_flight=2), log=lambda m: None)
+        run_search(
+            runs[name], space, SerialEvaluator(FitnessWorker(cfg), in_flight=2), log=lambda m: None
+        )
     cfg = config(True, kind="ray", workers=2)
     runs["ray"] = RunDir.create(tmp_path / "ray", cfg)
     evaluator = RayEvaluator(cfg, log=lambda m: None)
@@ -167,6 +200,8 @@ def test_ray_search_with_early_cut_equals_serial_with_and_without_it(tmp_path, k
     journals = {name: _journal(run) for name, run in runs.items()}
     assert journals["ray"] == journals["serial"]
     assert keep > 2 or any(row["status"] == "cut" for row in journals["ray"])
-    assert [(r["id"], r["key"]) for r in journals["ray"]] == [(r["id"], r["key"]) for r in journals["uncut"]]
+    assert [(r["id"], r["key"]) for r in journals["ray"]] == [
+        (r["id"], r["key"]) for r in journals["uncut"]
+    ]
     summaries = {name: json.loads(run.summary_path.read_text()) for name, run in runs.items()}
     assert summaries["ray"]["best_genome"] == summaries["uncut"]["best_genome"]

@@ -7,8 +7,18 @@ from eep.config import parse_config
 from eep.errors import EepError
 from eep.genome import Genome
 from eep.journal import Evaluation, RunDir
-from eep.report import (Row, best_compressed, comparison_table, human_count, method_rows, running_best,
-                        running_mean, sweep_series, sweep_table, write_report)
+from eep.report import (
+    Row,
+    best_compressed,
+    comparison_table,
+    human_count,
+    method_rows,
+    running_best,
+    running_mean,
+    sweep_series,
+    sweep_table,
+    write_report,
+)
 from tests.conftest import toy_config_dict
 
 TASKS = ("copy", "reverse", "shift", "lookup")
@@ -20,30 +30,71 @@ def _scores(value):
 
 
 BASELINES = {
-    "keep": 4, "num_experts": 8, "num_layers": 4, "top_k": 2,
+    "keep": 4,
+    "num_experts": 8,
+    "num_layers": 4,
+    "top_k": 2,
     "methods": {  # deliberately out of order, with a method the report does not know
-        "search": {"heldout": 88.25, "tasks": _scores(88.25), "kept_params": 13_200_000, "active_params": 4_400_000},
+        "search": {
+            "heldout": 88.25,
+            "tasks": _scores(88.25),
+            "kept_params": 13_200_000,
+            "active_params": 4_400_000,
+        },
         "mystery": {"heldout": 70.0, "tasks": {"copy": 70.0}},
-        "naee": {"heldout": 90.5, "how": "enumeration", "tasks": _scores(90.5), "kept_params": 13_200_000,
-                 "active_params": 4_400_000},
-        "random": {"heldout": 51.23, "heldout_std": 6.27, "draws": 5, "tasks": _scores(51.2),
-                   "kept_params": 13_200_000, "active_params": 4_400_000},
-        "full": {"heldout": 99.1, "tasks": _scores(99.1), "kept_params": 26_400_000, "active_params": 4_400_000},
+        "naee": {
+            "heldout": 90.5,
+            "how": "enumeration",
+            "tasks": _scores(90.5),
+            "kept_params": 13_200_000,
+            "active_params": 4_400_000,
+        },
+        "random": {
+            "heldout": 51.23,
+            "heldout_std": 6.27,
+            "draws": 5,
+            "tasks": _scores(51.2),
+            "kept_params": 13_200_000,
+            "active_params": 4_400_000,
+        },
+        "full": {
+            "heldout": 99.1,
+            "tasks": _scores(99.1),
+            "kept_params": 26_400_000,
+            "active_params": 4_400_000,
+        },
         "reap": {"heldout": 80.0, "tasks": _scores(80.0)},
     },
-    "sweep": {"2": {"random": 20.1, "naee": 40.2, "reap": 38.0}, "6": {"random": 80.0, "naee": 97.0, "search": 98.0}},
+    "sweep": {
+        "2": {"random": 20.1, "naee": 40.2, "reap": 38.0},
+        "6": {"random": 80.0, "naee": 97.0, "search": 98.0},
+    },
 }
-HELDOUT = {"best": {"scores": _scores(87.0), "mean": 87.0}, "full": {"scores": _scores(99.0), "mean": 99.0}}
+HELDOUT = {
+    "best": {"scores": _scores(87.0), "mean": 87.0},
+    "full": {"scores": _scores(99.0), "mean": 99.0},
+}
 
 
 def _run(tmp_path, summary=True, baselines=None):
     run = RunDir.create(tmp_path / "run", parse_config(toy_config_dict(evaluations=10, initial=4)))
     for i, fitness in enumerate(FITNESS):
         genome = Genome.from_keep(8, 2, {0: [i % 8, (i + 1) % 8, (i + 2) % 8, (i + 3) % 8]})
-        run.append(Evaluation(i, genome, fitness, {} if fitness is None else _scores(fitness), 0.1, "w",
-                              None if fitness is not None else "out of memory"))
+        run.append(
+            Evaluation(
+                i,
+                genome,
+                fitness,
+                {} if fitness is None else _scores(fitness),
+                0.1,
+                "w",
+                None if fitness is not None else "out of memory",
+            )
+        )
     if summary:
-        run.write_summary({"evaluations": 10, "failed": 2, "best_fitness": 70.0, "best_id": 8, "heldout": HELDOUT})
+        run.write_summary(
+            {"evaluations": 10, "failed": 2, "best_fitness": 70.0, "best_id": 8, "heldout": HELDOUT}
+        )
     if baselines is not None:
         (run.path / "baselines.json").write_text(json.dumps(baselines))
     return run
@@ -73,20 +124,36 @@ def test_rows_are_ordered_and_the_best_compressed_method_wins():
     assert [r.method for r in rows] == ["full", "random", "reap", "naee", "search", "mystery"]
     assert rows[4].heldout == 88.25  # baselines.json's search row wins over summary.json's
     assert best_compressed(rows).method == "naee"
-    assert human_count(13_200_000) == "13.2M" and human_count(690_000) == "690K" and human_count(950) == "950"
+    assert (
+        human_count(13_200_000) == "13.2M"
+        and human_count(690_000) == "690K"
+        and human_count(950) == "950"
+    )
 
     table = _table("\n".join(comparison_table(rows, list(TASKS))))
-    assert list(table) == ["method", "full", "random (mean ± std of 5 draws)", "reap", "naee (enumeration)",
-                           "search", "mystery"]
+    assert list(table) == [
+        "method",
+        "full",
+        "random (mean ± std of 5 draws)",
+        "reap",
+        "naee (enumeration)",
+        "search",
+        "mystery",
+    ]
     # every method routes a token to as many experts as the full model: no active-parameter column
     assert table["method"] == [*TASKS, "held-out mean", "kept params"]
     assert table["random (mean ± std of 5 draws)"] == ["51.2"] * 4 + ["51.2 ± 6.3", "13.2M (50 %)"]
     assert table["naee (enumeration)"][4] == "**90.5**"
     assert table["full"][4:] == ["99.1", "26.4M"]
     assert table["mystery"] == ["70.0", "–", "–", "–", "70.0", "–"]
-    top1 = [r if r.method != "naee" else Row(**{**r.__dict__, "active_params": 2_200_000}) for r in rows]
+    top1 = [
+        r if r.method != "naee" else Row(**{**r.__dict__, "active_params": 2_200_000}) for r in rows
+    ]
     table = _table("\n".join(comparison_table(top1, list(TASKS))))
-    assert table["method"][-1] == "active params / token" and table["naee (enumeration)"][-1] == "2.2M (50 %)"
+    assert (
+        table["method"][-1] == "active params / token"
+        and table["naee (enumeration)"][-1] == "2.2M (50 %)"
+    )
 
 
 def test_rows_without_baselines_come_from_the_summary():
@@ -94,7 +161,11 @@ def test_rows_without_baselines_come_from_the_summary():
     assert [(r.method, r.heldout) for r in rows] == [("full", 99.0), ("search", 87.0)]
     assert method_rows(None, None) == []
     table = _table("\n".join(comparison_table(rows, ["copy", "absent"])))
-    assert table["method"] == ["copy", "held-out mean"]  # no parameter counts known, no column for absent tasks
+    # no parameter counts known, no column for absent tasks
+    assert table["method"] == [
+        "copy",
+        "held-out mean",
+    ]
     assert table["search"] == ["87.0", "**87.0**"]
 
 
@@ -107,7 +178,11 @@ def test_sweep_series_adds_the_main_keep():
     assert sweep_series({"methods": {"naee": {"heldout": 5.0}}}) == {}
     assert sweep_series({"methods": {"naee": {"heldout": 5.0}}}, keep=3) == {"naee": {3: 5.0}}
     table = _table("\n".join(sweep_table(series)))
-    assert table["method"] == ["2 kept", "4 kept", "6 kept"] and table["naee"] == ["40.2", "90.5", "97.0"]
+    assert table["method"] == ["2 kept", "4 kept", "6 kept"] and table["naee"] == [
+        "40.2",
+        "90.5",
+        "97.0",
+    ]
     assert table["search"] == ["–", "88.2", "98.0"]
 
 
@@ -119,7 +194,10 @@ def test_report_with_baselines(tmp_path):
     assert report.startswith("# eep report: test (toy)\n")
     assert "- evaluations: 10 of 10, 2 failed" in report
     assert "- best search fitness: 70.00 (candidate 8," in report
-    assert "**Best compressed method: naee**, held-out 90.5, 8.6 points below the full model (99.1)." in report
+    assert (
+        "**Best compressed method: naee**, held-out 90.5, 8.6 points below the full model (99.1)."
+        in report
+    )
     assert "not finished" not in report
     assert "](fitness.png)" in report and "](methods.png)" in report
     comparison, sweep = report.split("\n| method | 2 kept | 4 kept | 6 kept |")
@@ -135,7 +213,10 @@ def test_report_without_baselines(tmp_path):
     (run.path / "methods.png").write_bytes(b"stale")  # from an earlier report that had baselines
     report = write_report(run.path).read_text()
     assert list(_table(report)) == ["method", "full", "search"]
-    assert "**Best compressed method: search**, held-out 87.0, 12.0 points below the full model (99.0)." in report
+    assert (
+        "**Best compressed method: search**, held-out 87.0, 12.0 points below the full model (99.0)."
+        in report
+    )
     assert "methods.png" not in report and not (run.path / "methods.png").exists()
     assert _image_size(run.path / "fitness.png")[0] > 0
 
@@ -148,7 +229,8 @@ def test_report_of_an_unfinished_search(tmp_path):
     assert list(_table(report)) == ["method", "random"]
     assert _image_size(run.path / "methods.png")[0] > 0
 
-    run.write_summary({"evaluations": 10, "failed": 2, "best_fitness": 70.0, "best_id": 8})  # written mid-search
+    # written mid-search
+    run.write_summary({"evaluations": 10, "failed": 2, "best_fitness": 70.0, "best_id": 8})
     (run.path / "baselines.json").unlink()
     report = write_report(run.path).read_text()
     assert "summary.json has no held-out scores yet" in report
@@ -167,7 +249,11 @@ def test_empty_journal_and_bad_baselines(tmp_path):
 
 
 def test_the_search_from_the_summary_is_plotted_and_a_sweep_uses_the_runs_keep(tmp_path):
-    baselines = {"methods": {"naee": {"heldout": 60.0}}, "sweep": {"2": {"naee": 30.0}}}  # no "keep" given
+    # no "keep" given
+    baselines = {
+        "methods": {"naee": {"heldout": 60.0}},
+        "sweep": {"2": {"naee": 30.0}},
+    }
     assert sweep_series(baselines, keep=4) == {"naee": {2: 30.0, 4: 60.0}}
     run = _run(tmp_path, baselines=baselines)
     report = write_report(run.path).read_text()
@@ -181,8 +267,11 @@ def test_the_search_from_the_summary_is_plotted_and_a_sweep_uses_the_runs_keep(t
 def test_cut_candidates_are_counted_apart_from_failures(tmp_path):
     run = _run(tmp_path)
     genome = Genome.from_keep(8, 2, {0: [4, 5, 6, 7]})
-    with run.path.joinpath("journal.jsonl").open("a") as journal:  # a hopeless candidate stopped part-way
-        journal.write(json.dumps(Evaluation(10, genome, None, {}, 0.05, "w", cut=41.5).to_dict()) + "\n")
+    # a hopeless candidate stopped part-way
+    with run.path.joinpath("journal.jsonl").open("a") as journal:
+        journal.write(
+            json.dumps(Evaluation(10, genome, None, {}, 0.05, "w", cut=41.5).to_dict()) + "\n"
+        )
     report = write_report(run.path).read_text()
     assert "- evaluations: 11 of 10, 2 failed, 1 cut short as hopeless" in report
     assert [e.status for e in run.evaluations()][-1] == "cut" and run.evaluations()[-1].cut == 41.5

@@ -4,11 +4,11 @@ import random
 import pytest
 
 from eep.config import parse_config
+from eep.errors import EepError
 from eep.evaluator import FitnessWorker, SerialEvaluator
 from eep.genome import Genome
 from eep.journal import RunDir
 from eep.search import breed, make_toolbox, run_search
-from eep.errors import EepError
 from search_spaces import PruneSpace, build_schedule, crossover_matrices, mutate_noise
 from tests.conftest import toy_config_dict
 
@@ -70,7 +70,9 @@ def test_duplicate_children_are_bred_again_and_counted_never_evaluated(tmp_path,
     assert tiny.size() == 8
     config = parse_config(toy_config_dict(evaluations=8, initial=3))
     evaluator, stats = CountingEvaluator(worker), {}
-    run_search(RunDir.create(tmp_path / "run", config), tiny, evaluator, log=lambda m: None, stats=stats)
+    run_search(
+        RunDir.create(tmp_path / "run", config), tiny, evaluator, log=lambda m: None, stats=stats
+    )
     assert len(evaluator.keys) == len(set(evaluator.keys)) == 8
     assert stats["rebred"] > 0
 
@@ -115,12 +117,18 @@ def test_breeding_draws_parents_from_the_threshold_pools():
     cfg = parse_config(toy_config_dict(crossover_prob=0.0, layer_prob=1.0, swap_prob=0.0)).search
     rng = random.Random(0)
     toolbox = make_toolbox(SPACE, cfg, rng)
-    archive = [Evaluation(i, toolbox.individual(), fitness, {}) for i, fitness in enumerate([90.0, 88.0, 80.0, 50.0])]
+    archive = [
+        Evaluation(i, toolbox.individual(), fitness, {})
+        for i, fitness in enumerate([90.0, 88.0, 80.0, 50.0])
+    ]
     near = {0: [], 1: []}
     for _ in range(300):
         child = breed(toolbox, archive, cfg, rng)
         # with one forced swap the parent is the archive genome sharing 4*4-1 kept experts
-        overlaps = [sum(len(set(child.keep(i)) & set(e.genome.keep(i))) for i in SPACE.layers) for e in archive]
+        overlaps = [
+            sum(len(set(child.keep(i)) & set(e.genome.keep(i))) for i in SPACE.layers)
+            for e in archive
+        ]
         parent = overlaps.index(max(overlaps))
         assert parent in (0, 1)  # only candidates within 3.0 points of the best are parents
         near[parent].append(child)
@@ -158,10 +166,14 @@ def test_failures_piling_up_stop_the_search_with_an_error(tmp_path, worker):
     resumed with another limit."""
     failing = FailingWorker.__new__(FailingWorker)
     failing.__dict__.update(worker.__dict__, poison=None)
-    failing.scores = lambda genome, split="search", **_: (_ for _ in ()).throw(RuntimeError("disk on fire"))
+    failing.scores = lambda genome, split="search", **_: (_ for _ in ()).throw(
+        RuntimeError("disk on fire")
+    )
     config = parse_config(toy_config_dict(max_failures=3))
     run = RunDir.create(tmp_path / "run", config)
-    with pytest.raises(EepError, match=r"3 evaluations in a row failed \(the last: RuntimeError: disk on fire\)"):
+    with pytest.raises(
+        EepError, match=r"3 evaluations in a row failed \(the last: RuntimeError: disk on fire\)"
+    ):
         run_search(run, SPACE, SerialEvaluator(failing), log=lambda m: None)
     rows = [json.loads(line) for line in run.journal_path.read_text().splitlines()]
     assert [r["status"] for r in rows] == ["failed"] * 3
@@ -176,7 +188,9 @@ def _run_space(path, worker, search_space, stop_after=None, log=lambda m: None, 
     data["search_space"] = search_space
     config = parse_config(data)
     run = RunDir.create(path, config) if not (path / "config.yaml").exists() else RunDir.open(path)
-    schedule = build_schedule(config.search_space, MoEShape("mixtral", 8, 2, (0, 1, 2, 3), router_matrix=(True, 1.0)))
+    schedule = build_schedule(
+        config.search_space, MoEShape("mixtral", 8, 2, (0, 1, 2, 3), router_matrix=(True, 1.0))
+    )
     evaluator = CountingEvaluator(worker)
     return run, run_search(run, schedule, evaluator, log=log, stop_after=stop_after), evaluator
 
@@ -222,7 +236,8 @@ def test_weight_groups_share_one_gene_through_both_phases(tmp_path, worker):
 def test_resume_without_a_usable_snapshot_replays_the_journal(tmp_path, worker, damage):
     whole, summary_whole, _ = _run_space(tmp_path / "whole", worker, MERGE)
     path = tmp_path / damage
-    run, _, _ = _run_space(path, worker, MERGE, stop_after=12)  # inside the merge phase: float genomes
+    # inside the merge phase: float genomes
+    run, _, _ = _run_space(path, worker, MERGE, stop_after=12)
     state = run.state_path
     if damage == "delete":
         state.unlink()
@@ -239,7 +254,12 @@ def test_resume_without_a_usable_snapshot_replays_the_journal(tmp_path, worker, 
     assert len(ev.keys) == 16 - 12  # replayed records are not evaluated again
     assert _journal(resumed) == _journal(whole) and summary == summary_whole
     assert "replaying the 12 journal records" in " ".join(messages)
-    why = {"delete": None, "garbage": "is corrupt", "truncate": "is corrupt", "edit": "fails its checksum"}[damage]
+    why = {
+        "delete": None,
+        "garbage": "is corrupt",
+        "truncate": "is corrupt",
+        "edit": "fails its checksum",
+    }[damage]
     assert why is None or any(why in m for m in messages), messages
 
 
@@ -257,12 +277,19 @@ def test_replay_refuses_a_journal_that_another_config_wrote(tmp_path, worker):
         _run_space(tmp_path / "r", worker, MERGE)
 
 
-@pytest.mark.parametrize("family, section, message", [
-    ("deepseek_v3", {"keep": 3}, "keep=3 must be a multiple of the model's 2 expert groups"),
-    ("deepseek_v3", {"keep": 2}, "with at least 2 per group"),
-    ("deepseek_v3", {"kind": "merge", "keep": 4, "merge_after": 4}, "where eep searches uniform pruning only"),
-    ("deepseek_v3", {"budget": 8}, "where eep searches uniform pruning only"),
-])
+@pytest.mark.parametrize(
+    "family, section, message",
+    [
+        ("deepseek_v3", {"keep": 3}, "keep=3 must be a multiple of the model's 2 expert groups"),
+        ("deepseek_v3", {"keep": 2}, "with at least 2 per group"),
+        (
+            "deepseek_v3",
+            {"kind": "merge", "keep": 4, "merge_after": 4},
+            "where eep searches uniform pruning only",
+        ),
+        ("deepseek_v3", {"budget": 8}, "where eep searches uniform pruning only"),
+    ],
+)
 def test_schedules_a_family_cannot_export_are_refused_up_front(family, section, message):
     from eep.config import SearchSpaceConfig
     from eep.families import MoEShape
@@ -287,7 +314,9 @@ def test_merge_keeps_selecting_routers_where_mixing_is_undefined():
     from eep.moe import router_columns
 
     # GLM-4-MoE's sigmoid routing (no router matrix defined)
-    schedule = build_schedule(SearchSpaceConfig(kind="merge", keep=4, merge_after=4), MoEShape("glm4_moe", 8, 2, (0, 1)))
+    schedule = build_schedule(
+        SearchSpaceConfig(kind="merge", keep=4, merge_after=4), MoEShape("glm4_moe", 8, 2, (0, 1))
+    )
     merge = schedule.phases[1][1]
     assert not merge.mix_router
     rng = random.Random(0)
@@ -341,11 +370,15 @@ def test_parent_bar_lies_below_both_thresholds_and_the_pool_minimum():
     from eep.search import parent_bar
 
     genome = Genome.from_keep(8, 2, {0: [0, 1]})
-    archive = [Evaluation(i, genome, f) for i, f in enumerate([90.0, 89.5, 80.0, 70.0, 60.0, 50.0, 40.0])]
+    archive = [
+        Evaluation(i, genome, f) for i, f in enumerate([90.0, 89.5, 80.0, 70.0, 60.0, 50.0, 40.0])
+    ]
     cfg = SearchConfig(crossover_pool_min=6, mutate_threshold=3.0, crossover_threshold=1.0)
-    assert parent_bar(archive, cfg) == 50.0  # the sixth best: a worse child never enters the crossover pool
+    # the sixth best: a worse child never enters the crossover pool
+    assert parent_bar(archive, cfg) == 50.0
     assert parent_bar(archive, SearchConfig(crossover_pool_min=2)) == 87.0  # best - 3
-    assert parent_bar(archive[:5], cfg) is None  # fewer than the pool minimum: anything could be a parent
+    # fewer than the pool minimum: anything could be a parent
+    assert parent_bar(archive[:5], cfg) is None
     failed = Evaluation(9, genome, None, error="boom")
     assert parent_bar([*archive[:5], failed], cfg) is None
 
@@ -370,12 +403,18 @@ def test_greedy_warm_start_is_journaled_counted_and_resumes_exactly(tmp_path, wo
     assert [r["id"] for r in rows] == list(range(cost + 12)) and summary["evaluations"] == cost + 12
     outside = [bool(r.get("outside")) for r in rows]
     assert outside == [space.reject(Genome.from_dict(r["genome"])) is not None for r in rows]
-    assert sum(outside) == 4 * (8 + 7) - 7 and not any(outside[cost:])  # all but the last layer's last step
-    expected, value, _ = greedy.run(greedy.steps(space), lambda gs: [worker.fitness(worker.scores(g)) for g in gs])
+    # all but the last layer's last step
+    assert sum(outside) == 4 * (8 + 7) - 7 and not any(outside[cost:])
+    expected, value, _ = greedy.run(
+        greedy.steps(space), lambda gs: [worker.fitness(worker.scores(g)) for g in gs]
+    )
     assert summary["best_fitness"] >= value
-    assert Genome.from_dict(summary["best_genome"]).keep_map() != {} and space.reject(expected) is None
+    assert (
+        Genome.from_dict(summary["best_genome"]).keep_map() != {} and space.reject(expected) is None
+    )
 
-    cut = RunDir.create(tmp_path / "cut", config())  # stopped during the greedy phase, snapshot lost
+    # stopped during the greedy phase, snapshot lost
+    cut = RunDir.create(tmp_path / "cut", config())
     with cut.journal_path.open("a") as journal:
         for line in full.journal_path.read_text().splitlines()[:50]:
             journal.write(line + "\n")

@@ -6,9 +6,9 @@ import random
 import pytest
 
 import fitness.scoring
+from eep.config import ModelConfig
 from eep.genome import Genome
 from eep.model import load_model
-from eep.config import ModelConfig
 from eep.moe import adapter_for
 from fitness import toy_tasks
 from fitness.generation import greedy_generate
@@ -27,7 +27,8 @@ def test_decide_settles_only_what_more_tokens_cannot_change():
     assert decide("d c b a e", False, ["d c b a"], []) is False
     assert decide("12", False, ["123"], []) is None  # the last word may grow
     assert decide("d c b a\nmore", False, ["d c b a"], ["\n"]) is True  # cut at the stop string
-    assert decide("d c b a\n", False, ["d c b a"], ["\n\n"]) is None  # a stop may straddle the next token
+    # a stop may straddle the next token
+    assert decide("d c b a\n", False, ["d c b a"], ["\n\n"]) is None
     assert decide("caf\ufffd", False, ["cafe"], []) is None  # half a character
     assert decide("  d c  b a ", True, ["d c b a"], []) is True  # whitespace-normalised
 
@@ -43,7 +44,9 @@ def _counting(monkeypatch):
     return generated
 
 
-def _same_hits(model, tokenizer, tasks, genomes, monkeypatch, max_new_tokens, most_forced, batch_size=16):
+def _same_hits(
+    model, tokenizer, tasks, genomes, monkeypatch, max_new_tokens, most_forced, batch_size=16
+):
     """``most_forced``: at most a quarter of the examples generated per genome (else: some forced at all)."""
     forced = Scorer(model, tokenizer, tasks, batch_size, max_new_tokens)
     reference = Scorer(model, tokenizer, tasks, batch_size, max_new_tokens, scoring="generate")
@@ -68,11 +71,17 @@ def _same_hits(model, tokenizer, tasks, genomes, monkeypatch, max_new_tokens, mo
 
 def test_toy_hits_equal_generation_for_50_random_genomes(monkeypatch):
     model, tokenizer = load_model(ModelConfig(path="toy", device="cpu", dtype="float32"))
-    tasks = [Task(t, tuple(Example(e.prompt, (e.answer,)) for e in toy_tasks.examples(t, "search", 6)))
-             for t in toy_tasks.TASKS]
+    tasks = [
+        Task(t, tuple(Example(e.prompt, (e.answer,)) for e in toy_tasks.examples(t, "search", 6)))
+        for t in toy_tasks.TASKS
+    ]
     rng = random.Random(0)
-    genomes = [Genome.from_keep(8, 2, {i: rng.sample(range(8), rng.choice([2, 3, 4, 5])) for i in range(4)})
-               for _ in range(50)]
+    genomes = [
+        Genome.from_keep(
+            8, 2, {i: rng.sample(range(8), rng.choice([2, 3, 4, 5])) for i in range(4)}
+        )
+        for _ in range(50)
+    ]
     _same_hits(model, tokenizer, tasks, genomes, monkeypatch, max_new_tokens=8, most_forced=True)
 
 
@@ -81,29 +90,42 @@ def test_random_model_hits_equal_generation_for_50_random_genomes(family, monkey
     """Answers are the full model's own greedy outputs, so some genomes keep them and others lose them."""
     _, tokenizer = load_model(ModelConfig(path="toy", device="cpu", dtype="float32"))
     model = tiny_model(family, vocab_size=len(tokenizer))
-    prompts = [e.prompt for t in ("copy", "reverse", "shift") for e in toy_tasks.examples(t, "search", 8)]
+    prompts = [
+        e.prompt for t in ("copy", "reverse", "shift") for e in toy_tasks.examples(t, "search", 8)
+    ]
     answers = greedy_generate(model, tokenizer, prompts, 32, 4)
     tasks = [Task("own", tuple(Example(p, (a,)) for p, a in zip(prompts, answers)))]
     layers = sorted(adapter_for(model).blocks)
     rng = random.Random(1)
-    genomes = [Genome.from_keep(8, 2, {i: rng.sample(range(8), rng.choice([3, 4, 5, 6, 7])) for i in layers})
-               for _ in range(50)]
+    genomes = [
+        Genome.from_keep(
+            8, 2, {i: rng.sample(range(8), rng.choice([3, 4, 5, 6, 7])) for i in layers}
+        )
+        for _ in range(50)
+    ]
     _same_hits(model, tokenizer, tasks, genomes, monkeypatch, max_new_tokens=4, most_forced=False)
 
 
 def test_a_generation_config_that_changes_greedy_choices_falls_back_to_generation():
     model, tokenizer = load_model(ModelConfig(path="toy", device="cpu", dtype="float32"))
     model.generation_config.repetition_penalty = 1.3
-    tasks = [Task("copy", (Example("copy : a b =", ("a b",)),)), Task("f", (Example("copy : a =", ("a",)),), "f1")]
+    tasks = [
+        Task("copy", (Example("copy : a b =", ("a b",)),)),
+        Task("f", (Example("copy : a =", ("a",)),), "f1"),
+    ]
     scorer = Scorer(model, tokenizer, tasks)
-    assert scorer.paths == {"copy": "generated (its generation config sets repetition_penalty=1.3)",
-                            "f": "generated (f1 compares free text)"}
+    assert scorer.paths == {
+        "copy": "generated (its generation config sets repetition_penalty=1.3)",
+        "f": "generated (f1 compares free text)",
+    }
 
 
 def test_cut_raises_once_the_bound_falls_below_the_bar():
     model, tokenizer = load_model(ModelConfig(path="toy", device="cpu", dtype="float32"))
-    tasks = [Task(t, tuple(Example(e.prompt, (e.answer,)) for e in toy_tasks.examples(t, "search", 8)))
-             for t in ("copy", "reverse")]
+    tasks = [
+        Task(t, tuple(Example(e.prompt, (e.answer,)) for e in toy_tasks.examples(t, "search", 8)))
+        for t in ("copy", "reverse")
+    ]
     scorer = Scorer(model, tokenizer, tasks, batch_size=4)
     genome = Genome.from_keep(8, 2, {i: [0, 1] for i in range(4)})
     with adapter_for(model).applied(genome):

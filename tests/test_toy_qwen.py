@@ -35,26 +35,38 @@ def _sets():
 
 def test_toy_qwen_is_a_stock_qwen3_moe(toy_qwen_model):
     model, tokenizer = toy_qwen_model
-    assert type(model).__name__ == "Qwen3MoeForCausalLM" and resolve_path("toy-qwen") == str(toy_qwen.TOY_QWEN_DIR)
-    assert model.config.num_experts == 8 and model.config.num_experts_per_tok == 2 and model.config.norm_topk_prob
+    assert type(model).__name__ == "Qwen3MoeForCausalLM" and resolve_path("toy-qwen") == str(
+        toy_qwen.TOY_QWEN_DIR
+    )
+    assert (
+        model.config.num_experts == 8
+        and model.config.num_experts_per_tok == 2
+        and model.config.norm_topk_prob
+    )
     ids = tokenizer("sort : c a f b =")["input_ids"]
     assert tokenizer.convert_ids_to_tokens(ids) == ["<bos>", "sort", ":", "c", "a", "f", "b", "="]
     out = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)
-    assert tokenizer.decode(out[0, len(ids):], skip_special_tokens=True) == "a b c f"
+    assert tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True) == "a b c f"
 
 
 def test_tasks_and_splits():
     solve = toy_qwen_tasks.solve
     assert solve("ends", list("abcd")) == list("dbca") and solve("count", list("abcab")) == ["five"]
-    assert solve("skip", list("abcde")) == list("ace") and solve("atbash", list("apc")) == list("pan")
+    assert solve("skip", list("abcde")) == list("ace") and solve("atbash", list("apc")) == list(
+        "pan"
+    )
     assert solve("max", list("cjb")) == ["j"] and solve("sort", list("cab")) == list("abc")
-    assert solve("flip", list("abcp")) == list("bado") and solve("halve", list("abcp")) == list("aabh")
+    assert solve("flip", list("abcp")) == list("bado") and solve("halve", list("abcp")) == list(
+        "aabh"
+    )
     for task in toy_qwen_tasks.TASKS:
         search, test = (toy_qwen_tasks.examples(task, s, 40) for s in ("search", "test"))
         assert not {e.prompt for e in search} & {e.prompt for e in test}
         assert all(len(e.answer.split()) <= 6 for e in test)
     tasks = load_tasks([TaskConfig(name="s", dataset="toyq:sort", search_size=3)], "search")
-    assert [e.prompt for e in tasks[0].examples] == [e.prompt for e in toy_qwen_tasks.examples("sort", "search", 3)]
+    assert [e.prompt for e in tasks[0].examples] == [
+        e.prompt for e in toy_qwen_tasks.examples("sort", "search", 3)
+    ]
     with pytest.raises(EepError, match="unknown toy task 'toyq:copy'; available: toyq:sort"):
         check_tasks([TaskConfig(name="c", dataset="toyq:copy")])
     with pytest.raises(EepError, match="unknown split 'validation'"):
@@ -70,12 +82,14 @@ def test_structure_has_trade_offs_at_every_size():
         assert sorted(set(uses)) == list(range(8))  # every expert serves a task
         assert len(toy_qwen.solo_tasks(layer)) == (2 if i % 2 else 0)
         assert all(not lost for lost in toy.covers(layer, 5).values())
-        assert all(len(lost) == 1 for lost in toy.covers(layer, 4).values())  # 4 never cover every task
+        # 4 never cover every task
+        assert all(len(lost) == 1 for lost in toy.covers(layer, 4).values())
     both = set.intersection(*(toy_qwen.solo_tasks(layer) for layer in sets[1::2]))
     assert [len(toy_qwen.best_genome(sets, k)[1]) for k in (5, 4, 3, 2)] == [0, 1, 3, 5]
     genome, lost = toy_qwen.best_genome(sets, 4)
     assert lost == both and all(len(genome.keep(i)) == 4 for i in range(4))
-    assert toy_qwen.expert_sets(seed=0) == sets and _sets() == sets  # the shipped model was built from seed 0
+    # the shipped model was built from seed 0
+    assert toy_qwen.expert_sets(seed=0) == sets and _sets() == sets
 
 
 def test_toy_qwen_separation_on_held_out_data(toy_qwen_model):
@@ -86,7 +100,9 @@ def test_toy_qwen_separation_on_held_out_data(toy_qwen_model):
     sets = _sets()
     full = accuracy()
     random_mean = statistics.mean(
-        accuracy(Genome.from_keep(8, 2, {i: rng.sample(range(8), 4) for i in range(4)})) for _ in range(8))
+        accuracy(Genome.from_keep(8, 2, {i: rng.sample(range(8), 4) for i in range(4)}))
+        for _ in range(8)
+    )
     assert full >= 95.0
     assert random_mean <= full - 15.0
     assert accuracy(toy.covering_genome(sets, 8, 2, rng)) >= full - 5.0
@@ -95,10 +111,26 @@ def test_toy_qwen_separation_on_held_out_data(toy_qwen_model):
 
 def test_search_on_toy_qwen_runs_through_the_cli(tmp_path):
     run = tmp_path / "run"
-    assert main(["search", str(ROOT / "experiments/toy-qwen.yaml"), "--run-dir", str(run),
-                 "--set", "search.evaluations=4", "--set", "search.initial=4"]) == 0
+    assert (
+        main(
+            [
+                "search",
+                str(ROOT / "experiments/toy-qwen.yaml"),
+                "--run-dir",
+                str(run),
+                "--set",
+                "search.evaluations=4",
+                "--set",
+                "search.initial=4",
+            ]
+        )
+        == 0
+    )
     evaluations = RunDir.open(run).evaluations()
     assert len(evaluations) == 4 and not any(e.failed for e in evaluations)
     assert all(len(e.genome.keep(i)) == 4 for e in evaluations for i in range(4))
     heldout = RunDir.open(run).summary()["heldout"]
-    assert set(heldout["best"]["scores"]) == set(toy_qwen_tasks.TASKS) and heldout["full"]["mean"] >= 95.0
+    assert (
+        set(heldout["best"]["scores"]) == set(toy_qwen_tasks.TASKS)
+        and heldout["full"]["mean"] >= 95.0
+    )

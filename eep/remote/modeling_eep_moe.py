@@ -69,7 +69,9 @@ class MappedRouter:
 @functools.cache
 def mapped(router_class: type) -> type:
     """The family's router class with :class:`MappedRouter` mixed in."""
-    return type(f"Mapped{router_class.__name__}", (MappedRouter, router_class), {"__module__": __name__})
+    return type(
+        f"Mapped{router_class.__name__}", (MappedRouter, router_class), {"__module__": __name__}
+    )
 
 
 class LowRankExperts(nn.Module):
@@ -79,13 +81,24 @@ class LowRankExperts(nn.Module):
     def __init__(self, dense: nn.Module, ranks: list[int]):
         super().__init__()
         if not all(hasattr(dense, name) for name in ("gate_up_proj", "down_proj", "act_fn")) or any(
-                name.endswith("bias") for name, _ in dense.named_parameters()):
-            raise ValueError(f"{type(dense).__name__} are not gated experts without biases; they have no low-rank form")
+            name.endswith("bias") for name, _ in dense.named_parameters()
+        ):
+            raise ValueError(
+                f"{type(dense).__name__} are not gated experts without biases; they have no low-rank form"
+            )
         self.num_experts = len(ranks)
         for name in ("gate_up_proj", "down_proj"):
             out, inp = getattr(dense, name).shape[1:]
-            setattr(self, f"{name}_a", nn.ParameterList(nn.Parameter(torch.empty(out, r)) for r in ranks))
-            setattr(self, f"{name}_b", nn.ParameterList(nn.Parameter(torch.empty(r, inp)) for r in ranks))
+            setattr(
+                self,
+                f"{name}_a",
+                nn.ParameterList(nn.Parameter(torch.empty(out, r)) for r in ranks),
+            )
+            setattr(
+                self,
+                f"{name}_b",
+                nn.ParameterList(nn.Parameter(torch.empty(r, inp)) for r in ranks),
+            )
         self.act_fn = dense.act_fn
 
     @staticmethod
@@ -96,9 +109,12 @@ class LowRankExperts(nn.Module):
         final = torch.zeros_like(hidden_states)
         for expert in top_k_index.unique().tolist():
             token, slot = torch.where(top_k_index == expert)
-            gate, up = self._linear(hidden_states[token], self.gate_up_proj_a[expert],
-                                    self.gate_up_proj_b[expert]).chunk(2, dim=-1)
-            out = self._linear(self.act_fn(gate) * up, self.down_proj_a[expert], self.down_proj_b[expert])
+            gate, up = self._linear(
+                hidden_states[token], self.gate_up_proj_a[expert], self.gate_up_proj_b[expert]
+            ).chunk(2, dim=-1)
+            out = self._linear(
+                self.act_fn(gate) * up, self.down_proj_a[expert], self.down_proj_b[expert]
+            )
             final.index_add_(0, token, (out * top_k_weights[token, slot, None]).to(final.dtype))
         return final
 
@@ -130,11 +146,16 @@ class EepLayers:
         routing = config.eep_routing or {}
         for name, spec in (config.eep_layers or {}).items():
             layer = base.layers[int(name)]
-            with _sized(config, **{self.experts_key: spec["experts"], "num_experts_per_tok": spec["top_k"]}):
+            with _sized(
+                config, **{self.experts_key: spec["experts"], "num_experts_per_tok": spec["top_k"]}
+            ):
                 block = type(layer.mlp)(config)
             if spec.get("sources") is not None:
                 router_class = mapped(type(getattr(block, self.router)))
-                with _sized(config, **{self.experts_key: spec["sources"], "num_experts_per_tok": spec["top_k"]}):
+                with _sized(
+                    config,
+                    **{self.experts_key: spec["sources"], "num_experts_per_tok": spec["top_k"]},
+                ):
                     router = router_class(config)
                 router.router_map = nn.Parameter(torch.empty(spec["experts"], spec["sources"]))
                 router.eep_renormalise = bool(routing.get("renormalise", True))
