@@ -32,8 +32,8 @@ def main() -> None:
     from eep.config import parse_config
     from eep.evaluator import FitnessWorker, SerialEvaluator
     from eep.journal import RunDir
+    from eep.loop import run_search
     from eep.ray_evaluator import RayEvaluator
-    from eep.search import run_search
     from fitness import toy_tasks
     from search_spaces import PruneSpace
 

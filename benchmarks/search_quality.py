@@ -34,7 +34,7 @@ def _search(config, worker, space, tmp: Path) -> tuple[object, float, int, float
     from eep.evaluator import SerialEvaluator
     from eep.genome import Genome
     from eep.journal import RunDir
-    from eep.search import run_search, select
+    from eep.loop import run_search, select
     from fitness.metrics import weighted_fitness
 
     run = RunDir.create(tmp / f"run-{time.monotonic_ns()}", config)
@@ -71,8 +71,8 @@ def measure(
 ) -> dict[str, dict]:
     from eep import baselines as bl
     from eep import greedy
+    from eep.calibration import calibrate
     from eep.cli import _plan
-    from eep.compare import calibrate
     from eep.config import load_config
     from eep.evaluator import FitnessWorker
     from fitness.metrics import weighted_fitness

@@ -16,7 +16,7 @@ import statistics
 
 from eep.evaluator import FitnessWorker
 from eep.journal import RunDir
-from eep.search import make_toolbox
+from eep.loop import make_toolbox
 from search_spaces import build_schedule
 
 

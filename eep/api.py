@@ -24,7 +24,7 @@ from eep.config import Config, differences, load_config, parse_config
 from eep.errors import EepError
 from eep.genome import Genome
 from eep.journal import Evaluation, RunDir
-from eep.search import stderr_log
+from eep.progress import stderr_log
 
 Log = Callable[[str], None]
 
@@ -405,8 +405,8 @@ def make_evaluator(config: Config, log: Log = stderr_log):
 def _finish(run: RunDir, config: Config, space, evaluator, log: Log) -> dict:
     """Run the search on ``evaluator`` (closed at the end), pick the genome to export (the best, or
     with validation examples the best of the top few on them), then score it held-out."""
+    from eep.loop import run_search, select
     from eep.progress import Progress, tracked
-    from eep.search import run_search, select
     from fitness.metrics import weighted_fitness
 
     start = time.perf_counter()

@@ -240,9 +240,10 @@ class Rebuild:
             self.cpu_adapter = MoEAdapter(copy.deepcopy(worker.model).to("cpu"))
 
     def scores(self, genome) -> dict[str, float]:
-        from eep.moe import assemble, moe_blocks
+        from eep.moe import moe_blocks
+        from eep.surgery import assemble, compress
 
-        small, _ = self.cpu_adapter.compressed(genome)  # slice / merge on CPU
+        small, _ = compress(self.cpu_adapter, genome)  # slice / merge on CPU
         state = {k: v.to(self.device, copy=True) for k, v in small.state_dict().items()}
         model = assemble(type(small), small.config, state, small, self.device)
         return self.worker.scorers["search"](model, moe_blocks(model))
@@ -293,9 +294,9 @@ def bench_search(
     """The same search serially and on Ray with each ``(actors, candidates queued per actor)``."""
     from eep.evaluator import FitnessWorker, SerialEvaluator
     from eep.journal import RunDir
+    from eep.loop import run_search
     from eep.model import load_hf_config
     from eep.moe import shape_of
-    from eep.search import run_search
     from search_spaces import build_schedule
 
     rows = {}
@@ -411,6 +412,7 @@ def bench_export(worker, device: str, scratch: Path, repeats: int, log) -> dict:
     import multiprocessing
 
     from eep.genome import Genome
+    from eep.surgery import compress
     from search_spaces import random_genome
 
     adapter, tokenizer = worker.adapter, worker.tokenizer
@@ -428,7 +430,7 @@ def bench_export(worker, device: str, scratch: Path, repeats: int, log) -> dict:
     context = multiprocessing.get_context("spawn")
     for name, genome in variants.items():
         path = scratch / f"export-{len(rows)}"
-        model = worker.model if genome is None else adapter.compressed(genome)[0]
+        model = worker.model if genome is None else compress(adapter, genome)[0]
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
         with context.Pool(1) as pool:
@@ -570,9 +572,9 @@ def bench_cut(model: str, device: str, evaluations: int, scratch: Path, log) -> 
     decide the ratio."""
     from eep.evaluator import FitnessWorker, SerialEvaluator
     from eep.journal import RunDir
+    from eep.loop import run_search
     from eep.model import load_hf_config
     from eep.moe import shape_of
-    from eep.search import run_search
     from search_spaces import build_schedule
 
     shape = None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from eep.errors import EepError
 from eep.model import estimate_bytes
-from eep.search import stderr_log as log
+from eep.progress import stderr_log as log
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -567,7 +567,7 @@ def cmd_finetune(args) -> int:
     import os
     import shutil
 
-    from eep.compare import calibration_batches, calibration_texts
+    from eep.calibration import calibration_batches, calibration_texts
     from eep.config import load_config
     from eep.evaluator import FitnessWorker
     from eep.export import check_target

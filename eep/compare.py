@@ -16,92 +16,11 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from eep.calibration import calibrate, calibration_coverage
 from eep.config import Config
 from eep.errors import EepError
 from eep.genome import Genome
-
-
-def parameter_counts(model, adapter, genome: Genome | None) -> tuple[int, int]:
-    """(parameters kept, parameters active per token) of ``model`` compressed by ``genome``
-    (``None``: uncompressed). Embeddings count as kept and active; a dropped expert removes its
-    weights and its router row; an expert not routed to is kept but not active; a low-rank expert's
-    matrices count as their factors."""
-    from eep.lowrank import expert_params
-
-    total = sum(p.numel() for p in model.parameters())
-    active = total
-    for layer in adapter.moe_layers:
-        experts = adapter.blocks[layer].experts
-        expert = sum(getattr(experts, name)[0].numel() for name in adapter.expert_tensors)
-        router = adapter.routers[layer]  # a dropped expert's row of every [E, ...] router parameter
-        router_row = sum(
-            p[0].numel()
-            for name, p in router.named_parameters(recurse=False)
-            if name in adapter.router_tensors
-        )
-        slots = adapter.num_experts if genome is None else genome.gene(layer).slots
-        k = adapter.top_k if genome is None else genome.active(layer)
-        dropped = adapter.num_experts - slots
-        total -= dropped * (expert + router_row)
-        active -= dropped * router_row + (adapter.num_experts - k) * expert
-        ranks = None if genome is None else genome.gene(layer).ranks
-        # low-rank experts: their matrices are factors (a token's: the layer's mean)
-        if ranks is not None:
-            saved = [expert_params(adapter, None) - expert_params(adapter, r) for r in ranks]
-            total -= sum(saved)
-            active -= round(k * sum(saved) / len(saved))
-    return total, active
-
-
-def calibration_texts(config: Config) -> list[str]:
-    """The calibration texts: a dataset's, or the fitness tasks' search examples written out, taken
-    from the tasks in turn (one of each, then the next of each...) so that a ``size`` below their
-    total still covers every task."""
-    from fitness.tasks import load_tasks, load_texts
-
-    cal = config.baselines.calibration
-    if cal.dataset is not None:
-        return load_texts(cal.dataset, cal.subset, cal.split, cal.prompt, cal.size, cal.seed)
-    per_task = []
-    for task in load_tasks(config.fitness.tasks, "search"):
-        texts = []
-        for ex in task.examples:
-            if ex.options:
-                texts.append("".join(ex.options[ex.label]))
-            else:
-                texts.append(f"{ex.prompt} {ex.answers[0]}" if ex.answers else ex.prompt)
-        per_task.append(texts)
-    balanced = [
-        texts[i] for i in range(max(map(len, per_task))) for texts in per_task if i < len(texts)
-    ]
-    return balanced[: cal.size]
-
-
-def calibration_coverage(config: Config) -> str:
-    """What the calibration texts are drawn from, for the table: ``128 texts of 8 of 8 tasks``."""
-    cal = config.baselines.calibration
-    if cal.dataset is not None:
-        return f"{cal.size} texts of {cal.dataset}"
-    sizes = [t.search_size for t in config.fitness.tasks]
-    covered = sum(1 for n in sizes if n) if cal.size >= len(sizes) else cal.size
-    return f"{min(cal.size, sum(sizes))} texts of {covered} of {len(sizes)} tasks' search examples"
-
-
-def calibration_batches(
-    tokenizer, texts: list[str], batch_size: int, max_length: int
-) -> list[dict]:
-    """The texts tokenized in right-padded batches (``input_ids``, ``attention_mask``)."""
-    return [
-        tokenizer(
-            texts[start : start + batch_size],
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            padding_side="right",
-        )
-        for start in range(0, len(texts), batch_size)
-    ]
+from eep.surgery import parameter_counts
 
 
 def check_baselines(config: Config, shape) -> None:
@@ -126,27 +45,6 @@ def check_baselines(config: Config, shape) -> None:
         raise EepError(
             "naee+skip (dynamic skipping) needs a top-2 model; remove it from baselines.methods"
         )
-
-
-def calibrate(config: Config, worker, log: Callable[[str], None]):
-    """(texts, batches, :class:`eep.baselines.Calibration`): one pass of the unpruned model."""
-    from eep import baselines as bl
-    from eep.progress import tracked
-
-    cal = config.baselines.calibration
-    texts = calibration_texts(config)
-    log(f"[eep] calibration pass over {len(texts)} texts")
-    batches = calibration_batches(
-        worker.tokenizer, texts, config.fitness.batch_size, cal.max_length
-    )
-    stats = bl.collect(
-        worker.model,
-        worker.adapter,
-        tracked(batches, "calibration pass (batches)", log),
-        cal.max_tokens_per_layer,
-        seed=cal.seed,
-    )
-    return texts, batches, stats
 
 
 def warm_genomes(config: Config, worker, methods, log: Callable[[str], None]) -> dict[str, Genome]:

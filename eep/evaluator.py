@@ -30,10 +30,10 @@ class Candidate:
     id: int
     genome: Genome
     bar: float | None = None
-    """Fitness below which the search would never use this candidate (see ``eep.search.parent_bar``):
+    """Fitness below which the search would never use this candidate (see ``eep.loop.parent_bar``):
     a worker may stop scoring it once it cannot reach this."""
     order: tuple[str, ...] = ()
-    """Tasks to score first (``eep.search.task_order``), so that a cut comes early; never changes a score."""
+    """Tasks to score first (``eep.loop.task_order``), so that a cut comes early; never changes a score."""
 
 
 class FitnessWorker:

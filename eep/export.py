@@ -60,7 +60,8 @@ def export_genome(
     """
     from eep.lowrank import scales_for
     from eep.model import load_hf_config, load_model
-    from eep.moe import adapter_for, check_genome, export_form, moe_blocks, shape_of
+    from eep.moe import adapter_for, check_genome, moe_blocks, shape_of
+    from eep.surgery import compress, export_form
     from fitness.tasks import load_tasks
 
     out = Path(out)
@@ -75,7 +76,7 @@ def export_genome(
     model, tokenizer = load_model(model_cfg)
     adapter = adapter_for(model)
     adapter.use_scales(scale_values)
-    small, chosen = adapter.compressed(genome, form, dense=dense)
+    small, chosen = compress(adapter, genome, form, dense=dense)
     log(f"[eep] {chosen.kind} form: {chosen.reason}")
     report = {
         "source_model": model_cfg.path,

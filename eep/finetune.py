@@ -69,7 +69,7 @@ def _wrap(
 
 def batch_loss(model: nn.Module, inputs: dict) -> torch.Tensor:
     """Mean next-token cross-entropy over the non-padding positions of one batch."""
-    from eep.baselines import calibration_inputs
+    from eep.calibration import calibration_inputs
     from fitness.likelihood import next_token_nll
 
     ids, mask = next(calibration_inputs(model, [inputs]))

@@ -105,54 +105,6 @@ def scales_for(genome: Genome, path) -> dict[str, torch.Tensor] | None:
     return values
 
 
-def collect_scales(model, adapter, batches) -> dict[str, torch.Tensor]:
-    """``{"layer.tensor.expert": s}``: the root-mean-square of each expert matrix's input channels
-    over the non-padding calibration tokens routed to that expert (``gate_up_proj``: the block
-    input; ``down_proj``: ``act(gate) * up``). Experts no token reached get no entry."""
-    from eep.baselines import calibration_inputs
-
-    experts0 = adapter.blocks[adapter.moe_layers[0]].experts
-    if not all(hasattr(experts0, name) for name in ("gate_up_proj", "down_proj", "act_fn")):
-        raise EepError(
-            f"activation-aware factors need Mixtral-style experts (gate_up_proj, down_proj); "
-            f"{adapter.family.title} has {', '.join(adapter.expert_tensors)}"
-        )
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    valid: dict[str, torch.Tensor] = {}
-
-    def observe(layer: int):
-        def hook(module, args):
-            x, index = args[0], args[1]
-            keep = valid["mask"].to(x.device)
-            x, index = x[keep].float(), index[keep]
-            for expert in index.unique().tolist():
-                tokens = x[(index == expert).any(dim=-1)]
-                gate, up = (tokens @ module.gate_up_proj[expert].float().T).chunk(2, dim=-1)
-                for name, inputs in (
-                    ("gate_up_proj", tokens),
-                    ("down_proj", module.act_fn(gate) * up),
-                ):
-                    key = f"{layer}.{name}.{expert}"
-                    sums[key] = sums.get(key, 0) + inputs.double().pow(2).sum(dim=0).cpu()
-                    counts[key] = counts.get(key, 0) + len(tokens)
-
-        return hook
-
-    handles = [
-        adapter.blocks[i].experts.register_forward_pre_hook(observe(i)) for i in adapter.moe_layers
-    ]
-    try:
-        with torch.no_grad():
-            for ids, mask in calibration_inputs(model, batches):
-                valid["mask"] = mask.reshape(-1).bool()
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {key: (total / counts[key]).sqrt().float() for key, total in sums.items()}
-
-
 class Factors:
     """Low-rank factors of the experts' matrices of one model: plain truncated SVD, or
     activation-aware with ``scales`` (see the module); one decomposition per matrix, cached."""

@@ -1,5 +1,5 @@
 """MoE adapters: where a model family's routing and expert tensors live, and how a genome
-changes them — reversibly in place for search, physically for export.
+changes them reversibly in place for search (physically, for export: :mod:`eep.surgery`).
 
 One adapter serves every family of :mod:`eep.families`; what differs between them is read from
 the model (its [E, ...] expert and router tensors) and the family table, and each family's routing
@@ -32,11 +32,9 @@ rule is run by its own ``transformers`` router code, never re-derived here.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -44,15 +42,7 @@ from torch import nn
 from eep.errors import EepError
 from eep.families import FAMILIES, MoEShape, shape_of
 from eep.genome import Genome, LayerGene
-
-
-@dataclass(frozen=True)
-class ExportForm:
-    """How a genome can be written: ``stock`` (plain transformers class) or ``custom``
-    (eep's modeling file, ``trust_remote_code=True``), and why."""
-
-    kind: str
-    reason: str
+from eep.lowrank import Factors, check_ranks, matrix_tensors
 
 
 def merge_experts(
@@ -86,57 +76,6 @@ def router_columns(gene: LayerGene, num_experts: int) -> list[int] | None:
         picks.append(nonzero[0])
         values.add(row[nonzero[0]])
     return picks if len(values) == 1 and len(set(picks)) == len(picks) else None
-
-
-def export_form(genome: Genome, shape: MoEShape, form: str | None = None) -> ExportForm:
-    """The form a genome is exported in (``form`` forces one; ``stock`` when impossible is an
-    :class:`EepError`, as is ``custom`` for a family eep has no modeling file for). Needs only the
-    model's shape, so it is decided before weights load."""
-    family = FAMILIES[shape.family]
-    layers = shape.moe_layers
-    counts = sorted({genome.gene(i).slots for i in layers})
-    actives = sorted({genome.active(i) for i in layers})
-    general = [i for i in layers if router_columns(genome.gene(i), shape.num_experts) is None]
-    stock = f"a stock {family.title} checkpoint"
-    low_rank = [i for i in layers if genome.gene(i).ranks is not None]
-    if low_rank:
-        chosen = ExportForm(
-            "custom",
-            f"layers {low_rank} store low-rank expert factors; {stock} holds dense experts "
-            "(export with --dense for the re-multiplied weights)",
-        )
-    elif len(counts) > 1:
-        chosen = ExportForm(
-            "custom",
-            f"layers keep different numbers of experts ({counts}); {stock} has one expert count",
-        )
-    elif len(actives) > 1:
-        chosen = ExportForm(
-            "custom", f"layers route to different top_k ({actives}); {stock} has one top_k"
-        )
-    elif general:
-        chosen = ExportForm(
-            "custom",
-            f"layers {general} route through a router matrix that mixes experts; {stock} "
-            "router can only select them",
-        )
-    else:
-        what = "merged experts with a selecting router" if genome.is_merge else "kept experts"
-        chosen = ExportForm(
-            "stock", f"{what}, {counts[0]} per layer, top_k={actives[0]}: {stock} holds it"
-        )
-    if form == "stock" and chosen.kind != "stock":
-        raise EepError(
-            f"this genome cannot be a stock checkpoint: {chosen.reason}; export it in the custom form"
-        )
-    if form == "custom" and chosen.kind == "stock":
-        chosen = ExportForm("custom", "the custom form was asked for")
-    if low_rank and chosen.kind == "custom" and not family.gated_experts:
-        raise EepError(
-            f"{family.title}'s experts (biases, their own activation) have no low-rank form in eep's custom "
-            "code; export with --dense for the re-multiplied weights"
-        )
-    return chosen
 
 
 class MoEAdapter:
@@ -196,20 +135,14 @@ class MoEAdapter:
     def factors(self):
         """Low-rank factors of this model's experts (:class:`eep.lowrank.Factors`), cached."""
         if self._factors is None:
-            from eep.lowrank import Factors
-
             self._factors = Factors(self)
         return self._factors
 
     def use_scales(self, scales: dict[str, torch.Tensor] | None) -> None:
         """Make low-rank factors activation-aware with these scales (None: plain SVD)."""
-        from eep.lowrank import Factors
-
         self._factors = Factors(self, scales)
 
     def validate(self, genome: Genome, skip: Mapping[int, float] | None = None) -> None:
-        from eep.lowrank import check_ranks
-
         check_genome(genome, self.shape)
         check_ranks(genome, self)
         for layer, beta in (skip or {}).items():
@@ -356,8 +289,6 @@ class MoEAdapter:
         """Swap in the kept experts only, as slots 0..n-1 of the reused merge buffers: their
         matrices as low-rank approximations, their other tensors (biases) as they are. Extra
         memory: n/E of the layer's expert weights, as for merging."""
-        from eep.lowrank import matrix_tensors
-
         experts = self.blocks[layer].experts
         factored = matrix_tensors(self)
         with torch.no_grad():
@@ -389,131 +320,6 @@ class MoEAdapter:
     @staticmethod
     def _matrix(rows, router: nn.Module) -> torch.Tensor:
         return torch.tensor(rows, dtype=torch.float32, device=router.weight.device)
-
-    # -- export: physically smaller -----------------------------------------------------------
-
-    def export_form(self, genome: Genome) -> ExportForm:
-        """Whether a stock checkpoint of the family can hold this genome exactly, and if not, why."""
-        self.validate(genome)
-        return export_form(genome, self.shape)
-
-    def compressed(
-        self, genome: Genome, form: str | None = None, dense: bool = False
-    ) -> tuple[nn.Module, ExportForm]:
-        """A new, physically smaller model equal to the genome applied to this one, in the stock
-        form when possible (or the ``form`` asked for); its config's expert counts are updated.
-        Low-rank experts are stored as their factors (custom form), or with ``dense`` as the
-        re-multiplied matrices in the form the genome's pruning needs."""
-        from eep.lowrank import matrix_tensors
-
-        self.validate(genome)
-        chosen = export_form(genome.dense() if dense else genome, self.shape, form)
-        factored = matrix_tensors(self)
-        state = self.model.state_dict()
-        layers = {}
-        for layer in self.moe_layers:
-            gene = genome.gene(layer)
-            prefix, router = self.prefixes[layer], self.prefixes[layer] + self.family.router + "."
-            for name in self.expert_tensors:
-                key = prefix + f"experts.{name}"
-                if gene.ranks is None or name not in factored:
-                    state[key] = self._experts_for(gene, state[key])
-                elif dense:
-                    state[key] = torch.stack(
-                        [
-                            self.factors.product(layer, name, e, r).to(state[key].device)
-                            for e, r in zip(gene.keep, gene.ranks)
-                        ]
-                    )
-                else:  # the factors themselves: what makes a low-rank model physically smaller
-                    del state[key]
-                    for slot, (e, r) in enumerate(zip(gene.keep, gene.ranks)):
-                        state[f"{key}_a.{slot}"], state[f"{key}_b.{slot}"] = self.factors.factors(
-                            layer, name, e, r
-                        )
-            picks = router_columns(gene, self.num_experts) if gene.is_merge else list(gene.keep)
-            spec = {"experts": gene.slots, "top_k": genome.active(layer)}
-            if picks is not None:  # the family's own router over the picked experts
-                for name in self.router_tensors:
-                    state[router + name] = state[router + name][picks]
-            else:  # EEP's: the router over all source experts, and the router matrix
-                state[router + "router_map"] = self._matrix(
-                    gene.matrices(self.num_experts)[1], self.routers[layer]
-                )
-                spec["sources"] = self.num_experts
-            if gene.ranks is not None and not dense:
-                spec["ranks"] = list(gene.ranks)
-            layers[str(layer)] = spec
-        with torch.no_grad():
-            small = self._build(genome, chosen, layers, state)
-        return small, chosen
-
-    def sliced(self, genome: Genome) -> nn.Module:
-        """The stock-form model; an error names why when the genome needs the custom form."""
-        return self.compressed(genome, form="stock")[0]
-
-    def _experts_for(self, gene: LayerGene, weight: torch.Tensor) -> torch.Tensor:
-        if gene.is_merge:  # exactly what applied() computes
-            return merge_experts(
-                weight, torch.tensor(gene.merge, dtype=torch.float32, device=weight.device)
-            )
-        return weight.index_select(0, torch.tensor(gene.keep, device=weight.device))
-
-    def _build(self, genome: Genome, form: ExportForm, layers: dict, state: dict) -> nn.Module:
-        if form.kind == "stock":
-            config = copy.deepcopy(self.config)
-            text = config.get_text_config()
-            setattr(text, self.family.experts_key, genome.gene(self.moe_layers[0]).slots)
-            text.num_experts_per_tok = genome.active(self.moe_layers[0])
-            model_cls = type(self.model)
-        else:
-            from eep.remote import MODELING_FILE, custom_classes
-
-            if self.config.model_type != self.family.model_type:
-                raise EepError(
-                    f"eep's custom form holds {self.family.title} causal LMs; this model is "
-                    f"{self.config.model_type!r} (export its text model, or a genome of the stock form)"
-                )
-            config_cls, model_cls = custom_classes(self.family.model_type)
-            values = {
-                k: v
-                for k, v in self.config.to_dict().items()
-                if k not in ("model_type", "architectures", "transformers_version", "auto_map")
-            }
-            renormalise, scale = self.shape.router_matrix or (True, 1.0)
-            values.update(
-                {
-                    self.family.experts_key: max(s["experts"] for s in layers.values()),
-                    "num_experts_per_tok": max(s["top_k"] for s in layers.values()),
-                    "eep_layers": layers,
-                    "eep_routing": {"renormalise": renormalise, "scale": scale},
-                }
-            )
-            config = config_cls(**values)
-            config.architectures = [model_cls.__name__]
-            module = MODELING_FILE.stem
-            config.auto_map = {
-                "AutoConfig": f"{module}.{config_cls.__name__}",
-                "AutoModelForCausalLM": f"{module}.{model_cls.__name__}",
-            }
-        return assemble(model_cls, config, state, self.model)
-
-
-def assemble(model_cls: type, config, state: dict, source: nn.Module, device=None) -> nn.Module:
-    """A ``model_cls(config)`` holding exactly ``state`` (assigned, not copied, and without the
-    cost of a random initialisation: it is built on the meta device), with the non-persistent
-    buffers (rotary tables) that the state dict lacks copied from ``source``; in eval mode."""
-    with torch.device("meta"):
-        model = model_cls(config)
-    model.load_state_dict(state, assign=True, strict=True)
-    for name, buffer in source.named_buffers():
-        if name not in state:
-            owner, _, leaf = name.rpartition(".")
-            model.get_submodule(owner)._buffers[leaf] = buffer.to(
-                device or buffer.device, copy=True
-            )
-    model.tie_weights()
-    return model.eval()
 
 
 def check_genome(genome: Genome, shape: MoEShape) -> None:

@@ -6,7 +6,7 @@ Stage 1, non-uniform pruning:
    budget (:func:`layer_keep_counts`);
 2. a layer-wise genetic search per MoE layer over which experts it keeps (its count from step 1),
    fitness minus the percent of the layer's MoE-output energy lost on the calibration tokens. It
-   *is* eep's search (:func:`eep.search.run_search`): the DEAP toolbox of a one-layer
+   *is* eep's search (:func:`eep.loop.run_search`): the DEAP toolbox of a one-layer
    :class:`search_spaces.PruneSpace`, the evaluator seam, a journal and snapshot per layer under
    ``RUN_DIR/stage1/layer-NN``, resumed by reopening them. Each layer passes on its K best distinct
    keep sets;
@@ -57,9 +57,12 @@ from dataclasses import dataclass
 
 import torch
 
-from eep.baselines import (
+from eep import calibration
+from eep.calibration import (
     Calibration,
+    calibration_batches,
     calibration_inputs,
+    calibration_texts,
     keep_set_error,
     output_energy,
     output_error,
@@ -309,7 +312,7 @@ def layer_search(
     search is finished)."""
     from eep.evaluator import SerialEvaluator
     from eep.journal import RunDir
-    from eep.search import run_search
+    from eep.loop import run_search
     from search_spaces import PruneSpace
 
     sub_config = layer_config(config, layer, keep)
@@ -451,9 +454,6 @@ def compress(
     (from the config's calibration texts)."""
     from pathlib import Path
 
-    from eep import baselines as bl
-    from eep.compare import calibration_batches, calibration_texts
-
     cfg, cal_cfg = config.moei2, config.baselines.calibration
     if batches is None:
         batches = calibration_batches(
@@ -464,7 +464,7 @@ def compress(
         )
     if cal is None:
         log(f"[eep] MoE-I² calibration pass over {sum(len(b['input_ids']) for b in batches)} texts")
-        cal = bl.collect(
+        cal = calibration.collect(
             worker.model, worker.adapter, batches, cal_cfg.max_tokens_per_layer, seed=cal_cfg.seed
         )
     if cfg.importance == "loss":
@@ -504,12 +504,12 @@ def compress(
         "stage2": None,
     }
     if plan.low_rank_fraction is not None:
-        from eep.lowrank import allocate_ranks, collect_scales
+        from eep.lowrank import allocate_ranks
 
         scales = None
         if cfg.factors == "activation":
             log("[eep] stage 2: activation scales of the kept experts' inputs")
-            scales = collect_scales(worker.model, worker.adapter, batches)
+            scales = calibration.collect_scales(worker.model, worker.adapter, batches)
         worker.adapter.use_scales(scales)
         result["scales"] = scales
         result["stage2"] = allocate_ranks(
@@ -524,7 +524,7 @@ def run_moei2(
     """A ``search_space.kind: moei2`` run in ``run`` (a :class:`eep.journal.RunDir`): both stages,
     then the held-out scores of each stage's genome and of the full model into ``summary.json``
     (``best_genome`` is the last stage's, which ``eep export RUN_DIR`` writes). None when stopped."""
-    from eep.compare import parameter_counts
+    from eep.surgery import parameter_counts
     from fitness.metrics import weighted_fitness
 
     result = compress(config, worker, run.path / "stage1", plan, log, stop_after)

@@ -55,3 +55,8 @@ def tracked(
             progress.step()
     finally:
         progress.close()
+
+
+def stderr_log(message: str) -> None:
+    """The default ``log``: a line on stderr, flushed (progress lines interleave with tracebacks)."""
+    print(message, file=sys.stderr, flush=True)

@@ -27,7 +27,7 @@ from typing import Any
 
 from eep.errors import EepError
 from eep.journal import Evaluation, RunDir
-from eep.search import best_of
+from eep.loop import best_of
 
 METHOD_ORDER = (
     "full",

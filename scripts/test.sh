@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled
-.venv/bin/ruff check . && .venv/bin/ruff format --check . >/dev/null  # lint + format (pyproject.toml)
+.venv/bin/ruff check . && .venv/bin/ruff format --check .  # lint + format (pyproject.toml)
 .venv/bin/python -m pytest tests "$@"

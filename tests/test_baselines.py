@@ -5,15 +5,13 @@ import pytest
 import torch
 
 from eep.baselines import (
-    Calibration,
-    collect,
     frequency_genome,
     naee_genome,
-    output_error,
     random_genomes,
     reap_genome,
     skip_betas,
 )
+from eep.calibration import Calibration, collect, output_error
 from eep.errors import EepError
 from eep.genome import Genome, LayerGene
 from eep.moe import adapter_for, shape_of

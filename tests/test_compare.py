@@ -3,11 +3,12 @@ import json
 import pytest
 import yaml
 
+from eep.calibration import calibration_coverage, calibration_texts
 from eep.cli import main
-from eep.compare import calibration_coverage, calibration_texts, parameter_counts
 from eep.config import parse_config
 from eep.genome import Genome
 from eep.moe import adapter_for
+from eep.surgery import compress, parameter_counts
 from tests.conftest import toy_config_dict
 from tests.test_cli import ROOT
 
@@ -30,7 +31,7 @@ def test_parameter_counts_follow_the_kept_and_active_experts(tiny_mixtral):
     # still two experts per token in every layer
     assert active == total - dropped * 32 - 3 * 6 * expert
     uniform = Genome.from_keep(8, 2, {i: [1, 3, 5, 7] for i in range(3)})
-    export, form = adapter.compressed(uniform)
+    export, form = compress(adapter, uniform)
     assert form.kind == "stock"
     assert parameter_counts(tiny_mixtral, adapter, uniform)[0] == sum(
         p.numel() for p in export.parameters()

@@ -10,6 +10,7 @@ from eep.export import export_genome
 from eep.genome import Genome
 from eep.model import load_model, resolve_path
 from eep.moe import adapter_for
+from eep.surgery import compress
 from tests.conftest import toy_config_dict
 
 GENOME = Genome.from_keep(
@@ -212,7 +213,7 @@ def test_custom_checkpoints_of_earlier_versions_still_load(tmp_path):
         8, 2, {0: [0, 2, 5], 1: [1, 2, 3, 4, 6], 2: [0, 3, 4, 6], 3: [1, 4]}, active={3: 1}
     )
     model, tokenizer = load_model(TOY)
-    small, form = adapter_for(model).compressed(genome)
+    small, form = compress(adapter_for(model), genome)
     save_model(small, form.kind, tmp_path / "old")
     tokenizer.save_pretrained(tmp_path / "old")
     config = json.loads((tmp_path / "old" / "config.json").read_text())

@@ -9,10 +9,12 @@ import pytest
 import torch
 import transformers as tf
 
+from eep import calibration
 from eep.errors import EepError
 from eep.families import FAMILIES, shape_of
 from eep.genome import Genome, LayerGene
 from eep.moe import adapter_for
+from eep.surgery import compress, form_of, sliced
 
 COMMON = dict(
     vocab_size=48,
@@ -189,7 +191,7 @@ def test_identity_prune_and_merge_equal_their_exports(family, tmp_path):
     pruned = Genome.from_keep(8, adapter.top_k, {i: KEEP for i in layers})
     in_search = _logits(model, pruned, adapter)
     assert (in_search - full).abs().max() > 1e-3  # pruning really changed the model
-    adapter.sliced(pruned).save_pretrained(tmp_path / "pruned")
+    sliced(adapter, pruned).save_pretrained(tmp_path / "pruned")
     reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
     assert type(reloaded) is type(model)
     assert getattr(reloaded.config.get_text_config(), adapter.family.experts_key) == 4
@@ -201,7 +203,7 @@ def test_identity_prune_and_merge_equal_their_exports(family, tmp_path):
 
     # top-1 routing over the kept experts: a stock model with num_experts_per_tok=1
     top1 = Genome.from_keep(8, adapter.top_k, {i: KEEP for i in layers}, active=1)
-    small = adapter.sliced(top1)
+    small = sliced(adapter, top1)
     assert small.config.get_text_config().num_experts_per_tok == 1
     torch.testing.assert_close(_logits(small), _logits(model, top1, adapter), atol=1e-5, rtol=0)
 
@@ -216,9 +218,9 @@ def test_identity_prune_and_merge_equal_their_exports(family, tmp_path):
             for i in layers
         }
         merged = Genome.from_genes(8, adapter.top_k, genes)
-        assert adapter.export_form(merged).kind == "stock"
+        assert form_of(adapter, merged).kind == "stock"
         in_search = _logits(model, merged, adapter)
-        adapter.sliced(merged).save_pretrained(tmp_path / "merged")
+        sliced(adapter, merged).save_pretrained(tmp_path / "merged")
         reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
         torch.testing.assert_close(_logits(reloaded), in_search, atol=1e-5, rtol=0)
         # the merge mattered
@@ -240,7 +242,7 @@ def test_calibration_error_and_baselines_follow_the_familys_routing(family):
         block.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
         for i, block in adapter.blocks.items()
     ]
-    cal = bl.collect(model, adapter, [{"input_ids": ids}], max_tokens_per_layer=1000)
+    cal = calibration.collect(model, adapter, [{"input_ids": ids}], max_tokens_per_layer=1000)
     for hook in hooks:
         hook.remove()
     assert cal.tokens == ids.numel()
@@ -253,7 +255,7 @@ def test_calibration_error_and_baselines_follow_the_familys_routing(family):
                 pruned = _first(block(x))
         expected = float(((full - pruned).double() ** 2).sum())
         assert expected > 1e-6
-        assert bl.output_error(cal, layer, KEEP) == pytest.approx(expected, rel=1e-4)
+        assert calibration.output_error(cal, layer, KEEP) == pytest.approx(expected, rel=1e-4)
     if adapter.shape.expert_groups == 1:
         for genome in (
             bl.frequency_genome(cal, 4),
@@ -275,7 +277,7 @@ def test_grouped_routing_needs_even_groups():
     with pytest.raises(
         EepError, match=r"keeps \[3, 1\] experts in the 2 expert groups; DeepSeek-V3 routes within"
     ):
-        adapter.export_form(uneven)
+        form_of(adapter, uneven)
     with pytest.raises(EepError, match="routes within groups"), adapter.applied(uneven):
         pass
     merge = Genome.from_genes(
@@ -287,7 +289,7 @@ def test_grouped_routing_needs_even_groups():
         },
     )
     with pytest.raises(EepError, match="supports pruning only"):
-        adapter.export_form(merge)
+        form_of(adapter, merge)
 
 
 def _custom_round_trip(model, adapter, genome, path):
@@ -298,7 +300,7 @@ def _custom_round_trip(model, adapter, genome, path):
     from eep.export import save_model
 
     in_search = _logits(model, genome, adapter)
-    small, form = adapter.compressed(genome)
+    small, form = compress(adapter, genome)
     assert form.kind == "custom"
     save_model(small, form.kind, path)
     # what from_pretrained(path, trust_remote_code=True) loads (in this process eep may have
@@ -366,7 +368,7 @@ def test_every_family_has_the_custom_form(family, tmp_path):
             EepError,
             match="mixes experts, which maps softmax probabilities; this .* routes otherwise",
         ):
-            adapter.export_form(mixing)
+            form_of(adapter, mixing)
 
     # low-rank experts, stored as their factors
     low_rank = Genome.from_keep(8, adapter.top_k, {i: KEEP for i in adapter.moe_layers}).with_ranks(
@@ -378,8 +380,8 @@ def test_every_family_has_the_custom_form(family, tmp_path):
         with pytest.raises(
             EepError, match="have no low-rank form in eep's custom code; export with --dense"
         ):
-            adapter.export_form(low_rank)
-        dense, form = adapter.compressed(low_rank, dense=True)  # re-multiplied: a stock checkpoint
+            form_of(adapter, low_rank)
+        dense, form = compress(adapter, low_rank, dense=True)  # re-multiplied: a stock checkpoint
         assert form.kind == "stock"
         torch.testing.assert_close(
             _logits(dense), _logits(model, low_rank, adapter), atol=1e-5, rtol=0
@@ -395,7 +397,7 @@ def test_sigmoid_routing_keeps_merges_selecting():
         8, 2, {i: LayerGene.merged([[0.5] * 8] * 4, [[0.2] * 8] * 4) for i in adapter.moe_layers}
     )
     with pytest.raises(EepError, match="GLM-4-MoE model routes otherwise \\(sigmoid"):
-        adapter.export_form(mixing)
+        form_of(adapter, mixing)
 
 
 def test_detection_errors_name_the_supported_families():

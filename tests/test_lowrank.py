@@ -4,11 +4,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from eep import lowrank
-from eep.compare import parameter_counts
+from eep import calibration, lowrank
 from eep.errors import EepError
 from eep.genome import Genome
 from eep.moe import adapter_for
+from eep.surgery import compress, parameter_counts
 
 IDS = torch.randint(0, 48, (3, 10), generator=torch.Generator().manual_seed(2))
 
@@ -99,7 +99,7 @@ def test_exported_low_rank_model_is_smaller_and_equals_the_in_search_logits(tiny
     genome = stage1.with_ranks({0: {0: 3, 2: 1, 5: 7, 7: 2}, 1: {1: 4, 2: 9, 3: 4, 4: 4, 6: 12}})
     with torch.no_grad(), adapter.applied(genome):
         expected = tiny_mixtral(IDS).logits
-    small, form = adapter.compressed(genome)
+    small, form = compress(adapter, genome)
     assert form.kind == "custom" and "low-rank expert factors" in form.reason
     _save(small, form, tmp_path / "factors")
     loaded = AutoModelForCausalLM.from_pretrained(
@@ -107,7 +107,7 @@ def test_exported_low_rank_model_is_smaller_and_equals_the_in_search_logits(tiny
     ).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(IDS).logits, expected, atol=1e-4, rtol=0)
-    stage1_model, stage1_form = adapter.compressed(stage1)
+    stage1_model, stage1_form = compress(adapter, stage1)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(loaded) < count(stage1_model)
     # factors: exactly the ranks' numbers instead of the dense matrices (+ layer 2 unchanged)
@@ -117,7 +117,7 @@ def test_exported_low_rank_model_is_smaller_and_equals_the_in_search_logits(tiny
     kept, _ = parameter_counts(tiny_mixtral, adapter, genome)
     assert kept == parameter_counts(tiny_mixtral, adapter, stage1)[0] - saved
     # --dense: the re-multiplied matrices, same logits, dense size
-    dense, dense_form = adapter.compressed(genome, dense=True)
+    dense, dense_form = compress(adapter, genome, dense=True)
     assert dense_form == stage1_form and count(dense) == count(stage1_model)
     with torch.no_grad():
         torch.testing.assert_close(dense(IDS).logits, expected, atol=1e-4, rtol=0)
@@ -129,7 +129,7 @@ def test_dense_low_rank_with_uniform_pruning_is_a_stock_checkpoint(tiny_mixtral,
     genome = uniform.with_ranks({1: {0: 5, 3: 6, 4: 7, 6: 8}})
     with torch.no_grad(), adapter.applied(genome):
         expected = tiny_mixtral(IDS).logits
-    dense, form = adapter.compressed(genome, dense=True)
+    dense, form = compress(adapter, genome, dense=True)
     assert form.kind == "stock"
     _save(dense, form, tmp_path / "stock")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "stock").eval()
@@ -172,7 +172,7 @@ def test_activation_aware_factors_fit_the_calibration_activations_better(tiny_mi
     model = _skewed(tiny_mixtral)
     adapter = adapter_for(model)
     batches = [{"input_ids": IDS}]
-    scales = lowrank.collect_scales(model, adapter, batches)
+    scales = calibration.collect_scales(model, adapter, batches)
     assert {key.split(".")[0] for key in scales} == {"0", "1", "2"}
     assert scales["1.gate_up_proj.0"].shape == (32,) and scales["1.down_proj.0"].shape == (48,)
     inputs = {}
@@ -199,7 +199,7 @@ def test_activation_aware_factors_fit_the_calibration_activations_better(tiny_mi
 
 def test_an_activation_aware_genome_needs_its_scales(tiny_mixtral, tmp_path):
     adapter = adapter_for(tiny_mixtral)
-    scales = lowrank.collect_scales(tiny_mixtral, adapter, [{"input_ids": IDS}])
+    scales = calibration.collect_scales(tiny_mixtral, adapter, [{"input_ids": IDS}])
     adapter.use_scales(scales)
     genome = _pruned().with_ranks({0: {0: 3, 2: 1, 5: 7, 7: 2}}, adapter.factors.digest)
     assert genome.to_dict()["activation_scales"] == lowrank.scales_digest(scales)

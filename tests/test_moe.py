@@ -4,6 +4,7 @@ import torch
 from eep.errors import EepError
 from eep.genome import Genome, LayerGene
 from eep.moe import adapter_for
+from eep.surgery import compress, form_of, sliced
 from tests.conftest import tiny_mixtral_config
 
 KEEP = {0: [1, 3, 4, 6], 1: [0, 2, 5, 7], 2: [2, 3, 6, 7]}
@@ -66,7 +67,7 @@ def test_restores_after_an_error(tiny_mixtral):
 def test_sliced_model_is_smaller_and_equal(tiny_mixtral):
     adapter = adapter_for(tiny_mixtral)
     genome = Genome.from_keep(8, 2, KEEP)
-    small = adapter.sliced(genome)
+    small = sliced(adapter, genome)
     assert small.config.num_local_experts == 4
     assert small.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 4
     assert sum(p.numel() for p in small.parameters()) < sum(
@@ -83,7 +84,7 @@ def test_sliced_rejects_uneven_keep_counts(tiny_mixtral):
     with pytest.raises(
         EepError, match="cannot be a stock checkpoint: layers keep different numbers of experts"
     ):
-        adapter_for(tiny_mixtral).sliced(genome)
+        sliced(adapter_for(tiny_mixtral), genome)
 
 
 def test_wrong_genome_is_rejected_before_applying(tiny_mixtral):
@@ -107,7 +108,7 @@ def test_top_k_reduction_equals_a_stock_top1_model(tiny_mixtral):
         tiny_mixtral_config(num_local_experts=4, num_experts_per_tok=1)
     ).eval()
     top1.load_state_dict(reference.state_dict())
-    small = adapter.sliced(genome)
+    small = sliced(adapter, genome)
     assert small.config.num_experts_per_tok == 1 and small.config.num_local_experts == 4
     with torch.no_grad():
         with adapter.applied(genome):
@@ -134,7 +135,7 @@ def test_top_k_alone_without_pruning(tiny_mixtral):
 def test_uneven_top_k_cannot_be_a_stock_checkpoint(tiny_mixtral):
     genome = Genome.from_keep(8, 2, KEEP, active={0: 1, 1: 2, 2: 2})
     with pytest.raises(EepError, match="layers route to different top_k"):
-        adapter_for(tiny_mixtral).sliced(genome)
+        sliced(adapter_for(tiny_mixtral), genome)
 
 
 def _one_hot(keep, value=1.0):
@@ -171,14 +172,14 @@ def test_one_hot_merge_equals_pruning_equals_physical_slice(tiny_mixtral):
     assert merge_genome.is_merge and merge_genome.keep_map() == {
         i: tuple(k) for i, k in KEEP.items()
     }
-    assert adapter.export_form(merge_genome).kind == "stock"
+    assert form_of(adapter, merge_genome).kind == "stock"
     with torch.no_grad():
         with adapter.applied(merge_genome):
             merged = tiny_mixtral(_ids()).logits
         with adapter.applied(Genome.from_keep(8, 2, KEEP)):
             pruned = tiny_mixtral(_ids()).logits
         reference = _physically_sliced(tiny_mixtral, KEEP)(_ids()).logits
-        stock = adapter.sliced(merge_genome)(_ids()).logits
+        stock = sliced(adapter, merge_genome)(_ids()).logits
     torch.testing.assert_close(merged, pruned, atol=1e-5, rtol=0)
     torch.testing.assert_close(merged, reference, atol=1e-5, rtol=0)
     torch.testing.assert_close(stock, merged, atol=1e-5, rtol=0)
@@ -253,7 +254,7 @@ def test_merge_restores_after_an_error(tiny_mixtral):
 def test_general_merge_genome_compresses_to_the_custom_form(tiny_mixtral, slots, active, why):
     adapter = adapter_for(tiny_mixtral)
     genome = _random_merge_genome(2, slots, active)
-    small, form = adapter.compressed(genome)
+    small, form = compress(adapter, genome)
     assert form.kind == "custom" and why in form.reason
     assert [small.model.layers[i].mlp.experts.gate_up_proj.shape[0] for i in range(3)] == list(
         slots
@@ -267,7 +268,7 @@ def test_general_merge_genome_compresses_to_the_custom_form(tiny_mixtral, slots,
 def test_uneven_pruning_compresses_to_the_custom_form(tiny_mixtral):
     adapter = adapter_for(tiny_mixtral)
     genome = Genome.from_keep(8, 2, {0: [0, 1, 2], 1: [0, 1, 2, 3, 4, 5], 2: [3, 6]})
-    small, form = adapter.compressed(genome)
+    small, form = compress(adapter, genome)
     assert form.kind == "custom" and "different numbers of experts" in form.reason
     with torch.no_grad():
         with adapter.applied(genome):
@@ -311,7 +312,7 @@ def test_reused_merge_buffers_never_serve_stale_experts(tiny_mixtral, monkeypatc
 def test_the_custom_form_can_be_asked_for_a_stock_genome(tiny_mixtral):
     adapter = adapter_for(tiny_mixtral)
     genome = Genome.from_keep(8, 2, KEEP)
-    small, form = adapter.compressed(genome, form="custom")
+    small, form = compress(adapter, genome, form="custom")
     assert form.kind == "custom" and form.reason == "the custom form was asked for"
     assert (
         type(small).__name__ == "EepMixtralForCausalLM"

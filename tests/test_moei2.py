@@ -3,7 +3,7 @@ import contextlib
 import pytest
 import torch
 
-from eep import baselines as bl
+from eep import calibration
 from eep.errors import EepError
 from eep.genome import Genome
 from eep.moe import adapter_for
@@ -18,7 +18,9 @@ def test_an_expert_whose_output_is_zero_has_no_importance(tiny_mixtral):
     with torch.no_grad():
         tiny_mixtral.model.layers[1].mlp.experts.down_proj[3].zero_()
     adapter = adapter_for(tiny_mixtral)
-    cal = bl.collect(tiny_mixtral, adapter, [{"input_ids": _ids()}], max_tokens_per_layer=1000)
+    cal = calibration.collect(
+        tiny_mixtral, adapter, [{"input_ids": _ids()}], max_tokens_per_layer=1000
+    )
     importance = expert_importance(cal)
     assert importance[1][3] == 0.0
     assert (importance[1][[0, 1, 2, 4, 5, 6, 7]] > 0).all() and (importance[0] > 0).all()
@@ -30,7 +32,9 @@ def test_rerouted_importance_is_the_real_output_change_of_pruning_that_expert(ti
     hook = adapter.blocks[2].register_forward_pre_hook(
         lambda m, args: inputs.__setitem__(2, args[0])
     )
-    cal = bl.collect(tiny_mixtral, adapter, [{"input_ids": _ids()}], max_tokens_per_layer=1000)
+    cal = calibration.collect(
+        tiny_mixtral, adapter, [{"input_ids": _ids()}], max_tokens_per_layer=1000
+    )
     hook.remove()
     importance = expert_importance(cal, reroute=True)
     for expert in (0, 5):

@@ -13,7 +13,7 @@ import yaml
 from eep.config import parse_config
 from eep.evaluator import FitnessWorker, SerialEvaluator
 from eep.journal import RunDir
-from eep.search import run_search
+from eep.loop import run_search
 from search_spaces import PruneSpace
 from tests.conftest import local_ray_cluster, toy_config_dict
 

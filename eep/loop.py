@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -409,7 +408,3 @@ class _Progress:
             f"  last {last}  {self.count / (now - self.start):5.2f} evals/s"
             + (f"  actors busy {100 * busy:3.0f}%" if busy is not None else "")
         )
-
-
-def stderr_log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)

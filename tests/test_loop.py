@@ -8,7 +8,7 @@ from eep.errors import EepError
 from eep.evaluator import FitnessWorker, SerialEvaluator
 from eep.genome import Genome
 from eep.journal import RunDir
-from eep.search import breed, make_toolbox, run_search
+from eep.loop import breed, make_toolbox, run_search
 from search_spaces import PruneSpace, build_schedule, crossover_matrices, mutate_noise
 from tests.conftest import toy_config_dict
 
@@ -367,7 +367,7 @@ def test_early_cut_leaves_the_search_unchanged(tmp_path, chunked_worker, keep):
 def test_parent_bar_lies_below_both_thresholds_and_the_pool_minimum():
     from eep.config import SearchConfig
     from eep.journal import Evaluation
-    from eep.search import parent_bar
+    from eep.loop import parent_bar
 
     genome = Genome.from_keep(8, 2, {0: [0, 1]})
     archive = [
