@@ -16,7 +16,6 @@ run knows is on disk (:class:`eep.journal.RunDir`); a :class:`Run` only reads it
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from eep.config import Config, differences, load_config, parse_config
 from eep.errors import EepError
 from eep.genome import Genome
 from eep.journal import Evaluation, RunDir
+from eep.methods import method_of
 from eep.progress import stderr_log
 
 Log = Callable[[str], None]
@@ -64,10 +64,8 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        summary = self.summary
-        if summary.get("method") == "moei2":
-            return "heldout" in summary
-        return "heldout" in summary and summary["evaluations"] >= self.config.search.evaluations
+        config = self.config
+        return method_of(config).finished(self.summary, config)
 
     @property
     def best(self) -> Genome | None:
@@ -87,14 +85,13 @@ class Run:
         genome = self.best
         if genome is None:
             raise EepError(f"{self.path} has no successful evaluation to export")
-        progress = None
-        if summary.get("method") != "moei2":
-            progress = (summary["evaluations"], config.search.evaluations)
-            if progress[0] < progress[1]:
-                log(
-                    f"[eep] warning: the search in {self.path} stopped at {progress[0]} of {progress[1]} evaluations; "
-                    "exporting its best so far (the model card says so; `eep resume` finishes it)"
-                )
+        progress = method_of(config).progress(summary, config)
+        if progress is not None and progress[0] < progress[1]:
+            log(
+                f"[eep] warning: the search in {self.path} stopped at {progress[0]} of "
+                f"{progress[1]} evaluations; exporting its best so far (the model card says so; "
+                "`eep resume` finishes it)"
+            )
         fitness = (summary.get("selected") or {"fitness": summary.get("best_fitness")})["fitness"]
         return export_genome(
             config.model,
@@ -128,8 +125,7 @@ def search(
         config_dir = Path(config).parent if isinstance(config, (str, Path)) else Path(".")
     config = config_of(config, overrides)
     run_dir = Path(run_dir or Path("runs") / config.name)
-    _, _, space = planned or plan(config)
-    seeds = seed_genomes(config, space, Path(config_dir))
+    _, _, planned = planned or plan(config)
     if resume_if_exists and (run_dir / "config.yaml").exists():
         existing = RunDir.open(run_dir)
         if not existing.holds(config):
@@ -138,52 +134,8 @@ def search(
                 f"{run_dir} holds a run of another config ({what}); give a new --run-dir"
             )
         return resume(run_dir, config.evaluator, log)
-    requested = config
     RunDir.check_new(run_dir)
-    if config.search_space.kind == "moei2":
-        run = RunDir.create(run_dir, config)
-        run.write_request(requested)
-        with run.lock():
-            _moei2(run, config, space, log)
-        return Run(run_dir)
-    in_flight_is_set = "in_flight" in config.search.model_fields_set
-    evaluator = make_evaluator(config, log)
-    try:
-        if config.evaluator.kind == "ray" and not in_flight_is_set:  # keep every actor busy
-            evaluator.in_flight = evaluator.size
-            config = config.model_copy(
-                update={"search": config.search.model_copy(update={"in_flight": evaluator.size})}
-            )
-        names = [f"seeds/seed-{n}.json" for n in range(len(seeds))]
-        calibrated = [m for m in config.search.warm_start if m != "greedy"]
-        # become seed genomes of the run: its config says what it does, and it resumes exactly
-        if calibrated:
-            seeds, names = _warm_seeds(config, evaluator, calibrated, seeds, names, log, space)
-            config = config.model_copy(
-                update={
-                    "search": config.search.model_copy(
-                        update={
-                            "warm_start": [m for m in config.search.warm_start if m == "greedy"]
-                        }
-                    )
-                }
-            )
-        # the run keeps its own copies: it resumes from anywhere, whatever happens to the files
-        if seeds:
-            config = config.model_copy(
-                update={"search": config.search.model_copy(update={"seed_genomes": names})}
-            )
-        run = RunDir.create(run_dir, config)
-        run.write_request(requested)
-        if seeds:
-            (run.path / "seeds").mkdir()
-            for name, genome in zip(names, seeds):
-                genome.save(run.path / name)
-    except BaseException:
-        evaluator.close()
-        raise
-    with run.lock():
-        _finish(run, config, space, evaluator, log)
+    method_of(config).start(config, run_dir, planned, log, Path(config_dir))
     return Run(run_dir)
 
 
@@ -200,19 +152,20 @@ def resume(
     config = run.config()
     if evaluator is not None:
         config = config.model_copy(update={"evaluator": evaluator})
-    _, _, space = plan(config)
+    _, _, planned = plan(config)
+    method = method_of(config)
     with run.lock():  # before the model loads: a second writer fails fast
-        if Run(run_dir).finished and config.search_space.kind != "moei2":
+        summary = run.summary() if run.summary_path.exists() else {}
+        if method.finished(summary, config):
+            done = method.progress(summary, config)
             log(
-                f"[eep] {run.path} is finished ({run.summary()['evaluations']} of {config.search.evaluations} "
-                "evaluations, held-out scored); nothing to do. Export it with `eep export`"
+                f"[eep] {run.path} is finished ("
+                + (f"{done[0]} of {done[1]} evaluations, " if done else "")
+                + "held-out scored); nothing to do. Export it with `eep export`"
             )
             return Run(run_dir)
         log(f"[eep] resuming {run.path}")
-        if config.search_space.kind == "moei2":
-            _moei2(run, config, space, log)
-        else:
-            _finish(run, config, space, make_evaluator(config, log), log)
+        method.resume(run, config, planned, log)
     return Run(run_dir)
 
 
@@ -264,236 +217,235 @@ def evaluate(
     }
 
 
+def baselines(
+    config: Config | str | Path | dict,
+    run_dir: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    log: Log = stderr_log,
+) -> dict:
+    """Score the task-agnostic baselines beside the config's run in ``run_dir`` (default
+    ``runs/<name>``), running or finishing that run first: ``baselines.json`` in the run
+    directory, also returned (:func:`eep.compare.run_baselines`)."""
+    from eep.compare import check_baselines, run_baselines
+    from eep.evaluator import FitnessWorker
+    from eep.journal import write_json_atomic
+
+    source, config = config, config_of(config, overrides)
+    run_dir = Path(run_dir or Path("runs") / config.name)
+    _, shape, planned = plan(config)
+    check_baselines(config, shape)
+    method = method_of(config)
+    fresh = not (run_dir.exists() and any(run_dir.iterdir()))
+    if fresh and (config.search.seed_genomes or set(config.search.warm_start) - {"greedy"}):
+        search(
+            source, run_dir, overrides, log=log
+        )  # seeds to copy into the run first: a whole start
+        fresh = False
+    run = RunDir.create(run_dir, config) if fresh else RunDir.open(run_dir)
+    if not fresh and not run.holds(config):
+        what = differences(run.config().outcome(), config.outcome())
+        raise EepError(
+            f"{run_dir} holds a search of another config ({what}); give this config's run with "
+            "--run-dir or a new directory"
+        )
+    with run.lock():
+        summary = run.summary() if run.summary_path.exists() else {}
+        worker = None
+        if not method.finished(summary, config):
+            log(f"[eep] {'running' if fresh else 'finishing'} the search in {run_dir} first")
+            if config.evaluator.kind != "ray":  # one model for the run and the baselines
+                log(f"[eep] loading {config.model.path}")
+                worker = FitnessWorker(config)
+            summary = method.resume(run, config, planned, log, worker)
+        if worker is None:
+            log(f"[eep] loading {config.model.path}")
+            worker = FitnessWorker(config)
+        result = run_baselines(config, worker, summary, log, run.path / "baselines")
+        write_json_atomic(run.path / "baselines.json", result)
+    log(f"[eep] wrote {run.path / 'baselines.json'}; `eep report {run.path}` makes the report")
+    return result
+
+
+def export(
+    out: str | Path,
+    run_dir: str | Path | None = None,
+    model: str | None = None,
+    genome: str | Path | None = None,
+    config: Config | str | Path | dict | None = None,
+    form: str | None = None,
+    dense: bool = False,
+    log: Log = stderr_log,
+) -> dict:
+    """Write a run's pick (``run_dir``), or a genome file applied to ``model``, as a smaller
+    checkpoint to ``out``; with ``config`` its tasks' held-out split is scored on the export."""
+    from eep.config import ModelConfig
+    from eep.export import export_genome
+    from eep.lowrank import SCALES_FILE
+
+    if run_dir:
+        if model or genome or config:
+            raise EepError("give either RUN_DIR or --model with --genome, not both")
+        return Run(run_dir).export(out, form, dense, log=log)
+    if not (model and genome):
+        raise EepError("export needs RUN_DIR, or --model PATH with --genome FILE")
+    config = config_of(config) if config is not None else None
+    model_cfg = (
+        config.model.model_copy(update={"path": model}) if config else ModelConfig(path=model)
+    )
+    return export_genome(
+        model_cfg,
+        Genome.load(genome),
+        out,
+        config=config,
+        log=log,
+        form=form,
+        dense=dense,
+        scales=Path(genome).parent / SCALES_FILE,
+    )
+
+
+def finetune(
+    model: str,
+    config: Config | str | Path | dict,
+    out: str | Path,
+    steps: int = 50,
+    rank: int = 8,
+    lr: float = 1e-4,
+    overrides: Sequence[str] = (),
+    log: Log = stderr_log,
+) -> dict:
+    """LoRA-fine-tune an ``eep export`` output (``model``) on the config's calibration texts and
+    write it to ``out`` with everything of the source but its weights, ``eep_finetune.json`` (the
+    held-out scores before and after, the losses) and a line in its model card; returns that
+    record (:func:`eep.finetune.lora_finetune`: the one gradient step in eep)."""
+    import os
+    import shutil
+
+    from eep.calibration import calibration_batches, calibration_texts
+    from eep.evaluator import FitnessWorker
+    from eep.export import check_target
+    from eep.finetune import lora_finetune
+    from eep.journal import write_json_atomic
+    from eep.model import resolve_path
+    from fitness.metrics import weighted_fitness
+
+    if steps < 1 or rank < 1 or not lr > 0:
+        raise EepError("--steps and --rank must be at least 1 and --lr positive")
+    out = Path(out)
+    check_target(out)
+    source = Path(resolve_path(model))
+    if not (source / "config.json").exists():
+        raise EepError(
+            f"{model} is not a model directory (no config.json); give an `eep export` output"
+        )
+    config = config_of(config, overrides)
+    config = config.model_copy(
+        update={"model": config.model.model_copy(update={"path": str(source)})}
+    )
+    texts = calibration_texts(config)
+    log(f"[eep] loading {source}")
+    worker = FitnessWorker(config)
+    tasks = config.fitness.tasks
+
+    def heldout() -> dict:
+        scores = worker.scores(None, "test")
+        return {"scores": scores, "mean": weighted_fitness(tasks, scores)}
+
+    before = heldout()
+    batches = calibration_batches(
+        worker.tokenizer, texts, config.fitness.batch_size, config.baselines.calibration.max_length
+    )
+    log(f"[eep] LoRA fine-tune on {len(texts)} calibration texts: the one gradient step in eep")
+    trained = lora_finetune(
+        worker.model,
+        batches,
+        steps=steps,
+        rank=rank,
+        lr=lr,
+        seed=config.search.seed,
+        log=log,
+    )
+    after = heldout()
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:  # everything of the source (tokenizer, modeling file, genome, scales) but its weights
+        shutil.copytree(
+            source,
+            tmp,
+            ignore=shutil.ignore_patterns(
+                "model*.safetensors",
+                "model.safetensors.index.json",
+                "pytorch_model*.bin",
+                "eep_finetune.json",
+            ),
+        )
+        worker.model.save_pretrained(tmp)
+        record = {
+            "source": str(source),
+            "heldout_before": before,
+            "heldout_after": after,
+            **trained,
+        }
+        write_json_atomic(tmp / "eep_finetune.json", record)
+        card = tmp / "README.md"
+        if card.exists():
+            card.write_text(
+                card.read_text() + f"\n## Fine-tuned\n\nLoRA (rank {rank}, {steps} steps, "
+                f"attention projections) on calibration text, merged into the weights: held-out "
+                f"{before['mean']:.2f} -> {after['mean']:.2f} (`eep_finetune.json`).\n"
+            )
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(
+        f"[eep] fine-tuned model written to {out}: calibration loss {trained['losses'][0]:.4f} -> "
+        f"{trained['losses'][-1]:.4f}, held-out {before['mean']:.2f} -> {after['mean']:.2f}"
+    )
+    return record
+
+
+def build_toy(
+    which: str = "mixtral",
+    out: str | Path | None = None,
+    replace_packaged: bool = False,
+    seed: int = 0,
+    steps: int | None = None,
+    log: Log = stderr_log,
+) -> Path:
+    """Retrain a toy model (``mixtral``: the toy; ``qwen``: toy-qwen) into ``out`` (default
+    ``toy-build/<which>``), or over the packaged one; returns where it went."""
+    from eep import toy, toy_qwen
+
+    module, packaged = (toy_qwen, toy_qwen.TOY_QWEN_DIR) if which == "qwen" else (toy, toy.TOY_DIR)
+    if replace_packaged and out:
+        raise EepError("give --out or --replace-packaged, not both")
+    out = Path(packaged) if replace_packaged else Path(out or f"toy-build/{which}")
+    if not replace_packaged and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise EepError(
+            f"{out} already exists and is not empty; choose another --out (or --replace-packaged "
+            "to overwrite the shipped toy)"
+        )
+    module.train(out, seed=seed, log=log, **({"steps": steps} if steps else {}))
+    log(f"[eep] toy model written to {out}")
+    return out
+
+
 # -- the pieces behind them ------------------------------------------------------------------------
 
 
-def plan(config: Config, dry_run: bool = False) -> tuple[object, object, object]:
-    """(hf config, MoE shape, search space or MoE-I² plan): the config checked against the model's
-    shape (its config.json only) and the tasks, before any weights load."""
+def plan(
+    config: Config, dry_run: bool = False, config_dir: Path | None = None
+) -> tuple[object, object, object]:
+    """(hf config, MoE shape, the method's plan: a search schedule or a MoE-I² plan): the config
+    checked against the model's shape (its config.json only) and the tasks, before any weights
+    load; with ``config_dir`` (where relative seed-genome paths start) its seed genomes too."""
     from eep.model import load_hf_config
     from eep.moe import shape_of
     from fitness.tasks import check_local_data, check_tasks
-    from search_spaces import build_schedule
 
     check_tasks(config.fitness.tasks)
     check_local_data(config.fitness.tasks)  # every data error found here costs no model load
     hf_config = load_hf_config(config.model, prefer_file=dry_run)
     shape = shape_of(hf_config)
-    if config.search_space.kind == "moei2":
-        from eep.moei2 import moei2_plan
-
-        if config.search.warm_start:
-            raise EepError(
-                "search.warm_start seeds EEP's search; a MoE-I² run has no initial population"
-            )
-        if config.evaluator.kind == "ray":
-            raise EepError(
-                "MoE-I² scores its layer searches in this process on cached calibration statistics (each "
-                "evaluation takes milliseconds); run it without --workers / --ray-address"
-            )
-        return hf_config, shape, moei2_plan(config, shape)
-    schedule = build_schedule(config.search_space, shape)
-    if config.search.warm_start:
-        from eep import greedy
-
-        # the baselines' genomes, like greedy's, keep a uniform number per layer
-        greedy.check(schedule.first)
-    if "greedy" in config.search.warm_start:
-        cost = greedy.cost(schedule.first)
-        if cost >= config.search.evaluations:
-            raise EepError(
-                f"search.warm_start greedy takes {cost} evaluations at this size, and search.evaluations is "
-                f"{config.search.evaluations}; raise evaluations above {cost} or drop greedy"
-            )
-    return hf_config, shape, schedule
-
-
-def experts_implementation(model_cfg) -> str:
-    """The experts implementation the model loads with here (``eep.model.choose_experts``); for a
-    device this machine lacks (a dry run of a GPU config), what decides it when it loads there."""
-    from eep.model import choose_experts, pick_device, pick_dtype
-
-    try:
-        device = pick_device(model_cfg.device)
-    except EepError:
-        return f"chosen on {model_cfg.device} when the model loads"
-    return choose_experts(
-        model_cfg.experts_implementation, device, pick_dtype(model_cfg.dtype, device)
-    )
-
-
-def _warm_seeds(config, evaluator, methods, seeds, names, log: Log, space) -> tuple[list, list]:
-    """The seeds with the calibration-pass warm starts appended (those not already among them, and
-    only those the search's space holds: e.g. weight groups need one keep set per group)."""
-    from eep.compare import warm_genomes
-    from eep.evaluator import FitnessWorker
-    from search_spaces import Schedule
-
-    worker = getattr(evaluator, "worker", None)
-    if worker is None:  # Ray: the baselines' one calibration pass runs on a model loaded here
-        log(f"[eep] loading {config.model.path} here for the warm start's calibration pass")
-        worker = FitnessWorker(config)
-    seeds, names = list(seeds), list(names)
-    for method, genome in warm_genomes(config, worker, methods, log).items():
-        if genome.key in {s.key for s in seeds}:
-            log(f"[eep] warm start: {method}'s genome is already a seed")
-            continue
-        reason = Schedule.of(space).first.reject(genome)
-        if reason is not None:
-            log(f"[eep] warm start: {method}'s genome is left out: {reason}")
-            continue
-        seeds.append(genome)
-        names.append(f"seeds/warm-{method}.json")
-    return seeds, names
-
-
-def seed_genomes(config: Config, space, config_dir: Path) -> list[Genome]:
-    """The config's seed genomes, loaded (paths relative to the working directory, else to the
-    config file) and checked against the search's first space; an error names the file and why."""
-    from search_spaces import Schedule
-
-    paths = config.search.seed_genomes
-    if paths and config.search_space.kind == "moei2":
-        raise EepError(
-            "search.seed_genomes seeds EEP's search; a MoE-I² run has no initial population"
-        )
-    seeds = []
-    for name in paths:
-        path = Path(name) if Path(name).exists() or Path(name).is_absolute() else config_dir / name
-        genome = Genome.load(path)
-        reason = Schedule.of(space).first.reject(genome)
-        if reason is not None:
-            raise EepError(f"seed genome {path} does not belong to this search's space: {reason}")
-        seeds.append(genome)
-    return seeds
-
-
-def _moei2(run: RunDir, config: Config, moei2_plan, log: Log, worker=None) -> dict:
-    """A MoE-I² run (both stages, resumable from the layer searches' journals) on a resident model."""
-    from eep.evaluator import FitnessWorker
-    from eep.moei2 import run_moei2
-
-    start = time.perf_counter()
-    if worker is None:
-        log(f"[eep] loading {config.model.path}")
-        worker = FitnessWorker(config)
-    summary = run_moei2(run, config, worker, moei2_plan, log)
-    stages = summary["stages"]
-    log(
-        f"[eep] done in {time.perf_counter() - start:.0f}s: "
-        + "; ".join(
-            f"{name} held-out {s['heldout']['mean']:.2f} ({s['heldout']['kept_params']:,} parameters)"
-            for name, s in stages.items()
-        )
-        + f"; full model {summary['heldout']['full']['mean']:.2f}"
-    )
-    return summary
-
-
-def make_evaluator(config: Config, log: Log = stderr_log):
-    """The evaluator the config asks for: serial in this process, or Ray actors."""
-    from eep.evaluator import FitnessWorker, SerialEvaluator
-
-    log(f"[eep] loading {config.model.path}")
-    if config.evaluator.kind == "ray":
-        from eep.ray_evaluator import RayEvaluator
-
-        return RayEvaluator(config, log=log)
-    return SerialEvaluator(FitnessWorker(config), in_flight=config.search.in_flight)
-
-
-def _finish(run: RunDir, config: Config, space, evaluator, log: Log) -> dict:
-    """Run the search on ``evaluator`` (closed at the end), pick the genome to export (the best, or
-    with validation examples the best of the top few on them), then score it held-out."""
-    from eep.loop import run_search, select
-    from eep.progress import Progress, tracked
-    from fitness.metrics import weighted_fitness
-
-    start = time.perf_counter()
-    before = len(run.evaluations())
-    try:
-        summary = run_search(run, space, evaluator, log=log)
-        if summary["best_genome"] is not None:
-            validated = [t for t in config.fitness.tasks if t.validation_size]
-            if validated:
-                log(
-                    f"[eep] picking the export among the {config.search.select_top} best by their validation examples"
-                )
-                progress = Progress(
-                    "validation scoring (candidates)", config.search.select_top, log
-                )
-
-                def validate(genome):
-                    fitness = weighted_fitness(validated, evaluator.heldout(genome, "validation"))
-                    progress.step()
-                    return fitness
-
-                chosen, tried = select(run.evaluations(), validate, config.search.select_top)
-                progress.close()
-                summary["selected"] = {
-                    "id": chosen.id,
-                    "genome": chosen.genome.to_dict(),
-                    "fitness": chosen.fitness,
-                    "validation": tried[chosen.id],
-                    "by": "validation",
-                    "candidates": {str(i): v for i, v in tried.items()},
-                }
-            else:
-                summary["selected"] = {
-                    "id": summary["best_id"],
-                    "genome": summary["best_genome"],
-                    "fitness": summary["best_fitness"],
-                    "by": "search fitness",
-                }
-            log("[eep] scoring the exported genome and the full model on the held-out split")
-            best = Genome.from_dict(summary["selected"]["genome"])
-            summary["heldout"] = {}
-            for key, genome in tracked(
-                (("best", best), ("full", None)), "held-out scoring (models)", log
-            ):
-                scores = evaluator.heldout(genome)
-                summary["heldout"][key] = {
-                    "scores": scores,
-                    "mean": weighted_fitness(config.fitness.tasks, scores),
-                }
-            summary["generalisation_gap"] = (
-                summary["selected"]["fitness"] - summary["heldout"]["best"]["mean"]
-            )
-        summary["experts_implementation"] = experts_implementation(config.model)
-        run.write_summary(summary)
-    finally:
-        evaluator.close()
-    held = summary.get("heldout")
-    if summary.get("cut"):
-        log(
-            f"[eep] {summary['cut']} hopeless candidates cut short, saving ~{summary['cut_seconds_saved']:.0f}s "
-            "of scoring"
-        )
-    chosen = summary.get("selected")
-    session = (
-        f"{summary['evaluations']} evaluations in {time.perf_counter() - start:.0f}s"
-        if not before
-        else f"{summary['evaluations']} evaluations ({summary['evaluations'] - before} in this session, "
-        f"{time.perf_counter() - start:.0f}s)"
-    )
-    log(
-        f"[eep] done: {session}; "
-        + (
-            f"best search fitness {summary['best_fitness']:.2f}"
-            if summary["best_fitness"] is not None
-            else "no evaluation succeeded (see the journal's errors)"
-        )
-        + (
-            f"; exported candidate {chosen['id']} (search {chosen['fitness']:.2f}, validation "
-            f"{chosen['validation']:.2f})"
-            if chosen and chosen["by"] == "validation"
-            else ""
-        )
-        + (
-            f"; held-out {held['best']['mean']:.2f} (full model {held['full']['mean']:.2f}), generalisation gap "
-            f"{summary['generalisation_gap']:.2f}"
-            if held
-            else ""
-        )
-    )
-    return summary
+    return hf_config, shape, method_of(config).plan(config, shape, config_dir)

@@ -7,10 +7,12 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from collections.abc import Callable
 
 import torch
 
 from eep.calibration import Calibration, keep_set_error
+from eep.config import Config
 from eep.errors import EepError
 from eep.genome import Genome, LayerGene
 from eep.moe import MoEShape, mapped_routing, router_columns
@@ -129,3 +131,31 @@ def _check_keep(shape: MoEShape | Calibration, keep: int) -> None:
             f"keep must be between the model's top_k ({shape.top_k}) and its {shape.num_experts} experts, "
             f"got {keep}"
         )
+
+
+def warm_genomes(config: Config, worker, methods, log: Callable[[str], None]) -> dict[str, Genome]:
+    """``search.warm_start``'s calibration-pass genomes (``naee``, ``reap``, ``frequency``) at the
+    search's keep count, by method."""
+    keep = config.search_space.keep
+    from eep.calibration import calibrate
+
+    _, _, cal = calibrate(config, worker, log)
+    out = {}
+    for method in methods:
+        if method == "naee":
+            out[method] = naee_genome(cal, keep, config.baselines.naee_max_subsets)[0]
+        elif method == "reap":
+            out[method] = reap_genome(cal, keep)
+        elif method == "frequency":
+            out[method] = frequency_genome(cal, keep)
+        else:
+            raise ValueError(f"{method!r} is not a calibration-pass warm start")
+        # the search routes to fewer experts: so do its seeds
+        if config.search_space.top_k is not None:
+            out[method] = Genome.from_keep(
+                out[method].num_experts,
+                out[method].top_k,
+                out[method].keep_map(),
+                config.search_space.top_k,
+            )
+    return out

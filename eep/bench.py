@@ -654,6 +654,12 @@ def run_bench(
     from eep.journal import check_creatable
     from eep.model import pick_device
 
+    if repeats < 1 or evaluations < 2 or cut_evaluations < 2:
+        raise EepError(
+            "--repeats must be at least 1, --evaluations and --cut-evaluations at least 2"
+        )
+    if layers is not None and layers < 1:
+        raise EepError("--layers must be at least 1")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise EepError(f"--out {out} is a file; give a directory")

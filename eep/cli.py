@@ -273,8 +273,8 @@ def _with_evaluator_flags(config, args):
 
 
 def _print_plan(config, hf_config, shape, space, run_dir) -> None:
-    from eep.api import experts_implementation
-    from search_spaces import Schedule
+    from eep.evolution import experts_implementation
+    from eep.methods import method_of
 
     size = space.size()
     print(
@@ -292,35 +292,15 @@ def _print_plan(config, hf_config, shape, space, run_dir) -> None:
         + ("continuous" if size == float("inf") else _large(size))
         + " genomes"
     )
-    if config.search_space.kind == "moei2":
-        m = config.moei2
-        print(
-            f"budget       up to {m.population * m.generations} evaluations per layer ({m.population} random "
-            f"initial), seed {config.search.seed} + layer"
-        )
-    else:
-        print(
-            f"budget       {config.search.evaluations} evaluations ({config.search.initial} random initial), "
-            f"seed {config.search.seed}"
-        )
-        if config.search.warm_start:
-            from eep import greedy
-
-            print(
-                "warm start   "
-                + ", ".join(
-                    f"greedy elimination ({greedy.cost(Schedule.of(space).first)} of the evaluations)"
-                    if m == "greedy"
-                    else f"{m} (one calibration pass)"
-                    for m in config.search.warm_start
-                )
-            )
+    method_lines = method_of(config).plan_lines(config, space)
+    for label, text in method_lines[:1]:
+        print(f"{label:<12} {text}")
     tasks = ", ".join(
         f"{t.name} ({t.search_size} search / {t.test_size} held-out)" for t in config.fitness.tasks
     )
     print(f"fitness      {tasks}")
-    if config.search_space.kind != "moei2":
-        print(f"scoring      {_scoring_plan(config)}")
+    for label, text in method_lines[1:]:
+        print(f"{label:<12} {text}")
     ev = config.evaluator
     where = (
         f"ray, {ev.workers or 'one per GPU/CPU'} actor(s)"
@@ -351,14 +331,12 @@ def _large(n: int) -> str:
 
 
 def cmd_search(args) -> int:
-    from eep.api import plan, search, seed_genomes
+    from eep.api import plan, search
     from eep.config import load_config
 
     config = _with_evaluator_flags(load_config(args.config, args.overrides), args)
     run_dir = Path(args.run_dir or Path("runs") / config.name)
-    planned = plan(config, dry_run=args.dry_run)
-    # a bad seed file fails before the plan prints
-    seed_genomes(config, planned[2], Path(args.config).parent)
+    planned = plan(config, dry_run=args.dry_run, config_dir=Path(args.config).parent)
     _print_plan(config, *planned, run_dir)
     if args.dry_run:
         print("dry run: config is valid; nothing was loaded or written")
@@ -377,21 +355,9 @@ def cmd_search(args) -> int:
 
 def _done(run) -> int:
     """The one JSON line a finished search prints on stdout."""
-    summary = run.summary
-    if summary.get("method") == "moei2":
-        print(
-            json.dumps(
-                {
-                    "evaluations": summary["evaluations"],
-                    **{
-                        name: round(s["heldout"]["mean"], 4)
-                        for name, s in summary["stages"].items()
-                    },
-                }
-            )
-        )
-    else:
-        print(json.dumps({k: summary.get(k) for k in ("evaluations", "best_fitness", "best_id")}))
+    from eep.methods import method_of
+
+    print(json.dumps(method_of(run.config).outcome(run.summary)))
     return 0
 
 
@@ -403,71 +369,13 @@ def cmd_resume(args) -> int:
     return _done(resume(args.run_dir, config.evaluator, log=log, evaluations=args.evaluations))
 
 
-def _scoring_plan(config) -> str:
-    """Which path each task's examples take, and whether hopeless candidates are cut short."""
-    from fitness.scoring import scoring_path
-
-    fit = config.fitness
-    why_not = "fitness.scoring: generate" if fit.scoring == "generate" else None
-    paths: dict[str, list[str]] = {}
-    for task in fit.tasks:
-        paths.setdefault(scoring_path(task.metric, why_not), []).append(task.name)
-    cut = (
-        "; early cut of hopeless candidates"
-        if config.search.early_cut
-        else "; no early cut (search.early_cut: false)"
-    )
-    return "; ".join(f"{path}: {', '.join(names)}" for path, names in paths.items()) + cut
-
-
 # -- baselines / report / eval -------------------------------------------------------------------
 
 
 def cmd_baselines(args) -> int:
-    from eep.api import _finish, _moei2, make_evaluator, plan, search
-    from eep.compare import check_baselines, run_baselines
-    from eep.config import differences, load_config
-    from eep.evaluator import FitnessWorker
-    from eep.journal import RunDir, write_json_atomic
+    from eep.api import baselines
 
-    config = load_config(args.config, args.overrides)
-    run_dir = Path(args.run_dir or Path("runs") / config.name)
-    _, shape, space = plan(config)
-    check_baselines(config, shape)
-    fresh = not (run_dir.exists() and any(run_dir.iterdir()))
-    # seeds to compute and copy first: a whole start
-    if fresh and set(config.search.warm_start) - {"greedy"}:
-        search(args.config, run_dir, args.overrides, log=log)
-        fresh = False
-    run = RunDir.create(run_dir, config) if fresh else RunDir.open(run_dir)
-    if not fresh and not run.holds(config):
-        raise EepError(
-            f"{run_dir} holds a search of another config ({differences(run.config().outcome(), config.outcome())}"
-            "); give this config's run with --run-dir or a new directory"
-        )
-    with run.lock():
-        summary = run.summary() if run.summary_path.exists() else None
-        worker = None
-        if (
-            summary is None
-            or "heldout" not in summary
-            or summary["evaluations"] < config.search.evaluations
-        ):
-            log(f"[eep] {'running' if fresh else 'finishing'} the search in {run_dir} first")
-            if config.search_space.kind == "moei2":
-                worker = FitnessWorker(config)
-                _moei2(run, config, space, log, worker)
-            else:
-                evaluator = make_evaluator(config, log)
-                _finish(run, config, space, evaluator, log)
-                # a serial evaluator's model is still loaded
-                worker = getattr(evaluator, "worker", None)
-            summary = run.summary()
-        if worker is None:
-            log(f"[eep] loading {config.model.path}")
-            worker = FitnessWorker(config)
-        result = run_baselines(config, worker, summary, log, run.path / "baselines")
-        write_json_atomic(run.path / "baselines.json", result)
+    result = baselines(args.config, args.run_dir, args.overrides, log=log)
     methods = result["methods"]
     width = max(len(m) for m in methods)
     print(
@@ -481,7 +389,6 @@ def cmd_baselines(args) -> int:
             f"{name:<{width}}  {row['heldout']:6.2f}{spread}  kept {row['kept_params']:,}  "
             f"active {row['active_params']:,}{spent}"
         )
-    log(f"[eep] wrote {run.path / 'baselines.json'}; `eep report {run.path}` makes the report")
     return 0
 
 
@@ -523,36 +430,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from eep.api import Run
-    from eep.config import ModelConfig, load_config
-    from eep.export import export_genome
-    from eep.genome import Genome
-    from eep.lowrank import SCALES_FILE
+    from eep.api import export
 
     out = Path(args.out)
-    if args.run_dir:
-        if args.model or args.genome or args.config:
-            raise EepError("give either RUN_DIR or --model with --genome, not both")
-        report = Run(args.run_dir).export(out, args.form, args.dense, log=log)
-    else:
-        if not (args.model and args.genome):
-            raise EepError("export needs RUN_DIR, or --model PATH with --genome FILE")
-        config = load_config(args.config) if args.config else None
-        model_cfg = (
-            config.model.model_copy(update={"path": args.model})
-            if config
-            else ModelConfig(path=args.model)
-        )
-        report = export_genome(
-            model_cfg,
-            Genome.load(args.genome),
-            out,
-            config=config,
-            log=log,
-            form=args.form,
-            dense=args.dense,
-            scales=Path(args.genome).parent / SCALES_FILE,
-        )
+    report = export(
+        out, args.run_dir, args.model, args.genome, args.config, args.form, args.dense, log=log
+    )
     params = report["parameters"]
     held = report["heldout"]
     log(
@@ -564,113 +447,20 @@ def cmd_export(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    import os
-    import shutil
+    from eep.api import finetune
 
-    from eep.calibration import calibration_batches, calibration_texts
-    from eep.config import load_config
-    from eep.evaluator import FitnessWorker
-    from eep.export import check_target
-    from eep.finetune import lora_finetune
-    from eep.journal import write_json_atomic
-    from eep.model import resolve_path
-    from fitness.metrics import weighted_fitness
-
-    if args.steps < 1 or args.rank < 1 or not args.lr > 0:
-        raise EepError("--steps and --rank must be at least 1 and --lr positive")
-    out = Path(args.out)
-    check_target(out)
-    source = Path(resolve_path(args.model))
-    if not (source / "config.json").exists():
-        raise EepError(
-            f"{args.model} is not a model directory (no config.json); give an `eep export` output"
-        )
-    config = load_config(args.config, args.overrides)
-    config = config.model_copy(
-        update={"model": config.model.model_copy(update={"path": str(source)})}
-    )
-    texts = calibration_texts(config)
-    log(f"[eep] loading {source}")
-    worker = FitnessWorker(config)
-    tasks = config.fitness.tasks
-
-    def heldout() -> dict:
-        scores = worker.scores(None, "test")
-        return {"scores": scores, "mean": weighted_fitness(tasks, scores)}
-
-    before = heldout()
-    batches = calibration_batches(
-        worker.tokenizer, texts, config.fitness.batch_size, config.baselines.calibration.max_length
-    )
-    log(f"[eep] LoRA fine-tune on {len(texts)} calibration texts: the one gradient step in eep")
-    trained = lora_finetune(
-        worker.model,
-        batches,
-        steps=args.steps,
-        rank=args.rank,
-        lr=args.lr,
-        seed=config.search.seed,
-        log=log,
-    )
-    after = heldout()
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:  # everything of the source (tokenizer, modeling file, genome, scales) but its weights
-        shutil.copytree(
-            source,
-            tmp,
-            ignore=shutil.ignore_patterns(
-                "model*.safetensors",
-                "model.safetensors.index.json",
-                "pytorch_model*.bin",
-                "eep_finetune.json",
-            ),
-        )
-        worker.model.save_pretrained(tmp)
-        write_json_atomic(
-            tmp / "eep_finetune.json",
-            {"source": str(source), "heldout_before": before, "heldout_after": after, **trained},
-        )
-        card = tmp / "README.md"
-        if card.exists():
-            card.write_text(
-                card.read_text()
-                + f"\n## Fine-tuned\n\nLoRA (rank {args.rank}, {args.steps} steps, "
-                f"attention projections) on calibration text, merged into the weights: held-out "
-                f"{before['mean']:.2f} -> {after['mean']:.2f} (`eep_finetune.json`).\n"
-            )
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log(
-        f"[eep] fine-tuned model written to {out}: calibration loss {trained['losses'][0]:.4f} -> "
-        f"{trained['losses'][-1]:.4f}, held-out {before['mean']:.2f} -> {after['mean']:.2f}"
-    )
+    finetune(args.model, args.config, args.out, args.steps, args.rank, args.lr, args.overrides, log)
     return 0
 
 
 def cmd_import_eep(args) -> int:
-    from eep.config import ModelConfig
-    from eep.eep_format import genome_from_coefficients, load_coefficients
-    from eep.journal import check_creatable
-    from eep.model import load_hf_config
-    from eep.moe import shape_of
+    from eep.eep_format import import_genome
 
     out = Path(args.out)
-    if out.exists():
-        raise EepError(f"{out} already exists; choose another --out")
-    check_creatable(out, "the genome file")
-    shape = shape_of(load_hf_config(ModelConfig(path=args.model)))
-    if shape.family != "mixtral":
-        raise EepError(f"EEP's genomes are Mixtral's; {args.model} is {shape.family}")
-    genome = genome_from_coefficients(
-        load_coefficients(args.file), shape.num_experts, shape.top_k, shape.moe_layers
-    )
-    genome.save(out)
-    slots = sorted({genome.gene(i).slots for i in shape.moe_layers})
+    genome, layers = import_genome(args.file, args.model, out)
+    slots = sorted({genome.gene(i).slots for i in layers})
     log(
-        f"[eep] wrote {out}: {len(shape.moe_layers)} layers merged to {'/'.join(map(str, slots))} experts"
+        f"[eep] wrote {out}: {len(layers)} layers merged to {'/'.join(map(str, slots))} experts"
         + (", signed router rows (applied with EEP's arithmetic)" if genome.signed else "")
     )
     return 0
@@ -682,12 +472,6 @@ def cmd_import_eep(args) -> int:
 def cmd_bench(args) -> int:
     from eep.bench import run_bench
 
-    if args.repeats < 1 or args.evaluations < 2 or args.cut_evaluations < 2:
-        raise EepError(
-            "--repeats must be at least 1, --evaluations and --cut-evaluations at least 2"
-        )
-    if args.layers is not None and args.layers < 1:
-        raise EepError("--layers must be at least 1")
     run_bench(
         args.model,
         args.out,
@@ -704,19 +488,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_toy_build(args) -> int:
-    from eep import toy, toy_qwen
+    from eep.api import build_toy
 
-    module, packaged = (
-        (toy_qwen, toy_qwen.TOY_QWEN_DIR) if args.which == "qwen" else (toy, toy.TOY_DIR)
-    )
-    if args.replace_packaged and args.out:
-        raise EepError("give --out or --replace-packaged, not both")
-    out = packaged if args.replace_packaged else Path(args.out or f"toy-build/{args.which}")
-    if not args.replace_packaged and out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise EepError(
-            f"{out} already exists and is not empty; choose another --out (or --replace-packaged to "
-            "overwrite the shipped toy)"
-        )
-    module.train(out, seed=args.seed, log=log, **({"steps": args.steps} if args.steps else {}))
-    log(f"[eep] toy model written to {out}")
+    build_toy(args.which, args.out, args.replace_packaged, args.seed, args.steps, log)
     return 0

@@ -20,6 +20,7 @@ from eep.calibration import calibrate, calibration_coverage
 from eep.config import Config
 from eep.errors import EepError
 from eep.genome import Genome
+from eep.methods import method_of
 from eep.surgery import parameter_counts
 
 
@@ -45,34 +46,6 @@ def check_baselines(config: Config, shape) -> None:
         raise EepError(
             "naee+skip (dynamic skipping) needs a top-2 model; remove it from baselines.methods"
         )
-
-
-def warm_genomes(config: Config, worker, methods, log: Callable[[str], None]) -> dict[str, Genome]:
-    """``search.warm_start``'s calibration-pass genomes (``naee``, ``reap``, ``frequency``) at the
-    search's keep count, by method."""
-    from eep import baselines as bl
-
-    keep = config.search_space.keep
-    _, _, cal = calibrate(config, worker, log)
-    out = {}
-    for method in methods:
-        if method == "naee":
-            out[method] = bl.naee_genome(cal, keep, config.baselines.naee_max_subsets)[0]
-        elif method == "reap":
-            out[method] = bl.reap_genome(cal, keep)
-        elif method == "frequency":
-            out[method] = bl.frequency_genome(cal, keep)
-        else:
-            raise ValueError(f"{method!r} is not a calibration-pass warm start")
-        # the search routes to fewer experts: so do its seeds
-        if config.search_space.top_k is not None:
-            out[method] = Genome.from_keep(
-                out[method].num_experts,
-                out[method].top_k,
-                out[method].keep_map(),
-                config.search_space.top_k,
-            )
-    return out
 
 
 def _no_low_rank(config: Config) -> Config:
@@ -213,7 +186,7 @@ def run_baselines(
         summary
         and summary.get("heldout")
         and summary.get("best_genome")
-        and summary.get("method") != "moei2"
+        and method_of(config).searches
     ):
         best = Genome.from_dict(
             (summary.get("selected") or {"genome": summary["best_genome"]})["genome"]

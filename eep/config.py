@@ -42,11 +42,11 @@ class ModelConfig(_Section):
 
 
 class SearchSpaceConfig(_Section):
-    kind: Literal["prune", "merge", "moei2"] = "prune"
+    kind: Literal["prune", "merge"] = "prune"
     """``prune``: which experts each layer keeps. ``merge``: EEP's two phases in one run, pruning
     for ``merge_after`` evaluations, then merge + router matrices bred from the best pruned genomes.
-    ``moei2``: MoE-I²'s task-agnostic two stages (see the ``moei2`` section) instead of EEP's search;
-    ``keep``/``budget`` is then the size it reaches, in experts' worth of parameters."""
+    With ``method: moei2``, ``keep``/``budget`` is the size MoE-I² reaches, in experts' worth of
+    parameters. (Older configs spelled that method ``kind: moei2``; they still load.)"""
     keep: PositiveInt | None = None
     """Experts kept in every MoE layer (default 4 unless ``budget`` is set)."""
     budget: PositiveInt | None = None
@@ -248,7 +248,7 @@ class FitnessConfig(_Section):
 
 
 class Moei2Config(_Section):
-    """``search_space.kind: moei2`` (arXiv 2411.01016) and the ``moei2`` baseline: stage 1 spends
+    """``method: moei2`` (arXiv 2411.01016) and the ``moei2`` baseline: stage 1 spends
     an expert budget unevenly over layers by importance and picks each layer's experts by a
     layer-wise genetic search on reconstruction loss, combined across blocks of layers; stage 2
     gives the kept experts low-rank factors. Calibration texts: ``baselines.calibration``."""
@@ -323,8 +323,15 @@ class EvaluatorConfig(_Section):
     """Ray: GPUs each actor holds (a model larger than one GPU is spread over them)."""
 
 
+METHODS = ("eep", "moei2")
+
+
 class Config(_Section):
     name: str
+    method: Literal["eep", "moei2"] = "eep"
+    """How the run compresses: ``eep``, EEP's evolutionary search over the ``search_space``; or
+    ``moei2``, MoE-I²'s task-agnostic two stages (the ``moei2`` section) to the size the
+    ``search_space`` names (:mod:`eep.methods`)."""
     model: ModelConfig = ModelConfig()
     search_space: SearchSpaceConfig = SearchSpaceConfig()
     search: SearchConfig = SearchConfig()
@@ -332,6 +339,25 @@ class Config(_Section):
     evaluator: EvaluatorConfig = EvaluatorConfig()
     baselines: BaselinesConfig = BaselinesConfig()
     moei2: Moei2Config = Moei2Config()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_method_spelling(cls, data):
+        """``search_space.kind: moei2`` (run directories written before ``method``) is ``method: moei2``."""
+        space = data.get("search_space") if isinstance(data, dict) else None
+        if isinstance(space, dict) and space.get("kind") == "moei2":
+            if data.get("method", "moei2") != "moei2":
+                raise ValueError("search_space.kind: moei2 is method: moei2; drop one of them")
+            data = {**data, "method": "moei2", "search_space": {**space, "kind": "prune"}}
+        return data
+
+    @model_validator(mode="after")
+    def _moei2_prunes(self):
+        if self.method == "moei2" and self.search_space.kind != "prune":
+            raise ValueError(
+                "method: moei2 keeps experts (search_space.kind: prune); it does not merge"
+            )
+        return self
 
     @model_validator(mode="after")
     def _merge_after_initial(self):
@@ -351,9 +377,12 @@ class Config(_Section):
         on failures, the early cut, the scoring path and the experts kernel do not), as plain data."""
         data = {k: v for k, v in self.to_dict().items() if k not in ("evaluator", "baselines")}
         data["model"] = {k: v for k, v in data["model"].items() if k != "experts_implementation"}
-        if self.search_space.kind != "moei2":
-            del data["moei2"]  # only decides MoE-I² runs (and keeps older runs' digests)
+        # written as runs before the ``method`` key were, so that their digests hold
+        del data["method"]
+        if self.method != "moei2":
+            del data["moei2"]  # only decides MoE-I² runs
         else:  # MoE-I² is decided by its calibration texts
+            data["search_space"]["kind"] = "moei2"
             data["calibration"] = self.baselines.calibration.model_dump(mode="json")
         data["search"] = {
             k: v
@@ -484,6 +513,8 @@ def _first_error(err: ValidationError) -> str:
         return f"{where}: required key is missing"
     message = first["msg"].removeprefix("Value error, ")
     got = first.get("input")
+    if not first["loc"]:  # a check across sections: its message names the keys
+        return message
     return f"{where}: {message}" + ("" if isinstance(got, dict) else f" (got {got!r})")
 
 

@@ -108,3 +108,25 @@ def load_coefficients(path: str | Path) -> dict:
     if not isinstance(data, dict) or not data:
         raise EepError(f"{path} holds no dict of coefficient matrices")
     return data
+
+
+def import_genome(path: str | Path, model: str, out: str | Path) -> tuple[Genome, tuple[int, ...]]:
+    """Read EEP's coefficient file ``path`` for ``model`` (a Mixtral: its config.json is enough)
+    and write it to ``out`` as an eep genome; returns the genome and the model's MoE layers."""
+    from eep.config import ModelConfig
+    from eep.journal import check_creatable
+    from eep.model import load_hf_config
+    from eep.moe import shape_of
+
+    out = Path(out)
+    if out.exists():
+        raise EepError(f"{out} already exists; choose another --out")
+    check_creatable(out, "the genome file")
+    shape = shape_of(load_hf_config(ModelConfig(path=model)))
+    if shape.family != "mixtral":
+        raise EepError(f"EEP's genomes are Mixtral's; {model} is {shape.family}")
+    genome = genome_from_coefficients(
+        load_coefficients(path), shape.num_experts, shape.top_k, shape.moe_layers
+    )
+    genome.save(out)
+    return genome, tuple(shape.moe_layers)

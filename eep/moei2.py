@@ -223,7 +223,7 @@ class Moei2Plan:
 
 
 def moei2_plan(config, shape) -> Moei2Plan:
-    """Check a ``search_space.kind: moei2`` config against the model's shape (no weights needed)."""
+    """Check a ``method: moei2`` config against the model's shape (no weights needed)."""
     from eep.families import FAMILIES
 
     family, space = FAMILIES[shape.family], config.search_space
@@ -521,7 +521,7 @@ def compress(
 def run_moei2(
     run, config, worker, plan: Moei2Plan, log: Callable[[str], None], stop_after: int | None = None
 ) -> dict | None:
-    """A ``search_space.kind: moei2`` run in ``run`` (a :class:`eep.journal.RunDir`): both stages,
+    """A ``method: moei2`` run in ``run`` (a :class:`eep.journal.RunDir`): both stages,
     then the held-out scores of each stage's genome and of the full model into ``summary.json``
     (``best_genome`` is the last stage's, which ``eep export RUN_DIR`` writes). None when stopped."""
     from eep.surgery import parameter_counts
@@ -568,3 +568,85 @@ def run_moei2(
     }
     run.write_summary(summary)
     return summary
+
+
+# -- the method ---------------------------------------------------------------------------------
+
+
+class Moei2:
+    """``method: moei2``: MoE-I²'s two task-agnostic stages to the size the ``search_space`` names
+    (:func:`moei2_plan`), resumable from the layer searches' journals; held-out scores of each
+    stage's genome and of the full model at the end."""
+
+    name = "moei2"
+    searches = False
+    """No EEP search: the stages' genomes are the run's rows of the comparison table."""
+
+    def plan(self, config, shape, config_dir=None) -> Moei2Plan:
+        if config.search.warm_start or config.search.seed_genomes:
+            raise EepError(
+                "search.warm_start and search.seed_genomes seed EEP's search; a MoE-I² run has no "
+                "initial population"
+            )
+        if config.evaluator.kind == "ray":
+            raise EepError(
+                "MoE-I² scores its layer searches in this process on cached calibration statistics "
+                "(each evaluation takes milliseconds); run it without --workers / --ray-address"
+            )
+        return moei2_plan(config, shape)
+
+    def plan_lines(self, config, plan: Moei2Plan) -> list[tuple[str, str]]:
+        m = config.moei2
+        return [
+            (
+                "budget",
+                f"up to {m.population * m.generations} evaluations per layer ({m.population} "
+                f"random initial), seed {config.search.seed} + layer",
+            )
+        ]
+
+    def start(self, config, run_dir, plan: Moei2Plan, log, config_dir=None) -> None:
+        from eep.journal import RunDir
+
+        run = RunDir.create(run_dir, config)
+        run.write_request(config)
+        with run.lock():
+            self.resume(run, config, plan, log)
+
+    def resume(self, run, config, plan: Moei2Plan, log, worker=None) -> dict:
+        """Both stages (the layer searches resume from their journals), on ``worker`` if given."""
+        import time
+
+        from eep.evaluator import FitnessWorker
+
+        start = time.perf_counter()
+        if worker is None:
+            log(f"[eep] loading {config.model.path}")
+            worker = FitnessWorker(config)
+        summary = run_moei2(run, config, worker, plan, log)
+        stages = summary["stages"]
+        log(
+            f"[eep] done in {time.perf_counter() - start:.0f}s: "
+            + "; ".join(
+                f"{name} held-out {s['heldout']['mean']:.2f} "
+                f"({s['heldout']['kept_params']:,} parameters)"
+                for name, s in stages.items()
+            )
+            + f"; full model {summary['heldout']['full']['mean']:.2f}"
+        )
+        return summary
+
+    def finished(self, summary: dict, config) -> bool:
+        return "heldout" in summary
+
+    def progress(self, summary: dict, config) -> tuple[int, int] | None:
+        return None  # the layer searches stop when they converge: no planned total
+
+    def outcome(self, summary: dict) -> dict:
+        return {
+            "evaluations": summary["evaluations"],
+            **{name: round(s["heldout"]["mean"], 4) for name, s in summary["stages"].items()},
+        }
+
+
+METHOD = Moei2()

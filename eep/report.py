@@ -28,6 +28,7 @@ from typing import Any
 from eep.errors import EepError
 from eep.journal import Evaluation, RunDir
 from eep.loop import best_of
+from eep.methods import method_of
 
 METHOD_ORDER = (
     "full",
@@ -493,7 +494,8 @@ def write_report(run_dir: str | Path) -> Path:
             "held-out comparisons are missing"
         )
 
-    moei2 = summary is not None and summary.get("method") == "moei2"
+    # MoE-I² runs show their stages where EEP's show the search
+    moei2 = summary is not None and not method_of(config).searches
     more = None
     if moei2:  # no search of EEP's in this run: MoE-I²'s stages instead
         lines += ["", "## MoE-I²", "", *_moei2_lines(summary, config)]

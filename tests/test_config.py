@@ -126,7 +126,17 @@ def test_settings_added_with_neutral_defaults_keep_older_runs_resumable():
         update={"search": config.search.model_copy(update={"seed_genomes": ["s.json"]})}
     )
     assert seeded.digest() != config.digest()
-    moei2 = config.model_copy(
-        update={"search_space": config.search_space.model_copy(update={"kind": "moei2"})}
-    )
+    moei2 = config.model_copy(update={"method": "moei2"})
     assert "moei2" in moei2.outcome() and "calibration" in moei2.outcome()
+    # runs written before the method key spelled it search_space.kind: moei2: same config, same digest
+    old = config.to_dict()
+    del old["method"]
+    old["search_space"]["kind"] = "moei2"
+    assert parse_config(old) == moei2 and parse_config(old).digest() == moei2.digest()
+    assert moei2.outcome()["search_space"]["kind"] == "moei2" and "method" not in moei2.outcome()
+    with pytest.raises(
+        EepError, match="^config: search_space.kind: moei2 is method: moei2; drop one"
+    ):
+        parse_config({**old, "method": "eep"})
+    with pytest.raises(EepError, match="method: moei2 keeps experts"):
+        parse_config({**config.to_dict(), "method": "moei2", "search_space": {"kind": "merge"}})

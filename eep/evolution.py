@@ -1,0 +1,311 @@
+"""``method: eep``: EEP's evolutionary search as a method (:mod:`eep.methods`).
+
+What a run of it does around the loop (:mod:`eep.loop`): seed genomes and warm starts become
+part of the run, the evaluator is made (serial or Ray), and after the last evaluation the
+genome to export is picked (by validation examples when the tasks have them) and scored held
+out with the full model beside it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from eep import greedy
+from eep.config import Config
+from eep.errors import EepError
+from eep.genome import Genome
+from eep.journal import RunDir
+from eep.progress import stderr_log
+from search_spaces import Schedule, build_schedule
+
+Log = Callable[[str], None]
+
+
+class Evolution:
+    """``method: eep``: EEP's evolutionary search (:mod:`eep.loop`) over the config's search space,
+    on a serial or Ray evaluator; the run exports its best genome (or, with validation examples,
+    the best of the top few on them), scored held out."""
+
+    name = "eep"
+    searches = True
+    """Its pick is scored on the tasks like the baselines (the comparison table's "search" row)."""
+
+    def plan(self, config: Config, shape, config_dir: Path | None = None) -> Schedule:
+        """The search's phases (:func:`search_spaces.build_schedule`), the warm starts checked,
+        and with ``config_dir`` the seed genomes (a bad file fails before anything loads)."""
+        schedule = build_schedule(config.search_space, shape)
+        if config_dir is not None:
+            seed_genomes(config, schedule, config_dir)
+        if config.search.warm_start:
+            # the baselines' genomes, like greedy's, keep a uniform number per layer
+            greedy.check(schedule.first)
+        if "greedy" in config.search.warm_start:
+            cost = greedy.cost(schedule.first)
+            if cost >= config.search.evaluations:
+                raise EepError(
+                    f"search.warm_start greedy takes {cost} evaluations at this size, and "
+                    f"search.evaluations is {config.search.evaluations}; raise evaluations above "
+                    f"{cost} or drop greedy"
+                )
+        return schedule
+
+    def plan_lines(self, config: Config, schedule: Schedule) -> list[tuple[str, str]]:
+        from fitness.scoring import scoring_path
+
+        search = config.search
+        lines = [
+            (
+                "budget",
+                f"{search.evaluations} evaluations ({search.initial} random initial), "
+                f"seed {search.seed}",
+            )
+        ]
+        if search.warm_start:
+            starts = [
+                f"greedy elimination ({greedy.cost(schedule.first)} of the evaluations)"
+                if m == "greedy"
+                else f"{m} (one calibration pass)"
+                for m in search.warm_start
+            ]
+            lines.append(("warm start", ", ".join(starts)))
+        fit = config.fitness
+        why_not = "fitness.scoring: generate" if fit.scoring == "generate" else None
+        paths: dict[str, list[str]] = {}
+        for task in fit.tasks:
+            paths.setdefault(scoring_path(task.metric, why_not), []).append(task.name)
+        cut = (
+            "; early cut of hopeless candidates"
+            if search.early_cut
+            else "; no early cut (search.early_cut: false)"
+        )
+        scoring = "; ".join(f"{path}: {', '.join(names)}" for path, names in paths.items())
+        lines.append(("scoring", scoring + cut))
+        return lines
+
+    def start(self, config: Config, run_dir: Path, schedule, log: Log, config_dir: Path) -> None:
+        """Create the run (seed genomes and calibration-pass warm starts copied into it, so that it
+        resumes from anywhere) and run it to the end."""
+        requested = config
+        seeds = seed_genomes(config, schedule, config_dir)
+        in_flight_is_set = "in_flight" in config.search.model_fields_set
+        evaluator = make_evaluator(config, log)
+        try:
+            if config.evaluator.kind == "ray" and not in_flight_is_set:  # keep every actor busy
+                evaluator.in_flight = evaluator.size
+                config = _with_search(config, in_flight=evaluator.size)
+            names = [f"seeds/seed-{n}.json" for n in range(len(seeds))]
+            calibrated = [m for m in config.search.warm_start if m != "greedy"]
+            # become seed genomes of the run: its config says what it does, and it resumes exactly
+            if calibrated:
+                seeds, names = _warm_seeds(
+                    config, evaluator, calibrated, seeds, names, log, schedule
+                )
+                kept = [m for m in config.search.warm_start if m == "greedy"]
+                config = _with_search(config, warm_start=kept)
+            # the run keeps its own copies: it resumes from anywhere, whatever happens to the files
+            if seeds:
+                config = _with_search(config, seed_genomes=names)
+            run = RunDir.create(run_dir, config)
+            run.write_request(requested)
+            if seeds:
+                (run.path / "seeds").mkdir()
+                for name, genome in zip(names, seeds):
+                    genome.save(run.path / name)
+        except BaseException:
+            evaluator.close()
+            raise
+        with run.lock():
+            _finish(run, config, schedule, evaluator, log)
+
+    def resume(self, run: RunDir, config: Config, schedule, log: Log, worker=None) -> dict:
+        """Continue the search from its journal to the end (on ``worker``'s model when given)."""
+        return _finish(run, config, schedule, make_evaluator(config, log, worker), log)
+
+    def finished(self, summary: dict, config: Config) -> bool:
+        return "heldout" in summary and summary["evaluations"] >= config.search.evaluations
+
+    def progress(self, summary: dict, config: Config) -> tuple[int, int] | None:
+        """(evaluations done, planned)."""
+        return summary["evaluations"], config.search.evaluations
+
+    def outcome(self, summary: dict) -> dict:
+        """What ``eep search`` prints as its one JSON line."""
+        return {k: summary.get(k) for k in ("evaluations", "best_fitness", "best_id")}
+
+
+METHOD = Evolution()
+
+
+def _with_search(config: Config, **values) -> Config:
+    return config.model_copy(update={"search": config.search.model_copy(update=values)})
+
+
+def seed_genomes(config: Config, space, config_dir: Path) -> list[Genome]:
+    """The config's seed genomes, loaded (paths relative to the working directory, else to the
+    config file) and checked against the search's first space; an error names the file and why."""
+    from search_spaces import Schedule
+
+    paths = config.search.seed_genomes
+    seeds = []
+    for name in paths:
+        path = Path(name) if Path(name).exists() or Path(name).is_absolute() else config_dir / name
+        genome = Genome.load(path)
+        reason = Schedule.of(space).first.reject(genome)
+        if reason is not None:
+            raise EepError(f"seed genome {path} does not belong to this search's space: {reason}")
+        seeds.append(genome)
+    return seeds
+
+
+def _warm_seeds(config, evaluator, methods, seeds, names, log: Log, space) -> tuple[list, list]:
+    """The seeds with the calibration-pass warm starts appended (those not already among them, and
+    only those the search's space holds: e.g. weight groups need one keep set per group)."""
+    from eep.baselines import warm_genomes
+    from eep.evaluator import FitnessWorker
+    from search_spaces import Schedule
+
+    worker = getattr(evaluator, "worker", None)
+    if worker is None:  # Ray: the baselines' one calibration pass runs on a model loaded here
+        log(f"[eep] loading {config.model.path} here for the warm start's calibration pass")
+        worker = FitnessWorker(config)
+    seeds, names = list(seeds), list(names)
+    for method, genome in warm_genomes(config, worker, methods, log).items():
+        if genome.key in {s.key for s in seeds}:
+            log(f"[eep] warm start: {method}'s genome is already a seed")
+            continue
+        reason = Schedule.of(space).first.reject(genome)
+        if reason is not None:
+            log(f"[eep] warm start: {method}'s genome is left out: {reason}")
+            continue
+        seeds.append(genome)
+        names.append(f"seeds/warm-{method}.json")
+    return seeds, names
+
+
+def make_evaluator(config: Config, log: Log = stderr_log, worker=None):
+    """The evaluator the config asks for: serial in this process (on ``worker`` when given, a
+    loaded :class:`eep.evaluator.FitnessWorker`), or Ray actors."""
+    from eep.evaluator import FitnessWorker, SerialEvaluator
+
+    if config.evaluator.kind == "ray":
+        from eep.ray_evaluator import RayEvaluator
+
+        log(f"[eep] loading {config.model.path}")
+        return RayEvaluator(config, log=log)
+    if worker is None:
+        log(f"[eep] loading {config.model.path}")
+        worker = FitnessWorker(config)
+    return SerialEvaluator(worker, in_flight=config.search.in_flight)
+
+
+def _finish(run: RunDir, config: Config, space, evaluator, log: Log) -> dict:
+    """Run the search on ``evaluator`` (closed at the end), pick the genome to export (the best, or
+    with validation examples the best of the top few on them), then score it held-out."""
+    from eep.loop import run_search, select
+    from eep.progress import Progress, tracked
+    from fitness.metrics import weighted_fitness
+
+    start = time.perf_counter()
+    before = len(run.evaluations())
+    try:
+        summary = run_search(run, space, evaluator, log=log)
+        if summary["best_genome"] is not None:
+            validated = [t for t in config.fitness.tasks if t.validation_size]
+            if validated:
+                log(
+                    f"[eep] picking the export among the {config.search.select_top} best by their validation examples"
+                )
+                progress = Progress(
+                    "validation scoring (candidates)", config.search.select_top, log
+                )
+
+                def validate(genome):
+                    fitness = weighted_fitness(validated, evaluator.heldout(genome, "validation"))
+                    progress.step()
+                    return fitness
+
+                chosen, tried = select(run.evaluations(), validate, config.search.select_top)
+                progress.close()
+                summary["selected"] = {
+                    "id": chosen.id,
+                    "genome": chosen.genome.to_dict(),
+                    "fitness": chosen.fitness,
+                    "validation": tried[chosen.id],
+                    "by": "validation",
+                    "candidates": {str(i): v for i, v in tried.items()},
+                }
+            else:
+                summary["selected"] = {
+                    "id": summary["best_id"],
+                    "genome": summary["best_genome"],
+                    "fitness": summary["best_fitness"],
+                    "by": "search fitness",
+                }
+            log("[eep] scoring the exported genome and the full model on the held-out split")
+            best = Genome.from_dict(summary["selected"]["genome"])
+            summary["heldout"] = {}
+            for key, genome in tracked(
+                (("best", best), ("full", None)), "held-out scoring (models)", log
+            ):
+                scores = evaluator.heldout(genome)
+                summary["heldout"][key] = {
+                    "scores": scores,
+                    "mean": weighted_fitness(config.fitness.tasks, scores),
+                }
+            summary["generalisation_gap"] = (
+                summary["selected"]["fitness"] - summary["heldout"]["best"]["mean"]
+            )
+        summary["experts_implementation"] = experts_implementation(config.model)
+        run.write_summary(summary)
+    finally:
+        evaluator.close()
+    held = summary.get("heldout")
+    if summary.get("cut"):
+        log(
+            f"[eep] {summary['cut']} hopeless candidates cut short, saving ~{summary['cut_seconds_saved']:.0f}s "
+            "of scoring"
+        )
+    chosen = summary.get("selected")
+    session = (
+        f"{summary['evaluations']} evaluations in {time.perf_counter() - start:.0f}s"
+        if not before
+        else f"{summary['evaluations']} evaluations ({summary['evaluations'] - before} in this session, "
+        f"{time.perf_counter() - start:.0f}s)"
+    )
+    log(
+        f"[eep] done: {session}; "
+        + (
+            f"best search fitness {summary['best_fitness']:.2f}"
+            if summary["best_fitness"] is not None
+            else "no evaluation succeeded (see the journal's errors)"
+        )
+        + (
+            f"; exported candidate {chosen['id']} (search {chosen['fitness']:.2f}, validation "
+            f"{chosen['validation']:.2f})"
+            if chosen and chosen["by"] == "validation"
+            else ""
+        )
+        + (
+            f"; held-out {held['best']['mean']:.2f} (full model {held['full']['mean']:.2f}), generalisation gap "
+            f"{summary['generalisation_gap']:.2f}"
+            if held
+            else ""
+        )
+    )
+    return summary
+
+
+def experts_implementation(model_cfg) -> str:
+    """The experts implementation the model loads with here (``eep.model.choose_experts``); for a
+    device this machine lacks (a dry run of a GPU config), what decides it when it loads there."""
+    from eep.model import choose_experts, pick_device, pick_dtype
+
+    try:
+        device = pick_device(model_cfg.device)
+    except EepError:
+        return f"chosen on {model_cfg.device} when the model loads"
+    return choose_experts(
+        model_cfg.experts_implementation, device, pick_dtype(model_cfg.dtype, device)
+    )
