@@ -123,125 +123,27 @@ def run_search(
     or in flight and were bred again instead (never re-evaluated).
     Returns the summary also written to ``summary.json``.
     """
-    config = run.config()
-    cfg = config.search
-    outcome, digest = config.outcome(), config.digest()  # what the snapshot records, computed once
-    rng = random.Random(cfg.seed)
-    tasks = [t.name for t in config.fitness.tasks]
+    cfg = run.config().search
     schedule = Schedule.of(space)
-    toolboxes = [make_toolbox(phase_space, cfg, rng) for _, phase_space in schedule.phases]
     archive = run.evaluations()
     warm = (
         _greedy_phase(run, schedule.first, evaluator, archive, log)
         if "greedy" in cfg.warm_start
         else []
     )
-    start = len(warm)  # candidates 0..start-1 are the greedy warm start's
-    archive = warm + [e for e in archive if e.id >= start]
-    try:
-        state = run.load_state()
-    except EepError as err:
-        log(f"[eep] warning: {err}")
-        state = None
-    replay: list[Evaluation] = []
-    if state is None:
-        if len(archive) > start:
-            log(
-                f"[eep] rebuilding the search state by replaying the {len(archive) - start} journal records"
-            )
-        replay, archive = archive[start:], archive[:start]
-        next_id, in_flight = start, deque()
-    else:
-        # a larger budget continues the same search: candidate i never depends on the budget
-        extended = "config" in state and _without_budget(state["config"]) == _without_budget(
-            outcome
-        )
-        if state["config_digest"] != digest and not extended:
-            what = f" ({differences(state['config'], outcome)})" if "config" in state else ""
-            raise EepError(
-                f"{run.path}/config.yaml changed since the search started{what}; restore it to resume"
-            )
-        rng.setstate(_rng_state_from_json(state["rng"]))
-        next_id = state["next_id"]
-        done = {e.id for e in archive}
-        in_flight = deque(
-            Candidate(
-                c["id"], Genome.from_dict(c["genome"]), c.get("bar"), tuple(c.get("order", ()))
-            )
-            for c in state["in_flight"]
-            if c["id"] not in done
-        )
-    seen = {e.genome.key for e in archive} | {c.genome.key for c in in_flight}
-    seeds = [Genome.load(run.path / path) for path in cfg.seed_genomes]
-
-    rebred = 0
-
-    def proposals() -> Iterator[Candidate]:
-        nonlocal next_id, rebred
-        yield from list(in_flight)  # bred before a stop, never finished: evaluate them first
-        while next_id < cfg.evaluations:
-            toolbox = toolboxes[schedule.phase(next_id)]
-            for _ in range(cfg.max_breed_attempts):
-                seed = next_id - start  # seeds follow the greedy warm start
-                if seed < len(seeds) and seeds[seed].key not in seen:
-                    genome = seeds[seed]
-                else:
-                    genome = (
-                        toolbox.individual()
-                        if next_id < cfg.initial
-                        else breed(toolbox, archive, cfg, rng)
-                    )
-                if genome.key not in seen:
-                    break
-                rebred += 1
-            else:
-                log(
-                    f"[eep] stopping: {cfg.max_breed_attempts} children in a row were already evaluated "
-                    f"(the search space has {schedule.size()} genomes)"
-                )
-                return
-            candidate = Candidate(
-                next_id,
-                genome,
-                parent_bar(archive, cfg) if cfg.early_cut else None,
-                task_order(archive, genome, tasks),
-            )
-            next_id += 1
-            seen.add(genome.key)
-            in_flight.append(candidate)
-            run.save_state(
-                {
-                    "config_digest": digest,
-                    "config": outcome,
-                    "next_id": next_id,
-                    "rng": _rng_state_to_json(rng.getstate()),
-                    "in_flight": [
-                        {
-                            "id": c.id,
-                            "genome": c.genome.to_dict(),
-                            "bar": c.bar,
-                            "order": list(c.order),
-                        }
-                        for c in in_flight
-                    ],
-                }
-            )
-            yield candidate
-
-    progress = _Progress(cfg.evaluations, log)
-    new = failing = 0
+    # candidates 0..len(warm)-1 are the greedy warm start's
+    archive = warm + [e for e in archive if e.id >= len(warm)]
+    proposals = _Proposals(run, schedule, archive, len(warm), log)
+    replay = proposals.replay  # journal records re-bred from the seed when the snapshot is unusable
+    progress, new, failing = _Progress(cfg.evaluations, log), 0, 0
     if len(archive) + len(replay) < cfg.evaluations:
         source = _Replay(replay, evaluator, cfg.in_flight) if replay else evaluator
-        for evaluation in source.imap(proposals()):
-            if evaluation.id != in_flight[0].id:
-                raise RuntimeError(
-                    f"evaluator returned candidate {evaluation.id} before {in_flight[0].id}"
-                )
-            replayed = evaluation.id < start + len(replay)
+        for evaluation in source.imap(proposals):
+            proposals.landed(evaluation)
+            replayed = evaluation.id < proposals.start + len(replay)
             if not replayed:
                 run.append(evaluation)  # on disk before it counts
             archive.append(evaluation)
-            in_flight.popleft()
             if replayed:
                 continue
             run.write_summary(summarise(archive))
@@ -250,14 +152,142 @@ def run_search(
             failing = failing + 1 if evaluation.failed else 0
             if failing >= cfg.max_failures:
                 raise EepError(
-                    f"{failing} evaluations in a row failed (the last: {evaluation.error}); every one is in "
-                    f"the journal; fix the cause and continue with `eep resume {run.path}`"
+                    f"{failing} evaluations in a row failed (the last: {evaluation.error}); every one "
+                    f"is in the journal; fix the cause and continue with `eep resume {run.path}`"
                 )
             if stop_after is not None and new >= stop_after:
                 break
     if stats is not None:
-        stats["rebred"] = rebred
-    return summarise(archive + replay[len(archive) - start :])
+        stats["rebred"] = proposals.rebred
+    return summarise(archive + replay[len(archive) - proposals.start :])
+
+
+class _Proposals:
+    """The candidates of a search, in order, bred from ``archive`` (which the loop extends as
+    results land), with the breeding state that makes them reproducible: the next id, the RNG,
+    the candidates in flight and every proposed genome's key. The state is restored from the
+    run's snapshot, or rebuilt by replaying the journal from the seed when the snapshot is
+    missing or unusable (:attr:`replay`: the records to replay), and saved after every child."""
+
+    def __init__(self, run: RunDir, schedule: Schedule, archive: list[Evaluation], start: int, log):
+        config = run.config()
+        self.run, self.cfg, self.schedule, self.archive, self.log = (
+            run,
+            config.search,
+            schedule,
+            archive,
+            log,
+        )
+        self.outcome, self.digest = config.outcome(), config.digest()  # computed once
+        self.tasks = [t.name for t in config.fitness.tasks]
+        self.start = start
+        self.rng = random.Random(self.cfg.seed)
+        self.toolboxes = [make_toolbox(s, self.cfg, self.rng) for _, s in schedule.phases]
+        self.seeds = [Genome.load(run.path / path) for path in self.cfg.seed_genomes]
+        self.replay: list[Evaluation] = []
+        self.next_id, self.in_flight = start, deque()
+        self.rebred = 0
+        self._restore()
+        self.seen = {e.genome.key for e in archive} | {c.genome.key for c in self.in_flight}
+
+    def _restore(self) -> None:
+        try:
+            state = self.run.load_state()
+        except EepError as err:
+            self.log(f"[eep] warning: {err}")
+            state = None
+        archive, start = self.archive, self.start
+        if state is None:
+            if len(archive) > start:
+                self.log(
+                    f"[eep] rebuilding the search state by replaying the {len(archive) - start} "
+                    "journal records"
+                )
+            self.replay = archive[start:]
+            del archive[start:]
+            return
+        # a larger budget continues the same search: candidate i never depends on the budget
+        extended = "config" in state and _without_budget(state["config"]) == _without_budget(
+            self.outcome
+        )
+        if state["config_digest"] != self.digest and not extended:
+            what = f" ({differences(state['config'], self.outcome)})" if "config" in state else ""
+            raise EepError(
+                f"{self.run.path}/config.yaml changed since the search started{what}; restore it to "
+                "resume"
+            )
+        self.rng.setstate(_rng_state_from_json(state["rng"]))
+        self.next_id = state["next_id"]
+        done = {e.id for e in archive}
+        self.in_flight = deque(
+            Candidate(
+                c["id"], Genome.from_dict(c["genome"]), c.get("bar"), tuple(c.get("order", ()))
+            )
+            for c in state["in_flight"]
+            if c["id"] not in done
+        )
+
+    def __iter__(self) -> Iterator[Candidate]:
+        yield from list(self.in_flight)  # bred before a stop, never finished: evaluate them first
+        while self.next_id < self.cfg.evaluations:
+            genome = self._child()
+            if genome is None:
+                return
+            candidate = Candidate(
+                self.next_id,
+                genome,
+                parent_bar(self.archive, self.cfg) if self.cfg.early_cut else None,
+                task_order(self.archive, genome, self.tasks),
+            )
+            self.next_id += 1
+            self.seen.add(genome.key)
+            self.in_flight.append(candidate)
+            self._save()
+            yield candidate
+
+    def _child(self) -> Genome | None:
+        """Candidate ``next_id``'s genome: a seed, a random one, or bred; never one already seen."""
+        cfg, i = self.cfg, self.next_id
+        toolbox = self.toolboxes[self.schedule.phase(i)]
+        for _ in range(cfg.max_breed_attempts):
+            seed = i - self.start  # seeds follow the greedy warm start
+            if seed < len(self.seeds) and self.seeds[seed].key not in self.seen:
+                genome = self.seeds[seed]
+            elif i < cfg.initial:
+                genome = toolbox.individual()
+            else:
+                genome = breed(toolbox, self.archive, cfg, self.rng)
+            if genome.key not in self.seen:
+                return genome
+            self.rebred += 1
+        self.log(
+            f"[eep] stopping: {cfg.max_breed_attempts} children in a row were already evaluated "
+            f"(the search space has {self.schedule.size()} genomes)"
+        )
+        return None
+
+    def landed(self, evaluation: Evaluation) -> None:
+        """A result came back: evaluators answer in candidate order."""
+        if evaluation.id != self.in_flight[0].id:
+            raise RuntimeError(
+                f"evaluator returned candidate {evaluation.id} before {self.in_flight[0].id}"
+            )
+        self.in_flight.popleft()
+
+    def _save(self) -> None:
+        in_flight = [
+            {"id": c.id, "genome": c.genome.to_dict(), "bar": c.bar, "order": list(c.order)}
+            for c in self.in_flight
+        ]
+        self.run.save_state(
+            {
+                "config_digest": self.digest,
+                "config": self.outcome,
+                "next_id": self.next_id,
+                "rng": _rng_state_to_json(self.rng.getstate()),
+                "in_flight": in_flight,
+            }
+        )
 
 
 def _greedy_phase(

@@ -286,6 +286,7 @@ def layer_config(config, layer: int, keep: int):
     c = config.moei2
     data = config.to_dict()
     data["name"] = f"{config.name}-layer{layer}"
+    data["method"] = "eep"  # EEP's loop on a one-layer space (the digest of older runs' layers too)
     data["search_space"] = {"kind": "prune", "keep": keep}
     data["search"] = {
         **data["search"],

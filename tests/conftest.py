@@ -161,3 +161,13 @@ def local_ray_cluster(nodes: int = 1, cpus_per_node: int = 1):
             except ProcessLookupError:
                 pass
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The toy's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from eep import toy
+
+    return AutoTokenizer.from_pretrained(toy.TOY_DIR)

@@ -468,7 +468,7 @@ def test_short_search_and_export_end_to_end(family, space, tmp_path, capsys):
     best = Genome.load(out / "eep_genome.json")
     custom = json.loads((out / "eep_report.json").read_text())["form"] == "custom"
     assert custom or "budget" not in space  # an odd budget over two layers: uneven, so custom
-    assert best.is_low_rank == (space["kind"] == "moei2")
+    assert best.is_low_rank == (space.get("kind") == "moei2")
     exported = tf.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=custom).eval()
     assert (type(exported) is type(model)) != custom
     ids = torch.randint(0, len(tokenizer), (2, 7), generator=torch.Generator().manual_seed(0))

@@ -394,3 +394,17 @@ def test_a_moei2_genome_seeds_a_budget_search(tmp_path, capsys):
     )
     assert err.count("\n") == 1 and not (tmp_path / "other").exists()
     assert json.loads((run / "summary.json").read_text())["evaluations"] == 8
+
+
+def test_layer_searches_are_eeps_loop_and_keep_their_digests():
+    """A MoE-I² run's layer searches run EEP's loop on one layer (method eep, prune); their digest
+    is what runs written before ``method:`` recorded, so those runs' layer journals resume."""
+    from pathlib import Path
+
+    from eep.config import load_config
+    from eep.moei2 import layer_config
+
+    config = load_config(Path(__file__).parents[1] / "experiments/toy-moei2.yaml")
+    layer = layer_config(config, 0, 2)
+    assert (layer.method, layer.search_space.kind, layer.search_space.keep) == ("eep", "prune", 2)
+    assert layer.digest() == "f333503b7b3da7ae"  # measured with eep before the method key

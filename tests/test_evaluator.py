@@ -1,0 +1,87 @@
+"""The evaluator seam: a serial evaluator pulls candidates exactly as a pool of ``in_flight``
+workers would, and a fitness worker turns every outcome of scoring a genome (a score, a cut, an
+error) into a journal record instead of a crash."""
+
+import pytest
+
+from eep.config import parse_config
+from eep.errors import EepError
+from eep.evaluator import Candidate, FitnessWorker, SerialEvaluator
+from eep.genome import Genome
+from eep.journal import Evaluation
+from tests.conftest import toy_config_dict
+
+KEEP = Genome.from_keep(8, 2, {i: [0, 2, 5, 7] for i in range(4)})
+
+
+class Echo:
+    """A worker that scores candidate i as i, recording when it is called."""
+
+    def __init__(self, events):
+        self.events = events
+
+    def __call__(self, candidate):
+        self.events.append(f"score {candidate.id}")
+        return Evaluation(candidate.id, candidate.genome, float(candidate.id), {}, 0.0, "echo")
+
+
+@pytest.mark.parametrize("in_flight", [1, 3])
+def test_serial_evaluator_pulls_in_flight_ahead_then_one_per_result(in_flight):
+    events = []
+
+    def candidates():
+        for i in range(5):
+            events.append(f"bred {i}")
+            yield Candidate(i, KEEP)
+
+    results = []
+    for evaluation in SerialEvaluator(Echo(events), in_flight).imap(candidates()):
+        events.append(f"folded {evaluation.id}")
+        results.append(evaluation.id)
+    assert results == [0, 1, 2, 3, 4]  # candidate order
+    # the first in_flight candidates are bred before any result; each later one only after the
+    # previous result was folded into the archive (what makes a serial run equal a parallel one)
+    assert events[:in_flight] == [f"bred {i}" for i in range(in_flight)]
+    for i in range(in_flight, 5):
+        assert events.index(f"bred {i}") > events.index(f"folded {i - in_flight}")
+
+
+@pytest.fixture(scope="module")
+def worker():
+    data = toy_config_dict()
+    data["fitness"]["batch_size"] = 6  # one chunk per task: a cut can come before the end
+    return FitnessWorker(parse_config(data))
+
+
+def test_a_candidate_is_scored_cut_or_failed_never_crashing(worker):
+    scored = worker(Candidate(0, KEEP))
+    assert scored.status == "ok" and scored.scores == worker.scores(KEEP)
+    assert scored.fitness == worker.fitness(scored.scores)
+
+    cut = worker(Candidate(1, KEEP, bar=101.0))  # above any fitness: stopped after a chunk
+    assert cut.status == "cut" and cut.fitness is None
+    assert cut.cut >= scored.fitness  # an upper bound of what it would have scored
+
+    wrong = Genome.from_keep(8, 2, {i: [0, 1] for i in range(6)})  # layers the toy does not have
+    failed = worker(Candidate(2, wrong))
+    assert failed.status == "failed" and "EepError" in failed.error
+
+
+def test_a_genome_on_a_model_it_cannot_apply_to_is_a_clear_error(tmp_path):
+    """eep's custom-form exports are scored as they are; a genome on them is a one-line error
+    (it used to be a NameError)."""
+    from eep.export import export_genome
+
+    uneven = Genome.from_keep(8, 2, {0: [0, 2, 5], 1: [1, 2, 3, 4], 2: [0, 3], 3: [1, 4, 6]})
+    export_genome(parse_config(toy_config_dict()).model, uneven, tmp_path / "x", log=lambda m: None)
+    data = toy_config_dict()
+    data["model"]["path"] = str(tmp_path / "x")
+    custom = FitnessWorker(parse_config(data))
+    assert custom.adapter is None and set(custom.scores(None)) == {
+        "copy",
+        "reverse",
+        "shift",
+        "lookup",
+    }
+    with pytest.raises(EepError, match="cannot apply a genome to .* give the source model"):
+        custom.scores(KEEP)
