@@ -74,15 +74,52 @@ class Run:
         chosen = summary.get("selected") or {"genome": summary.get("best_genome")}
         return Genome.from_dict(chosen["genome"]) if chosen["genome"] is not None else None
 
+    def front_point(self, point: int | None = None, max_params: int | None = None) -> dict:
+        """A point of a multi-objective run's frontier (``summary["front"]``, smallest first): the
+        candidate ``point``, or the best by search fitness keeping at most ``max_params``."""
+        front = self.summary.get("front")
+        if front is None:
+            raise EepError(
+                f"{self.path} is not a finished multi-objective search (no frontier in its "
+                "summary); --point and --max-params choose among a frontier's points"
+            )
+        if point is not None:
+            chosen = [p for p in front if p["id"] == point]
+            if not chosen:
+                raise EepError(
+                    f"candidate {point} is not on the frontier; its points: "
+                    + ", ".join(f"{p['id']} ({p['kept_params']:,} parameters)" for p in front)
+                )
+            return chosen[0]
+        within = [p for p in front if p["kept_params"] <= max_params]
+        if not within:
+            raise EepError(
+                f"no frontier point keeps at most {max_params:,} parameters; the smallest keeps "
+                f"{front[0]['kept_params']:,}"
+            )
+        return max(within, key=lambda p: (p["fitness"], -p["kept_params"]))
+
     def export(
-        self, out: str | Path, form: str | None = None, dense: bool = False, log: Log = stderr_log
+        self,
+        out: str | Path,
+        form: str | None = None,
+        dense: bool = False,
+        log: Log = stderr_log,
+        point: int | None = None,
+        max_params: int | None = None,
     ) -> dict:
-        """Write :attr:`best` as a smaller checkpoint to ``out``; returns the export's report."""
+        """Write :attr:`best` (or, of a multi-objective run, the frontier point :meth:`front_point`
+        chooses) as a smaller checkpoint to ``out``; returns the export's report."""
         from eep.export import export_genome
         from eep.lowrank import SCALES_FILE
 
         summary, config = self.summary, self.config
         genome = self.best
+        fitness = (summary.get("selected") or {"fitness": summary.get("best_fitness")})["fitness"]
+        if point is not None or max_params is not None:
+            chosen = self.front_point(point, max_params)
+            genome, fitness = Genome.from_dict(chosen["genome"]), chosen["fitness"]
+            log(f"[eep] frontier point {chosen['id']}: {chosen['kept_params']:,} parameters kept")
         if genome is None:
             raise EepError(f"{self.path} has no successful evaluation to export")
         progress = method_of(config).progress(summary, config)
@@ -92,7 +129,6 @@ class Run:
                 f"{progress[1]} evaluations; exporting its best so far (the model card says so; "
                 "`eep resume` finishes it)"
             )
-        fitness = (summary.get("selected") or {"fitness": summary.get("best_fitness")})["fitness"]
         return export_genome(
             config.model,
             genome,
@@ -275,8 +311,11 @@ def export(
     form: str | None = None,
     dense: bool = False,
     log: Log = stderr_log,
+    point: int | None = None,
+    max_params: int | None = None,
 ) -> dict:
-    """Write a run's pick (``run_dir``), or a genome file applied to ``model``, as a smaller
+    """Write a run's pick (``run_dir``; of a multi-objective run, a frontier ``point`` or the
+    best keeping at most ``max_params``), or a genome file applied to ``model``, as a smaller
     checkpoint to ``out``; with ``config`` its tasks' held-out split is scored on the export."""
     from eep.config import ModelConfig
     from eep.export import export_genome
@@ -285,7 +324,9 @@ def export(
     if run_dir:
         if model or genome or config:
             raise EepError("give either RUN_DIR or --model with --genome, not both")
-        return Run(run_dir).export(out, form, dense, log=log)
+        return Run(run_dir).export(out, form, dense, log, point, max_params)
+    if point is not None or max_params is not None:
+        raise EepError("--point and --max-params choose a point of a run's frontier: give RUN_DIR")
     if not (model and genome):
         raise EepError("export needs RUN_DIR, or --model PATH with --genome FILE")
     config = config_of(config) if config is not None else None

@@ -87,6 +87,14 @@ def _parser() -> argparse.ArgumentParser:
         help="low-rank experts (MoE-I² stage 2) as re-multiplied dense matrices, in the stock form when "
         "the pruning allows (larger, no custom code for that); default: stored as their factors",
     )
+    p.add_argument(
+        "--point", type=int, help="multi-objective run: export this frontier point (candidate id)"
+    )
+    p.add_argument(
+        "--max-params",
+        type=int,
+        help="multi-objective run: export the best frontier point keeping at most this many parameters",
+    )
     _threads_flag(p)
     p.set_defaults(func=cmd_export)
 
@@ -434,7 +442,16 @@ def cmd_export(args) -> int:
 
     out = Path(args.out)
     report = export(
-        out, args.run_dir, args.model, args.genome, args.config, args.form, args.dense, log=log
+        out,
+        args.run_dir,
+        args.model,
+        args.genome,
+        args.config,
+        args.form,
+        args.dense,
+        log,
+        args.point,
+        args.max_params,
     )
     params = report["parameters"]
     held = report["heldout"]

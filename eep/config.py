@@ -125,13 +125,29 @@ class SearchConfig(_Section):
     select_top: PositiveInt = 5
     """With validation examples (``fitness.tasks[].validation_size``): the best candidates by search
     fitness among which the one scoring best on them is exported. Not part of the run's digest."""
+    objectives: list[Literal["fitness", "kept_params"]] = ["fitness"]
+    """``[fitness]``: the best genome of one size. ``[fitness, kept_params]``: one search for the
+    whole accuracy-size frontier: genomes of every size (each layer keeps top-k..E experts), parents
+    chosen by NSGA-II rank and crowding from the archive, the non-dominated front kept, held-out
+    scored and exportable point by point (no early cut: it would judge by one objective)."""
+    population: Annotated[int, Field(ge=4)] = 24
+    """Multi-objective search: the parent pool NSGA-II selects from the archive for each child."""
     in_flight: PositiveInt = 1
     """Candidates evaluated at once: candidate i is bred from the results of candidates 0..i-in_flight.
     The outcome depends on this, never on the evaluator, so a serial run with in_flight=N equals a
     Ray run with N actors. A new Ray search sets it to the number of actors unless the config does."""
 
+    @property
+    def frontier(self) -> bool:
+        """A multi-objective search (more than one objective)."""
+        return len(self.objectives) > 1
+
     @model_validator(mode="after")
     def _initial_within_budget(self):
+        if self.objectives[:1] != ["fitness"] or len(set(self.objectives)) != len(self.objectives):
+            raise ValueError(
+                f"objectives {self.objectives}: fitness first, then kept_params (each once)"
+            )
         if self.initial > self.evaluations:
             raise ValueError(
                 f"initial ({self.initial}) must not exceed evaluations ({self.evaluations})"
@@ -352,6 +368,16 @@ class Config(_Section):
         return data
 
     @model_validator(mode="after")
+    def _frontier_has_no_size(self):
+        # keep defaults to 4, which a multi-objective search ignores; another value is a mistake
+        if self.search.frontier and self.search_space.keep not in (None, 4):
+            raise ValueError(
+                "a multi-objective search (search.objectives) spans every size: remove "
+                "search_space.keep"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _moei2_prunes(self):
         if self.method == "moei2" and self.search_space.kind != "prune":
             raise ValueError(
@@ -398,6 +424,8 @@ class Config(_Section):
             if not data["search"][key]:
                 # keys added with a neutral default keep older runs' digests
                 del data["search"][key]
+        if not self.search.frontier:  # added with a neutral default; the pool size decides nothing
+            del data["search"]["objectives"], data["search"]["population"]
         return data
 
     def digest(self) -> str:

@@ -35,7 +35,12 @@ class Evolution:
     def plan(self, config: Config, shape, config_dir: Path | None = None) -> Schedule:
         """The search's phases (:func:`search_spaces.build_schedule`), the warm starts checked,
         and with ``config_dir`` the seed genomes (a bad file fails before anything loads)."""
-        schedule = build_schedule(config.search_space, shape)
+        schedule = build_schedule(config.search_space, shape, frontier=config.search.frontier)
+        if config.search.frontier and config.search.warm_start:
+            raise EepError(
+                "search.warm_start seeds a search at one size; a multi-objective search starts from "
+                "random genomes of every size: drop warm_start"
+            )
         if config_dir is not None:
             seed_genomes(config, schedule, config_dir)
         if config.search.warm_start:
@@ -59,7 +64,13 @@ class Evolution:
             (
                 "budget",
                 f"{search.evaluations} evaluations ({search.initial} random initial), "
-                f"seed {search.seed}",
+                f"seed {search.seed}"
+                + (
+                    f"; objectives {', '.join(search.objectives)} (NSGA-II, parent pool "
+                    f"{search.population})"
+                    if search.frontier
+                    else ""
+                ),
             )
         ]
         if search.warm_start:
@@ -76,7 +87,9 @@ class Evolution:
         for task in fit.tasks:
             paths.setdefault(scoring_path(task.metric, why_not), []).append(task.name)
         cut = (
-            "; early cut of hopeless candidates"
+            "; no early cut (multi-objective)"
+            if search.frontier
+            else "; early cut of hopeless candidates"
             if search.early_cut
             else "; no early cut (search.early_cut: false)"
         )
@@ -257,6 +270,8 @@ def _finish(run: RunDir, config: Config, space, evaluator, log: Log) -> dict:
             summary["generalisation_gap"] = (
                 summary["selected"]["fitness"] - summary["heldout"]["best"]["mean"]
             )
+            if config.search.frontier:
+                summary.update(_front(run.evaluations(), config, evaluator, log))
         summary["experts_implementation"] = experts_implementation(config.model)
         run.write_summary(summary)
     finally:
@@ -295,6 +310,51 @@ def _finish(run: RunDir, config: Config, space, evaluator, log: Log) -> dict:
         )
     )
     return summary
+
+
+def _front(archive, config: Config, evaluator, log: Log) -> dict:
+    """A multi-objective run's frontier: every non-dominated candidate with its held-out scores
+    and parameter counts, and the hypervolume of the held-out front (:func:`hypervolume`)."""
+    from eep.loop import front_of, kept_experts
+    from eep.progress import tracked
+    from eep.surgery import size_model
+    from fitness.metrics import weighted_fitness
+
+    sizes = size_model(config.model)
+    points = []
+    for e in tracked(front_of(archive), "held-out scoring (front points)", log):
+        scores = evaluator.heldout(e.genome)
+        kept, active = sizes(e.genome)
+        points.append(
+            {
+                "id": e.id,
+                "fitness": e.fitness,
+                "kept_experts": kept_experts(e.genome),
+                "kept_params": kept,
+                "active_params": active,
+                "heldout": {
+                    "scores": scores,
+                    "mean": weighted_fitness(config.fitness.tasks, scores),
+                },
+                "genome": e.genome.to_dict(),
+            }
+        )
+    full = sizes(None)[0]
+    held = [(p["heldout"]["mean"], p["kept_params"]) for p in points]
+    return {"front": points, "full_params": full, "hypervolume": hypervolume(held, full)}
+
+
+def hypervolume(points, full_params: int) -> float:
+    """The share (0..1) of the accuracy x size square — accuracy 0..100, kept parameters
+    0..``full_params`` — dominated by ``points`` ((accuracy, kept parameters) pairs): the area
+    between the step curve of the best accuracy reachable at each size and the full model's size.
+    1 would be 100 % accuracy at no parameters; one search's number to compare with another's."""
+    area, best = 0.0, 0.0
+    for accuracy, params in sorted(points, key=lambda p: (p[1], -p[0])):
+        if accuracy > best:
+            area += (accuracy - best) * max(full_params - params, 0)
+            best = accuracy
+    return area / (100.0 * full_params)
 
 
 def experts_implementation(model_cfg) -> str:

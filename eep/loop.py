@@ -69,6 +69,94 @@ def breed(
     return toolbox.mutate(child)
 
 
+def kept_experts(genome: Genome) -> int:
+    """Experts a genome keeps in all layers: the size objective of a multi-objective search (the
+    experts of one model are the same size, so kept parameters are an affine function of it)."""
+    return sum(gene.slots for _, gene in genome.layers)
+
+
+def fronts(archive: list[Evaluation], needed: int | None = None) -> list[list[Evaluation]]:
+    """The candidates of ``archive`` in non-dominated fronts, best first, by (fitness up, kept
+    experts down), until ``needed`` are placed (None: all), as DEAP's ``sortNondominated`` sorts
+    them (identical points share a front). Two objectives make each front one sweep over the
+    candidates by size: a candidate is in it when it beats the fitness of every smaller or equal
+    one left, or equals the point just taken."""
+    rest = sorted(
+        (e for e in archive if e.candidate),
+        key=lambda e: (kept_experts(e.genome), -e.fitness, e.id),
+    )
+    out: list[list[Evaluation]] = []
+    while rest and (needed is None or sum(map(len, out)) < needed):
+        front, left, best = [], [], float("-inf")
+        for e in rest:
+            same = front and (e.fitness, kept_experts(e.genome)) == (
+                front[-1].fitness,
+                kept_experts(front[-1].genome),
+            )
+            (front if e.fitness > best or same else left).append(e)
+            best = max(best, e.fitness)
+        out.append(front)
+        rest = left
+    return out
+
+
+def front_of(archive: list[Evaluation]) -> list[Evaluation]:
+    """The non-dominated candidates (smallest first), one per point (the first evaluated of
+    identical ones): the accuracy-size frontier found so far."""
+    found = fronts(archive, 1)
+    points: dict[tuple, Evaluation] = {}
+    for e in found[0] if found else []:
+        points.setdefault((e.fitness, kept_experts(e.genome)), e)
+    return list(points.values())
+
+
+class _Objectives(base.Fitness):
+    weights = (1.0, -1.0)  # fitness up, kept experts down
+
+
+class _Point(list):
+    """A candidate as DEAP's selection sees it: a ``fitness`` with the objective values."""
+
+
+def nsga2_pool(archive: list[Evaluation], size: int) -> list[tuple[Evaluation, int, float]]:
+    """The parents of a multi-objective search: DEAP's NSGA-II selection (``tools.selNSGA2``:
+    whole fronts in rank order, the last one cut by crowding distance) of ``size`` candidates,
+    made on the first fronts of the archive (which decide it) so that it costs little however
+    long the search; each with its front rank and crowding distance."""
+    from deap import tools
+
+    individuals = []
+    for rank, front in enumerate(fronts(archive, size)):
+        for e in front:
+            individual = _Point()
+            individual.fitness = _Objectives((e.fitness, kept_experts(e.genome)))
+            individual.evaluation, individual.rank = e, rank
+            individuals.append(individual)
+    # in archive order, as on the whole archive: DEAP breaks crowding ties by position
+    individuals.sort(key=lambda i: i.evaluation.id)
+    chosen = tools.selNSGA2(individuals, min(size, len(individuals)))
+    return [(i.evaluation, i.rank, i.fitness.crowding_dist) for i in chosen]
+
+
+def breed_front(
+    toolbox: base.Toolbox, archive: list[Evaluation], cfg: SearchConfig, rng: random.Random
+) -> Genome:
+    """One child of a multi-objective search: parents from the NSGA-II pool by binary tournament
+    (lower front rank, then larger crowding distance, then the earlier id), crossed with
+    ``crossover_prob``; the child is always mutated. Judged on the archive alone, as :func:`breed`."""
+    pool = sorted(nsga2_pool(archive, cfg.population), key=lambda p: p[0].id)
+    if not pool:
+        return toolbox.individual()
+
+    def tournament() -> Genome:
+        a, b = rng.sample(pool, 2) if len(pool) > 1 else (pool[0], pool[0])
+        return min(a, b, key=lambda p: (p[1], -p[2], p[0].id))[0].genome
+
+    if len(pool) > 1 and rng.random() < cfg.crossover_prob:
+        return toolbox.mutate(toolbox.mate(tournament(), tournament()))
+    return toolbox.mutate(tournament())
+
+
 def parent_bar(archive: list[Evaluation], cfg: SearchConfig) -> float | None:
     """The fitness a new candidate must reach to ever matter to this search, judged on ``archive``
     (the results it was bred from); None when any fitness could matter.
@@ -229,6 +317,7 @@ class _Proposals:
 
     def __iter__(self) -> Iterator[Candidate]:
         yield from list(self.in_flight)  # bred before a stop, never finished: evaluate them first
+        frontier = self.cfg.frontier  # no early cut: a bar would judge by fitness alone
         while self.next_id < self.cfg.evaluations:
             genome = self._child()
             if genome is None:
@@ -236,8 +325,8 @@ class _Proposals:
             candidate = Candidate(
                 self.next_id,
                 genome,
-                parent_bar(self.archive, self.cfg) if self.cfg.early_cut else None,
-                task_order(self.archive, genome, self.tasks),
+                parent_bar(self.archive, self.cfg) if self.cfg.early_cut and not frontier else None,
+                task_order(self.archive, genome, self.tasks) if not frontier else (),
             )
             self.next_id += 1
             self.seen.add(genome.key)
@@ -256,7 +345,8 @@ class _Proposals:
             elif i < cfg.initial:
                 genome = toolbox.individual()
             else:
-                genome = breed(toolbox, self.archive, cfg, self.rng)
+                pick = breed_front if cfg.frontier else breed
+                genome = pick(toolbox, self.archive, cfg, self.rng)
             if genome.key not in self.seen:
                 return genome
             self.rebred += 1

@@ -464,6 +464,119 @@ def plot_methods(
     fig.savefig(path)
 
 
+def plot_frontier(
+    front: Sequence[dict],
+    baselines: dict[str, Any] | None,
+    uniform_params: dict[int, int],
+    full: tuple[int, float | None],
+    path: Path,
+    title: str,
+) -> None:
+    """Held-out score (and search fitness) against kept parameters: the frontier's points as a
+    step line, each baseline's points at its uniform keep counts, the full model as a star."""
+    fig, ax = _figure()
+    params = [p["kept_params"] for p in front]
+    ax.step(
+        params,
+        [p["heldout"]["mean"] for p in front],
+        where="post",
+        color="tab:red",
+        marker="*",
+        markersize=11,
+        markeredgecolor="black",
+        markeredgewidth=0.5,
+        zorder=4,
+        label="frontier (held-out)",
+    )
+    ax.plot(
+        params,
+        [p["fitness"] for p in front],
+        color="tab:red",
+        linestyle=":",
+        marker=".",
+        linewidth=1,
+        label="frontier (search fitness)",
+    )
+    spare = iter(_SPARE_COLORS * 4)
+    for method, points in sweep_series(baselines or {}).items():
+        if method in ("search", "full"):
+            continue
+        xs = [uniform_params[k] for k in points if k in uniform_params]
+        ys = [v for k, v in points.items() if k in uniform_params]
+        ax.plot(
+            xs,
+            ys,
+            linestyle="none",
+            marker=_MARKERS.get(method, "o"),
+            markersize=6,
+            color=_COLORS.get(method) or next(spare),
+            label=method,
+        )
+    if full[1] is not None:
+        ax.plot(
+            [full[0]],
+            [full[1]],
+            marker="*",
+            color="black",
+            markersize=12,
+            linestyle="none",
+            label="full model",
+        )
+    ax.set_xlabel("parameters kept")
+    ax.set_ylabel("score (mean over tasks)")
+    ax.set_title(title)
+    _legend(ax)
+    fig.savefig(path)
+
+
+def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
+    """A multi-objective run's frontier: its points, its hypervolume, the plot against baselines."""
+    from eep.genome import Genome
+    from eep.surgery import size_model
+
+    front, full_params = summary["front"], summary["full_params"]
+    lines = [
+        "",
+        "## Frontier",
+        "",
+        f"- {len(front)} non-dominated points (search fitness vs kept parameters); hypervolume of "
+        f"the held-out front: **{summary['hypervolume']:.4f}** (the share of the square of accuracy "
+        "0–100 by parameters 0–full that it dominates; 1 = 100 % at no parameters)",
+        "- export one: `eep export RUN_DIR --point ID --out DIR`, or `--max-params N` for the best "
+        "point of at most that size",
+        "",
+        "| candidate | experts kept (per layer) | parameters kept | search fitness | held-out |",
+        "|---|---|---|---|---|",
+    ]
+    for p in front:
+        genome = Genome.from_dict(p["genome"])
+        per_layer = "/".join(str(len(genome.keep(i))) for i, _ in genome.layers)
+        lines.append(
+            f"| {p['id']} | {p['kept_experts']} ({per_layer}) | {p['kept_params']:,} "
+            f"({100 * p['kept_params'] / full_params:.1f} %) | {p['fitness']:.2f} | "
+            f"{p['heldout']['mean']:.2f} |"
+        )
+    sizes = size_model(config.model)
+    experts = Genome.from_dict(front[0]["genome"])
+    layers = [i for i, _ in experts.layers]
+    uniform = {
+        k: sizes(
+            Genome.from_keep(experts.num_experts, experts.top_k, {i: range(k) for i in layers})
+        )[0]
+        for k in range(experts.top_k, experts.num_experts + 1)
+    }
+    full_score = ((summary.get("heldout") or {}).get("full") or {}).get("mean")
+    plot_frontier(
+        front,
+        baselines,
+        uniform,
+        (full_params, full_score),
+        path,
+        f"{config.name}: the accuracy-size frontier",
+    )
+    return [*lines, "", "![the accuracy-size frontier](frontier.png)"]
+
+
 # -- the report ---------------------------------------------------------------------------------
 
 
@@ -612,6 +725,12 @@ def write_report(run_dir: str | Path) -> Path:
     else:
         methods_png.unlink(missing_ok=True)
 
+    frontier_png = run.path / "frontier.png"
+    if summary and summary.get("front"):
+        lines += _frontier_lines(summary, config, baselines, frontier_png)
+    else:
+        frontier_png.unlink(missing_ok=True)
+
     path = run.path / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -671,6 +790,8 @@ def _gap(row: Row, full: Row | None) -> str:
 def _space(config, evaluations: Sequence[Evaluation]) -> str:
     space = config.search_space
     experts = evaluations[0].genome.num_experts if evaluations else None
+    if config.search.frontier:
+        return f"every size (objectives: {', '.join(config.search.objectives)})"
     if space.keep is not None:
         size = f"keep {space.keep}" + (f" of {experts}" if experts else "") + " experts per layer"
     else:

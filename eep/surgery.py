@@ -16,6 +16,7 @@ initialisation. Two forms (:func:`export_form` decides, from the model's shape a
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -251,3 +252,17 @@ def parameter_counts(model, adapter, genome: Genome | None) -> tuple[int, int]:
             total -= sum(saved)
             active -= round(k * sum(saved) / len(saved))
     return total, active
+
+
+def size_model(model_cfg) -> Callable[[Genome | None], tuple[int, int]]:
+    """``genome -> (parameters kept, active per token)`` (:func:`parameter_counts`) of the model
+    ``model_cfg`` names, from its config alone: the model is built on the meta device, no weights."""
+    from transformers import AutoModelForCausalLM
+
+    from eep.model import load_hf_config
+    from eep.moe import MoEAdapter
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(load_hf_config(model_cfg))
+    adapter = MoEAdapter(model)
+    return lambda genome: parameter_counts(model, adapter, genome)

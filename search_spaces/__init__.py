@@ -7,11 +7,13 @@ from dataclasses import dataclass
 
 from eep.errors import EepError
 from search_spaces.budget import BudgetSpace, crossover_budget, mutate_budget, random_budget_genome
+from search_spaces.frontier import FrontierSpace
 from search_spaces.merge import MergeSpace, crossover_matrices, mutate_noise
 from search_spaces.prune import PruneSpace, crossover_rows, layer_groups, mutate_swap, random_genome
 
 __all__ = [
     "BudgetSpace",
+    "FrontierSpace",
     "MergeSpace",
     "PruneSpace",
     "Schedule",
@@ -57,9 +59,10 @@ class Schedule:
         )
 
 
-def build_schedule(cfg, shape) -> Schedule:
+def build_schedule(cfg, shape, frontier: bool = False) -> Schedule:
     """The search's phases from the ``search_space`` config section and the model's MoE shape
-    (:class:`eep.families.MoEShape`); a setting the model cannot satisfy is an :class:`EepError`."""
+    (:class:`eep.families.MoEShape`); a setting the model cannot satisfy is an :class:`EepError`.
+    ``frontier``: a multi-objective search, over genomes of every size (:class:`FrontierSpace`)."""
     from eep.families import FAMILIES
 
     family = FAMILIES[shape.family]
@@ -79,6 +82,18 @@ def build_schedule(cfg, shape) -> Schedule:
         raise EepError(
             f"search_space.groups={cfg.groups} but the model has only {len(layers)} MoE layers"
         )
+    if frontier:
+        if cfg.kind != "prune" or cfg.budget is not None or cfg.groups is not None:
+            raise EepError(
+                "a multi-objective search (search.objectives) spans every size: set neither "
+                "search_space.budget nor groups, and search_space.kind: prune"
+            )
+        if shape.expert_groups > 1 or shape.group_min > k:
+            raise EepError(
+                f"{family.title} routes within expert groups; a multi-objective search changes "
+                "layer sizes freely, which grouped routing does not allow"
+            )
+        return Schedule(((0, FrontierSpace(num_experts, shape.top_k, layers, cfg.top_k)),))
     if cfg.budget is not None:
         low, high = k * len(layers), num_experts * len(layers)
         if not low <= cfg.budget <= high:

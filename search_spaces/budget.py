@@ -102,7 +102,7 @@ def random_budget_genome(space: BudgetSpace, rng: random.Random) -> Genome:
     return space.genome({i: rng.sample(range(space.num_experts), n) for i, n in counts.items()})
 
 
-def _move(keep: dict[int, list[int]], space: BudgetSpace, rng: random.Random) -> bool:
+def move_expert(keep: dict[int, list[int]], space: BudgetSpace, rng: random.Random) -> bool:
     """Drop a random expert of one layer and add a random dropped expert to another."""
     donors = [i for i in space.layers if len(keep[i]) > space.min_keep]
     takers = [i for i in space.layers if len(keep[i]) < space.num_experts]
@@ -126,7 +126,7 @@ def mutate_budget(
     """With probability ``move_prob`` move one expert of budget between two layers; then swap kept
     experts for dropped ones as :func:`search_spaces.prune.mutate_swap` does. Always changes something."""
     keep = {i: list(genome.keep(i)) for i in space.layers}
-    changed = rng.random() < move_prob and _move(keep, space, rng)
+    changed = rng.random() < move_prob and move_expert(keep, space, rng)
     touched = touched_units(list(space.layers), rng, layer_prob)
     for layer in touched:
         kept = keep[layer]
@@ -142,7 +142,7 @@ def mutate_budget(
                 [e for e in range(space.num_experts) if e not in kept]
             )
         else:
-            _move(keep, space, rng)
+            move_expert(keep, space, rng)
     return space.genome(keep)
 
 

@@ -1,0 +1,135 @@
+"""The frontier against single-size searches and baselines, held out, on both toys.
+
+One multi-objective search (``search.objectives: [fitness, kept_params]``) with the evaluations of
+two single-size toy searches, against the single-size search as configured (the toys' 500
+evaluations, the export picked on validation examples) at each size, and the calibration-pass
+baselines (frequency, REAP, NAEE) and greedy elimination at each size. For each size the frontier
+offers the best point (by search fitness, then fewer parameters) keeping at most that many
+parameters: what ``eep export RUN --max-params`` writes. Every genome is scored on the held-out
+test split by the same resident worker; the hypervolume is of the held-out points.
+
+    python benchmarks/frontier_quality.py                       # both toys, keep 2 3 4 6
+    python benchmarks/frontier_quality.py --configs experiments/toy.yaml --keeps 2 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _frontier(config, worker, tmp: Path, evaluations: int):
+    from eep.evaluator import SerialEvaluator
+    from eep.journal import RunDir
+    from eep.loop import front_of, run_search
+    from search_spaces import build_schedule
+
+    data = config.to_dict()
+    data["search"].update(
+        objectives=["fitness", "kept_params"], evaluations=evaluations, initial=60, warm_start=[]
+    )
+    from eep.config import parse_config
+
+    frontier = parse_config(data)
+    run = RunDir.create(tmp / "frontier", frontier)
+    schedule = build_schedule(frontier.search_space, worker.adapter.shape, frontier=True)
+    start = time.perf_counter()
+    run_search(run, schedule, SerialEvaluator(worker), log=lambda m: None)
+    return front_of(run.evaluations()), time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--configs", nargs="+", default=["experiments/toy.yaml", "experiments/toy-qwen.yaml"]
+    )
+    parser.add_argument("--keeps", nargs="+", type=int, default=[2, 3, 4, 6])
+    parser.add_argument("--runs", type=int, default=2, help="frontier budget in single-size runs")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(1)
+    from benchmarks.search_quality import _search
+    from eep import baselines as bl
+    from eep import greedy
+    from eep.calibration import calibrate
+    from eep.config import load_config
+    from eep.evaluator import FitnessWorker
+    from eep.evolution import hypervolume
+    from eep.genome import Genome
+    from eep.surgery import parameter_counts
+    from fitness.metrics import weighted_fitness
+    from search_spaces import PruneSpace
+
+    for path in args.configs:
+        config = load_config(ROOT / path)
+        worker = FitnessWorker(config)
+        adapter = worker.adapter
+        layers = tuple(adapter.moe_layers)
+
+        def held(genome, config=config, worker=worker):
+            return weighted_fitness(config.fitness.tasks, worker.scores(genome, "test"))
+
+        def params(genome, worker=worker, adapter=adapter):
+            return parameter_counts(worker.model, adapter, genome)[0]
+
+        with tempfile.TemporaryDirectory() as tmp:
+            front, seconds = _frontier(
+                config, worker, Path(tmp), args.runs * config.search.evaluations
+            )
+            points = [(e, params(e.genome), held(e.genome)) for e in front]
+            _, _, cal = calibrate(config, worker, lambda m: None)
+            rows = []
+            for keep in args.keeps:
+                uniform = Genome.from_keep(8, 2, {i: range(keep) for i in layers})
+                size = params(uniform)
+                within = [p for p in points if p[1] <= size]
+                best = max(within, key=lambda p: (p[0].fitness, -p[1])) if within else None
+                cfg = config.model_copy(
+                    update={"search_space": config.search_space.model_copy(update={"keep": keep})}
+                )
+                space = PruneSpace(8, 2, layers, keep)
+                single, _, _, _ = _search(cfg, worker, space, Path(tmp))
+
+                def fitnesses(genomes, worker=worker):
+                    return [worker.fitness(worker.scores(g)) for g in genomes]
+
+                greedy_genome, _, _ = greedy.run(greedy.steps(space), fitnesses)
+                base = {
+                    "frequency": held(bl.frequency_genome(cal, keep)),
+                    "REAP": held(bl.reap_genome(cal, keep)),
+                    "NAEE": held(bl.naee_genome(cal, keep)[0]),
+                    "greedy": held(greedy_genome),
+                }
+                rows.append((keep, size, best, held(single), base))
+            full = params(None)
+            hv = hypervolume([(h, n) for _, n, h in points], full)
+        print(
+            f"\n## {config.name}: frontier of {args.runs * config.search.evaluations} "
+            f"evaluations in {seconds:.0f}s, {len(front)} points, hypervolume {hv:.4f}\n"
+        )
+        print(
+            "| size (experts per layer) | frontier point (experts kept) | frontier held-out | "
+            "single-size search | best baseline | frontier ≥ single | frontier > baselines |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for keep, size, best, single, base in rows:
+            name, value = max(base.items(), key=lambda kv: kv[1])
+            score = best[2] if best else float("nan")
+            experts = sum(g.slots for _, g in best[0].genome.layers) if best else "-"
+            print(
+                f"| {keep} of 8 ({size:,} parameters) | {experts} | {score:.2f} | {single:.2f} | "
+                f"{name} {value:.2f} | {'yes' if score >= single else 'no'} | "
+                f"{'yes' if score > value else 'no'} |"
+            )
+
+
+if __name__ == "__main__":
+    main()

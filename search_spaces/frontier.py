@@ -1,0 +1,152 @@
+"""Genomes of every size: each layer keeps between its top-k and E experts, and the total is free.
+
+The space of a multi-objective search (``search.objectives: [fitness, kept_params]``), which
+looks for the whole accuracy-size frontier at once. Operators keep every layer within its bounds;
+besides swapping experts (as :mod:`search_spaces.prune`) and moving one between layers (as
+:mod:`search_spaces.budget`), a mutation may grow or shrink one layer by an expert, which is how
+the search walks along the size axis. Crossover takes each layer whole from one parent (touched
+layers of equal size mix slot by slot), so a child's size lies between its parents' per layer.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from deap import base
+
+from eep.genome import Genome
+from search_spaces.budget import move_expert
+from search_spaces.prune import FRONT_PARENT_PROB, mix_rows, touched_units
+
+
+@dataclass(frozen=True)
+class FrontierSpace:
+    """Each of ``layers`` keeps ``min_keep``..``num_experts`` experts, any total."""
+
+    num_experts: int
+    top_k: int
+    layers: tuple[int, ...]
+    active: int | None = None
+
+    kind = "frontier"
+
+    @property
+    def min_keep(self) -> int:
+        return self.active or self.top_k
+
+    def genome(self, keep: Mapping[int, Sequence[int]]) -> Genome:
+        return Genome.from_keep(self.num_experts, self.top_k, keep, self.active)
+
+    def size(self) -> int:
+        per_layer = sum(
+            math.comb(self.num_experts, n) for n in range(self.min_keep, self.num_experts + 1)
+        )
+        return per_layer ** len(self.layers)
+
+    def reject(self, genome: Genome) -> str | None:
+        """Why ``genome`` is not in this space (None when it is)."""
+        if (
+            {i for i, _ in genome.layers} != set(self.layers)
+            or genome.is_merge
+            or genome.is_low_rank
+        ):
+            return f"it must be a pruning genome naming exactly the layers {list(self.layers)}"
+        for layer in self.layers:
+            n = len(genome.keep(layer))
+            if n < self.min_keep or genome.gene(layer).top_k != self.active:
+                return (
+                    f"layer {layer} keeps {n} experts routed top-{genome.active(layer)}; each layer "
+                    f"keeps {self.min_keep}..{self.num_experts}"
+                    + (f" routed top-{self.active}" if self.active else "")
+                )
+        return None
+
+    def describe(self) -> str:
+        return (
+            f"frontier: every size, each of {len(self.layers)} layers keeping "
+            f"{self.min_keep}..{self.num_experts} experts"
+        )
+
+    def register(self, toolbox: base.Toolbox, cfg, rng: random.Random) -> None:
+        toolbox.register("individual", random_frontier_genome, space=self, rng=rng)
+        toolbox.register(
+            "mutate",
+            mutate_frontier,
+            rng=rng,
+            space=self,
+            layer_prob=cfg.layer_prob,
+            swap_prob=cfg.swap_prob,
+            move_prob=cfg.move_prob,
+        )
+        toolbox.register("mate", crossover_frontier, rng=rng, space=self, layer_prob=cfg.layer_prob)
+
+
+def random_frontier_genome(space: FrontierSpace, rng: random.Random) -> Genome:
+    """A total drawn uniformly from every possible size, spread over the layers at random (each
+    from its minimum up), then a uniformly random keep set of that size per layer: the initial
+    population covers the size axis instead of crowding around its middle."""
+    low, high = space.min_keep * len(space.layers), space.num_experts * len(space.layers)
+    counts = dict.fromkeys(space.layers, space.min_keep)
+    for _ in range(rng.randint(low, high) - low):
+        counts[rng.choice([i for i in space.layers if counts[i] < space.num_experts])] += 1
+    return space.genome({i: rng.sample(range(space.num_experts), n) for i, n in counts.items()})
+
+
+def _resize(keep: dict[int, list[int]], space: FrontierSpace, rng: random.Random) -> bool:
+    """Grow or shrink one random layer that can by one expert (a random one added or dropped)."""
+    moves = [(i, +1) for i in space.layers if len(keep[i]) < space.num_experts]
+    moves += [(i, -1) for i in space.layers if len(keep[i]) > space.min_keep]
+    if not moves:
+        return False
+    layer, step = rng.choice(moves)
+    kept = keep[layer]
+    if step > 0:
+        kept.append(rng.choice([e for e in range(space.num_experts) if e not in kept]))
+    else:
+        kept.remove(rng.choice(kept))
+    return True
+
+
+def mutate_frontier(
+    genome: Genome,
+    rng: random.Random,
+    space: FrontierSpace,
+    layer_prob: float,
+    swap_prob: float,
+    move_prob: float,
+) -> Genome:
+    """With probability ``move_prob`` grow or shrink a layer by one expert, and with the same
+    probability move an expert between two layers; then swap kept experts for dropped ones in the
+    touched layers. Always changes something."""
+    keep = {i: list(genome.keep(i)) for i in space.layers}
+    changed = rng.random() < move_prob and _resize(keep, space, rng)
+    changed = (rng.random() < move_prob and move_expert(keep, space, rng)) or changed
+    for layer in touched_units(list(space.layers), rng, layer_prob):
+        kept = keep[layer]
+        for slot in range(len(kept)):
+            if rng.random() < swap_prob and len(kept) < space.num_experts:
+                kept[slot] = rng.choice([e for e in range(space.num_experts) if e not in kept])
+                changed = True
+    if not changed:
+        _resize(keep, space, rng)
+    return space.genome(keep)
+
+
+def crossover_frontier(
+    a: Genome, b: Genome, rng: random.Random, space: FrontierSpace, layer_prob: float
+) -> Genome:
+    """Each layer comes whole from one parent (the first with EEP's 0.6); touched layers whose
+    parents keep the same number mix them slot by slot. No repair: any total is in the space."""
+    touched = set(touched_units(list(space.layers), rng, layer_prob))
+    keep = {}
+    for layer in space.layers:
+        rows_a, rows_b = a.keep(layer), b.keep(layer)
+        if layer in touched and len(rows_a) == len(rows_b):
+            child, spare = mix_rows(rows_a, rows_b, rng)
+            keep[layer] = child + spare[: len(rows_a) - len(child)]
+        else:
+            keep[layer] = list(rows_a if rng.random() < FRONT_PARENT_PROB else rows_b)
+    return space.genome(keep)

@@ -1,0 +1,215 @@
+"""One search for the whole accuracy-size frontier: genomes of every size, NSGA-II parents in the
+steady-state loop (deterministic, resumable), the front's invariants, held-out scores and
+hypervolume, and the export of a front point."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from eep.config import parse_config
+from eep.errors import EepError
+from eep.evaluator import FitnessWorker, SerialEvaluator
+from eep.evolution import hypervolume
+from eep.genome import Genome
+from eep.journal import Evaluation, RunDir
+from eep.loop import front_of, fronts, kept_experts, nsga2_pool, run_search
+from eep.moe import MoEShape
+from search_spaces import FrontierSpace, build_schedule
+from tests.conftest import toy_config_dict
+
+SPACE = FrontierSpace(8, 2, (0, 1, 2, 3))
+
+
+def frontier_config(**search):
+    data = toy_config_dict(evaluations=30, initial=10, **search)
+    data["search"].update(objectives=["fitness", "kept_params"], population=8)
+    del data["search_space"]["keep"]
+    return data
+
+
+def test_operators_stay_in_the_space_and_walk_the_size_axis():
+    from deap import base
+
+    cfg = parse_config(frontier_config()).search
+    toolbox = base.Toolbox()
+    SPACE.register(toolbox, cfg, random.Random(0))
+    genomes = [toolbox.individual() for _ in range(60)]
+    sizes = {kept_experts(g) for g in genomes}
+    assert min(sizes) <= 14 and max(sizes) >= 26  # the initial population spans the sizes
+    for a, b in zip(genomes, genomes[1:]):
+        for child in (toolbox.mutate(a), toolbox.mate(a, b)):
+            assert SPACE.reject(child) is None
+        assert toolbox.mutate(a) != a  # a mutation always changes something
+    mutants = [toolbox.mutate(genomes[0]) for _ in range(50)]
+    assert {kept_experts(m) - kept_experts(genomes[0]) for m in mutants} >= {-1, 0, 1}
+    assert "naming exactly the layers" in SPACE.reject(Genome.from_keep(8, 2, {0: [0, 1]}))
+
+
+def _archive(points):
+    """Evaluations with (fitness, experts kept in layer 0 beyond top-k of 2 in the others)."""
+    out = []
+    for i, (fitness, size) in enumerate(points):
+        keep = {0: range(size), 1: [0, 1], 2: [0, 1], 3: [0, 1]}
+        out.append(Evaluation(i, Genome.from_keep(8, 2, keep), fitness))
+    return out
+
+
+def test_fronts_partition_the_candidates_and_the_first_is_non_dominated():
+    rng = random.Random(1)
+    points = [(round(rng.uniform(0, 100), 1), rng.randint(2, 8)) for _ in range(80)]
+    points += [points[3], points[3], (100.0, 2)]  # copies of one point, then of a front point
+    points += [(100.0, 2)]
+    archive = _archive(points) + [Evaluation(99, Genome.from_keep(8, 2, {0: [0, 1]}), None)]
+    layered = fronts(archive)
+    ids = [e.id for front in layered for e in front]
+    assert sorted(ids) == list(range(len(points)))  # every candidate once; the failed one not
+
+    def dominates(a, b):
+        fa, sa, fb, sb = a.fitness, kept_experts(a.genome), b.fitness, kept_experts(b.genome)
+        return fa >= fb and sa <= sb and (fa > fb or sa < sb)
+
+    front = front_of(archive)
+    assert [e.id for e in layered[0]].count(len(points) - 1) == 1  # copies share a front (DEAP)
+    assert len(points) - 1 not in [e.id for e in front]  # but the frontier lists a point once
+    assert {e.id for e in front} <= {e.id for e in layered[0]} and [
+        kept_experts(e.genome) for e in front
+    ] == sorted(kept_experts(e.genome) for e in front)
+    assert not any(dominates(a, b) for a in front for b in front)
+    for e in archive[: len(points)]:  # each candidate is on the front or dominated by/equal to it
+        assert any(dominates(f, e) or (f.fitness, f.genome) == (e.fitness, e.genome) for f in front)
+    for earlier, later in zip(layered, layered[1:]):  # no point dominates one of an earlier front
+        assert not any(dominates(b, a) for a in earlier for b in later)
+
+
+def test_nsga2_pool_is_deaps_selection_on_the_whole_archive():
+    from deap import base, creator, tools
+
+    rng = random.Random(2)
+    archive = _archive([(round(rng.uniform(0, 100), 1), rng.randint(2, 8)) for _ in range(60)])
+    if not hasattr(creator, "EepTestFitness"):
+        creator.create("EepTestFitness", base.Fitness, weights=(1.0, -1.0))
+        creator.create("EepTestPoint", list, fitness=creator.EepTestFitness)
+    whole = []
+    for e in archive:
+        point = creator.EepTestPoint()
+        point.fitness.values = (e.fitness, kept_experts(e.genome))
+        point.id = e.id
+        whole.append(point)
+    for size in (4, 8, 16):
+        expected = {p.id for p in tools.selNSGA2(whole, size)}
+        pool = nsga2_pool(archive, size)
+        assert {e.id for e, _, _ in pool} == expected
+        assert pool == nsga2_pool(archive, size)  # deterministic
+
+
+def test_hypervolume_by_hand():
+    # 50 % accuracy at 40 % of the parameters, then 80 % at 60 %
+    assert hypervolume([(50.0, 40), (80.0, 60), (30.0, 70)], 100) == pytest.approx(
+        (50 * 60 + 30 * 40) / (100 * 100)
+    )
+    assert hypervolume([], 100) == 0.0
+
+
+@pytest.fixture(scope="module")
+def worker():
+    return FitnessWorker(parse_config(toy_config_dict()))
+
+
+def _search(path, worker, stop_after=None):
+    config = parse_config(frontier_config())
+    run = RunDir.create(path, config) if not (path / "config.yaml").exists() else RunDir.open(path)
+    schedule = build_schedule(config.search_space, MoEShape("mixtral", 8, 2, (0, 1, 2, 3)), True)
+    summary = run_search(run, schedule, SerialEvaluator(worker), lambda m: None, stop_after)
+    return run, summary
+
+
+def _journal(run):
+    rows = [json.loads(line) for line in run.journal_path.read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("seconds", "worker")} for r in rows]
+
+
+def test_frontier_search_is_deterministic_and_resumes_exactly(tmp_path, worker):
+    whole, _ = _search(tmp_path / "whole", worker)
+    again, _ = _search(tmp_path / "again", worker)
+    assert _journal(whole) == _journal(again)
+    _search(tmp_path / "cut", worker, stop_after=13)
+    (tmp_path / "cut" / "state.json").unlink()  # and without a snapshot: replayed from the journal
+    stopped, _ = _search(tmp_path / "cut", worker, stop_after=7)
+    resumed, _ = _search(tmp_path / "cut", worker)
+    assert _journal(resumed) == _journal(whole)
+    sizes = {kept_experts(Genome.from_dict(r["genome"])) for r in _journal(whole)}
+    assert len(sizes) >= 8  # one search, many sizes
+    assert all(r["status"] == "ok" for r in _journal(whole))  # no early cut
+
+
+@pytest.mark.slow
+def test_frontier_run_scores_its_front_and_exports_a_point(tmp_path):
+    import eep
+    from eep.model import load_model
+    from eep.moe import adapter_for
+
+    run = eep.search(frontier_config(), run_dir=tmp_path / "run", log=lambda m: None)
+    summary = run.summary
+    front = summary["front"]
+    assert front and [p["kept_params"] for p in front] == sorted(p["kept_params"] for p in front)
+    assert all(p["heldout"]["mean"] is not None for p in front)
+    assert 0.0 < summary["hypervolume"] <= 1.0
+    assert summary["hypervolume"] == hypervolume(
+        [(p["heldout"]["mean"], p["kept_params"]) for p in front], summary["full_params"]
+    )
+    point = front[len(front) // 2]
+    with pytest.raises(EepError, match="is not on the frontier"):
+        run.export(tmp_path / "no", point=-1, log=lambda m: None)
+    report = run.export(tmp_path / "x", point=point["id"], log=lambda m: None)
+    assert report["parameters"]["after"] == point["kept_params"]
+    chosen = run.front_point(max_params=point["kept_params"])
+    assert chosen["kept_params"] <= point["kept_params"] and chosen["fitness"] >= point["fitness"]
+
+    genome = Genome.from_dict(point["genome"])
+    model, tokenizer = load_model(run.config.model)
+    exported, _ = load_model(
+        parse_config({**frontier_config(), "model": {"path": str(tmp_path / "x")}}).model
+    )
+    ids = tokenizer(
+        ["reverse : a b c d =", "lookup : p o n m ="], return_tensors="pt", padding=True
+    )
+    with torch.no_grad():
+        with adapter_for(model).applied(genome):
+            in_search = model(**ids).logits
+        torch.testing.assert_close(exported(**ids).logits, in_search, atol=1e-5, rtol=0)
+    eep_report = tmp_path / "run" / "report.md"
+    from eep.report import write_report
+
+    write_report(tmp_path / "run")
+    assert "## Frontier" in eep_report.read_text() and (tmp_path / "run" / "frontier.png").exists()
+
+
+@pytest.mark.parametrize(
+    "update, message",
+    [
+        ({"search_space": {"keep": 2}}, "spans every size: remove search_space.keep"),
+        ({"search": {"objectives": ["kept_params"]}}, "fitness first"),
+        ({"search": {"objectives": ["fitness", "fitness"]}}, "each once"),
+    ],
+)
+def test_frontier_settings_are_checked(update, message):
+    data = frontier_config()
+    for section, values in update.items():
+        data[section] = {**data[section], **values}
+    with pytest.raises(EepError, match=message):
+        parse_config(data)
+
+
+def test_frontier_plans_refuse_what_it_cannot_hold():
+    from eep.evolution import METHOD
+
+    config = parse_config(
+        {**frontier_config(), "search": {**frontier_config()["search"], "warm_start": ["greedy"]}}
+    )
+    with pytest.raises(EepError, match="drop warm_start"):
+        METHOD.plan(config, MoEShape("mixtral", 8, 2, (0, 1, 2, 3)))
+    grouped = MoEShape("deepseek_v3", 8, 2, (1, 2), 2, 2)
+    with pytest.raises(EepError, match="routes within expert groups"):
+        build_schedule(parse_config(frontier_config()).search_space, grouped, True)
