@@ -4,8 +4,8 @@ One multi-objective search (``search.objectives: [fitness, kept_params]``) with 
 two single-size toy searches, against the single-size search as configured (the toys' 500
 evaluations, the export picked on validation examples) at each size, and the calibration-pass
 baselines (frequency, REAP, NAEE) and greedy elimination at each size. For each size the frontier
-offers the best point (by search fitness, then fewer parameters) keeping at most that many
-parameters: what ``eep export RUN --max-params`` writes. Every genome is scored on the held-out
+run's pick within it (the best on validation examples among the best few by search fitness that
+keep at most that many experts): what ``eep export RUN --max-params`` writes. Every genome is scored on the held-out
 test split by the same resident worker; the hypervolume is of the held-out points.
 
     python benchmarks/frontier_quality.py                       # both toys, keep 2 3 4 6
@@ -41,7 +41,7 @@ def _frontier(config, worker, tmp: Path, evaluations: int):
     schedule = build_schedule(frontier.search_space, worker.adapter.shape, frontier=True)
     start = time.perf_counter()
     run_search(run, schedule, SerialEvaluator(worker), log=lambda m: None)
-    return front_of(run.evaluations()), time.perf_counter() - start
+    return frontier, run.evaluations(), front_of(run.evaluations()), time.perf_counter() - start
 
 
 def main() -> None:
@@ -61,8 +61,8 @@ def main() -> None:
     from eep import greedy
     from eep.calibration import calibrate
     from eep.config import load_config
-    from eep.evaluator import FitnessWorker
-    from eep.evolution import hypervolume
+    from eep.evaluator import FitnessWorker, SerialEvaluator
+    from eep.evolution import _pick, hypervolume
     from eep.genome import Genome
     from eep.surgery import parameter_counts
     from fitness.metrics import weighted_fitness
@@ -81,7 +81,7 @@ def main() -> None:
             return parameter_counts(worker.model, adapter, genome)[0]
 
         with tempfile.TemporaryDirectory() as tmp:
-            front, seconds = _frontier(
+            frontier, archive, front, seconds = _frontier(
                 config, worker, Path(tmp), args.runs * config.search.evaluations
             )
             points = [(e, params(e.genome), held(e.genome)) for e in front]
@@ -90,8 +90,9 @@ def main() -> None:
             for keep in args.keeps:
                 uniform = Genome.from_keep(8, 2, {i: range(keep) for i in layers})
                 size = params(uniform)
-                within = [p for p in points if p[1] <= size]
-                best = max(within, key=lambda p: (p[0].fitness, -p[1])) if within else None
+                # what the run exports at this size: its pick on validation examples
+                pick, _ = _pick(archive, keep * len(layers), frontier, SerialEvaluator(worker))
+                best = (pick, params(pick.genome), held(pick.genome)) if pick else None
                 cfg = config.model_copy(
                     update={"search_space": config.search_space.model_copy(update={"keep": keep})}
                 )
@@ -116,7 +117,7 @@ def main() -> None:
             f"evaluations in {seconds:.0f}s, {len(front)} points, hypervolume {hv:.4f}\n"
         )
         print(
-            "| size (experts per layer) | frontier point (experts kept) | frontier held-out | "
+            "| size (experts per layer) | frontier pick (experts kept) | frontier held-out | "
             "single-size search | best baseline | frontier ≥ single | frontier > baselines |"
         )
         print("|---|---|---|---|---|---|---|")

@@ -76,21 +76,29 @@ class Run:
 
     def front_point(self, point: int | None = None, max_params: int | None = None) -> dict:
         """A point of a multi-objective run's frontier (``summary["front"]``, smallest first): the
-        candidate ``point``, or the best by search fitness keeping at most ``max_params``."""
+        candidate ``point`` (a front point or a size's pick), or the pick (``summary["picks"]``:
+        chosen on validation examples) of the largest uniform size keeping at most
+        ``max_params``, else the best front point by search fitness within it."""
         front = self.summary.get("front")
         if front is None:
             raise EepError(
                 f"{self.path} is not a finished multi-objective search (no frontier in its "
                 "summary); --point and --max-params choose among a frontier's points"
             )
+        picks = list(self.summary.get("picks", {}).values())
         if point is not None:
-            chosen = [p for p in front if p["id"] == point]
+            chosen = [p for p in front + picks if p["id"] == point]
             if not chosen:
                 raise EepError(
                     f"candidate {point} is not on the frontier; its points: "
-                    + ", ".join(f"{p['id']} ({p['kept_params']:,} parameters)" for p in front)
+                    + ", ".join(
+                        f"{p['id']} ({p['kept_params']:,} parameters)" for p in front + picks
+                    )
                 )
             return chosen[0]
+        picked = [p for p in picks if p["kept_params"] <= max_params]
+        if picked:
+            return max(picked, key=lambda p: p["kept_params"])
         within = [p for p in front if p["kept_params"] <= max_params]
         if not within:
             raise EepError(

@@ -314,34 +314,78 @@ def _finish(run: RunDir, config: Config, space, evaluator, log: Log) -> dict:
 
 def _front(archive, config: Config, evaluator, log: Log) -> dict:
     """A multi-objective run's frontier: every non-dominated candidate with its held-out scores
-    and parameter counts, and the hypervolume of the held-out front (:func:`hypervolume`)."""
+    and parameter counts, the hypervolume of the held-out front (:func:`hypervolume`), and for
+    each uniform size (top-k..E experts per layer) the pick within it (:func:`_pick`)."""
     from eep.loop import front_of, kept_experts
     from eep.progress import tracked
     from eep.surgery import size_model
     from fitness.metrics import weighted_fitness
 
     sizes = size_model(config.model)
-    points = []
-    for e in tracked(front_of(archive), "held-out scoring (front points)", log):
-        scores = evaluator.heldout(e.genome)
-        kept, active = sizes(e.genome)
-        points.append(
-            {
-                "id": e.id,
-                "fitness": e.fitness,
-                "kept_experts": kept_experts(e.genome),
-                "kept_params": kept,
-                "active_params": active,
-                "heldout": {
-                    "scores": scores,
-                    "mean": weighted_fitness(config.fitness.tasks, scores),
-                },
-                "genome": e.genome.to_dict(),
+    heldout: dict[int, dict] = {}
+
+    def held(e) -> dict:
+        if e.id not in heldout:
+            scores = evaluator.heldout(e.genome)
+            heldout[e.id] = {
+                "scores": scores,
+                "mean": weighted_fitness(config.fitness.tasks, scores),
             }
-        )
+        return heldout[e.id]
+
+    def point(e, **extra) -> dict:
+        kept, active = sizes(e.genome)
+        return {
+            "id": e.id,
+            "fitness": e.fitness,
+            "kept_experts": kept_experts(e.genome),
+            "kept_params": kept,
+            "active_params": active,
+            **extra,
+            "heldout": held(e),
+            "genome": e.genome.to_dict(),
+        }
+
+    points = [point(e) for e in tracked(front_of(archive), "held-out scoring (front points)", log)]
+    genome = archive[0].genome
+    layers = [i for i, _ in genome.layers]
+    picks = {}
+    for keep in tracked(
+        range(genome.top_k, genome.num_experts + 1), "validation picks (sizes)", log
+    ):
+        chosen, validation = _pick(archive, keep * len(layers), config, evaluator)
+        if chosen is not None:
+            picks[str(keep)] = point(chosen, validation=validation)
     full = sizes(None)[0]
-    held = [(p["heldout"]["mean"], p["kept_params"]) for p in points]
-    return {"front": points, "full_params": full, "hypervolume": hypervolume(held, full)}
+    held_points = [(p["heldout"]["mean"], p["kept_params"]) for p in points]
+    return {
+        "front": points,
+        "picks": picks,
+        "full_params": full,
+        "hypervolume": hypervolume(held_points, full),
+    }
+
+
+def _pick(archive, max_experts: int, config: Config, evaluator):
+    """The candidate to export at a size: among those keeping at most ``max_experts``, the
+    ``select_top`` best by search fitness (ties: the larger, then the earlier), the best on the
+    validation examples when the tasks have them (the rule a single-size search exports by), else
+    the first. Returns it and its validation score (None without validation examples)."""
+    from eep.loop import kept_experts
+    from fitness.metrics import weighted_fitness
+
+    within = sorted(
+        (e for e in archive if e.candidate and kept_experts(e.genome) <= max_experts),
+        key=lambda e: (-e.fitness, -kept_experts(e.genome), e.id),
+    )[: config.search.select_top]
+    validated = [t for t in config.fitness.tasks if t.validation_size]
+    if not within or not validated:
+        return (within[0] if within else None), None
+    scored = [
+        (weighted_fitness(validated, evaluator.heldout(e.genome, "validation")), e) for e in within
+    ]
+    best = max(scored, key=lambda s: s[0])  # the first of equal ones: max keeps it
+    return best[1], best[0]
 
 
 def hypervolume(points, full_params: int) -> float:

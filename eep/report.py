@@ -466,6 +466,7 @@ def plot_methods(
 
 def plot_frontier(
     front: Sequence[dict],
+    picks: Sequence[dict],
     baselines: dict[str, Any] | None,
     uniform_params: dict[int, int],
     full: tuple[int, float | None],
@@ -473,7 +474,8 @@ def plot_frontier(
     title: str,
 ) -> None:
     """Held-out score (and search fitness) against kept parameters: the frontier's points as a
-    step line, each baseline's points at its uniform keep counts, the full model as a star."""
+    step line, the pick at each uniform size, each baseline's points at its uniform keep counts,
+    the full model as a star."""
     fig, ax = _figure()
     params = [p["kept_params"] for p in front]
     ax.step(
@@ -497,6 +499,17 @@ def plot_frontier(
         linewidth=1,
         label="frontier (search fitness)",
     )
+    if picks:
+        ax.plot(
+            [p["kept_params"] for p in picks],
+            [p["heldout"]["mean"] for p in picks],
+            linestyle="none",
+            marker="D",
+            markersize=6,
+            markerfacecolor="none",
+            color="tab:red",
+            label="pick per size (held-out)",
+        )
     spare = iter(_SPARE_COLORS * 4)
     for method, points in sweep_series(baselines or {}).items():
         if method in ("search", "full"):
@@ -556,6 +569,27 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
             f"({100 * p['kept_params'] / full_params:.1f} %) | {p['fitness']:.2f} | "
             f"{p['heldout']['mean']:.2f} |"
         )
+    picks = summary.get("picks") or {}
+    if picks:
+        lines += [
+            "",
+            "What `--max-params` exports at each uniform size: the pick within it (the best on the "
+            "validation examples among the best few by search fitness keeping at most that many "
+            "experts; without validation examples, the best by search fitness):",
+            "",
+            "| size | candidate | experts kept (per layer) | parameters kept | search fitness | "
+            "validation | held-out |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for keep, p in picks.items():
+            genome = Genome.from_dict(p["genome"])
+            per_layer = "/".join(str(len(genome.keep(i))) for i, _ in genome.layers)
+            validation = "–" if p.get("validation") is None else f"{p['validation']:.2f}"
+            lines.append(
+                f"| {keep} per layer | {p['id']} | {p['kept_experts']} ({per_layer}) | "
+                f"{p['kept_params']:,} | {p['fitness']:.2f} | {validation} | "
+                f"{p['heldout']['mean']:.2f} |"
+            )
     sizes = size_model(config.model)
     experts = Genome.from_dict(front[0]["genome"])
     layers = [i for i, _ in experts.layers]
@@ -568,6 +602,7 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
     full_score = ((summary.get("heldout") or {}).get("full") or {}).get("mean")
     plot_frontier(
         front,
+        list(picks.values()),
         baselines,
         uniform,
         (full_params, full_score),

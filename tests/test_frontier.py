@@ -164,8 +164,20 @@ def test_frontier_run_scores_its_front_and_exports_a_point(tmp_path):
         run.export(tmp_path / "no", point=-1, log=lambda m: None)
     report = run.export(tmp_path / "x", point=point["id"], log=lambda m: None)
     assert report["parameters"]["after"] == point["kept_params"]
-    chosen = run.front_point(max_params=point["kept_params"])
-    assert chosen["kept_params"] <= point["kept_params"] and chosen["fitness"] >= point["fitness"]
+    picks = summary["picks"]  # one per uniform size, the best within it (no validation here)
+    # a size the search never reached below has no pick
+    assert set(picks) <= {str(k) for k in range(2, 9)} and "8" in picks
+    for keep, pick in picks.items():
+        assert pick["kept_experts"] <= 4 * int(keep) and pick["validation"] is None
+        within = [
+            r
+            for r in run.evaluations()
+            if r.ok and sum(g.slots for _, g in r.genome.layers) <= 4 * int(keep)
+        ]
+        assert pick["fitness"] == max(r.fitness for r in within)
+    smallest = min(picks, key=int)
+    chosen = run.front_point(max_params=picks[smallest]["kept_params"])
+    assert chosen["id"] == picks[smallest]["id"]
 
     genome = Genome.from_dict(point["genome"])
     model, tokenizer = load_model(run.config.model)
