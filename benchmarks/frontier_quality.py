@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _frontier(config, worker, tmp: Path, evaluations: int):
+def _frontier(config, worker, tmp: Path, evaluations: int, seed: int | None = None):
     from eep.evaluator import SerialEvaluator
     from eep.journal import RunDir
     from eep.loop import front_of, run_search
@@ -34,6 +34,8 @@ def _frontier(config, worker, tmp: Path, evaluations: int):
     data["search"].update(
         objectives=["fitness", "kept_params"], evaluations=evaluations, initial=60, warm_start=[]
     )
+    if seed is not None:
+        data["search"]["seed"] = seed
     from eep.config import parse_config
 
     frontier = parse_config(data)
@@ -51,6 +53,9 @@ def main() -> None:
     )
     parser.add_argument("--keeps", nargs="+", type=int, default=[2, 3, 4, 6])
     parser.add_argument("--runs", type=int, default=2, help="frontier budget in single-size runs")
+    parser.add_argument(
+        "--seed", type=int, help="the frontier search's seed (default: the config's)"
+    )
     args = parser.parse_args()
 
     import torch
@@ -82,7 +87,7 @@ def main() -> None:
 
         with tempfile.TemporaryDirectory() as tmp:
             frontier, archive, front, seconds = _frontier(
-                config, worker, Path(tmp), args.runs * config.search.evaluations
+                config, worker, Path(tmp), args.runs * config.search.evaluations, args.seed
             )
             points = [(e, params(e.genome), held(e.genome)) for e in front]
             _, _, cal = calibrate(config, worker, lambda m: None)
