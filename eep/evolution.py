@@ -3,7 +3,8 @@
 What a run of it does around the loop (:mod:`eep.loop`): seed genomes and warm starts become
 part of the run, the evaluator is made (serial or Ray), and after the last evaluation the
 genome to export is picked (by validation examples when the tasks have them) and scored held
-out with the full model beside it.
+out with the full model beside it. A multi-objective run (``search.objectives``) also keeps its
+frontier: the non-dominated points and a pick per size, held-out scored (:func:`_front`).
 """
 
 from __future__ import annotations
@@ -306,6 +307,12 @@ def _finish(run: RunDir, config: Config, space, evaluator, log: Log) -> dict:
             f"; held-out {held['best']['mean']:.2f} (full model {held['full']['mean']:.2f}), generalisation gap "
             f"{summary['generalisation_gap']:.2f}"
             if held
+            else ""
+        )
+        + (
+            f"; frontier: {len(summary['front'])} points, hypervolume {summary['hypervolume']:.4f} "
+            "(`eep report` lists them with a pick per size)"
+            if summary.get("front")
             else ""
         )
     )
