@@ -23,7 +23,7 @@ SPACE = FrontierSpace(8, 2, (0, 1, 2, 3))
 
 
 def frontier_config(**search):
-    data = toy_config_dict(evaluations=30, initial=10, **search)
+    data = toy_config_dict(**{"evaluations": 30, "initial": 10, **search})
     data["search"].update(objectives=["fitness", "kept_params"], population=8)
     del data["search_space"]["keep"]
     return data
@@ -225,3 +225,23 @@ def test_frontier_plans_refuse_what_it_cannot_hold():
     grouped = MoEShape("deepseek_v3", 8, 2, (1, 2), 2, 2)
     with pytest.raises(EepError, match="routes within expert groups"):
         build_schedule(parse_config(frontier_config()).search_space, grouped, True)
+
+
+@pytest.mark.slow
+def test_frontier_on_two_ray_actors_equals_serial(tmp_path):
+    """Parents are judged on the archive a child is bred from, so two actors with two candidates
+    in flight run the serial search with in_flight 2; the front and picks are scored on the actors."""
+    import eep
+
+    runs = {}
+    for name, evaluator in (("serial", {}), ("ray", {"kind": "ray", "workers": 2})):
+        data = frontier_config(in_flight=2, evaluations=20)
+        data["evaluator"] = evaluator
+        runs[name] = eep.search(data, run_dir=tmp_path / name, log=lambda m: None)
+    assert _journal(runs["ray"].dir) == _journal(runs["serial"].dir)
+    serial, ray = runs["serial"].summary, runs["ray"].summary
+    assert [p["id"] for p in ray["front"]] == [p["id"] for p in serial["front"]]
+    assert {k: p["id"] for k, p in ray["picks"].items()} == {
+        k: p["id"] for k, p in serial["picks"].items()
+    }
+    assert ray["hypervolume"] == serial["hypervolume"]
