@@ -40,7 +40,7 @@ def _frontier(config, worker, tmp: Path, evaluations: int, seed: int | None = No
 
     frontier = parse_config(data)
     run = RunDir.create(tmp / "frontier", frontier)
-    schedule = build_schedule(frontier.search_space, worker.adapter.shape, frontier=True)
+    schedule = build_schedule(frontier.search_space, worker.adapter.shape, frontier="kept_params")
     start = time.perf_counter()
     run_search(run, schedule, SerialEvaluator(worker), log=lambda m: None)
     return frontier, run.evaluations(), front_of(run.evaluations()), time.perf_counter() - start

@@ -96,16 +96,17 @@ class Run:
                     )
                 )
             return chosen[0]
-        picked = [p for p in picks if p["kept_params"] <= max_params]
+        params = self.summary.get("objective", "kept_params")  # or active_params
+        picked = [p for p in picks if p[params] <= max_params]
         if picked:
-            return max(picked, key=lambda p: p["kept_params"])
-        within = [p for p in front if p["kept_params"] <= max_params]
+            return max(picked, key=lambda p: p[params])
+        within = [p for p in front if p[params] <= max_params]
         if not within:
             raise EepError(
-                f"no frontier point keeps at most {max_params:,} parameters; the smallest keeps "
-                f"{front[0]['kept_params']:,}"
+                f"no frontier point has at most {max_params:,} {params.replace('_', ' ')}; the "
+                f"smallest has {front[0][params]:,}"
             )
-        return max(within, key=lambda p: (p["fitness"], -p["kept_params"]))
+        return max(within, key=lambda p: (p["fitness"], -p[params]))
 
     def export(
         self,
@@ -127,7 +128,10 @@ class Run:
         if point is not None or max_params is not None:
             chosen = self.front_point(point, max_params)
             genome, fitness = Genome.from_dict(chosen["genome"]), chosen["fitness"]
-            log(f"[eep] frontier point {chosen['id']}: {chosen['kept_params']:,} parameters kept")
+            log(
+                f"[eep] frontier point {chosen['id']}: {chosen['kept_params']:,} parameters kept, "
+                f"{chosen['active_params']:,} active"
+            )
         if genome is None:
             raise EepError(f"{self.path} has no successful evaluation to export")
         progress = method_of(config).progress(summary, config)

@@ -93,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-params",
         type=int,
-        help="multi-objective run: export the best frontier point keeping at most this many parameters",
+        help="multi-objective run: export the pick of the largest size with at most this many "
+        "parameters (kept, or active per token for an active_params frontier)",
     )
     _threads_flag(p)
     p.set_defaults(func=cmd_export)

@@ -125,11 +125,13 @@ class SearchConfig(_Section):
     select_top: PositiveInt = 5
     """With validation examples (``fitness.tasks[].validation_size``): the best candidates by search
     fitness among which the one scoring best on them is exported. Not part of the run's digest."""
-    objectives: list[Literal["fitness", "kept_params"]] = ["fitness"]
+    objectives: list[Literal["fitness", "kept_params", "active_params"]] = ["fitness"]
     """``[fitness]``: the best genome of one size. ``[fitness, kept_params]``: one search for the
     whole accuracy-size frontier: genomes of every size (each layer keeps top-k..E experts), parents
     chosen by NSGA-II rank and crowding from the archive, the non-dominated front kept, held-out
-    scored and exportable point by point (no early cut: it would judge by one objective)."""
+    scored and exportable point by point (no early cut: it would judge by one objective).
+    ``[fitness, active_params]``: the same for parameters active per token: every expert kept, each
+    layer routing to 1..top-k of them (the speed side of the trade-off)."""
     population: Annotated[int, Field(ge=4)] = 24
     """Multi-objective search: the parent pool NSGA-II selects from the archive for each child."""
     in_flight: PositiveInt = 1
@@ -144,9 +146,14 @@ class SearchConfig(_Section):
 
     @model_validator(mode="after")
     def _initial_within_budget(self):
-        if self.objectives[:1] != ["fitness"] or len(set(self.objectives)) != len(self.objectives):
+        if self.objectives not in (
+            ["fitness"],
+            ["fitness", "kept_params"],
+            ["fitness", "active_params"],
+        ):
             raise ValueError(
-                f"objectives {self.objectives}: fitness first, then kept_params (each once)"
+                f"objectives {self.objectives}: [fitness], [fitness, kept_params] or "
+                "[fitness, active_params]"
             )
         if self.initial > self.evaluations:
             raise ValueError(

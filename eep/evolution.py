@@ -36,7 +36,8 @@ class Evolution:
     def plan(self, config: Config, shape, config_dir: Path | None = None) -> Schedule:
         """The search's phases (:func:`search_spaces.build_schedule`), the warm starts checked,
         and with ``config_dir`` the seed genomes (a bad file fails before anything loads)."""
-        schedule = build_schedule(config.search_space, shape, frontier=config.search.frontier)
+        frontier = config.search.objectives[1] if config.search.frontier else None
+        schedule = build_schedule(config.search_space, shape, frontier=frontier)
         if config.search.frontier and config.search.warm_start:
             raise EepError(
                 "search.warm_start seeds a search at one size; a multi-objective search starts from "
@@ -322,13 +323,16 @@ def _finish(run: RunDir, config: Config, space, evaluator, log: Log) -> dict:
 def _front(archive, config: Config, evaluator, log: Log) -> dict:
     """A multi-objective run's frontier: every non-dominated candidate with its held-out scores
     and parameter counts, the hypervolume of the held-out front (:func:`hypervolume`), and for
-    each uniform size (top-k..E experts per layer) the pick within it (:func:`_pick`)."""
-    from eep.loop import front_of, kept_experts
+    each uniform size (``kept_params``: top-k..E experts per layer; ``active_params``: top-1..k)
+    the pick within it (:func:`_pick`)."""
+    from eep.loop import SIZES, active_experts, front_of, kept_experts
     from eep.progress import tracked
     from eep.surgery import size_model
     from fitness.metrics import weighted_fitness
 
     sizes = size_model(config.model)
+    objective = config.search.objectives[1]
+    size = SIZES[objective]
     heldout: dict[int, dict] = {}
 
     def held(e) -> dict:
@@ -346,6 +350,7 @@ def _front(archive, config: Config, evaluator, log: Log) -> dict:
             "id": e.id,
             "fitness": e.fitness,
             "kept_experts": kept_experts(e.genome),
+            "active_experts": active_experts(e.genome),
             "kept_params": kept,
             "active_params": active,
             **extra,
@@ -353,19 +358,24 @@ def _front(archive, config: Config, evaluator, log: Log) -> dict:
             "genome": e.genome.to_dict(),
         }
 
-    points = [point(e) for e in tracked(front_of(archive), "held-out scoring (front points)", log)]
+    front = front_of(archive, size)
+    points = [point(e) for e in tracked(front, "held-out scoring (front points)", log)]
     genome = archive[0].genome
     layers = [i for i, _ in genome.layers]
+    uniform = (
+        range(1, genome.top_k + 1)
+        if objective == "active_params"
+        else range(genome.top_k, genome.num_experts + 1)
+    )
     picks = {}
-    for keep in tracked(
-        range(genome.top_k, genome.num_experts + 1), "validation picks (sizes)", log
-    ):
-        chosen, validation = _pick(archive, keep * len(layers), config, evaluator)
+    for per_layer in tracked(uniform, "validation picks (sizes)", log):
+        chosen, validation = _pick(archive, per_layer * len(layers), config, evaluator, size)
         if chosen is not None:
-            picks[str(keep)] = point(chosen, validation=validation)
-    full = sizes(None)[0]
-    held_points = [(p["heldout"]["mean"], p["kept_params"]) for p in points]
+            picks[str(per_layer)] = point(chosen, validation=validation)
+    full = sizes(None)[0 if objective == "kept_params" else 1]
+    held_points = [(p["heldout"]["mean"], p[objective]) for p in points]
     return {
+        "objective": objective,
         "front": points,
         "picks": picks,
         "full_params": full,
@@ -373,17 +383,19 @@ def _front(archive, config: Config, evaluator, log: Log) -> dict:
     }
 
 
-def _pick(archive, max_experts: int, config: Config, evaluator):
-    """The candidate to export at a size: among those keeping at most ``max_experts``, the
-    ``select_top`` best by search fitness (ties: the larger, then the earlier), the best on the
-    validation examples when the tasks have them (the rule a single-size search exports by), else
-    the first. Returns it and its validation score (None without validation examples)."""
+def _pick(archive, max_size: int, config: Config, evaluator, size=None):
+    """The candidate to export at a size: among those of at most ``max_size`` (``size``: kept
+    experts by default, or active ones), the ``select_top`` best by search fitness (ties: the
+    larger, then the earlier), the best on the validation examples when the tasks have them (the
+    rule a single-size search exports by), else the first. Returns it and its validation score
+    (None without validation examples)."""
     from eep.loop import kept_experts
     from fitness.metrics import weighted_fitness
 
+    size = size or kept_experts
     within = sorted(
-        (e for e in archive if e.candidate and kept_experts(e.genome) <= max_experts),
-        key=lambda e: (-e.fitness, -kept_experts(e.genome), e.id),
+        (e for e in archive if e.candidate and size(e.genome) <= max_size),
+        key=lambda e: (-e.fitness, -size(e.genome), e.id),
     )[: config.search.select_top]
     validated = [t for t in config.fitness.tasks if t.validation_size]
     if not within or not validated:

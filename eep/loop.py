@@ -70,14 +70,27 @@ def breed(
 
 
 def kept_experts(genome: Genome) -> int:
-    """Experts a genome keeps in all layers: the size objective of a multi-objective search (the
-    experts of one model are the same size, so kept parameters are an affine function of it)."""
+    """Experts a genome keeps in all layers: the ``kept_params`` objective of a multi-objective
+    search (the experts of one model are the same size, so kept parameters are an affine function
+    of it)."""
     return sum(gene.slots for _, gene in genome.layers)
 
 
-def fronts(archive: list[Evaluation], needed: int | None = None) -> list[list[Evaluation]]:
-    """The candidates of ``archive`` in non-dominated fronts, best first, by (fitness up, kept
-    experts down), until ``needed`` are placed (None: all), as DEAP's ``sortNondominated`` sorts
+def active_experts(genome: Genome) -> int:
+    """Experts a token is routed to in all layers: the ``active_params`` objective (with every
+    expert kept, active parameters are an affine function of it)."""
+    return sum(genome.active(i) for i, _ in genome.layers)
+
+
+SIZES = {"kept_params": kept_experts, "active_params": active_experts}
+"""A multi-objective search's size objectives, as the counts the loop compares."""
+
+
+def fronts(
+    archive: list[Evaluation], needed: int | None = None, size=kept_experts
+) -> list[list[Evaluation]]:
+    """The candidates of ``archive`` in non-dominated fronts, best first, by (fitness up, ``size``
+    down), until ``needed`` are placed (None: all), as DEAP's ``sortNondominated`` sorts
     them (identical points share a front). Two objectives make each front one sweep over the
     candidates by size: a candidate is in it when it beats the fitness of every smaller or equal
     one left, or equals the point just taken."""
@@ -89,9 +102,9 @@ def fronts(archive: list[Evaluation], needed: int | None = None) -> list[list[Ev
     while rest and (needed is None or sum(map(len, out)) < needed):
         front, left, best = [], [], float("-inf")
         for e in rest:
-            same = front and (e.fitness, kept_experts(e.genome)) == (
+            same = front and (e.fitness, size(e.genome)) == (
                 front[-1].fitness,
-                kept_experts(front[-1].genome),
+                size(front[-1].genome),
             )
             (front if e.fitness > best or same else left).append(e)
             best = max(best, e.fitness)
@@ -100,41 +113,43 @@ def fronts(archive: list[Evaluation], needed: int | None = None) -> list[list[Ev
     return out
 
 
-def front_of(archive: list[Evaluation]) -> list[Evaluation]:
+def front_of(archive: list[Evaluation], size=kept_experts) -> list[Evaluation]:
     """The non-dominated candidates (smallest first), one per point (the first evaluated of
     identical ones): the accuracy-size frontier found so far."""
-    found = fronts(archive, 1)
+    found = fronts(archive, 1, size)
     points: dict[tuple, Evaluation] = {}
     for e in found[0] if found else []:
-        points.setdefault((e.fitness, kept_experts(e.genome)), e)
+        points.setdefault((e.fitness, size(e.genome)), e)
     return list(points.values())
 
 
 class _Objectives(base.Fitness):
-    weights = (1.0, -1.0)  # fitness up, kept experts down
+    weights = (1.0, -1.0)  # fitness up, size down
 
 
 class _Point(list):
     """A candidate as DEAP's selection sees it: a ``fitness`` with the objective values."""
 
 
-def nsga2_pool(archive: list[Evaluation], size: int) -> list[tuple[Evaluation, int, float]]:
+def nsga2_pool(
+    archive: list[Evaluation], pool: int, size=kept_experts
+) -> list[tuple[Evaluation, int, float]]:
     """The parents of a multi-objective search: DEAP's NSGA-II selection (``tools.selNSGA2``:
     whole fronts in rank order, the last one cut by crowding distance) of ``size`` candidates,
     made on the first fronts of the archive (which decide it) so that it costs little however
-    long the search; each with its front rank and crowding distance."""
+    long the search; each with its front rank and crowding distance. ``size``: the size objective."""
     from deap import tools
 
     individuals = []
-    for rank, front in enumerate(fronts(archive, size)):
+    for rank, front in enumerate(fronts(archive, pool, size)):
         for e in front:
             individual = _Point()
-            individual.fitness = _Objectives((e.fitness, kept_experts(e.genome)))
+            individual.fitness = _Objectives((e.fitness, size(e.genome)))
             individual.evaluation, individual.rank = e, rank
             individuals.append(individual)
     # in archive order, as on the whole archive: DEAP breaks crowding ties by position
     individuals.sort(key=lambda i: i.evaluation.id)
-    chosen = tools.selNSGA2(individuals, min(size, len(individuals)))
+    chosen = tools.selNSGA2(individuals, min(pool, len(individuals)))
     return [(i.evaluation, i.rank, i.fitness.crowding_dist) for i in chosen]
 
 
@@ -144,7 +159,9 @@ def breed_front(
     """One child of a multi-objective search: parents from the NSGA-II pool by binary tournament
     (lower front rank, then larger crowding distance, then the earlier id), crossed with
     ``crossover_prob``; the child is always mutated. Judged on the archive alone, as :func:`breed`."""
-    pool = sorted(nsga2_pool(archive, cfg.population), key=lambda p: p[0].id)
+    pool = sorted(
+        nsga2_pool(archive, cfg.population, SIZES[cfg.objectives[1]]), key=lambda p: p[0].id
+    )
     if not pool:
         return toolbox.individual()
 

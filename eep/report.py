@@ -472,12 +472,13 @@ def plot_frontier(
     full: tuple[int, float | None],
     path: Path,
     title: str,
+    objective: str = "kept_params",
 ) -> None:
-    """Held-out score (and search fitness) against kept parameters: the frontier's points as a
-    step line, the pick at each uniform size, each baseline's points at its uniform keep counts,
-    the full model as a star."""
+    """Held-out score (and search fitness) against kept (or active) parameters: the frontier's
+    points as a step line, the pick at each uniform size, each baseline's points at its uniform
+    keep counts (given ``uniform_params``), the full model as a star."""
     fig, ax = _figure()
-    params = [p["kept_params"] for p in front]
+    params = [p[objective] for p in front]
     ax.step(
         params,
         [p["heldout"]["mean"] for p in front],
@@ -501,7 +502,7 @@ def plot_frontier(
     )
     if picks:
         ax.plot(
-            [p["kept_params"] for p in picks],
+            [p[objective] for p in picks],
             [p["heldout"]["mean"] for p in picks],
             linestyle="none",
             marker="D",
@@ -535,7 +536,9 @@ def plot_frontier(
             linestyle="none",
             label="full model",
         )
-    ax.set_xlabel("parameters kept")
+    ax.set_xlabel(
+        "parameters kept" if objective == "kept_params" else "parameters active per token"
+    )
     ax.set_ylabel("score (mean over tasks)")
     ax.set_title(title)
     _legend(ax)
@@ -548,25 +551,36 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
     from eep.surgery import size_model
 
     front, full_params = summary["front"], summary["full_params"]
+    objective = summary.get("objective", "kept_params")
+    active = objective == "active_params"
+    what = "parameters active per token" if active else "parameters kept"
+    count = "experts active per token (top-k per layer)" if active else "experts kept (per layer)"
+
+    def experts(p: dict) -> str:
+        genome = Genome.from_dict(p["genome"])
+        if active:
+            return f"{p['active_experts']} ({'/'.join(str(genome.active(i)) for i, _ in genome.layers)})"
+        return (
+            f"{p['kept_experts']} ({'/'.join(str(len(genome.keep(i))) for i, _ in genome.layers)})"
+        )
+
     lines = [
         "",
         "## Frontier",
         "",
-        f"- {len(front)} non-dominated points (search fitness vs kept parameters); hypervolume of "
-        f"the held-out front: **{summary['hypervolume']:.4f}** (the share of the square of accuracy "
+        f"- {len(front)} non-dominated points (search fitness vs {what}); hypervolume of the "
+        f"held-out front: **{summary['hypervolume']:.4f}** (the share of the square of accuracy "
         "0–100 by parameters 0–full that it dominates; 1 = 100 % at no parameters)",
         "- export one: `eep export RUN_DIR --point ID --out DIR`, or `--max-params N` for the best "
         "point of at most that size",
         "",
-        "| candidate | experts kept (per layer) | parameters kept | search fitness | held-out |",
+        f"| candidate | {count} | {what} | search fitness | held-out |",
         "|---|---|---|---|---|",
     ]
     for p in front:
-        genome = Genome.from_dict(p["genome"])
-        per_layer = "/".join(str(len(genome.keep(i))) for i, _ in genome.layers)
         lines.append(
-            f"| {p['id']} | {p['kept_experts']} ({per_layer}) | {p['kept_params']:,} "
-            f"({100 * p['kept_params'] / full_params:.1f} %) | {p['fitness']:.2f} | "
+            f"| {p['id']} | {experts(p)} | {p[objective]:,} "
+            f"({100 * p[objective] / full_params:.1f} %) | {p['fitness']:.2f} | "
             f"{p['heldout']['mean']:.2f} |"
         )
     picks = summary.get("picks") or {}
@@ -574,31 +588,32 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
         lines += [
             "",
             "What `--max-params` exports at each uniform size: the pick within it (the best on the "
-            "validation examples among the best few by search fitness keeping at most that many "
-            "experts; without validation examples, the best by search fitness):",
+            "validation examples among the best few by search fitness of at most that size; "
+            "without validation examples, the best by search fitness):",
             "",
-            "| size | candidate | experts kept (per layer) | parameters kept | search fitness | "
-            "validation | held-out |",
+            f"| size | candidate | {count} | {what} | search fitness | validation | held-out |",
             "|---|---|---|---|---|---|---|",
         ]
-        for keep, p in picks.items():
-            genome = Genome.from_dict(p["genome"])
-            per_layer = "/".join(str(len(genome.keep(i))) for i, _ in genome.layers)
+        for per_layer, p in picks.items():
             validation = "–" if p.get("validation") is None else f"{p['validation']:.2f}"
+            size = f"top-{per_layer} per layer" if active else f"{per_layer} per layer"
             lines.append(
-                f"| {keep} per layer | {p['id']} | {p['kept_experts']} ({per_layer}) | "
-                f"{p['kept_params']:,} | {p['fitness']:.2f} | {validation} | "
-                f"{p['heldout']['mean']:.2f} |"
+                f"| {size} | {p['id']} | {experts(p)} | {p[objective]:,} | {p['fitness']:.2f} | "
+                f"{validation} | {p['heldout']['mean']:.2f} |"
             )
     sizes = size_model(config.model)
-    experts = Genome.from_dict(front[0]["genome"])
-    layers = [i for i, _ in experts.layers]
-    uniform = {
-        k: sizes(
-            Genome.from_keep(experts.num_experts, experts.top_k, {i: range(k) for i in layers})
-        )[0]
-        for k in range(experts.top_k, experts.num_experts + 1)
-    }
+    first = Genome.from_dict(front[0]["genome"])
+    layers = [i for i, _ in first.layers]
+    uniform = (  # where the baselines' uniform keep counts sit (kept parameters only)
+        {}
+        if active
+        else {
+            k: sizes(
+                Genome.from_keep(first.num_experts, first.top_k, {i: range(k) for i in layers})
+            )[0]
+            for k in range(first.top_k, first.num_experts + 1)
+        }
+    )
     full_score = ((summary.get("heldout") or {}).get("full") or {}).get("mean")
     plot_frontier(
         front,
@@ -608,6 +623,7 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
         (full_params, full_score),
         path,
         f"{config.name}: the accuracy-size frontier",
+        objective,
     )
     return [*lines, "", "![the accuracy-size frontier](frontier.png)"]
 

@@ -7,13 +7,14 @@ from dataclasses import dataclass
 
 from eep.errors import EepError
 from search_spaces.budget import BudgetSpace, crossover_budget, mutate_budget, random_budget_genome
-from search_spaces.frontier import FrontierSpace
+from search_spaces.frontier import FrontierSpace, TopKFrontierSpace
 from search_spaces.merge import MergeSpace, crossover_matrices, mutate_noise
 from search_spaces.prune import PruneSpace, crossover_rows, layer_groups, mutate_swap, random_genome
 
 __all__ = [
     "BudgetSpace",
     "FrontierSpace",
+    "TopKFrontierSpace",
     "MergeSpace",
     "PruneSpace",
     "Schedule",
@@ -59,10 +60,12 @@ class Schedule:
         )
 
 
-def build_schedule(cfg, shape, frontier: bool = False) -> Schedule:
+def build_schedule(cfg, shape, frontier: str | None = None) -> Schedule:
     """The search's phases from the ``search_space`` config section and the model's MoE shape
     (:class:`eep.families.MoEShape`); a setting the model cannot satisfy is an :class:`EepError`.
-    ``frontier``: a multi-objective search, over genomes of every size (:class:`FrontierSpace`)."""
+    ``frontier``: a multi-objective search's size objective: ``kept_params`` over genomes of
+    every size (:class:`FrontierSpace`), ``active_params`` over per-layer top-k
+    (:class:`TopKFrontierSpace`)."""
     from eep.families import FAMILIES
 
     family = FAMILIES[shape.family]
@@ -93,6 +96,13 @@ def build_schedule(cfg, shape, frontier: bool = False) -> Schedule:
                 f"{family.title} routes within expert groups; a multi-objective search changes "
                 "layer sizes freely, which grouped routing does not allow"
             )
+        if frontier == "active_params":
+            if cfg.top_k is not None:
+                raise EepError(
+                    "an active-parameters frontier searches each layer's top-k: remove "
+                    "search_space.top_k"
+                )
+            return Schedule(((0, TopKFrontierSpace(num_experts, shape.top_k, layers)),))
         return Schedule(((0, FrontierSpace(num_experts, shape.top_k, layers, cfg.top_k)),))
     if cfg.budget is not None:
         low, high = k * len(layers), num_experts * len(layers)

@@ -1,7 +1,9 @@
-"""Genomes of every size: each layer keeps between its top-k and E experts, and the total is free.
+"""Genomes of every size: each layer keeps between its top-k and E experts, and the total is free
+(:class:`FrontierSpace`); or every expert kept and each layer routing to 1..top-k of them
+(:class:`TopKFrontierSpace`).
 
-The space of a multi-objective search (``search.objectives: [fitness, kept_params]``), which
-looks for the whole accuracy-size frontier at once. Operators keep every layer within its bounds;
+The spaces of a multi-objective search (``search.objectives: [fitness, kept_params]``, or
+``[fitness, active_params]``), which looks for the whole accuracy-size frontier at once. Operators keep every layer within its bounds;
 besides swapping experts (as :mod:`search_spaces.prune`) and moving one between layers (as
 :mod:`search_spaces.budget`), a mutation may grow or shrink one layer by an expert, which is how
 the search walks along the size axis. Crossover takes each layer whole from one parent (touched
@@ -150,3 +152,78 @@ def crossover_frontier(
         else:
             keep[layer] = list(rows_a if rng.random() < FRONT_PARENT_PROB else rows_b)
     return space.genome(keep)
+
+
+@dataclass(frozen=True)
+class TopKFrontierSpace:
+    """Every expert of ``layers`` kept; each layer routes each token to 1..``top_k`` of them: the
+    space of an accuracy vs active-parameters frontier (``search.objectives: [fitness,
+    active_params]``)."""
+
+    num_experts: int
+    top_k: int
+    layers: tuple[int, ...]
+
+    kind = "frontier-top-k"
+
+    def genome(self, active: Mapping[int, int]) -> Genome:
+        keep = {i: range(self.num_experts) for i in self.layers}
+        return Genome.from_keep(self.num_experts, self.top_k, keep, dict(active))
+
+    def size(self) -> int:
+        return self.top_k ** len(self.layers)
+
+    def reject(self, genome: Genome) -> str | None:
+        if (
+            {i for i, _ in genome.layers} != set(self.layers)
+            or genome.is_merge
+            or genome.is_low_rank
+        ):
+            return f"it must be a pruning genome naming exactly the layers {list(self.layers)}"
+        for layer in self.layers:
+            if len(genome.keep(layer)) != self.num_experts:
+                return (
+                    f"layer {layer} keeps {len(genome.keep(layer))} experts; this space keeps all"
+                )
+        return None
+
+    def describe(self) -> str:
+        return (
+            f"top-k frontier: all {self.num_experts} experts kept, each of {len(self.layers)} "
+            f"layers routing to 1..{self.top_k}"
+        )
+
+    def register(self, toolbox: base.Toolbox, cfg, rng: random.Random) -> None:
+        toolbox.register("individual", random_top_k_genome, space=self, rng=rng)
+        toolbox.register("mutate", mutate_top_k, rng=rng, space=self, layer_prob=cfg.layer_prob)
+        toolbox.register("mate", crossover_top_k, rng=rng, space=self)
+
+
+def random_top_k_genome(space: TopKFrontierSpace, rng: random.Random) -> Genome:
+    """A total of active experts drawn uniformly from every possible one, spread at random."""
+    active = dict.fromkeys(space.layers, 1)
+    for _ in range(rng.randint(0, (space.top_k - 1) * len(space.layers))):
+        active[rng.choice([i for i in space.layers if active[i] < space.top_k])] += 1
+    return space.genome(active)
+
+
+def mutate_top_k(
+    genome: Genome, rng: random.Random, space: TopKFrontierSpace, layer_prob: float
+) -> Genome:
+    """Each touched layer routes to one more or one fewer expert (within 1..top_k); always changes one."""
+    active = {i: genome.active(i) for i in space.layers}
+    touched = touched_units(list(space.layers), rng, layer_prob) or [rng.choice(space.layers)]
+    for layer in touched:
+        steps = [s for s in (-1, 1) if 1 <= active[layer] + s <= space.top_k]
+        if steps:
+            active[layer] += rng.choice(steps)
+    if all(active[i] == genome.active(i) for i in space.layers):  # top_k 1: nothing to change
+        return genome
+    return space.genome(active)
+
+
+def crossover_top_k(a: Genome, b: Genome, rng: random.Random, space: TopKFrontierSpace) -> Genome:
+    """Each layer's top-k from one parent (the first with EEP's 0.6)."""
+    return space.genome(
+        {i: (a if rng.random() < FRONT_PARENT_PROB else b).active(i) for i in space.layers}
+    )

@@ -120,7 +120,9 @@ def worker():
 def _search(path, worker, stop_after=None):
     config = parse_config(frontier_config())
     run = RunDir.create(path, config) if not (path / "config.yaml").exists() else RunDir.open(path)
-    schedule = build_schedule(config.search_space, MoEShape("mixtral", 8, 2, (0, 1, 2, 3)), True)
+    schedule = build_schedule(
+        config.search_space, MoEShape("mixtral", 8, 2, (0, 1, 2, 3)), "kept_params"
+    )
     summary = run_search(run, schedule, SerialEvaluator(worker), lambda m: None, stop_after)
     return run, summary
 
@@ -202,8 +204,8 @@ def test_frontier_run_scores_its_front_and_exports_a_point(tmp_path):
     "update, message",
     [
         ({"search_space": {"keep": 2}}, "spans every size: remove search_space.keep"),
-        ({"search": {"objectives": ["kept_params"]}}, "fitness first"),
-        ({"search": {"objectives": ["fitness", "fitness"]}}, "each once"),
+        ({"search": {"objectives": ["kept_params"]}}, "or \\[fitness, active_params\\]"),
+        ({"search": {"objectives": ["fitness", "fitness"]}}, "\\[fitness\\], \\[fitness, kept"),
     ],
 )
 def test_frontier_settings_are_checked(update, message):
@@ -224,7 +226,7 @@ def test_frontier_plans_refuse_what_it_cannot_hold():
         METHOD.plan(config, MoEShape("mixtral", 8, 2, (0, 1, 2, 3)))
     grouped = MoEShape("deepseek_v3", 8, 2, (1, 2), 2, 2)
     with pytest.raises(EepError, match="routes within expert groups"):
-        build_schedule(parse_config(frontier_config()).search_space, grouped, True)
+        build_schedule(parse_config(frontier_config()).search_space, grouped, "kept_params")
 
 
 @pytest.mark.slow
@@ -245,3 +247,41 @@ def test_frontier_on_two_ray_actors_equals_serial(tmp_path):
         k: p["id"] for k, p in serial["picks"].items()
     }
     assert ray["hypervolume"] == serial["hypervolume"]
+
+
+def test_an_active_parameters_frontier_searches_each_layers_top_k(tmp_path):
+    """[fitness, active_params]: every expert kept, each layer routing to 1..top-k; the front is
+    over active experts, the picks per top-k, and --max-params counts active parameters."""
+    from deap import base
+
+    import eep
+    from eep.loop import active_experts
+    from search_spaces import TopKFrontierSpace
+
+    space = TopKFrontierSpace(8, 2, (0, 1, 2, 3))
+    toolbox = base.Toolbox()
+    cfg = parse_config(frontier_config()).search
+    space.register(toolbox, cfg, random.Random(0))
+    genomes = [toolbox.individual() for _ in range(40)]
+    assert {active_experts(g) for g in genomes} >= {4, 8}
+    for a, b in zip(genomes, genomes[1:]):
+        for child in (toolbox.mutate(a), toolbox.mate(a, b)):
+            assert space.reject(child) is None and all(len(child.keep(i)) == 8 for i in range(4))
+        assert toolbox.mutate(a) != a
+
+    data = frontier_config(evaluations=24, initial=8)
+    data["search"]["objectives"] = ["fitness", "active_params"]
+    run = eep.search(data, run_dir=tmp_path / "run", log=lambda m: None)
+    summary = run.summary
+    assert summary["objective"] == "active_params" and set(summary["picks"]) <= {"1", "2"}
+    front = summary["front"]
+    assert [p["active_params"] for p in front] == sorted(p["active_params"] for p in front)
+    assert all(p["kept_experts"] == 32 for p in front)  # every expert kept
+    assert 0.0 < summary["hypervolume"] <= 1.0
+    smallest = min(summary["picks"], key=int)
+    pick = run.front_point(max_params=summary["picks"][smallest]["active_params"])
+    assert pick["id"] == summary["picks"][smallest]["id"]
+    from eep.report import write_report
+
+    text = write_report(tmp_path / "run").read_text()
+    assert "experts active per token (top-k per layer)" in text
