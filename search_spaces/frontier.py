@@ -82,6 +82,7 @@ class FrontierSpace:
             layer_prob=cfg.layer_prob,
             swap_prob=cfg.swap_prob,
             move_prob=cfg.move_prob,
+            resize_prob=cfg.resize_prob,
         )
         toolbox.register("mate", crossover_frontier, rng=rng, space=self, layer_prob=cfg.layer_prob)
 
@@ -119,12 +120,13 @@ def mutate_frontier(
     layer_prob: float,
     swap_prob: float,
     move_prob: float,
+    resize_prob: float,
 ) -> Genome:
-    """With probability ``move_prob`` grow or shrink a layer by one expert, and with the same
-    probability move an expert between two layers; then swap kept experts for dropped ones in the
-    touched layers. Always changes something."""
+    """With probability ``resize_prob`` grow or shrink a layer by one expert, and with probability
+    ``move_prob`` move an expert between two layers; then swap kept experts for dropped ones in
+    the touched layers. Always changes something."""
     keep = {i: list(genome.keep(i)) for i in space.layers}
-    changed = rng.random() < move_prob and _resize(keep, space, rng)
+    changed = rng.random() < resize_prob and _resize(keep, space, rng)
     changed = (rng.random() < move_prob and move_expert(keep, space, rng)) or changed
     for layer in touched_units(list(space.layers), rng, layer_prob):
         kept = keep[layer]
