@@ -389,22 +389,27 @@ def _pick(archive, max_size: int, config: Config, evaluator, size=None):
     larger, then the earlier), the best on the validation examples when the tasks have them (the
     rule a single-size search exports by), else the first. Returns it and its validation score
     (None without validation examples)."""
-    from eep.loop import kept_experts
+    from eep.loop import kept_experts, select
     from fitness.metrics import weighted_fitness
 
     size = size or kept_experts
-    within = sorted(
-        (e for e in archive if e.candidate and size(e.genome) <= max_size),
-        key=lambda e: (-e.fitness, -size(e.genome), e.id),
-    )[: config.search.select_top]
+    within = [e for e in archive if e.candidate and size(e.genome) <= max_size]
     validated = [t for t in config.fitness.tasks if t.validation_size]
-    if not within or not validated:
-        return (within[0] if within else None), None
-    scored = [
-        (weighted_fitness(validated, evaluator.heldout(e.genome, "validation")), e) for e in within
-    ]
-    best = max(scored, key=lambda s: s[0])  # the first of equal ones: max keeps it
-    return best[1], best[0]
+    if not within:
+        return None, None
+
+    def rank(e):  # search fitness, then the larger, then the earlier
+        return -e.fitness, -size(e.genome), e.id
+
+    if not validated:
+        return min(within, key=rank), None
+    chosen, scores = select(
+        within,
+        lambda genome: weighted_fitness(validated, evaluator.heldout(genome, "validation")),
+        config.search.select_top,
+        rank,
+    )
+    return chosen, scores[chosen.id]
 
 
 def hypervolume(points, full_params: int) -> float:

@@ -480,14 +480,18 @@ def best_of(archive: list[Evaluation]) -> Evaluation | None:
 
 
 def select(
-    archive: list[Evaluation], validate: Callable[[Genome], float], top: int
+    archive: list[Evaluation],
+    validate: Callable[[Genome], float],
+    top: int,
+    rank: Callable[[Evaluation], tuple] = lambda e: (-e.fitness, e.id),
 ) -> tuple[Evaluation, dict]:
-    """The genome to export: among the ``top`` best candidates by search fitness, the best by
-    ``validate`` (fitness on examples never searched on; ties: the better search fitness, then the
-    earlier). Returns it and the validation fitness of each candidate tried, by id."""
-    ranked = sorted((e for e in archive if e.candidate), key=lambda e: (-e.fitness, e.id))[:top]
+    """The genome to export: among the ``top`` best candidates by ``rank`` (default: search
+    fitness, then the earlier), the best by ``validate`` (fitness on examples never searched on;
+    ties: the earlier in ``rank``). Returns it and the validation fitness of each candidate tried,
+    by id."""
+    ranked = sorted((e for e in archive if e.candidate), key=rank)[:top]
     scores = {e.id: validate(e.genome) for e in ranked}
-    return max(ranked, key=lambda e: (scores[e.id], e.fitness, -e.id)), scores
+    return max(ranked, key=lambda e: (scores[e.id], -ranked.index(e))), scores
 
 
 def summarise(archive: list[Evaluation]) -> dict:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from deap import base
 
 from eep.genome import Genome
-from search_spaces.prune import FRONT_PARENT_PROB, mix_rows, touched_units
+from search_spaces.prune import FRONT_PARENT_PROB, mix_rows, not_pruning, touched_units
 
 
 @dataclass(frozen=True)
@@ -54,23 +54,13 @@ class BudgetSpace:
 
     def reject(self, genome: Genome) -> str | None:
         """Why ``genome`` is not in this space (None when it is): e.g. a seed for the search."""
-        if (
-            {i for i, _ in genome.layers} != set(self.layers)
-            or genome.is_merge
-            or genome.is_low_rank
-        ):
-            return f"it must be a pruning genome naming exactly the layers {list(self.layers)}"
+        reason = not_pruning(genome, self.layers)
+        if reason is not None:
+            return reason
         counts = [len(genome.keep(i)) for i in self.layers]
         if sum(counts) != self.budget:
             return f"it keeps {sum(counts)} experts in all; the budget is {self.budget}"
-        for layer, n in zip(self.layers, counts):
-            if not self.min_keep <= n or genome.gene(layer).top_k != self.active:
-                return (
-                    f"layer {layer} keeps {n} experts routed top-{genome.active(layer)}; each layer keeps "
-                    f"{self.min_keep}..{self.num_experts}"
-                    + (f" routed top-{self.active}" if self.active else "")
-                )
-        return None
+        return layer_bounds(self, genome)
 
     def describe(self) -> str:
         mean = self.budget / len(self.layers)
@@ -91,6 +81,38 @@ class BudgetSpace:
             move_prob=cfg.move_prob,
         )
         toolbox.register("mate", crossover_budget, rng=rng, space=self, layer_prob=cfg.layer_prob)
+
+
+def layer_bounds(space, genome: Genome) -> str | None:
+    """Why a layer of ``genome`` is outside ``space.min_keep``..``num_experts`` experts routed
+    top-``space.active`` (None when none is): the per-layer bounds of the budget and frontier
+    spaces."""
+    for layer in space.layers:
+        n = len(genome.keep(layer))
+        if n < space.min_keep or genome.gene(layer).top_k != space.active:
+            return (
+                f"layer {layer} keeps {n} experts routed top-{genome.active(layer)}; each layer keeps "
+                f"{space.min_keep}..{space.num_experts}"
+                + (f" routed top-{space.active}" if space.active else "")
+            )
+    return None
+
+
+def cross_layers(
+    a: Genome, b: Genome, rng: random.Random, layers: Sequence[int], layer_prob: float
+) -> dict[int, list[int]]:
+    """Keep sets of a child: each layer whole from one parent (the first with EEP's 0.6); touched
+    layers whose parents keep the same number mix them slot by slot."""
+    touched = set(touched_units(list(layers), rng, layer_prob))
+    keep = {}
+    for layer in layers:
+        rows_a, rows_b = a.keep(layer), b.keep(layer)
+        if layer in touched and len(rows_a) == len(rows_b):
+            child, spare = mix_rows(rows_a, rows_b, rng)
+            keep[layer] = child + spare[: len(rows_a) - len(child)]
+        else:
+            keep[layer] = list(rows_a if rng.random() < FRONT_PARENT_PROB else rows_b)
+    return keep
 
 
 def random_budget_genome(space: BudgetSpace, rng: random.Random) -> Genome:
@@ -152,15 +174,7 @@ def crossover_budget(
     """Each layer comes whole from one parent (the first with EEP's 0.6); touched layers whose
     parents keep the same number mix them slot by slot. Then the total is repaired to the budget by
     dropping (adding) random experts in random layers that have room."""
-    touched = set(touched_units(list(space.layers), rng, layer_prob))
-    keep = {}
-    for layer in space.layers:
-        rows_a, rows_b = a.keep(layer), b.keep(layer)
-        if layer in touched and len(rows_a) == len(rows_b):
-            child, spare = mix_rows(rows_a, rows_b, rng)
-            keep[layer] = child + spare[: len(rows_a) - len(child)]
-        else:
-            keep[layer] = list(rows_a if rng.random() < FRONT_PARENT_PROB else rows_b)
+    keep = cross_layers(a, b, rng, space.layers, layer_prob)
     total = sum(len(k) for k in keep.values())
     while total > space.budget:
         layer = rng.choice([i for i in space.layers if len(keep[i]) > space.min_keep])

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from deap import base
 
 from eep.genome import Genome
-from search_spaces.budget import move_expert
-from search_spaces.prune import FRONT_PARENT_PROB, mix_rows, touched_units
+from search_spaces.budget import cross_layers, layer_bounds, move_expert
+from search_spaces.prune import FRONT_PARENT_PROB, not_pruning, touched_units
 
 
 @dataclass(frozen=True)
@@ -50,21 +50,7 @@ class FrontierSpace:
 
     def reject(self, genome: Genome) -> str | None:
         """Why ``genome`` is not in this space (None when it is)."""
-        if (
-            {i for i, _ in genome.layers} != set(self.layers)
-            or genome.is_merge
-            or genome.is_low_rank
-        ):
-            return f"it must be a pruning genome naming exactly the layers {list(self.layers)}"
-        for layer in self.layers:
-            n = len(genome.keep(layer))
-            if n < self.min_keep or genome.gene(layer).top_k != self.active:
-                return (
-                    f"layer {layer} keeps {n} experts routed top-{genome.active(layer)}; each layer "
-                    f"keeps {self.min_keep}..{self.num_experts}"
-                    + (f" routed top-{self.active}" if self.active else "")
-                )
-        return None
+        return not_pruning(genome, self.layers) or layer_bounds(self, genome)
 
     def describe(self) -> str:
         return (
@@ -144,16 +130,7 @@ def crossover_frontier(
 ) -> Genome:
     """Each layer comes whole from one parent (the first with EEP's 0.6); touched layers whose
     parents keep the same number mix them slot by slot. No repair: any total is in the space."""
-    touched = set(touched_units(list(space.layers), rng, layer_prob))
-    keep = {}
-    for layer in space.layers:
-        rows_a, rows_b = a.keep(layer), b.keep(layer)
-        if layer in touched and len(rows_a) == len(rows_b):
-            child, spare = mix_rows(rows_a, rows_b, rng)
-            keep[layer] = child + spare[: len(rows_a) - len(child)]
-        else:
-            keep[layer] = list(rows_a if rng.random() < FRONT_PARENT_PROB else rows_b)
-    return space.genome(keep)
+    return space.genome(cross_layers(a, b, rng, space.layers, layer_prob))
 
 
 @dataclass(frozen=True)
@@ -176,12 +153,9 @@ class TopKFrontierSpace:
         return self.top_k ** len(self.layers)
 
     def reject(self, genome: Genome) -> str | None:
-        if (
-            {i for i, _ in genome.layers} != set(self.layers)
-            or genome.is_merge
-            or genome.is_low_rank
-        ):
-            return f"it must be a pruning genome naming exactly the layers {list(self.layers)}"
+        reason = not_pruning(genome, self.layers)
+        if reason is not None:
+            return reason
         for layer in self.layers:
             if len(genome.keep(layer)) != self.num_experts:
                 return (

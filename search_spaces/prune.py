@@ -44,6 +44,14 @@ def expand(groups: Groups, genes: Mapping[int, LayerGene]) -> dict[int, LayerGen
     return {layer: genes[group[0]] for group in groups for layer in group}
 
 
+def not_pruning(genome: Genome, layers: Sequence[int]) -> str | None:
+    """Why ``genome`` is not a pruning genome naming exactly ``layers`` (None when it is): what
+    every pruning space checks first in its ``reject``."""
+    if {i for i, _ in genome.layers} != set(layers) or genome.is_merge or genome.is_low_rank:
+        return f"it must be a pruning genome naming exactly the layers {list(layers)}"
+    return None
+
+
 @dataclass(frozen=True)
 class PruneSpace:
     """Which genomes exist: ``keep`` of ``num_experts`` experts in each of ``layers``."""
@@ -94,9 +102,9 @@ class PruneSpace:
 
     def reject(self, genome: Genome) -> str | None:
         """Why ``genome`` is not in this space (None when it is): e.g. a seed for the search."""
-        names = {i for i, _ in genome.layers}
-        if names != set(self.layers) or genome.is_merge or genome.is_low_rank:
-            return f"it must be a pruning genome naming exactly the layers {list(self.layers)}"
+        reason = not_pruning(genome, self.layers)
+        if reason is not None:
+            return reason
         for layer in self.layers:
             gene = genome.gene(layer)
             if len(gene.keep) != self.keep or gene.top_k != self.active:
