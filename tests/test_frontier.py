@@ -45,6 +45,14 @@ def test_operators_stay_in_the_space_and_walk_the_size_axis():
     mutants = [toolbox.mutate(genomes[0]) for _ in range(50)]
     assert {kept_experts(m) - kept_experts(genomes[0]) for m in mutants} >= {-1, 0, 1}
     assert "naming exactly the layers" in SPACE.reject(Genome.from_keep(8, 2, {0: [0, 1]}))
+    # search.resize_prob is the chance a mutation changes the size (by one expert); with 0, a
+    # mutation that swaps experts in every layer keeps it
+    not_full = [g for g in genomes if kept_experts(g) < 32]
+    for resize, changed in ((1.0, {-1, 1}), (0.0, {0})):
+        settings = dict(resize_prob=resize, swap_prob=1.0, layer_prob=1.0, move_prob=0.0)
+        toolbox = base.Toolbox()
+        SPACE.register(toolbox, parse_config(frontier_config(**settings)).search, random.Random(1))
+        assert {kept_experts(toolbox.mutate(g)) - kept_experts(g) for g in not_full} == changed
 
 
 def _archive(points):
