@@ -4,11 +4,14 @@
 #   1. toy: teacher-forced vs generated evaluation (same verdicts checked), early cut at 2 of 8
 #      (same search checked), roofline, rebuild-per-candidate ratio, apply cost;
 #   2. random-mixtral-width (Mixtral-8x7B's layer shape, --layers N, default 2, bf16): the same
-#      rows plus the export rows, each row freeing the memory of the ones before (no OOM).
+#      rows plus the export rows, each row freeing the memory of the ones before (no OOM);
+#   3. benchmarks/width_check.py on the same model: a decode step with eep's experts kernel kept and
+#      with transformers' decode-time swap to batched_mm, and the operators one evaluation runs.
 #
 # Here (with network) fetch the wheels the device machine lacks into .whl/ (git-ignored):
 #   bash benchmarks/gpu_check.sh --fetch-wheels
-# There (run tool, carry [".whl"]):   bash benchmarks/gpu_check.sh
+# There (run tool, carry [".whl"]; $OUT takes at most 8 files: this leaves 6 and the log):
+#   set -o pipefail; bash benchmarks/gpu_check.sh 2>&1 | tee $OUT/gpu_check.log
 # On a CPU, to try the script itself:  bash benchmarks/gpu_check.sh --device cpu --model random-mixtral
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +23,7 @@ while [ $# -gt 0 ]; do
     --layers) LAYERS=$2; shift 2 ;;
     --fetch-wheels)
       mkdir -p .whl
-      for spec in deap==1.4.4 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.7.0 typing-inspection==0.4.2; do
+      for spec in deap==1.4.4 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0; do
         python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
           --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
           -d .whl "$spec"
@@ -38,12 +41,14 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT_DIR"
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
-  'device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" | tee "$OUT_DIR/versions.txt"
+  'device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
 LAYER_FLAG=()
 [ "$MODEL" = random-mixtral-width ] && LAYER_FLAG=(--layers "$LAYERS")
 start=$(date +%s)
 "$PY" -m eep bench --model toy --device "$DEVICE" --no-ray --no-export --repeats 3 --cut-evaluations 200 \
-  --out "$OUT_DIR/toy" 2>&1 | grep -v "Loading weights\|Writing model" | tee "$OUT_DIR/toy.log"
+  --out "$OUT_DIR/toy" 2>&1 | grep -v "Loading weights\|Writing model"
 "$PY" -m eep bench --model "$MODEL" "${LAYER_FLAG[@]}" --device "$DEVICE" --no-ray --repeats 3 --evaluations 10 \
-  --cut-evaluations 40 --out "$OUT_DIR/width" 2>&1 | grep -v "Loading weights\|Writing model" | tee "$OUT_DIR/width.log"
-echo "gpu_check: done in $(( $(date +%s) - start )) s; figures in $OUT_DIR/{toy,width}/bench.{md,json}"
+  --cut-evaluations 40 --out "$OUT_DIR/width" 2>&1 | grep -v "Loading weights\|Writing model"
+"$PY" benchmarks/width_check.py --model "$MODEL" "${LAYER_FLAG[@]}" --device "$DEVICE" --out "$OUT_DIR/kernel" 2>&1 \
+  | grep -v "Loading weights\|Writing model"
+echo "gpu_check: done in $(( $(date +%s) - start )) s; figures in $OUT_DIR/{toy,width}/bench.{md,json}, $OUT_DIR/kernel/"
