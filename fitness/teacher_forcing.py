@@ -1,4 +1,4 @@
-"""Teacher-forced exact match: greedy generation's verdict from one forward pass.
+"""Teacher-forced exact match: greedy generation's verdict from one forward pass (rarely a few).
 
 Greedy decoding follows one path: at every step the argmax token. Feed the prompt followed by a
 candidate tokenization of the answer, and the argmax at each answer position says whether the
@@ -8,9 +8,11 @@ is where the greedy path leaves, and the text it has produced by then (the match
 argmax token) often already settles the comparison: e.g. ``"d c x"`` can never become ``"d c b a"``.
 
 :func:`decide` makes that call on text alone and answers ``None`` whenever more tokens could still
-change the verdict (a stop string that might straddle the next token, whitespace that
-normalisation would drop, another tokenization of the same text); those examples, and every
-metric other than ``exact_match``, are generated as before. So the verdicts are generation's own,
+change the verdict (a special token that decoding drops, a stop string that might straddle the next
+token, whitespace that normalisation would drop, half a character). Such an example is fed again:
+the greedy path known so far, then the rest of the answer as a draft, which a pass checks as
+speculative decoding checks a draft, taking the path at least one token further each time. What
+:data:`PASSES` passes leave open, and every metric other than ``exact_match``, is generated. So the verdicts are generation's own,
 up to floating point: a forward pass over the whole sequence and a decode step with a KV cache
 compute the same logits in a different order, so an argmax whose top two logits tie to within
 rounding can differ. In float32 that is rare; in bfloat16 (the GPU default) ties are far more
@@ -51,6 +53,9 @@ _NEUTRAL = {
 }
 MAX_ROWS = 4
 """Tokenizations of an example's answers scored in one pass; beyond that the example is generated."""
+PASSES = 3
+"""Forward passes an example gets (the first, then the greedy path so far + the rest of the answer)
+before it is left to generation."""
 
 
 def greedy_is_argmax(model) -> str | None:
@@ -109,22 +114,58 @@ def prepare(
 
 @torch.inference_mode()
 def teacher_forced(
-    model, tokenizer, items: Sequence[Item], max_new_tokens: int
+    model, tokenizer, items: Sequence[Item], max_new_tokens: int, passes: int | None = None
 ) -> list[bool | None]:
-    """Greedy generation's exact-match verdict per item from one forward pass (None: undecided)."""
-    if not items:
-        return []
+    """Greedy generation's exact-match verdict per item (None: undecided, to be generated).
+
+    The first pass feeds each answer row. An item it leaves undecided (the greedy path left the
+    answer with a token whose text settles nothing: a special token that decoding drops, half a
+    character, a space normalisation removes) is fed again, up to ``passes`` in all: the greedy path
+    known so far, then the rest of the answer as a draft, as speculative decoding checks a draft.
+    Each pass takes the greedy path at least one token further, and generation is left only what
+    ``passes`` (default :data:`PASSES`) forward passes do not settle."""
+    passes = PASSES if passes is None else passes
+    verdicts: list[bool | None] = [None] * len(items)
+    # per item: (tokens fed after the prompt, how many of them are known to be greedy's)
+    feeds = {i: [(row, 0) for row in item.rows] for i, item in enumerate(items)}
+    for _ in range(passes):
+        if not feeds:
+            break
+        seqs = [(i, fed, start) for i, rows in feeds.items() for fed, start in rows]
+        argmax = _argmax(
+            model, tokenizer, [(items[i].prompt, fed, start) for i, fed, start in seqs]
+        )
+        paths: dict[int, tuple[int, ...]] = {}
+        for (i, fed, start), greedy in zip(seqs, argmax, strict=True):
+            if verdicts[i] is not None:
+                continue
+            verdict, path = _follow(tokenizer, items[i], fed, start, greedy, max_new_tokens)
+            if verdict is not None:
+                verdicts[i] = verdict
+            elif path is not None and len(path[0]) > len(paths.get(i, ((), ()))[0]):
+                paths[i] = path
+        feeds = {
+            i: [(known + draft, len(known))]
+            for i, (known, draft) in paths.items()
+            if verdicts[i] is None
+        }
+    return verdicts
+
+
+def _argmax(model, tokenizer, seqs: Sequence[tuple[list[int], tuple[int, ...], int]]):
+    """One forward pass over prompt + fed tokens, left padded; per sequence the argmax after each
+    of ``fed[:start]``, ..., ``fed`` (``len(fed) - start + 1`` tokens)."""
     device = next(model.parameters()).device
-    seqs = [(i, item.prompt + list(row)) for i, item in enumerate(items) for row in item.rows]
-    width = max(len(s) for _, s in seqs)
+    rows = [prompt + list(fed) for prompt, fed, _ in seqs]
+    width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    for r, (_, seq) in enumerate(seqs):  # left padding, as generation's prompts
-        ids[r, width - len(seq) :] = torch.tensor(seq)
-        mask[r, width - len(seq) :] = 1
+    for r, row in enumerate(rows):  # left padding, as generation's prompts
+        ids[r, width - len(row) :] = torch.tensor(row)
+        mask[r, width - len(row) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    keep = max(len(s) - len(items[i].prompt) for i, s in seqs) + 1
+    keep = max(len(fed) - start for _, fed, start in seqs) + 1
     logits = model(
         input_ids=ids.to(device),
         attention_mask=mask.to(device),
@@ -132,31 +173,33 @@ def teacher_forced(
         logits_to_keep=keep,
     ).logits
     greedy = logits.argmax(-1).tolist()  # [row][position among the last `keep`]
-    verdicts: list[bool | None] = [None] * len(items)
-    for r, (i, seq) in enumerate(seqs):
-        item = items[i]
-        row = seq[len(item.prompt) :]
-        verdict = _follow(tokenizer, item, row, greedy[r][keep - len(row) - 1 :], max_new_tokens)
-        if verdict is not None:
-            verdicts[i] = verdict
-    return verdicts
+    return [g[keep - (len(fed) - start) - 1 :] for g, (_, fed, start) in zip(greedy, seqs)]
 
 
 def _follow(
-    tokenizer, item: Item, row: Sequence[int], argmax: Sequence[int], max_new_tokens: int
-) -> bool | None:
-    """Walk the greedy path along ``row``: ``argmax[j]`` is the greedy token after ``row[:j]``."""
+    tokenizer,
+    item: Item,
+    fed: Sequence[int],
+    start: int,
+    argmax: Sequence[int],
+    max_new_tokens: int,
+) -> tuple[bool | None, tuple[tuple[int, ...], tuple[int, ...]] | None]:
+    """Walk the greedy path along ``fed`` from ``fed[start]`` (``fed[:start]`` is greedy's already):
+    ``argmax[m]`` is the greedy token after ``fed[: start + m]``. Returns (the verdict, None) once
+    it is settled, else (None, (the greedy path known now, the rest of ``fed`` as the next draft))."""
     eos = tokenizer.eos_token_id
 
     def text(tokens):
         return tokenizer.decode(list(tokens), skip_special_tokens=True)
 
-    for j, token in enumerate(argmax):
-        if j == max_new_tokens:  # generation ends here
-            return decide(text(row[:j]), True, item.answers, item.stop)
-        if token == eos:
-            return decide(text(row[:j]), True, item.answers, item.stop)
+    for m, token in enumerate(argmax):
+        j = start + m
+        if j == max_new_tokens or token == eos:  # generation ends here
+            return decide(text(fed[:j]), True, item.answers, item.stop), None
         # the greedy path leaves the answer (or goes beyond it)
-        if j == len(row) or token != row[j]:
-            return decide(text([*row[:j], token]), j + 1 == max_new_tokens, item.answers, item.stop)
-    return None
+        if j == len(fed) or token != fed[j]:
+            known = (*fed[:j], token)
+            verdict = decide(text(known), j + 1 == max_new_tokens, item.answers, item.stop)
+            draft = tuple(fed[j:])[: max_new_tokens - len(known)]
+            return verdict, None if verdict is not None else (known, draft)
+    return None, None
