@@ -71,15 +71,15 @@ def measure(
 ) -> dict[str, dict]:
     from eep import baselines as bl
     from eep import greedy
+    from eep.api import plan
     from eep.calibration import calibrate
-    from eep.cli import _plan
     from eep.config import load_config
     from eep.evaluator import FitnessWorker
     from fitness.metrics import weighted_fitness
 
     base = [f"search_space.keep={keep}", f"search.seed={seed}"]
     config = _with_validation(load_config(config_path, base + overrides), validation)
-    _, shape, schedule = _plan(config)
+    _, shape, schedule = plan(config)
     space = schedule.first
     worker = FitnessWorker(config)
 

@@ -74,3 +74,29 @@ def test_bench_refuses_an_output_path_that_is_a_file(tmp_path, capsys):
     (tmp_path / "f").write_text("")
     assert main(["bench", "--out", str(tmp_path / "f")]) == 2
     assert "is a file; give a directory" in capsys.readouterr().err
+
+
+def test_every_name_the_benchmark_scripts_import_exists():
+    """The scripts under benchmarks/ import lazily, inside functions; a rename in eep must not leave
+    one failing only when it is run (search_quality.py once imported a helper the CLI had lost)."""
+    import ast
+    import importlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    ours = ("eep", "fitness", "search_spaces", "benchmarks")
+    missing = []
+    for script in sorted((root / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module):
+                continue
+            if node.module.split(".")[0] not in ours:
+                continue
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                if not hasattr(module, alias.name):
+                    try:
+                        importlib.import_module(f"{node.module}.{alias.name}")
+                    except ImportError:
+                        missing.append(f"{script.name}:{node.lineno} {node.module}.{alias.name}")
+    assert not missing

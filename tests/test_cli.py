@@ -470,6 +470,8 @@ def test_validation_examples_pick_the_export_and_the_gap_is_reported(capsys, tmp
         "--set",
         "search_space.keep=2",
         "--set",
+        "search.select_top=5",
+        "--set",
         "fitness.tasks=" + json.dumps(config.model_dump(mode="json")["fitness"]["tasks"]),
     ]
     assert main(argv) == 0
