@@ -212,9 +212,9 @@ def keep_experts_kernel(model) -> None:
     """Keep the experts kernel eep chose for ``model`` through ``generate``'s decode steps too.
 
     On any device but a CPU, ``transformers``' ``generate`` swaps ``grouped_mm`` for ``batched_mm``
-    while it decodes (``_optimize_model_for_decode``; in 5.17 and 5.24 at least). ``batched_mm`` gathers a
-    copy of the selected experts' weights for every (token, expert) pair, so at Mixtral width a
-    decode step of 128 prompts copies ~90 GiB per layer: measured on an H200 (torch 2.11,
+    while it decodes (``_optimize_model_for_decode``; in 5.17 and 5.24 at least). ``batched_mm``
+    gathers a copy of the selected experts' weights for every (token, expert) pair, so at Mixtral
+    width a decode step of 128 prompts copies ~90 GiB per layer: measured on an H200 (torch 2.11,
     transformers 5.17, 2 Mixtral-8x7B layers, bf16), 122 ms a step against 1.5 ms to read the
     weights once, 27 GiB peak for a 5.4 GiB model at batch 32, and an out-of-memory error on smaller
     cards. The swap is a method of the model, so it is replaced on this instance only."""

@@ -12,8 +12,8 @@ change the verdict (a special token that decoding drops, a stop string that migh
 token, whitespace that normalisation would drop, half a character). Such an example is fed again:
 the greedy path known so far, then the rest of the answer as a draft, which a pass checks as
 speculative decoding checks a draft, taking the path at least one token further each time. What
-:data:`PASSES` passes leave open, and every metric other than ``exact_match``, is generated. So the verdicts are generation's own,
-up to floating point: a forward pass over the whole sequence and a decode step with a KV cache
+:data:`PASSES` passes leave open, and every metric other than ``exact_match``, is generated. So
+the verdicts are generation's own, up to floating point: a forward pass over the whole sequence and a decode step with a KV cache
 compute the same logits in a different order, so an argmax whose top two logits tie to within
 rounding can differ. In float32 that is rare; in bfloat16 (the GPU default) ties are far more
 common, and ``fitness.scoring: generate`` is the reference to check against (``eep eval``).
@@ -135,14 +135,15 @@ def teacher_forced(
         argmax = _argmax(
             model, tokenizer, [(items[i].prompt, fed, start) for i, fed, start in seqs]
         )
-        paths: dict[int, tuple[int, ...]] = {}
+        # per open item: (the greedy path known, the draft after it), the longest its rows gave
+        paths: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         for (i, fed, start), greedy in zip(seqs, argmax, strict=True):
             if verdicts[i] is not None:
                 continue
             verdict, path = _follow(tokenizer, items[i], fed, start, greedy, max_new_tokens)
             if verdict is not None:
                 verdicts[i] = verdict
-            elif path is not None and len(path[0]) > len(paths.get(i, ((), ()))[0]):
+            elif path is not None and (i not in paths or len(path[0]) > len(paths[i][0])):
                 paths[i] = path
         feeds = {
             i: [(known + draft, len(known))]
