@@ -174,22 +174,22 @@ def breed_front(
     return toolbox.mutate(tournament())
 
 
-def parent_bar(archive: list[Evaluation], cfg: SearchConfig) -> float | None:
+def parent_bar(archive: list[Evaluation], cfg: SearchConfig, export_top: int = 1) -> float | None:
     """The fitness a new candidate must reach to ever matter to this search, judged on ``archive``
     (the results it was bred from); None when any fitness could matter.
 
     A candidate below the bar is outside every parent pool of :func:`breed` for good: the best only
     rises, so it stays more than both thresholds below the best, and the ``crossover_pool_min``
     genomes already at or above the bar keep it out of the top that the crossover pool falls back
-    to. Nor is it ever the best. So whether it is scored to the end changes nothing the search does.
+    to. Nor is it ever the best, nor among the ``export_top`` best the export is picked from
+    (``search.select_top`` where tasks have validation examples). So whether it is scored to the
+    end changes nothing the search does or exports.
     """
+    pool = max(cfg.crossover_pool_min, export_top, 1)
     ranked = sorted((e.fitness for e in archive if e.candidate), reverse=True)
-    if len(ranked) < max(cfg.crossover_pool_min, 1):
+    if len(ranked) < pool:
         return None
-    return min(
-        ranked[0] - max(cfg.crossover_threshold, cfg.mutate_threshold),
-        ranked[cfg.crossover_pool_min - 1],
-    )
+    return min(ranked[0] - max(cfg.crossover_threshold, cfg.mutate_threshold), ranked[pool - 1])
 
 
 def task_order(
@@ -285,6 +285,9 @@ class _Proposals:
         )
         self.outcome, self.digest = config.outcome(), config.digest()  # computed once
         self.tasks = [t.name for t in config.fitness.tasks]
+        # the export is picked among this many best by search fitness (see parent_bar)
+        validated = any(t.validation_size for t in config.fitness.tasks)
+        self.export_top = self.cfg.select_top if validated else 1
         self.start = start
         self.rng = random.Random(self.cfg.seed)
         self.toolboxes = [make_toolbox(s, self.cfg, self.rng) for _, s in schedule.phases]
@@ -342,7 +345,9 @@ class _Proposals:
             candidate = Candidate(
                 self.next_id,
                 genome,
-                parent_bar(self.archive, self.cfg) if self.cfg.early_cut and not frontier else None,
+                parent_bar(self.archive, self.cfg, self.export_top)
+                if self.cfg.early_cut and not frontier
+                else None,
                 task_order(self.archive, genome, self.tasks) if not frontier else (),
             )
             self.next_id += 1

@@ -336,16 +336,19 @@ def chunked_worker():
     return FitnessWorker(parse_config(data))
 
 
-@pytest.mark.parametrize("keep", [2, 3, 4])
-def test_early_cut_leaves_the_search_unchanged(tmp_path, chunked_worker, keep):
+@pytest.mark.parametrize("keep, validated", [(2, False), (3, False), (4, False), (2, True)])
+def test_early_cut_leaves_the_search_unchanged(tmp_path, chunked_worker, keep, validated):
     """Same genomes in the same order and the same best as an uncut run; the cut candidates'
-    bounds really lie below what they would have scored... and below the bar they were given."""
+    bounds really lie below what they would have scored... and below the bar they were given.
+    With validation examples, also the same ``select_top`` best the export is picked from."""
     space = PruneSpace(num_experts=8, top_k=2, layers=(0, 1, 2, 3), keep=keep)
     runs = {}
     for cut in (True, False):
-        data = toy_config_dict(evaluations=40, initial=10, early_cut=cut)
+        data = toy_config_dict(evaluations=40, initial=10, early_cut=cut, select_top=12)
         data["fitness"]["batch_size"] = 8
         data["search_space"]["keep"] = keep
+        for task in data["fitness"]["tasks"] if validated else ():
+            task["validation_size"] = 6
         run = RunDir.create(tmp_path / str(cut), parse_config(data))
         runs[cut] = run, run_search(run, space, SerialEvaluator(chunked_worker), log=lambda m: None)
     (cut_run, cut_summary), (full_run, full_summary) = runs[True], runs[False]
@@ -362,6 +365,13 @@ def test_early_cut_leaves_the_search_unchanged(tmp_path, chunked_worker, keep):
     for c, f in zip(cut_rows, full_rows):
         if c["status"] == "ok":
             assert c["fitness"] == f["fitness"] and c["scores"] == f["scores"]
+    if validated:  # every one of the 12 best was scored in full in the cut run too
+
+        def top(rows):
+            ok = [r for r in rows if r["status"] == "ok"]
+            return [r["id"] for r in sorted(ok, key=lambda r: (-r["fitness"], r["id"]))[:12]]
+
+        assert top(cut_rows) == top(full_rows)
 
 
 def test_parent_bar_lies_below_both_thresholds_and_the_pool_minimum():
@@ -377,6 +387,9 @@ def test_parent_bar_lies_below_both_thresholds_and_the_pool_minimum():
     # the sixth best: a worse child never enters the crossover pool
     assert parent_bar(archive, cfg) == 50.0
     assert parent_bar(archive, SearchConfig(crossover_pool_min=2)) == 87.0  # best - 3
+    # the export is picked among the 7 best: the bar is the 7th best fitness
+    assert parent_bar(archive, SearchConfig(crossover_pool_min=2), export_top=7) == 40.0
+    assert parent_bar(archive, SearchConfig(crossover_pool_min=2), export_top=8) is None
     # fewer than the pool minimum: anything could be a parent
     assert parent_bar(archive[:5], cfg) is None
     failed = Evaluation(9, genome, None, error="boom")
