@@ -367,9 +367,9 @@ def _front(archive, config: Config, evaluator, log: Log) -> dict:
         if objective == "active_params"
         else range(genome.top_k, genome.num_experts + 1)
     )
-    picks = {}
+    picks, memo = {}, {}  # the sizes' candidates overlap: each is validated once
     for per_layer in tracked(uniform, "validation picks (sizes)", log):
-        chosen, validation = _pick(archive, per_layer * len(layers), config, evaluator, size)
+        chosen, validation = _pick(archive, per_layer * len(layers), config, evaluator, size, memo)
         if chosen is not None:
             picks[str(per_layer)] = point(chosen, validation=validation)
     full = sizes(None)[0 if objective == "kept_params" else 1]
@@ -383,32 +383,36 @@ def _front(archive, config: Config, evaluator, log: Log) -> dict:
     }
 
 
-def _pick(archive, max_size: int, config: Config, evaluator, size=None):
+def _pick(archive, max_size: int, config: Config, evaluator, size=None, memo=None):
     """The candidate to export at a size: among those of at most ``max_size`` (``size``: kept
     experts by default, or active ones), the ``select_top`` best by search fitness (ties: the
     larger, then the earlier), the best on the validation examples when the tasks have them (the
     rule a single-size search exports by), else the first. Returns it and its validation score
-    (None without validation examples)."""
+    (None without validation examples). ``memo``: validation fitness by genome key, filled and
+    reused across calls."""
     from eep.loop import kept_experts, select
     from fitness.metrics import weighted_fitness
 
     size = size or kept_experts
     within = [e for e in archive if e.candidate and size(e.genome) <= max_size]
-    validated = [t for t in config.fitness.tasks if t.validation_size]
+    tasks = [t for t in config.fitness.tasks if t.validation_size]
     if not within:
         return None, None
 
     def rank(e):  # search fitness, then the larger, then the earlier
         return -e.fitness, -size(e.genome), e.id
 
-    if not validated:
+    if not tasks:
         return min(within, key=rank), None
-    chosen, scores = select(
-        within,
-        lambda genome: weighted_fitness(validated, evaluator.heldout(genome, "validation")),
-        config.search.select_top,
-        rank,
-    )
+    memo = {} if memo is None else memo
+
+    def validate(genome) -> float:
+        if genome.key not in memo:
+            scores = evaluator.heldout(genome, "validation")
+            memo[genome.key] = weighted_fitness(tasks, scores)
+        return memo[genome.key]
+
+    chosen, scores = select(within, validate, config.search.select_top, rank)
     return chosen, scores[chosen.id]
 
 
