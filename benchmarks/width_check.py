@@ -32,8 +32,8 @@ from eep.bench import (
     _sync,
     bench_rebuild,
     bench_scoring,
+    decode_step,
     half_kept,
-    median_spread,
     random_mixtral,
 )
 from eep.evaluator import FitnessWorker
@@ -42,7 +42,7 @@ from fitness import toy_tasks
 
 
 def decode(worker, swap: bool, repeats: int) -> dict:
-    """A greedy decode step over 128 prompts: (time of 8 new tokens - time of 1) / 7."""
+    """A greedy decode step over 128 prompts (:func:`eep.bench.decode_step`, 8 new tokens)."""
     model, tokenizer = worker.model, worker.tokenizer
     device = next(model.parameters()).device
     prompts = [e.prompt for t in toy_tasks.TASKS for e in toy_tasks.examples(t, "test", 16)]
@@ -50,29 +50,16 @@ def decode(worker, swap: bool, repeats: int) -> dict:
     if swap:  # transformers' own method again: grouped_mm -> batched_mm while decoding
         del model._optimize_model_for_decode
     try:
-
-        def generate(new_tokens):
-            model.generate(
-                **ids,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            _sync(device)
-
-        generate(8)  # warm-up
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        eight, _ = median_spread(lambda: generate(8), repeats)
-        one, _ = median_spread(lambda: generate(1), repeats)
+        step, _ = decode_step(model, tokenizer, ids, 8, repeats)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     finally:
         if swap:
             from eep.model import keep_experts_kernel
 
             keep_experts_kernel(model)
-    return {"step_s": max(eight - one, 1e-9) / 7, "peak_bytes": peak, "batch": len(prompts)}
+    return {"step_s": step, "peak_bytes": peak, "batch": len(prompts)}
 
 
 def profile(worker, rows: int = 15) -> str:

@@ -144,6 +144,30 @@ def median_spread(fn: Callable[[], object], repeats: int) -> tuple[float, float]
     return statistics.median(times), (max(times) - min(times)) / 2
 
 
+@torch.no_grad()
+def greedy(model, tokenizer, ids, new_tokens: int) -> None:
+    """Greedy generation of exactly ``new_tokens`` per prompt of the batch ``ids``, finished on
+    its device."""
+    model.generate(
+        **ids,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    _sync(ids["input_ids"].device)
+
+
+def decode_step(model, tokenizer, ids, new_tokens: int, repeats: int) -> tuple[float, float]:
+    """(seconds of one greedy decode step, seconds to generate ``new_tokens``) over the batch
+    ``ids``, medians after a warm-up: a step is the time of ``new_tokens`` tokens less that of one,
+    over the ``new_tokens - 1`` steps between them."""
+    greedy(model, tokenizer, ids, new_tokens)  # warm-up
+    full, _ = median_spread(lambda: greedy(model, tokenizer, ids, new_tokens), repeats)
+    one, _ = median_spread(lambda: greedy(model, tokenizer, ids, 1), repeats)
+    return max(full - one, 1e-9) / (new_tokens - 1), full
+
+
 def _config(model: str, device: str, batch_size: int = 128, **extra):
     from eep.config import parse_config
     from fitness import toy_tasks
@@ -373,20 +397,10 @@ def _generation(
     out = {"parameters": sum(p.numel() for p in model.parameters()), "tokens_per_s": {}}
     for batch in batches:
         ids = tokenizer(prompts[:batch], return_tensors="pt", padding=True).to(dev)
-
-        def generate(ids=ids):
-            with torch.no_grad():
-                model.generate(
-                    **ids,
-                    max_new_tokens=new_tokens,
-                    min_new_tokens=new_tokens,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-            _sync(dev)
-
-        generate()  # warm-up
-        seconds, spread = median_spread(generate, repeats)
+        greedy(model, tokenizer, ids, new_tokens)  # warm-up
+        seconds, spread = median_spread(
+            lambda ids=ids: greedy(model, tokenizer, ids, new_tokens), repeats
+        )
         out["tokens_per_s"][str(batch)] = {
             "median": batch * new_tokens / seconds,
             "spread": batch * new_tokens * spread / seconds**2,
@@ -520,23 +534,10 @@ def bench_scoring(worker, genomes: int, repeats: int, log) -> dict:
     tf_tokens = sum(len(i.prompt) + len(i.rows[0]) for i in items)
     prompts = [p for t in forced.prompts.values() for p in t]
 
-    def generate(new_tokens, batch=prompts[: fit.batch_size]):
-        ids = tokenizer(batch, return_tensors="pt", padding=True, padding_side="left").to(device)
-        model.generate(
-            **ids,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        _sync(device)
-        return ids["attention_mask"].sum().item() + len(batch) * new_tokens
-
-    generate(fit.max_new_tokens)  # warm-up
-    gen_s, _ = median_spread(lambda: generate(fit.max_new_tokens), repeats)
-    gen_tokens = generate(fit.max_new_tokens)
-    one_s, _ = median_spread(lambda: generate(1), repeats)
-    step_s = max(gen_s - one_s, 1e-9) / (fit.max_new_tokens - 1)
+    batch = prompts[: fit.batch_size]
+    ids = tokenizer(batch, return_tensors="pt", padding=True, padding_side="left").to(device)
+    step_s, gen_s = decode_step(model, tokenizer, ids, fit.max_new_tokens, repeats)
+    gen_tokens = ids["attention_mask"].sum().item() + len(batch) * fit.max_new_tokens
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = _bandwidth(device)
     roofline_s = weight_bytes / bandwidth
