@@ -293,3 +293,36 @@ def test_an_active_parameters_frontier_searches_each_layers_top_k(tmp_path):
 
     text = write_report(tmp_path / "run").read_text()
     assert "experts active per token (top-k per layer)" in text
+
+
+def test_size_picks_validate_each_candidate_once():
+    """The candidates of the size picks overlap (every genome of at most 3 experts a layer is one at
+    4 too); with one memo each is scored on the validation examples once, and each pick is the one
+    a fresh memo gives."""
+    from eep.evolution import _pick
+
+    data = toy_config_dict(select_top=4)
+    for task in data["fitness"]["tasks"]:
+        task["validation_size"] = 6
+    config = parse_config(data)
+    rng = random.Random(0)
+    archive = [
+        Evaluation(i, Genome.from_keep(8, 2, {0: rng.sample(range(8), rng.randint(2, 8))}), f)
+        for i, f in enumerate([90.0, 88.0, 87.0, 86.0, 85.0, 84.0, 83.0, 82.0])
+    ]
+
+    class Counting:
+        def __init__(self):
+            self.calls = []
+
+        def heldout(self, genome, split="test"):
+            self.calls.append(genome.key)
+            return {t.name: float(len(genome.keep(0))) for t in config.fitness.tasks}
+
+    shared, memo = Counting(), {}
+    picks = [_pick(archive, size, config, shared, memo=memo) for size in range(2, 9)]
+    assert len(shared.calls) == len(set(shared.calls)) == len(memo)
+    unshared = Counting()
+    fresh = [_pick(archive, size, config, unshared) for size in range(2, 9)]
+    assert [(e and e.id, v) for e, v in picks] == [(e and e.id, v) for e, v in fresh]
+    assert len(shared.calls) < len(unshared.calls)  # the sizes really shared candidates
