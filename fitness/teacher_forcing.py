@@ -11,8 +11,11 @@ argmax token) often already settles the comparison: e.g. ``"d c x"`` can never b
 change the verdict (a special token that decoding drops, a stop string that might straddle the next
 token, whitespace that normalisation would drop, half a character). Such an example is fed again:
 the greedy path known so far, then the rest of the answer as a draft, which a pass checks as
-speculative decoding checks a draft, taking the path at least one token further each time. What
-:data:`PASSES` passes leave open, and every metric other than ``exact_match``, is generated. So
+speculative decoding checks a draft, taking the path at least one token further each time, so at
+most ``max_new_tokens`` passes settle every example (the few still open after the first pass are
+few rows, each pass one forward, where generating them would cost a prefill and a decode step per
+token). Only :data:`PASSES`, when set, leaves what its passes do not settle to generation, as does
+every metric other than ``exact_match``. So
 the verdicts are generation's own, up to floating point: a forward pass over the whole sequence and a decode step with a KV cache
 compute the same logits in a different order, so an argmax whose top two logits tie to within
 rounding can differ. In float32 that is rare; in bfloat16 (the GPU default) ties are far more
@@ -53,9 +56,9 @@ _NEUTRAL = {
 }
 MAX_ROWS = 4
 """Tokenizations of an example's answers scored in one pass; beyond that the example is generated."""
-PASSES = 3
+PASSES: int | None = None
 """Forward passes an example gets (the first, then the greedy path so far + the rest of the answer)
-before it is left to generation."""
+before it is left to generation; None: until it is settled (at most ``max_new_tokens`` passes)."""
 
 
 def greedy_is_argmax(model) -> str | None:
@@ -122,9 +125,10 @@ def teacher_forced(
     answer with a token whose text settles nothing: a special token that decoding drops, half a
     character, a space normalisation removes) is fed again, up to ``passes`` in all: the greedy path
     known so far, then the rest of the answer as a draft, as speculative decoding checks a draft.
-    Each pass takes the greedy path at least one token further, and generation is left only what
-    ``passes`` (default :data:`PASSES`) forward passes do not settle."""
-    passes = PASSES if passes is None else passes
+    Each pass takes the greedy path at least one token further, so ``max_new_tokens`` passes settle
+    every item; generation is left only what ``passes`` (default :data:`PASSES`, None: no limit)
+    forward passes do not settle."""
+    passes = passes if passes is not None else PASSES if PASSES is not None else max_new_tokens
     verdicts: list[bool | None] = [None] * len(items)
     # per item: (tokens fed after the prompt, how many of them are known to be greedy's)
     feeds = {i: [(row, 0) for row in item.rows] for i, item in enumerate(items)}

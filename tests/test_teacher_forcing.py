@@ -2,8 +2,10 @@
 on tiny random models of three families, for many random genomes (fp32)."""
 
 import random
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 import fitness.scoring
 from eep.config import ModelConfig
@@ -145,3 +147,55 @@ def test_cut_raises_once_the_bound_falls_below_the_bar():
         with pytest.raises(Cut) as cut:
             scorer(cut_below=fitness + 60.0)
     assert fitness <= cut.value.bound < fitness + 60.0 and 0 < cut.value.scored < 1
+
+
+class _Scripted(torch.nn.Module):
+    """A causal "model" whose greedy path after the prompt is ``path`` and then end of sequence: the
+    logits at a position depend only on how many tokens follow the prompt's last token up to it."""
+
+    def __init__(self, marker: int, path: list[int], eos: int, vocab: int):
+        super().__init__()
+        self.marker, self.path, self.eos, self.vocab = marker, path, eos, vocab
+        self.weight = torch.nn.Parameter(torch.zeros(1))  # for the device lookup
+        self.forwards = 0
+
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep):
+        self.forwards += 1
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        for r, row in enumerate(input_ids.tolist()):
+            after = -1
+            for t, token in enumerate(row):
+                after = 0 if token == self.marker else after + (after >= 0)
+                nxt = self.path[after] if 0 <= after < len(self.path) else self.eos
+                logits[r, t, nxt] = 1.0
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:])
+
+
+@pytest.mark.parametrize("answer, hit", [("d e", True), ("d f", False)])
+def test_passes_go_on_until_the_greedy_path_is_settled(answer, hit, monkeypatch):
+    """Four special tokens (dropped by decoding) before ``d e``: each pass takes the path one token
+    further, so three passes leave the example open and the default settles it in five, with the
+    verdict greedy decoding gives."""
+    _, tokenizer = load_model(ModelConfig(path="toy", device="cpu", dtype="float32"))
+    prompt = tokenizer("a b c").input_ids
+    unk = tokenizer.unk_token_id
+    model = _Scripted(
+        prompt[-1],
+        [unk] * 4 + tokenizer("d e", add_special_tokens=False).input_ids,
+        tokenizer.eos_token_id,
+        len(tokenizer),
+    )
+    item = teacher_forcing.prepare(tokenizer, "a b c", [answer], [], 8)
+    assert teacher_forcing.teacher_forced(model, tokenizer, [item], 8, passes=3) == [None]
+    model.forwards = 0
+    assert teacher_forcing.teacher_forced(model, tokenizer, [item], 8) == [hit]
+    assert model.forwards == 5  # four passes over the special tokens, one over the answer
+    # greedy decoding of the same model, step by step: the answer exactly when `hit`
+    ids = list(prompt)
+    while len(ids) < len(prompt) + 8:
+        step = model(torch.tensor([ids]), None, None, 1).logits[0, -1].argmax().item()
+        if step == tokenizer.eos_token_id:
+            break
+        ids.append(step)
+    text = tokenizer.decode(ids[len(prompt) :], skip_special_tokens=True)
+    assert (text.strip() == answer) is hit
