@@ -13,14 +13,19 @@
 # There (run tool, carry [".whl"]; $OUT takes at most 8 files: this leaves 6 and the log):
 #   set -o pipefail; bash benchmarks/gpu_check.sh 2>&1 | tee $OUT/gpu_check.log
 # On a CPU, to try the script itself:  bash benchmarks/gpu_check.sh --device cpu --model random-mixtral
+# --steps toy,width,kernel picks the parts (default all three); --skip-swap leaves out width_check's
+# decode step with transformers' swap (~45 GiB a layer at width: for --layers 8 on one GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DEVICE=cuda MODEL=random-mixtral-width LAYERS=2 OUT_DIR=${OUT:-gpu-check}
+DEVICE=cuda MODEL=random-mixtral-width LAYERS=2 OUT_DIR=${OUT:-gpu-check} STEPS=toy,width,kernel
+SWAP=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE=$2; shift 2 ;;
     --model) MODEL=$2; shift 2 ;;
     --layers) LAYERS=$2; shift 2 ;;
+    --steps) STEPS=$2; shift 2 ;;
+    --skip-swap) SWAP=(--skip-swap); shift ;;
     --fetch-wheels)
       mkdir -p .whl
       for spec in deap==1.4.4 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0; do
@@ -29,7 +34,7 @@ while [ $# -gt 0 ]; do
           -d .whl "$spec"
       done
       ls -la .whl; exit 0 ;;
-    *) echo "gpu_check.sh: unknown argument $1 (--device D, --model M, --layers N, --fetch-wheels)" >&2; exit 2 ;;
+    *) echo "gpu_check.sh: unknown argument $1 (--device D, --model M, --layers N, --steps S, --skip-swap, --fetch-wheels)" >&2; exit 2 ;;
   esac
 done
 PY=${PYTHON:-python3}
@@ -45,10 +50,17 @@ mkdir -p "$OUT_DIR"
 LAYER_FLAG=()
 [ "$MODEL" = random-mixtral-width ] && LAYER_FLAG=(--layers "$LAYERS")
 start=$(date +%s)
-"$PY" -m eep bench --model toy --device "$DEVICE" --no-ray --no-export --repeats 3 --cut-evaluations 200 \
-  --out "$OUT_DIR/toy" 2>&1 | grep -v "Loading weights\|Writing model"
-"$PY" -m eep bench --model "$MODEL" "${LAYER_FLAG[@]}" --device "$DEVICE" --no-ray --repeats 3 --evaluations 10 \
-  --cut-evaluations 40 --out "$OUT_DIR/width" 2>&1 | grep -v "Loading weights\|Writing model"
-"$PY" benchmarks/width_check.py --model "$MODEL" "${LAYER_FLAG[@]}" --device "$DEVICE" --out "$OUT_DIR/kernel" 2>&1 \
-  | grep -v "Loading weights\|Writing model"
+step() { [[ ",$STEPS," == *",$1,"* ]]; }
+if step toy; then
+  "$PY" -m eep bench --model toy --device "$DEVICE" --no-ray --no-export --repeats 3 --cut-evaluations 200 \
+    --out "$OUT_DIR/toy" 2>&1 | grep -v "Loading weights\|Writing model"
+fi
+if step width; then
+  "$PY" -m eep bench --model "$MODEL" "${LAYER_FLAG[@]}" --device "$DEVICE" --no-ray --repeats 3 --evaluations 10 \
+    --cut-evaluations 40 --out "$OUT_DIR/width" 2>&1 | grep -v "Loading weights\|Writing model"
+fi
+if step kernel; then
+  "$PY" benchmarks/width_check.py --model "$MODEL" "${LAYER_FLAG[@]}" "${SWAP[@]}" --device "$DEVICE" \
+    --out "$OUT_DIR/kernel" 2>&1 | grep -v "Loading weights\|Writing model"
+fi
 echo "gpu_check: done in $(( $(date +%s) - start )) s; figures in $OUT_DIR/{toy,width}/bench.{md,json}, $OUT_DIR/kernel/"

@@ -15,7 +15,9 @@
    measured in a fresh process;
 6. **scoring**: one evaluation teacher-forced against the same one generated (same hits checked),
    its tokens/s against plain ``generate`` on the same batch, and the roofline: a decode step's time
-   against reading every weight once at the memory bandwidth a device copy reaches in this run;
+   against reading every weight once at the memory bandwidth a device copy reaches in this run, and
+   one evaluation's against the longer of its forward calls' weight reads and its FLOPs (2 per
+   active parameter and token position fed) at the matmul throughput measured in this run;
 7. **early cut**: the same search at a quarter of the experts with and without the cut (same
    genomes and best checked): the share of the evaluations' time (and of the search's wall time)
    the cut saves.
@@ -479,6 +481,53 @@ def _bandwidth(device: torch.device, nbytes: int = 2**28) -> float:
     return 2 * nbytes / seconds
 
 
+def _matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s a large square matmul reaches in ``dtype``: the compute roof of a forward pass."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    (a @ b), _sync(device)
+    seconds, _ = median_spread(lambda: ((a @ b), _sync(device)), 5)
+    return 2 * n**3 / seconds
+
+
+def active_params(model, adapter) -> int:
+    """Parameters one token's forward pass multiplies by: all but the embeddings and the output
+    head (looked up / applied at few positions), with each MoE layer's experts at top-k of E."""
+    heads = (model.get_input_embeddings(), model.get_output_embeddings())
+    skip = {id(p) for m in heads if m is not None for p in m.parameters()}
+    experts = {
+        id(p)
+        for block in adapter.blocks.values()
+        for p in getattr(block, "experts", block).parameters()
+    }
+    share = adapter.top_k / adapter.num_experts
+    return int(
+        sum(
+            p.numel() * (share if id(p) in experts else 1)
+            for p in model.parameters()
+            if id(p) not in skip
+        )
+    )
+
+
+def forward_work(model, run) -> tuple[int, int]:
+    """(forward calls, token positions fed) while ``run()`` runs: what an evaluation computes."""
+    seen = [0, 0]
+
+    def count(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        seen[0] += 1
+        seen[1] += 0 if ids is None else ids.numel()
+
+    handle = model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen[0], seen[1]
+
+
 def bench_scoring(worker, genomes: int, repeats: int, log) -> dict:
     """Teacher-forced vs generated scoring of the same genomes; tokens/s against ``generate``; roofline."""
     from fitness.scoring import Scorer
@@ -541,6 +590,17 @@ def bench_scoring(worker, genomes: int, repeats: int, log) -> dict:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = _bandwidth(device)
     roofline_s = weight_bytes / bandwidth
+    # one evaluation's own roofline: every forward call reads the weights once, and every token
+    # position fed costs 2 FLOPs per active parameter at the matmul peak measured here
+    calls = tokens = 0
+    for genome in sample:
+        with adapter.applied(genome):
+            c, t = forward_work(model, forced.example_scores)
+        calls, tokens = calls + c, tokens + t
+    calls, tokens = calls / genomes, tokens / genomes
+    flops = 2 * active_params(model, adapter) * tokens
+    peak = _matmul_flops(device, next(model.parameters()).dtype)
+    eval_roofline_s = max(calls * roofline_s, flops / peak)
     row = {
         "genomes": genomes,
         "teacher_forced_s": timed["auto"],
@@ -558,8 +618,12 @@ def bench_scoring(worker, genomes: int, repeats: int, log) -> dict:
         "bandwidth_bytes_per_s": bandwidth,
         "roofline_step_s": roofline_s,
         "roofline_ratio": step_s / roofline_s,
-        "forward_passes": len(forced.chunks),
-        "evaluation_roofline_ratio": timed["auto"] / (len(forced.chunks) * roofline_s),
+        "forward_passes": calls,
+        "forward_tokens": tokens,
+        "evaluation_flops": flops,
+        "matmul_flops_per_s": peak,
+        "evaluation_roofline_s": eval_roofline_s,
+        "evaluation_roofline_ratio": timed["auto"] / eval_roofline_s,
     }
     log(
         f"[bench] scoring: teacher-forced {timed['auto']:.3f} s vs generated {timed['generate']:.3f} s per evaluation "
@@ -570,7 +634,9 @@ def bench_scoring(worker, genomes: int, repeats: int, log) -> dict:
     log(
         f"[bench] roofline: decode step {1e3 * step_s:.2f} ms vs {1e3 * roofline_s:.2f} ms to read "
         f"{weight_bytes / 2**30:.2f} GiB at {bandwidth / 1e9:.0f} GB/s = {row['roofline_ratio']:.1f}x; an evaluation "
-        f"({row['forward_passes']} forward passes) {row['evaluation_roofline_ratio']:.1f}x its roofline"
+        f"{1e3 * timed['auto']:.2f} ms vs {1e3 * eval_roofline_s:.2f} ms = {row['evaluation_roofline_ratio']:.1f}x "
+        f"its roofline ({calls:.1f} forward calls reading the weights, {tokens:.0f} token positions x "
+        f"{2 * active_params(model, adapter) / 1e9:.2f} GFLOP at {peak / 1e12:.1f} TFLOP/s)"
     )
     return row
 
@@ -808,7 +874,9 @@ def markdown(r: dict) -> str:
         f"{1e3 * sc['roofline_step_s']:.2f} ms = {sc['roofline_ratio']:.1f}x | {goal('roofline_ratio')} |"
     )
     lines.append(
-        f"| one teacher-forced evaluation vs its roofline ({sc['forward_passes']} forward passes) | "
+        f"| one teacher-forced evaluation vs its roofline (the longer of {sc['forward_passes']:.1f} weight "
+        f"reads and {sc['evaluation_flops'] / 1e12:.2f} TFLOP at {sc['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s) | "
+        f"{1e3 * sc['teacher_forced_s']:.2f} ms vs {1e3 * sc['evaluation_roofline_s']:.2f} ms = "
         f"{sc['evaluation_roofline_ratio']:.1f}x | |"
     )
     serial = r["search"]["serial"]

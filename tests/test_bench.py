@@ -57,6 +57,9 @@ def test_bench_measures_everything_and_writes_json_and_markdown(tmp_path):
         and scoring["forced_examples"] == scoring["examples"] == 128
     )
     assert saved["tf_speedup"] == scoring["tf_speedup"] > 0 and scoring["roofline_ratio"] > 0
+    # one forward call over all 128 examples (batch 128) settles the toy: its rows x widest row
+    assert scoring["forward_passes"] == 1 and scoring["forward_tokens"] % 128 == 0
+    assert 0 < scoring["evaluation_roofline_s"] < scoring["teacher_forced_s"]
     assert saved["roofline_ratio"] is None and saved["experts_implementation"]
     assert (
         cut["keep"] == 2 and cut["cut"] > 0 and saved["cut_saved_fraction"] == cut["saved_fraction"]
