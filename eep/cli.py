@@ -393,7 +393,8 @@ def cmd_baselines(args) -> int:
     for name, row in methods.items():
         spread = f" ± {row['heldout_std']:.2f}" if "heldout_std" in row else ""
         spent = f"  ({row['evaluations']} evaluations)" if "evaluations" in row else ""
-        spent += f"  ({row['how']})" if row.get("how", "").startswith("no-op") else ""
+        noted = name == "search" or row.get("how", "").startswith("no-op")  # not "enumeration"
+        spent += f"  ({row['how']})" if noted and row.get("how") else ""
         print(
             f"{name:<{width}}  {row['heldout']:6.2f}{spread}  kept {row['kept_params']:,}  "
             f"active {row['active_params']:,}{spent}"

@@ -24,6 +24,20 @@ from eep.methods import method_of
 from eep.surgery import parameter_counts
 
 
+def search_start(config: Config) -> str | None:
+    """How the run's search started, for its row: ``warm start: greedy, naee`` (``search.warm_start``
+    as given; ``eep search`` turns the calibration-pass ones into ``seeds/warm-<method>.json``) and
+    any other seed genomes; None for random initial genomes only."""
+    names = [Path(s).name for s in config.search.seed_genomes]
+    warm = list(config.search.warm_start) + [
+        n.removeprefix("warm-").removesuffix(".json") for n in names if n.startswith("warm-")
+    ]
+    seeded = sum(not n.startswith("warm-") for n in names)
+    parts = [f"warm start: {', '.join(warm)}"] if warm else []
+    parts += [f"{seeded} seed genome{'s' if seeded > 1 else ''}"] if seeded else []
+    return "; ".join(parts) or None
+
+
 def check_baselines(config: Config, shape) -> None:
     """Fail before any model loads when the baselines cannot be compared at the config's size."""
     keep = config.search_space.keep
@@ -200,7 +214,7 @@ def run_baselines(
             "active_params": active,
             "genome_key": best.key,
             "evaluations": summary["evaluations"],
-        }
+        } | ({"how": start} if (start := search_start(config)) else {})
     sweep_rows = {str(k): methods_at(k) for k in cfg.sweep if k != keep}
     sweep = {k: {m: v["heldout"] for m, v in rows.items()} for k, rows in sweep_rows.items()}
     return {

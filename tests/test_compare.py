@@ -198,3 +198,20 @@ def test_moei2_rows_compare_at_equal_kept_parameters(tmp_path, capsys):
     )
     assert main(["report", str(run)]) == 0
     assert "moei2+low-rank" in (run / "report.md").read_text()
+
+
+def test_the_search_row_says_how_the_search_started():
+    """A warm-started search's row names its warm start, as given or as ``eep search`` saved it
+    (calibration-pass genomes become ``seeds/warm-<method>.json``); random starts say nothing."""
+    from eep.compare import search_start
+    from eep.config import parse_config
+
+    def start(**search):
+        data = toy_config_dict(evaluations=10)
+        data["search"].update(search)
+        return search_start(parse_config(data))
+
+    assert start() is None
+    assert start(warm_start=["greedy", "naee"]) == "warm start: greedy, naee"
+    saved = start(warm_start=["greedy"], seed_genomes=["seeds/warm-reap.json", "seeds/mine.json"])
+    assert saved == "warm start: greedy, reap; 1 seed genome"
