@@ -481,6 +481,17 @@ def _bandwidth(device: torch.device, nbytes: int = 2**28) -> float:
     return 2 * nbytes / seconds
 
 
+def _scaled(value: float, unit: str, base: int = 1000) -> str:
+    """``5.8e9, "B", 1024`` -> ``5.41 GiB``; ``3.4e12, "FLOP"`` -> ``3.40 TFLOP``: toy and wide
+    models in one format."""
+    prefixes = ("", "K", "M", "G", "T", "P")
+    step = 0
+    while abs(value) >= base and step < len(prefixes) - 1:
+        value, step = value / base, step + 1
+    infix = "i" if base == 1024 and step else ""
+    return f"{value:.2f} {prefixes[step]}{infix}{unit}"
+
+
 def _matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s a large square matmul reaches in ``dtype``: the compute roof of a forward pass."""
     n = 8192 if device.type == "cuda" else 1024
@@ -633,10 +644,10 @@ def bench_scoring(worker, genomes: int, repeats: int, log) -> dict:
     )
     log(
         f"[bench] roofline: decode step {1e3 * step_s:.2f} ms vs {1e3 * roofline_s:.2f} ms to read "
-        f"{weight_bytes / 2**30:.2f} GiB at {bandwidth / 1e9:.0f} GB/s = {row['roofline_ratio']:.1f}x; an evaluation "
+        f"{_scaled(weight_bytes, 'B', 1024)} at {bandwidth / 1e9:.0f} GB/s = {row['roofline_ratio']:.1f}x; an evaluation "
         f"{1e3 * timed['auto']:.2f} ms vs {1e3 * eval_roofline_s:.2f} ms = {row['evaluation_roofline_ratio']:.1f}x "
         f"its roofline ({calls:.1f} forward calls reading the weights, {tokens:.0f} token positions x "
-        f"{2 * active_params(model, adapter) / 1e9:.2f} GFLOP at {peak / 1e12:.1f} TFLOP/s)"
+        f"{_scaled(2 * active_params(model, adapter), 'FLOP')} at {_scaled(peak, 'FLOP/s')})"
     )
     return row
 
@@ -869,13 +880,13 @@ def markdown(r: dict) -> str:
         f"{sc['eval_tokens_per_s']:.0f} vs {sc['generate_tokens_per_s']:.0f} | |"
     )
     lines.append(
-        f"| decode step vs roofline ({sc['weight_bytes'] / 2**30:.2f} GiB at "
+        f"| decode step vs roofline ({_scaled(sc['weight_bytes'], 'B', 1024)} at "
         f"{sc['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s copy bandwidth) | {1e3 * sc['decode_step_s']:.2f} ms vs "
         f"{1e3 * sc['roofline_step_s']:.2f} ms = {sc['roofline_ratio']:.1f}x | {goal('roofline_ratio')} |"
     )
     lines.append(
         f"| one teacher-forced evaluation vs its roofline (the longer of {sc['forward_passes']:.1f} weight "
-        f"reads and {sc['evaluation_flops'] / 1e12:.2f} TFLOP at {sc['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s) | "
+        f"reads and {_scaled(sc['evaluation_flops'], 'FLOP')} at {_scaled(sc['matmul_flops_per_s'], 'FLOP/s')}) | "
         f"{1e3 * sc['teacher_forced_s']:.2f} ms vs {1e3 * sc['evaluation_roofline_s']:.2f} ms = "
         f"{sc['evaluation_roofline_ratio']:.1f}x | |"
     )

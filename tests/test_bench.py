@@ -103,3 +103,12 @@ def test_every_name_the_benchmark_scripts_import_exists():
                     except ImportError:
                         missing.append(f"{script.name}:{node.lineno} {node.module}.{alias.name}")
     assert not missing
+
+
+def test_figures_keep_their_digits_from_a_toy_to_mixtral_width():
+    """The roofline rows print a 3 MiB toy and a 22 GiB model alike (not "0.00 GiB")."""
+    from eep.bench import _scaled
+
+    assert _scaled(3.2e6, "B", 1024) == "3.05 MiB" and _scaled(23.2e9, "B", 1024) == "21.61 GiB"
+    assert _scaled(1.2e6, "FLOP") == "1.20 MFLOP" and _scaled(7.75e14, "FLOP/s") == "775.00 TFLOP/s"
+    assert _scaled(512, "B", 1024) == "512.00 B"
