@@ -12,11 +12,11 @@ change the verdict (a special token that decoding drops, a stop string that migh
 token, whitespace that normalisation would drop, half a character). Such an example is fed again:
 the greedy path known so far, then the rest of the answer as a draft, which a pass checks as
 speculative decoding checks a draft, taking the path at least one token further each time, so at
-most ``max_new_tokens`` passes settle every example (the few still open after the first pass are
-few rows, each pass one forward, where generating them would cost a prefill and a decode step per
-token). Only :data:`PASSES`, when set, leaves what its passes do not settle to generation, as does
-every metric other than ``exact_match``. So
-the verdicts are generation's own, up to floating point: a forward pass over the whole sequence and a decode step with a KV cache
+most ``max_new_tokens`` passes settle every example. After the first pass only the few examples
+still open are fed, one forward call a pass, where generating them would cost a prefill and a
+decode step per token. Only :data:`PASSES`, when set, leaves what its passes do not settle to
+generation, as every metric other than ``exact_match`` is. So the verdicts are generation's own,
+up to floating point: a forward pass over the whole sequence and a decode step with a KV cache
 compute the same logits in a different order, so an argmax whose top two logits tie to within
 rounding can differ. In float32 that is rare; in bfloat16 (the GPU default) ties are far more
 common, and ``fitness.scoring: generate`` is the reference to check against (``eep eval``).
