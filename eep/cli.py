@@ -305,7 +305,10 @@ def _print_plan(config, hf_config, shape, space, run_dir) -> None:
     for label, text in method_lines[:1]:
         print(f"{label:<12} {text}")
     tasks = ", ".join(
-        f"{t.name} ({t.search_size} search / {t.test_size} held-out)" for t in config.fitness.tasks
+        f"{t.name} ({t.search_size} search"
+        + (f" / {t.validation_size} validation" if t.validation_size else "")
+        + f" / {t.test_size} held-out)"
+        for t in config.fitness.tasks
     )
     print(f"fitness      {tasks}")
     for label, text in method_lines[1:]:

@@ -24,6 +24,19 @@ from search_spaces import Schedule, build_schedule
 Log = Callable[[str], None]
 
 
+def export_rule(config: Config) -> str:
+    """How the run picks what it exports, for the plan: the best on validation examples among the
+    ``select_top`` best by search fitness (per size on a frontier), or the best by search fitness."""
+    top = config.search.select_top
+    per_size = "per size, " if config.search.frontier else ""
+    if any(t.validation_size for t in config.fitness.tasks):
+        return f"{per_size}the best on validation examples among the {top} best by search fitness"
+    return (
+        f"{per_size}the best by search fitness (fitness.tasks[].validation_size would pick among "
+        f"the {top} best on examples the search never scores, which generalises better)"
+    )
+
+
 class Evolution:
     """``method: eep``: EEP's evolutionary search (:mod:`eep.loop`) over the config's search space,
     on a serial or Ray evaluator; the run exports its best genome (or, with validation examples,
@@ -97,6 +110,7 @@ class Evolution:
         )
         scoring = "; ".join(f"{path}: {', '.join(names)}" for path, names in paths.items())
         lines.append(("scoring", scoring + cut))
+        lines.append(("export", export_rule(config)))
         return lines
 
     def start(self, config: Config, run_dir: Path, schedule, log: Log, config_dir: Path) -> None:

@@ -49,7 +49,14 @@ def test_dry_runs_of_shipped_experiments(capsys, tmp_path):
     )
     out = capsys.readouterr().out
     assert "keep 4 of 8 per layer -> 2.401e+07 genomes" in out and "nothing was loaded" in out
+    # the plan says what the search scores and how the export is picked
+    assert "copy (16 search / 64 validation / 100 held-out)" in out
+    assert "export       the best on validation examples among the 30 best by search fitness" in out
     assert not (tmp_path / "r").exists()
+    assert main(["search", str(ROOT / "experiments/toy-top1.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "copy (16 search / 100 held-out)" in out
+    assert "export       the best by search fitness (fitness.tasks[].validation_size would" in out
     assert main(["search", str(ROOT / "experiments/mixtral-8x7b-instruct.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "32 MoE layers, 8 experts, top-2" in out and "1.104e+59 genomes" in out
