@@ -11,11 +11,12 @@ argmax token) often already settles the comparison: e.g. ``"d c x"`` can never b
 change the verdict (a special token that decoding drops, a stop string that might straddle the next
 token, whitespace that normalisation would drop, half a character). Such an example is fed again:
 the greedy path known so far, then the rest of the answer as a draft, which a pass checks as
-speculative decoding checks a draft, taking the path at least one token further each time, so at
-most ``max_new_tokens`` passes settle every example. After the first pass only the few examples
-still open are fed, one forward call a pass, where generating them would cost a prefill and a
-decode step per token. Only :data:`PASSES`, when set, leaves what its passes do not settle to
-generation, as every metric other than ``exact_match`` is. So the verdicts are generation's own,
+speculative decoding checks a draft, taking the path at least one token further each time, so
+``max_new_tokens`` passes settle every example. After the first pass only the few examples still
+open are fed, one forward call a pass, where generating them would cost a prefill and a decode step
+per token. A pass recomputes the whole sequence, though, so :data:`PASSES` bounds them: what that
+many leave open (a greedy path that keeps taking special tokens for long answers) is generated, as
+every metric other than ``exact_match`` is. So the verdicts are generation's own,
 up to floating point: a forward pass over the whole sequence and a decode step with a KV cache
 compute the same logits in a different order, so an argmax whose top two logits tie to within
 rounding can differ. In float32 that is rare; in bfloat16 (the GPU default) ties are far more
@@ -56,9 +57,11 @@ _NEUTRAL = {
 }
 MAX_ROWS = 4
 """Tokenizations of an example's answers scored in one pass; beyond that the example is generated."""
-PASSES: int | None = None
+PASSES = 8
 """Forward passes an example gets (the first, then the greedy path so far + the rest of the answer)
-before it is left to generation; None: until it is settled (at most ``max_new_tokens`` passes)."""
+before it is left to generation: every example, when ``max_new_tokens`` is at most this. Each pass
+over the open examples recomputes their whole sequences, so past a few the KV-cached decode steps of
+generation cost less."""
 
 
 def greedy_is_argmax(model) -> str | None:
@@ -126,9 +129,8 @@ def teacher_forced(
     character, a space normalisation removes) is fed again, up to ``passes`` in all: the greedy path
     known so far, then the rest of the answer as a draft, as speculative decoding checks a draft.
     Each pass takes the greedy path at least one token further, so ``max_new_tokens`` passes settle
-    every item; generation is left only what ``passes`` (default :data:`PASSES`, None: no limit)
-    forward passes do not settle."""
-    passes = passes if passes is not None else PASSES if PASSES is not None else max_new_tokens
+    every item; generation is left only what ``passes`` (default :data:`PASSES`) do not settle."""
+    passes = min(PASSES if passes is None else passes, max_new_tokens)
     verdicts: list[bool | None] = [None] * len(items)
     # per item: (tokens fed after the prompt, how many of them are known to be greedy's)
     feeds = {i: [(row, 0) for row in item.rows] for i, item in enumerate(items)}

@@ -174,7 +174,7 @@ class _Scripted(torch.nn.Module):
 @pytest.mark.parametrize("answer, hit", [("d e", True), ("d f", False)])
 def test_passes_go_on_until_the_greedy_path_is_settled(answer, hit, monkeypatch):
     """Four special tokens (dropped by decoding) before ``d e``: each pass takes the path one token
-    further, so three passes leave the example open and the default settles it in five, with the
+    further, so three passes leave the example open and the default (8) settles it in five, with the
     verdict greedy decoding gives."""
     _, tokenizer = load_model(ModelConfig(path="toy", device="cpu", dtype="float32"))
     prompt = tokenizer("a b c").input_ids
@@ -199,3 +199,22 @@ def test_passes_go_on_until_the_greedy_path_is_settled(answer, hit, monkeypatch)
         ids.append(step)
     text = tokenizer.decode(ids[len(prompt) :], skip_special_tokens=True)
     assert (text.strip() == answer) is hit
+
+
+def test_passes_stop_at_their_bound_and_leave_the_rest_to_generation():
+    """Ten special tokens before the answer, 16 new tokens allowed: each pass recomputes the whole
+    sequence, so after ``PASSES`` (8) forward calls the example is left open for generation."""
+    _, tokenizer = load_model(ModelConfig(path="toy", device="cpu", dtype="float32"))
+    prompt = tokenizer("a b c").input_ids
+    model = _Scripted(
+        prompt[-1],
+        [tokenizer.unk_token_id] * 10 + tokenizer("d e", add_special_tokens=False).input_ids,
+        tokenizer.eos_token_id,
+        len(tokenizer),
+    )
+    item = teacher_forcing.prepare(tokenizer, "a b c", ["d e"], [], 16)
+    assert teacher_forcing.teacher_forced(model, tokenizer, [item], 16) == [None]
+    assert model.forwards == teacher_forcing.PASSES == 8
+    model.forwards = 0
+    assert teacher_forcing.teacher_forced(model, tokenizer, [item], 16, passes=16) == [True]
+    assert model.forwards == 11  # ten passes over the special tokens, one over the answer
