@@ -16,10 +16,9 @@ speculative decoding checks a draft, taking the path at least one token further 
 open are fed, one forward call a pass, where generating them would cost a prefill and a decode step
 per token. A pass recomputes the whole sequence, though, so :data:`PASSES` bounds them: what that
 many leave open (a greedy path that keeps taking special tokens for long answers) is generated, as
-every metric other than ``exact_match`` is. So the verdicts are generation's own,
-up to floating point: a forward pass over the whole sequence and a decode step with a KV cache
-compute the same logits in a different order, so an argmax whose top two logits tie to within
-rounding can differ. In float32 that is rare; in bfloat16 (the GPU default) ties are far more
+every metric other than ``exact_match`` is. So the verdicts are generation's own, up to floating
+point: a forward pass over the whole sequence and a decode step with a KV cache compute the same
+logits in a different order, so an argmax whose top two logits tie to within rounding can differ. In float32 that is rare; in bfloat16 (the GPU default) ties are far more
 common, and ``fitness.scoring: generate`` is the reference to check against (``eep eval``).
 """
 

@@ -172,7 +172,7 @@ class _Scripted(torch.nn.Module):
 
 
 @pytest.mark.parametrize("answer, hit", [("d e", True), ("d f", False)])
-def test_passes_go_on_until_the_greedy_path_is_settled(answer, hit, monkeypatch):
+def test_passes_go_on_until_the_greedy_path_is_settled(answer, hit):
     """Four special tokens (dropped by decoding) before ``d e``: each pass takes the path one token
     further, so three passes leave the example open and the default (8) settles it in five, with the
     verdict greedy decoding gives."""
