@@ -402,6 +402,11 @@ def cmd_baselines(args) -> int:
             f"{name:<{width}}  {row['heldout']:6.2f}{spread}  kept {row['kept_params']:,}  "
             f"active {row['active_params']:,}{spent}"
         )
+    from eep.report import method_rows, search_behind
+
+    behind = search_behind(method_rows(result))
+    if behind:
+        print(behind.replace("`", ""))
     return 0
 
 

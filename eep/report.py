@@ -138,6 +138,29 @@ def best_compressed(rows: Sequence[Row]) -> Row | None:
     return max(scored, key=lambda r: r.heldout) if scored else None  # max keeps the first of equals
 
 
+WARM_STARTS = ("greedy", "naee", "reap", "frequency")
+"""Baselines ``search.warm_start`` can start a search from."""
+
+
+def search_behind(rows: Sequence[Row]) -> str | None:
+    """A line saying so when a baseline beats the search held out, and what may close the gap; None
+    when the search is at least as good (or either is missing)."""
+    search = next((r for r in rows if r.method == "search" and r.heldout is not None), None)
+    winner = best_compressed(rows)
+    if search is None or winner is None or winner.heldout <= search.heldout:
+        return None
+    tips = [
+        "more evaluations (`search.evaluations`)",
+        "validation examples to pick the export by (`fitness.tasks[].validation_size`)",
+    ]
+    if winner.method in WARM_STARTS:
+        tips.insert(0, f"starting from it (`search.warm_start: [{winner.method}]`)")
+    return (
+        f"The search ({search.heldout:.1f}) is {winner.heldout - search.heldout:.1f} points below "
+        f"{winner.method} held out; {', '.join(tips[:-1])} or {tips[-1]} may close the gap."
+    )
+
+
 def human_count(n: int | None) -> str:
     """``13_200_000`` -> ``13.2M``."""
     if n is None:
@@ -755,6 +778,8 @@ def write_report(run_dir: str | Path) -> Path:
                 f"**Best compressed method: {winner.method}**, held-out {winner.heldout:.1f}"
                 f"{_gap(winner, full)}.",
             ]
+            behind = search_behind(rows)
+            lines += ["", behind] if behind else []
     else:
         lines.append(
             "No held-out scores yet (they are written when the search ends; "

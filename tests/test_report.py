@@ -156,6 +156,22 @@ def test_rows_are_ordered_and_the_best_compressed_method_wins():
     )
 
 
+def test_a_baseline_beating_the_search_is_said_with_what_may_close_the_gap():
+    from eep.report import Row, search_behind
+
+    def rows(**heldout):
+        return [Row(m, h, {}) for m, h in heldout.items()]
+
+    assert search_behind(rows(full=99.0, naee=80.0, search=85.0)) is None
+    assert search_behind(rows(full=99.0, greedy=85.0, search=85.0)) is None  # a tie is not behind
+    assert search_behind(rows(naee=90.0)) is None  # no search row
+    behind = search_behind(rows(full=99.0, greedy=82.5, search=80.0))
+    assert behind.startswith("The search (80.0) is 2.5 points below greedy held out; starting from")
+    assert "`search.warm_start: [greedy]`" in behind
+    # naee with dynamic skipping is no warm start
+    assert "warm_start" not in search_behind(rows(**{"naee+skip": 90.0, "search": 80.0}))
+
+
 def test_rows_without_baselines_come_from_the_summary():
     rows = method_rows(None, HELDOUT)
     assert [(r.method, r.heldout) for r in rows] == [("full", 99.0), ("search", 87.0)]
@@ -198,6 +214,11 @@ def test_report_with_baselines(tmp_path):
         "**Best compressed method: naee**, held-out 90.5, 8.6 points below the full model (99.1)."
         in report
     )
+    assert (
+        "The search (88.2) is 2.2 points below naee held out; starting from it "
+        "(`search.warm_start: [naee]`), more evaluations (`search.evaluations`) or validation "
+        "examples to pick the export by (`fitness.tasks[].validation_size`) may close the gap."
+    ) in report
     assert "not finished" not in report
     assert "](fitness.png)" in report and "](methods.png)" in report
     comparison, sweep = report.split("\n| method | 2 kept | 4 kept | 6 kept |")
