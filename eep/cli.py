@@ -402,9 +402,11 @@ def cmd_baselines(args) -> int:
             f"{name:<{width}}  {row['heldout']:6.2f}{spread}  kept {row['kept_params']:,}  "
             f"active {row['active_params']:,}{spent}"
         )
+    from eep.api import config_of
     from eep.report import method_rows, search_behind
 
-    behind = search_behind(method_rows(result))
+    tasks = config_of(args.config, args.overrides).fitness.tasks
+    behind = search_behind(method_rows(result), any(t.validation_size for t in tasks))
     if behind:
         print(behind.replace("`", ""))
     return 0

@@ -142,22 +142,23 @@ WARM_STARTS = ("greedy", "naee", "reap", "frequency")
 """Baselines ``search.warm_start`` can start a search from."""
 
 
-def search_behind(rows: Sequence[Row]) -> str | None:
+def search_behind(rows: Sequence[Row], validated: bool = False) -> str | None:
     """A line saying so when a baseline beats the search held out, and what may close the gap; None
-    when the search is at least as good (or either is missing)."""
+    when the search is at least as good (or either is missing). ``validated``: the run already picks
+    its export by validation examples."""
     search = next((r for r in rows if r.method == "search" and r.heldout is not None), None)
     winner = best_compressed(rows)
     if search is None or winner is None or winner.heldout <= search.heldout:
         return None
-    tips = [
-        "more evaluations (`search.evaluations`)",
-        "validation examples to pick the export by (`fitness.tasks[].validation_size`)",
-    ]
+    tips = ["more evaluations (`search.evaluations`)"]
+    if not validated:
+        tips.append("validation examples to pick the export by (`fitness.tasks[].validation_size`)")
     if winner.method in WARM_STARTS:
         tips.insert(0, f"starting from it (`search.warm_start: [{winner.method}]`)")
+    how = f"{', '.join(tips[:-1])} or {tips[-1]}" if len(tips) > 1 else tips[0]
     return (
         f"The search ({search.heldout:.1f}) is {winner.heldout - search.heldout:.1f} points below "
-        f"{winner.method} held out; {', '.join(tips[:-1])} or {tips[-1]} may close the gap."
+        f"{winner.method} held out; {how} may close the gap."
     )
 
 
@@ -778,7 +779,7 @@ def write_report(run_dir: str | Path) -> Path:
                 f"**Best compressed method: {winner.method}**, held-out {winner.heldout:.1f}"
                 f"{_gap(winner, full)}.",
             ]
-            behind = search_behind(rows)
+            behind = search_behind(rows, any(t.validation_size for t in config.fitness.tasks))
             lines += ["", behind] if behind else []
     else:
         lines.append(
