@@ -609,7 +609,8 @@ def bench_scoring(worker, genomes: int, repeats: int, log) -> dict:
             c, t = forward_work(model, forced.example_scores)
         calls, tokens = calls + c, tokens + t
     calls, tokens = calls / genomes, tokens / genomes
-    flops = 2 * active_params(model, adapter) * tokens
+    per_token = 2 * active_params(model, adapter)  # FLOPs a token position costs
+    flops = per_token * tokens
     peak = _matmul_flops(device, next(model.parameters()).dtype)
     eval_roofline_s = max(calls * roofline_s, flops / peak)
     row = {
@@ -647,7 +648,7 @@ def bench_scoring(worker, genomes: int, repeats: int, log) -> dict:
         f"{_scaled(weight_bytes, 'B', 1024)} at {bandwidth / 1e9:.0f} GB/s = {row['roofline_ratio']:.1f}x; an evaluation "
         f"{1e3 * timed['auto']:.2f} ms vs {1e3 * eval_roofline_s:.2f} ms = {row['evaluation_roofline_ratio']:.1f}x "
         f"its roofline ({calls:.1f} forward calls reading the weights, {tokens:.0f} token positions x "
-        f"{_scaled(2 * active_params(model, adapter), 'FLOP')} at {_scaled(peak, 'FLOP/s')})"
+        f"{_scaled(per_token, 'FLOP')} at {_scaled(peak, 'FLOP/s')})"
     )
     return row
 
