@@ -32,21 +32,20 @@ EEP_SCHEME = ["search.warm_start=[]", "search.evaluations=200"]  # and no valida
 
 def _search(config, worker, space, tmp: Path) -> tuple[object, float, int, float]:
     from eep.evaluator import SerialEvaluator
+    from eep.evolution import validation_fitness
     from eep.genome import Genome
     from eep.journal import RunDir
     from eep.loop import run_search, select
-    from fitness.metrics import weighted_fitness
 
     run = RunDir.create(tmp / f"run-{time.monotonic_ns()}", config)
     start = time.perf_counter()
     summary = run_search(run, space, SerialEvaluator(worker), log=lambda m: None)
-    validated = [t for t in config.fitness.tasks if t.validation_size]
     genome = Genome.from_dict(summary["best_genome"])
     fitness = summary["best_fitness"]
-    if validated:
+    if any(t.validation_count for t in config.fitness.tasks):
         chosen, _ = select(
             run.evaluations(),
-            lambda g: weighted_fitness(validated, worker.scores(g, "validation")),
+            lambda g: validation_fitness(config, worker.scores(g, "validation")),
             config.search.select_top,
         )
         genome, fitness = chosen.genome, chosen.fitness
@@ -54,10 +53,10 @@ def _search(config, worker, space, tmp: Path) -> tuple[object, float, int, float
 
 
 def _with_validation(config, size: int | None):
-    """``config`` with ``validation_size`` of every task set (0: removed; None: as configured)."""
+    """``config`` with ``validation_size`` of every task set (0: none; None: as configured)."""
     if size is None:
         return config
-    tasks = [t.model_copy(update={"validation_size": size or None}) for t in config.fitness.tasks]
+    tasks = [t.model_copy(update={"validation_size": size}) for t in config.fitness.tasks]
     return config.model_copy(update={"fitness": config.fitness.model_copy(update={"tasks": tasks})})
 
 

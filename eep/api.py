@@ -242,10 +242,10 @@ def evaluate(
     source = Path(genome) if isinstance(genome, (str, Path)) else None
     genome = Genome.load(source) if source is not None else genome
     check_tasks(config.fitness.tasks)
-    tasks = [t for t in config.fitness.tasks if split != "validation" or t.validation_size]
-    if not tasks:
+    if split == "validation" and not any(t.validation_count for t in config.fitness.tasks):
         raise EepError(
-            "--split validation needs tasks with validation_size; set fitness.tasks[].validation_size"
+            "--split validation needs tasks with validation examples; "
+            "set fitness.tasks[].validation_size above 0"
         )
     if genome is not None:
         check_genome(genome, shape_of(load_hf_config(config.model)))
@@ -254,12 +254,18 @@ def evaluate(
     worker = FitnessWorker(config)
     if worker.adapter is not None:  # None for eep's custom-form exports: scored as they are
         worker.adapter.use_scales(scales)
+    tasks = worker.scorers[split].tasks
+    if not tasks:
+        raise EepError(
+            "--split validation: no task has examples left after its search ones; "
+            "lower fitness.tasks[].search_size"
+        )
     scores = worker.scores(genome, split)
     return {
         "model": config.model.path,
         "genome": str(source) if source else (genome.key if genome else None),
         "split": split,
-        "examples": {t.name: len(t.examples) for t in worker.scorers[split].tasks},
+        "examples": {t.name: len(t.examples) for t in tasks},
         "scores": scores,
         "fitness": weighted_fitness(tasks, scores),
     }

@@ -181,8 +181,12 @@ def _config(model: str, device: str, batch_size: int = 128, **extra):
             "fitness": {
                 "batch_size": batch_size,
                 "max_new_tokens": 8,
+                # no validation examples: the rows time evaluations, and the cut row's bar is then
+                # the parent pools' alone (with them, the 30 best the export is picked from are
+                # never cut either)
                 "tasks": [
-                    {"name": t, "dataset": f"toy:{t}", "search_size": 16} for t in toy_tasks.TASKS
+                    {"name": t, "dataset": f"toy:{t}", "search_size": 16, "validation_size": 0}
+                    for t in toy_tasks.TASKS
                 ],
             },
             **extra,

@@ -306,7 +306,11 @@ def _print_plan(config, hf_config, shape, space, run_dir) -> None:
         print(f"{label:<12} {text}")
     tasks = ", ".join(
         f"{t.name} ({t.search_size} search"
-        + (f" / {t.validation_size} validation" if t.validation_size else "")
+        + (
+            f" / {'up to ' if t.validation_size == 'auto' else ''}{t.validation_count} validation"
+            if t.validation_count
+            else ""
+        )
         + f" / {t.test_size} held-out)"
         for t in config.fitness.tasks
     )
@@ -406,7 +410,7 @@ def cmd_baselines(args) -> int:
     from eep.report import method_rows, search_behind
 
     tasks = config_of(args.config, args.overrides).fitness.tasks
-    behind = search_behind(method_rows(result), any(t.validation_size for t in tasks))
+    behind = search_behind(method_rows(result), any(t.validation_count for t in tasks))
     if behind:
         print(behind.replace("`", ""))
     return 0

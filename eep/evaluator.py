@@ -51,7 +51,7 @@ class FitnessWorker:
         )
         splits = (
             ("search", "test", "validation")
-            if any(t.validation_size for t in config.fitness.tasks)
+            if any(t.validation_count for t in config.fitness.tasks)
             else ("search", "test")
         )
         # data errors first

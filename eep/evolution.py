@@ -29,12 +29,21 @@ def export_rule(config: Config) -> str:
     ``select_top`` best by search fitness (per size on a frontier), or the best by search fitness."""
     top = config.search.select_top
     per_size = "per size, " if config.search.frontier else ""
-    if any(t.validation_size for t in config.fitness.tasks):
+    if any(t.validation_count for t in config.fitness.tasks):
         return f"{per_size}the best on validation examples among the {top} best by search fitness"
     return (
-        f"{per_size}the best by search fitness (fitness.tasks[].validation_size would pick among "
-        f"the {top} best on examples the search never scores, which generalises better)"
+        f"{per_size}the best by search fitness (validation examples, fitness.tasks[].validation_size, "
+        f"would pick among the {top} best on examples the search never scores, which generalises better)"
     )
+
+
+def validation_fitness(config: Config, scores: dict[str, float]) -> float | None:
+    """The fitness on validation examples: the weighted mean over the tasks that have them (an
+    ``auto`` task whose source ran out has none); None when no task has."""
+    from fitness.metrics import weighted_fitness
+
+    tasks = [t for t in config.fitness.tasks if t.name in scores]
+    return weighted_fitness(tasks, scores) if tasks else None
 
 
 class Evolution:
@@ -241,22 +250,34 @@ def _finish(run: RunDir, config: Config, space, evaluator, log: Log) -> dict:
     try:
         summary = run_search(run, space, evaluator, log=log)
         if summary["best_genome"] is not None:
-            validated = [t for t in config.fitness.tasks if t.validation_size]
-            if validated:
+            validated = None
+            if any(t.validation_count for t in config.fitness.tasks):
                 log(
                     f"[eep] picking the export among the {config.search.select_top} best by their validation examples"
                 )
                 progress = Progress(
                     "validation scoring (candidates)", config.search.select_top, log
                 )
+                memo: dict[str, float | None] = {}
 
                 def validate(genome):
-                    fitness = weighted_fitness(validated, evaluator.heldout(genome, "validation"))
-                    progress.step()
-                    return fitness
+                    if genome.key not in memo:
+                        scores = evaluator.heldout(genome, "validation")
+                        memo[genome.key] = validation_fitness(config, scores)
+                        progress.step()
+                    return memo[genome.key]
 
-                chosen, tried = select(run.evaluations(), validate, config.search.select_top)
+                # the best first: it is among those judged, and tells whether any task validates
+                validated = validate(Genome.from_dict(summary["best_genome"])) is not None
+                if validated:
+                    chosen, tried = select(run.evaluations(), validate, config.search.select_top)
                 progress.close()
+                if not validated:
+                    log(
+                        "[eep] no task has validation examples left after its search ones; "
+                        "exporting the best by search fitness"
+                    )
+            if validated:
                 summary["selected"] = {
                     "id": chosen.id,
                     "genome": chosen.genome.to_dict(),
@@ -405,27 +426,27 @@ def _pick(archive, max_size: int, config: Config, evaluator, size=None, memo=Non
     (None without validation examples). ``memo``: validation fitness by genome key, filled and
     reused across calls."""
     from eep.loop import kept_experts, select
-    from fitness.metrics import weighted_fitness
 
     size = size or kept_experts
     within = [e for e in archive if e.candidate and size(e.genome) <= max_size]
-    tasks = [t for t in config.fitness.tasks if t.validation_size]
     if not within:
         return None, None
 
     def rank(e):  # search fitness, then the larger, then the earlier
         return -e.fitness, -size(e.genome), e.id
 
-    if not tasks:
-        return min(within, key=rank), None
+    first = min(within, key=rank)
+    if not any(t.validation_count for t in config.fitness.tasks):
+        return first, None
     memo = {} if memo is None else memo
 
-    def validate(genome) -> float:
+    def validate(genome) -> float | None:
         if genome.key not in memo:
-            scores = evaluator.heldout(genome, "validation")
-            memo[genome.key] = weighted_fitness(tasks, scores)
+            memo[genome.key] = validation_fitness(config, evaluator.heldout(genome, "validation"))
         return memo[genome.key]
 
+    if validate(first.genome) is None:  # no task has validation examples left
+        return first, None
     chosen, scores = select(within, validate, config.search.select_top, rank)
     return chosen, scores[chosen.id]
 

@@ -152,7 +152,9 @@ def search_behind(rows: Sequence[Row], validated: bool = False) -> str | None:
         return None
     tips = ["more evaluations (`search.evaluations`)"]
     if not validated:
-        tips.append("validation examples to pick the export by (`fitness.tasks[].validation_size`)")
+        tips.append(
+            "validation examples to pick the export by (`fitness.tasks[].validation_size` above 0)"
+        )
     if winner.method in WARM_STARTS:
         tips.insert(0, f"starting from it (`search.warm_start: [{winner.method}]`)")
     how = f"{', '.join(tips[:-1])} or {tips[-1]}" if len(tips) > 1 else tips[0]
@@ -779,7 +781,7 @@ def write_report(run_dir: str | Path) -> Path:
                 f"**Best compressed method: {winner.method}**, held-out {winner.heldout:.1f}"
                 f"{_gap(winner, full)}.",
             ]
-            behind = search_behind(rows, any(t.validation_size for t in config.fitness.tasks))
+            behind = search_behind(rows, any(t.validation_count for t in config.fitness.tasks))
             lines += ["", behind] if behind else []
     else:
         lines.append(

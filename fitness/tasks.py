@@ -135,22 +135,24 @@ def check_tasks(configs: Sequence[TaskConfig]) -> None:
 
 
 def load_tasks(configs: Sequence[TaskConfig], which: str) -> list[Task]:
-    """The tasks' ``search`` (fitness), ``validation`` (picks the exported genome; only tasks with a
-    ``validation_size``) or ``test`` (held-out report) examples. Validation examples come from the
-    search split after its ``search_size`` ones, so the search examples are the same with or without."""
+    """The tasks' ``search`` (fitness), ``validation`` (picks the exported genome; only tasks with
+    validation examples) or ``test`` (held-out report) examples. Validation examples come from the
+    search split after its ``search_size`` ones, so the search examples are the same with or without;
+    a task with ``validation_size: auto`` takes what is left, up to its count, and is left out of the
+    validation tasks when nothing is."""
     if which not in ("search", "validation", "test"):
         raise ValueError(f"which must be 'search', 'validation' or 'test', got {which!r}")
     check_tasks(configs)
     tasks = []
     for cfg in configs:
-        if which == "validation" and not cfg.validation_size:
+        if which == "validation" and not cfg.validation_count:
             continue
         split, size, skip = {
             "search": (cfg.search_split, cfg.search_size, 0),
             "test": (cfg.test_split, cfg.test_size, 0),
             "validation": (
                 cfg.search_split,
-                cfg.search_size + (cfg.validation_size or 0),
+                cfg.search_size + cfg.validation_count,
                 cfg.search_size,
             ),
         }[which]
@@ -158,6 +160,8 @@ def load_tasks(configs: Sequence[TaskConfig], which: str) -> list[Task]:
             examples = _toy_examples(cfg, split, size)[skip:]
         else:
             examples = tuple(_example(cfg, row) for row in _rows(cfg, split, size)[skip:])
+        if which == "validation" and not examples and cfg.validation_size == "auto":
+            continue
         if which == "validation" and not examples:
             raise EepError(
                 f"task {cfg.name!r}: split {split!r} of {cfg.dataset!r} has no rows left for validation "
@@ -355,9 +359,9 @@ def check_local_data(configs: Sequence[TaskConfig]) -> None:
         )
         if not local:
             continue
-        splits = ("search", "test", "validation") if cfg.validation_size else ("search", "test")
         prompts = {
-            which: {ex.prompt for ex in load_tasks([cfg], which)[0].examples} for which in splits
+            which: {ex.prompt for task in load_tasks([cfg], which) for ex in task.examples}
+            for which in ("search", "test", "validation")
         }
         for a, b in (("search", "test"), ("search", "validation"), ("validation", "test")):
             shared = prompts.get(a, set()) & prompts.get(b, set())

@@ -83,7 +83,8 @@ def toy_accuracy(model, tokenizer, tasks_module, per_task: int = 30):
 
 
 def toy_config_dict(**search):
-    """A small search on the embedded toy model, fast enough for unit tests."""
+    """A small search on the embedded toy model, fast enough for unit tests; it exports the best by
+    search fitness (no validation examples) unless a test asks for them."""
     return {
         "name": "test",
         "model": {"path": "toy", "device": "cpu", "dtype": "float32"},
@@ -93,7 +94,13 @@ def toy_config_dict(**search):
             "batch_size": 64,
             "max_new_tokens": 7,
             "tasks": [
-                {"name": t, "dataset": f"toy:{t}", "search_size": 6, "test_size": 12}
+                {
+                    "name": t,
+                    "dataset": f"toy:{t}",
+                    "search_size": 6,
+                    "validation_size": 0,
+                    "test_size": 12,
+                }
                 for t in ("copy", "reverse", "shift", "lookup")
             ],
         },

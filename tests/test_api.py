@@ -132,3 +132,37 @@ def test_evaluate_scores_a_custom_form_export_as_it_is(tmp_path):
         eep.evaluate(
             toy_config_dict(), model=str(tmp_path / "out"), genome=genome, log=lambda m: None
         )
+
+
+def test_a_search_whose_tasks_have_no_validation_rows_left_exports_its_best(tmp_path):
+    """``validation_size: auto`` with nothing left after the search rows: the search still runs,
+    exports the best by search fitness and says why; ``eep eval --split validation`` says what to fix."""
+    from fitness import toy_tasks
+
+    for split, n in (("search", 8), ("test", 8)):
+        rows = [
+            {"prompt": e.prompt, "answer": e.answer}
+            for e in toy_tasks.examples("copy", "search" if split == "search" else "test", n)
+        ]
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = toy_config_dict(evaluations=6, initial=4)
+    config["fitness"]["tasks"] = [
+        {
+            "name": "copy",
+            "data_files": {
+                "search": str(tmp_path / "search.jsonl"),
+                "test": str(tmp_path / "test.jsonl"),
+            },
+            "prompt": "{prompt}",
+            "answer": "answer",
+            "search_size": 8,
+        }
+    ]
+    logged = []
+    run = eep.search(config, run_dir=tmp_path / "run", log=logged.append)
+    summary = run.summary
+    assert summary["selected"]["by"] == "search fitness"
+    assert summary["selected"]["id"] == summary["best_id"]
+    assert any("no task has validation examples left" in line for line in logged)
+    with pytest.raises(EepError, match="no task has examples left after its search ones"):
+        eep.evaluate(config, split="validation", log=logged.append)

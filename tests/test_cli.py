@@ -53,10 +53,16 @@ def test_dry_runs_of_shipped_experiments(capsys, tmp_path):
     assert "copy (16 search / 64 validation / 100 held-out)" in out
     assert "export       the best on validation examples among the 30 best by search fitness" in out
     assert not (tmp_path / "r").exists()
+    # unset, validation_size is auto: 64 examples, or what the source has left
     assert main(["search", str(ROOT / "experiments/toy-top1.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
+    assert "copy (16 search / up to 64 validation / 100 held-out)" in out
+    assert "export       the best on validation examples among the 30 best by search fitness" in out
+    off = [arg for i in range(8) for arg in ("--set", f"fitness.tasks.{i}.validation_size=0")]
+    assert main(["search", str(ROOT / "experiments/toy-top1.yaml"), "--dry-run", *off]) == 0
+    out = capsys.readouterr().out
     assert "copy (16 search / 100 held-out)" in out
-    assert "export       the best by search fitness (fitness.tasks[].validation_size would" in out
+    assert "export       the best by search fitness (validation examples, fitness.tasks[].validation_size" in out
     assert main(["search", str(ROOT / "experiments/mixtral-8x7b-instruct.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "32 MoE layers, 8 experts, top-2" in out and "1.104e+59 genomes" in out
@@ -498,7 +504,7 @@ def test_validation_examples_pick_the_export_and_the_gap_is_reported(capsys, tmp
 
 
 def _no_validation(config):
-    tasks = [t.model_copy(update={"validation_size": None}) for t in config.fitness.tasks]
+    tasks = [t.model_copy(update={"validation_size": 0}) for t in config.fitness.tasks]
     return config.fitness.model_copy(update={"tasks": tasks}).tasks
 
 

@@ -220,7 +220,7 @@ def test_report_with_baselines(tmp_path):
     assert (
         "The search (88.2) is 2.2 points below naee held out; starting from it "
         "(`search.warm_start: [naee]`), more evaluations (`search.evaluations`) or validation "
-        "examples to pick the export by (`fitness.tasks[].validation_size`) may close the gap."
+        "examples to pick the export by (`fitness.tasks[].validation_size` above 0) may close the gap."
     ) in report
     assert "not finished" not in report
     assert "](fitness.png)" in report and "](methods.png)" in report

@@ -386,3 +386,35 @@ def test_overlapping_task_files_are_refused_before_any_model_loads(tmp_path, cap
     )
     err = capsys.readouterr().err
     assert "3 test examples also appear among its search examples" in err and err.count("\n") == 1
+
+
+def test_validation_is_auto_by_default_and_takes_what_the_source_has_left(tmp_path):
+    from eep.config import AUTO_VALIDATION
+
+    rows = [{"question": f"q{i}", "answer": str(i)} for i in range(40)]
+    _jsonl(tmp_path / "train.jsonl", rows[:30])
+    _jsonl(tmp_path / "held.jsonl", rows[30:])
+    task = TaskConfig(
+        name="qa",
+        data_files={"search": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "held.jsonl")},
+        prompt="{question}",
+        answer="answer",
+        search_size=20,
+    )
+    assert task.validation_size == "auto" and task.validation_count == AUTO_VALIDATION
+    # a run written before ``auto`` stored null for "none"
+    old = TaskConfig(**{**task.model_dump(), "validation_size": None})
+    assert old.validation_size == 0 and old.validation_count == 0
+    assert load_tasks([old], "validation") == []
+    # fewer rows than asked: the 10 the search left, none of them searched
+    (validation,) = load_tasks([task], "validation")
+    searched = {e.prompt for e in load_tasks([task], "search")[0].examples}
+    assert len(validation.examples) == 10 and not searched & {e.prompt for e in validation.examples}
+    # nothing left: auto leaves the task out; a size asked for is an error
+    every = task.model_copy(update={"search_size": 30})
+    assert load_tasks([every], "validation") == []
+    with pytest.raises(EepError, match="no rows left for validation after the 30 search ones"):
+        load_tasks([every.model_copy(update={"validation_size": 5})], "validation")
+    # toys have examples to spare
+    (toy,) = load_tasks([TaskConfig(name="copy", dataset="toy:copy", search_size=4)], "validation")
+    assert len(toy.examples) == AUTO_VALIDATION
