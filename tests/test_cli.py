@@ -62,7 +62,10 @@ def test_dry_runs_of_shipped_experiments(capsys, tmp_path):
     assert main(["search", str(ROOT / "experiments/toy-top1.yaml"), "--dry-run", *off]) == 0
     out = capsys.readouterr().out
     assert "copy (16 search / 100 held-out)" in out
-    assert "export       the best by search fitness (validation examples, fitness.tasks[].validation_size" in out
+    assert (
+        "export       the best by search fitness (validation examples, fitness.tasks[].validation_size"
+        in out
+    )
     assert main(["search", str(ROOT / "experiments/mixtral-8x7b-instruct.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "32 MoE layers, 8 experts, top-2" in out and "1.104e+59 genomes" in out
