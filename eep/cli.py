@@ -406,11 +406,10 @@ def cmd_baselines(args) -> int:
             f"{name:<{width}}  {row['heldout']:6.2f}{spread}  kept {row['kept_params']:,}  "
             f"active {row['active_params']:,}{spent}"
         )
-    from eep.api import config_of
     from eep.report import method_rows, search_behind
 
-    tasks = config_of(args.config, args.overrides).fitness.tasks
-    behind = search_behind(method_rows(result), any(t.validation_count for t in tasks))
+    picked = methods.get("search", {}).get("picked_by")
+    behind = search_behind(method_rows(result), picked == "validation")
     if behind:
         print(behind.replace("`", ""))
     return 0

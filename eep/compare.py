@@ -214,6 +214,8 @@ def run_baselines(
             "active_params": active,
             "genome_key": best.key,
             "evaluations": summary["evaluations"],
+            # "validation" or "search fitness": how the run picked the genome it exports
+            "picked_by": (summary.get("selected") or {}).get("by", "search fitness"),
         } | ({"how": start} if (start := search_start(config)) else {})
     sweep_rows = {str(k): methods_at(k) for k in cfg.sweep if k != keep}
     sweep = {k: {m: v["heldout"] for m, v in rows.items()} for k, rows in sweep_rows.items()}

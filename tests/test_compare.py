@@ -72,6 +72,7 @@ def test_baselines_then_report_then_eval_on_the_toy(tmp_path, capsys):
     }
     assert methods["greedy"]["evaluations"] == 4 * (8 + 7 + 6 + 5) + 4 * 4 * 4  # 4 of 8 in 4 layers
     assert methods["search"]["evaluations"] == 10 and "genome" in methods["naee"]
+    assert methods["search"]["picked_by"] == "search fitness"  # the unit tests' toy: no validation
     assert len(methods["random"]["genomes"]) == 2 and result["calibration"].startswith(
         "24 texts of 4 of 4 tasks"
     )
