@@ -42,7 +42,7 @@ def _search(config, worker, space, tmp: Path) -> tuple[object, float, int, float
     summary = run_search(run, space, SerialEvaluator(worker), log=lambda m: None)
     genome = Genome.from_dict(summary["best_genome"])
     fitness = summary["best_fitness"]
-    if any(t.validation_count for t in config.fitness.tasks):
+    if config.fitness.validates:
         chosen, _ = select(
             run.evaluations(),
             lambda g: validation_fitness(config, worker.scores(g, "validation")),

@@ -242,7 +242,7 @@ def evaluate(
     source = Path(genome) if isinstance(genome, (str, Path)) else None
     genome = Genome.load(source) if source is not None else genome
     check_tasks(config.fitness.tasks)
-    if split == "validation" and not any(t.validation_count for t in config.fitness.tasks):
+    if split == "validation" and not config.fitness.validates:
         raise EepError(
             "--split validation needs tasks with validation examples; "
             "set fitness.tasks[].validation_size above 0"

@@ -295,6 +295,12 @@ class FitnessConfig(_Section):
     every example by greedy generation (the reference, e.g. to check the other with ``eep eval``).
     Not part of the run's digest: both give the same verdicts up to floating-point ties."""
 
+    @property
+    def validates(self) -> bool:
+        """Some task asks for validation examples: the export is picked by them (where the tasks'
+        sources have any left), and the early cut spares the ``search.select_top`` best."""
+        return any(t.validation_count for t in self.tasks)
+
     @model_validator(mode="after")
     def _unique_names(self):
         names = [t.name for t in self.tasks]

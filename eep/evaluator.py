@@ -50,9 +50,7 @@ class FitnessWorker:
             f"{name or 'worker'}@{socket.gethostname()}:{os.getpid()}"  # journaled per evaluation
         )
         splits = (
-            ("search", "test", "validation")
-            if any(t.validation_count for t in config.fitness.tasks)
-            else ("search", "test")
+            ("search", "test", "validation") if config.fitness.validates else ("search", "test")
         )
         # data errors first
         tasks = {split: load_tasks(config.fitness.tasks, split) for split in splits}

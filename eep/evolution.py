@@ -29,7 +29,7 @@ def export_rule(config: Config) -> str:
     ``select_top`` best by search fitness (per size on a frontier), or the best by search fitness."""
     top = config.search.select_top
     per_size = "per size, " if config.search.frontier else ""
-    if any(t.validation_count for t in config.fitness.tasks):
+    if config.fitness.validates:
         return f"{per_size}the best on validation examples among the {top} best by search fitness"
     return (
         f"{per_size}the best by search fitness (validation examples, fitness.tasks[].validation_size, "
@@ -44,6 +44,20 @@ def validation_fitness(config: Config, scores: dict[str, float]) -> float | None
 
     tasks = [t for t in config.fitness.tasks if t.name in scores]
     return weighted_fitness(tasks, scores) if tasks else None
+
+
+def _validator(config: Config, evaluator, memo: dict, scored: Callable[[], None] = lambda: None):
+    """``validate(genome)``: its :func:`validation_fitness`, scored once per genome key (``memo``
+    keeps them; ``scored`` is called after each new one)."""
+
+    def validate(genome) -> float | None:
+        if genome.key not in memo:
+            scores = evaluator.heldout(genome, "validation")
+            memo[genome.key] = validation_fitness(config, scores)
+            scored()
+        return memo[genome.key]
+
+    return validate
 
 
 class Evolution:
@@ -250,34 +264,25 @@ def _finish(run: RunDir, config: Config, space, evaluator, log: Log) -> dict:
     try:
         summary = run_search(run, space, evaluator, log=log)
         if summary["best_genome"] is not None:
-            validated = None
-            if any(t.validation_count for t in config.fitness.tasks):
+            chosen = None
+            if config.fitness.validates:
                 log(
                     f"[eep] picking the export among the {config.search.select_top} best by their validation examples"
                 )
                 progress = Progress(
                     "validation scoring (candidates)", config.search.select_top, log
                 )
-                memo: dict[str, float | None] = {}
-
-                def validate(genome):
-                    if genome.key not in memo:
-                        scores = evaluator.heldout(genome, "validation")
-                        memo[genome.key] = validation_fitness(config, scores)
-                        progress.step()
-                    return memo[genome.key]
-
+                validate = _validator(config, evaluator, {}, progress.step)
                 # the best first: it is among those judged, and tells whether any task validates
-                validated = validate(Genome.from_dict(summary["best_genome"])) is not None
-                if validated:
+                if validate(Genome.from_dict(summary["best_genome"])) is not None:
                     chosen, tried = select(run.evaluations(), validate, config.search.select_top)
                 progress.close()
-                if not validated:
+                if chosen is None:
                     log(
                         "[eep] no task has validation examples left after its search ones; "
                         "exporting the best by search fitness"
                     )
-            if validated:
+            if chosen is not None:
                 summary["selected"] = {
                     "id": chosen.id,
                     "genome": chosen.genome.to_dict(),
@@ -436,15 +441,9 @@ def _pick(archive, max_size: int, config: Config, evaluator, size=None, memo=Non
         return -e.fitness, -size(e.genome), e.id
 
     first = min(within, key=rank)
-    if not any(t.validation_count for t in config.fitness.tasks):
+    if not config.fitness.validates:
         return first, None
-    memo = {} if memo is None else memo
-
-    def validate(genome) -> float | None:
-        if genome.key not in memo:
-            memo[genome.key] = validation_fitness(config, evaluator.heldout(genome, "validation"))
-        return memo[genome.key]
-
+    validate = _validator(config, evaluator, {} if memo is None else memo)
     if validate(first.genome) is None:  # no task has validation examples left
         return first, None
     chosen, scores = select(within, validate, config.search.select_top, rank)

@@ -286,8 +286,7 @@ class _Proposals:
         self.outcome, self.digest = config.outcome(), config.digest()  # computed once
         self.tasks = [t.name for t in config.fitness.tasks]
         # the export is picked among this many best by search fitness (see parent_bar)
-        validated = any(t.validation_count for t in config.fitness.tasks)
-        self.export_top = self.cfg.select_top if validated else 1
+        self.export_top = self.cfg.select_top if config.fitness.validates else 1
         self.start = start
         self.rng = random.Random(self.cfg.seed)
         self.toolboxes = [make_toolbox(s, self.cfg, self.rng) for _, s in schedule.phases]

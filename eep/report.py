@@ -781,7 +781,7 @@ def write_report(run_dir: str | Path) -> Path:
                 f"**Best compressed method: {winner.method}**, held-out {winner.heldout:.1f}"
                 f"{_gap(winner, full)}.",
             ]
-            behind = search_behind(rows, any(t.validation_count for t in config.fitness.tasks))
+            behind = search_behind(rows, config.fitness.validates)
             lines += ["", behind] if behind else []
     else:
         lines.append(
