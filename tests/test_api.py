@@ -166,3 +166,15 @@ def test_a_search_whose_tasks_have_no_validation_rows_left_exports_its_best(tmp_
     assert any("no task has validation examples left" in line for line in logged)
     with pytest.raises(EepError, match="no task has examples left after its search ones"):
         eep.evaluate(config, split="validation", log=logged.append)
+
+
+def test_validation_fitness_weighs_only_the_tasks_that_have_validation_examples():
+    from eep.config import parse_config
+    from eep.evolution import validation_fitness
+
+    data = toy_config_dict()
+    data["fitness"]["tasks"][0]["weight"] = 3.0
+    config = parse_config(data)
+    assert validation_fitness(config, {"copy": 80.0, "reverse": 40.0}) == pytest.approx(70.0)
+    assert validation_fitness(config, {"shift": 50.0}) == 50.0
+    assert validation_fitness(config, {}) is None
