@@ -9,6 +9,12 @@ test split by the same resident worker.
     python benchmarks/search_quality.py                       # both toys, keep 2, 3, 4, seed 0
     python benchmarks/search_quality.py --configs experiments/toy.yaml --keeps 2 --seeds 0 1 2
     python benchmarks/search_quality.py --set search.evaluations=500   # a variant of the search
+    python benchmarks/search_quality.py --variant "warm: search.warm_start=[greedy]" --jobs 8
+
+``--variant "LABEL: KEY=VALUE; KEY=VALUE"`` adds a search row per cell with those overrides on top of
+the configured search. ``--jobs N`` measures N cells (config, keep, seed) at once in separate
+processes, each with its share of the CPU threads (wall times then compare within one run only);
+``--json FILE`` also writes every cell's rows.
 
 The first toy (``experiments/toy.yaml``) is what eep's defaults were tuned on; the second
 (``experiments/toy-qwen.yaml``, a Qwen3-MoE with other tasks and another expert-sharing
@@ -18,6 +24,8 @@ structure) was kept out of tuning.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import sys
 import tempfile
@@ -67,7 +75,13 @@ def measure(
     overrides: list[str],
     tmp: Path,
     validation: int | None = None,
+    variants: dict[str, list[str]] | None = None,
+    threads: int | None = None,
 ) -> dict[str, dict]:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     from eep import baselines as bl
     from eep import greedy
     from eep.api import plan
@@ -109,7 +123,11 @@ def measure(
     }
     # EEP exports its best
     eep_config = _with_validation(load_config(config_path, base + overrides + EEP_SCHEME), 0)
-    for name, cfg in (("search, EEP's scheme", eep_config), ("search (default)", config)):
+    searches = [("search, EEP's scheme", eep_config), ("search (default)", config)]
+    for label, extra in (variants or {}).items():
+        cfg = _with_validation(load_config(config_path, base + overrides + extra), validation)
+        searches.append((f"search ({label})", cfg))
+    for name, cfg in searches:
         genome, seconds, evaluations, fitness = _search(cfg, worker, space, tmp)
         rows[name] = {
             "heldout": heldout(genome),
@@ -138,32 +156,78 @@ def main(argv=None) -> int:
         metavar="KEY=VALUE",
         help="override the configured search (and every row's config), e.g. search.evaluations=500",
     )
+    parser.add_argument(
+        "--variant",
+        dest="variants",
+        action="append",
+        default=[],
+        metavar="'LABEL: KEY=VALUE; ...'",
+        help="one more search row per cell, with these overrides on the configured search",
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="cells measured at once (processes)")
+    parser.add_argument("--json", type=Path, help="write every cell's rows to this file")
     args = parser.parse_args(argv)
+    variants = {}
+    for spec in args.variants:
+        label, sep, sets = spec.partition(":")
+        if not sep or not label.strip():
+            parser.error(f"--variant {spec!r}: write it as 'LABEL: KEY=VALUE; KEY=VALUE'")
+        variants[label.strip()] = [s.strip() for s in sets.split(";") if s.strip()]
+    configs = [p for p in args.configs if (ROOT / p).exists() or Path(p).exists()]
+    for path in sorted(set(args.configs) - set(configs)):
+        print(f"{path}: missing, skipped", file=sys.stderr)
+    cells = [(p, k, s) for p in configs for k in args.keeps for s in args.seeds]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+    results: dict[tuple, dict] = {}
+
+    def done(cell, rows) -> None:
+        results[cell] = rows
+        print(
+            f"[quality] {len(results)}/{len(cells)} cells: {cell[0]}, keep {cell[1]}, seed {cell[2]}",
+            file=sys.stderr,
+            flush=True,
+        )
+        if args.json:  # after every cell, so that an interrupted run keeps what it measured
+            cell_rows = [
+                {"config": c[0], "keep": c[1], "seed": c[2], "rows": results[c]}
+                for c in cells
+                if c in results
+            ]
+            args.json.write_text(json.dumps(cell_rows, indent=1))
+
+    with tempfile.TemporaryDirectory(prefix="eep-quality-") as tmp:
+        args_of = {
+            c: (*c, args.overrides, Path(tmp), args.validation, variants, threads) for c in cells
+        }
+        if args.jobs > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            spawn = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(args.jobs, mp_context=spawn) as pool:
+                futures = {pool.submit(measure, *args_of[c]): c for c in cells}
+                for future in as_completed(futures):
+                    done(futures[future], future.result())
+        else:
+            for c in cells:
+                done(c, measure(*args_of[c]))
     print("| config | keep | method | held-out | search fitness | evaluations | wall s |")
     print("|---|---|---|---:|---:|---:|---:|")
-    with tempfile.TemporaryDirectory(prefix="eep-quality-") as tmp:
-        for path in args.configs:
-            if not (ROOT / path).exists() and not Path(path).exists():
-                print(f"| {path} | – | missing | | | | |")
-                continue
-            for keep in args.keeps:
-                per_seed = [
-                    measure(path, keep, seed, args.overrides, Path(tmp), args.validation)
-                    for seed in args.seeds
-                ]
-                for method in per_seed[0]:
-                    held = [rows[method]["heldout"] for rows in per_seed]
-                    fit = [rows[method].get("fitness") for rows in per_seed]
-                    shown = f"{statistics.mean(held):.2f}" + (
-                        f" ± {statistics.stdev(held):.2f}" if len(held) > 1 else ""
-                    )
-                    fitness = f"{statistics.mean(fit):.2f}" if None not in fit else ""
-                    evals = statistics.mean(rows[method]["evaluations"] for rows in per_seed)
-                    secs = statistics.mean(rows[method]["seconds"] for rows in per_seed)
-                    print(
-                        f"| {Path(path).stem} | {keep} | {method} | {shown} | {fitness} | {evals:.0f} | {secs:.1f} |",
-                        flush=True,
-                    )
+    for path in configs:
+        for keep in args.keeps:
+            per_seed = [results[path, keep, seed] for seed in args.seeds]
+            for method in per_seed[0]:
+                held = [rows[method]["heldout"] for rows in per_seed]
+                fit = [rows[method].get("fitness") for rows in per_seed]
+                shown = f"{statistics.mean(held):.2f}" + (
+                    f" ± {statistics.stdev(held):.2f}" if len(held) > 1 else ""
+                )
+                fitness = f"{statistics.mean(fit):.2f}" if None not in fit else ""
+                evals = statistics.mean(rows[method]["evaluations"] for rows in per_seed)
+                secs = statistics.mean(rows[method]["seconds"] for rows in per_seed)
+                print(
+                    f"| {Path(path).stem} | {keep} | {method} | {shown} | {fitness} | {evals:.0f} | {secs:.1f} |"
+                )
     return 0
 
 
