@@ -290,12 +290,20 @@ def baselines(
     check_baselines(config, shape)
     method = method_of(config)
     fresh = not (run_dir.exists() and any(run_dir.iterdir()))
-    if fresh and (config.search.seed_genomes or set(config.search.warm_start) - {"greedy"}):
+    if fresh and (config.search.seed_genomes or set(config.search.named_warm_start) - {"greedy"}):
         search(
             source, run_dir, overrides, log=log
         )  # seeds to copy into the run first: a whole start
         fresh = False
-    run = RunDir.create(run_dir, config) if fresh else RunDir.open(run_dir)
+    if fresh:  # stored as ``eep search`` stores it: search.warm_start auto resolved
+        from eep.evolution import resolve_warm_start
+
+        stored = resolve_warm_start(config, planned) if method.searches else config
+        run = RunDir.create(run_dir, stored)
+        if stored is not config:
+            run.write_request(config)
+    else:
+        run = RunDir.open(run_dir)
     if not fresh and not run.holds(config):
         what = differences(run.config().outcome(), config.outcome())
         raise EepError(
@@ -310,7 +318,7 @@ def baselines(
             if config.evaluator.kind != "ray":  # one model for the run and the baselines
                 log(f"[eep] loading {config.model.path}")
                 worker = FitnessWorker(config)
-            summary = method.resume(run, config, planned, log, worker)
+            summary = method.resume(run, run.config(), planned, log, worker)
         if worker is None:
             log(f"[eep] loading {config.model.path}")
             worker = FitnessWorker(config)

@@ -29,7 +29,7 @@ def search_start(config: Config) -> str | None:
     as given; ``eep search`` turns the calibration-pass ones into ``seeds/warm-<method>.json``) and
     any other seed genomes; None for random initial genomes only."""
     names = [Path(s).name for s in config.search.seed_genomes]
-    warm = list(config.search.warm_start) + [
+    warm = config.search.named_warm_start + [
         n.removeprefix("warm-").removesuffix(".json") for n in names if n.startswith("warm-")
     ]
     seeded = sum(not n.startswith("warm-") for n in names)

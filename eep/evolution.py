@@ -74,17 +74,18 @@ class Evolution:
         and with ``config_dir`` the seed genomes (a bad file fails before anything loads)."""
         frontier = config.search.objectives[1] if config.search.frontier else None
         schedule = build_schedule(config.search_space, shape, frontier=frontier)
-        if config.search.frontier and config.search.warm_start:
+        named = config.search.named_warm_start
+        if config.search.frontier and named:
             raise EepError(
                 "search.warm_start seeds a search at one size; a multi-objective search starts from "
                 "random genomes of every size: drop warm_start"
             )
         if config_dir is not None:
             seed_genomes(config, schedule, config_dir)
-        if config.search.warm_start:
+        if named:
             # the baselines' genomes, like greedy's, keep a uniform number per layer
             greedy.check(schedule.first)
-        if "greedy" in config.search.warm_start:
+        if "greedy" in named:
             cost = greedy.cost(schedule.first)
             if cost >= config.search.evaluations:
                 raise EepError(
@@ -111,14 +112,20 @@ class Evolution:
                 ),
             )
         ]
-        if search.warm_start:
+        named = resolve_warm_start(config, schedule).search.named_warm_start
+        if named:
+            auto = "; search.warm_start: auto" if search.warm_start == "auto" else ""
             starts = [
-                f"greedy elimination ({greedy.cost(schedule.first)} of the evaluations)"
+                f"greedy elimination ({greedy.cost(schedule.first)} of the {search.evaluations} "
+                f"evaluations{auto})"
                 if m == "greedy"
                 else f"{m} (one calibration pass)"
-                for m in search.warm_start
+                for m in named
             ]
             lines.append(("warm start", ", ".join(starts)))
+        elif search.warm_start == "auto" and not search.frontier:
+            why = greedy.auto_off(schedule.first, search.evaluations)
+            lines.append(("warm start", f"none (search.warm_start: auto; {why})"))
         fit = config.fitness
         why_not = "fitness.scoring: generate" if fit.scoring == "generate" else None
         paths: dict[str, list[str]] = {}
@@ -148,6 +155,7 @@ class Evolution:
                 evaluator.in_flight = evaluator.size
                 config = _with_search(config, in_flight=evaluator.size)
             names = [f"seeds/seed-{n}.json" for n in range(len(seeds))]
+            config = resolve_warm_start(config, schedule)
             calibrated = [m for m in config.search.warm_start if m != "greedy"]
             # become seed genomes of the run: its config says what it does, and it resumes exactly
             if calibrated:
@@ -192,6 +200,16 @@ METHOD = Evolution()
 
 def _with_search(config: Config, **values) -> Config:
     return config.model_copy(update={"search": config.search.model_copy(update=values)})
+
+
+def resolve_warm_start(config: Config, space) -> Config:
+    """``config`` with ``search.warm_start: auto`` replaced by what it means for this search space
+    (``[greedy]`` or ``[]``, :func:`eep.greedy.starts`): what a run stores, so that a larger budget
+    given later (``eep resume --evaluations``) cannot change how it started."""
+    if config.search.warm_start != "auto":
+        return config
+    started = greedy.starts(config.search, Schedule.of(space).first)
+    return _with_search(config, warm_start=["greedy"] if started else [])
 
 
 def seed_genomes(config: Config, space, config_dir: Path) -> list[Genome]:

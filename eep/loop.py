@@ -7,8 +7,9 @@ is bred from the archive: with probability ``crossover_prob`` two parents among 
 ``mutate_threshold`` points is taken; the child is then always mutated. A child whose content
 hash was already proposed is bred again, so no genome is evaluated twice.
 
-With ``search.warm_start: [greedy]`` the first candidates are greedy elimination's (:mod:`eep.greedy`),
-journaled like the rest; seeds and random genomes follow. Each candidate carries the fitness it
+With ``search.warm_start: [greedy]`` (or ``auto`` where it resolves to that, :func:`eep.greedy.starts`)
+the first candidates are greedy elimination's (:mod:`eep.greedy`), journaled like the rest; seeds
+and random genomes follow. Each candidate carries the fitness it
 must reach to matter (:func:`parent_bar`) so that a worker may cut a hopeless one short, and the
 order of tasks that makes such a cut come soonest (:func:`task_order`).
 
@@ -233,7 +234,7 @@ def run_search(
     archive = run.evaluations()
     warm = (
         _greedy_phase(run, schedule.first, evaluator, archive, log)
-        if "greedy" in cfg.warm_start
+        if greedy.starts(cfg, schedule.first)
         else []
     )
     # candidates 0..len(warm)-1 are the greedy warm start's

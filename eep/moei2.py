@@ -294,6 +294,7 @@ def layer_config(config, layer: int, keep: int):
         "initial": c.population,
         "evaluations": c.population * c.generations,
         "in_flight": 1,
+        "warm_start": [],  # MoE-I²'s genetic search starts from random keep sets
     }
     data["evaluator"] = {"kind": "serial"}
     return parse_config(data, source=f"layer {layer} search")
@@ -584,7 +585,7 @@ class Moei2:
     """No EEP search: the stages' genomes are the run's rows of the comparison table."""
 
     def plan(self, config, shape, config_dir=None) -> Moei2Plan:
-        if config.search.warm_start or config.search.seed_genomes:
+        if config.search.named_warm_start or config.search.seed_genomes:
             raise EepError(
                 "search.warm_start and search.seed_genomes seed EEP's search; a MoE-I² run has no "
                 "initial population"

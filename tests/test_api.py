@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import yaml
 
 import eep
 from eep.errors import EepError
@@ -15,6 +16,9 @@ def test_search_export_evaluate_from_python(tmp_path):
         toy_config_dict(evaluations=8, initial=4), run_dir=tmp_path / "run", log=logged.append
     )
     assert run.finished and len(run.evaluations()) == 8
+    # warm_start auto is stored as what it resolved to: 8 evaluations leave no room for greedy's 168
+    stored = yaml.safe_load((run.path / "config.yaml").read_text())["search"]
+    assert stored["warm_start"] == [] and (run.path / "request.json").exists()
     summary = run.summary
     assert run.best.key == eep.Genome.from_dict(summary["selected"]["genome"]).key
     assert any(line.startswith("[eep] done: 8 evaluations") for line in logged)

@@ -52,7 +52,18 @@ def test_dry_runs_of_shipped_experiments(capsys, tmp_path):
     # the plan says what the search scores and how the export is picked
     assert "copy (16 search / 64 validation / 100 held-out)" in out
     assert "export       the best on validation examples among the 30 best by search fitness" in out
+    # search.warm_start unset is auto: greedy elimination where it takes at most 40 % of the budget
+    assert (
+        "warm start   greedy elimination (168 of the 500 evaluations; search.warm_start: auto)"
+        in out
+    )
     assert not (tmp_path / "r").exists()
+    fewer = ["--set", "search.evaluations=300"]
+    assert main(["search", str(ROOT / "experiments/toy.yaml"), "--dry-run", *fewer]) == 0
+    assert (
+        "warm start   none (search.warm_start: auto; greedy elimination would take 168 of the 300 "
+        "evaluations, more than 40%)" in capsys.readouterr().out
+    )
     # unset, validation_size is auto: 64 examples, or what the source has left
     assert main(["search", str(ROOT / "experiments/toy-top1.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -398,7 +409,7 @@ def test_warm_start_genomes_become_the_runs_seeds_and_greedy_spends_the_budget(c
     out = capsys.readouterr().out
     assert (
         "warm start   naee (one calibration pass), reap (one calibration pass), greedy elimination (60 of the "
-        "evaluations)" in out
+        "64 evaluations)" in out
     )
     saved = yaml.safe_load((run / "config.yaml").read_text())["search"]
     assert saved["warm_start"] == ["greedy"] and set(saved["seed_genomes"]) <= {

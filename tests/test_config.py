@@ -102,11 +102,12 @@ def test_settings_added_with_neutral_defaults_keep_older_runs_resumable():
     resume. The pinned value is experiments/toy.yaml's digest before those keys existed."""
     from pathlib import Path
 
-    # the toy demo as it was when the pin was taken (it now scores in chunks of 32 for the early cut and
-    # spends 500 evaluations; its validation examples stay out of the digest)
+    # the toy demo as it was when the pin was taken (it now scores in chunks of 32 for the early cut,
+    # spends 500 evaluations and starts from greedy elimination; its validation examples stay out of
+    # the digest). A run stores warm_start resolved, so an old run's [] stays [].
     config = load_config(
         Path(__file__).resolve().parents[1] / "experiments/toy.yaml",
-        ["fitness.batch_size=128", "search.evaluations=200"],
+        ["fitness.batch_size=128", "search.evaluations=200", "search.warm_start=[]"],
     )
     assert "moei2" not in config.outcome() and "seed_genomes" not in config.outcome()["search"]
     assert config.digest() == "fdf1cdd0be23161d"

@@ -70,3 +70,34 @@ def test_greedy_follows_weight_groups_and_refuses_other_spaces():
         greedy.check(BudgetSpace(8, 2, layers, 12))
     with pytest.raises(EepError, match="ungrouped"):
         greedy.check(PruneSpace(8, 2, layers, 4, expert_groups=2))
+
+
+def test_auto_warm_start_takes_greedy_where_it_fits_a_share_of_the_budget():
+    """``search.warm_start: auto`` starts from greedy elimination where it applies and takes at most
+    40 % of the evaluations; named lists are taken as they are; a run stores the resolved list."""
+    from eep.config import SearchConfig, parse_config
+    from eep.evolution import resolve_warm_start
+    from tests.conftest import toy_config_dict
+
+    space = PruneSpace(num_experts=8, top_k=2, layers=(0, 1, 2, 3), keep=2)
+    assert greedy.cost(space) == 180
+    assert greedy.starts(SearchConfig(evaluations=450), space)  # 180 = 40 % of 450
+    assert greedy.auto_off(space, 450) is None
+    assert not greedy.starts(SearchConfig(evaluations=449), space)
+    assert greedy.auto_off(space, 449) == (
+        "greedy elimination would take 180 of the 449 evaluations, more than 40%"
+    )
+    assert not greedy.starts(SearchConfig(evaluations=450, warm_start=[]), space)
+    assert greedy.starts(SearchConfig(evaluations=200, warm_start=["greedy", "naee"]), space)
+    budget = BudgetSpace(num_experts=8, top_k=2, layers=(0, 1, 2, 3), budget=12)
+    assert "uniform pruning space" in greedy.auto_off(budget, 10_000)
+    frontier = SearchConfig(evaluations=5000, objectives=["fitness", "kept_params"])
+    assert not greedy.starts(frontier, space)
+
+    auto = parse_config(toy_config_dict(evaluations=450))
+    assert auto.search.warm_start == "auto" and auto.search.named_warm_start == []
+    assert resolve_warm_start(auto, space).search.warm_start == ["greedy"]
+    off = parse_config(toy_config_dict(evaluations=100))
+    assert resolve_warm_start(off, space).search.warm_start == []
+    named = parse_config(toy_config_dict(evaluations=100, warm_start=["naee"]))
+    assert resolve_warm_start(named, space) is named
