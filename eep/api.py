@@ -16,6 +16,7 @@ run knows is on disk (:class:`eep.journal.RunDir`); a :class:`Run` only reads it
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -187,6 +188,24 @@ def search(
     return Run(run_dir)
 
 
+def _keeps_its_start(config: Config, evaluations: int) -> None:
+    """A run written outside ``eep search`` may store ``search.warm_start: auto`` unresolved; a larger
+    budget must not turn on a greedy start it did not make (its journal would not match)."""
+    if config.search.warm_start != "auto" or not method_of(config).searches:
+        return
+    from eep import greedy
+    from search_spaces import Schedule
+
+    first = Schedule.of(plan(config)[2]).first
+    larger = config.search.model_copy(update={"evaluations": evaluations})
+    if greedy.starts(larger, first) and not greedy.starts(config.search, first):
+        most = math.ceil(greedy.cost(first) / greedy.AUTO_SHARE) - 1
+        raise EepError(
+            f"--evaluations {evaluations}: this run (search.warm_start: auto, not started from greedy "
+            f"elimination) would start from it at that budget; give at most {most}, or start a new run"
+        )
+
+
 def resume(
     run_dir: str | Path, evaluator=None, log: Log = stderr_log, evaluations: int | None = None
 ) -> Run:
@@ -194,6 +213,7 @@ def resume(
     one is left as it is unless ``evaluations`` raises its budget, which continues the same search."""
     run = RunDir.open(run_dir)
     if evaluations is not None and evaluations != run.config().search.evaluations:
+        _keeps_its_start(run.config(), evaluations)
         with run.lock():
             run.extend(evaluations)
         log(f"[eep] {run.path}: budget raised to {evaluations} evaluations")

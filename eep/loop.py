@@ -232,8 +232,9 @@ def run_search(
     cfg = run.config().search
     schedule = Schedule.of(space)
     archive = run.evaluations()
+    progress = _Progress(cfg.evaluations, log)
     warm = (
-        _greedy_phase(run, schedule.first, evaluator, archive, log)
+        _greedy_phase(run, schedule.first, evaluator, archive, log, progress)
         if greedy.starts(cfg, schedule.first)
         else []
     )
@@ -241,7 +242,7 @@ def run_search(
     archive = warm + [e for e in archive if e.id >= len(warm)]
     proposals = _Proposals(run, schedule, archive, len(warm), log)
     replay = proposals.replay  # journal records re-bred from the seed when the snapshot is unusable
-    progress, new, failing = _Progress(cfg.evaluations, log), 0, 0
+    new, failing = 0, 0
     if len(archive) + len(replay) < cfg.evaluations:
         source = _Replay(replay, evaluator, cfg.in_flight) if replay else evaluator
         for evaluation in source.imap(proposals):
@@ -403,7 +404,7 @@ class _Proposals:
 
 
 def _greedy_phase(
-    run: RunDir, space, evaluator, records: list[Evaluation], log
+    run: RunDir, space, evaluator, records: list[Evaluation], log, progress: _Progress | None = None
 ) -> list[Evaluation]:
     """``search.warm_start: [greedy]``: greedy elimination (:mod:`eep.greedy`) as candidates 0..G-1,
     each batch through the evaluator and into the journal like any evaluation. Its steps that keep
@@ -435,6 +436,8 @@ def _greedy_phase(
                 )
                 run.append(evaluation)
                 new[evaluation.id] = evaluation
+                if progress is not None:
+                    progress.update([*done, *new.values()], evaluation, None, "greedy elimination")
             results = [by_id[i] if i in by_id else new[i] for i in ids]
             done.extend(results)
             failed = next((r for r in results if not r.ok), None)
@@ -535,7 +538,9 @@ class _Progress:
         self.total, self.log = total, log
         self.start, self.last, self.count = time.perf_counter(), 0.0, 0
 
-    def update(self, archive: list[Evaluation], evaluation: Evaluation, busy: float | None) -> None:
+    def update(
+        self, archive: list[Evaluation], evaluation: Evaluation, busy: float | None, phase: str = ""
+    ) -> None:
         self.count += 1
         now = time.perf_counter()
         if now - self.last < 2.0 and len(archive) < self.total:
@@ -550,7 +555,9 @@ class _Progress:
             else "failed"
         )
         self.log(
-            f"[eep] {len(archive):4d}/{self.total} evals  best {best.fitness if best else float('nan'):6.2f}"
-            f"  last {last}  {self.count / (now - self.start):5.2f} evals/s"
+            f"[eep] {len(archive):4d}/{self.total} evals  best "
+            + (f"{best.fitness:6.2f}" if best else "     -")
+            + f"  last {last}  {self.count / (now - self.start):5.2f} evals/s"
             + (f"  actors busy {100 * busy:3.0f}%" if busy is not None else "")
+            + (f"  ({phase})" if phase else "")
         )

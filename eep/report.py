@@ -155,7 +155,13 @@ def search_behind(rows: Sequence[Row], validated: bool = False) -> str | None:
         tips.append(
             "validation examples to pick the export by (`fitness.tasks[].validation_size` above 0)"
         )
-    if winner.method in WARM_STARTS:
+    started = {  # the row's ``how``: "warm start: greedy, naee; 2 seed genomes"
+        m.strip()
+        for part in (search.how or "").split(";")
+        if part.strip().startswith("warm start:")
+        for m in part.split(":", 1)[1].split(",")
+    }
+    if winner.method in WARM_STARTS and winner.method not in started:
         tips.insert(0, f"starting from it (`search.warm_start: [{winner.method}]`)")
     how = f"{', '.join(tips[:-1])} or {tips[-1]}" if len(tips) > 1 else tips[0]
     return (

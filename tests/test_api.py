@@ -182,3 +182,16 @@ def test_validation_fitness_weighs_only_the_tasks_that_have_validation_examples(
     assert validation_fitness(config, {"copy": 80.0, "reverse": 40.0}) == pytest.approx(70.0)
     assert validation_fitness(config, {"shift": 50.0}) == 50.0
     assert validation_fitness(config, {}) is None
+
+
+def test_a_larger_budget_never_turns_on_a_greedy_start_a_run_did_not_make(tmp_path):
+    """A run written outside ``eep search`` may keep ``search.warm_start: auto``; extending it past
+    the budget where auto would start from greedy elimination is refused before anything runs."""
+    from eep.config import parse_config
+    from eep.journal import RunDir
+
+    run = RunDir.create(tmp_path / "r", parse_config(toy_config_dict(evaluations=16)))
+    # greedy elimination costs 168 at 4 of 8: auto starts from it from 420 evaluations on
+    with pytest.raises(EepError, match="give at most 419, or start a new run"):
+        eep.resume(run.path, evaluations=420, log=lambda m: None)
+    assert run.config().search.evaluations == 16  # nothing changed
