@@ -121,6 +121,14 @@ def _jsonl(path, rows):
     return path
 
 
+def _train_and_heldout(train, heldout) -> list[dict]:
+    """40 question/answer rows, the first 30 written to ``train``, the last 10 to ``heldout``."""
+    rows = [{"question": f"q{i}", "answer": str(i)} for i in range(40)]
+    _jsonl(train, rows[:30])
+    _jsonl(heldout, rows[30:])
+    return rows
+
+
 def _preset(name, tmp_path, rows, **over):
     """A preset task loading small local files in the hub dataset's schema (the hub is offline here)."""
     fields = presets.preset_fields(name)
@@ -303,9 +311,7 @@ def test_task_configs_are_checked_without_loading(cfg, message):
 
 
 def test_task_files_as_they_lie_and_one_file_never_read_twice(tmp_path):
-    rows = [{"question": f"q{i}", "answer": str(i)} for i in range(40)]
-    _jsonl(tmp_path / "rev_train.jsonl", rows[:30])
-    _jsonl(tmp_path / "rev_heldout.jsonl", rows[30:])
+    rows = _train_and_heldout(tmp_path / "rev_train.jsonl", tmp_path / "rev_heldout.jsonl")
     files = TaskConfig(
         name="rev",
         data_files={
@@ -391,9 +397,7 @@ def test_overlapping_task_files_are_refused_before_any_model_loads(tmp_path, cap
 def test_validation_is_auto_by_default_and_takes_what_the_source_has_left(tmp_path):
     from eep.config import AUTO_VALIDATION
 
-    rows = [{"question": f"q{i}", "answer": str(i)} for i in range(40)]
-    _jsonl(tmp_path / "train.jsonl", rows[:30])
-    _jsonl(tmp_path / "held.jsonl", rows[30:])
+    _train_and_heldout(tmp_path / "train.jsonl", tmp_path / "held.jsonl")
     task = TaskConfig(
         name="qa",
         data_files={"search": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "held.jsonl")},
