@@ -32,8 +32,9 @@ class Candidate:
     bar: float | None = None
     """Fitness below which the search would never use this candidate (see ``eep.loop.parent_bar``):
     a worker may stop scoring it once it cannot reach this."""
-    order: tuple[str, ...] = ()
-    """Tasks to score first (``eep.loop.task_order``), so that a cut comes early; never changes a score."""
+    order: tuple = ()
+    """Examples to score first, the likeliest misses (``eep.loop.example_order``: ``(task, index)``
+    pairs, or task names), so that a cut comes early; never changes a score."""
 
 
 class FitnessWorker:
@@ -80,11 +81,23 @@ class FitnessWorker:
         split: str = "search",
         skip: dict[int, float] | None = None,
         cut_below: float | None = None,
-        order: tuple[str, ...] = (),
+        order: tuple = (),
     ) -> dict[str, float]:
         """Per-task scores of ``genome`` (``None``: the unpruned model) on a split; ``skip``: NAEE
         dynamic-skipping thresholds by layer, an inference option on top of the genome; ``cut_below``:
-        raise :class:`fitness.scoring.Cut` once the fitness cannot reach it; ``order``: tasks scored first."""
+        raise :class:`fitness.scoring.Cut` once the fitness cannot reach it; ``order``: tasks or
+        examples scored first."""
+        return self.detailed(genome, split, skip, cut_below, order)[0]
+
+    def detailed(
+        self,
+        genome: Genome | None,
+        split: str = "search",
+        skip: dict[int, float] | None = None,
+        cut_below: float | None = None,
+        order: tuple = (),
+    ) -> tuple[dict[str, float], dict[str, list[float | None]]]:
+        """:meth:`scores`, and each generation example's score by task."""
         if genome is not None and self.adapter is None:
             raise EepError(
                 f"cannot apply a genome to {self.config.model.path} ({self.model.config.model_type}); "
@@ -96,7 +109,7 @@ class FitnessWorker:
             else contextlib.nullcontext()
         )
         with context:
-            return self.scorers[split](cut_below=cut_below, order=order)
+            return self.scorers[split].score(cut_below=cut_below, order=order)
 
     def fitness(self, scores: dict[str, float]) -> float:
         from fitness.metrics import weighted_fitness
@@ -108,11 +121,13 @@ class FitnessWorker:
         return self.name
 
     def __call__(self, candidate: Candidate) -> Evaluation:
-        from fitness.scoring import Cut
+        from fitness.scoring import Cut, verdicts
 
         start = time.perf_counter()
         try:
-            scores = self.scores(candidate.genome, cut_below=candidate.bar, order=candidate.order)
+            scores, hits = self.detailed(
+                candidate.genome, cut_below=candidate.bar, order=candidate.order
+            )
         except Cut as cut:
             return Evaluation(
                 candidate.id,
@@ -122,6 +137,7 @@ class FitnessWorker:
                 time.perf_counter() - start,
                 self.name,
                 cut=cut.bound,
+                examples=verdicts(cut.hits) or None,
             )
         except Exception as err:  # one failing genome is a failed evaluation, not a crashed search
             return Evaluation(
@@ -140,6 +156,7 @@ class FitnessWorker:
             scores,
             time.perf_counter() - start,
             self.name,
+            examples=verdicts(hits) or None,
         )
 
     evaluate = __call__  # Ray actors expose named methods only

@@ -52,6 +52,10 @@ class Evaluation:
     outside: bool = False
     """A warm-start step outside the search space (greedy elimination part-way, keeping more experts
     than the space allows): journaled, since it cost an evaluation, but never a parent nor the best."""
+    examples: dict[str, str] | None = None
+    """Per generation task, each example's result (``fitness.scoring.verdicts``: ``1`` scored in
+    full, ``0`` less, ``.`` not scored because the candidate was cut): what later candidates order
+    their examples by, so that a cut comes early (``eep.loop.example_order``)."""
 
     @property
     def ok(self) -> bool:
@@ -87,6 +91,7 @@ class Evaluation:
             data
             | ({"cut": self.cut} if self.cut is not None else {})
             | ({"outside": True} if self.outside else {})
+            | ({"examples": self.examples} if self.examples else {})
         )
 
     @classmethod
@@ -102,6 +107,7 @@ class Evaluation:
             data.get("note"),
             data.get("cut"),
             data.get("outside", False),
+            data.get("examples"),
         )
 
 

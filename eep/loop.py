@@ -11,7 +11,7 @@ With ``search.warm_start: [greedy]`` (or ``auto`` where it resolves to that, :fu
 the first candidates are greedy elimination's (:mod:`eep.greedy`), journaled like the rest; seeds
 and random genomes follow. Each candidate carries the fitness it
 must reach to matter (:func:`parent_bar`) so that a worker may cut a hopeless one short, and the
-order of tasks that makes such a cut come soonest (:func:`task_order`).
+order of examples that makes such a cut come soonest (:func:`example_order`).
 
 The operators come from the search space of the candidate's phase (:class:`search_spaces.Schedule`):
 EEP prunes first, then from ``merge_after`` on breeds merge genomes from the same archive, so
@@ -193,6 +193,40 @@ def parent_bar(archive: list[Evaluation], cfg: SearchConfig, export_top: int = 1
     return min(ranked[0] - max(cfg.crossover_threshold, cfg.mutate_threshold), ranked[pool - 1])
 
 
+def example_order(
+    archive: list[Evaluation], genome: Genome, tasks: list[str], neighbours: int = 8
+) -> tuple:
+    """``genome``'s generation examples, the likeliest misses first: ordered by how many of the
+    ``neighbours`` evaluated genomes sharing most kept experts with it missed each (a cut one
+    counts the examples it scored), ties by how many of its task's examples they missed, then in
+    task order. A hopeless candidate then shows it on its first chunks, so the early cut stops it
+    sooner (on the toy at 2 of 8: ~29 % of a search's examples spared, against ~25 % by tasks
+    alone). ``(task, index)`` pairs; by tasks (:func:`task_order`) for records that keep no
+    examples (journals of older versions). Any order gives the same scores; this one only decides
+    how soon a cut comes. Judged on the results the candidate was bred from, like
+    :func:`parent_bar`."""
+    known = [e for e in archive if e.examples and (e.ok or e.cut is not None)]
+    if not known:
+        return task_order(archive, genome, tasks)
+    mine = genome.keep_map()
+
+    def shared(e: Evaluation) -> int:
+        theirs = e.genome.keep_map()
+        return sum(len(set(keep) & set(theirs.get(layer, ()))) for layer, keep in mine.items())
+
+    near = sorted(known, key=lambda e: (-shared(e), e.id))[:neighbours]
+    counts = {t: max(len(e.examples.get(t, "")) for e in near) for t in tasks}
+    missed = {
+        (t, i): sum(e.examples.get(t, "")[i : i + 1] == "0" for e in near)
+        for t in tasks
+        for i in range(counts[t])
+    }
+    by_task = {t: sum(missed[t, i] for i in range(counts[t])) for t in tasks}
+    return tuple(
+        sorted(missed, key=lambda p: (-missed[p], -by_task[p[0]], tasks.index(p[0]), p[1]))
+    )
+
+
 def task_order(
     archive: list[Evaluation], genome: Genome, tasks: list[str], neighbours: int = 3
 ) -> tuple[str, ...]:
@@ -330,7 +364,10 @@ class _Proposals:
         done = {e.id for e in archive}
         self.in_flight = deque(
             Candidate(
-                c["id"], Genome.from_dict(c["genome"]), c.get("bar"), tuple(c.get("order", ()))
+                c["id"],
+                Genome.from_dict(c["genome"]),
+                c.get("bar"),
+                tuple(o if isinstance(o, str) else tuple(o) for o in c.get("order", ())),
             )
             for c in state["in_flight"]
             if c["id"] not in done
@@ -349,7 +386,7 @@ class _Proposals:
                 parent_bar(self.archive, self.cfg, self.export_top)
                 if self.cfg.early_cut and not frontier
                 else None,
-                task_order(self.archive, genome, self.tasks) if not frontier else (),
+                example_order(self.archive, genome, self.tasks) if not frontier else (),
             )
             self.next_id += 1
             self.seen.add(genome.key)

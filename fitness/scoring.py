@@ -4,7 +4,7 @@ A :class:`Scorer` is built on the *unpruned* model: tasks that compare with the 
 (``esap``, ``kl``, ``reconstruction``) compute its reference there, once. Each call then runs the
 model as it is now: all options of choice tasks in one batched pass, one teacher-forced pass per
 text task, then the generation tasks' examples chunk by chunk (``batch_size`` examples; the tasks
-interleaved, or those a search names first one after another). In a chunk, ``exact_match`` examples are scored teacher-forced in one forward pass
+interleaved, or the tasks or single examples a search names first, in its order). In a chunk, ``exact_match`` examples are scored teacher-forced in one forward pass
 (:mod:`fitness.teacher_forcing`) and the rest — other metrics, and examples the forward pass leaves
 undecided — by greedy generation. ``scoring="generate"`` generates every example instead.
 
@@ -27,11 +27,21 @@ from fitness.tasks import Task
 
 
 class Cut(Exception):
-    """A call stopped early: even a perfect rest could not reach ``cut_below``."""
+    """A call stopped early: even a perfect rest could not reach ``cut_below``. ``hits``: the
+    examples scored by then (as :meth:`Scorer.example_scores`, None where not scored)."""
 
-    def __init__(self, bound: float, scored: float):
+    def __init__(self, bound: float, scored: float, hits: dict | None = None):
         super().__init__(f"fitness at most {bound:.2f} after {100 * scored:.0f}% of the examples")
-        self.bound, self.scored = bound, scored
+        self.bound, self.scored, self.hits = bound, scored, hits or {}
+
+
+def verdicts(hits: dict[str, list[float | None]]) -> dict[str, str]:
+    """Per-example results as one short string per task, what a journal record keeps for the early
+    cut's ordering: ``1`` a full score, ``0`` anything less, ``.`` not scored."""
+    return {
+        name: "".join("." if h is None else "1" if h >= 1 else "0" for h in values)
+        for name, values in hits.items()
+    }
 
 
 def scoring_path(metric_name: str, why_not: str | None = None) -> str:
@@ -111,25 +121,35 @@ class Scorer:
                     distributions=task.metric != "reconstruction",
                 )
 
-    def chunks_for(self, order: Sequence[str]) -> list[list[tuple[Task, int]]]:
-        """The generation examples in chunks of ``batch_size``: the tasks named in ``order`` one
-        after another, then the others interleaved example by example."""
-        key = tuple(order)
-        if key not in self._chunks:
-            generated = {t.name: t for t in self.tasks if t.name in self.prompts}
-            first = [generated[name] for name in key if name in generated]
-            rest = [t for t in generated.values() if t not in first]
-            items = [(t, i) for t in first for i in range(len(t.examples))]
-            items += [
-                (t, i)
-                for i in range(max((len(t.examples) for t in rest), default=0))
-                for t in rest
-                if i < len(t.examples)
-            ]
-            self._chunks[key] = [
-                items[s : s + self.batch_size] for s in range(0, len(items), self.batch_size)
-            ]
-        return self._chunks[key]
+    def chunks_for(self, order: Sequence) -> list[list[tuple[Task, int]]]:
+        """The generation examples in chunks of ``batch_size``: those ``order`` names first, in its
+        order — tasks (names: each task's examples one after another) or single examples (``(task
+        name, index)`` pairs) — then the others interleaved task by task."""
+        key = tuple(o if isinstance(o, str) else tuple(o) for o in order)
+        if key in self._chunks:
+            return self._chunks[key]
+        generated = {t.name: t for t in self.tasks if t.name in self.prompts}
+        items: list[tuple[Task, int]] = []
+        seen: set[tuple[str, int]] = set()
+        for o in key:
+            name = o if isinstance(o, str) else o[0]
+            task = generated.get(name)
+            if task is None:
+                continue
+            for i in range(len(task.examples)) if isinstance(o, str) else o[1:]:
+                if 0 <= i < len(task.examples) and (name, i) not in seen:
+                    seen.add((name, i))
+                    items.append((task, i))
+        items += [
+            (t, i)
+            for i in range(max((len(t.examples) for t in generated.values()), default=0))
+            for t in generated.values()
+            if i < len(t.examples) and (t.name, i) not in seen
+        ]
+        chunks = [items[s : s + self.batch_size] for s in range(0, len(items), self.batch_size)]
+        if all(isinstance(o, str) for o in key):  # a candidate's own example order is not kept
+            self._chunks[key] = chunks
+        return chunks
 
     def _paths(self, scoring: str) -> dict[str, str]:
         why_not = (
@@ -160,15 +180,27 @@ class Scorer:
         model=None,
         blocks: dict | None = None,
         cut_below: float | None = None,
-        order: Sequence[str] = (),
+        order: Sequence = (),
         progress: Callable[[], None] | None = None,
     ) -> dict[str, float]:
         """Per-task scores of the model as it is now — or of another ``model`` (e.g. an exported
         smaller one, with its MoE ``blocks``) against the same references. Fidelity tasks also
         record the other measure (``<task>.kl`` next to an ``esap`` task and vice versa).
         ``cut_below``: raise :class:`Cut` once the fitness cannot reach it; ``order``: generation tasks
-        scored first, in this order (it decides how soon a cut comes, never a score); ``progress``:
+        or single examples scored first, in this order (:meth:`chunks_for`; it decides how soon a
+        cut comes, never a score); ``progress``:
         called after each chunk of generation examples."""
+        return self.score(model, blocks, cut_below, order, progress)[0]
+
+    def score(
+        self,
+        model=None,
+        blocks: dict | None = None,
+        cut_below: float | None = None,
+        order: Sequence = (),
+        progress: Callable[[], None] | None = None,
+    ) -> tuple[dict[str, float], dict[str, list[float | None]]]:
+        """What a call returns, and each generation example's score by task (:meth:`example_scores`)."""
         model = model if model is not None else self.model
         blocks = blocks if blocks is not None else self.blocks
         scores: dict[str, float] = {}
@@ -186,14 +218,14 @@ class Scorer:
                 scores[task.name] = self.references[task.name].reconstruction(model, blocks)
         hits = self.example_scores(model, scores, cut_below, order, progress)
         scores.update({name: 100.0 * sum(values) / len(values) for name, values in hits.items()})
-        return {t.name: scores[t.name] for t in self.tasks} | scores
+        return {t.name: scores[t.name] for t in self.tasks} | scores, hits
 
     def example_scores(
         self,
         model=None,
         known: dict[str, float] | None = None,
         cut_below: float | None = None,
-        order: Sequence[str] = (),
+        order: Sequence = (),
         progress: Callable[[], None] | None = None,
     ) -> dict[str, list[float]]:
         """Each generation example's score (0-1) by task, chunk by chunk; ``known``: the other
@@ -220,7 +252,7 @@ class Scorer:
                     },
                 )
                 if bound < cut_below:
-                    raise Cut(bound, done / total)
+                    raise Cut(bound, done / total, hits)
         return hits
 
     def _score_chunk(self, model, chunk, hits: dict[str, list[float | None]]) -> None:

@@ -139,10 +139,10 @@ def test_breeding_draws_parents_from_the_threshold_pools():
 class FailingWorker(FitnessWorker):
     """Raises (as an out-of-memory would) for one genome."""
 
-    def scores(self, genome, split="search", **kwargs):
+    def detailed(self, genome, split="search", **kwargs):
         if split == "search" and genome is not None and genome.key == self.poison:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return super().scores(genome, split, **kwargs)
+        return super().detailed(genome, split, **kwargs)
 
 
 def test_an_evaluation_that_raises_is_a_failed_record_not_a_crash(tmp_path, worker):
@@ -166,7 +166,7 @@ def test_failures_piling_up_stop_the_search_with_an_error(tmp_path, worker):
     resumed with another limit."""
     failing = FailingWorker.__new__(FailingWorker)
     failing.__dict__.update(worker.__dict__, poison=None)
-    failing.scores = lambda genome, split="search", **_: (_ for _ in ()).throw(
+    failing.detailed = lambda genome, split="search", **_: (_ for _ in ()).throw(
         RuntimeError("disk on fire")
     )
     config = parse_config(toy_config_dict(max_failures=3))
@@ -372,6 +372,66 @@ def test_early_cut_leaves_the_search_unchanged(tmp_path, chunked_worker, keep, v
             return [r["id"] for r in sorted(ok, key=lambda r: (-r["fitness"], r["id"]))[:12]]
 
         assert top(cut_rows) == top(full_rows)
+
+
+def test_records_keep_each_example_and_the_cut_orders_by_the_relatives_misses(
+    tmp_path, chunked_worker
+):
+    """Every record keeps its examples' results (a cut one, those it scored), the journal
+    round-trips them, and a candidate's examples come ordered by its nearest relatives' misses."""
+    from eep.journal import Evaluation
+    from eep.loop import example_order, task_order
+
+    space = PruneSpace(num_experts=8, top_k=2, layers=(0, 1, 2, 3), keep=2)
+    data = toy_config_dict(evaluations=30, initial=10)
+    data["fitness"]["batch_size"] = 8
+    data["search_space"]["keep"] = 2
+    run = RunDir.create(tmp_path / "run", parse_config(data))
+    run_search(run, space, SerialEvaluator(chunked_worker), log=lambda m: None)
+    records = run.evaluations()
+    sizes = {t.name: len(t.examples) for t in chunked_worker.scorers["search"].tasks}
+    for e in records:
+        assert {t: len(v) for t, v in e.examples.items()} == sizes
+        assert ("." in "".join(e.examples.values())) == (e.cut is not None)
+        if e.ok:  # a task's score is the share of its examples scored 1
+            assert all(e.scores[t] == 100 * v.count("1") / len(v) for t, v in e.examples.items())
+        assert Evaluation.from_dict(e.to_dict()) == e
+    assert any(e.cut is not None for e in records)
+
+    tasks = list(sizes)
+    genome = Genome.from_keep(8, 2, {i: [0, 1] for i in range(4)})
+    near = Genome.from_keep(8, 2, {i: [0, 1] for i in range(3)} | {3: [0, 2]})
+    far = Genome.from_keep(8, 2, {i: [6, 7] for i in range(4)})
+    blank = {t: "1" * n for t, n in sizes.items()}
+    n1, n2 = sizes[tasks[1]], sizes[tasks[2]]
+    archive = [
+        Evaluation(0, far, 50.0, examples=blank | {tasks[0]: "0" * sizes[tasks[0]]}),
+        Evaluation(
+            1,
+            near,
+            None,
+            cut=10.0,
+            examples=blank | {tasks[1]: "1.0" + "1" * (n1 - 3), tasks[2]: "0" + "." * (n2 - 1)},
+        ),
+    ]
+    order = example_order(archive, genome, tasks, neighbours=1)  # only the nearest counts
+    assert order[:2] == ((tasks[1], 2), (tasks[2], 0)) and len(order) == sum(sizes.values())
+    assert sorted(order) == sorted((t, i) for t, n in sizes.items() for i in range(n))
+    both = example_order(archive, genome, tasks, neighbours=2)
+    assert both[: sizes[tasks[0]]] == tuple((tasks[0], i) for i in range(sizes[tasks[0]]))
+    old = [Evaluation(0, far, 50.0, {t: 100.0 for t in tasks})]  # a journal without examples
+    assert example_order(old, genome, tasks) == task_order(old, genome, tasks)
+    # any order scores the same; the examples named come first, each example once
+    scorer = chunked_worker.scorers["search"]
+    chunks = scorer.chunks_for(order)
+    assert [(t.name, i) for c in chunks for t, i in c] == list(order)
+    partial = scorer.chunks_for([(tasks[1], 2), ("nope", 0), (tasks[1], 99), tasks[2]])
+    flat = [(t.name, i) for c in partial for t, i in c]
+    assert flat[: 1 + sizes[tasks[2]]] == [(tasks[1], 2)] + [
+        (tasks[2], i) for i in range(sizes[tasks[2]])
+    ]
+    assert sorted(flat) == sorted(order)
+    assert scorer(order=order) == scorer()
 
 
 def test_parent_bar_lies_below_both_thresholds_and_the_pool_minimum():
