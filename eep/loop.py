@@ -27,6 +27,7 @@ which rebuilds the same state, and the search goes on from there.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import random
 import time
@@ -193,6 +194,28 @@ def parent_bar(archive: list[Evaluation], cfg: SearchConfig, export_top: int = 1
     return min(ranked[0] - max(cfg.crossover_threshold, cfg.mutate_threshold), ranked[pool - 1])
 
 
+_KEPT: dict[str, frozenset[tuple[int, int]]] = {}
+
+
+def _kept(genome: Genome) -> frozenset[tuple[int, int]]:
+    """``genome``'s kept (layer, expert) pairs, computed once per genome (by its key): every
+    candidate compares itself with the whole archive."""
+    pairs = _KEPT.get(genome.key)
+    if pairs is None:
+        if len(_KEPT) >= 1 << 16:
+            _KEPT.clear()
+        pairs = _KEPT[genome.key] = frozenset(
+            (layer, e) for layer, keep in genome.keep_map().items() for e in keep
+        )
+    return pairs
+
+
+def _nearest(records: list[Evaluation], genome: Genome, n: int) -> list[Evaluation]:
+    """The ``n`` records sharing most kept experts with ``genome`` (ties: the earlier)."""
+    mine = _kept(genome)
+    return heapq.nsmallest(n, records, key=lambda e: (-len(mine & _kept(e.genome)), e.id))
+
+
 def example_order(
     archive: list[Evaluation], genome: Genome, tasks: list[str], neighbours: int = 8
 ) -> tuple:
@@ -208,13 +231,7 @@ def example_order(
     known = [e for e in archive if e.examples and (e.ok or e.cut is not None)]
     if not known:
         return task_order(archive, genome, tasks)
-    mine = genome.keep_map()
-
-    def shared(e: Evaluation) -> int:
-        theirs = e.genome.keep_map()
-        return sum(len(set(keep) & set(theirs.get(layer, ()))) for layer, keep in mine.items())
-
-    near = sorted(known, key=lambda e: (-shared(e), e.id))[:neighbours]
+    near = _nearest(known, genome, neighbours)
     counts = {t: max(len(e.examples.get(t, "")) for e in near) for t in tasks}
     missed = {
         (t, i): sum(e.examples.get(t, "")[i : i + 1] == "0" for e in near)
@@ -237,13 +254,7 @@ def task_order(
     ok = [e for e in archive if e.ok and all(t in e.scores for t in tasks)]
     if not ok or len(tasks) < 2:
         return ()
-    mine = genome.keep_map()
-
-    def shared(e: Evaluation) -> int:
-        theirs = e.genome.keep_map()
-        return sum(len(set(keep) & set(theirs.get(layer, ()))) for layer, keep in mine.items())
-
-    near = sorted(ok, key=lambda e: (-shared(e), e.id))[:neighbours]
+    near = _nearest(ok, genome, neighbours)
     return tuple(sorted(tasks, key=lambda t: (sum(e.scores[t] for e in near), tasks.index(t))))
 
 
