@@ -33,6 +33,7 @@ than silently dropping them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -392,6 +393,12 @@ class Genome:
 
     def keep_map(self) -> dict[int, tuple[int, ...]]:
         return {i: gene.keep for i, gene in self.layers}
+
+    @functools.cached_property
+    def kept_pairs(self) -> frozenset[tuple[int, int]]:
+        """``(layer, expert)`` for every kept expert, computed once: two genomes share as many kept
+        experts as their pairs' intersection holds (what the early cut's order compares)."""
+        return frozenset((i, e) for i, gene in self.layers for e in gene.keep)
 
     @property
     def is_merge(self) -> bool:

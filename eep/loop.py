@@ -194,26 +194,10 @@ def parent_bar(archive: list[Evaluation], cfg: SearchConfig, export_top: int = 1
     return min(ranked[0] - max(cfg.crossover_threshold, cfg.mutate_threshold), ranked[pool - 1])
 
 
-_KEPT: dict[str, frozenset[tuple[int, int]]] = {}
-
-
-def _kept(genome: Genome) -> frozenset[tuple[int, int]]:
-    """``genome``'s kept (layer, expert) pairs, computed once per genome (by its key): every
-    candidate compares itself with the whole archive."""
-    pairs = _KEPT.get(genome.key)
-    if pairs is None:
-        if len(_KEPT) >= 1 << 16:
-            _KEPT.clear()
-        pairs = _KEPT[genome.key] = frozenset(
-            (layer, e) for layer, keep in genome.keep_map().items() for e in keep
-        )
-    return pairs
-
-
 def _nearest(records: list[Evaluation], genome: Genome, n: int) -> list[Evaluation]:
     """The ``n`` records sharing most kept experts with ``genome`` (ties: the earlier)."""
-    mine = _kept(genome)
-    return heapq.nsmallest(n, records, key=lambda e: (-len(mine & _kept(e.genome)), e.id))
+    mine = genome.kept_pairs
+    return heapq.nsmallest(n, records, key=lambda e: (-len(mine & e.genome.kept_pairs), e.id))
 
 
 def example_order(
