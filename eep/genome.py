@@ -395,10 +395,11 @@ class Genome:
         return {i: gene.keep for i, gene in self.layers}
 
     @functools.cached_property
-    def kept_pairs(self) -> frozenset[tuple[int, int]]:
-        """``(layer, expert)`` for every kept expert, computed once: two genomes share as many kept
-        experts as their pairs' intersection holds (what the early cut's order compares)."""
-        return frozenset((i, e) for i, gene in self.layers for e in gene.keep)
+    def kept_bits(self) -> int:
+        """Every kept expert as bit ``layer * num_experts + expert``, computed once: two genomes
+        share ``(a.kept_bits & b.kept_bits).bit_count()`` kept experts (what the early cut's order
+        compares)."""
+        return sum(1 << (i * self.num_experts + e) for i, gene in self.layers for e in gene.keep)
 
     @property
     def is_merge(self) -> bool:

@@ -35,6 +35,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
+import numpy as np
 from deap import base
 
 from eep import greedy
@@ -194,21 +195,34 @@ def parent_bar(archive: list[Evaluation], cfg: SearchConfig, export_top: int = 1
     return min(ranked[0] - max(cfg.crossover_threshold, cfg.mutate_threshold), ranked[pool - 1])
 
 
+_MISSED = np.full(256, np.nan)
+_MISSED[ord("0")], _MISSED[ord("1")] = 1.0, 0.0
+
+
 def _nearest(records: list[Evaluation], genome: Genome, n: int) -> list[Evaluation]:
     """The ``n`` records sharing most kept experts with ``genome`` (ties: the earlier)."""
-    mine = genome.kept_pairs
-    return heapq.nsmallest(n, records, key=lambda e: (-len(mine & e.genome.kept_pairs), e.id))
+    mine = genome.kept_bits
+    return heapq.nsmallest(
+        n, records, key=lambda e: (-(mine & e.genome.kept_bits).bit_count(), e.id)
+    )
 
 
 def example_order(
-    archive: list[Evaluation], genome: Genome, tasks: list[str], neighbours: int = 8
+    archive: list[Evaluation],
+    genome: Genome,
+    tasks: list[str],
+    neighbours: int = 64,
+    ridge: float = 1.0,
 ) -> tuple:
-    """``genome``'s generation examples, the likeliest misses first: ordered by how many of the
-    ``neighbours`` evaluated genomes sharing most kept experts with it missed each (a cut one
-    counts the examples it scored), ties by how many of its task's examples they missed, then in
-    task order. A hopeless candidate then shows it on its first chunks, so the early cut stops it
-    sooner (on the toy at 2 of 8: ~29 % of a search's examples spared, against ~25 % by tasks
-    alone). ``(task, index)`` pairs; by tasks (:func:`task_order`) for records that keep no
+    """``genome``'s generation examples, the likeliest misses first. Each example's miss is
+    predicted by a kernel ridge regression over the ``neighbours`` evaluated genomes sharing most
+    kept experts with it, the kernel being the number of kept (layer, expert) pairs two genomes
+    share, plus one: the closest relatives weigh most, and an expert that causes misses wherever it
+    is dropped is learnt from all of them. An example a cut relative did not score counts as the
+    mean of the relatives that did; ties go in task order. A hopeless candidate then shows it on its
+    first chunks, so the early cut stops it sooner (toy, 200 evaluations at 2 of 8: 35 % of a
+    search's examples spared, against 29 % counting the misses of the 8 nearest and 24 % ordering
+    whole tasks). ``(task, index)`` pairs; by tasks (:func:`task_order`) for records that keep no
     examples (journals of older versions). Any order gives the same scores; this one only decides
     how soon a cut comes. Judged on the results the candidate was bred from, like
     :func:`parent_bar`."""
@@ -217,15 +231,19 @@ def example_order(
         return task_order(archive, genome, tasks)
     near = _nearest(known, genome, neighbours)
     counts = {t: max(len(e.examples.get(t, "")) for e in near) for t in tasks}
-    missed = {
-        (t, i): sum(e.examples.get(t, "")[i : i + 1] == "0" for e in near)
-        for t in tasks
-        for i in range(counts[t])
-    }
-    by_task = {t: sum(missed[t, i] for i in range(counts[t])) for t in tasks}
-    return tuple(
-        sorted(missed, key=lambda p: (-missed[p], -by_task[p[0]], tasks.index(p[0]), p[1]))
-    )
+    keys = [(t, i) for t in tasks for i in range(counts[t])]
+    # per relative and example: 1 missed, 0 scored in full, nan not scored
+    text = ["".join(e.examples.get(t, "").ljust(counts[t], ".") for t in tasks) for e in near]
+    missed = _MISSED[np.frombuffer("".join(text).encode(), np.uint8)].reshape(len(near), len(keys))
+    scored = ~np.isnan(missed)
+    mean = np.where(scored.any(0), np.nansum(missed, 0) / np.maximum(scored.sum(0), 1), 0.5)
+    missed = np.where(scored, missed, mean)
+    bits = [e.genome.kept_bits for e in near]
+    kernel = np.array([[(a & b).bit_count() + 1.0 for b in bits] for a in bits])
+    weights = np.array([(genome.kept_bits & b).bit_count() + 1.0 for b in bits])
+    predicted = weights @ np.linalg.solve(kernel + ridge * np.eye(len(near)), missed)
+    rank = sorted(range(len(keys)), key=lambda k: (-round(float(predicted[k]), 9), k))
+    return tuple(keys[k] for k in rank)
 
 
 def task_order(

@@ -122,6 +122,14 @@ def test_key_is_content_hash():
     assert len({a, b, c}) == 2
 
 
+def test_kept_bits_count_the_kept_experts_two_genomes_share():
+    a = Genome.from_keep(8, 2, {0: [1, 2], 3: [0, 7]})
+    b = Genome.from_keep(8, 2, {0: [2, 5], 2: [0, 7], 3: [7, 6]})
+    assert a.kept_bits.bit_count() == 4
+    assert (a.kept_bits & b.kept_bits).bit_count() == 2  # (0, 2) and (3, 7); not (2, 7)
+    assert a.kept_bits == Genome.from_dict(a.to_dict()).kept_bits
+
+
 def test_missing_layer_keeps_everything():
     g = Genome.from_keep(8, 2, {1: [0, 1, 2, 3]})
     assert g.keep(0) == tuple(range(8))

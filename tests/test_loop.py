@@ -417,8 +417,16 @@ def test_records_keep_each_example_and_the_cut_orders_by_the_relatives_misses(
     order = example_order(archive, genome, tasks, neighbours=1)  # only the nearest counts
     assert order[:2] == ((tasks[1], 2), (tasks[2], 0)) and len(order) == sum(sizes.values())
     assert sorted(order) == sorted((t, i) for t, n in sizes.items() for i in range(n))
+    # the nearer relative weighs more: its misses first, then those of the farther one (whose
+    # results also stand in for the examples the cut one did not score), then the rest
     both = example_order(archive, genome, tasks, neighbours=2)
-    assert both[: sizes[tasks[0]]] == tuple((tasks[0], i) for i in range(sizes[tasks[0]]))
+    assert both[:2] == order[:2]
+    assert both[2 : 2 + sizes[tasks[0]]] == tuple((tasks[0], i) for i in range(sizes[tasks[0]]))
+    assert both[2 + sizes[tasks[0]] :] == tuple(
+        sorted(
+            set(both) - set(both[: 2 + sizes[tasks[0]]]), key=lambda p: (tasks.index(p[0]), p[1])
+        )
+    )
     old = [Evaluation(0, far, 50.0, {t: 100.0 for t in tasks})]  # a journal without examples
     assert example_order(old, genome, tasks) == task_order(old, genome, tasks)
     # any order scores the same; the examples named come first, each example once
