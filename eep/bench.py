@@ -607,12 +607,14 @@ def bench_scoring(worker, genomes: int, repeats: int, log) -> dict:
     roofline_s = weight_bytes / bandwidth
     # one evaluation's own roofline: every forward call reads the weights once, and every token
     # position fed costs 2 FLOPs per active parameter at the matmul peak measured here
-    calls = tokens = 0
+    work = {"auto": [0, 0], "generate": [0, 0]}  # per path: forward calls, token positions
     for genome in sample:
         with adapter.applied(genome):
-            c, t = forward_work(model, forced.example_scores)
-        calls, tokens = calls + c, tokens + t
-    calls, tokens = calls / genomes, tokens / genomes
+            for path, scorer in scorers.items():
+                c, t = forward_work(model, scorer.example_scores)
+                work[path][0] += c / genomes
+                work[path][1] += t / genomes
+    calls, tokens = work["auto"]
     per_token = 2 * active_params(model, adapter)  # FLOPs a token position costs
     flops = per_token * tokens
     peak = _matmul_flops(device, next(model.parameters()).dtype)
@@ -636,6 +638,12 @@ def bench_scoring(worker, genomes: int, repeats: int, log) -> dict:
         "roofline_ratio": step_s / roofline_s,
         "forward_passes": calls,
         "forward_tokens": tokens,
+        # where compute, not the per-call overhead, bounds both paths (a CPU, a large batch), the
+        # teacher-forced path can be at most this much cheaper: it feeds prompt + answer where
+        # generation computes prompt + completion
+        "generated_forward_passes": work["generate"][0],
+        "generated_forward_tokens": work["generate"][1],
+        "compute_bound_speedup": work["generate"][1] / tokens if tokens else None,
         "evaluation_flops": flops,
         "matmul_flops_per_s": peak,
         "evaluation_roofline_s": eval_roofline_s,
@@ -645,7 +653,9 @@ def bench_scoring(worker, genomes: int, repeats: int, log) -> dict:
         f"[bench] scoring: teacher-forced {timed['auto']:.3f} s vs generated {timed['generate']:.3f} s per evaluation "
         f"= {row['tf_speedup']:.2f}x ({differ} of {row['examples']} x {genomes} example verdicts differ; "
         f"{decided} of {len(items)} x {genomes} decided by the forward pass, the rest generated); "
-        f"{row['eval_tokens_per_s']:.0f} evaluation tokens/s vs {row['generate_tokens_per_s']:.0f} of generate"
+        f"{row['eval_tokens_per_s']:.0f} evaluation tokens/s vs {row['generate_tokens_per_s']:.0f} of generate; "
+        f"token positions computed {tokens:.0f} in {calls:.1f} forward calls vs {work['generate'][1]:.0f} in "
+        f"{work['generate'][0]:.1f}: at most {row['compute_bound_speedup']:.2f}x where compute bounds both"
     )
     log(
         f"[bench] roofline: decode step {1e3 * step_s:.2f} ms vs {1e3 * roofline_s:.2f} ms to read "
@@ -871,6 +881,13 @@ def markdown(r: dict) -> str:
         f"{sc['examples_differing']} verdicts differ) | {sc['teacher_forced_s']:.3f} s vs "
         f"{sc['generated_s']:.3f} s = {sc['tf_speedup']:.2f}x | {goal('tf_speedup')} |"
     )
+    if sc.get("compute_bound_speedup"):
+        lines.append(
+            f"| token positions computed per evaluation: teacher-forced vs generated "
+            f"({sc['forward_passes']:.1f} vs {sc['generated_forward_passes']:.1f} forward calls) | "
+            f"{sc['forward_tokens']:.0f} vs {sc['generated_forward_tokens']:.0f}: at most "
+            f"{sc['compute_bound_speedup']:.2f}x where compute bounds both | |"
+        )
     lines.append(
         f"| early cut, search of {cut['evaluations']} at keep {cut['keep']} ({cut['cut']} cut, same search): "
         f"evaluation time | {cut['cut_scoring_s']:.1f} s vs {cut['uncut_scoring_s']:.1f} s = "

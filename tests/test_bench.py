@@ -59,6 +59,11 @@ def test_bench_measures_everything_and_writes_json_and_markdown(tmp_path):
     assert saved["tf_speedup"] == scoring["tf_speedup"] > 0 and scoring["roofline_ratio"] > 0
     # one forward call over all 128 examples (batch 128) settles the toy: its rows x widest row
     assert scoring["forward_passes"] == 1 and scoring["forward_tokens"] % 128 == 0
+    # generation: a prefill, then a decode step of one position per prompt
+    assert scoring["generated_forward_passes"] > 1 and scoring["generated_forward_tokens"] > 128
+    assert scoring["compute_bound_speedup"] == pytest.approx(
+        scoring["generated_forward_tokens"] / scoring["forward_tokens"]
+    )
     assert 0 < scoring["evaluation_roofline_s"] < scoring["teacher_forced_s"]
     assert saved["roofline_ratio"] is None and saved["experts_implementation"]
     assert (
@@ -69,6 +74,7 @@ def test_bench_measures_everything_and_writes_json_and_markdown(tmp_path):
         text == markdown(saved) and "rebuild per candidate" in text and "keep 4 of 8, top-1" in text
     )
     assert "teacher-forced vs generated" in text and "early cut" in text and "roofline" in text
+    assert "token positions computed per evaluation" in text
 
 
 def test_bench_refuses_an_output_path_that_is_a_file(tmp_path, capsys):
