@@ -99,7 +99,7 @@ def fronts(
     one left, or equals the point just taken."""
     rest = sorted(
         (e for e in archive if e.candidate),
-        key=lambda e: (kept_experts(e.genome), -e.fitness, e.id),
+        key=lambda e: (size(e.genome), -e.fitness, e.id),
     )
     out: list[list[Evaluation]] = []
     while rest and (needed is None or sum(map(len, out)) < needed):

@@ -91,6 +91,25 @@ def test_fronts_partition_the_candidates_and_the_first_is_non_dominated():
         assert not any(dominates(b, a) for a in earlier for b in later)
 
 
+def test_fronts_of_active_parameters_sort_by_active_experts():
+    """Every expert kept and the layers' top-k varying: the front runs over active experts (kept
+    experts are the same for all and decide nothing)."""
+    from eep.loop import active_experts
+
+    def genome(k0, k1):
+        return Genome.from_keep(8, 2, {0: range(8), 1: range(8)}, {0: k0, 1: k1})
+
+    archive = [
+        Evaluation(0, genome(2, 2), 90.0),
+        Evaluation(1, genome(1, 1), 70.0),
+        Evaluation(2, genome(1, 2), 80.0),
+        Evaluation(3, genome(2, 1), 60.0),
+    ]
+    layered = fronts(archive, size=active_experts)
+    assert [[e.id for e in f] for f in layered] == [[1, 2, 0], [3]]
+    assert [e.id for e in front_of(archive, active_experts)] == [1, 2, 0]
+
+
 def test_nsga2_pool_is_deaps_selection_on_the_whole_archive():
     from deap import base, creator, tools
 
