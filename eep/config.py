@@ -139,7 +139,8 @@ class SearchConfig(_Section):
     """``[fitness]``: the best genome of one size. ``[fitness, kept_params]``: one search for the
     whole accuracy-size frontier: genomes of every size (each layer keeps top-k..E experts), parents
     chosen by NSGA-II rank and crowding from the archive, the non-dominated front kept, held-out
-    scored and exportable point by point (no early cut: it would judge by one objective).
+    scored and exportable point by point (the early cut stops a candidate only once enough no larger
+    ones outscore it: ``eep.loop.front_bar``).
     ``[fitness, active_params]``: the same for parameters active per token: every expert kept, each
     layer routing to 1..top-k of them (the speed side of the trade-off)."""
     population: Annotated[int, Field(ge=4)] = 24

@@ -132,9 +132,7 @@ class Evolution:
         for task in fit.tasks:
             paths.setdefault(scoring_path(task.metric, why_not), []).append(task.name)
         cut = (
-            "; no early cut (multi-objective)"
-            if search.frontier
-            else "; early cut of hopeless candidates"
+            "; early cut of hopeless candidates"
             if search.early_cut
             else "; no early cut (search.early_cut: false)"
         )

@@ -199,6 +199,24 @@ _MISSED = np.full(256, np.nan)
 _MISSED[ord("0")], _MISSED[ord("1")] = 1.0, 0.0
 
 
+def front_bar(
+    archive: list[Evaluation], size: int, needed: int, size_of=kept_experts
+) -> float | None:
+    """The fitness a new candidate of a multi-objective search, of ``size`` (``size_of`` its
+    genome), must reach to ever matter, judged on ``archive``; None when any fitness could matter.
+
+    It is the ``needed``-th best fitness among the candidates no larger. Below it, that many
+    candidates dominate the new one for good (they score higher at no larger size, and stay in the
+    archive), so each lies on an earlier front than it: :func:`nsga2_pool`, which takes whole
+    fronts in order until it holds ``population``, never reaches it; it is on no front; and at every
+    size it fits, it is outside the ``select_top`` best a pick is made among (:func:`eep.evolution`'s
+    ``_pick``). ``needed``: the larger of ``population`` and the candidates the picks judge."""
+    ranked = sorted(
+        (e.fitness for e in archive if e.candidate and size_of(e.genome) <= size), reverse=True
+    )
+    return ranked[needed - 1] if len(ranked) >= needed else None
+
+
 def _nearest(records: list[Evaluation], genome: Genome, n: int) -> list[Evaluation]:
     """The ``n`` records sharing most kept experts with ``genome`` (ties: the earlier)."""
     mine = genome.kept_bits
@@ -388,7 +406,7 @@ class _Proposals:
 
     def __iter__(self) -> Iterator[Candidate]:
         yield from list(self.in_flight)  # bred before a stop, never finished: evaluate them first
-        frontier = self.cfg.frontier  # no early cut: a bar would judge by fitness alone
+        cut = self.cfg.early_cut
         while self.next_id < self.cfg.evaluations:
             genome = self._child()
             if genome is None:
@@ -396,16 +414,24 @@ class _Proposals:
             candidate = Candidate(
                 self.next_id,
                 genome,
-                parent_bar(self.archive, self.cfg, self.export_top)
-                if self.cfg.early_cut and not frontier
-                else None,
-                example_order(self.archive, genome, self.tasks) if not frontier else (),
+                self._bar(genome) if cut else None,
+                example_order(self.archive, genome, self.tasks) if cut else (),
             )
             self.next_id += 1
             self.seen.add(genome.key)
             self.in_flight.append(candidate)
             self._save()
             yield candidate
+
+    def _bar(self, genome: Genome) -> float | None:
+        """The fitness below which ``genome`` may be cut short (:func:`parent_bar`,
+        :func:`front_bar`)."""
+        if self.cfg.frontier:
+            size = SIZES[self.cfg.objectives[1]]
+            return front_bar(
+                self.archive, size(genome), max(self.cfg.population, self.export_top), size
+            )
+        return parent_bar(self.archive, self.cfg, self.export_top)
 
     def _child(self) -> Genome | None:
         """Candidate ``next_id``'s genome: a seed, a random one, or bred; never one already seen."""

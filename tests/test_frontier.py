@@ -170,7 +170,62 @@ def test_frontier_search_is_deterministic_and_resumes_exactly(tmp_path, worker):
     assert _journal(resumed) == _journal(whole)
     sizes = {kept_experts(Genome.from_dict(r["genome"])) for r in _journal(whole)}
     assert len(sizes) >= 8  # one search, many sizes
-    assert all(r["status"] == "ok" for r in _journal(whole))  # no early cut
+    assert all(r["status"] == "ok" for r in _journal(whole))  # one chunk of examples: no cut
+
+
+@pytest.mark.parametrize("validated", [False, True])
+def test_early_cut_leaves_the_frontier_unchanged(tmp_path, validated):
+    """A multi-objective search with the early cut (chunks of 8 of the 24 search examples): the
+    same genomes in the same order, the same front and the same picks as without it; a cut
+    candidate would have scored at most its bound, below its bar, and enough candidates no larger
+    than it outscored that bar."""
+    worker_data = toy_config_dict()
+    worker_data["fitness"]["batch_size"] = 8
+    if validated:
+        for task in worker_data["fitness"]["tasks"]:
+            task["validation_size"] = 4
+    worker = FitnessWorker(parse_config(worker_data))
+    runs = {}
+    for cut in (True, False):
+        data = frontier_config(evaluations=60, initial=10, early_cut=cut, select_top=10)
+        data["fitness"] = worker_data["fitness"]
+        config = parse_config(data)
+        run = RunDir.create(tmp_path / str(cut), config)
+        schedule = build_schedule(
+            config.search_space, MoEShape("mixtral", 8, 2, (0, 1, 2, 3)), "kept_params"
+        )
+        runs[cut] = run, run_search(run, schedule, SerialEvaluator(worker), lambda m: None)
+    (cut_run, cut_summary), (full_run, full_summary) = runs[True], runs[False]
+    cut_rows, full_rows = _journal(cut_run), _journal(full_run)
+    assert [(r["id"], r["key"]) for r in cut_rows] == [(r["id"], r["key"]) for r in full_rows]
+    cut = [(c, f) for c, f in zip(cut_rows, full_rows) if c["status"] == "cut"]
+    assert cut and cut_summary["cut"] == len(cut) and full_summary["cut"] == 0
+    for c, f in cut:
+        assert f["status"] == "ok" and f["fitness"] <= c["cut"]
+    front = [e.id for e in front_of(cut_run.evaluations())]
+    assert front == [e.id for e in front_of(full_run.evaluations())]
+    assert not {c["id"] for c, _ in cut} & set(front)
+    # every pick judges the select_top best within its size (or the best, without validation)
+    top = 10 if validated else 1
+    for max_size in range(8, 33, 4):
+
+        def best(rows, max_size=max_size):
+            within = [
+                r
+                for r in rows
+                if r["status"] == "ok" and kept_experts(Genome.from_dict(r["genome"])) <= max_size
+            ]
+            ranked = sorted(
+                within,
+                key=lambda r: (
+                    -r["fitness"],
+                    -kept_experts(Genome.from_dict(r["genome"])),
+                    r["id"],
+                ),
+            )
+            return [r["id"] for r in ranked[:top]]
+
+        assert best(cut_rows) == best(full_rows)
 
 
 @pytest.mark.slow
