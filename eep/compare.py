@@ -24,15 +24,20 @@ from eep.methods import method_of
 from eep.surgery import parameter_counts
 
 
-def search_start(config: Config) -> str | None:
-    """How the run's search started, for its row: ``warm start: greedy, naee`` (``search.warm_start``
-    as given; ``eep search`` turns the calibration-pass ones into ``seeds/warm-<method>.json``) and
-    any other seed genomes; None for random initial genomes only."""
+def warm_started(config: Config) -> list[str]:
+    """The baselines the run's search started from: ``search.warm_start`` as given, and those
+    ``eep search`` saved as ``seeds/warm-<method>.json`` (the calibration-pass ones)."""
     names = [Path(s).name for s in config.search.seed_genomes]
-    warm = config.search.named_warm_start + [
+    return config.search.named_warm_start + [
         n.removeprefix("warm-").removesuffix(".json") for n in names if n.startswith("warm-")
     ]
-    seeded = sum(not n.startswith("warm-") for n in names)
+
+
+def search_start(config: Config) -> str | None:
+    """How the run's search started, for its row: ``warm start: greedy, naee``
+    (:func:`warm_started`) and any other seed genomes; None for random initial genomes only."""
+    warm = warm_started(config)
+    seeded = sum(not Path(s).name.startswith("warm-") for s in config.search.seed_genomes)
     parts = [f"warm start: {', '.join(warm)}"] if warm else []
     parts += [f"{seeded} seed genome{'s' if seeded > 1 else ''}"] if seeded else []
     return "; ".join(parts) or None
@@ -216,7 +221,11 @@ def run_baselines(
             "evaluations": summary["evaluations"],
             # "validation" or "search fitness": how the run picked the genome it exports
             "picked_by": (summary.get("selected") or {}).get("by", "search fitness"),
-        } | ({"how": start} if (start := search_start(config)) else {})
+        } | (
+            {"how": start, "warm_start": warm_started(config)}
+            if (start := search_start(config))
+            else {}
+        )
     sweep_rows = {str(k): methods_at(k) for k in cfg.sweep if k != keep}
     sweep = {k: {m: v["heldout"] for m, v in rows.items()} for k, rows in sweep_rows.items()}
     return {

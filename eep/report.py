@@ -82,6 +82,8 @@ class Row:
     how: str | None = None
     evaluations: int | None = None
     """Fitness evaluations the method spent (the search; greedy elimination)."""
+    warm_start: tuple[str, ...] = ()
+    """The search's row: the baselines it started from."""
 
     @property
     def label(self) -> str:
@@ -127,6 +129,7 @@ def method_rows(
             methods[m].get("active_params"),
             methods[m].get("how"),
             methods[m].get("evaluations"),
+            tuple(methods[m].get("warm_start", ())),
         )
         for m in ordered_methods(methods)
     ]
@@ -155,13 +158,7 @@ def search_behind(rows: Sequence[Row], validated: bool = False) -> str | None:
         tips.append(
             "validation examples to pick the export by (`fitness.tasks[].validation_size` above 0)"
         )
-    started = {  # the row's ``how``: "warm start: greedy, naee; 2 seed genomes"
-        m.strip()
-        for part in (search.how or "").split(";")
-        if part.strip().startswith("warm start:")
-        for m in part.split(":", 1)[1].split(",")
-    }
-    if winner.method in WARM_STARTS and winner.method not in started:
+    if winner.method in WARM_STARTS and winner.method not in search.warm_start:
         tips.insert(0, f"starting from it (`search.warm_start: [{winner.method}]`)")
     how = f"{', '.join(tips[:-1])} or {tips[-1]}" if len(tips) > 1 else tips[0]
     return (

@@ -204,7 +204,7 @@ def test_moei2_rows_compare_at_equal_kept_parameters(tmp_path, capsys):
 def test_the_search_row_says_how_the_search_started():
     """A warm-started search's row names its warm start, as given or as ``eep search`` saved it
     (calibration-pass genomes become ``seeds/warm-<method>.json``); random starts say nothing."""
-    from eep.compare import search_start
+    from eep.compare import search_start, warm_started
     from eep.config import parse_config
 
     def start(**search):
@@ -216,3 +216,6 @@ def test_the_search_row_says_how_the_search_started():
     assert start(warm_start=["greedy", "naee"]) == "warm start: greedy, naee"
     saved = start(warm_start=["greedy"], seed_genomes=["seeds/warm-reap.json", "seeds/mine.json"])
     assert saved == "warm start: greedy, reap; 1 seed genome"
+    data = toy_config_dict(evaluations=10)
+    data["search"].update(warm_start=["greedy"], seed_genomes=["seeds/warm-reap.json"])
+    assert warm_started(parse_config(data)) == ["greedy", "reap"]

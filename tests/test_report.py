@@ -169,7 +169,7 @@ def test_a_baseline_beating_the_search_is_said_with_what_may_close_the_gap():
     assert behind.startswith("The search (80.0) is 2.5 points below greedy held out; starting from")
     assert "`search.warm_start: [greedy]`" in behind
     # a search that already started from greedy elimination is not told to
-    started = [Row("greedy", 82.5, {}), Row("search", 80.0, {}, how="warm start: naee, greedy")]
+    started = [Row("greedy", 82.5, {}), Row("search", 80.0, {}, warm_start=("naee", "greedy"))]
     assert "warm_start" not in search_behind(started, validated=True)
     # naee with dynamic skipping is no warm start; a validated run is not told to validate
     assert search_behind(rows(**{"naee+skip": 90.0, "search": 80.0}), validated=True) == (
