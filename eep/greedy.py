@@ -12,17 +12,32 @@ scores each batch on the resident worker, the search (``search.warm_start: [gree
 its evaluator and journal. It yields a batch of genomes to score and receives their fitnesses;
 its return value is the final genome and its fitness. Ties go to the lowest expert id, so it is
 deterministic given the fitnesses.
+
+Only the best option of a batch is taken (in the swap pass, only if it beats the fitness so far),
+so an option scoring below the best scored before it (:func:`bar`) need not be scored exactly: the
+search's early cut stops it once even a perfect rest could not reach that, and its upper bound
+stands in for its fitness. Whatever it is, it stays below the best, so the same options are taken.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Iterable
 
 from eep.errors import EepError
 from eep.genome import Genome
 from search_spaces import PruneSpace
 
-Steps = Generator[list[Genome], list[float], tuple[Genome, float]]
+
+class Batch(list):
+    """One step's options (a list of genomes), and ``floor``: the fitness an option must beat to be
+    taken (the swap pass: the fitness so far; None in elimination, where the best is always taken)."""
+
+    def __init__(self, genomes: Iterable[Genome], floor: float | None = None):
+        super().__init__(genomes)
+        self.floor = floor
+
+
+Steps = Generator[Batch, list[float], tuple[Genome, float]]
 
 AUTO_SHARE = 0.4
 """``search.warm_start: auto`` starts a search from greedy elimination when its evaluations are at
@@ -59,7 +74,7 @@ def steps(space: PruneSpace) -> Steps:
     for layer in layers:
         while len(kept[layer]) > keep:
             options = [[e for e in kept[layer] if e != drop] for drop in kept[layer]]
-            scores = yield [genome({layer: o}) for o in options]
+            scores = yield Batch(genome({layer: o}) for o in options)
             best = max(range(len(options)), key=lambda i: (scores[i], -i))
             kept[layer], fitness = options[best], scores[best]
     for layer in layers:
@@ -71,12 +86,12 @@ def steps(space: PruneSpace) -> Steps:
         ]
         if not options:
             continue
-        scores = yield [genome({layer: o}) for o in options]
+        scores = yield Batch((genome({layer: o}) for o in options), fitness)
         best = max(range(len(options)), key=lambda i: (scores[i], -i))
         if fitness is None or scores[best] > fitness:
             kept[layer], fitness = options[best], scores[best]
     if fitness is None:  # nothing to drop or swap: the full model is the answer
-        fitness = (yield [genome({})])[0]
+        fitness = (yield Batch([genome({})]))[0]
     return genome({}), fitness
 
 
@@ -101,6 +116,13 @@ def starts(search, space) -> bool:
     if search.warm_start == "auto":
         return not search.frontier and auto_off(space, search.evaluations) is None
     return "greedy" in search.warm_start
+
+
+def bar(batch: Batch, scored: Iterable[float]) -> float | None:
+    """The fitness below which an option of ``batch`` cannot be taken, given options of it scored
+    before (``scored``): the best of them, or the batch's floor if higher; None when neither."""
+    values = [*scored, *(() if batch.floor is None else (batch.floor,))]
+    return max(values) if values else None
 
 
 def run(gen: Steps, score) -> tuple[Genome, float, int]:

@@ -484,9 +484,11 @@ def _greedy_phase(
 ) -> list[Evaluation]:
     """``search.warm_start: [greedy]``: greedy elimination (:mod:`eep.greedy`) as candidates 0..G-1,
     each batch through the evaluator and into the journal like any evaluation. Its steps that keep
-    more experts than the space allows are marked ``outside`` (never parents, never the best). On
+    more experts than the space allows are marked ``outside`` (never parents, never the best). With
+    ``search.early_cut`` an option is cut short once it cannot be taken (:func:`_greedy_bar`). On
     resume the journal's records stand in for the steps they hold (each checked against the genome
     the elimination asks for) and only the rest is evaluated. Returns the G records."""
+    config = run.config()
     by_id = {e.id: e for e in records}
     done: list[Evaluation] = []
     steps = greedy.steps(space)
@@ -503,29 +505,65 @@ def _greedy_phase(
                         f"journal record {i} is not the greedy warm start's step; the journal was written "
                         "by another config or version of eep"
                     )
-            new = {}
-            for evaluation in evaluator.imap(
-                Candidate(i, g) for i, g in zip(ids, batch) if i not in by_id
-            ):
+            results = {i: by_id[i] for i in ids if i in by_id}
+            pending = (
+                Candidate(
+                    i, genome, *_greedy_bar(config, space, batch, done, results, ids, p, evaluator)
+                )
+                for p, (i, genome) in enumerate(zip(ids, batch))
+                if i not in by_id
+            )
+            for evaluation in evaluator.imap(pending):
                 evaluation = replace(
                     evaluation, outside=space.reject(evaluation.genome) is not None
                 )
                 run.append(evaluation)
-                new[evaluation.id] = evaluation
+                results[evaluation.id] = evaluation
                 if progress is not None:
-                    progress.update([*done, *new.values()], evaluation, None, "greedy elimination")
-            results = [by_id[i] if i in by_id else new[i] for i in ids]
-            done.extend(results)
-            failed = next((r for r in results if not r.ok), None)
+                    progress.update(
+                        [*done, *results.values()], evaluation, None, "greedy elimination"
+                    )
+            scored = [results[i] for i in ids]
+            done.extend(scored)
+            failed = next((r for r in scored if r.failed), None)
             if failed is not None:
                 raise EepError(
                     f"the greedy warm start needs every step scored, and candidate {failed.id} "
-                    f"{'was cut' if failed.cut is not None else 'failed'} ({failed.error})"
+                    f"failed ({failed.error})"
                 )
-            batch = steps.send([r.fitness for r in results])
+            batch = steps.send([_greedy_score(r) for r in scored])
     except StopIteration:
         pass
     return done
+
+
+def _greedy_score(record: Evaluation) -> float:
+    """What greedy elimination compares: the fitness, or for a cut option its upper bound (below
+    the bar it was cut at, so it is never taken)."""
+    return record.fitness if record.ok else record.cut
+
+
+def _greedy_bar(
+    config, space, batch: greedy.Batch, done, results: dict, ids: range, p: int, evaluator
+) -> tuple[float | None, tuple]:
+    """The bar and example order of option ``p`` of a greedy batch. The bar is where the option can
+    no longer be taken (:func:`eep.greedy.bar`), judged on the batch's options the evaluator has
+    handed back when it asks for this one, those ``in_flight`` or more places before it: so it is
+    the same serially, on Ray and on resume. An option inside the search space may also become a
+    parent, the best or the export, so its bar is never above :func:`parent_bar` either."""
+    cfg = config.search
+    if not cfg.early_cut:
+        return None, ()
+    ahead = getattr(evaluator, "in_flight", cfg.in_flight)
+    known = [results[i] for i in ids[: max(p - ahead + 1, 0)]]
+    archive = done + known
+    bar = greedy.bar(batch, [_greedy_score(r) for r in known])
+    if bar is not None and space.reject(batch[p]) is None:
+        export_top = cfg.select_top if config.fitness.validates else 1
+        pool = parent_bar(archive, cfg, export_top)
+        bar = None if pool is None else min(bar, pool)
+    tasks = [t.name for t in config.fitness.tasks]
+    return bar, example_order(archive, batch[p], tasks) if bar is not None else ()
 
 
 def _without_budget(outcome: dict) -> dict:

@@ -464,6 +464,85 @@ def test_parent_bar_lies_below_both_thresholds_and_the_pool_minimum():
     assert parent_bar([*archive[:5], failed], cfg) is None
 
 
+@pytest.mark.parametrize("in_flight", [1, 3])
+def test_greedy_warm_start_cuts_options_it_cannot_take_and_decides_the_same(
+    tmp_path, chunked_worker, in_flight
+):
+    """With the early cut, an option of a greedy batch is cut once it falls below the best option
+    scored before it (or, in the swap pass, the fitness to beat): the same journal genomes, the same
+    greedy result and the same search after it as without the cut, and a journal stopped in the
+    greedy phase resumes to the same records."""
+    from eep import greedy
+
+    space = PruneSpace(num_experts=8, top_k=2, layers=(0, 1, 2, 3), keep=3)
+    cost = greedy.cost(space)
+
+    def config(cut):
+        data = toy_config_dict(
+            evaluations=cost + 20,
+            initial=6,
+            warm_start=["greedy"],
+            early_cut=cut,
+            in_flight=in_flight,
+        )
+        data["fitness"]["batch_size"] = 8
+        data["search_space"]["keep"] = 3
+        return parse_config(data)
+
+    runs = {}
+    for cut in (True, False):
+        run = RunDir.create(tmp_path / str(cut), config(cut))
+        evaluator = SerialEvaluator(chunked_worker, in_flight)
+        runs[cut] = run, run_search(run, space, evaluator, log=lambda m: None)
+    (cut_run, cut_summary), (full_run, full_summary) = runs[True], runs[False]
+    cut_rows, full_rows = _journal(cut_run), _journal(full_run)
+    assert [(r["id"], r["key"]) for r in cut_rows] == [(r["id"], r["key"]) for r in full_rows]
+    assert cut_summary["best_genome"] == full_summary["best_genome"]
+    cut = [(c, f) for c, f in zip(cut_rows[:cost], full_rows[:cost]) if c["status"] == "cut"]
+    assert cut  # options that fell behind the batch's best
+    for c, f in cut:  # each would have scored at most its bound
+        assert f["status"] == "ok" and f["fitness"] <= c["cut"]
+    for c, f in zip(cut_rows, full_rows):
+        if c["status"] == "ok":
+            assert c["fitness"] == f["fitness"]
+    # and below the best option before it in its batch that the evaluator had handed back (or
+    # the swap pass's fitness to beat), so it could not have been taken
+    steps, start = greedy.steps(space), 0
+    try:
+        batch = next(steps)
+        while True:
+            rows = full_rows[start : start + len(batch)]
+            for p, c in enumerate(cut_rows[start : start + len(batch)]):
+                if c["status"] == "cut":
+                    before = [r["fitness"] for r in rows[: max(p - in_flight + 1, 0)]]
+                    floor = [] if batch.floor is None else [batch.floor]
+                    assert rows[p]["fitness"] < max(before + floor)
+            start += len(batch)
+            batch = steps.send([r["fitness"] for r in rows])
+    except StopIteration:
+        pass
+    expected, value, _ = greedy.run(
+        greedy.steps(space),
+        lambda gs: [chunked_worker.fitness(chunked_worker.scores(g)) for g in gs],
+    )
+    chosen = [r for r in cut_rows[:cost] if Genome.from_dict(r["genome"]) == expected]
+    assert chosen and all(r["status"] == "ok" and r["fitness"] == value for r in chosen)
+
+    stopped = RunDir.create(tmp_path / "stopped", config(True))
+    with stopped.journal_path.open("a") as journal:
+        for line in cut_run.journal_path.read_text().splitlines()[: cost // 2]:
+            journal.write(line + "\n")
+    resumed = run_search(
+        stopped, space, SerialEvaluator(chunked_worker, in_flight), log=lambda m: None
+    )
+    assert _journal(stopped) == cut_rows
+
+    def timeless(summary):  # the seconds the cut saved are measured, not decided
+        return {k: v for k, v in summary.items() if k != "cut_seconds_saved"}
+
+    assert timeless(resumed) == timeless(cut_summary)
+
+
 def test_greedy_warm_start_is_journaled_counted_and_resumes_exactly(tmp_path, worker):
     """The greedy elimination runs as candidates 0..G-1 (its part-way steps marked outside the
     space), breeding continues from its result, and a journal cut anywhere — in the greedy phase,
