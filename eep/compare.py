@@ -88,6 +88,7 @@ def run_baselines(
     from eep.moe import shape_of
     from eep.progress import Progress, tracked
     from fitness.metrics import weighted_fitness
+    from fitness.scoring import Cut
     from search_spaces import PruneSpace
 
     cfg, keep = config.baselines, config.search_space.keep
@@ -135,9 +136,18 @@ def run_baselines(
                     f"greedy elimination at {k} of {shape.num_experts}", greedy.cost(space), log
                 )
 
-                def fitnesses(genomes):
-                    scored = [worker.fitness(worker.scores(g)) for g in genomes]
-                    progress.step(len(genomes))  # noqa: B023  (called within this iteration)
+                def fitness_or_bound(genome, bar):
+                    try:
+                        return worker.fitness(worker.scores(genome, cut_below=bar))
+                    except Cut as cut:
+                        return cut.bound
+
+                def fitnesses(batch):
+                    if config.search.early_cut:
+                        scored = greedy.cut_scores(batch, fitness_or_bound)
+                    else:
+                        scored = [fitness_or_bound(g, None) for g in batch]
+                    progress.step(len(batch))  # noqa: B023  (called within this iteration)
                     return scored
 
                 genome, fitness, spent = greedy.run(greedy.steps(space), fitnesses)

@@ -21,7 +21,7 @@ stands in for its fitness. Whatever it is, it stays below the best, so the same 
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable
 
 from eep.errors import EepError
 from eep.genome import Genome
@@ -123,6 +123,16 @@ def bar(batch: Batch, scored: Iterable[float]) -> float | None:
     before (``scored``): the best of them, or the batch's floor if higher; None when neither."""
     values = [*scored, *(() if batch.floor is None else (batch.floor,))]
     return max(values) if values else None
+
+
+def cut_scores(batch: Batch, score: Callable[[Genome, float | None], float]) -> list[float]:
+    """``batch`` scored one option after another, each given the :func:`bar` it cannot be taken
+    below: ``score(genome, bar)`` may stop early and return an upper bound under ``bar`` instead of
+    the fitness (the early cut), and greedy takes the same options."""
+    scored: list[float] = []
+    for genome in batch:
+        scored.append(score(genome, bar(batch, scored)))
+    return scored
 
 
 def run(gen: Steps, score) -> tuple[Genome, float, int]:

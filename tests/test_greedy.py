@@ -101,3 +101,31 @@ def test_auto_warm_start_takes_greedy_where_it_fits_a_share_of_the_budget():
     assert resolve_warm_start(off, space).search.warm_start == []
     named = parse_config(toy_config_dict(evaluations=100, warm_start=["naee"]))
     assert resolve_warm_start(named, space) is named
+
+
+@pytest.mark.parametrize("keep", [2, 3, 5])
+def test_options_cut_below_their_bar_change_nothing_greedy_takes(keep):
+    """Scored one after another, an option below the best before it in its batch (or, in the swap
+    pass, below the fitness to beat) may report any bound under that bar instead of its fitness:
+    greedy takes the same options and ends with the same genome and fitness."""
+    import random
+
+    space = PruneSpace(num_experts=8, top_k=2, layers=(0, 1, 2), keep=keep)
+    rng = random.Random(keep)
+    table: dict[str, float] = {}
+
+    def fitness(genome):  # not additive, with ties: any landscape
+        return table.setdefault(genome.key, float(rng.randint(0, 12)))
+
+    full = greedy.run(greedy.steps(space), lambda gs: [fitness(g) for g in gs])
+    bounded = []
+
+    def fitness_or_bound(genome, bar):
+        value = fitness(genome)
+        if bar is not None and value < bar:
+            bounded.append(genome)
+            return rng.uniform(value, bar - 1e-9)  # what a cut reports: at least the fitness
+        return value
+
+    cut = greedy.run(greedy.steps(space), lambda batch: greedy.cut_scores(batch, fitness_or_bound))
+    assert bounded and cut == full
