@@ -10,8 +10,9 @@ hash was already proposed is bred again, so no genome is evaluated twice.
 With ``search.warm_start: [greedy]`` (or ``auto`` where it resolves to that, :func:`eep.greedy.starts`)
 the first candidates are greedy elimination's (:mod:`eep.greedy`), journaled like the rest; seeds
 and random genomes follow. Each candidate carries the fitness it
-must reach to matter (:func:`parent_bar`) so that a worker may cut a hopeless one short, and the
-order of examples that makes such a cut come soonest (:func:`example_order`).
+must reach to matter (:func:`parent_bar`; on a frontier :func:`front_bar`; for greedy's options
+:func:`_greedy_bar`) so that a worker may cut a hopeless one short, and the order of examples that
+makes such a cut come soonest (:func:`example_order`).
 
 The operators come from the search space of the candidate's phase (:class:`search_spaces.Schedule`):
 EEP prunes first, then from ``merge_after`` on breeds merge genomes from the same archive, so
@@ -195,10 +196,6 @@ def parent_bar(archive: list[Evaluation], cfg: SearchConfig, export_top: int = 1
     return min(ranked[0] - max(cfg.crossover_threshold, cfg.mutate_threshold), ranked[pool - 1])
 
 
-_MISSED = np.full(256, np.nan)
-_MISSED[ord("0")], _MISSED[ord("1")] = 1.0, 0.0
-
-
 def front_bar(
     archive: list[Evaluation], size: int, needed: int, size_of=kept_experts
 ) -> float | None:
@@ -223,6 +220,11 @@ def _nearest(records: list[Evaluation], genome: Genome, n: int) -> list[Evaluati
     return heapq.nsmallest(
         n, records, key=lambda e: (-(mine & e.genome.kept_bits).bit_count(), e.id)
     )
+
+
+# a record's example verdicts ("1", "0", ".") read as misses: 0, 1, unknown
+_MISSED = np.full(256, np.nan)
+_MISSED[ord("0")], _MISSED[ord("1")] = 1.0, 0.0
 
 
 def example_order(
