@@ -167,6 +167,40 @@ def test_busy_share_counts_evaluation_time_inside_the_window_only():
     assert busy_share([(1.0, 5.0)], 0.0, 1.0, 1) == 1.0
 
 
+@pytest.mark.slow
+def test_ray_greedy_warm_start_cuts_what_the_serial_run_cuts(tmp_path):
+    """Greedy elimination's options are cut on the options handed back before them, so two actors
+    with two candidates in flight journal exactly what a serial run with two in flight does."""
+    from eep import greedy
+    from eep.ray_evaluator import RayEvaluator
+
+    space = PruneSpace(num_experts=8, top_k=2, layers=(0, 1, 2, 3), keep=3)
+
+    def config(**evaluator):
+        data = toy_config_dict(
+            in_flight=2, evaluations=greedy.cost(space) + 4, initial=2, warm_start=["greedy"]
+        )
+        data["fitness"]["batch_size"] = 8
+        data["search_space"]["keep"] = 3
+        data["evaluator"] = evaluator
+        return parse_config(data)
+
+    serial = RunDir.create(tmp_path / "serial", config())
+    run_search(
+        serial, space, SerialEvaluator(FitnessWorker(config()), in_flight=2), log=lambda m: None
+    )
+    cfg = config(kind="ray", workers=2)
+    ray_run = RunDir.create(tmp_path / "ray", cfg)
+    evaluator = RayEvaluator(cfg, log=lambda m: None)
+    try:
+        run_search(ray_run, space, evaluator, log=lambda m: None)
+    finally:
+        evaluator.close()
+    rows = _journal(ray_run)
+    assert rows == _journal(serial)
+    assert any(r["status"] == "cut" for r in rows[: greedy.cost(space)])
+
+
 @pytest.mark.parametrize(
     "keep", [2, pytest.param(3, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)]
 )
