@@ -214,6 +214,12 @@ def front_bar(
     return ranked[needed - 1] if len(ranked) >= needed else None
 
 
+def export_top(config) -> int:
+    """How many of the best by search fitness the export is picked among (``search.select_top``
+    when tasks have validation examples, else the best alone): what :func:`parent_bar` spares."""
+    return config.search.select_top if config.fitness.validates else 1
+
+
 def _nearest(records: list[Evaluation], genome: Genome, n: int) -> list[Evaluation]:
     """The ``n`` records sharing most kept experts with ``genome`` (ties: the earlier)."""
     mine = genome.kept_bits
@@ -354,8 +360,7 @@ class _Proposals:
         )
         self.outcome, self.digest = config.outcome(), config.digest()  # computed once
         self.tasks = [t.name for t in config.fitness.tasks]
-        # the export is picked among this many best by search fitness (see parent_bar)
-        self.export_top = self.cfg.select_top if config.fitness.validates else 1
+        self.export_top = export_top(config)
         self.start = start
         self.rng = random.Random(self.cfg.seed)
         self.toolboxes = [make_toolbox(s, self.cfg, self.rng) for _, s in schedule.phases]
@@ -561,8 +566,7 @@ def _greedy_bar(
     archive = done + known
     bar = greedy.bar(batch, [_greedy_score(r) for r in known])
     if bar is not None and space.reject(batch[p]) is None:
-        export_top = cfg.select_top if config.fitness.validates else 1
-        pool = parent_bar(archive, cfg, export_top)
+        pool = parent_bar(archive, cfg, export_top(config))
         bar = None if pool is None else min(bar, pool)
     tasks = [t.name for t in config.fitness.tasks]
     return bar, example_order(archive, batch[p], tasks) if bar is not None else ()
