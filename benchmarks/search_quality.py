@@ -60,12 +60,24 @@ def _search(config, worker, space, tmp: Path) -> tuple[object, float, int, float
     return genome, time.perf_counter() - start, summary["evaluations"], fitness
 
 
-def _with_validation(config, size: int | None):
-    """``config`` with ``validation_size`` of every task set (0: none; None: as configured)."""
-    if size is None:
+def _with_tasks(config, **sizes: int | None):
+    """``config`` with these sizes (``validation_size=0``: none) set on every task; None: as configured."""
+    update = {key: size for key, size in sizes.items() if size is not None}
+    if not update:
         return config
-    tasks = [t.model_copy(update={"validation_size": size}) for t in config.fitness.tasks]
+    tasks = [t.model_copy(update=update) for t in config.fitness.tasks]
     return config.model_copy(update={"fitness": config.fitness.model_copy(update={"tasks": tasks})})
+
+
+def _shares_examples(config, base) -> bool:
+    """Whether a search of ``config`` may run on ``base``'s worker: the same fitness, except
+    perhaps no validation examples (a variant that changes the search examples needs its own)."""
+    if config.fitness == base.fitness:
+        return True
+    return (
+        not config.fitness.validates
+        and config.fitness == _with_tasks(base, validation_size=0).fitness
+    )
 
 
 def measure(
@@ -77,6 +89,7 @@ def measure(
     validation: int | None = None,
     variants: dict[str, list[str]] | None = None,
     threads: int | None = None,
+    test_size: int | None = None,
 ) -> dict[str, dict]:
     if threads is not None:
         import torch
@@ -91,10 +104,12 @@ def measure(
     from fitness.metrics import weighted_fitness
 
     base = [f"search_space.keep={keep}", f"search.seed={seed}"]
-    config = _with_validation(load_config(config_path, base + overrides), validation)
+    config = _with_tasks(load_config(config_path, base + overrides), validation_size=validation)
     _, shape, schedule = plan(config)
     space = schedule.first
-    worker = FitnessWorker(config)
+    # the searches draw their search and validation examples from this worker; only the
+    # held-out scores see the test size
+    worker = FitnessWorker(_with_tasks(config, test_size=test_size))
 
     def heldout(genome) -> float:
         return weighted_fitness(config.fitness.tasks, worker.scores(genome, "test"))
@@ -122,13 +137,18 @@ def measure(
         "fitness": fitness,
     }
     # EEP exports its best
-    eep_config = _with_validation(load_config(config_path, base + overrides + EEP_SCHEME), 0)
+    eep_config = _with_tasks(
+        load_config(config_path, base + overrides + EEP_SCHEME), validation_size=0
+    )
     searches = [("search, EEP's scheme", eep_config), ("search (default)", config)]
     for label, extra in (variants or {}).items():
-        cfg = _with_validation(load_config(config_path, base + overrides + extra), validation)
+        cfg = _with_tasks(
+            load_config(config_path, base + overrides + extra), validation_size=validation
+        )
         searches.append((f"search ({label})", cfg))
     for name, cfg in searches:
-        genome, seconds, evaluations, fitness = _search(cfg, worker, space, tmp)
+        own = worker if _shares_examples(cfg, config) else FitnessWorker(cfg)
+        genome, seconds, evaluations, fitness = _search(cfg, own, space, tmp)
         rows[name] = {
             "heldout": heldout(genome),
             "seconds": seconds,
@@ -164,6 +184,11 @@ def main(argv=None) -> int:
         metavar="'LABEL: KEY=VALUE; ...'",
         help="one more search row per cell, with these overrides on the configured search",
     )
+    parser.add_argument(
+        "--test-size",
+        type=int,
+        help="held-out examples a task (configured: 100; more tell apart keep sets a point apart)",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="cells measured at once (processes)")
     parser.add_argument("--json", type=Path, help="write every cell's rows to this file")
     args = parser.parse_args(argv)
@@ -197,7 +222,8 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="eep-quality-") as tmp:
         args_of = {
-            c: (*c, args.overrides, Path(tmp), args.validation, variants, threads) for c in cells
+            c: (*c, args.overrides, Path(tmp), args.validation, variants, threads, args.test_size)
+            for c in cells
         }
         if args.jobs > 1:
             import multiprocessing

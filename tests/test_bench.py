@@ -111,6 +111,23 @@ def test_every_name_the_benchmark_scripts_import_exists():
     assert not missing
 
 
+def test_search_quality_gives_a_variant_with_other_search_examples_its_own_worker():
+    """A --variant that changes the search examples must not be searched on the shared worker's
+    (it once was, and its rows repeated the default's); one without validation shares it."""
+    from pathlib import Path
+
+    from benchmarks.search_quality import EEP_SCHEME, _shares_examples, _with_tasks
+    from eep.config import load_config
+
+    toy = Path(__file__).resolve().parents[1] / "experiments/toy.yaml"
+    base = load_config(toy)
+    assert _shares_examples(base, base)
+    assert _shares_examples(_with_tasks(load_config(toy, EEP_SCHEME), validation_size=0), base)
+    assert not _shares_examples(load_config(toy, ["fitness.tasks.0.search_size=32"]), base)
+    assert not _shares_examples(_with_tasks(base, validation_size=8), base)
+    assert _with_tasks(base, test_size=1000).fitness.tasks[3].test_size == 1000
+
+
 def test_figures_keep_their_digits_from_a_toy_to_mixtral_width():
     """The roofline rows print a 3 MiB toy and a 22 GiB model alike (not "0.00 GiB")."""
     from eep.bench import _scaled
