@@ -10,6 +10,7 @@ test split by the same resident worker; the hypervolume is of the held-out point
 
     python benchmarks/frontier_quality.py                       # both toys, keep 2 3 4 6
     python benchmarks/frontier_quality.py --configs experiments/toy.yaml --keeps 2 4
+    python benchmarks/frontier_quality.py --seed 1 --test-size 1000   # held out a point apart
 """
 
 from __future__ import annotations
@@ -56,12 +57,17 @@ def main() -> None:
     parser.add_argument(
         "--seed", type=int, help="the frontier search's seed (default: the config's)"
     )
+    parser.add_argument(
+        "--test-size",
+        type=int,
+        help="held-out examples a task (configured: 100; more tell apart keep sets a point apart)",
+    )
     args = parser.parse_args()
 
     import torch
 
     torch.set_num_threads(1)
-    from benchmarks.search_quality import _search
+    from benchmarks.search_quality import _search, _with_tasks
     from eep import baselines as bl
     from eep import greedy
     from eep.calibration import calibrate
@@ -78,9 +84,14 @@ def main() -> None:
         worker = FitnessWorker(config)
         adapter = worker.adapter
         layers = tuple(adapter.moe_layers)
+        tester = (
+            FitnessWorker(_with_tasks(config, test_size=args.test_size))
+            if args.test_size
+            else worker
+        )
 
-        def held(genome, config=config, worker=worker):
-            return weighted_fitness(config.fitness.tasks, worker.scores(genome, "test"))
+        def held(genome, config=config, tester=tester):
+            return weighted_fitness(config.fitness.tasks, tester.scores(genome, "test"))
 
         def params(genome, worker=worker, adapter=adapter):
             return parameter_counts(worker.model, adapter, genome)[0]
