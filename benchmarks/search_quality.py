@@ -12,7 +12,8 @@ test split by the same resident worker.
     python benchmarks/search_quality.py --variant "warm: search.warm_start=[greedy]" --jobs 8
 
 ``--variant "LABEL: KEY=VALUE; KEY=VALUE"`` adds a search row per cell with those overrides on top of
-the configured search. ``--jobs N`` measures N cells (config, keep, seed) at once in separate
+the configured search; ``fitness.tasks.*.KEY=VALUE`` sets KEY on every task (e.g. ``--variant "128
+examples: fitness.tasks.*.search_size=128"``, searched on its own worker's examples). ``--jobs N`` measures N cells (config, keep, seed) at once in separate
 processes, each with its share of the CPU threads (wall times then compare within one run only);
 ``--json FILE`` also writes every cell's rows.
 
@@ -67,6 +68,15 @@ def _with_tasks(config, **sizes: int | None):
         return config
     tasks = [t.model_copy(update=update) for t in config.fitness.tasks]
     return config.model_copy(update={"fitness": config.fitness.model_copy(update={"tasks": tasks})})
+
+
+def _every_task(overrides: list[str], tasks: int) -> list[str]:
+    """``fitness.tasks.*.KEY=VALUE`` written out for each of ``tasks`` tasks."""
+    return [
+        item.replace("fitness.tasks.*.", f"fitness.tasks.{i}.", 1)
+        for item in overrides
+        for i in (range(tasks) if item.startswith("fitness.tasks.*.") else [None])
+    ]
 
 
 def _shares_examples(config, base) -> bool:
@@ -142,6 +152,7 @@ def measure(
     )
     searches = [("search, EEP's scheme", eep_config), ("search (default)", config)]
     for label, extra in (variants or {}).items():
+        extra = _every_task(extra, len(config.fitness.tasks))
         cfg = _with_tasks(
             load_config(config_path, base + overrides + extra), validation_size=validation
         )

@@ -116,7 +116,7 @@ def test_search_quality_gives_a_variant_with_other_search_examples_its_own_worke
     (it once was, and its rows repeated the default's); one without validation shares it."""
     from pathlib import Path
 
-    from benchmarks.search_quality import EEP_SCHEME, _shares_examples, _with_tasks
+    from benchmarks.search_quality import EEP_SCHEME, _every_task, _shares_examples, _with_tasks
     from eep.config import load_config
 
     toy = Path(__file__).resolve().parents[1] / "experiments/toy.yaml"
@@ -126,6 +126,9 @@ def test_search_quality_gives_a_variant_with_other_search_examples_its_own_worke
     assert not _shares_examples(load_config(toy, ["fitness.tasks.0.search_size=32"]), base)
     assert not _shares_examples(_with_tasks(base, validation_size=8), base)
     assert _with_tasks(base, test_size=1000).fitness.tasks[3].test_size == 1000
+    every = _every_task(["fitness.tasks.*.search_size=32", "search.seed=3"], 8)
+    assert not _shares_examples(load_config(toy, every), base)
+    assert {t.search_size for t in load_config(toy, every).fitness.tasks} == {32}
 
 
 def test_figures_keep_their_digits_from_a_toy_to_mixtral_width():
