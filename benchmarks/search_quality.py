@@ -41,7 +41,7 @@ EEP_SCHEME = ["search.warm_start=[]", "search.evaluations=200"]  # and no valida
 
 def _search(config, worker, space, tmp: Path) -> tuple[object, float, int, float]:
     from eep.evaluator import SerialEvaluator
-    from eep.evolution import resolve_warm_start, validation_fitness
+    from eep.evolution import _validator, resolve_warm_start
     from eep.genome import Genome
     from eep.journal import RunDir
     from eep.loop import run_search, select
@@ -52,11 +52,8 @@ def _search(config, worker, space, tmp: Path) -> tuple[object, float, int, float
     genome = Genome.from_dict(summary["best_genome"])
     fitness = summary["best_fitness"]
     if config.fitness.validates:
-        chosen, _ = select(
-            run.evaluations(),
-            lambda g: validation_fitness(config, worker.scores(g, "validation")),
-            config.search.select_top,
-        )
+        validate = _validator(config, SerialEvaluator(worker), {})
+        chosen, _ = select(run.evaluations(), validate, config.search.select_top)
         genome, fitness = chosen.genome, chosen.fitness
     return genome, time.perf_counter() - start, summary["evaluations"], fitness
 

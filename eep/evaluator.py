@@ -111,6 +111,23 @@ class FitnessWorker:
         with context:
             return self.scorers[split].score(cut_below=cut_below, order=order)
 
+    def reaching(
+        self,
+        genome: Genome | None,
+        split: str,
+        cut_below: float | None = None,
+        order: tuple = (),
+    ) -> dict[str, float] | None:
+        """:meth:`scores` on ``split``, or None once their weighted fitness over the split's tasks
+        cannot reach ``cut_below`` (a validation pick racing its candidates); ``order``: tasks
+        scored first."""
+        from fitness.scoring import Cut
+
+        try:
+            return self.scores(genome, split, cut_below=cut_below, order=order)
+        except Cut:
+            return None
+
     def fitness(self, scores: dict[str, float]) -> float:
         from fitness.metrics import weighted_fitness
 
@@ -183,9 +200,16 @@ class SerialEvaluator:
     def busy_fraction(self) -> float | None:
         return None  # one in-process worker: nothing to report
 
-    def heldout(self, genome: Genome | None, split: str = "test") -> dict[str, float]:
-        """Scores on a split never searched on (``test``: held out; ``validation``: picks the export)."""
-        return self.worker.scores(genome, split=split)
+    def heldout(
+        self,
+        genome: Genome | None,
+        split: str = "test",
+        cut_below: float | None = None,
+        order: tuple = (),
+    ) -> dict[str, float] | None:
+        """Scores on a split never searched on (``test``: held out; ``validation``: picks the
+        export); None once they cannot reach ``cut_below`` (:meth:`FitnessWorker.reaching`)."""
+        return self.worker.reaching(genome, split, cut_below, order)
 
     def close(self) -> None:
         pass

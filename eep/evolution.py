@@ -46,16 +46,30 @@ def validation_fitness(config: Config, scores: dict[str, float]) -> float | None
     return weighted_fitness(tasks, scores) if tasks else None
 
 
-def _validator(config: Config, evaluator, memo: dict, scored: Callable[[], None] = lambda: None):
-    """``validate(genome)``: its :func:`validation_fitness`, scored once per genome key (``memo``
-    keeps them; ``scored`` is called after each new one)."""
+class _Below(float):
+    """A validation score not known, only that it is below this bar (its scoring was cut)."""
 
-    def validate(genome) -> float | None:
-        if genome.key not in memo:
-            scores = evaluator.heldout(genome, "validation")
-            memo[genome.key] = validation_fitness(config, scores)
+
+def _validator(config: Config, evaluator, memo: dict, scored: Callable[[], None] = lambda: None):
+    """``validate(genome, bar=None)``: its :func:`validation_fitness`, or None once it cannot reach
+    ``bar`` (its scoring is cut short: :func:`eep.loop.select` races the candidates). ``memo`` keeps
+    each genome's score, or the bar it fell below, so that a genome is scored again only for a
+    lower bar (the picks of a frontier share one memo); ``scored`` is called after each scoring.
+    The tasks the candidates scored in full so far scored lowest on are scored first, so that a
+    cut comes soon (it never changes a score)."""
+    totals: dict[str, float] = {}
+
+    def validate(genome, bar: float | None = None) -> float | None:
+        known = memo.get(genome.key)
+        if known is None or (isinstance(known, _Below) and (bar is None or bar < known)):
+            order = tuple(sorted(totals, key=lambda name: (totals[name], name)))
+            scores = evaluator.heldout(genome, "validation", cut_below=bar, order=order)
+            memo[genome.key] = _Below(bar) if scores is None else validation_fitness(config, scores)
+            for name, score in (scores or {}).items():
+                totals[name] = totals.get(name, 0.0) + score
             scored()
-        return memo[genome.key]
+        known = memo[genome.key]
+        return None if isinstance(known, _Below) else known
 
     return validate
 

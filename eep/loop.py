@@ -616,10 +616,22 @@ def select(
     """The genome to export: among the ``top`` best candidates by ``rank`` (default: search
     fitness, then the earlier), the best by ``validate`` (fitness on examples never searched on;
     ties: the earlier in ``rank``). Returns it and the validation fitness of each candidate tried,
-    by id."""
+    by id: None for one cut short.
+
+    The candidates race: each is validated in ``rank`` order with the best score so far as its bar,
+    ``validate(genome, bar)``, which may stop scoring one that cannot reach the bar and return None.
+    Such a one could at best tie the earlier candidate that holds the bar, and ties go to the
+    earlier, so the pick is the one a full scoring of every candidate makes."""
     ranked = sorted((e for e in archive if e.candidate), key=rank)[:top]
-    scores = {e.id: validate(e.genome) for e in ranked}
-    return max(ranked, key=lambda e: (scores[e.id], -ranked.index(e))), scores
+    scores: dict[int, float | None] = {}
+    chosen = None
+    for e in ranked:
+        scores[e.id] = validate(e.genome, None if chosen is None else scores[chosen.id])
+        if scores[e.id] is not None and (chosen is None or scores[e.id] > scores[chosen.id]):
+            chosen = e
+    if chosen is None:
+        raise ValueError("select: no candidate has a validation score")
+    return chosen, scores
 
 
 def summarise(archive: list[Evaluation]) -> dict:

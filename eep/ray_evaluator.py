@@ -186,10 +186,10 @@ class RayEvaluator:
                     evaluation = replace(evaluation, note=notes.pop(candidate.id))
                 done[candidate.id] = evaluation
 
-    def heldout(self, genome, split: str = "test") -> dict[str, float]:
+    def heldout(self, genome, split: str = "test", cut_below: float | None = None, order=()):
         import ray
 
-        return ray.get(self.actors[0].scores.remote(genome, split))
+        return ray.get(self.actors[0].reaching.remote(genome, split, cut_below, order))
 
     def close(self) -> None:
         import ray

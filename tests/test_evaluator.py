@@ -85,3 +85,62 @@ def test_a_genome_on_a_model_it_cannot_apply_to_is_a_clear_error(tmp_path):
     }
     with pytest.raises(EepError, match="cannot apply a genome to .* give the source model"):
         custom.scores(KEEP)
+
+
+@pytest.fixture(scope="module")
+def validating():
+    data = toy_config_dict()
+    data["fitness"]["batch_size"] = 4  # several chunks per task: a cut can come early
+    for task in data["fitness"]["tasks"]:
+        task["validation_size"] = 8
+    return FitnessWorker(parse_config(data))
+
+
+def test_validation_scores_stop_once_they_cannot_reach_the_bar(validating):
+    """What a validation pick races its candidates with: the full scores when they can reach the
+    bar (reaching it exactly included), None once they cannot (checked after each chunk but the
+    last)."""
+    from eep.evolution import validation_fitness
+
+    full = validating.scores(KEEP, "validation")
+    fitness = validation_fitness(validating.config, full)
+    assert SerialEvaluator(validating).heldout(KEEP, "validation") == full
+    assert fitness < 90  # a task misses several examples, so a bar of 90 is out of reach early
+    assert validating.reaching(KEEP, "validation", cut_below=fitness) == full
+    assert validating.reaching(KEEP, "validation", cut_below=90.0) is None
+    assert SerialEvaluator(validating).heldout(KEEP, "validation", cut_below=90.0) is None
+
+
+def test_a_raced_validation_pick_is_the_pick_of_scoring_every_candidate(validating):
+    """``select`` validates the candidates in rank order with the best so far as the bar; the ones
+    cut short could not have won, so it picks what scoring all of them in full picks."""
+    import random
+
+    from eep.evolution import _validator, validation_fitness
+    from eep.loop import select
+
+    rng = random.Random(1)
+    archive = [
+        Evaluation(
+            i, Genome.from_keep(8, 2, {j: rng.sample(range(8), 2) for j in range(4)}), 50.0 - i
+        )
+        for i in range(10)
+    ]
+    calls = []
+
+    class Recording(SerialEvaluator):
+        def heldout(self, genome, split="test", cut_below=None, order=()):
+            calls.append(cut_below)
+            return super().heldout(genome, split, cut_below, order)
+
+    chosen, tried = select(archive, _validator(validating.config, Recording(validating), {}), 10)
+    full = {
+        e.id: validation_fitness(validating.config, validating.scores(e.genome, "validation"))
+        for e in archive
+    }
+    assert chosen.id == max(archive, key=lambda e: (full[e.id], -e.id)).id
+    assert tried[chosen.id] == full[chosen.id]
+    assert calls[0] is None and all(bar is not None for bar in calls[1:])
+    cut = [i for i, v in tried.items() if v is None]
+    assert cut  # the race did cut some short
+    assert all(v == full[i] for i, v in tried.items() if v is not None)

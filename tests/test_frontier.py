@@ -389,13 +389,21 @@ def test_size_picks_validate_each_candidate_once():
         def __init__(self):
             self.calls = []
 
-        def heldout(self, genome, split="test"):
-            self.calls.append(genome.key)
-            return {t.name: float(len(genome.keep(0))) for t in config.fitness.tasks}
+        def heldout(self, genome, split="test", cut_below=None, order=()):
+            self.calls.append((genome.key, cut_below))
+            score = float(len(genome.keep(0)))
+            if cut_below is not None and score < cut_below:
+                return None  # as a worker's cut scoring does
+            return {t.name: score for t in config.fitness.tasks}
 
     shared, memo = Counting(), {}
     picks = [_pick(archive, size, config, shared, memo=memo) for size in range(2, 9)]
-    assert len(shared.calls) == len(set(shared.calls)) == len(memo)
+    size = {e.genome.key: len(e.genome.keep(0)) for e in archive}
+    full = [key for key, bar in shared.calls if bar is None or size[key] >= bar]
+    assert len(full) == len(set(full))  # each genome scored in full at most once
+    for key, bar in shared.calls:  # and scored again only for a lower bar than it fell below
+        earlier = [b for k, b in shared.calls[: shared.calls.index((key, bar))] if k == key]
+        assert all(b is not None and (bar is None or bar < b) for b in earlier)
     unshared = Counting()
     fresh = [_pick(archive, size, config, unshared) for size in range(2, 9)]
     assert [(e and e.id, v) for e, v in picks] == [(e and e.id, v) for e, v in fresh]

@@ -229,6 +229,10 @@ def test_ray_search_with_early_cut_equals_serial_with_and_without_it(tmp_path, k
     evaluator = RayEvaluator(cfg, log=lambda m: None)
     try:
         run_search(runs["ray"], space, evaluator, log=lambda m: None)
+        # held-out scoring on an actor, cut short as a raced validation pick asks
+        genome = runs["ray"].evaluations()[0].genome
+        assert evaluator.heldout(genome) == FitnessWorker(cfg).scores(genome, "test")
+        assert evaluator.heldout(genome, "test", cut_below=100.01) is None
     finally:
         evaluator.close()
     journals = {name: _journal(run) for name, run in runs.items()}
