@@ -371,8 +371,8 @@ def test_an_active_parameters_frontier_searches_each_layers_top_k(tmp_path):
 
 def test_size_picks_validate_each_candidate_once():
     """The candidates of the size picks overlap (every genome of at most 3 experts a layer is one at
-    4 too); with one memo each is scored on the validation examples once, and each pick is the one
-    a fresh memo gives."""
+    4 too); with one memo each is scored on the validation examples in full at most once, and one
+    cut short is scored again only for a lower bar; each pick is the one a fresh memo gives."""
     from eep.evolution import _pick
 
     data = toy_config_dict(select_top=4)
@@ -401,8 +401,8 @@ def test_size_picks_validate_each_candidate_once():
     size = {e.genome.key: len(e.genome.keep(0)) for e in archive}
     full = [key for key, bar in shared.calls if bar is None or size[key] >= bar]
     assert len(full) == len(set(full))  # each genome scored in full at most once
-    for key, bar in shared.calls:  # and scored again only for a lower bar than it fell below
-        earlier = [b for k, b in shared.calls[: shared.calls.index((key, bar))] if k == key]
+    for n, (key, bar) in enumerate(shared.calls):  # again only for a lower bar than it fell below
+        earlier = [b for k, b in shared.calls[:n] if k == key]
         assert all(b is not None and (bar is None or bar < b) for b in earlier)
     unshared = Counting()
     fresh = [_pick(archive, size, config, unshared) for size in range(2, 9)]
