@@ -60,8 +60,8 @@ def _validator(config: Config, evaluator, memo: dict, scored: Callable[[], None]
     totals: dict[str, float] = {}
 
     def validate(genome, bar: float | None = None) -> float | None:
-        known = memo.get(genome.key)
-        if known is None or (isinstance(known, _Below) and (bar is None or bar < known)):
+        known = memo.get(genome.key, _Below("inf"))  # not scored: below any bar
+        if isinstance(known, _Below) and (bar is None or bar < known):
             order = tuple(sorted(totals, key=lambda name: (totals[name], name)))
             scores = evaluator.heldout(genome, "validation", cut_below=bar, order=order)
             memo[genome.key] = _Below(bar) if scores is None else validation_fitness(config, scores)

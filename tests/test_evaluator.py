@@ -144,3 +144,21 @@ def test_a_raced_validation_pick_is_the_pick_of_scoring_every_candidate(validati
     cut = [i for i, v in tried.items() if v is None]
     assert cut  # the race did cut some short
     assert all(v == full[i] for i, v in tried.items() if v is not None)
+
+
+def test_a_genome_without_validation_examples_is_scored_once():
+    """No task validates: the validator's answer, None, is remembered like a score, not taken for
+    "not scored yet"."""
+    from eep.evolution import _validator
+
+    calls = []
+
+    class NoValidation:
+        def heldout(self, genome, split="test", cut_below=None, order=()):
+            calls.append(genome.key)
+            return {}  # no task has validation examples
+
+    config = parse_config(toy_config_dict())
+    validate = _validator(config, NoValidation(), {})
+    assert validate(KEEP) is None and validate(KEEP) is None and validate(KEEP, 50.0) is None
+    assert calls == [KEEP.key]
