@@ -11,6 +11,7 @@ test split by the same resident worker; the hypervolume is of the held-out point
     python benchmarks/frontier_quality.py                       # both toys, keep 2 3 4 6
     python benchmarks/frontier_quality.py --configs experiments/toy.yaml --keeps 2 4
     python benchmarks/frontier_quality.py --seed 1 --test-size 1000   # held out a point apart
+    python benchmarks/frontier_quality.py --set search.smallest_after=null   # no smallest-size phase
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _frontier(config, worker, tmp: Path, evaluations: int, seed: int | None = None):
+def _frontier(config, worker, tmp: Path, evaluations: int, seed: int | None = None, overrides=()):
     from eep.evaluator import SerialEvaluator
+    from eep.evolution import METHOD, resolve
     from eep.journal import RunDir
     from eep.loop import front_of, run_search
-    from search_spaces import build_schedule
 
     data = config.to_dict()
     data["search"].update(
@@ -37,11 +38,14 @@ def _frontier(config, worker, tmp: Path, evaluations: int, seed: int | None = No
     )
     if seed is not None:
         data["search"]["seed"] = seed
-    from eep.config import parse_config
+    from eep.config import apply_override, parse_config
 
-    frontier = parse_config(data)
+    for item in overrides:
+        apply_override(data, item)
+    frontier = parse_config(data, source="--set")
+    schedule = METHOD.plan(frontier, worker.adapter.shape)
+    frontier = resolve(frontier, schedule)
     run = RunDir.create(tmp / "frontier", frontier)
-    schedule = build_schedule(frontier.search_space, worker.adapter.shape, frontier="kept_params")
     start = time.perf_counter()
     run_search(run, schedule, SerialEvaluator(worker), log=lambda m: None)
     return frontier, run.evaluations(), front_of(run.evaluations()), time.perf_counter() - start
@@ -56,6 +60,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2, help="frontier budget in single-size runs")
     parser.add_argument(
         "--seed", type=int, help="the frontier search's seed (default: the config's)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override for the frontier search only (e.g. search.smallest_after=null)",
     )
     parser.add_argument(
         "--test-size",
@@ -98,7 +110,12 @@ def main() -> None:
 
         with tempfile.TemporaryDirectory() as tmp:
             frontier, archive, front, seconds = _frontier(
-                config, worker, Path(tmp), args.runs * config.search.evaluations, args.seed
+                config,
+                worker,
+                Path(tmp),
+                args.runs * config.search.evaluations,
+                args.seed,
+                args.overrides,
             )
             points = [(e, params(e.genome), held(e.genome)) for e in front]
             _, _, cal = calibrate(config, worker, lambda m: None)
@@ -130,7 +147,8 @@ def main() -> None:
             hv = hypervolume([(h, n) for _, n, h in points], full)
         print(
             f"\n## {config.name}: frontier of {args.runs * config.search.evaluations} "
-            f"evaluations in {seconds:.0f}s, {len(front)} points, hypervolume {hv:.4f}\n"
+            f"evaluations in {seconds:.0f}s (the smallest size only from evaluation "
+            f"{frontier.search.smallest_after or 'never'}), {len(front)} points, hypervolume {hv:.4f}\n"
         )
         print(
             "| size (experts per layer) | frontier pick (experts kept) | frontier held-out | "

@@ -44,12 +44,12 @@ EEP_SCHEME = ["search.warm_start=[]", "search.evaluations=200"]  # and no valida
 
 def _search(config, worker, space, tmp: Path) -> tuple[object, float, int, float]:
     from eep.evaluator import SerialEvaluator
-    from eep.evolution import _validator, resolve_warm_start
+    from eep.evolution import _validator, resolve
     from eep.genome import Genome
     from eep.journal import RunDir
     from eep.loop import run_search, select
 
-    run = RunDir.create(tmp / f"run-{time.monotonic_ns()}", resolve_warm_start(config, space))
+    run = RunDir.create(tmp / f"run-{time.monotonic_ns()}", resolve(config, space))
     start = time.perf_counter()
     summary = run_search(run, space, SerialEvaluator(worker), log=lambda m: None)
     genome = Genome.from_dict(summary["best_genome"])

@@ -189,16 +189,30 @@ def search(
 
 
 def _keeps_its_start(config: Config, evaluations: int) -> None:
-    """A run written outside ``eep search`` may store ``search.warm_start: auto`` unresolved; a larger
-    budget must not turn on a greedy start it did not make (its journal would not match)."""
-    if config.search.warm_start != "auto" or not method_of(config).searches:
+    """A run written outside ``eep search`` may store its ``auto`` search settings unresolved; a
+    larger budget must not turn on a greedy start it did not make, nor move the evaluation its
+    frontier turns to the smallest size at (its journal would not match)."""
+    search = config.search
+    if not method_of(config).searches:
+        return
+    larger = search.model_copy(update={"evaluations": evaluations})
+    if search.smallest_after == "auto" and larger.smallest_from != search.smallest_from:
+        now, then = (
+            "never" if n is None else f"from evaluation {n}"
+            for n in (search.smallest_from, larger.smallest_from)
+        )
+        raise EepError(
+            f"--evaluations {evaluations}: this run (search.smallest_after: auto) breeds at the "
+            f"smallest size only {now}, at that budget {then}; resume it at its budget, or start "
+            "a new run"
+        )
+    if search.warm_start != "auto":
         return
     from eep import greedy
     from search_spaces import Schedule
 
     first = Schedule.of(plan(config)[2]).first
-    larger = config.search.model_copy(update={"evaluations": evaluations})
-    if greedy.starts(larger, first) and not greedy.starts(config.search, first):
+    if greedy.starts(larger, first) and not greedy.starts(search, first):
         most = math.ceil(greedy.cost(first) / greedy.AUTO_SHARE) - 1
         raise EepError(
             f"--evaluations {evaluations}: this run (search.warm_start: auto, not started from greedy "
@@ -315,10 +329,10 @@ def baselines(
             source, run_dir, overrides, log=log
         )  # seeds to copy into the run first: a whole start
         fresh = False
-    if fresh:  # stored as ``eep search`` stores it: search.warm_start auto resolved
-        from eep.evolution import resolve_warm_start
+    if fresh:  # stored as ``eep search`` stores it: the auto search settings resolved
+        from eep.evolution import resolve
 
-        stored = resolve_warm_start(config, planned) if method.searches else config
+        stored = resolve(config, planned) if method.searches else config
         run = RunDir.create(run_dir, stored)
         if stored is not config:
             run.write_request(config)

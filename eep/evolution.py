@@ -87,7 +87,9 @@ class Evolution:
         """The search's phases (:func:`search_spaces.build_schedule`), the warm starts checked,
         and with ``config_dir`` the seed genomes (a bad file fails before anything loads)."""
         frontier = config.search.objectives[1] if config.search.frontier else None
-        schedule = build_schedule(config.search_space, shape, frontier=frontier)
+        schedule = build_schedule(
+            config.search_space, shape, frontier=frontier, smallest_from=config.search.smallest_from
+        )
         named = config.search.named_warm_start
         if config.search.frontier and named:
             raise EepError(
@@ -126,7 +128,16 @@ class Evolution:
                 ),
             )
         ]
-        named = resolve_warm_start(config, schedule).search.named_warm_start
+        if search.smallest_from is not None:
+            auto = "; search.smallest_after: auto" if search.smallest_after == "auto" else ""
+            lines.append(
+                (
+                    "smallest size",
+                    f"from evaluation {search.smallest_from} on, only {schedule.phases[-1][1].keep} "
+                    f"experts in every layer{auto}",
+                )
+            )
+        named = resolve(config, schedule).search.named_warm_start
         if named:
             auto = "; search.warm_start: auto" if search.warm_start == "auto" else ""
             starts = [
@@ -167,7 +178,7 @@ class Evolution:
                 evaluator.in_flight = evaluator.size
                 config = _with_search(config, in_flight=evaluator.size)
             names = [f"seeds/seed-{n}.json" for n in range(len(seeds))]
-            config = resolve_warm_start(config, schedule)
+            config = resolve(config, schedule)
             calibrated = [m for m in config.search.warm_start if m != "greedy"]
             # become seed genomes of the run: its config says what it does, and it resumes exactly
             if calibrated:
@@ -214,14 +225,20 @@ def _with_search(config: Config, **values) -> Config:
     return config.model_copy(update={"search": config.search.model_copy(update=values)})
 
 
-def resolve_warm_start(config: Config, space) -> Config:
-    """``config`` with ``search.warm_start: auto`` replaced by what it means for this search space
-    (``[greedy]`` or ``[]``, :func:`eep.greedy.starts`): what a run stores, so that a larger budget
-    given later (``eep resume --evaluations``) cannot change how it started."""
-    if config.search.warm_start != "auto":
-        return config
-    started = greedy.starts(config.search, Schedule.of(space).first)
-    return _with_search(config, warm_start=["greedy"] if started else [])
+def resolve(config: Config, space) -> Config:
+    """``config`` with its ``auto`` search settings replaced by what they mean for this search
+    space: ``warm_start`` by ``[greedy]`` or ``[]`` (:func:`eep.greedy.starts`), a frontier's
+    ``smallest_after`` by the evaluation it starts at or None (``SearchConfig.smallest_from``). What a run stores, so
+    that a larger budget given later (``eep resume --evaluations``) cannot change how it started or
+    when it turns to the smallest size."""
+    search = config.search
+    values = {}
+    if search.warm_start == "auto":
+        started = greedy.starts(search, Schedule.of(space).first)
+        values["warm_start"] = ["greedy"] if started else []
+    if search.smallest_after == "auto" and search.frontier:
+        values["smallest_after"] = search.smallest_from
+    return _with_search(config, **values) if values else config
 
 
 def seed_genomes(config: Config, space, config_dir: Path) -> list[Genome]:

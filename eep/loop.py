@@ -16,7 +16,9 @@ makes such a cut come soonest (:func:`example_order`).
 
 The operators come from the search space of the candidate's phase (:class:`search_spaces.Schedule`):
 EEP prunes first, then from ``merge_after`` on breeds merge genomes from the same archive, so
-the first merge children are perturbed copies of the best pruned genomes.
+the first merge children are perturbed copies of the best pruned genomes. A multi-objective search
+breeds from NSGA-II's parent pool (:func:`breed_front`), and from ``search.smallest_after`` on at
+its smallest size only, as a single-size search does, from the candidates of that size.
 
 Every evaluation is appended to the journal before it is folded into the archive, and the
 RNG state is snapshotted after every breeding step, so `eep resume` continues exactly where a
@@ -365,6 +367,11 @@ class _Proposals:
         self.rng = random.Random(self.cfg.seed)
         self.toolboxes = [make_toolbox(s, self.cfg, self.rng) for _, s in schedule.phases]
         self.seeds = [Genome.load(run.path / path) for path in self.cfg.seed_genomes]
+        # a frontier's last phase, at its smallest size (search.smallest_after): its candidates
+        self.smallest = (
+            schedule.phases[-1] if self.cfg.frontier and len(schedule.phases) > 1 else None
+        )
+        self._smallest, self._scanned = [], 0
         self.replay: list[Evaluation] = []
         self.next_id, self.in_flight = start, deque()
         self.rebred = 0
@@ -430,15 +437,33 @@ class _Proposals:
             self._save()
             yield candidate
 
+    def _at_smallest(self) -> list[Evaluation]:
+        """The archive's candidates of the smallest size (:attr:`smallest`'s space): the parents
+        of the frontier's last phase, kept up to date as results land."""
+        space = self.smallest[1]
+        for e in self.archive[self._scanned :]:
+            if e.candidate and space.reject(e.genome) is None:
+                self._smallest.append(e)
+        self._scanned = len(self.archive)
+        return self._smallest
+
     def _bar(self, genome: Genome) -> float | None:
-        """The fitness below which ``genome`` may be cut short (:func:`parent_bar`,
-        :func:`front_bar`)."""
-        if self.cfg.frontier:
-            size = SIZES[self.cfg.objectives[1]]
-            return front_bar(
-                self.archive, size(genome), max(self.cfg.population, self.export_top), size
-            )
-        return parent_bar(self.archive, self.cfg, self.export_top)
+        """The fitness below which candidate ``next_id``, ``genome``, may be cut short
+        (:func:`parent_bar`, :func:`front_bar`). In a frontier's smallest-size phase it is a
+        single-size search's bar among the candidates of that size, which all come after it; a
+        candidate of that size bred before must also stay below it, since the bar only rises and
+        what lies below it never matters to that phase."""
+        cfg = self.cfg
+        if not cfg.frontier:
+            return parent_bar(self.archive, cfg, self.export_top)
+        if self.smallest and self.next_id >= self.smallest[0]:
+            return parent_bar(self._at_smallest(), cfg, self.export_top)
+        size = SIZES[cfg.objectives[1]]
+        bar = front_bar(self.archive, size(genome), max(cfg.population, self.export_top), size)
+        if bar is not None and self.smallest and self.smallest[1].reject(genome) is None:
+            later = parent_bar(self._at_smallest(), cfg, self.export_top)
+            bar = None if later is None else min(bar, later)
+        return bar
 
     def _child(self) -> Genome | None:
         """Candidate ``next_id``'s genome: a seed, a random one, or bred; never one already seen."""
@@ -450,9 +475,12 @@ class _Proposals:
                 genome = self.seeds[seed]
             elif i < cfg.initial:
                 genome = toolbox.individual()
+            elif not cfg.frontier:
+                genome = breed(toolbox, self.archive, cfg, self.rng)
+            elif self.smallest and i >= self.smallest[0]:
+                genome = breed(toolbox, self._at_smallest(), cfg, self.rng)
             else:
-                pick = breed_front if cfg.frontier else breed
-                genome = pick(toolbox, self.archive, cfg, self.rng)
+                genome = breed_front(toolbox, self.archive, cfg, self.rng)
             if genome.key not in self.seen:
                 return genome
             self.rebred += 1

@@ -60,12 +60,15 @@ class Schedule:
         )
 
 
-def build_schedule(cfg, shape, frontier: str | None = None) -> Schedule:
+def build_schedule(
+    cfg, shape, frontier: str | None = None, smallest_from: int | None = None
+) -> Schedule:
     """The search's phases from the ``search_space`` config section and the model's MoE shape
     (:class:`eep.families.MoEShape`); a setting the model cannot satisfy is an :class:`EepError`.
     ``frontier``: a multi-objective search's size objective: ``kept_params`` over genomes of
     every size (:class:`FrontierSpace`), ``active_params`` over per-layer top-k
-    (:class:`TopKFrontierSpace`)."""
+    (:class:`TopKFrontierSpace`). ``smallest_from`` (``kept_params`` only): from that candidate
+    on, the frontier's smallest size alone (a :class:`PruneSpace` keeping top-k in every layer)."""
     from eep.families import FAMILIES
 
     family = FAMILIES[shape.family]
@@ -103,7 +106,11 @@ def build_schedule(cfg, shape, frontier: str | None = None) -> Schedule:
                     "search_space.top_k"
                 )
             return Schedule(((0, TopKFrontierSpace(num_experts, shape.top_k, layers)),))
-        return Schedule(((0, FrontierSpace(num_experts, shape.top_k, layers, cfg.top_k)),))
+        space = FrontierSpace(num_experts, shape.top_k, layers, cfg.top_k)
+        if smallest_from is None:
+            return Schedule(((0, space),))
+        smallest = PruneSpace(num_experts, shape.top_k, layers, space.min_keep, cfg.top_k)
+        return Schedule(((0, space), (smallest_from, smallest)))
     if cfg.budget is not None:
         low, high = k * len(layers), num_experts * len(layers)
         if not low <= cfg.budget <= high:

@@ -144,12 +144,21 @@ def worker():
     return FitnessWorker(parse_config(toy_config_dict()))
 
 
+SHAPE = MoEShape("mixtral", 8, 2, (0, 1, 2, 3))
+
+
+def _planned(data):
+    """The config as ``eep search`` stores it (``auto`` settings resolved), and its schedule."""
+    from eep.evolution import METHOD, resolve
+
+    config = parse_config(data)
+    schedule = METHOD.plan(config, SHAPE)
+    return resolve(config, schedule), schedule
+
+
 def _search(path, worker, stop_after=None):
-    config = parse_config(frontier_config())
+    config, schedule = _planned(frontier_config())
     run = RunDir.create(path, config) if not (path / "config.yaml").exists() else RunDir.open(path)
-    schedule = build_schedule(
-        config.search_space, MoEShape("mixtral", 8, 2, (0, 1, 2, 3)), "kept_params"
-    )
     summary = run_search(run, schedule, SerialEvaluator(worker), lambda m: None, stop_after)
     return run, summary
 
@@ -160,17 +169,96 @@ def _journal(run):
 
 
 def test_frontier_search_is_deterministic_and_resumes_exactly(tmp_path, worker):
+    """Across its turn to the smallest size too (search.smallest_after: auto, from candidate 21 of
+    30): resumed before it from the snapshot, and across it by replaying the journal."""
     whole, _ = _search(tmp_path / "whole", worker)
+    assert whole.config().search.smallest_after == 21  # stored resolved
     again, _ = _search(tmp_path / "again", worker)
     assert _journal(whole) == _journal(again)
     _search(tmp_path / "cut", worker, stop_after=13)
     (tmp_path / "cut" / "state.json").unlink()  # and without a snapshot: replayed from the journal
-    stopped, _ = _search(tmp_path / "cut", worker, stop_after=7)
+    stopped, _ = _search(tmp_path / "cut", worker, stop_after=10)
     resumed, _ = _search(tmp_path / "cut", worker)
     assert _journal(resumed) == _journal(whole)
-    sizes = {kept_experts(Genome.from_dict(r["genome"])) for r in _journal(whole)}
-    assert len(sizes) >= 8  # one search, many sizes
+    sizes = [kept_experts(Genome.from_dict(r["genome"])) for r in _journal(whole)]
+    assert len(set(sizes[:21])) >= 8  # one search, many sizes
+    assert set(sizes[21:]) == {8}  # then top-k = 2 in each of the 4 layers only
     assert all(r["status"] == "ok" for r in _journal(whole))  # one chunk of examples: no cut
+
+
+class _Fresh:
+    """What the loop's proposals read of a run: its config, and no snapshot."""
+
+    path = None
+
+    def __init__(self, config):
+        self._config = config
+
+    def config(self):
+        return self._config
+
+    def load_state(self):
+        return None
+
+    def save_state(self, state):
+        pass
+
+
+def test_a_candidate_of_the_smallest_size_is_cut_only_below_the_bar_of_the_phase_to_come():
+    """Before search.smallest_after a candidate of the smallest size gets the lower of the
+    frontier's bar and the bar the smallest-size phase will have (that bar only rises); in that
+    phase, the single-size bar among the candidates of that size."""
+    from eep.loop import _Proposals, front_bar, parent_bar
+
+    config, schedule = _planned(frontier_config(evaluations=60, smallest_after=40))
+    small = schedule.phases[1][1]
+    rng = random.Random(3)
+    genomes = [small.genome({i: rng.sample(range(8), 2) for i in range(4)}) for _ in range(8)]
+    # eight candidates of the smallest size within 1.4 points: the 8th best is above the best - 3
+    archive = [Evaluation(i, g, 80.0 - 0.2 * i) for i, g in enumerate(genomes)]
+    proposals = _Proposals(_Fresh(config), schedule, list(archive), len(archive), lambda m: None)
+    child = small.genome({i: (2, 3) for i in range(4)})
+    frontier = front_bar(archive, 8, 8)  # population 8: the 8th best no larger
+    later = parent_bar(archive, config.search)  # min(best - 3, 6th best)
+    assert frontier == pytest.approx(78.6) and later == 77.0
+    assert proposals._bar(child) == later
+    larger = FrontierSpace(8, 2, (0, 1, 2, 3)).genome({i: range(3) for i in range(4)})
+    assert proposals._bar(larger) == frontier
+    proposals.next_id = 40
+    assert proposals._bar(child) == later
+
+
+def test_the_smallest_phase_breeds_from_the_candidates_of_that_size(worker):
+    """From search.smallest_after on, a child is a single-size search's child of the archive's
+    candidates of the smallest size (the same RNG draws, the larger candidates unseen)."""
+    from eep.loop import _Proposals, breed, make_toolbox
+
+    config, schedule = _planned(frontier_config(smallest_after=10))
+    assert [start for start, _ in schedule.phases] == [0, 10]
+    smallest = schedule.phases[1][1]
+    assert (smallest.kind, smallest.keep) == ("prune", 2)
+    rng = random.Random(5)
+    archive = [
+        Evaluation(i, g, float(rng.randint(0, 100)))
+        for i, g in enumerate(
+            [
+                FrontierSpace(8, 2, (0, 1, 2, 3)).genome({i: range(n) for i in range(4)})
+                for n in (3, 4)
+            ]
+            + [smallest.genome({i: rng.sample(range(8), 2) for i in range(4)}) for _ in range(8)]
+        )
+    ]
+    archive[0] = Evaluation(0, archive[0].genome, 100.0)  # the best overall keeps 3 a layer
+
+    # candidates 0..9 landed before these proposals (as a warm start's): the next is candidate 10
+    proposals = _Proposals(_Fresh(config), schedule, list(archive), len(archive), lambda m: None)
+    state = proposals.rng.getstate()
+    child = proposals._child()
+    assert smallest.reject(child) is None
+    rng = random.Random()
+    rng.setstate(state)
+    toolbox = make_toolbox(smallest, config.search, rng)
+    assert child == breed(toolbox, archive[2:], config.search, rng)
 
 
 @pytest.mark.parametrize("validated", [False, True])
@@ -187,13 +275,10 @@ def test_early_cut_leaves_the_frontier_unchanged(tmp_path, validated):
     worker = FitnessWorker(parse_config(worker_data))
     runs = {}
     for cut in (True, False):
-        data = frontier_config(evaluations=60, initial=10, early_cut=cut, select_top=10)
+        data = frontier_config(evaluations=80, initial=10, early_cut=cut, select_top=10)
         data["fitness"] = worker_data["fitness"]
-        config = parse_config(data)
+        config, schedule = _planned(data)  # from candidate 56 on, the smallest size only
         run = RunDir.create(tmp_path / str(cut), config)
-        schedule = build_schedule(
-            config.search_space, MoEShape("mixtral", 8, 2, (0, 1, 2, 3)), "kept_params"
-        )
         runs[cut] = run, run_search(run, schedule, SerialEvaluator(worker), lambda m: None)
     (cut_run, cut_summary), (full_run, full_summary) = runs[True], runs[False]
     cut_rows, full_rows = _journal(cut_run), _journal(full_run)
@@ -288,6 +373,19 @@ def test_frontier_run_scores_its_front_and_exports_a_point(tmp_path):
         ({"search_space": {"keep": 2}}, "spans every size: remove search_space.keep"),
         ({"search": {"objectives": ["kept_params"]}}, "or \\[fitness, active_params\\]"),
         ({"search": {"objectives": ["fitness", "fitness"]}}, "\\[fitness\\], \\[fitness, kept"),
+        ({"search": {"smallest_after": 5}}, "must be at least initial \\(10\\) and below"),
+        ({"search": {"smallest_after": 30}}, "and below evaluations \\(30\\)"),
+        (
+            {"search": {"objectives": ["fitness", "active_params"], "smallest_after": 20}},
+            "applies to a search over kept parameters",
+        ),
+        (
+            {
+                "search": {"objectives": ["fitness"], "smallest_after": 20},
+                "search_space": {"keep": 2},
+            },
+            "applies to a search over kept parameters",
+        ),
     ],
 )
 def test_frontier_settings_are_checked(update, message):
@@ -296,6 +394,35 @@ def test_frontier_settings_are_checked(update, message):
         data[section] = {**data[section], **values}
     with pytest.raises(EepError, match=message):
         parse_config(data)
+
+
+def test_smallest_after_auto_is_the_last_share_of_a_kept_parameters_frontier(tmp_path):
+    """``auto``: the last 30 % of the evaluations, none when that would start before ``initial``
+    or for other searches; the plan says when; a run that stored ``auto`` unresolved refuses a
+    budget that would move it (its journal would not match)."""
+    import eep
+    from eep.evolution import METHOD
+
+    def smallest_from(objectives=("fitness", "kept_params"), **search):
+        data = frontier_config(**search)
+        data["search"]["objectives"] = list(objectives)
+        return parse_config(data).search.smallest_from
+
+    assert smallest_from(evaluations=1000, initial=60) == 700
+    assert smallest_from(evaluations=30, initial=10) == 21
+    assert smallest_from(evaluations=12, initial=10) is None  # 8 < initial
+    assert smallest_from(smallest_after=None) is None
+    assert smallest_from(smallest_after=12) == 12
+    assert smallest_from(objectives=["fitness", "active_params"]) is None
+    assert parse_config(toy_config_dict()).search.smallest_from is None
+    config = parse_config(frontier_config(evaluations=1000, initial=60))
+    lines = dict(METHOD.plan_lines(config, METHOD.plan(config, SHAPE)))
+    assert lines["smallest size"] == (
+        "from evaluation 700 on, only 2 experts in every layer; search.smallest_after: auto"
+    )
+    RunDir.create(tmp_path / "run", parse_config(frontier_config()))  # auto: from 21 of 30
+    with pytest.raises(EepError, match="from evaluation 21, at that budget from evaluation 28"):
+        eep.resume(tmp_path / "run", evaluations=40, log=lambda m: None)
 
 
 def test_frontier_plans_refuse_what_it_cannot_hold():

@@ -76,7 +76,7 @@ def test_auto_warm_start_takes_greedy_where_it_fits_a_share_of_the_budget():
     """``search.warm_start: auto`` starts from greedy elimination where it applies and takes at most
     40 % of the evaluations; named lists are taken as they are; a run stores the resolved list."""
     from eep.config import SearchConfig, parse_config
-    from eep.evolution import resolve_warm_start
+    from eep.evolution import resolve
     from tests.conftest import toy_config_dict
 
     space = PruneSpace(num_experts=8, top_k=2, layers=(0, 1, 2, 3), keep=2)
@@ -96,11 +96,11 @@ def test_auto_warm_start_takes_greedy_where_it_fits_a_share_of_the_budget():
 
     auto = parse_config(toy_config_dict(evaluations=450))
     assert auto.search.warm_start == "auto" and auto.search.named_warm_start == []
-    assert resolve_warm_start(auto, space).search.warm_start == ["greedy"]
+    assert resolve(auto, space).search.warm_start == ["greedy"]
     off = parse_config(toy_config_dict(evaluations=100))
-    assert resolve_warm_start(off, space).search.warm_start == []
+    assert resolve(off, space).search.warm_start == []
     named = parse_config(toy_config_dict(evaluations=100, warm_start=["naee"]))
-    assert resolve_warm_start(named, space) is named
+    assert resolve(named, space) is named
 
 
 @pytest.mark.parametrize("keep", [2, 3, 5])
