@@ -145,10 +145,12 @@ def main() -> None:
                 rows.append((keep, size, best, held(single), base))
             full = params(None)
             hv = hypervolume([(h, n) for _, n, h in points], full)
+        after = frontier.search.smallest_after
+        smallest = f"the smallest size only from {after}" if after else "no smallest-size phase"
         print(
             f"\n## {config.name}: frontier of {args.runs * config.search.evaluations} "
-            f"evaluations in {seconds:.0f}s (the smallest size only from evaluation "
-            f"{frontier.search.smallest_after or 'never'}), {len(front)} points, hypervolume {hv:.4f}\n"
+            f"evaluations in {seconds:.0f}s ({smallest}), {len(front)} points, "
+            f"hypervolume {hv:.4f}\n"
         )
         print(
             "| size (experts per layer) | frontier pick (experts kept) | frontier held-out | "

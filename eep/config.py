@@ -162,8 +162,9 @@ class SearchConfig(_Section):
     30 % of ``evaluations`` (``SMALLEST_SHARE``; none when that would start before ``initial``); a
     run stores what it resolved to. None: every evaluation breeds on the whole front. The last 300
     of 1000 evaluations took the pick at 2 of 8 from 1.1 points below a single-size search of 500
-    to 0.0 on toy, from 2.0 to 0.2 on toy-qwen (two seeds, 1000 test examples a task), with the
-    other sizes within 0.3 of theirs as before (200 and 400 did no better: docs/frontier.md)."""
+    to 0.0 on toy, from 2.0 to 0.2 on toy-qwen (two seeds, 1000 test examples a task), and by 6.2
+    and 2.7 points on two retrained toys never tuned on; the other sizes moved by at most 0.8 at
+    3 of 8 and less above (200 and 400 did no better: docs/frontier.md)."""
     in_flight: PositiveInt = 1
     """Candidates evaluated at once: candidate i is bred from the results of candidates 0..i-in_flight.
     The outcome depends on this, never on the evaluator, so a serial run with in_flight=N equals a

@@ -228,9 +228,9 @@ def _with_search(config: Config, **values) -> Config:
 def resolve(config: Config, space) -> Config:
     """``config`` with its ``auto`` search settings replaced by what they mean for this search
     space: ``warm_start`` by ``[greedy]`` or ``[]`` (:func:`eep.greedy.starts`), a frontier's
-    ``smallest_after`` by the evaluation it starts at or None (``SearchConfig.smallest_from``). What a run stores, so
-    that a larger budget given later (``eep resume --evaluations``) cannot change how it started or
-    when it turns to the smallest size."""
+    ``smallest_after`` by the evaluation it starts at or None (``SearchConfig.smallest_from``).
+    What a run stores, so that a larger budget given later (``eep resume --evaluations``) cannot
+    change how it started or when it turns to the smallest size."""
     search = config.search
     values = {}
     if search.warm_start == "auto":

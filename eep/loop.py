@@ -450,9 +450,10 @@ class _Proposals:
     def _bar(self, genome: Genome) -> float | None:
         """The fitness below which candidate ``next_id``, ``genome``, may be cut short
         (:func:`parent_bar`, :func:`front_bar`). In a frontier's smallest-size phase it is a
-        single-size search's bar among the candidates of that size, which all come after it; a
-        candidate of that size bred before must also stay below it, since the bar only rises and
-        what lies below it never matters to that phase."""
+        single-size search's bar among the candidates of that size (what follows breeds from them
+        alone). Before that phase, a candidate of that size gets the lower of the front's bar and
+        the phase's bar as it stands: that bar only rises, so what lies below it now never becomes a
+        parent there."""
         cfg = self.cfg
         if not cfg.frontier:
             return parent_bar(self.archive, cfg, self.export_top)
