@@ -873,7 +873,9 @@ def _space(config, evaluations: Sequence[Evaluation]) -> str:
     space = config.search_space
     experts = evaluations[0].genome.num_experts if evaluations else None
     if config.search.frontier:
-        return f"every size (objectives: {', '.join(config.search.objectives)})"
+        after = config.search.smallest_from
+        smallest = f"; the smallest size alone from evaluation {after}" if after is not None else ""
+        return f"every size (objectives: {', '.join(config.search.objectives)}){smallest}"
     if space.keep is not None:
         size = f"keep {space.keep}" + (f" of {experts}" if experts else "") + " experts per layer"
     else:

@@ -364,7 +364,9 @@ def test_frontier_run_scores_its_front_and_exports_a_point(tmp_path):
     from eep.report import write_report
 
     write_report(tmp_path / "run")
-    assert "## Frontier" in eep_report.read_text() and (tmp_path / "run" / "frontier.png").exists()
+    text = eep_report.read_text()
+    assert "## Frontier" in text and (tmp_path / "run" / "frontier.png").exists()
+    assert "kept_params); the smallest size alone from evaluation 21" in text
 
 
 @pytest.mark.parametrize(
