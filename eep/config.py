@@ -158,13 +158,13 @@ class SearchConfig(_Section):
     """Multi-objective search over kept parameters: from this evaluation on, children are bred at
     the smallest size only (top-k experts in every layer), as a single-size search does, from the
     candidates of that size the frontier found. The smallest size is the front's steepest end, and
-    NSGA-II spreads its evaluations over every size (67 of 1000 went to it on toy-qwen). ``auto``: the last
-    30 % of ``evaluations`` (``SMALLEST_SHARE``; none when that would start before ``initial``); a
-    run stores what it resolved to. None: every evaluation breeds on the whole front. The last 300
-    of 1000 evaluations took the pick at 2 of 8 from 1.1 points below a single-size search of 500
-    to 0.0 on toy, from 2.0 to 0.2 on toy-qwen (two seeds, 1000 test examples a task), and by 6.2
-    and 2.7 points on two retrained toys never tuned on; the other sizes moved by at most 0.8 at
-    3 of 8 and less above (200 and 400 did no better: docs/frontier.md)."""
+    NSGA-II spreads its evaluations over every size (67 of 1000 went to it on toy-qwen). ``auto``:
+    the last 30 % of ``evaluations`` (``SMALLEST_SHARE``; none when that would start before
+    ``initial``); a run stores what it resolved to. None: every evaluation breeds on the whole
+    front (as runs from before this setting did). The last 300 of 1000 evaluations took the pick
+    at 2 of 8 from 1.1 points below a single-size search of 500 to 0.0 on toy, from 2.0 to 0.2 on
+    toy-qwen (two seeds, 1000 test examples a task), and up by 6.2 and 2.7 points on two retrained
+    toys never tuned on, the other sizes within 0.8 (docs/frontier.md)."""
     in_flight: PositiveInt = 1
     """Candidates evaluated at once: candidate i is bred from the results of candidates 0..i-in_flight.
     The outcome depends on this, never on the evaluator, so a serial run with in_flight=N equals a
@@ -514,13 +514,13 @@ class Config(_Section):
             task.pop("validation_size")  # decides only which genome is exported, after the search
             if task["data_files"] is None:
                 del task["data_files"]  # added with a neutral default
-        for key in ("seed_genomes", "warm_start"):
+        for key in ("seed_genomes", "warm_start", "smallest_after"):
             if not data["search"][key]:
                 # keys added with a neutral default keep older runs' digests
                 del data["search"][key]
         if not self.search.frontier:  # added with neutral defaults: these decide nothing then
             for key in ("objectives", "population", "resize_prob", "smallest_after"):
-                del data["search"][key]
+                data["search"].pop(key, None)
         return data
 
     def digest(self) -> str:

@@ -240,9 +240,12 @@ class RunDir:
             os.close(fd)  # closing releases the flock
 
     def config(self) -> Config:
-        return parse_config(
-            yaml.safe_load(self.config_path.read_text()), source=str(self.config_path)
-        )
+        data = yaml.safe_load(self.config_path.read_text())
+        search = data.get("search") if isinstance(data, dict) else None
+        if isinstance(search, dict) and len(search.get("objectives", ())) > 1:
+            # a frontier run from before search.smallest_after bred on the whole front throughout
+            search.setdefault("smallest_after", None)
+        return parse_config(data, source=str(self.config_path))
 
     # -- journal --------------------------------------------------------------------------------
 

@@ -427,6 +427,23 @@ def test_smallest_after_auto_is_the_last_share_of_a_kept_parameters_frontier(tmp
         eep.resume(tmp_path / "run", evaluations=40, log=lambda m: None)
 
 
+def test_a_frontier_run_from_before_smallest_after_reads_as_without_it(tmp_path):
+    """A run directory written before the setting existed has no ``smallest_after`` key: it bred on
+    the whole front throughout, so it reads as ``null``, with the digest its snapshot holds."""
+    import yaml
+
+    config = parse_config(frontier_config(smallest_after=None))
+    run = RunDir.create(tmp_path / "run", config)
+    data = yaml.safe_load(run.config_path.read_text())
+    del data["search"]["smallest_after"]
+    run.config_path.write_text(yaml.safe_dump(data))
+    old = RunDir.open(tmp_path / "run").config()
+    assert old.search.smallest_after is None and old.search.smallest_from is None
+    assert old.digest() == config.digest()
+    assert "smallest_after" not in old.outcome()["search"]
+    assert parse_config(frontier_config()).digest() != config.digest()  # auto decides the search
+
+
 def test_frontier_plans_refuse_what_it_cannot_hold():
     from eep.evolution import METHOD
 
