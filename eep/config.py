@@ -163,8 +163,9 @@ class SearchConfig(_Section):
     ``initial``); a run stores what it resolved to. None: every evaluation breeds on the whole
     front (as runs from before this setting did). The last 300 of 1000 evaluations took the pick
     at 2 of 8 from 1.1 points below a single-size search of 500 to 0.0 on toy, from 2.0 to 0.2 on
-    toy-qwen (two seeds, 1000 test examples a task), and up by 6.2 and 2.7 points on two retrained
-    toys never tuned on, the other sizes within 0.8 (docs/frontier.md)."""
+    toy-qwen (two seeds, 1000 test examples a task), and up by 0.8 to 6.2 points in four runs on
+    two retrained toys never tuned on. Its cost is the front's last evaluations: on one of those
+    runs the pick at 3 of 8, still improving at 700, fell 5.3 points (docs/frontier.md)."""
     in_flight: PositiveInt = 1
     """Candidates evaluated at once: candidate i is bred from the results of candidates 0..i-in_flight.
     The outcome depends on this, never on the evaluator, so a serial run with in_flight=N equals a

@@ -170,7 +170,7 @@ def _journal(run):
 
 def test_frontier_search_is_deterministic_and_resumes_exactly(tmp_path, worker):
     """Across its turn to the smallest size too (search.smallest_after: auto, from candidate 21 of
-    30): resumed before it from the snapshot, and across it by replaying the journal."""
+    30): stopped before it, resumed across it by replaying the journal, then from the snapshot."""
     whole, _ = _search(tmp_path / "whole", worker)
     assert whole.config().search.smallest_after == 21  # stored resolved
     again, _ = _search(tmp_path / "again", worker)
