@@ -42,7 +42,7 @@ def _frontier(config, worker, tmp: Path, evaluations: int, seed: int | None = No
 
     for item in overrides:
         apply_override(data, item)
-    frontier = parse_config(data, source="--set")
+    frontier = parse_config(data, source="--set" if overrides else config.name)
     schedule = METHOD.plan(frontier, worker.adapter.shape)
     frontier = resolve(frontier, schedule)
     run = RunDir.create(tmp / "frontier", frontier)
@@ -169,4 +169,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from eep.errors import EepError
+
+    try:
+        main()
+    except EepError as err:  # a bad --configs or --set: one line, what to fix
+        sys.exit(f"error: {err}")
