@@ -329,7 +329,9 @@ def run_search(
             if replayed:
                 continue
             run.write_summary(summarise(archive))
-            progress.update(archive, evaluation, evaluator.busy_fraction())
+            progress.update(
+                archive, evaluation, evaluator.busy_fraction(), proposals.phase_note(evaluation)
+            )
             new += 1
             failing = failing + 1 if evaluation.failed else 0
             if failing >= cfg.max_failures:
@@ -446,6 +448,14 @@ class _Proposals:
                 self._smallest.append(e)
         self._scanned = len(self.archive)
         return self._smallest
+
+    def phase_note(self, evaluation: Evaluation) -> str:
+        """What a progress line adds about ``evaluation``'s phase: in a frontier's smallest-size
+        phase, the best fitness at that size (the line's best is the whole front's)."""
+        if not self.smallest or evaluation.id < self.smallest[0]:
+            return ""
+        best = max((e.fitness for e in self._at_smallest()), default=None)
+        return "smallest size" + (f", best there {best:.2f}" if best is not None else "")
 
     def _bar(self, genome: Genome) -> float | None:
         """The fitness below which candidate ``next_id``, ``genome``, may be cut short

@@ -156,10 +156,10 @@ def _planned(data):
     return resolve(config, schedule), schedule
 
 
-def _search(path, worker, stop_after=None):
+def _search(path, worker, stop_after=None, log=lambda m: None):
     config, schedule = _planned(frontier_config())
     run = RunDir.create(path, config) if not (path / "config.yaml").exists() else RunDir.open(path)
-    summary = run_search(run, schedule, SerialEvaluator(worker), lambda m: None, stop_after)
+    summary = run_search(run, schedule, SerialEvaluator(worker), log, stop_after)
     return run, summary
 
 
@@ -171,8 +171,12 @@ def _journal(run):
 def test_frontier_search_is_deterministic_and_resumes_exactly(tmp_path, worker):
     """Across its turn to the smallest size too (search.smallest_after: auto, from candidate 21 of
     30): stopped before it, resumed across it by replaying the journal, then from the snapshot."""
-    whole, _ = _search(tmp_path / "whole", worker)
+    lines = []
+    whole, _ = _search(tmp_path / "whole", worker, log=lines.append)
     assert whole.config().search.smallest_after == 21  # stored resolved
+    best = max(e.fitness for e in whole.evaluations() if kept_experts(e.genome) == 8)
+    assert lines[-1].startswith("[eep]   30/30 evals")  # the last line says the phase's best
+    assert lines[-1].endswith(f"(smallest size, best there {best:.2f})")
     again, _ = _search(tmp_path / "again", worker)
     assert _journal(whole) == _journal(again)
     _search(tmp_path / "cut", worker, stop_after=13)
