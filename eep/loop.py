@@ -449,10 +449,14 @@ class _Proposals:
         self._scanned = len(self.archive)
         return self._smallest
 
+    def _at_smallest_phase(self, candidate_id: int) -> bool:
+        """Whether candidate ``candidate_id`` is bred in a frontier's smallest-size phase."""
+        return self.smallest is not None and candidate_id >= self.smallest[0]
+
     def phase_note(self, evaluation: Evaluation) -> str:
         """What a progress line adds about ``evaluation``'s phase: in a frontier's smallest-size
         phase, the best fitness at that size (the line's best is the whole front's)."""
-        if not self.smallest or evaluation.id < self.smallest[0]:
+        if not self._at_smallest_phase(evaluation.id):
             return ""
         best = max((e.fitness for e in self._at_smallest()), default=None)
         return "smallest size" + (f", best there {best:.2f}" if best is not None else "")
@@ -467,7 +471,7 @@ class _Proposals:
         cfg = self.cfg
         if not cfg.frontier:
             return parent_bar(self.archive, cfg, self.export_top)
-        if self.smallest and self.next_id >= self.smallest[0]:
+        if self._at_smallest_phase(self.next_id):
             return parent_bar(self._at_smallest(), cfg, self.export_top)
         size = SIZES[cfg.objectives[1]]
         bar = front_bar(self.archive, size(genome), max(cfg.population, self.export_top), size)
@@ -488,7 +492,7 @@ class _Proposals:
                 genome = toolbox.individual()
             elif not cfg.frontier:
                 genome = breed(toolbox, self.archive, cfg, self.rng)
-            elif self.smallest and i >= self.smallest[0]:
+            elif self._at_smallest_phase(i):
                 genome = breed(toolbox, self._at_smallest(), cfg, self.rng)
             else:
                 genome = breed_front(toolbox, self.archive, cfg, self.rng)
