@@ -87,17 +87,18 @@ class Run:
                 "summary); --point and --max-params choose among a frontier's points"
             )
         picks = list(self.summary.get("picks", {}).values())
+        params = self.summary.get("objective", "kept_params")  # or active_params
         if point is not None:
-            chosen = [p for p in front + picks if p["id"] == point]
-            if not chosen:
+            points = {p["id"]: p for p in front + picks}  # a pick may be a front point too
+            if point not in points:
                 raise EepError(
                     f"candidate {point} is not on the frontier; its points: "
                     + ", ".join(
-                        f"{p['id']} ({p['kept_params']:,} parameters)" for p in front + picks
+                        f"{p['id']} ({p[params]:,} {params.replace('_', ' ')})"
+                        for p in sorted(points.values(), key=lambda p: (p[params], p["id"]))
                     )
                 )
-            return chosen[0]
-        params = self.summary.get("objective", "kept_params")  # or active_params
+            return points[point]
         picked = [p for p in picks if p[params] <= max_params]
         if picked:
             return max(picked, key=lambda p: p[params])

@@ -94,11 +94,6 @@ def build_schedule(
                 "a multi-objective search (search.objectives) spans every size: set neither "
                 "search_space.budget nor groups, and search_space.kind: prune"
             )
-        if shape.expert_groups > 1 or shape.group_min > k:
-            raise EepError(
-                f"{family.title} routes within expert groups; a multi-objective search changes "
-                "layer sizes freely, which grouped routing does not allow"
-            )
         if frontier == "active_params":
             if cfg.top_k is not None:
                 raise EepError(
@@ -106,6 +101,12 @@ def build_schedule(
                     "search_space.top_k"
                 )
             return Schedule(((0, TopKFrontierSpace(num_experts, shape.top_k, layers)),))
+        if shape.expert_groups > 1 or shape.group_min > k:
+            raise EepError(
+                f"{family.title} routes within expert groups; a kept-parameters frontier changes "
+                "layer sizes freely, which grouped routing does not allow (an active-parameters "
+                "one, search.objectives: [fitness, active_params], keeps every expert)"
+            )
         space = FrontierSpace(num_experts, shape.top_k, layers, cfg.top_k)
         if smallest_from is None:
             return Schedule(((0, space),))

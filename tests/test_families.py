@@ -477,3 +477,55 @@ def test_short_search_and_export_end_to_end(family, space, tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits, in_search, atol=1e-5, rtol=0)
     shutil.rmtree(tmp_path / "model")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "family, objective", [("deepseek_v3", "active_params"), ("qwen2_moe", "kept_params")]
+)
+def test_frontier_search_and_point_export(family, objective, tmp_path):
+    """A frontier search on a tiny random model of the family (grouped routing: over top-k, every
+    expert kept; shared experts: over kept experts), then `eep export --point`: the export loads
+    and equals the search."""
+    import yaml
+
+    from eep.cli import main
+    from eep.toy import TOY_DIR
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(TOY_DIR)
+    model = tiny_model(family, vocab_size=len(tokenizer))
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    config = {
+        "name": family,
+        "model": {"path": str(tmp_path / "model"), "device": "cpu", "dtype": "float32"},
+        "search_space": {"kind": "prune"},
+        "search": {
+            "seed": 0,
+            "evaluations": 12,
+            "initial": 6,
+            "population": 4,
+            "objectives": ["fitness", objective],
+        },
+        "fitness": {
+            "batch_size": 8,
+            "max_new_tokens": 4,
+            "tasks": [{"name": "copy", "dataset": "toy:copy", "search_size": 3, "test_size": 3}],
+        },
+    }
+    (tmp_path / "search.yaml").write_text(yaml.safe_dump(config))
+    run, out = tmp_path / "run", tmp_path / "out"
+    assert main(["search", str(tmp_path / "search.yaml"), "--run-dir", str(run)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["objective"] == objective and summary["front"] and summary["picks"]
+    point = summary["front"][0]
+    assert main(["export", str(run), "--point", str(point["id"]), "--out", str(out)]) == 0
+    genome = Genome.load(out / "eep_genome.json")
+    assert genome.to_dict() == point["genome"]
+    custom = json.loads((out / "eep_report.json").read_text())["form"] == "custom"
+    exported = tf.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=custom).eval()
+    ids = torch.randint(0, len(tokenizer), (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), adapter_for(model).applied(genome):
+        in_search = model(ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, in_search, atol=1e-5, rtol=0)

@@ -16,7 +16,7 @@ from eep.genome import Genome
 from eep.journal import Evaluation, RunDir
 from eep.loop import front_of, fronts, kept_experts, nsga2_pool, run_search
 from eep.moe import MoEShape
-from search_spaces import FrontierSpace, build_schedule
+from search_spaces import FrontierSpace, TopKFrontierSpace, build_schedule
 from tests.conftest import toy_config_dict
 
 SPACE = FrontierSpace(8, 2, (0, 1, 2, 3))
@@ -333,8 +333,11 @@ def test_frontier_run_scores_its_front_and_exports_a_point(tmp_path):
         [(p["heldout"]["mean"], p["kept_params"]) for p in front], summary["full_params"]
     )
     point = front[len(front) // 2]
-    with pytest.raises(EepError, match="is not on the frontier"):
+    with pytest.raises(EepError, match="is not on the frontier") as refused:
         run.export(tmp_path / "no", point=-1, log=lambda m: None)
+    listed = str(refused.value).split("its points: ")[1].split(", ")
+    ids = {p["id"] for p in front + list(summary["picks"].values())}
+    assert sorted(int(entry.split()[0]) for entry in listed) == sorted(ids)  # each once
     report = run.export(tmp_path / "x", point=point["id"], log=lambda m: None)
     assert report["parameters"]["after"] == point["kept_params"]
     picks = summary["picks"]  # one per uniform size, the best within it (no validation here)
@@ -457,8 +460,11 @@ def test_frontier_plans_refuse_what_it_cannot_hold():
     with pytest.raises(EepError, match="drop warm_start"):
         METHOD.plan(config, MoEShape("mixtral", 8, 2, (0, 1, 2, 3)))
     grouped = MoEShape("deepseek_v3", 8, 2, (1, 2), 2, 2)
+    space = parse_config(frontier_config()).search_space
     with pytest.raises(EepError, match="routes within expert groups"):
-        build_schedule(parse_config(frontier_config()).search_space, grouped, "kept_params")
+        build_schedule(space, grouped, "kept_params")
+    # every expert kept, each layer's top-k searched: the groups stay even
+    assert isinstance(build_schedule(space, grouped, "active_params").first, TopKFrontierSpace)
 
 
 @pytest.mark.slow
@@ -488,7 +494,6 @@ def test_an_active_parameters_frontier_searches_each_layers_top_k(tmp_path):
 
     import eep
     from eep.loop import active_experts
-    from search_spaces import TopKFrontierSpace
 
     space = TopKFrontierSpace(8, 2, (0, 1, 2, 3))
     toolbox = base.Toolbox()
