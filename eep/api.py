@@ -127,6 +127,16 @@ class Run:
         summary, config = self.summary, self.config
         genome = self.best
         fitness = (summary.get("selected") or {"fitness": summary.get("best_fitness")})["fitness"]
+        if summary.get("front") is not None and point is None and max_params is None:
+            active = summary.get("objective") == "active_params"
+            picks = ", ".join(
+                f"{f'top-{size}' if active else f'{size} experts a layer'}: {p['id']}"
+                for size, p in summary.get("picks", {}).items()
+            )
+            raise EepError(
+                f"{self.path} holds a frontier: choose the point to export with --point ID or "
+                f"--max-params N (`eep report` lists them; the picks per size: {picks})"
+            )
         if point is not None or max_params is not None:
             chosen = self.front_point(point, max_params)
             genome, fitness = Genome.from_dict(chosen["genome"]), chosen["fitness"]

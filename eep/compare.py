@@ -19,6 +19,7 @@ from pathlib import Path
 from eep.calibration import calibrate, calibration_coverage
 from eep.config import Config
 from eep.errors import EepError
+from eep.evolution import compared
 from eep.genome import Genome
 from eep.methods import method_of
 from eep.surgery import parameter_counts
@@ -211,31 +212,30 @@ def run_baselines(
 
     methods = {"full": score(None)}
     methods.update(methods_at(keep))
-    if (
-        summary
-        and summary.get("heldout")
-        and summary.get("best_genome")
-        and method_of(config).searches
-    ):
-        best = Genome.from_dict(
-            (summary.get("selected") or {"genome": summary["best_genome"]})["genome"]
-        )
+    # the run's genome at this size: its export, or a frontier's pick there
+    point = compared(summary, keep) if summary and method_of(config).searches else None
+    if point is not None:
+        best = Genome.from_dict(point["genome"])
         kept, active = parameter_counts(worker.model, worker.adapter, best)
-        held = summary["heldout"]["best"]
+        if summary.get("front") is not None:
+            how = {
+                "how": f"the frontier's pick at {keep} of {shape.num_experts}, candidate {point['id']}"
+            }
+        elif start := search_start(config):
+            how = {"how": start, "warm_start": warm_started(config)}
+        else:
+            how = {}
         methods["search"] = {
-            "heldout": held["mean"],
-            "tasks": held["scores"],
+            "heldout": point["heldout"]["mean"],
+            "tasks": point["heldout"]["scores"],
             "kept_params": kept,
             "active_params": active,
             "genome_key": best.key,
             "evaluations": summary["evaluations"],
             # "validation" or "search fitness": how the run picked the genome it exports
-            "picked_by": (summary.get("selected") or {}).get("by", "search fitness"),
-        } | (
-            {"how": start, "warm_start": warm_started(config)}
-            if (start := search_start(config))
-            else {}
-        )
+            "picked_by": point["by"],
+            **how,
+        }
     sweep_rows = {str(k): methods_at(k) for k in cfg.sweep if k != keep}
     sweep = {k: {m: v["heldout"] for m, v in rows.items()} for k, rows in sweep_rows.items()}
     return {

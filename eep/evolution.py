@@ -388,23 +388,33 @@ def _finish(run: RunDir, config: Config, space, evaluator, log: Log) -> dict:
         + (
             f"; exported candidate {chosen['id']} (search {chosen['fitness']:.2f}, validation "
             f"{chosen['validation']:.2f})"
-            if chosen and chosen["by"] == "validation"
+            if chosen and chosen["by"] == "validation" and not summary.get("front")
             else ""
         )
         + (
             f"; held-out {held['best']['mean']:.2f} (full model {held['full']['mean']:.2f}), generalisation gap "
             f"{summary['generalisation_gap']:.2f}"
-            if held
+            if held and not summary.get("front")
             else ""
         )
-        + (
-            f"; frontier: {len(summary['front'])} points, hypervolume {summary['hypervolume']:.4f} "
-            "(`eep report` lists them with a pick per size)"
-            if summary.get("front")
-            else ""
-        )
+        + (_front_line(summary) if summary.get("front") else "")
     )
     return summary
+
+
+def _front_line(summary: dict) -> str:
+    """The end of a frontier run's last line: its front, and its pick per size held out."""
+    active = summary["objective"] == "active_params"
+    picks = ", ".join(
+        f"{f'top-{size}' if active else size}: {p['heldout']['mean']:.2f}"
+        for size, p in summary["picks"].items()
+    )
+    return (
+        f"; frontier: {len(summary['front'])} points, hypervolume {summary['hypervolume']:.4f}; "
+        f"held out, the pick at each size ({'top-k' if active else 'experts'} a layer): {picks}, "
+        f"full model {summary['heldout']['full']['mean']:.2f} (`eep report` lists them; "
+        "`eep export RUN_DIR --point ID` or `--max-params N` writes one)"
+    )
 
 
 def _front(archive, config: Config, evaluator, log: Log) -> dict:
@@ -495,6 +505,27 @@ def _pick(archive, max_size: int, config: Config, evaluator, size=None, memo=Non
         return first, None
     chosen, scores = select(within, validate, config.search.select_top, rank)
     return chosen, scores[chosen.id]
+
+
+def compared(summary: dict, keep: int) -> dict | None:
+    """What a finished run puts beside the baselines at ``keep`` experts per layer (the "search"
+    row): a single-size run's export (``selected``, else its best by search fitness), a
+    kept-parameters frontier's pick at that size (None where it has none; an active-parameters
+    frontier keeps every expert, so it has none). A dict with ``id``, ``genome``, ``fitness``,
+    ``heldout`` (``{"scores", "mean"}``) and ``by``: ``validation`` or ``search fitness``."""
+    if summary.get("front") is None:
+        held = (summary.get("heldout") or {}).get("best")
+        chosen = summary.get("selected") or {
+            "id": summary.get("best_id"),
+            "genome": summary.get("best_genome"),
+            "fitness": summary.get("best_fitness"),
+            "by": "search fitness",
+        }
+        return {**chosen, "heldout": held} if held and chosen["genome"] is not None else None
+    pick = (summary.get("picks") or {}).get(str(keep))
+    if summary.get("objective") != "kept_params" or pick is None:
+        return None
+    return {**pick, "by": "search fitness" if pick["validation"] is None else "validation"}
 
 
 def hypervolume(points, full_params: int) -> float:

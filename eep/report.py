@@ -720,16 +720,22 @@ def write_report(run_dir: str | Path) -> Path:
         lines.append(
             f"- best search fitness: {best.fitness:.2f} (candidate {best.id}, genome `{best.genome.key}`)"
         )
+    frontier = bool(summary and summary.get("front"))
     chosen = (summary or {}).get("selected")
-    if chosen and chosen.get("by") == "validation" and not moei2:
+    if frontier:
+        lines.append(
+            "- a frontier: `eep export RUN_DIR --point ID` or `--max-params N` writes one of its "
+            "points (listed below, with a pick per size)"
+        )
+    elif chosen and chosen.get("by") == "validation" and not moei2:
         lines.append(
             f"- exported: candidate {chosen['id']} (search fitness {chosen['fitness']:.2f}), the best on the "
             f"validation examples ({chosen['validation']:.2f}) among the {len(chosen['candidates'])} best "
             "by search fitness"
         )
-    if heldout and "best" in heldout and not moei2:
+    if heldout and "best" in heldout and not moei2 and not frontier:
         lines.append(f"- held-out score of the exported genome: {heldout['best']['mean']:.2f}")
-    if summary and summary.get("generalisation_gap") is not None and not moei2:
+    if summary and summary.get("generalisation_gap") is not None and not moei2 and not frontier:
         lines.append(
             f"- generalisation gap (its search fitness minus held-out): {summary['generalisation_gap']:.2f} "
             "points"
@@ -748,8 +754,17 @@ def write_report(run_dir: str | Path) -> Path:
     else:
         fitness_png.unlink(missing_ok=True)
 
-    rows = method_rows(baselines, heldout, more)
     keep = (baselines or {}).get("keep") or config.search_space.keep
+    point = None
+    if frontier:  # beside the baselines: the frontier's pick at their size, if it has one
+        from eep.evolution import compared
+
+        point = compared(summary, keep)
+        heldout = {
+            "full": heldout["full"],
+            **({"best": point["heldout"]} if point else {}),
+        }
+    rows = method_rows(baselines, heldout, more)
     lines += ["", "## Held-out comparison", ""]
     if rows:
         tasks = list(
@@ -772,6 +787,12 @@ def write_report(run_dir: str | Path) -> Path:
                 + (f" of {experts}" if experts else "")
                 + " experts per MoE layer"
                 + (" (MoE-I² stage 2: that many experts' worth of parameters)" if moei2 else "")
+                + (
+                    f"; the search row is the frontier's pick at that size (candidate {point['id']}, "
+                    f"{point['kept_experts']} experts kept)"
+                    if point
+                    else ""
+                )
                 + ". Scores are on the held-out split.",
                 "",
             ]

@@ -563,3 +563,38 @@ def test_size_picks_validate_each_candidate_once():
     fresh = [_pick(archive, size, config, unshared) for size in range(2, 9)]
     assert [(e and e.id, v) for e, v in picks] == [(e and e.id, v) for e, v in fresh]
     assert len(shared.calls) < len(unshared.calls)  # the sizes really shared candidates
+
+
+@pytest.mark.slow
+def test_a_frontier_beside_the_baselines_is_its_pick_at_their_size(tmp_path, capsys):
+    """`eep baselines` on a frontier config: the search row is the frontier's pick at the baselines'
+    size (not its best by search fitness, which keeps nearly every expert); the report says so, the
+    last line of the search lists the picks held out, and a plain export asks for a point."""
+    import yaml
+
+    from eep.api import Run
+    from eep.cli import main
+    from eep.report import write_report
+
+    data = frontier_config()
+    data["baselines"] = {"methods": ["frequency"]}
+    path = tmp_path / "frontier.yaml"
+    path.write_text(yaml.safe_dump(data))
+    run = tmp_path / "run"
+    assert main(["baselines", str(path), "--run-dir", str(run)]) == 0  # runs the search first
+    assert "held out, the pick at each size (experts a layer): 2: " in capsys.readouterr().err
+    summary = json.loads((run / "summary.json").read_text())
+    pick = summary["picks"]["4"]
+    search = json.loads((run / "baselines.json").read_text())["methods"]["search"]
+    assert search["heldout"] == pick["heldout"]["mean"]
+    assert search["genome_key"] == Genome.from_dict(pick["genome"]).key
+    assert search["how"] == f"the frontier's pick at 4 of 8, candidate {pick['id']}"
+    assert (
+        search["kept_params"]
+        < json.loads((run / "baselines.json").read_text())["methods"]["full"]["kept_params"]
+    )
+    text = write_report(run).read_text()
+    assert f"the search row is the frontier's pick at that size (candidate {pick['id']}," in text
+    assert "- exported:" not in text and "generalisation gap" not in text
+    with pytest.raises(EepError, match="holds a frontier: choose the point to export"):
+        Run(run).export(tmp_path / "out", log=lambda m: None)
