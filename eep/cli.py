@@ -17,7 +17,12 @@ from eep.progress import stderr_log as log
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        key_value = next((a for a in unknown if "=" in a and not a.startswith("-")), None)
+        hint = f"; a config override goes after --set: --set {key_value}" if key_value else ""
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     try:
         if hasattr(args, "threads"):
             _use_threads(args.threads)

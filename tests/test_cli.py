@@ -541,6 +541,18 @@ def test_first_hour_messages(capsys, tmp_path):
         argv + ["--set", "search.evaluations=0"],
         "--set search.evaluations: Input should be greater",
     )
+    # an override written as torchtune's recipes take it: pointed to --set
+    with pytest.raises(SystemExit):
+        main(argv + ["search.evaluations=5"])
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            "unrecognized arguments: search.evaluations=5; a config override goes after --set: "
+            "--set search.evaluations=5"
+        )
+    )
+    assert not (tmp_path / "r").exists()
 
 
 def test_threads_are_applied_and_shown_in_the_plan(capsys, tmp_path):
