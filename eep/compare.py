@@ -19,7 +19,7 @@ from pathlib import Path
 from eep.calibration import calibrate, calibration_coverage
 from eep.config import Config
 from eep.errors import EepError
-from eep.evolution import compared
+from eep.evolution import FRONTIER_PICK, compared
 from eep.genome import Genome
 from eep.methods import method_of
 from eep.surgery import parameter_counts
@@ -218,9 +218,7 @@ def run_baselines(
         best = Genome.from_dict(point["genome"])
         kept, active = parameter_counts(worker.model, worker.adapter, best)
         if summary.get("front") is not None:
-            how = {
-                "how": f"the frontier's pick at {keep} of {shape.num_experts}, candidate {point['id']}"
-            }
+            how = {"how": f"{FRONTIER_PICK} {keep} of {shape.num_experts}, candidate {point['id']}"}
         elif start := search_start(config):
             how = {"how": start, "warm_start": warm_started(config)}
         else:

@@ -507,6 +507,10 @@ def _pick(archive, max_size: int, config: Config, evaluator, size=None, memo=Non
     return chosen, scores[chosen.id]
 
 
+FRONTIER_PICK = "the frontier's pick at"
+"""How a frontier run's row beside the baselines begins (its ``how``): the run's pick at their size."""
+
+
 def compared(summary: dict, keep: int) -> dict | None:
     """What a finished run puts beside the baselines at ``keep`` experts per layer (the "search"
     row): a single-size run's export (``selected``, else its best by search fitness), a

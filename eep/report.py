@@ -153,12 +153,15 @@ def search_behind(rows: Sequence[Row], validated: bool = False) -> str | None:
     winner = best_compressed(rows)
     if search is None or winner is None or winner.heldout <= search.heldout:
         return None
+    from eep.evolution import FRONTIER_PICK
+
+    frontier = (search.how or "").startswith(FRONTIER_PICK)  # which takes no warm start
     tips = ["more evaluations (`search.evaluations`)"]
     if not validated:
         tips.append(
             "validation examples to pick the export by (`fitness.tasks[].validation_size` above 0)"
         )
-    if winner.method in WARM_STARTS and winner.method not in search.warm_start:
+    if winner.method in WARM_STARTS and winner.method not in search.warm_start and not frontier:
         tips.insert(0, f"starting from it (`search.warm_start: [{winner.method}]`)")
     how = f"{', '.join(tips[:-1])} or {tips[-1]}" if len(tips) > 1 else tips[0]
     return (

@@ -176,6 +176,9 @@ def test_a_baseline_beating_the_search_is_said_with_what_may_close_the_gap():
         "The search (80.0) is 10.0 points below naee+skip held out; more evaluations "
         "(`search.evaluations`) may close the gap."
     )
+    # a frontier's pick: a frontier takes no warm start, so none is suggested
+    pick = [Row("greedy", 82.5, {}), Row("search", 80.0, {}, how="the frontier's pick at 4 of 8")]
+    assert "warm_start" not in search_behind(pick, validated=True)
 
 
 def test_rows_without_baselines_come_from_the_summary():
