@@ -603,8 +603,8 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
         f"- {len(front)} non-dominated points (search fitness vs {what}); hypervolume of the "
         f"held-out front: **{summary['hypervolume']:.4f}** (the share of the square of accuracy "
         "0–100 by parameters 0–full that it dominates; 1 = 100 % at no parameters)",
-        "- export one: `eep export RUN_DIR --point ID --out DIR`, or `--max-params N` for the best "
-        "point of at most that size",
+        "- export one: `eep export RUN_DIR --point ID --out DIR`, or `--max-params N` for the pick "
+        "of the largest size within N (the second table)",
         "",
         f"| candidate | {count} | {what} | search fitness | held-out |",
         "|---|---|---|---|---|",
@@ -820,6 +820,12 @@ def write_report(run_dir: str | Path) -> Path:
         **baselines,
         "methods": {r.method: {"heldout": r.heldout, "heldout_std": r.heldout_std} for r in rows},
     }
+    if plotted and point:  # a frontier has a pick at the sweep's sizes too
+        picks = summary["picks"]
+        plotted["sweep"] = {
+            k: {**scores, **({"search": picks[k]["heldout"]["mean"]} if k in picks else {})}
+            for k, scores in plotted.get("sweep", {}).items()
+        }
     if plotted and sweep_series(plotted, keep):
         plot_methods(plotted, methods_png, f"{config.name}: held-out score by experts kept", keep)
         lines += [

@@ -568,8 +568,9 @@ def test_size_picks_validate_each_candidate_once():
 @pytest.mark.slow
 def test_a_frontier_beside_the_baselines_is_its_pick_at_their_size(tmp_path, capsys):
     """`eep baselines` on a frontier config: the search row is the frontier's pick at the baselines'
-    size (not its best by search fitness, which keeps nearly every expert); the report says so, the
-    last line of the search lists the picks held out, and a plain export asks for a point."""
+    size (not its best by search fitness, which keeps nearly every expert), and its picks at the
+    sweep's sizes; the report says so, the last line of the search lists the picks held out, and a
+    plain export asks for a point."""
     import yaml
 
     from eep.api import Run
@@ -577,7 +578,7 @@ def test_a_frontier_beside_the_baselines_is_its_pick_at_their_size(tmp_path, cap
     from eep.report import write_report
 
     data = frontier_config()
-    data["baselines"] = {"methods": ["frequency"]}
+    data["baselines"] = {"methods": ["frequency"], "sweep": [2]}
     path = tmp_path / "frontier.yaml"
     path.write_text(yaml.safe_dump(data))
     run = tmp_path / "run"
@@ -596,5 +597,7 @@ def test_a_frontier_beside_the_baselines_is_its_pick_at_their_size(tmp_path, cap
     text = write_report(run).read_text()
     assert f"the search row is the frontier's pick at that size (candidate {pick['id']}," in text
     assert "- exported:" not in text and "generalisation gap" not in text
+    held = {k: summary["picks"][k]["heldout"]["mean"] for k in ("2", "4")}
+    assert f"| search | {held['2']:.1f} | {held['4']:.1f} |" in text  # its picks in the sweep too
     with pytest.raises(EepError, match="holds a frontier: choose the point to export"):
         Run(run).export(tmp_path / "out", log=lambda m: None)
