@@ -312,7 +312,8 @@ def _finish(run: RunDir, config: Config, space, evaluator, log: Log) -> dict:
         summary = run_search(run, space, evaluator, log=log)
         if summary["best_genome"] is not None:
             chosen = None
-            if config.fitness.validates:
+            # a frontier picks per size (_front); its best by search fitness keeps nearly every expert
+            if config.fitness.validates and not config.search.frontier:
                 log(
                     f"[eep] picking the export among the {config.search.select_top} best by their validation examples"
                 )
@@ -345,7 +346,11 @@ def _finish(run: RunDir, config: Config, space, evaluator, log: Log) -> dict:
                     "fitness": summary["best_fitness"],
                     "by": "search fitness",
                 }
-            log("[eep] scoring the exported genome and the full model on the held-out split")
+            log(
+                "[eep] scoring "
+                + ("its best" if config.search.frontier else "the exported genome")
+                + " and the full model on the held-out split"
+            )
             best = Genome.from_dict(summary["selected"]["genome"])
             summary["heldout"] = {}
             for key, genome in tracked(
