@@ -577,6 +577,29 @@ def plot_frontier(
     fig.savefig(path)
 
 
+def frontier_against(picks: dict, baselines: dict) -> str:
+    """Whether a kept-parameters frontier's picks (by experts a layer) score at least the best
+    baseline held out at each size the baselines were scored at, or where they fall behind."""
+    scored = {str(baselines["keep"]): {m: d["heldout"] for m, d in baselines["methods"].items()}}
+    scored.update(baselines.get("sweep", {}))
+    behind, sizes = [], []
+    for size in sorted(scored, key=int):
+        rivals = {m: h for m, h in scored[size].items() if m not in ("full", "search")}
+        if size not in picks or not rivals:
+            continue
+        sizes.append(size)
+        method, best = max(rivals.items(), key=lambda kv: kv[1])
+        pick = picks[size]["heldout"]["mean"]
+        if best > pick:
+            behind.append(f"{method} {best:.2f} against {pick:.2f} at {size} experts a layer")
+    if behind:
+        return "Behind a baseline held out: " + "; ".join(behind) + "."
+    return (
+        f"At every size the baselines were scored at ({', '.join(sizes)} experts a layer), the "
+        "frontier's pick scores at least the best of them held out."
+    )
+
+
 def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
     """A multi-objective run's frontier: its points, its hypervolume, the plot against baselines."""
     from eep.genome import Genome
@@ -633,6 +656,8 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
                 f"| {size} | {p['id']} | {experts(p)} | {p[objective]:,} | {p['fitness']:.2f} | "
                 f"{validation} | {p['heldout']['mean']:.2f} |"
             )
+        if baselines and not active:
+            lines += ["", frontier_against(picks, baselines)]
     sizes = size_model(config.model)
     first = Genome.from_dict(front[0]["genome"])
     layers = [i for i, _ in first.layers]

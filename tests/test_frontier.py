@@ -599,5 +599,8 @@ def test_a_frontier_beside_the_baselines_is_its_pick_at_their_size(tmp_path, cap
     assert "- exported:" not in text and "generalisation gap" not in text
     held = {k: summary["picks"][k]["heldout"]["mean"] for k in ("2", "4")}
     assert f"| search | {held['2']:.1f} | {held['4']:.1f} |" in text  # its picks in the sweep too
+    assert "Behind a baseline held out: " in text or (
+        "At every size the baselines were scored at (2, 4 experts a layer)" in text
+    )
     with pytest.raises(EepError, match="holds a frontier: choose the point to export"):
         Run(run).export(tmp_path / "out", log=lambda m: None)

@@ -306,3 +306,27 @@ def test_cut_candidates_are_counted_apart_from_failures(tmp_path):
     assert "- evaluations: 11 of 10, 2 failed, 1 cut short as hopeless" in report
     assert [e.status for e in run.evaluations()][-1] == "cut" and run.evaluations()[-1].cut == 41.5
     assert _image_size(run.path / "fitness.png")[0] > 0
+
+
+def test_frontier_against_the_baselines_at_each_size_they_were_scored_at():
+    from eep.report import frontier_against
+
+    picks = {k: {"heldout": {"mean": v}} for k, v in {"2": 80.0, "4": 99.5, "6": 99.9}.items()}
+    baselines = {
+        "keep": 4,
+        "methods": {
+            "full": {"heldout": 100.0},
+            "naee": {"heldout": 98.0},
+            "search": {"heldout": 99.5},
+        },
+        "sweep": {"2": {"greedy": 70.0, "naee": 60.0}, "6": {"naee": 100.0}, "3": {"naee": 90.0}},
+    }
+    # 3 a layer has no pick; the search and full rows are not rivals
+    assert frontier_against(picks, baselines) == (
+        "Behind a baseline held out: naee 100.00 against 99.90 at 6 experts a layer."
+    )
+    baselines["sweep"]["6"]["naee"] = 99.9  # a tie is not behind
+    assert frontier_against(picks, baselines) == (
+        "At every size the baselines were scored at (2, 4, 6 experts a layer), the frontier's "
+        "pick scores at least the best of them held out."
+    )
