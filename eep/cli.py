@@ -97,9 +97,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-params",
-        type=int,
+        type=parameter_count,
         help="multi-objective run: export the pick of the largest size with at most this many "
-        "parameters (kept, or active per token for an active_params frontier)",
+        "parameters (kept, or active per token for an active_params frontier), e.g. 450000, "
+        "450_000, 450k, 1.2M, 30B",
     )
     _threads_flag(p)
     p.set_defaults(func=cmd_export)
@@ -224,6 +225,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.set_defaults(func=cmd_toy_build)
     return parser
+
+
+_SCALES = {"k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
+
+
+def parameter_count(text: str) -> int:
+    """``--max-params``: a whole number of parameters, as ``450000``, ``450_000``, ``450k``, ``1.2M``."""
+    value = text.strip().replace("_", "").replace(",", "")
+    scale = _SCALES.get(value[-1:].lower(), 1)
+    try:
+        number = float(value[:-1] if scale > 1 else value)
+    except ValueError:
+        number = -1.0
+    if not number >= 0 or (scale == 1 and not number.is_integer()):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a parameter count: give a whole number, e.g. 450000, 450k or 1.2M"
+        )
+    return int(number * scale)
 
 
 def _threads_flag(p: argparse.ArgumentParser) -> None:

@@ -688,3 +688,21 @@ def test_progress_in_a_log_reports_done_total_rate_and_time_left():
     time.sleep(0.06)
     progress.step()
     assert len(lines) == 1 and lines[0].startswith("[eep] held-out: 2/2")
+
+
+def test_max_params_takes_counts_as_people_write_them(capsys, tmp_path):
+    from eep.cli import parameter_count
+
+    for text, count in [
+        ("450000", 450_000),
+        ("450_000", 450_000),
+        ("450k", 450_000),
+        ("1.2M", 1_200_000),
+        ("30B", 30 * 10**9),
+    ]:
+        assert parameter_count(text) == count
+    with pytest.raises(SystemExit):
+        main(["export", str(tmp_path), "--max-params", "1.5", "--out", str(tmp_path / "o")])
+    assert "'1.5' is not a parameter count: give a whole number, e.g. 450000, 450k or 1.2M" in (
+        capsys.readouterr().err
+    )
