@@ -242,7 +242,7 @@ def parameter_count(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a parameter count: give a whole number, e.g. 450000, 450k or 1.2M"
         )
-    return int(number * scale)
+    return round(number * scale)  # 4.1M: 4099999.99... as a float
 
 
 def _threads_flag(p: argparse.ArgumentParser) -> None:

@@ -698,6 +698,7 @@ def test_max_params_takes_counts_as_people_write_them(capsys, tmp_path):
         ("450_000", 450_000),
         ("450k", 450_000),
         ("1.2M", 1_200_000),
+        ("4.1M", 4_100_000),
         ("30B", 30 * 10**9),
     ]:
         assert parameter_count(text) == count
