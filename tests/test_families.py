@@ -417,6 +417,42 @@ def test_detection_errors_name_the_supported_families():
     assert set(FAMILIES) == set(CONFIGS)
 
 
+def _saved_tiny(family: str, path):
+    """A tiny random model of ``family`` saved at ``path`` with the toy's tokenizer, and a config
+    that searches it on one toy task."""
+    from eep.toy import TOY_DIR
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(TOY_DIR)
+    model = tiny_model(family, vocab_size=len(tokenizer))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    config = {
+        "name": family,
+        "model": {"path": str(path), "device": "cpu", "dtype": "float32"},
+        "fitness": {
+            "batch_size": 8,
+            "max_new_tokens": 4,
+            "tasks": [{"name": "copy", "dataset": "toy:copy", "search_size": 3, "test_size": 3}],
+        },
+    }
+    return model, tokenizer, config
+
+
+def _export_of(out, model, tokenizer):
+    """The checkpoint in ``out``, loaded in stock transformers (custom form: with its modeling
+    file), after checking that it gives the logits of ``model`` with its genome applied; returns
+    the export, its genome and whether it is in the custom form."""
+    genome = Genome.load(out / "eep_genome.json")
+    custom = json.loads((out / "eep_report.json").read_text())["form"] == "custom"
+    exported = tf.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=custom).eval()
+    ids = torch.randint(0, len(tokenizer), (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), adapter_for(model).applied(genome):
+        in_search = model(ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, in_search, atol=1e-5, rtol=0)
+    return exported, genome, custom
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "family, space",
@@ -434,22 +470,11 @@ def test_short_search_and_export_end_to_end(family, space, tmp_path, capsys):
     import yaml
 
     from eep.cli import main
-    from eep.toy import TOY_DIR
 
-    tokenizer = tf.AutoTokenizer.from_pretrained(TOY_DIR)
-    model = tiny_model(family, vocab_size=len(tokenizer))
-    model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    config = {
-        "name": family,
-        "model": {"path": str(tmp_path / "model"), "device": "cpu", "dtype": "float32"},
+    model, tokenizer, config = _saved_tiny(family, tmp_path / "model")
+    config |= {
         "search_space": space,
         "search": {"seed": 0, "evaluations": 5, "initial": 3},
-        "fitness": {
-            "batch_size": 8,
-            "max_new_tokens": 4,
-            "tasks": [{"name": "copy", "dataset": "toy:copy", "search_size": 3, "test_size": 3}],
-        },
         "moei2": {
             "population": 4,
             "generations": 2,
@@ -465,17 +490,10 @@ def test_short_search_and_export_end_to_end(family, space, tmp_path, capsys):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["failed"] == 0 and summary["heldout"]["best"]["mean"] is not None
     assert main(["export", str(run), "--out", str(out)]) == 0
-    best = Genome.load(out / "eep_genome.json")
-    custom = json.loads((out / "eep_report.json").read_text())["form"] == "custom"
+    exported, best, custom = _export_of(out, model, tokenizer)
     assert custom or "budget" not in space  # an odd budget over two layers: uneven, so custom
     assert best.is_low_rank == (space.get("kind") == "moei2")
-    exported = tf.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=custom).eval()
     assert (type(exported) is type(model)) != custom
-    ids = torch.randint(0, len(tokenizer), (2, 7), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), adapter_for(model).applied(best):
-        in_search = model(ids).logits
-    with torch.no_grad():
-        torch.testing.assert_close(exported(ids).logits, in_search, atol=1e-5, rtol=0)
     shutil.rmtree(tmp_path / "model")
 
 
@@ -490,15 +508,9 @@ def test_frontier_search_and_point_export(family, objective, tmp_path):
     import yaml
 
     from eep.cli import main
-    from eep.toy import TOY_DIR
 
-    tokenizer = tf.AutoTokenizer.from_pretrained(TOY_DIR)
-    model = tiny_model(family, vocab_size=len(tokenizer))
-    model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    config = {
-        "name": family,
-        "model": {"path": str(tmp_path / "model"), "device": "cpu", "dtype": "float32"},
+    model, tokenizer, config = _saved_tiny(family, tmp_path / "model")
+    config |= {
         "search_space": {"kind": "prune"},
         "search": {
             "seed": 0,
@@ -506,11 +518,6 @@ def test_frontier_search_and_point_export(family, objective, tmp_path):
             "initial": 6,
             "population": 4,
             "objectives": ["fitness", objective],
-        },
-        "fitness": {
-            "batch_size": 8,
-            "max_new_tokens": 4,
-            "tasks": [{"name": "copy", "dataset": "toy:copy", "search_size": 3, "test_size": 3}],
         },
     }
     (tmp_path / "search.yaml").write_text(yaml.safe_dump(config))
@@ -520,12 +527,5 @@ def test_frontier_search_and_point_export(family, objective, tmp_path):
     assert summary["objective"] == objective and summary["front"] and summary["picks"]
     point = summary["front"][0]
     assert main(["export", str(run), "--point", str(point["id"]), "--out", str(out)]) == 0
-    genome = Genome.load(out / "eep_genome.json")
+    _, genome, _ = _export_of(out, model, tokenizer)
     assert genome.to_dict() == point["genome"]
-    custom = json.loads((out / "eep_report.json").read_text())["form"] == "custom"
-    exported = tf.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=custom).eval()
-    ids = torch.randint(0, len(tokenizer), (2, 7), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), adapter_for(model).applied(genome):
-        in_search = model(ids).logits
-    with torch.no_grad():
-        torch.testing.assert_close(exported(ids).logits, in_search, atol=1e-5, rtol=0)
