@@ -125,8 +125,6 @@ class Run:
         from eep.lowrank import SCALES_FILE
 
         summary, config = self.summary, self.config
-        genome = self.best
-        fitness = (summary.get("selected") or {"fitness": summary.get("best_fitness")})["fitness"]
         if summary.get("front") is not None and point is None and max_params is None:
             active = summary.get("objective") == "active_params"
             picks = ", ".join(
@@ -137,6 +135,8 @@ class Run:
                 f"{self.path} holds a frontier: choose the point to export with --point ID or "
                 f"--max-params N (`eep report` lists them; the picks per size: {picks})"
             )
+        genome = self.best
+        fitness = (summary.get("selected") or {"fitness": summary.get("best_fitness")})["fitness"]
         if point is not None or max_params is not None:
             chosen = self.front_point(point, max_params)
             genome, fitness = Genome.from_dict(chosen["genome"]), chosen["fitness"]

@@ -393,7 +393,7 @@ def _finish(run: RunDir, config: Config, space, evaluator, log: Log) -> dict:
         + (
             f"; exported candidate {chosen['id']} (search {chosen['fitness']:.2f}, validation "
             f"{chosen['validation']:.2f})"
-            if chosen and chosen["by"] == "validation" and not summary.get("front")
+            if chosen and chosen["by"] == "validation"
             else ""
         )
         + (
