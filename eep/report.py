@@ -580,16 +580,15 @@ def plot_frontier(
 def frontier_against(picks: dict, baselines: dict) -> str:
     """Whether a kept-parameters frontier's picks (by experts a layer) score at least the best
     baseline held out at each size the baselines were scored at, or where they fall behind."""
-    scored = {str(baselines["keep"]): {m: d["heldout"] for m, d in baselines["methods"].items()}}
-    scored.update(baselines.get("sweep", {}))
+    series = {m: s for m, s in sweep_series(baselines).items() if m != "search"}
     behind, sizes = [], []
-    for size in sorted(scored, key=int):
-        rivals = {m: h for m, h in scored[size].items() if m not in ("full", "search")}
-        if size not in picks or not rivals:
+    for size in sorted({k for s in series.values() for k in s}):
+        rivals = {m: s[size] for m, s in series.items() if size in s}
+        if str(size) not in picks:
             continue
-        sizes.append(size)
+        sizes.append(str(size))
         method, best = max(rivals.items(), key=lambda kv: kv[1])
-        pick = picks[size]["heldout"]["mean"]
+        pick = picks[str(size)]["heldout"]["mean"]
         if best > pick:
             behind.append(f"{method} {best:.2f} against {pick:.2f} at {size} experts a layer")
     if behind:
