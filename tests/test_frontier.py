@@ -579,12 +579,19 @@ def test_a_frontier_beside_the_baselines_is_its_pick_at_their_size(tmp_path, cap
 
     data = frontier_config()
     data["baselines"] = {"methods": ["frequency"], "sweep": [2]}
+    for task in data["fitness"]["tasks"]:  # picks made on validation examples
+        task["validation_size"] = 4
     path = tmp_path / "frontier.yaml"
     path.write_text(yaml.safe_dump(data))
     run = tmp_path / "run"
     assert main(["baselines", str(path), "--run-dir", str(run)]) == 0  # runs the search first
-    assert "held out, the pick at each size (experts a layer): 2: " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "held out, the pick at each size (experts a layer): 2: " in err
+    # no single-size validation pick of its best (nearly the full model): the picks are per size
+    assert "picking the export" not in err
     summary = json.loads((run / "summary.json").read_text())
+    assert summary["selected"]["by"] == "search fitness"
+    assert all(p["validation"] is not None for p in summary["picks"].values())
     pick = summary["picks"]["4"]
     search = json.loads((run / "baselines.json").read_text())["methods"]["search"]
     assert search["heldout"] == pick["heldout"]["mean"]
