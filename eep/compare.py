@@ -62,10 +62,22 @@ def check_baselines(config: Config, shape) -> None:
                 f"baselines at {k} experts per layer: must be between top-k ({shape.top_k}) and "
                 f"{shape.num_experts}; fix search_space.keep or baselines.sweep"
             )
-    if "naee+skip" in config.baselines.methods and shape.top_k != 2:
-        raise EepError(
-            "naee+skip (dynamic skipping) needs a top-2 model; remove it from baselines.methods"
-        )
+    methods_for(config, shape)
+
+
+def methods_for(config: Config, shape) -> list[str]:
+    """The baselines to score: ``baselines.methods``, less ``naee+skip`` on a model that does not
+    route top-2 (dynamic skipping drops the second of two experts) when the list is the default;
+    asked for by name there, it is an error."""
+    methods = list(config.baselines.methods)
+    if "naee+skip" in methods and shape.top_k != 2:
+        if "methods" in config.baselines.model_fields_set:
+            raise EepError(
+                f"naee+skip (dynamic skipping) needs a top-2 model, this one routes top-{shape.top_k}; "
+                "remove it from baselines.methods"
+            )
+        methods.remove("naee+skip")
+    return methods
 
 
 def _no_low_rank(config: Config) -> Config:
@@ -95,6 +107,11 @@ def run_baselines(
     cfg, keep = config.baselines, config.search_space.keep
     shape = shape_of(worker.model.config)
     check_baselines(config, shape)
+    names = methods_for(config, shape)
+    if "naee+skip" in cfg.methods and "naee+skip" not in names:
+        log(
+            f"[eep] naee+skip left out: dynamic skipping needs a top-2 model, this one routes top-{shape.top_k}"
+        )
     if workdir is None:  # removed when this call returns
         scratch = tempfile.TemporaryDirectory(prefix="eep-baselines-")
         workdir = Path(scratch.name)
@@ -112,7 +129,7 @@ def run_baselines(
 
     def methods_at(k: int) -> dict[str, dict]:
         out: dict[str, dict] = {}
-        for method in tracked(cfg.methods, f"baselines at {k} of {shape.num_experts} experts", log):
+        for method in tracked(names, f"baselines at {k} of {shape.num_experts} experts", log):
             if method == "random":
                 draws = [
                     score(g)

@@ -219,3 +219,22 @@ def test_the_search_row_says_how_the_search_started():
     data = toy_config_dict(evaluations=10)
     data["search"].update(warm_start=["greedy"], seed_genomes=["seeds/warm-reap.json"])
     assert warm_started(parse_config(data)) == ["greedy", "reap"]
+
+
+def test_naee_skip_is_left_out_by_default_where_routing_is_not_top_2():
+    from eep.compare import check_baselines, methods_for
+    from eep.errors import EepError
+    from eep.families import MoEShape
+
+    top4 = MoEShape("olmoe", 16, 4, (0, 1, 2))
+    default = parse_config({**toy_config_dict(), "search_space": {"keep": 8}})
+    assert "naee+skip" in default.baselines.methods
+    check_baselines(default, top4)  # the default list runs on any top-k
+    assert methods_for(default, top4) == ["random", "frequency", "naee", "reap", "greedy"]
+    top2 = MoEShape("mixtral", 8, 2, (0, 1, 2))
+    assert "naee+skip" in methods_for(parse_config(toy_config_dict()), top2)
+    named = parse_config(
+        {**toy_config_dict(), "search_space": {"keep": 8}, "baselines": {"methods": ["naee+skip"]}}
+    )
+    with pytest.raises(EepError, match="needs a top-2 model, this one routes top-4; remove it"):
+        check_baselines(named, top4)
