@@ -28,6 +28,11 @@ from eep.methods import method_of
 from eep.progress import stderr_log
 
 Log = Callable[[str], None]
+"""Where progress lines go (``log=``): stderr by default; None: nowhere."""
+
+
+def _quiet(message: str) -> None:
+    pass
 
 
 def config_of(config: Config | str | Path | dict, overrides: Sequence[str] = ()) -> Config:
@@ -115,12 +120,13 @@ class Run:
         out: str | Path,
         form: str | None = None,
         dense: bool = False,
-        log: Log = stderr_log,
+        log: Log | None = stderr_log,
         point: int | None = None,
         max_params: int | None = None,
     ) -> dict:
         """Write :attr:`best` (or, of a multi-objective run, the frontier point :meth:`front_point`
         chooses) as a smaller checkpoint to ``out``; returns the export's report."""
+        log = log or _quiet
         from eep.export import export_genome
         from eep.lowrank import SCALES_FILE
 
@@ -172,7 +178,7 @@ def search(
     run_dir: str | Path | None = None,
     overrides: Sequence[str] = (),
     resume_if_exists: bool = False,
-    log: Log = stderr_log,
+    log: Log | None = stderr_log,
     config_dir: str | Path | None = None,
     planned: tuple | None = None,
 ) -> Run:
@@ -181,6 +187,7 @@ def search(
     refused unless ``resume_if_exists`` and it holds a run of the same config, which is continued.
     ``config_dir``: where relative seed-genome paths start (default: a YAML config's directory);
     ``planned``: :func:`plan`'s result when the caller has it already (the CLI prints it first)."""
+    log = log or _quiet
     if config_dir is None:
         config_dir = Path(config).parent if isinstance(config, (str, Path)) else Path(".")
     config = config_of(config, overrides)
@@ -232,10 +239,14 @@ def _keeps_its_start(config: Config, evaluations: int) -> None:
 
 
 def resume(
-    run_dir: str | Path, evaluator=None, log: Log = stderr_log, evaluations: int | None = None
+    run_dir: str | Path,
+    evaluator=None,
+    log: Log | None = stderr_log,
+    evaluations: int | None = None,
 ) -> Run:
     """Continue a stopped run (on another evaluator if given: an ``EvaluatorConfig``); a finished
     one is left as it is unless ``evaluations`` raises its budget, which continues the same search."""
+    log = log or _quiet
     run = RunDir.open(run_dir)
     if evaluations is not None and evaluations != run.config().search.evaluations:
         _keeps_its_start(run.config(), evaluations)
@@ -268,10 +279,11 @@ def evaluate(
     model: str | None = None,
     split: str = "test",
     overrides: Sequence[str] = (),
-    log: Log = stderr_log,
+    log: Log | None = stderr_log,
 ) -> dict:
     """Score a model (``model`` or the config's), optionally with ``genome`` applied, on the config's
     tasks: ``{"model", "genome", "split", "examples", "scores", "fitness"}``."""
+    log = log or _quiet
     from eep.evaluator import FitnessWorker
     from eep.lowrank import SCALES_FILE, scales_for
     from eep.model import load_hf_config
@@ -320,11 +332,12 @@ def baselines(
     config: Config | str | Path | dict,
     run_dir: str | Path | None = None,
     overrides: Sequence[str] = (),
-    log: Log = stderr_log,
+    log: Log | None = stderr_log,
 ) -> dict:
     """Score the task-agnostic baselines beside the config's run in ``run_dir`` (default
     ``runs/<name>``), running or finishing that run first: ``baselines.json`` in the run
     directory, also returned (:func:`eep.compare.run_baselines`)."""
+    log = log or _quiet
     from eep.compare import check_baselines, run_baselines
     from eep.evaluator import FitnessWorker
     from eep.journal import write_json_atomic
@@ -381,13 +394,14 @@ def export(
     config: Config | str | Path | dict | None = None,
     form: str | None = None,
     dense: bool = False,
-    log: Log = stderr_log,
+    log: Log | None = stderr_log,
     point: int | None = None,
     max_params: int | None = None,
 ) -> dict:
     """Write a run's pick (``run_dir``; of a multi-objective run, a frontier ``point`` or the
     best keeping at most ``max_params``), or a genome file applied to ``model``, as a smaller
     checkpoint to ``out``; with ``config`` its tasks' held-out split is scored on the export."""
+    log = log or _quiet
     from eep.config import ModelConfig
     from eep.export import export_genome
     from eep.lowrank import SCALES_FILE
@@ -424,12 +438,13 @@ def finetune(
     rank: int = 8,
     lr: float = 1e-4,
     overrides: Sequence[str] = (),
-    log: Log = stderr_log,
+    log: Log | None = stderr_log,
 ) -> dict:
     """LoRA-fine-tune an ``eep export`` output (``model``) on the config's calibration texts and
     write it to ``out`` with everything of the source but its weights, ``eep_finetune.json`` (the
     held-out scores before and after, the losses) and a line in its model card; returns that
     record (:func:`eep.finetune.lora_finetune`: the one gradient step in eep)."""
+    log = log or _quiet
     import os
     import shutil
 
@@ -523,10 +538,11 @@ def build_toy(
     replace_packaged: bool = False,
     seed: int = 0,
     steps: int | None = None,
-    log: Log = stderr_log,
+    log: Log | None = stderr_log,
 ) -> Path:
     """Retrain a toy model (``mixtral``: the toy; ``qwen``: toy-qwen) into ``out`` (default
     ``toy-build/<which>``), or over the packaged one; returns where it went."""
+    log = log or _quiet
     from eep import toy, toy_qwen
 
     module, packaged = (toy_qwen, toy_qwen.TOY_QWEN_DIR) if which == "qwen" else (toy, toy.TOY_DIR)

@@ -44,7 +44,27 @@ def resolve_path(path: str) -> str:
 
 
 def _looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") != 1
+    """Not a hub id (``org/name``): a path that exists, starts like one, has no or several ``/``,
+    or lies in a local directory (``out/nope``: ``out`` is here)."""
+    return (
+        path.startswith((".", "/", "~"))
+        or Path(path).exists()
+        or path.count("/") != 1
+        or Path(path).parent.is_dir()
+    )
+
+
+def _check_exists(path: str) -> None:
+    if _looks_local(path) and not Path(path).is_dir():
+        parent = Path(path).parent
+        why = (
+            f" ({parent}/ is a local directory, so it is not taken for a hub id)"
+            if path.count("/") == 1 and parent.is_dir() and not path.startswith((".", "/", "~"))
+            else ""
+        )
+        raise EepError(
+            f"model path {path} does not exist{why}; give a model directory, a hub id, or 'toy'"
+        )
 
 
 def load_hf_config(cfg: ModelConfig, prefer_file: bool = False):
@@ -53,10 +73,7 @@ def load_hf_config(cfg: ModelConfig, prefer_file: bool = False):
     from transformers import AutoConfig
 
     path = resolve_path(cfg.path)
-    if _looks_local(path) and not Path(path).is_dir():
-        raise EepError(
-            f"model path {path} does not exist; give a model directory, a hub id, or 'toy'"
-        )
+    _check_exists(path)
     if prefer_file and cfg.config_file:
         return _config_from_file(Path(cfg.config_file))
     try:
@@ -180,6 +197,7 @@ def load_model(cfg: ModelConfig):
 
     register()
     path = resolve_path(cfg.path)
+    _check_exists(path)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     experts = choose_experts(cfg.experts_implementation, device, dtype)

@@ -55,6 +55,11 @@ def _fields(template: str) -> list[str]:
     return [n.split("[")[0].split(".")[0] for n in names]
 
 
+def _looks_local(dataset: str) -> bool:
+    """A path rather than a hub id: a data file's suffix, or a leading ``/``, ``./``, ``../`` or ``~``."""
+    return Path(dataset).suffix in _FILE_BUILDERS or dataset.startswith(("/", "./", "../", "~"))
+
+
 def check_tasks(configs: Sequence[TaskConfig]) -> None:
     """Reject task entries that cannot work; cheap, loads no data."""
     for cfg in configs:
@@ -70,6 +75,11 @@ def check_tasks(configs: Sequence[TaskConfig]) -> None:
                     f"{where}: split {split!r} is not in data_files ({', '.join(cfg.data_files)}); name it "
                     "there or set search_split / test_split to its keys"
                 )
+        if cfg.dataset and _looks_local(cfg.dataset) and not Path(cfg.dataset).exists():
+            raise EepError(
+                f"{where}: dataset {cfg.dataset!r} is no such file or directory (here: {Path.cwd()}); "
+                "give its path from where eep runs"
+            )
         if cfg.preprocess is not None and cfg.preprocess not in presets.PREPROCESS:
             raise EepError(
                 f"{where}: unknown preprocess {cfg.preprocess!r}; available: {', '.join(presets.PREPROCESS)}"
@@ -267,6 +277,9 @@ def _held_out(row: dict[str, Any]) -> bool:
 
 
 def _format(cfg: TaskConfig, template: str, row: dict[str, Any], **extra: str) -> str:
+    null = [f for f in _fields(template) if f not in extra and f in row and row[f] is None]
+    if null:  # a jsonl row without the key: datasets fills it with None, which would read "None"
+        raise EepError(_null_row(cfg, null[0]))
     try:
         return template.format(**row, **extra)
     except (KeyError, IndexError) as err:
@@ -274,6 +287,13 @@ def _format(cfg: TaskConfig, template: str, row: dict[str, Any], **extra: str) -
             f"task {cfg.name!r}: template {template!r} uses {err} that {cfg.dataset!r} lacks; "
             f"fields: {', '.join(row)}"
         ) from None
+
+
+def _null_row(cfg: TaskConfig, field: str) -> str:
+    return (
+        f"task {cfg.name!r}: field {field!r} is missing or null in a row of "
+        f"{cfg.dataset or 'data_files'!r}; fill or remove such rows"
+    )
 
 
 def _field(cfg: TaskConfig, row: dict[str, Any], dotted: str) -> Any:
@@ -336,6 +356,8 @@ def _answers(cfg: TaskConfig, row: dict[str, Any]) -> tuple[str, ...]:
         raise EepError(
             f"task {cfg.name!r}: answer field {cfg.answer!r} is empty in a row of {cfg.dataset!r}"
         )
+    if None in values:
+        raise EepError(_null_row(cfg, cfg.answer))
     if cfg.answer_map is not None:
         mapping = {k.lower(): v for k, v in cfg.answer_map.items()}
         keys = [str(v).lower() for v in values]

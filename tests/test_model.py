@@ -102,3 +102,14 @@ def test_an_evaluation_at_mixtral_width_stays_within_twice_the_weights(tmp_path)
     assert result["experts"] == choose_experts("auto", CPU, torch.float32)
     runtime_allowance = 768 * 2**20  # the toy's 385 MiB + activations, with ~200 MiB to spare
     assert result["peak"] < 2 * result["weights"] + runtime_allowance, result["peak"] / 2**20
+
+
+def test_a_missing_local_model_fails_at_once_not_after_hub_retries(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    # "out/nope" has the shape of a hub id, but out/ is here: a typo, not a model to download
+    with pytest.raises(EepError, match=r"model path out/nope does not exist \(out/ is a local"):
+        load_model(ModelConfig(path="out/nope"))
+    with pytest.raises(EepError, match="model path ./nope does not exist; give"):
+        eep_model.load_hf_config(ModelConfig(path="./nope"))
+    assert not eep_model._looks_local("mistralai/Mixtral-8x7B-v0.1")  # no mistralai/ here

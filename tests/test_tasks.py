@@ -115,6 +115,27 @@ def test_bad_dataset_tasks_fail_clearly(tmp_path, update, message):
         load_tasks([cfg], "search")
 
 
+def test_a_missing_data_file_and_rows_without_a_field_fail_clearly(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = TaskConfig(name="rev", dataset="rev2.jsonl", prompt="{question}", answer="target")
+    # a data file's name that is not there: refused before any loading, not looked up on the hub
+    with pytest.raises(EepError, match="dataset 'rev2.jsonl' is no such file or directory"):
+        check_tasks([cfg])
+    with pytest.raises(EepError, match="no such file"):
+        check_tasks([cfg.model_copy(update={"dataset": "./data/rev"})])
+    check_tasks([cfg.model_copy(update={"dataset": "org/rev"})])  # a hub id: left to the run
+    rows = [{"question": f"q{i}", "target": f"a{i}"} for i in range(40)]
+    _jsonl(tmp_path / "rev2.jsonl", rows[:30] + [{"question": f"q{i}"} for i in range(30, 40)])
+    # datasets fills a key a row lacks with None; it must not become the answer "None"
+    with pytest.raises(
+        EepError, match="field 'target' is missing or null in a row of 'rev2.jsonl'"
+    ):
+        load_tasks([cfg.model_copy(update={"search_size": 40, "test_size": 40})], "search")
+    _jsonl(tmp_path / "rev2.jsonl", rows[:30] + [{"target": f"a{i}"} for i in range(30, 40)])
+    with pytest.raises(EepError, match="field 'question' is missing or null"):
+        load_tasks([cfg.model_copy(update={"search_size": 40, "test_size": 40})], "search")
+
+
 def _jsonl(path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
