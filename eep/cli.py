@@ -305,6 +305,24 @@ def _with_evaluator_flags(config, args):
 # -- search / resume ----------------------------------------------------------------------------
 
 
+def _task_sizes(tasks) -> str:
+    """Each task's examples per split: as many as local data really has, else the caps asked for
+    (a hub dataset is not loaded before the run)."""
+    from fitness.tasks import example_counts
+
+    counts = example_counts(tasks)
+
+    def sizes(t) -> str:
+        if t.name in counts:
+            n = counts[t.name]
+            validation = f" / {n['validation']} validation" if n["validation"] else ""
+            return f"{n['search']} search{validation} / {n['test']} held-out"
+        validation = f" / up to {t.validation_count} validation" if t.validation_count else ""
+        return f"up to {t.search_size} search{validation} / up to {t.test_size} held-out"
+
+    return ", ".join(f"{t.name} ({sizes(t)})" for t in tasks)
+
+
 def _print_plan(config, hf_config, shape, space, run_dir) -> None:
     from eep.evolution import experts_implementation
     from eep.methods import method_of
@@ -328,17 +346,7 @@ def _print_plan(config, hf_config, shape, space, run_dir) -> None:
     method_lines = method_of(config).plan_lines(config, space)
     for label, text in method_lines[:1]:
         print(f"{label:<12} {text}")
-    tasks = ", ".join(
-        f"{t.name} ({t.search_size} search"
-        + (
-            f" / {'up to ' if t.validation_size == 'auto' else ''}{t.validation_count} validation"
-            if t.validation_count
-            else ""
-        )
-        + f" / {t.test_size} held-out)"
-        for t in config.fitness.tasks
-    )
-    print(f"fitness      {tasks}")
+    print(f"fitness      {_task_sizes(config.fitness.tasks)}")
     for label, text in method_lines[1:]:
         print(f"{label:<12} {text}")
     ev = config.evaluator

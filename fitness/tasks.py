@@ -368,23 +368,42 @@ def _answers(cfg: TaskConfig, row: dict[str, Any]) -> tuple[str, ...]:
     return tuple(str(v) for v in values)
 
 
+def _local(cfg: TaskConfig) -> bool:
+    """Whether a task's data is on this machine: a toy, ``data_files`` or a local path."""
+    return (
+        cfg.data_files is not None
+        or (cfg.dataset or "").partition(":")[0] in _TOYS
+        or Path(cfg.dataset or "").exists()
+    )
+
+
+def _prompts(cfg: TaskConfig) -> dict[str, list[str]]:
+    """The prompts of each split's examples (``validation`` empty when the task has none)."""
+    return {
+        which: [ex.prompt for task in load_tasks([cfg], which) for ex in task.examples]
+        for which in ("search", "test", "validation")
+    }
+
+
+def example_counts(configs: Sequence[TaskConfig]) -> dict[str, dict[str, int]]:
+    """How many search, validation and test examples each task with local data really has (its
+    sizes are caps a short file stays under); hub tasks are left out (not loaded here)."""
+    return {
+        cfg.name: {which: len(found) for which, found in _prompts(cfg).items()}
+        for cfg in configs
+        if _local(cfg)
+    }
+
+
 def check_local_data(configs: Sequence[TaskConfig]) -> None:
     """Load the tasks whose data is on this machine (toys, ``data_files``, local paths) for every
     split they use, before any model loads, and refuse search / validation / held-out examples that
     share a prompt (files given by hand can overlap; a held-out score on searched rows means nothing).
     Hub datasets are left to the run (``--dry-run`` stays offline)."""
     for cfg in configs:
-        local = (
-            cfg.data_files is not None
-            or (cfg.dataset or "").partition(":")[0] in _TOYS
-            or Path(cfg.dataset or "").exists()
-        )
-        if not local:
+        if not _local(cfg):
             continue
-        prompts = {
-            which: {ex.prompt for task in load_tasks([cfg], which) for ex in task.examples}
-            for which in ("search", "test", "validation")
-        }
+        prompts = {which: set(found) for which, found in _prompts(cfg).items()}
         for a, b in (("search", "test"), ("search", "validation"), ("validation", "test")):
             shared = prompts.get(a, set()) & prompts.get(b, set())
             if shared:

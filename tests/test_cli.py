@@ -67,7 +67,7 @@ def test_dry_runs_of_shipped_experiments(capsys, tmp_path):
     # unset, validation_size is auto: 64 examples, or what the source has left
     assert main(["search", str(ROOT / "experiments/toy-top1.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "copy (16 search / up to 64 validation / 100 held-out)" in out
+    assert "copy (16 search / 64 validation / 100 held-out)" in out  # local: the real counts
     assert "export       the best on validation examples among the 30 best by search fitness" in out
     off = [arg for i in range(8) for arg in ("--set", f"fitness.tasks.{i}.validation_size=0")]
     assert main(["search", str(ROOT / "experiments/toy-top1.yaml"), "--dry-run", *off]) == 0
@@ -81,6 +81,8 @@ def test_dry_runs_of_shipped_experiments(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "32 MoE layers, 8 experts, top-2" in out and "1.104e+59 genomes" in out
     assert "~86.99 GiB of weights per model copy" in out  # 46.7 B parameters in bf16
+    # a hub dataset is not loaded before the run: its sizes are caps
+    assert "squad (up to 200 search / up to 1000 held-out)" in out
     assert main(["search", str(ROOT / "experiments/mixtral-8x7b-moei2.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "stage 1 keeps 192 of 256 experts" in out and "keeping 0.667 of their parameters" in out

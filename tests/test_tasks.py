@@ -136,6 +136,21 @@ def test_a_missing_data_file_and_rows_without_a_field_fail_clearly(tmp_path, mon
         load_tasks([cfg.model_copy(update={"search_size": 40, "test_size": 40})], "search")
 
 
+def test_example_counts_are_what_local_data_really_has(tmp_path):
+    from fitness.tasks import example_counts
+
+    rows = [{"question": f"q{i}", "target": f"a{i}"} for i in range(60)]
+    path = str(_jsonl(tmp_path / "rev.jsonl", rows))
+    short = TaskConfig(name="rev", dataset=path, prompt="{question}", answer="target")
+    hub = TaskConfig(name="hub", dataset="org/rev", prompt="{question}", answer="target")
+    counts = example_counts([short, hub])
+    assert set(counts) == {"rev"}  # a hub dataset is not loaded
+    # one file of 60 rows, 3 in 10 held out: 32 searched, what is left validates (at most 64)
+    n = counts["rev"]
+    assert n["search"] == 32 and n["search"] + n["validation"] + n["test"] == 60
+    assert n["test"] == len(load_tasks([short], "test")[0].examples) < short.test_size
+
+
 def _jsonl(path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
