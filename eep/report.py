@@ -687,6 +687,21 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
 # -- the report ---------------------------------------------------------------------------------
 
 
+def _stale_search_row(baselines: dict | None, summary: dict | None) -> str | None:
+    """A line saying so when ``baselines.json``'s search row is of fewer evaluations than the run
+    has now (it was resumed with a larger budget after ``eep baselines``); None when it is not."""
+    row = (baselines or {}).get("methods", {}).get("search")
+    if not row or not summary or "evaluations" not in row:
+        return None
+    if row["evaluations"] == summary["evaluations"]:
+        return None
+    return (
+        f"baselines.json was written when the run had {row['evaluations']} evaluations; it has "
+        f"{summary['evaluations']} now, so the search row is the run's current pick "
+        "(`eep baselines` again to score the baselines beside it afresh)."
+    )
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``report.md`` (and its figures) into ``run_dir``; returns the path of ``report.md``."""
     run = RunDir.open(run_dir)
@@ -695,6 +710,10 @@ def write_report(run_dir: str | Path) -> Path:
     summary = json.loads(run.summary_path.read_text()) if run.summary_path.exists() else None
     heldout = (summary or {}).get("heldout") or None
     baselines = load_baselines(run.path / "baselines.json")
+    stale = _stale_search_row(baselines, summary)
+    if stale:  # the run went on after `eep baselines`: its row is the run's pick now, below
+        methods = {m: v for m, v in baselines["methods"].items() if m != "search"}
+        baselines = {**baselines, "methods": methods}
     fitness_png, methods_png = run.path / "fitness.png", run.path / "methods.png"
 
     model = "" if config.model.path == config.name else f" ({config.model.path})"
@@ -793,6 +812,8 @@ def write_report(run_dir: str | Path) -> Path:
         }
     rows = method_rows(baselines, heldout, more)
     lines += ["", "## Held-out comparison", ""]
+    if stale:
+        lines += [stale, ""]
     if rows:
         tasks = list(
             dict.fromkeys(

@@ -238,6 +238,32 @@ def test_report_with_baselines(tmp_path):
         assert width > 600 and height > 300
 
 
+def test_a_search_row_from_before_a_resume_gives_way_to_the_runs_current_pick(tmp_path):
+    search = {**BASELINES["methods"]["search"], "evaluations": 6}  # eep baselines at 6 of 10
+    run = _run(
+        tmp_path, baselines={**BASELINES, "methods": {**BASELINES["methods"], "search": search}}
+    )
+    report = write_report(run.path).read_text()
+    assert (
+        "baselines.json was written when the run had 6 evaluations; it has 10 now, so the search "
+        "row is the run's current pick"
+    ) in report
+    comparison = report.split("\n| method | 2 kept")[0]
+    assert _table(comparison)["search"][4] == "87.0"  # summary.json's, not baselines.json's 88.2
+    (run.path / "baselines.json").write_text(
+        json.dumps(
+            {
+                **BASELINES,
+                "methods": {**BASELINES["methods"], "search": {**search, "evaluations": 10}},
+            }
+        )
+    )
+    report = write_report(run.path).read_text()
+    comparison = report.split("\n| method | 2 kept")[0]
+    assert "was written when" not in report
+    assert _table(comparison)["search (10 evaluations)"][4] == "88.2"
+
+
 def test_report_without_baselines(tmp_path):
     run = _run(tmp_path)
     (run.path / "methods.png").write_bytes(b"stale")  # from an earlier report that had baselines
