@@ -132,10 +132,12 @@ class Run:
 
         summary, config = self.summary, self.config
         if summary.get("front") is not None and point is None and max_params is None:
+            from eep.evolution import pick_runs
+
             active = summary.get("objective") == "active_params"
             picks = ", ".join(
                 f"{f'top-{size}' if active else f'{size} experts a layer'}: {p['id']}"
-                for size, p in summary.get("picks", {}).items()
+                for size, p in pick_runs(summary.get("picks", {}))
             )
             raise EepError(
                 f"{self.path} holds a frontier: choose the point to export with --point ID or "

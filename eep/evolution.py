@@ -407,12 +407,24 @@ def _finish(run: RunDir, config: Config, space, evaluator, log: Log) -> dict:
     return summary
 
 
+def pick_runs(picks: dict) -> list[tuple[str, dict]]:
+    """A frontier's picks per size (``summary["picks"]``) with consecutive sizes that share a pick
+    joined, for one-line lists: ``[("2", pick), ("3–8", pick), ...]``."""
+    runs: list[list] = []
+    for size, pick in picks.items():
+        if runs and runs[-1][2]["id"] == pick["id"]:
+            runs[-1][1] = size
+        else:
+            runs.append([size, size, pick])
+    return [(first if first == last else f"{first}–{last}", pick) for first, last, pick in runs]
+
+
 def _front_line(summary: dict) -> str:
     """The end of a frontier run's last line: its front, and its pick per size held out."""
     active = summary["objective"] == "active_params"
     picks = ", ".join(
         f"{f'top-{size}' if active else size}: {p['heldout']['mean']:.2f}"
-        for size, p in summary["picks"].items()
+        for size, p in pick_runs(summary["picks"])
     )
     return (
         f"; frontier: {len(summary['front'])} points, hypervolume {summary['hypervolume']:.4f}; "

@@ -131,6 +131,19 @@ def test_nsga2_pool_is_deaps_selection_on_the_whole_archive():
         assert pool == nsga2_pool(archive, size)  # deterministic
 
 
+def test_consecutive_sizes_sharing_a_pick_are_listed_once():
+    from eep.evolution import pick_runs
+
+    picks = {str(k): {"id": i} for k, i in ((2, 7), (3, 9), (4, 9), (5, 9), (6, 4), (7, 9))}
+    assert [(label, p["id"]) for label, p in pick_runs(picks)] == [
+        ("2", 7),
+        ("3–5", 9),
+        ("6", 4),
+        ("7", 9),  # the same pick again, not next to the others: its own entry
+    ]
+    assert pick_runs({}) == []
+
+
 def test_hypervolume_by_hand():
     # 50 % accuracy at 40 % of the parameters, then 80 % at 60 %
     assert hypervolume([(50.0, 40), (80.0, 60), (30.0, 70)], 100) == pytest.approx(
