@@ -31,8 +31,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eep: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("eep: interrupted; a search continues with `eep resume RUN_DIR`", file=sys.stderr)
+        run_dir = _run_dir_of(args)
+        print(
+            f"eep: interrupted; a search continues with `eep resume {run_dir or 'RUN_DIR'}`",
+            file=sys.stderr,
+        )
         return 130
+
+
+def _run_dir_of(args) -> Path | None:
+    """The run directory a command works in, where it names one (for the interrupt's hint)."""
+    command = getattr(args, "func", None)
+    if command not in (cmd_search, cmd_resume, cmd_baselines):
+        return None
+    if args.run_dir:
+        return Path(args.run_dir)
+    if command is not cmd_resume:
+        try:
+            from eep.config import load_config
+
+            return Path("runs") / load_config(args.config, args.overrides).name
+        except Exception:  # noqa: BLE001  (only a hint: the generic one will do)
+            return None
+    return None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -384,6 +405,10 @@ def cmd_search(args) -> int:
 
     config = _with_evaluator_flags(load_config(args.config, args.overrides), args)
     run_dir = Path(args.run_dir or Path("runs") / config.name)
+    if not args.dry_run and not args.resume_if_exists:
+        from eep.journal import RunDir
+
+        RunDir.check_new(run_dir)  # before the plan: its lines would bury the error
     planned = plan(config, dry_run=args.dry_run, config_dir=Path(args.config).parent)
     _print_plan(config, *planned, run_dir)
     if args.dry_run:

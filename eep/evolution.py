@@ -214,8 +214,13 @@ class Evolution:
         return summary["evaluations"], config.search.evaluations
 
     def outcome(self, summary: dict) -> dict:
-        """What ``eep search`` prints as its one JSON line."""
-        return {k: summary.get(k) for k in ("evaluations", "best_fitness", "best_id")}
+        """What ``eep search`` prints as its one JSON line: the best by search fitness, and (not
+        for a frontier, which exports a point chosen later) the candidate exported, held out."""
+        out = {k: summary.get(k) for k in ("evaluations", "best_fitness", "best_id")}
+        if summary.get("front") is None and "heldout" in summary:
+            out["exported_id"] = (summary.get("selected") or {}).get("id", summary.get("best_id"))
+            out["heldout"] = round(summary["heldout"]["best"]["mean"], 4)
+        return out
 
 
 METHOD = Evolution()

@@ -22,6 +22,16 @@ def test_search_export_evaluate_from_python(tmp_path):
     summary = run.summary
     assert run.best.key == eep.Genome.from_dict(summary["selected"]["genome"]).key
     assert any(line.startswith("[eep] done: 8 evaluations") for line in logged)
+    # `eep search`'s JSON line names the candidate exported and its held-out score too
+    from eep.evolution import METHOD
+
+    assert METHOD.outcome(summary) == {
+        "evaluations": 8,
+        "best_fitness": summary["best_fitness"],
+        "best_id": summary["best_id"],
+        "exported_id": summary["selected"]["id"],
+        "heldout": round(summary["heldout"]["best"]["mean"], 4),
+    }
 
     report = run.export(tmp_path / "out", log=logged.append)
     assert report["parameters"]["after"] < report["parameters"]["before"]

@@ -243,6 +243,30 @@ def test_bad_paths_and_models_fail_before_loading(capsys, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "cfg.yaml", "g.json", "llama"]
 
 
+def test_a_taken_run_directory_is_refused_before_the_plan(capsys, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "journal.jsonl").write_text("")
+    args = ["search", str(_config(tmp_path)), "--run-dir", str(tmp_path / "run")]
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    assert "already exists and is not empty" in err and out == ""  # no plan above the error
+
+
+def test_an_interrupt_names_the_run_to_resume(capsys, tmp_path, monkeypatch):
+    import eep.api
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eep.api, "search", interrupted)
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", str(_config(tmp_path))]) == 130
+    assert "a search continues with `eep resume runs/test`" in capsys.readouterr().err
+    run = str(tmp_path / "elsewhere")
+    assert main(["search", str(_config(tmp_path)), "--run-dir", run]) == 130
+    assert f"`eep resume {run}`" in capsys.readouterr().err
+
+
 def test_missing_config_file(capsys, tmp_path):
     _fails(capsys, ["search", str(tmp_path / "nope.yaml")], "does not exist")
 
