@@ -21,7 +21,14 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         key_value = next((a for a in unknown if "=" in a and not a.startswith("-")), None)
-        hint = f"; a config override goes after --set: --set {key_value}" if key_value else ""
+        bare = next((o for o in getattr(args, "overrides", None) or () if "=" not in o), None)
+        hint = (
+            f"; a config override goes after --set: --set {key_value}"
+            if key_value
+            else f"; --set takes KEY=VALUE as one word: --set {bare}={unknown[0]}"
+            if bare and not unknown[0].startswith("-")
+            else ""
+        )
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     try:
         if hasattr(args, "threads"):

@@ -575,10 +575,15 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
             return parse_config(data, source=source)
         except EepError as err:
             key = str(err).removeprefix(f"{source}: ").split(":")[0]
-            if any(o.partition("=")[0].strip() == key for o in overrides):
+            if any(_within(key, o.partition("=")[0].strip()) for o in overrides):
                 raise EepError(f"--set {str(err).removeprefix(f'{source}: ')}") from None
             raise
     return parse_config(data, source=source)
+
+
+def _within(key: str, override: str) -> bool:
+    """Whether config key ``key`` is ``override``'s key or inside it (``a.b.c`` is within ``a.b``)."""
+    return key == override or key.startswith(override + ".")
 
 
 def parse_config(data: Any, source: str = "config") -> Config:
@@ -595,8 +600,10 @@ def apply_override(data: dict, item: str) -> None:
         raise EepError(f"override {item!r} must look like section.key=value")
     try:
         value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        raise EepError(f"override {item!r}: value is not valid YAML") from None
+    except yaml.YAMLError:  # e.g. a template, "{context} Q: {question}": the text as it is
+        value = raw
+    if isinstance(value, dict) and value and all(v is None for v in value.values()):
+        value = raw  # "{question}" reads as a YAML mapping with no values: it is a template
     *parents, leaf = key.strip().split(".")
     node: Any = data
     for part in parents:
@@ -626,8 +633,14 @@ def _index(node: list, part: str, item: str) -> int:
 
 
 def _first_error(err: ValidationError) -> str:
-    first = err.errors()[0]
+    errors = err.errors()
+    # a misspelt key also leaves the key it meant missing: the misspelling is the one to name
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     where = ".".join(str(p) for p in first["loc"]) or "config"
+    if first.get("input", "") is None and first["type"] in ("model_type", "dict_type"):
+        field = Config.model_fields.get(str(first["loc"][0])) if len(first["loc"]) == 1 else None
+        needed = field is not None and field.is_required()
+        return f"{where}: the section is empty; give its keys" + ("" if needed else " or remove it")
     if first["type"] == "extra_forbidden":
         allowed = _allowed_keys(first["loc"][:-1])
         close = difflib.get_close_matches(str(first["loc"][-1]), allowed, n=1)

@@ -185,6 +185,22 @@ def test_weight_estimate_counts_the_toys_parameters():
             "search.crossover_prob: Input should be less than or equal to 1",
         ),
         ({}, ["search.seed"], "must look like section.key=value"),
+        (
+            {"search_space": None},
+            [],
+            "search_space: the section is empty; give its keys or remove it",
+        ),
+        ({"model": None}, [], "model: the section is empty; give its keys"),
+        (  # a misspelt key is named, not the key it meant, which is then missing
+            {},
+            ["fitness.tasks.0={nmae: copy, dataset: 'toy:copy'}"],
+            "fitness.tasks.0.nmae: unknown key; did you mean 'name'?",
+        ),
+        (  # inside what --set gave: blamed on --set
+            {},
+            ["fitness.tasks.0.answer_map={A: 0}"],
+            "--set fitness.tasks.0.answer_map.A: Input should be a valid string",
+        ),
         ({}, ["fitness.tasks=[]"], "fitness.tasks: List should have at least 1 item"),
         (
             {},
@@ -576,6 +592,16 @@ def test_first_hour_messages(capsys, tmp_path):
         .endswith(
             "unrecognized arguments: search.evaluations=5; a config override goes after --set: "
             "--set search.evaluations=5"
+        )
+    )
+    # KEY VALUE as two words
+    with pytest.raises(SystemExit):
+        main(argv + ["--set", "search.evaluations", "5"])
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            "unrecognized arguments: 5; --set takes KEY=VALUE as one word: --set search.evaluations=5"
         )
     )
     assert not (tmp_path / "r").exists()

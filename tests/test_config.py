@@ -141,3 +141,16 @@ def test_settings_added_with_neutral_defaults_keep_older_runs_resumable():
         parse_config({**old, "method": "eep"})
     with pytest.raises(EepError, match="method: moei2 keeps experts"):
         parse_config({**config.to_dict(), "method": "moei2", "search_space": {"kind": "merge"}})
+
+
+def test_an_override_of_a_template_keeps_its_braces():
+    from eep.config import apply_override
+
+    data = {"fitness": {"tasks": [{"prompt": "x"}]}}
+    apply_override(data, "fitness.tasks.0.prompt={question}")  # YAML would read a mapping
+    assert data["fitness"]["tasks"][0]["prompt"] == "{question}"
+    apply_override(data, "fitness.tasks.0.prompt={context} Q: {question} A:")  # not YAML at all
+    assert data["fitness"]["tasks"][0]["prompt"] == "{context} Q: {question} A:"
+    # a mapping with values stays one
+    apply_override(data, "fitness.tasks.0.answer_map={A: '0', B: '1'}")
+    assert data["fitness"]["tasks"][0]["answer_map"] == {"A": "0", "B": "1"}
