@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from eep.progress import stderr_log as log
 
 
 def main(argv: list[str] | None = None) -> int:
+    if not sys.stderr.isatty():  # into a log: eep's own progress lines, not tqdm's bars
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = _parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
