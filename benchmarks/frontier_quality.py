@@ -36,6 +36,7 @@ def _frontier(config, worker, tmp: Path, evaluations: int, seed: int | None = No
     data["search"].update(
         objectives=["fitness", "kept_params"], evaluations=evaluations, initial=60, warm_start=[]
     )
+    data["search_space"].pop("keep", None)  # a frontier spans every size
     if seed is not None:
         data["search"]["seed"] = seed
     from eep.config import apply_override, parse_config
@@ -56,7 +57,12 @@ def main() -> None:
     parser.add_argument(
         "--configs", nargs="+", default=["experiments/toy.yaml", "experiments/toy-qwen.yaml"]
     )
-    parser.add_argument("--keeps", nargs="+", type=int, default=[2, 3, 4, 6])
+    parser.add_argument(
+        "--keeps",
+        nargs="+",
+        type=int,
+        help="experts per layer (default: a quarter, 3/8, half and 3/4 of the model's: 2 3 4 6 of 8)",
+    )
     parser.add_argument("--runs", type=int, default=2, help="frontier budget in single-size runs")
     parser.add_argument(
         "--seed", type=int, help="the frontier search's seed (default: the config's)"
@@ -79,7 +85,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from benchmarks.search_quality import _search, _with_tasks
+    from benchmarks.search_quality import SHARES, _search, _with_tasks, keeps_for
     from eep import baselines as bl
     from eep import greedy
     from eep.calibration import calibrate
@@ -96,6 +102,8 @@ def main() -> None:
         worker = FitnessWorker(config)
         adapter = worker.adapter
         layers = tuple(adapter.moe_layers)
+        num_experts, top_k = adapter.shape.num_experts, adapter.shape.top_k
+        keeps = keeps_for(ROOT / path, args.keeps, (*SHARES, 3 / 4))
         tester = (
             FitnessWorker(_with_tasks(config, test_size=args.test_size))
             if args.test_size
@@ -120,8 +128,8 @@ def main() -> None:
             points = [(e, params(e.genome), held(e.genome)) for e in front]
             _, _, cal = calibrate(config, worker, lambda m: None)
             rows = []
-            for keep in args.keeps:
-                uniform = Genome.from_keep(8, 2, {i: range(keep) for i in layers})
+            for keep in keeps:
+                uniform = Genome.from_keep(num_experts, top_k, {i: range(keep) for i in layers})
                 size = params(uniform)
                 # what the run exports at this size: its pick on validation examples
                 pick, _ = _pick(archive, keep * len(layers), frontier, SerialEvaluator(worker))
@@ -129,7 +137,7 @@ def main() -> None:
                 cfg = config.model_copy(
                     update={"search_space": config.search_space.model_copy(update={"keep": keep})}
                 )
-                space = PruneSpace(8, 2, layers, keep)
+                space = PruneSpace(num_experts, top_k, layers, keep)
                 single, _, _, _ = _search(cfg, worker, space, Path(tmp))
 
                 def fitnesses(genomes, worker=worker):
@@ -162,7 +170,7 @@ def main() -> None:
             score = best[2] if best else float("nan")
             experts = sum(g.slots for _, g in best[0].genome.layers) if best else "-"
             print(
-                f"| {keep} of 8 ({size:,} parameters) | {experts} | {score:.2f} | {single:.2f} | "
+                f"| {keep} of {num_experts} ({size:,} parameters) | {experts} | {score:.2f} | {single:.2f} | "
                 f"{name} {value:.2f} | {'yes' if score >= single else 'no'} | "
                 f"{'yes' if score > value else 'no'} |"
             )

@@ -42,6 +42,29 @@ sys.path.insert(0, str(ROOT))
 EEP_SCHEME = ["search.warm_start=[]", "search.evaluations=200"]  # and no validation examples
 
 
+SHARES = (1 / 4, 3 / 8, 1 / 2)
+"""The default sizes, as shares of a model's experts: 2, 3 and 4 of 8."""
+
+
+def keeps_for(config_path, asked: list[int] | None, shares=SHARES) -> list[int]:
+    """The experts per layer to measure a config's model at: ``asked`` (those between its top-k and
+    its expert count; the others are said and skipped), else ``shares`` of its experts."""
+    from eep.api import plan
+    from eep.config import load_config
+
+    _, shape, _ = plan(load_config(config_path), dry_run=True)
+    low, high = shape.top_k, shape.num_experts - 1
+    if asked is None:
+        return sorted({min(high, max(low, round(share * shape.num_experts))) for share in shares})
+    for keep in sorted(set(asked) - set(range(low, high + 1))):
+        print(
+            f"{config_path}: keep {keep} skipped (its model keeps {low}..{high} of "
+            f"{shape.num_experts} experts a layer)",
+            file=sys.stderr,
+        )
+    return [k for k in asked if low <= k <= high]
+
+
 def _search(config, worker, space, tmp: Path) -> tuple[object, float, int, float]:
     from eep.evaluator import SerialEvaluator
     from eep.evolution import _validator, resolve
@@ -174,7 +197,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--configs", nargs="+", default=["experiments/toy.yaml", "experiments/toy-qwen.yaml"]
     )
-    parser.add_argument("--keeps", nargs="+", type=int, default=[2, 3, 4])
+    parser.add_argument(
+        "--keeps",
+        nargs="+",
+        type=int,
+        help="experts per layer (default: a quarter, three eighths and half of the model's: 2 3 4 of 8)",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument(
         "--validation", type=int, help="validation_size of every task for the configured search"
@@ -212,7 +240,8 @@ def main(argv=None) -> int:
     configs = [p for p in args.configs if (ROOT / p).exists() or Path(p).exists()]
     for path in sorted(set(args.configs) - set(configs)):
         print(f"{path}: missing, skipped", file=sys.stderr)
-    cells = [(p, k, s) for p in configs for k in args.keeps for s in args.seeds]
+    keeps = {p: keeps_for(p if Path(p).exists() else ROOT / p, args.keeps) for p in configs}
+    cells = [(p, k, s) for p in configs for k in keeps[p] for s in args.seeds]
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
     results: dict[tuple, dict] = {}
 
@@ -251,7 +280,7 @@ def main(argv=None) -> int:
     print("| config | keep | method | held-out | search fitness | evaluations | wall s |")
     print("|---|---|---|---:|---:|---:|---:|")
     for path in configs:
-        for keep in args.keeps:
+        for keep in keeps[path]:
             per_seed = [results[path, keep, seed] for seed in args.seeds]
             for method in per_seed[0]:
                 held = [rows[method]["heldout"] for rows in per_seed]

@@ -138,3 +138,19 @@ def test_figures_keep_their_digits_from_a_toy_to_mixtral_width():
     assert _scaled(3.2e6, "B", 1024) == "3.05 MiB" and _scaled(23.2e9, "B", 1024) == "21.61 GiB"
     assert _scaled(1.2e6, "FLOP") == "1.20 MFLOP" and _scaled(7.75e14, "FLOP/s") == "775.00 TFLOP/s"
     assert _scaled(512, "B", 1024) == "512.00 B"
+
+
+def test_the_quality_benchmarks_size_cells_by_the_models_experts(capsys):
+    """2, 3 and 4 of 8 are shares of a model's experts: 32, 48 and 64 of Qwen3-30B-A3B's 128; a
+    size the model cannot keep is said and skipped (no model weights are read)."""
+    from pathlib import Path
+
+    from benchmarks.search_quality import keeps_for
+
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    assert keeps_for(root / "toy.yaml", None) == [2, 3, 4]
+    assert keeps_for(root / "toy.yaml", None, (1 / 4, 3 / 4)) == [2, 6]
+    assert keeps_for(root / "qwen3-30b-a3b.yaml", None) == [32, 48, 64]
+    assert keeps_for(root / "toy.yaml", [1, 3, 8]) == [3]
+    err = capsys.readouterr().err
+    assert "keep 1 skipped (its model keeps 2..7 of 8 experts a layer)" in err and "keep 8" in err
