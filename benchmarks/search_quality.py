@@ -129,9 +129,9 @@ def measure(
 
         torch.set_num_threads(threads)
     from eep import baselines as bl
-    from eep import greedy
     from eep.api import plan
     from eep.calibration import calibrate
+    from eep.compare import greedy_elimination
     from eep.config import load_config
     from eep.evaluator import FitnessWorker
     from fitness.metrics import weighted_fitness
@@ -160,9 +160,7 @@ def measure(
     ):
         rows[name] = {"heldout": heldout(genome), "seconds": calibration_s, "evaluations": 0}
     start = time.perf_counter()
-    genome, fitness, spent = greedy.run(
-        greedy.steps(space), lambda gs: [worker.fitness(worker.scores(g)) for g in gs]
-    )
+    genome, fitness, spent = greedy_elimination(config, worker, shape, keep, lambda m: None)
     rows["greedy"] = {
         "heldout": heldout(genome),
         "seconds": time.perf_counter() - start,

@@ -97,12 +97,9 @@ def run_baselines(
     out. ``workdir`` holds the journals of the ``moei2`` baseline's layer searches (default: a
     temporary directory)."""
     from eep import baselines as bl
-    from eep import greedy
     from eep.moe import shape_of
-    from eep.progress import Progress, tracked
+    from eep.progress import tracked
     from fitness.metrics import weighted_fitness
-    from fitness.scoring import Cut
-    from search_spaces import PruneSpace
 
     cfg, keep = config.baselines, config.search_space.keep
     shape = shape_of(worker.model.config)
@@ -143,33 +140,7 @@ def run_baselines(
             elif method == "moei2":
                 out.update(moei2_rows(k))
             elif method == "greedy":
-                space = PruneSpace(
-                    shape.num_experts,
-                    shape.top_k,
-                    tuple(shape.moe_layers),
-                    k,
-                    config.search_space.top_k,
-                )
-                progress = Progress(
-                    f"greedy elimination at {k} of {shape.num_experts}", greedy.cost(space), log
-                )
-
-                def fitness_or_bound(genome, bar):
-                    try:
-                        return worker.fitness(worker.scores(genome, cut_below=bar))
-                    except Cut as cut:
-                        return cut.bound
-
-                def fitnesses(batch):
-                    if config.search.early_cut:
-                        scored = greedy.cut_scores(batch, fitness_or_bound)
-                    else:
-                        scored = [fitness_or_bound(g, None) for g in batch]
-                    progress.step(len(batch))  # noqa: B023  (called within this iteration)
-                    return scored
-
-                genome, fitness, spent = greedy.run(greedy.steps(space), fitnesses)
-                progress.close()
+                genome, fitness, spent = greedy_elimination(config, worker, shape, k, log)
                 out[method] = {**score(genome), "evaluations": spent, "search_fitness": fitness}
             else:  # naee, naee+skip
                 genome, how = bl.naee_genome(cal, k, cfg.naee_max_subsets)
@@ -265,6 +236,43 @@ def run_baselines(
         "sweep": sweep,
         "sweep_rows": sweep_rows,
     }
+
+
+def greedy_elimination(
+    config: Config, worker, shape, keep: int, log: Callable[[str], None]
+) -> tuple[Genome, float, int]:
+    """Greedy elimination (:mod:`eep.greedy`) to ``keep`` experts a layer on the resident worker's
+    search split, each option cut short once it cannot be taken (``search.early_cut``; it takes the
+    same options): (genome, its search fitness, evaluations spent)."""
+    from eep import greedy
+    from eep.progress import Progress
+    from fitness.scoring import Cut
+    from search_spaces import PruneSpace
+
+    space = PruneSpace(
+        shape.num_experts, shape.top_k, tuple(shape.moe_layers), keep, config.search_space.top_k
+    )
+    progress = Progress(
+        f"greedy elimination at {keep} of {shape.num_experts}", greedy.cost(space), log
+    )
+
+    def fitness_or_bound(genome: Genome, bar: float | None) -> float:
+        try:
+            return worker.fitness(worker.scores(genome, cut_below=bar))
+        except Cut as cut:
+            return cut.bound
+
+    def fitnesses(batch: greedy.Batch) -> list[float]:
+        if config.search.early_cut:
+            scored = greedy.cut_scores(batch, fitness_or_bound)
+        else:
+            scored = [fitness_or_bound(g, None) for g in batch]
+        progress.step(len(batch))
+        return scored
+
+    result = greedy.run(greedy.steps(space), fitnesses)
+    progress.close()
+    return result
 
 
 def _mean_of(draws: list[dict]) -> dict:
