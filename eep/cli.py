@@ -315,10 +315,20 @@ def _evaluator_flags(p: argparse.ArgumentParser) -> None:
         help="evaluate on N Ray actors (a local Ray runtime unless --ray-address is given)",
     )
     p.add_argument("--ray-address", metavar="ADDR", help="join a Ray cluster (host:port or 'auto')")
+    p.add_argument(
+        "--serial",
+        action="store_true",
+        help="evaluate in this process, whatever evaluator the config (or the run) names",
+    )
 
 
 def _with_evaluator_flags(config, args):
-    """Apply --workers / --ray-address (the evaluator never changes a search's outcome)."""
+    """Apply --workers / --ray-address / --serial (the evaluator never changes a search's outcome)."""
+    if args.serial:
+        if args.workers is not None or args.ray_address is not None:
+            raise EepError("--serial evaluates in this process: drop --workers / --ray-address")
+        evaluator = config.evaluator.model_copy(update={"kind": "serial"})
+        return config.model_copy(update={"evaluator": evaluator})
     if args.workers is None and args.ray_address is None:
         return config
     if args.workers is not None and args.workers < 1:
@@ -395,8 +405,16 @@ def _print_plan(config, hf_config, shape, space, run_dir) -> None:
         if ev.kind != "ray"
         else "1 thread per actor"
     )
+    in_flight = f"{config.search.in_flight} candidate(s) in flight"
+    if ev.kind == "ray" and "in_flight" not in config.search.model_fields_set:
+        # the run sets it to the actors it gets, to keep every one busy (eep.evolution)
+        in_flight = (
+            f"{ev.workers} candidate(s) in flight, one per actor"
+            if ev.workers
+            else ("one candidate in flight per actor")
+        )
     print(
-        f"evaluator    {where}; {threads}; {config.search.in_flight} candidate(s) in flight; ~"
+        f"evaluator    {where}; {threads}; {in_flight}; ~"
         + (f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB")
         + " of weights per model copy"
     )

@@ -631,6 +631,24 @@ def test_threads_are_applied_and_shown_in_the_plan(capsys, tmp_path):
         torch.set_num_threads(before)
 
 
+def test_a_ray_run_resumes_serially_and_its_plan_counts_the_candidates_in_flight(capsys, tmp_path):
+    from eep.config import parse_config
+    from eep.journal import RunDir
+
+    argv = ["search", str(_config(tmp_path)), "--dry-run", "--workers", "2"]
+    assert main(argv) == 0
+    assert "2 candidate(s) in flight, one per actor" in capsys.readouterr().out
+    _fails(capsys, [*argv, "--serial"], "--serial evaluates in this process: drop --workers")
+    # a run its config says to evaluate on Ray, resumed in this process
+    data = toy_config_dict(evaluations=6, initial=4)
+    data["evaluator"] = {"kind": "ray", "workers": 2}
+    data["search"]["in_flight"] = 2
+    run = RunDir.create(tmp_path / "ray-run", parse_config(data))
+    assert main(["resume", str(run.path), "--serial"]) == 0
+    assert RunDir.open(run.path).summary()["evaluations"] == 6
+    assert "actor" not in capsys.readouterr().err  # no Ray actors were started
+
+
 def test_finished_unfinished_and_existing_runs(capsys, tmp_path):
     """An unfinished search exports with a warning and says so in the model card; a finished one
     resumes to nothing; --resume-if-exists continues a stopped run instead of refusing it."""
