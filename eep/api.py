@@ -76,9 +76,16 @@ class Run:
     @property
     def best(self) -> Genome | None:
         """The genome the run exports: its pick on validation examples, else the best by search fitness."""
-        summary = self.summary
-        chosen = summary.get("selected") or {"genome": summary.get("best_genome")}
-        return Genome.from_dict(chosen["genome"]) if chosen["genome"] is not None else None
+        return _exported(self.summary)
+
+    def _summary_so_far(self) -> dict:
+        """summary.json, or for a search stopped before it wrote one (e.g. inside its greedy
+        start) what its journal says: evaluations done and the best by search fitness."""
+        if self.dir.summary_path.exists() or not method_of(self.config).searches:
+            return self.summary
+        from eep.loop import summarise
+
+        return summarise(self.evaluations())
 
     def front_point(self, point: int | None = None, max_params: int | None = None) -> dict:
         """A point of a multi-objective run's frontier (``summary["front"]``, smallest first): the
@@ -130,7 +137,9 @@ class Run:
         from eep.export import export_genome
         from eep.lowrank import SCALES_FILE
 
-        summary, config = self.summary, self.config
+        if point is not None and max_params is not None:
+            raise EepError("--point and --max-params each choose the point to export: give one")
+        summary, config = self._summary_so_far(), self.config
         if summary.get("front") is not None and point is None and max_params is None:
             from eep.evolution import pick_runs
 
@@ -143,7 +152,7 @@ class Run:
                 f"{self.path} holds a frontier: choose the point to export with --point ID or "
                 f"--max-params N (`eep report` lists them; the picks per size: {picks})"
             )
-        genome = self.best
+        genome = _exported(summary)
         fitness = (summary.get("selected") or {"fitness": summary.get("best_fitness")})["fitness"]
         if point is not None or max_params is not None:
             chosen = self.front_point(point, max_params)
@@ -152,6 +161,14 @@ class Run:
                 f"[eep] frontier point {chosen['id']}: {chosen['kept_params']:,} parameters kept, "
                 f"{chosen['active_params']:,} active"
             )
+            other = also_fits(summary, chosen, max_params) if max_params is not None else None
+            if other is not None:  # the pick of a uniform size can sit well below the limit
+                params = summary.get("objective", "kept_params")
+                log(
+                    f"[eep] front point {other['id']} fits too ({other[params]:,} "
+                    f"{params.replace('_', ' ')}, search fitness {other['fitness']:.2f} against "
+                    f"{fitness:.2f}): `--point {other['id']}` exports it"
+                )
         if genome is None:
             raise EepError(f"{self.path} has no successful evaluation to export")
         progress = method_of(config).progress(summary, config)
@@ -173,6 +190,24 @@ class Run:
             scales=self.path / SCALES_FILE,
             search_progress=progress,
         )
+
+
+def also_fits(summary: dict, chosen: dict, max_params: int) -> dict | None:
+    """The front point of the highest search fitness (the fewest parameters among equals) that is
+    larger than ``chosen`` (what ``--max-params`` picked), within ``max_params`` and better by
+    search fitness; None when there is none."""
+    params = summary.get("objective", "kept_params")
+    larger = [
+        p
+        for p in summary["front"]
+        if chosen[params] < p[params] <= max_params and p["fitness"] > chosen["fitness"]
+    ]
+    return max(larger, key=lambda p: (p["fitness"], -p[params])) if larger else None
+
+
+def _exported(summary: dict) -> Genome | None:
+    chosen = summary.get("selected") or {"genome": summary.get("best_genome")}
+    return Genome.from_dict(chosen["genome"]) if chosen["genome"] is not None else None
 
 
 def search(

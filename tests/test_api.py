@@ -83,6 +83,21 @@ def test_a_run_continues_from_its_journal_in_another_process_s_shoes(tmp_path, c
     assert strip(resumed) == strip(full)
 
 
+def test_a_run_stopped_before_its_first_summary_exports_its_best_so_far(tmp_path):
+    from eep.loop import best_of
+
+    run = eep.search(toy_config_dict(evaluations=8, initial=4), run_dir=tmp_path / "r", log=None)
+    lines = run.dir.journal_path.read_text().splitlines()
+    run.dir.journal_path.write_text("\n".join(lines[:5]) + "\n")  # stopped after 5 of 8
+    (run.path / "state.json").unlink()
+    (run.path / "summary.json").unlink()
+    logged = []
+    report = run.export(tmp_path / "out", log=logged.append)
+    assert any("stopped at 5 of 8 evaluations" in line for line in logged)
+    exported = eep.Genome.load(tmp_path / "out" / "eep_genome.json")
+    assert exported.key == best_of(run.evaluations()).genome.key and report["parameters"]
+
+
 def test_raising_the_budget_of_a_finished_run_continues_the_same_search(tmp_path):
     config = toy_config_dict(evaluations=12, initial=4)
     longer = eep.search(config, run_dir=tmp_path / "long", log=lambda m: None)

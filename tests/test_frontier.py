@@ -144,6 +144,22 @@ def test_consecutive_sizes_sharing_a_pick_are_listed_once():
     assert pick_runs({}) == []
 
 
+def test_max_params_names_a_better_front_point_that_fits_too():
+    from eep.api import also_fits
+
+    front = [
+        {"id": 1, "kept_params": 100, "fitness": 60.0},
+        {"id": 2, "kept_params": 140, "fitness": 80.0},
+        {"id": 3, "kept_params": 150, "fitness": 80.0},
+        {"id": 4, "kept_params": 200, "fitness": 90.0},
+    ]
+    summary = {"front": front, "objective": "kept_params"}
+    pick = {"id": 9, "kept_params": 120, "fitness": 70.0}  # the largest uniform size within 160
+    assert also_fits(summary, pick, 160)["id"] == 2  # 3 scores the same with more parameters
+    assert also_fits(summary, pick, 139) is None  # nothing larger fits
+    assert also_fits(summary, {**pick, "fitness": 85.0}, 160) is None  # nothing better fits
+
+
 def test_hypervolume_by_hand():
     # 50 % accuracy at 40 % of the parameters, then 80 % at 60 %
     assert hypervolume([(50.0, 40), (80.0, 60), (30.0, 70)], 100) == pytest.approx(
@@ -624,3 +640,5 @@ def test_a_frontier_beside_the_baselines_is_its_pick_at_their_size(tmp_path, cap
     )
     with pytest.raises(EepError, match="holds a frontier: choose the point to export"):
         Run(run).export(tmp_path / "out", log=lambda m: None)
+    with pytest.raises(EepError, match="--point and --max-params each choose the point"):
+        Run(run).export(tmp_path / "out", log=None, point=1, max_params=10**6)
