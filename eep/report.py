@@ -787,7 +787,7 @@ def write_report(run_dir: str | Path) -> Path:
             "points"
         )
     if evaluations:
-        phases = [(config.search.initial, "breeding starts")]
+        phases = [(_breeding_starts(config, evaluations), "breeding starts")]
         if config.search_space.kind == "merge":
             phases.append((config.search_space.merge_after, "merging starts"))
         plot_fitness(
@@ -891,6 +891,27 @@ def write_report(run_dir: str | Path) -> Path:
     path = run.path / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _breeding_starts(config, evaluations: Sequence[Evaluation]) -> int:
+    """The first bred candidate: after greedy elimination's (a greedy warm start), the seed
+    genomes and the random initial ones (:mod:`eep.loop`)."""
+    from eep import greedy
+    from search_spaces import PruneSpace
+
+    search, warm = config.search, 0
+    if isinstance(search.warm_start, list) and "greedy" in search.warm_start:
+        genome = evaluations[0].genome
+        layers = tuple(i for i, _ in genome.layers)
+        space = PruneSpace(
+            genome.num_experts,
+            genome.top_k,
+            layers,
+            config.search_space.keep,
+            config.search_space.top_k,
+        )
+        warm = greedy.cost(space)
+    return max(search.initial, warm + len(search.seed_genomes))
 
 
 def _moei2_lines(summary: dict, config) -> list[str]:

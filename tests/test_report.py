@@ -356,3 +356,16 @@ def test_frontier_against_the_baselines_at_each_size_they_were_scored_at():
         "At every size the baselines were scored at (2, 4, 6 experts a layer), the frontier's "
         "pick scores at least the best of them held out."
     )
+
+
+def test_breeding_starts_after_the_greedy_start_and_the_seeds():
+    from eep.report import _breeding_starts
+
+    genome = Genome.from_keep(8, 2, {i: [0, 1, 2, 3] for i in range(4)})
+    records = [Evaluation(0, genome, 50.0, _scores(50.0), 0.1, "w")]
+    data = toy_config_dict(evaluations=500, initial=30)
+    assert _breeding_starts(parse_config(data), records) == 30
+    data["search"]["warm_start"] = ["greedy"]  # 4 layers, 8 experts down to 4: 4 x 26 + 4 x 16
+    assert _breeding_starts(parse_config(data), records) == 168
+    data["search"]["seed_genomes"] = ["a.json", "b.json"]  # after greedy's, before breeding
+    assert _breeding_starts(parse_config(data), records) == 170
