@@ -136,9 +136,15 @@ def method_rows(
 
 
 def best_compressed(rows: Sequence[Row]) -> Row | None:
-    """The compressed method (any but ``full``) with the highest held-out mean; the first on ties."""
+    """The compressed method (any but ``full``) with the highest held-out mean; on ties the one
+    keeping fewer parameters, then the first."""
     scored = [r for r in rows if r.method != "full" and r.heldout is not None]
-    return max(scored, key=lambda r: r.heldout) if scored else None  # max keeps the first of equals
+    if not scored:
+        return None
+    top = max(r.heldout for r in scored)
+    tied = [r for r in scored if r.heldout == top]
+    # min keeps the first of equals; a row without a count loses a tie to one with
+    return min(tied, key=lambda r: math.inf if r.kept_params is None else r.kept_params)
 
 
 WARM_STARTS = ("greedy", "naee", "reap", "frequency")
@@ -720,7 +726,10 @@ def write_report(run_dir: str | Path) -> Path:
     lines = [
         f"# eep report: {config.name}{model}",
         "",
-        f"- search space: {_space(config, evaluations)}",
+        f"- search space: {_space(config, evaluations)}"
+        if method_of(config).searches
+        else f"- size: {config.search_space.keep} experts' worth of parameters per MoE layer "
+        "(MoE-I²: stage 1 keeps a number per layer, below)",
     ]
     if summary is None:
         lines.append(
@@ -925,7 +934,12 @@ def _moei2_lines(summary: dict, config) -> list[str]:
         f"- layer-wise searches: {summary['evaluations']} evaluations in all (`stage1/layer-NN/journal.jsonl`)",
         "- KT blocks: "
         + "; ".join(
-            f"layers {b['layers'][0]}–{b['layers'][-1]}: {b['combinations']} combinations"
+            (
+                f"layer {b['layers'][0]}"
+                if len(b["layers"]) == 1
+                else f"layers {b['layers'][0]}–{b['layers'][-1]}"
+            )
+            + f": {b['combinations']} combination{'s' if b['combinations'] != 1 else ''}"
             for b in summary["blocks"]
         ),
     ]

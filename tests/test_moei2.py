@@ -242,6 +242,8 @@ def test_moei2_search_then_export_is_smaller_than_stage_1_and_reports_both(tmp_p
         and "low-rank experts (activation-aware)" in report
         and "## Search" not in report
     )
+    assert "- size: " in report and "experts' worth of parameters per MoE layer" in report
+    assert "search space: prune" not in report and "1 combinations" not in report
     assert (
         "| moei2 stage 1 |" in report
         and "| moei2 stage 2 |" in report

@@ -369,3 +369,14 @@ def test_breeding_starts_after_the_greedy_start_and_the_seeds():
     assert _breeding_starts(parse_config(data), records) == 168
     data["search"]["seed_genomes"] = ["a.json", "b.json"]  # after greedy's, before breeding
     assert _breeding_starts(parse_config(data), records) == 170
+
+
+def test_a_tie_for_the_best_compressed_method_goes_to_the_smaller():
+    def row(method, heldout, kept):
+        return Row(method, heldout, {}, None, None, kept, None, None, None, ())
+
+    rows = [row("moei2 stage 1", 99.125, 546_000), row("moei2 stage 2", 99.125, 447_000)]
+    assert best_compressed(rows).method == "moei2 stage 2"
+    assert best_compressed([row("a", 90.0, None), row("b", 90.0, 5)]).method == "b"
+    assert best_compressed([row("a", 90.0, 7), row("b", 90.0, 7)]).method == "a"  # the first
+    assert best_compressed([row("a", 91.0, 9), row("b", 90.0, 5)]).method == "a"
