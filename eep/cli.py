@@ -540,9 +540,8 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     from eep.api import export
 
-    out = Path(args.out)
-    report = export(
-        out,
+    export(
+        Path(args.out),
         args.run_dir,
         args.model,
         args.genome,
@@ -552,13 +551,6 @@ def cmd_export(args) -> int:
         log,
         args.point,
         args.max_params,
-    )
-    params = report["parameters"]
-    held = report["heldout"]
-    log(
-        f"[eep] exported to {out} ({report['form']} form): {params['before']:,} -> {params['after']:,} parameters, "
-        f"{report['disk_bytes'] / 1e6:.1f} MB on disk"
-        + (f", held-out {held['mean']:.2f}" if held else "")
     )
     return 0
 

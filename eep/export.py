@@ -141,6 +141,12 @@ def export_genome(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     report["disk_bytes"] = sum(f.stat().st_size for f in out.iterdir())
+    params, held = report["parameters"], report.get("heldout")
+    log(
+        f"[eep] exported to {out} ({report['form']} form): {params['before']:,} -> "
+        f"{params['after']:,} parameters, {report['disk_bytes'] / 1e6:.1f} MB on disk"
+        + (f", held-out {held['mean']:.2f}" if held else "")
+    )
     return report
 
 

@@ -35,6 +35,7 @@ def test_search_export_evaluate_from_python(tmp_path):
 
     report = run.export(tmp_path / "out", log=logged.append)
     assert report["parameters"]["after"] < report["parameters"]["before"]
+    assert any(line.startswith(f"[eep] exported to {tmp_path / 'out'}") for line in logged)
     assert eep.Genome.load(tmp_path / "out" / "eep_genome.json").key == run.best.key
 
     scored = eep.evaluate(toy_config_dict(), genome=run.best, log=logged.append)
