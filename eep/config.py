@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from eep.errors import EepError
 
@@ -307,6 +314,18 @@ class TaskConfig(_Section):
         if (self.dataset is None) == (self.data_files is None):
             raise ValueError("give either dataset or data_files")
         return self
+
+    @field_validator("answer_map", mode="before")
+    @classmethod
+    def _option_indices(cls, value: Any) -> Any:
+        # {A: 0} maps a label to an option index: written as a number, meant as "0" (booleans are
+        # left to fail: YAML reads an unquoted yes / no / true as one, which is never meant)
+        if isinstance(value, dict):
+            return {
+                k: str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+                for k, v in value.items()
+            }
+        return value
 
     @model_validator(mode="before")
     @classmethod

@@ -196,9 +196,9 @@ def test_weight_estimate_counts_the_toys_parameters():
             ["fitness.tasks.0={nmae: copy, dataset: 'toy:copy'}"],
             "fitness.tasks.0.nmae: unknown key; did you mean 'name'?",
         ),
-        (  # inside what --set gave: blamed on --set
+        (  # inside what --set gave: blamed on --set (an option index as a number is taken)
             {},
-            ["fitness.tasks.0.answer_map={A: 0}"],
+            ["fitness.tasks.0.answer_map={A: yes}"],
             "--set fitness.tasks.0.answer_map.A: Input should be a valid string",
         ),
         ({}, ["fitness.tasks=[]"], "fitness.tasks: List should have at least 1 item"),

@@ -136,6 +136,13 @@ def test_a_missing_data_file_and_rows_without_a_field_fail_clearly(tmp_path, mon
         load_tasks([cfg.model_copy(update={"search_size": 40, "test_size": 40})], "search")
 
 
+def test_an_answer_map_to_option_indices_may_give_them_as_numbers():
+    cfg = TaskConfig(name="mc", dataset="org/mc", prompt="{q}", answer="label", answer_map={"A": 0})
+    assert cfg.answer_map == {"A": "0"}
+    with pytest.raises(ValueError, match="valid string"):  # YAML's unquoted yes: never meant
+        TaskConfig(name="mc", dataset="org/mc", prompt="{q}", answer="a", answer_map={"y": True})
+
+
 def test_example_counts_are_what_local_data_really_has(tmp_path):
     from fitness.tasks import example_counts
 
