@@ -854,6 +854,8 @@ def write_report(run_dir: str | Path) -> Path:
                 "",
             ]
         lines += comparison_table(rows, tasks)
+        counted = _heldout_counts(config)
+        lines += ["", counted] if counted else []
         winner = best_compressed(rows)
         full = next((r for r in rows if r.method == "full"), None)
         if winner is not None:
@@ -900,6 +902,24 @@ def write_report(run_dir: str | Path) -> Path:
     path = run.path / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _heldout_counts(config) -> str | None:
+    """How many held-out examples each task's scores rest on, where its data is local (a short
+    file holds fewer than ``test_size``); None when no task's data can be read here."""
+    from fitness.tasks import example_counts
+
+    try:
+        counts = example_counts(config.fitness.tasks)
+    except EepError:  # the data moved since the run: the table stands without the counts
+        return None
+    if not counts:
+        return None
+    return (
+        "Held-out examples per task: "
+        + ", ".join(f"{name} {n['test']}" for name, n in counts.items())
+        + "."
+    )
 
 
 def _breeding_starts(config, evaluations: Sequence[Evaluation]) -> int:

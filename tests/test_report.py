@@ -229,6 +229,8 @@ def test_report_with_baselines(tmp_path):
         "examples to pick the export by (`fitness.tasks[].validation_size` above 0) may close the gap."
     ) in report
     assert "not finished" not in report
+    # what the scores rest on: the toy's tasks, 12 held-out examples each
+    assert "Held-out examples per task: copy 12, reverse 12, shift 12, lookup 12." in report
     assert "](fitness.png)" in report and "](methods.png)" in report
     comparison, sweep = report.split("\n| method | 2 kept | 4 kept | 6 kept |")
     assert _table(comparison)["search"][4] == "88.2"
