@@ -76,7 +76,7 @@ class Run:
     @property
     def best(self) -> Genome | None:
         """The genome the run exports: its pick on validation examples, else the best by search fitness."""
-        return _exported(self.summary)
+        return _exported(self.summary)[0]
 
     def _summary_so_far(self) -> dict:
         """summary.json, or for a search stopped before it wrote one (e.g. inside its greedy
@@ -152,8 +152,7 @@ class Run:
                 f"{self.path} holds a frontier: choose the point to export with --point ID or "
                 f"--max-params N (`eep report` lists them; the picks per size: {picks})"
             )
-        genome = _exported(summary)
-        fitness = (summary.get("selected") or {"fitness": summary.get("best_fitness")})["fitness"]
+        genome, fitness = _exported(summary)
         if point is not None or max_params is not None:
             chosen = self.front_point(point, max_params)
             genome, fitness = Genome.from_dict(chosen["genome"]), chosen["fitness"]
@@ -205,9 +204,15 @@ def also_fits(summary: dict, chosen: dict, max_params: int) -> dict | None:
     return max(larger, key=lambda p: (p["fitness"], -p[params])) if larger else None
 
 
-def _exported(summary: dict) -> Genome | None:
-    chosen = summary.get("selected") or {"genome": summary.get("best_genome")}
-    return Genome.from_dict(chosen["genome"]) if chosen["genome"] is not None else None
+def _exported(summary: dict) -> tuple[Genome | None, float | None]:
+    """What a run exports (its validation pick, else its best by search fitness), and its search
+    fitness; (None, None) before any candidate succeeded."""
+    chosen = summary.get("selected") or {
+        "genome": summary.get("best_genome"),
+        "fitness": summary.get("best_fitness"),
+    }
+    genome = Genome.from_dict(chosen["genome"]) if chosen["genome"] is not None else None
+    return genome, chosen["fitness"]
 
 
 def search(

@@ -54,16 +54,14 @@ def _run_dir_of(args) -> Path | None:
     command = getattr(args, "func", None)
     if command not in (cmd_search, cmd_resume, cmd_baselines):
         return None
-    if args.run_dir:
+    if args.run_dir:  # always, for resume
         return Path(args.run_dir)
-    if command is not cmd_resume:
-        try:
-            from eep.config import load_config
+    try:
+        from eep.config import load_config
 
-            return Path("runs") / load_config(args.config, args.overrides).name
-        except Exception:  # noqa: BLE001  (only a hint: the generic one will do)
-            return None
-    return None
+        return Path("runs") / load_config(args.config, args.overrides).name
+    except Exception:  # noqa: BLE001  (only a hint: the generic one will do)
+        return None
 
 
 def _parser() -> argparse.ArgumentParser:
