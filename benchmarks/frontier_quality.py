@@ -87,8 +87,8 @@ def main() -> None:
     torch.set_num_threads(1)
     from benchmarks.search_quality import SHARES, _search, _with_tasks, keeps_for
     from eep import baselines as bl
-    from eep import greedy
     from eep.calibration import calibrate
+    from eep.compare import greedy_elimination
     from eep.config import load_config
     from eep.evaluator import FitnessWorker, SerialEvaluator
     from eep.evolution import _pick, hypervolume
@@ -140,10 +140,9 @@ def main() -> None:
                 space = PruneSpace(num_experts, top_k, layers, keep)
                 single, _, _, _ = _search(cfg, worker, space, Path(tmp))
 
-                def fitnesses(genomes, worker=worker):
-                    return [worker.fitness(worker.scores(g)) for g in genomes]
-
-                greedy_genome, _, _ = greedy.run(greedy.steps(space), fitnesses)
+                greedy_genome, _, _ = greedy_elimination(
+                    config, worker, adapter.shape, keep, lambda m: None
+                )
                 base = {
                     "frequency": held(bl.frequency_genome(cal, keep)),
                     "REAP": held(bl.reap_genome(cal, keep)),

@@ -409,7 +409,7 @@ def _print_plan(config, hf_config, shape, space, run_dir) -> None:
         in_flight = (
             f"{ev.workers} candidate(s) in flight, one per actor"
             if ev.workers
-            else ("one candidate in flight per actor")
+            else "one candidate in flight per actor"
         )
     print(
         f"evaluator    {where}; {threads}; {in_flight}; ~"
