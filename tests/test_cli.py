@@ -777,3 +777,15 @@ def test_max_params_takes_counts_as_people_write_them(capsys, tmp_path):
     assert "'1.5' is not a parameter count: give a whole number, e.g. 450000, 450k or 1.2M" in (
         capsys.readouterr().err
     )
+
+
+def test_no_tqdm_bars_when_stderr_is_a_log(capsys, tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    assert main(["search", str(_config(tmp_path)), "--dry-run"]) == 0  # stderr is captured here
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert main(["search", str(_config(tmp_path)), "--dry-run"]) == 0
+    assert "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ  # a terminal keeps its bars
