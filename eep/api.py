@@ -87,38 +87,51 @@ class Run:
 
         return summarise(self.evaluations())
 
-    def front_point(self, point: int | None = None, max_params: int | None = None) -> dict:
+    def front_point(
+        self,
+        point: int | None = None,
+        max_params: int | None = None,
+        max_latency: float | None = None,
+    ) -> dict:
         """A point of a multi-objective run's frontier (``summary["front"]``, smallest first): the
         candidate ``point`` (a front point or a size's pick), or the pick (``summary["picks"]``:
         chosen on validation examples) of the largest uniform size keeping at most
-        ``max_params``, else the best front point by search fitness within it."""
+        ``max_params``, else the best front point by search fitness within it; of a latency
+        frontier, the best front point by search fitness within ``max_latency`` milliseconds."""
         front = self.summary.get("front")
         if front is None:
             raise EepError(
                 f"{self.path} is not a finished multi-objective search (no frontier in its "
-                "summary); --point and --max-params choose among a frontier's points"
+                "summary); --point, --max-params and --max-latency choose among a frontier's points"
             )
         picks = list(self.summary.get("picks", {}).values())
-        params = self.summary.get("objective", "kept_params")  # or active_params
+        params = self.summary.get("objective", "kept_params")  # active_params, latency
         if point is not None:
             points = {p["id"]: p for p in front + picks}  # a pick may be a front point too
             if point not in points:
                 raise EepError(
                     f"candidate {point} is not on the frontier; its points: "
                     + ", ".join(
-                        f"{p['id']} ({p[params]:,} {params.replace('_', ' ')})"
+                        f"{p['id']} ({amount(p, params)})"
                         for p in sorted(points.values(), key=lambda p: (p[params], p["id"]))
                     )
                 )
             return points[point]
-        picked = [p for p in picks if p[params] <= max_params]
+        if (params == "latency") != (max_latency is not None):
+            flag = "--max-latency MS" if params == "latency" else "--max-params N"
+            raise EepError(
+                f"{self.path}'s frontier is over {params.replace('_', ' ')}: choose a point with "
+                f"{flag} or --point ID"
+            )
+        limit = max_latency if params == "latency" else max_params
+        picked = [p for p in picks if p[params] <= limit]
         if picked:
             return max(picked, key=lambda p: p[params])
-        within = [p for p in front if p[params] <= max_params]
+        within = [p for p in front if p[params] <= limit]
         if not within:
             raise EepError(
-                f"no frontier point has at most {max_params:,} {params.replace('_', ' ')}; the "
-                f"smallest has {front[0][params]:,}"
+                f"no frontier point has at most {amount({params: limit}, params)}; the smallest "
+                f"has {amount(front[0], params)}"
             )
         return max(within, key=lambda p: (p["fitness"], -p[params]))
 
@@ -130,6 +143,7 @@ class Run:
         log: Log | None = stderr_log,
         point: int | None = None,
         max_params: int | None = None,
+        max_latency: float | None = None,
     ) -> dict:
         """Write :attr:`best` (or, of a multi-objective run, the frontier point :meth:`front_point`
         chooses) as a smaller checkpoint to ``out``; returns the export's report."""
@@ -137,12 +151,21 @@ class Run:
         from eep.export import export_genome
         from eep.lowrank import SCALES_FILE
 
-        if point is not None and max_params is not None:
-            raise EepError("--point and --max-params each choose the point to export: give one")
+        choices = (point, max_params, max_latency)
+        if sum(c is not None for c in choices) > 1:
+            raise EepError(
+                "--point, --max-params and --max-latency each choose the point to export: give one"
+            )
         summary, config = self._summary_so_far(), self.config
-        if summary.get("front") is not None and point is None and max_params is None:
+        chooses = any(c is not None for c in choices)
+        if summary.get("front") is not None and not chooses:
             from eep.evolution import pick_runs
 
+            if summary.get("objective") == "latency":
+                raise EepError(
+                    f"{self.path} holds a latency frontier: choose the point to export with "
+                    "--point ID or --max-latency MS (`eep report` lists them)"
+                )
             active = summary.get("objective") == "active_params"
             picks = ", ".join(
                 f"{f'top-{size}' if active else f'{size} experts a layer'}: {p['id']}"
@@ -153,20 +176,21 @@ class Run:
                 f"--max-params N (`eep report` lists them; the picks per size: {picks})"
             )
         genome, fitness = _exported(summary)
-        if point is not None or max_params is not None:
-            chosen = self.front_point(point, max_params)
+        if chooses:
+            chosen = self.front_point(point, max_params, max_latency)
             genome, fitness = Genome.from_dict(chosen["genome"]), chosen["fitness"]
             log(
                 f"[eep] frontier point {chosen['id']}: {chosen['kept_params']:,} parameters kept, "
                 f"{chosen['active_params']:,} active"
+                + (f", {chosen['latency']:.2f} ms a forward pass" if "latency" in chosen else "")
             )
             other = also_fits(summary, chosen, max_params) if max_params is not None else None
             if other is not None:  # the pick of a uniform size can sit well below the limit
                 params = summary.get("objective", "kept_params")
                 log(
-                    f"[eep] front point {other['id']} fits too ({other[params]:,} "
-                    f"{params.replace('_', ' ')}, search fitness {other['fitness']:.2f} against "
-                    f"{fitness:.2f}): `--point {other['id']}` exports it"
+                    f"[eep] front point {other['id']} fits too ({amount(other, params)}, search "
+                    f"fitness {other['fitness']:.2f} against {fitness:.2f}): `--point "
+                    f"{other['id']}` exports it"
                 )
         if genome is None:
             raise EepError(f"{self.path} has no successful evaluation to export")
@@ -189,6 +213,13 @@ class Run:
             scales=self.path / SCALES_FILE,
             search_progress=progress,
         )
+
+
+def amount(point: dict, objective: str) -> str:
+    """A frontier point's size in words: ``450,000 kept params`` or ``3.21 ms latency``."""
+    if objective == "latency":
+        return f"{point['latency']:.2f} ms latency"
+    return f"{point[objective]:,} {objective.replace('_', ' ')}"
 
 
 def also_fits(summary: dict, chosen: dict, max_params: int) -> dict | None:
@@ -439,10 +470,12 @@ def export(
     log: Log | None = stderr_log,
     point: int | None = None,
     max_params: int | None = None,
+    max_latency: float | None = None,
 ) -> dict:
-    """Write a run's pick (``run_dir``; of a multi-objective run, a frontier ``point`` or the
-    best keeping at most ``max_params``), or a genome file applied to ``model``, as a smaller
-    checkpoint to ``out``; with ``config`` its tasks' held-out split is scored on the export."""
+    """Write a run's pick (``run_dir``; of a multi-objective run, a frontier ``point``, the best
+    keeping at most ``max_params``, or of a latency frontier the best within ``max_latency``
+    milliseconds), or a genome file applied to ``model``, as a smaller checkpoint to ``out``; with
+    ``config`` its tasks' held-out split is scored on the export."""
     log = log or _quiet
     from eep.config import ModelConfig
     from eep.export import export_genome
@@ -451,9 +484,11 @@ def export(
     if run_dir:
         if model or genome or config:
             raise EepError("give either RUN_DIR or --model with --genome, not both")
-        return Run(run_dir).export(out, form, dense, log, point, max_params)
-    if point is not None or max_params is not None:
-        raise EepError("--point and --max-params choose a point of a run's frontier: give RUN_DIR")
+        return Run(run_dir).export(out, form, dense, log, point, max_params, max_latency)
+    if point is not None or max_params is not None or max_latency is not None:
+        raise EepError(
+            "--point, --max-params and --max-latency choose a point of a run's frontier: give RUN_DIR"
+        )
     if not (model and genome):
         raise EepError("export needs RUN_DIR, or --model PATH with --genome FILE")
     config = config_of(config) if config is not None else None

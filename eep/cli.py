@@ -131,6 +131,13 @@ def _parser() -> argparse.ArgumentParser:
         "parameters (kept, or active per token for an active_params frontier), e.g. 450000, "
         "450_000, 450k, 1.2M, 30B",
     )
+    p.add_argument(
+        "--max-latency",
+        type=float,
+        metavar="MS",
+        help="latency frontier (search.objectives: [fitness, latency]): export the best point by "
+        "search fitness measured at most this many milliseconds a forward pass",
+    )
     _threads_flag(p)
     p.set_defaults(func=cmd_export)
 
@@ -549,6 +556,7 @@ def cmd_export(args) -> int:
         log,
         args.point,
         args.max_params,
+        args.max_latency,
     )
     return 0
 

@@ -147,14 +147,22 @@ class SearchConfig(_Section):
     keep sets from the lucky ones; a wide field judged on more validation examples does (toy, 2 and
     3 of 8, three seeds: held-out 88.62 with 30 judged on 64 examples a task, 88.27 with 5 on 16;
     toy-qwen, not tuned on: 90.53 vs 89.47, 85.5 vs 82.6 at 2 of 8)."""
-    objectives: list[Literal["fitness", "kept_params", "active_params"]] = ["fitness"]
+    objectives: list[Literal["fitness", "kept_params", "active_params", "latency"]] = ["fitness"]
     """``[fitness]``: the best genome of one size. ``[fitness, kept_params]``: one search for the
     whole accuracy-size frontier: genomes of every size (each layer keeps top-k..E experts), parents
     chosen by NSGA-II rank and crowding from the archive, the non-dominated front kept, held-out
     scored and exportable point by point (the early cut stops a candidate only once enough no larger
     ones outscore it: ``eep.loop.front_bar``).
     ``[fitness, active_params]``: the same for parameters active per token: every expert kept, each
-    layer routing to 1..top-k of them (the speed side of the trade-off)."""
+    layer routing to 1..top-k of them (the speed side of the trade-off).
+    ``[fitness, latency]``: the same for the time a forward pass takes, measured on the worker for
+    each candidate (``latency_repeats``), over genomes that choose both the experts each layer keeps
+    and its top-k. Measured times vary with the machine and its load, so two runs of one config
+    may differ; a run resumes exactly (the journal holds each measurement). No early cut: a
+    candidate's latency is unknown until it is measured."""
+    latency_repeats: PositiveInt = 5
+    """``[fitness, latency]``: forward passes of one batch (``fitness.batch_size`` of the search
+    prompts) timed per candidate, after one untimed; its latency is their median."""
     population: Annotated[int, Field(ge=4)] = 24
     """Multi-objective search: the parent pool NSGA-II selects from the archive for each child."""
     resize_prob: Probability = 0.15
@@ -205,10 +213,11 @@ class SearchConfig(_Section):
             ["fitness"],
             ["fitness", "kept_params"],
             ["fitness", "active_params"],
+            ["fitness", "latency"],
         ):
             raise ValueError(
-                f"objectives {self.objectives}: [fitness], [fitness, kept_params] or "
-                "[fitness, active_params]"
+                f"objectives {self.objectives}: [fitness], [fitness, kept_params], "
+                "[fitness, active_params] or [fitness, latency]"
             )
         if self.initial > self.evaluations:
             raise ValueError(
@@ -541,6 +550,8 @@ class Config(_Section):
         if not self.search.frontier:  # added with neutral defaults: these decide nothing then
             for key in ("objectives", "population", "resize_prob", "smallest_after"):
                 data["search"].pop(key, None)
+        if "latency" not in self.search.objectives:  # measured for a latency frontier only
+            data["search"].pop("latency_repeats", None)
         return data
 
     def digest(self) -> str:

@@ -111,6 +111,55 @@ class FitnessWorker:
         with context:
             return self.scorers[split].score(cut_below=cut_below, order=order)
 
+    def latency(self, genome: Genome | None, repeats: int | None = None) -> float:
+        """Milliseconds one forward pass (a prefill) of a fixed batch takes with ``genome`` applied
+        (``None``: the unpruned model): the median of ``repeats`` (``search.latency_repeats``)
+        timed passes after one untimed. The batch is the first ``fitness.batch_size`` search
+        examples, tasks in turn, so the routing is the tasks'."""
+        import statistics
+
+        import torch
+
+        if genome is not None and self.adapter is None:
+            raise EepError(
+                f"cannot apply a genome to {self.config.model.path}; give the source model"
+            )
+        batch = self._latency_batch()
+        device = self.model.device
+        synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        context = self.adapter.applied(genome) if genome is not None else contextlib.nullcontext()
+        times = []
+        with context, torch.no_grad():
+            for _ in range(1 + (repeats or self.config.search.latency_repeats)):
+                synchronize()
+                start = time.perf_counter()
+                self.model(**batch)
+                synchronize()
+                times.append(time.perf_counter() - start)
+        return 1000.0 * statistics.median(times[1:])
+
+    def _latency_batch(self) -> dict:
+        if getattr(self, "_batch", None) is None:
+            fit = self.config.fitness
+            texts = [
+                [ex.prompt or "".join(ex.options[0]) for ex in task.examples]
+                for task in self.scorers["search"].tasks
+            ]
+            # round robin over the tasks, so that a batch smaller than the examples has them all
+            rows = [
+                t[i] for i in range(max(map(len, texts), default=0)) for t in texts if i < len(t)
+            ]
+            if not rows:
+                raise EepError("a latency measurement needs search examples; the tasks have none")
+            self._batch = self.tokenizer(
+                rows[: fit.batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=fit.max_length,
+            ).to(self.model.device)
+        return self._batch
+
     def reaching(
         self,
         genome: Genome | None,
@@ -141,7 +190,12 @@ class FitnessWorker:
         from fitness.scoring import Cut, verdicts
 
         start = time.perf_counter()
+        latency = None
         try:
+            if (
+                "latency" in self.config.search.objectives
+            ):  # measured before any scoring warms caches
+                latency = self.latency(candidate.genome)
             scores, hits = self.detailed(
                 candidate.genome, cut_below=candidate.bar, order=candidate.order
             )
@@ -174,6 +228,7 @@ class FitnessWorker:
             time.perf_counter() - start,
             self.name,
             examples=verdicts(hits) or None,
+            latency=latency,
         )
 
     evaluate = __call__  # Ray actors expose named methods only
@@ -210,6 +265,10 @@ class SerialEvaluator:
         """Scores on a split never searched on (``test``: held out; ``validation``: picks the
         export); None once they cannot reach ``cut_below`` (:meth:`FitnessWorker.reaching`)."""
         return self.worker.reaching(genome, split, cut_below, order)
+
+    def latency(self, genome: Genome | None) -> float:
+        """:meth:`FitnessWorker.latency` of ``genome`` (``None``: the unpruned model)."""
+        return self.worker.latency(genome)
 
     def close(self) -> None:
         pass

@@ -426,6 +426,15 @@ def pick_runs(picks: dict) -> list[tuple[str, dict]]:
 
 def _front_line(summary: dict) -> str:
     """The end of a frontier run's last line: its front, and its pick per size held out."""
+    if summary["objective"] == "latency":
+        front = summary["front"]
+        return (
+            f"; frontier: {len(front)} points from {front[0]['latency']:.2f} to "
+            f"{front[-1]['latency']:.2f} ms a forward pass (full model {summary['full_latency']:.2f} ms), "
+            f"held out {front[0]['heldout']['mean']:.2f} to {front[-1]['heldout']['mean']:.2f}, "
+            f"hypervolume {summary['hypervolume']:.4f} (`eep report` lists them; "
+            "`eep export RUN_DIR --point ID` or `--max-latency MS` writes one)"
+        )
     active = summary["objective"] == "active_params"
     picks = ", ".join(
         f"{f'top-{size}' if active else size}: {p['heldout']['mean']:.2f}"
@@ -441,9 +450,10 @@ def _front_line(summary: dict) -> str:
 
 def _front(archive, config: Config, evaluator, log: Log) -> dict:
     """A multi-objective run's frontier: every non-dominated candidate with its held-out scores
-    and parameter counts, the hypervolume of the held-out front (:func:`hypervolume`), and for
-    each uniform size (``kept_params``: top-k..E experts per layer; ``active_params``: top-1..k)
-    the pick within it (:func:`_pick`)."""
+    and parameter counts (and measured latency), the hypervolume of the held-out front
+    (:func:`hypervolume`), and for each uniform size (``kept_params``: top-k..E experts per layer;
+    ``active_params``: top-1..k) the pick within it (:func:`_pick`). A latency front has no
+    uniform sizes: its reference is the full model's latency, measured here."""
     from eep.loop import SIZES, active_experts, front_of, kept_experts
     from eep.progress import tracked
     from eep.surgery import size_model
@@ -472,6 +482,7 @@ def _front(archive, config: Config, evaluator, log: Log) -> dict:
             "active_experts": active_experts(e.genome),
             "kept_params": kept,
             "active_params": active,
+            **({"latency": e.latency} if e.latency is not None else {}),
             **extra,
             "heldout": held(e),
             "genome": e.genome.to_dict(),
@@ -482,7 +493,9 @@ def _front(archive, config: Config, evaluator, log: Log) -> dict:
     genome = archive[0].genome
     layers = [i for i, _ in genome.layers]
     uniform = (
-        range(1, genome.top_k + 1)
+        ()
+        if objective == "latency"
+        else range(1, genome.top_k + 1)
         if objective == "active_params"
         else range(genome.top_k, genome.num_experts + 1)
     )
@@ -491,14 +504,18 @@ def _front(archive, config: Config, evaluator, log: Log) -> dict:
         chosen, validation = _pick(archive, per_layer * len(layers), config, evaluator, size, memo)
         if chosen is not None:
             picks[str(per_layer)] = point(chosen, validation=validation)
-    full = sizes(None)[0 if objective == "kept_params" else 1]
+    full = {"full_params": sizes(None)[1 if objective == "active_params" else 0]}
+    if objective == "latency":
+        log("[eep] measuring the full model's latency")
+        full["full_latency"] = evaluator.latency(None)
+    reference = full["full_latency" if objective == "latency" else "full_params"]
     held_points = [(p["heldout"]["mean"], p[objective]) for p in points]
     return {
         "objective": objective,
         "front": points,
         "picks": picks,
-        "full_params": full,
-        "hypervolume": hypervolume(held_points, full),
+        **full,
+        "hypervolume": hypervolume(held_points, reference),
     }
 
 
@@ -509,15 +526,15 @@ def _pick(archive, max_size: int, config: Config, evaluator, size=None, memo=Non
     rule a single-size search exports by), else the first. Returns it and its validation score
     (None without validation examples). ``memo``: validation fitness by genome key, filled and
     reused across calls."""
-    from eep.loop import kept_experts, select
+    from eep.loop import kept, select
 
-    size = size or kept_experts
-    within = [e for e in archive if e.candidate and size(e.genome) <= max_size]
+    size = size or kept
+    within = [e for e in archive if e.candidate and size(e) <= max_size]
     if not within:
         return None, None
 
     def rank(e):  # search fitness, then the larger, then the earlier
-        return -e.fitness, -size(e.genome), e.id
+        return -e.fitness, -size(e), e.id
 
     first = min(within, key=rank)
     if not config.fitness.validates:
@@ -554,11 +571,12 @@ def compared(summary: dict, keep: int) -> dict | None:
     return {**pick, "by": "search fitness" if pick["validation"] is None else "validation"}
 
 
-def hypervolume(points, full_params: int) -> float:
+def hypervolume(points, full_params: float) -> float:
     """The share (0..1) of the accuracy x size square — accuracy 0..100, kept parameters
     0..``full_params`` — dominated by ``points`` ((accuracy, kept parameters) pairs): the area
     between the step curve of the best accuracy reachable at each size and the full model's size.
-    1 would be 100 % accuracy at no parameters; one search's number to compare with another's."""
+    1 would be 100 % accuracy at no parameters; one search's number to compare with another's.
+    The size may be any (active parameters, latency), the full model's being the reference."""
     area, best = 0.0, 0.0
     for accuracy, params in sorted(points, key=lambda p: (p[1], -p[0])):
         if accuracy > best:

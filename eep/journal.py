@@ -56,6 +56,10 @@ class Evaluation:
     """Per generation task, each example's result (``fitness.scoring.verdicts``: ``1`` scored in
     full, ``0`` less, ``.`` not scored because the candidate was cut): what later candidates order
     their examples by, so that a cut comes early (``eep.loop.example_order``)."""
+    latency: float | None = None
+    """Milliseconds per forward pass of one batch with the genome applied, measured on the worker
+    before scoring (``eep.evaluator.FitnessWorker.latency``): the size objective of a
+    ``[fitness, latency]`` search, measured only there."""
 
     @property
     def ok(self) -> bool:
@@ -92,6 +96,7 @@ class Evaluation:
             | ({"cut": self.cut} if self.cut is not None else {})
             | ({"outside": True} if self.outside else {})
             | ({"examples": self.examples} if self.examples else {})
+            | ({"latency": self.latency} if self.latency is not None else {})
         )
 
     @classmethod
@@ -108,6 +113,7 @@ class Evaluation:
             data.get("cut"),
             data.get("outside", False),
             data.get("examples"),
+            data.get("latency"),
         )
 
 

@@ -88,12 +88,31 @@ def active_experts(genome: Genome) -> int:
     return sum(genome.active(i) for i, _ in genome.layers)
 
 
-SIZES = {"kept_params": kept_experts, "active_params": active_experts}
-"""A multi-objective search's size objectives, as the counts the loop compares."""
+def kept(e: Evaluation) -> int:
+    """:func:`kept_experts` of an evaluation's genome."""
+    return kept_experts(e.genome)
+
+
+def active(e: Evaluation) -> int:
+    """:func:`active_experts` of an evaluation's genome."""
+    return active_experts(e.genome)
+
+
+def latency(e: Evaluation) -> float:
+    """An evaluation's measured latency (``Evaluation.latency``, milliseconds): the ``latency``
+    objective, the one known only once the candidate is evaluated."""
+    return e.latency
+
+
+SIZES = {"kept_params": kept, "active_params": active, "latency": latency}
+"""A multi-objective search's size objectives: what the loop compares of two evaluations."""
+
+COUNTED = {"kept_params": kept_experts, "active_params": active_experts}
+"""The size objectives known from the genome alone, before it is evaluated."""
 
 
 def fronts(
-    archive: list[Evaluation], needed: int | None = None, size=kept_experts
+    archive: list[Evaluation], needed: int | None = None, size=kept
 ) -> list[list[Evaluation]]:
     """The candidates of ``archive`` in non-dominated fronts, best first, by (fitness up, ``size``
     down), until ``needed`` are placed (None: all), as DEAP's ``sortNondominated`` sorts
@@ -102,16 +121,13 @@ def fronts(
     one left, or equals the point just taken."""
     rest = sorted(
         (e for e in archive if e.candidate),
-        key=lambda e: (size(e.genome), -e.fitness, e.id),
+        key=lambda e: (size(e), -e.fitness, e.id),
     )
     out: list[list[Evaluation]] = []
     while rest and (needed is None or sum(map(len, out)) < needed):
         front, left, best = [], [], float("-inf")
         for e in rest:
-            same = front and (e.fitness, size(e.genome)) == (
-                front[-1].fitness,
-                size(front[-1].genome),
-            )
+            same = front and (e.fitness, size(e)) == (front[-1].fitness, size(front[-1]))
             (front if e.fitness > best or same else left).append(e)
             best = max(best, e.fitness)
         out.append(front)
@@ -119,13 +135,13 @@ def fronts(
     return out
 
 
-def front_of(archive: list[Evaluation], size=kept_experts) -> list[Evaluation]:
+def front_of(archive: list[Evaluation], size=kept) -> list[Evaluation]:
     """The non-dominated candidates (smallest first), one per point (the first evaluated of
     identical ones): the accuracy-size frontier found so far."""
     found = fronts(archive, 1, size)
     points: dict[tuple, Evaluation] = {}
     for e in found[0] if found else []:
-        points.setdefault((e.fitness, size(e.genome)), e)
+        points.setdefault((e.fitness, size(e)), e)
     return list(points.values())
 
 
@@ -138,7 +154,7 @@ class _Point(list):
 
 
 def nsga2_pool(
-    archive: list[Evaluation], pool: int, size=kept_experts
+    archive: list[Evaluation], pool: int, size=kept
 ) -> list[tuple[Evaluation, int, float]]:
     """The parents of a multi-objective search: DEAP's NSGA-II selection (``tools.selNSGA2``:
     whole fronts in rank order, the last one cut by crowding distance) of ``size`` candidates,
@@ -150,7 +166,7 @@ def nsga2_pool(
     for rank, front in enumerate(fronts(archive, pool, size)):
         for e in front:
             individual = _Point()
-            individual.fitness = _Objectives((e.fitness, size(e.genome)))
+            individual.fitness = _Objectives((e.fitness, size(e)))
             individual.evaluation, individual.rank = e, rank
             individuals.append(individual)
     # in archive order, as on the whole archive: DEAP breaks crowding ties by position
@@ -198,11 +214,10 @@ def parent_bar(archive: list[Evaluation], cfg: SearchConfig, export_top: int = 1
     return min(ranked[0] - max(cfg.crossover_threshold, cfg.mutate_threshold), ranked[pool - 1])
 
 
-def front_bar(
-    archive: list[Evaluation], size: int, needed: int, size_of=kept_experts
-) -> float | None:
+def front_bar(archive: list[Evaluation], size: int, needed: int, size_of=kept) -> float | None:
     """The fitness a new candidate of a multi-objective search, of ``size`` (``size_of`` its
-    genome), must reach to ever matter, judged on ``archive``; None when any fitness could matter.
+    evaluation, known before it: counted on the genome), must reach to ever matter, judged on
+    ``archive``; None when any fitness could matter.
 
     It is the ``needed``-th best fitness among the candidates no larger. Below it, that many
     candidates dominate the new one for good (they score higher at no larger size, and stay in the
@@ -211,7 +226,7 @@ def front_bar(
     size it fits, it is outside the ``select_top`` best a pick is made among (:func:`eep.evolution`'s
     ``_pick``). ``needed``: the larger of ``population`` and the candidates the picks judge."""
     ranked = sorted(
-        (e.fitness for e in archive if e.candidate and size_of(e.genome) <= size), reverse=True
+        (e.fitness for e in archive if e.candidate and size_of(e) <= size), reverse=True
     )
     return ranked[needed - 1] if len(ranked) >= needed else None
 
@@ -467,14 +482,18 @@ class _Proposals:
         single-size search's bar among the candidates of that size (what follows breeds from them
         alone). Before that phase, a candidate of that size gets the lower of the front's bar and
         the phase's bar as it stands: that bar only rises, so what lies below it now never becomes a
-        parent there."""
+        parent there. A latency frontier has none: a candidate's latency is measured with it, so
+        any fitness could put it on the front."""
         cfg = self.cfg
         if not cfg.frontier:
             return parent_bar(self.archive, cfg, self.export_top)
         if self._at_smallest_phase(self.next_id):
             return parent_bar(self._at_smallest(), cfg, self.export_top)
-        size = SIZES[cfg.objectives[1]]
-        bar = front_bar(self.archive, size(genome), max(cfg.population, self.export_top), size)
+        objective = cfg.objectives[1]
+        if objective == "latency":
+            return None
+        mine = COUNTED[objective](genome)
+        bar = front_bar(self.archive, mine, max(cfg.population, self.export_top), SIZES[objective])
         if bar is not None and self.smallest and self.smallest[1].reject(genome) is None:
             later = parent_bar(self._at_smallest(), cfg, self.export_top)
             bar = None if later is None else min(bar, later)

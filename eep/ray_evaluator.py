@@ -191,6 +191,12 @@ class RayEvaluator:
 
         return ray.get(self.actors[0].reaching.remote(genome, split, cut_below, order))
 
+    def latency(self, genome) -> float:
+        """The first actor's :meth:`eep.evaluator.FitnessWorker.latency` of ``genome``."""
+        import ray
+
+        return ray.get(self.actors[0].latency.remote(genome))
+
     def close(self) -> None:
         import ray
 

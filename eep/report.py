@@ -575,7 +575,11 @@ def plot_frontier(
             label="full model",
         )
     ax.set_xlabel(
-        "parameters kept" if objective == "kept_params" else "parameters active per token"
+        {
+            "kept_params": "parameters kept",
+            "active_params": "parameters active per token",
+            "latency": "milliseconds a forward pass (measured)",
+        }[objective]
     )
     ax.set_ylabel("score (mean over tasks)")
     ax.set_title(title)
@@ -612,17 +616,35 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
 
     front, full_params = summary["front"], summary["full_params"]
     objective = summary.get("objective", "kept_params")
-    active = objective == "active_params"
-    what = "parameters active per token" if active else "parameters kept"
-    count = "experts active per token (top-k per layer)" if active else "experts kept (per layer)"
+    active, timed = objective == "active_params", objective == "latency"
+    what = (
+        "ms a forward pass (measured)"
+        if timed
+        else "parameters active per token"
+        if active
+        else "parameters kept"
+    )
+    count = (
+        "experts kept / top-k (per layer)"
+        if timed
+        else "experts active per token (top-k per layer)"
+        if active
+        else "experts kept (per layer)"
+    )
+    full = summary["full_latency"] if timed else full_params
 
     def experts(p: dict) -> str:
         genome = Genome.from_dict(p["genome"])
+        if timed:
+            return "/".join(f"{len(genome.keep(i))}:{genome.active(i)}" for i, _ in genome.layers)
         if active:
             return f"{p['active_experts']} ({'/'.join(str(genome.active(i)) for i, _ in genome.layers)})"
         return (
             f"{p['kept_experts']} ({'/'.join(str(len(genome.keep(i))) for i, _ in genome.layers)})"
         )
+
+    def size(p: dict) -> str:
+        return f"{p[objective]:.2f}" if timed else f"{p[objective]:,}"
 
     lines = [
         "",
@@ -630,17 +652,31 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
         "",
         f"- {len(front)} non-dominated points (search fitness vs {what}); hypervolume of the "
         f"held-out front: **{summary['hypervolume']:.4f}** (the share of the square of accuracy "
-        "0–100 by parameters 0–full that it dominates; 1 = 100 % at no parameters)",
-        "- export one: `eep export RUN_DIR --point ID --out DIR`, or `--max-params N` for the pick "
-        "of the largest size within N (the second table)",
+        f"0–100 by {'latency' if timed else 'parameters'} 0–full that it dominates; 1 = 100 % at "
+        f"no {'time' if timed else 'parameters'})",
+        "- export one: `eep export RUN_DIR --point ID --out DIR`, or "
+        + (
+            "`--max-latency MS` for the best by search fitness measured within MS"
+            if timed
+            else "`--max-params N` for the pick of the largest size within N (the second table)"
+        ),
+    ]
+    if timed:
+        lines.append(
+            f"- latency: the median of {config.search.latency_repeats} forward passes of one batch "
+            f"of {config.fitness.batch_size} search prompts, measured per candidate on its worker "
+            f"({summary.get('experts_implementation', 'its experts implementation')}); the full "
+            f"model's: {summary['full_latency']:.2f} ms. Times measured on a busy machine vary."
+        )
+    lines += [
         "",
         f"| candidate | {count} | {what} | search fitness | held-out |",
         "|---|---|---|---|---|",
     ]
     for p in front:
         lines.append(
-            f"| {p['id']} | {experts(p)} | {p[objective]:,} "
-            f"({100 * p[objective] / full_params:.1f} %) | {p['fitness']:.2f} | "
+            f"| {p['id']} | {experts(p)} | {size(p)} "
+            f"({100 * p[objective] / full:.1f} %) | {p['fitness']:.2f} | "
             f"{p['heldout']['mean']:.2f} |"
         )
     picks = summary.get("picks") or {}
@@ -668,7 +704,7 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
     layers = [i for i, _ in first.layers]
     uniform = (  # where the baselines' uniform keep counts sit (kept parameters only)
         {}
-        if active
+        if active or timed
         else {
             k: sizes(
                 Genome.from_keep(first.num_experts, first.top_k, {i: range(k) for i in layers})
@@ -682,7 +718,7 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
         list(picks.values()),
         baselines,
         uniform,
-        (full_params, full_score),
+        (full, full_score),
         path,
         f"{config.name}: the accuracy-size frontier",
         objective,
@@ -777,7 +813,12 @@ def write_report(run_dir: str | Path) -> Path:
         )
     frontier = bool(summary and summary.get("front"))
     chosen = (summary or {}).get("selected")
-    if frontier:
+    if frontier and summary.get("objective") == "latency":
+        lines.append(
+            "- a latency frontier: `eep export RUN_DIR --point ID` or `--max-latency MS` writes one "
+            "of its points (listed below)"
+        )
+    elif frontier:
         lines.append(
             "- a frontier: `eep export RUN_DIR --point ID` or `--max-params N` writes one of its "
             "points (listed below, with a pick per size)"
@@ -809,7 +850,8 @@ def write_report(run_dir: str | Path) -> Path:
     else:
         fitness_png.unlink(missing_ok=True)
 
-    keep = (baselines or {}).get("keep") or config.search_space.keep
+    # a frontier spans every size: it has one only beside baselines (search_space.keep is unset)
+    keep = (baselines or {}).get("keep") or (None if frontier else config.search_space.keep)
     point = None
     if frontier:  # beside the baselines: the frontier's pick at their size, if it has one
         from eep.evolution import compared

@@ -7,13 +7,14 @@ from dataclasses import dataclass
 
 from eep.errors import EepError
 from search_spaces.budget import BudgetSpace, crossover_budget, mutate_budget, random_budget_genome
-from search_spaces.frontier import FrontierSpace, TopKFrontierSpace
+from search_spaces.frontier import FrontierSpace, LatencyFrontierSpace, TopKFrontierSpace
 from search_spaces.merge import MergeSpace, crossover_matrices, mutate_noise
 from search_spaces.prune import PruneSpace, crossover_rows, layer_groups, mutate_swap, random_genome
 
 __all__ = [
     "BudgetSpace",
     "FrontierSpace",
+    "LatencyFrontierSpace",
     "TopKFrontierSpace",
     "MergeSpace",
     "PruneSpace",
@@ -102,11 +103,18 @@ def build_schedule(
                 )
             return Schedule(((0, TopKFrontierSpace(num_experts, shape.top_k, layers)),))
         if shape.expert_groups > 1 or shape.group_min > k:
+            what = "latency" if frontier == "latency" else "kept-parameters"
             raise EepError(
-                f"{family.title} routes within expert groups; a kept-parameters frontier changes "
-                "layer sizes freely, which grouped routing does not allow (an active-parameters "
-                "one, search.objectives: [fitness, active_params], keeps every expert)"
+                f"{family.title} routes within expert groups; a {what} frontier changes layer sizes "
+                "freely, which grouped routing does not allow (an active-parameters one, "
+                "search.objectives: [fitness, active_params], keeps every expert)"
             )
+        if frontier == "latency":
+            if cfg.top_k is not None:
+                raise EepError(
+                    "a latency frontier searches each layer's top-k: remove search_space.top_k"
+                )
+            return Schedule(((0, LatencyFrontierSpace(num_experts, shape.top_k, layers)),))
         space = FrontierSpace(num_experts, shape.top_k, layers, cfg.top_k)
         if smallest_from is None:
             return Schedule(((0, space),))

@@ -111,6 +111,7 @@ def test_settings_added_with_neutral_defaults_keep_older_runs_resumable():
     )
     assert "moei2" not in config.outcome() and "seed_genomes" not in config.outcome()["search"]
     assert config.digest() == "fdf1cdd0be23161d"
+    assert "latency_repeats" not in config.outcome()["search"]  # it decides a latency search only
     # how a candidate is computed never decides the search: kernel, scoring path, early cut
     eager = config.model_copy(
         update={"model": config.model.model_copy(update={"experts_implementation": "eager"})}

@@ -94,7 +94,7 @@ def test_fronts_partition_the_candidates_and_the_first_is_non_dominated():
 def test_fronts_of_active_parameters_sort_by_active_experts():
     """Every expert kept and the layers' top-k varying: the front runs over active experts (kept
     experts are the same for all and decide nothing)."""
-    from eep.loop import active_experts
+    from eep.loop import active
 
     def genome(k0, k1):
         return Genome.from_keep(8, 2, {0: range(8), 1: range(8)}, {0: k0, 1: k1})
@@ -105,9 +105,9 @@ def test_fronts_of_active_parameters_sort_by_active_experts():
         Evaluation(2, genome(1, 2), 80.0),
         Evaluation(3, genome(2, 1), 60.0),
     ]
-    layered = fronts(archive, size=active_experts)
+    layered = fronts(archive, size=active)
     assert [[e.id for e in f] for f in layered] == [[1, 2, 0], [3]]
-    assert [e.id for e in front_of(archive, active_experts)] == [1, 2, 0]
+    assert [e.id for e in front_of(archive, active)] == [1, 2, 0]
 
 
 def test_nsga2_pool_is_deaps_selection_on_the_whole_archive():
@@ -409,7 +409,7 @@ def test_frontier_run_scores_its_front_and_exports_a_point(tmp_path):
     "update, message",
     [
         ({"search_space": {"keep": 2}}, "spans every size: remove search_space.keep"),
-        ({"search": {"objectives": ["kept_params"]}}, "or \\[fitness, active_params\\]"),
+        ({"search": {"objectives": ["kept_params"]}}, "or \\[fitness, latency\\]"),
         ({"search": {"objectives": ["fitness", "fitness"]}}, "\\[fitness\\], \\[fitness, kept"),
         ({"search": {"smallest_after": 5}}, "must be at least initial \\(10\\) and below"),
         ({"search": {"smallest_after": 30}}, "and below evaluations \\(30\\)"),
@@ -494,6 +494,10 @@ def test_frontier_plans_refuse_what_it_cannot_hold():
         build_schedule(space, grouped, "kept_params")
     # every expert kept, each layer's top-k searched: the groups stay even
     assert isinstance(build_schedule(space, grouped, "active_params").first, TopKFrontierSpace)
+    with pytest.raises(EepError, match="a latency frontier changes layer sizes"):
+        build_schedule(space, grouped, "latency")
+    with pytest.raises(EepError, match="latency frontier searches each layer's top-k"):
+        build_schedule(space.model_copy(update={"top_k": 1}), SHAPE, "latency")
 
 
 @pytest.mark.slow
@@ -640,5 +644,139 @@ def test_a_frontier_beside_the_baselines_is_its_pick_at_their_size(tmp_path, cap
     )
     with pytest.raises(EepError, match="holds a frontier: choose the point to export"):
         Run(run).export(tmp_path / "out", log=lambda m: None)
-    with pytest.raises(EepError, match="--point and --max-params each choose the point"):
+    with pytest.raises(
+        EepError, match="--point, --max-params and --max-latency each choose the point"
+    ):
         Run(run).export(tmp_path / "out", log=None, point=1, max_params=10**6)
+
+
+def latency_config(**search):
+    data = frontier_config(**search)
+    data["search"]["objectives"] = ["fitness", "latency"]
+    return data
+
+
+def test_latency_operators_keep_each_layers_top_k_within_what_it_keeps():
+    from deap import base
+
+    from eep.loop import active_experts
+    from search_spaces import LatencyFrontierSpace
+
+    space = LatencyFrontierSpace(8, 2, (0, 1, 2, 3))
+    cfg = parse_config(latency_config()).search
+    toolbox = base.Toolbox()
+    space.register(toolbox, cfg, random.Random(0))
+    genomes = [toolbox.individual() for _ in range(60)]
+    assert {active_experts(g) for g in genomes} >= {4, 8}  # the top-k axis is covered
+    assert min(map(kept_experts, genomes)) <= 12 and max(map(kept_experts, genomes)) >= 26
+    pairs = {(len(g.keep(i)), g.active(i)) for g in genomes for i in range(4)}
+    assert (1, 1) in pairs and (8, 1) in pairs and (8, 2) in pairs
+    for a, b in zip(genomes, genomes[1:]):
+        for child in (toolbox.mutate(a), toolbox.mate(a, b)):
+            assert space.reject(child) is None  # Genome itself refuses top-k above what is kept
+        assert toolbox.mutate(a) != a
+    # both axes move under mutation
+    mutants = [toolbox.mutate(genomes[0]) for _ in range(80)]
+    assert {kept_experts(m) - kept_experts(genomes[0]) for m in mutants} >= {-1, 0, 1}
+    assert len({active_experts(m) for m in mutants}) >= 2
+    again = base.Toolbox()
+    space.register(again, cfg, random.Random(0))
+    assert [again.individual() for _ in range(60)] == genomes  # deterministic
+    assert "above top_k=2" in space.reject(
+        Genome.from_keep(8, 3, {i: range(8) for i in range(4)}, 3)
+    )
+
+
+def _timed(self, genome, repeats=None):
+    """A stand-in for a measured latency that depends on the genome alone (1 ms a kept expert,
+    2 a routed one), so that two runs see the same times."""
+    from eep.loop import active_experts
+
+    if genome is None:
+        return 96.0
+    return float(kept_experts(genome) + 2 * active_experts(genome))
+
+
+def test_a_latency_frontier_is_deterministic_given_its_times_and_resumes_exactly(
+    tmp_path, monkeypatch
+):
+    """With times that depend on the genome alone, two runs are equal and a stopped run resumed
+    (from its snapshot, or replayed from its journal) equals them: each record holds its latency.
+    No candidate is cut (a latency is unknown until measured)."""
+    monkeypatch.setattr(FitnessWorker, "latency", _timed)
+    config, schedule = _planned(latency_config())
+    worker = FitnessWorker(config)  # measures latency: its config asks for it
+    assert type(schedule.first).__name__ == "LatencyFrontierSpace"
+    assert config.search.smallest_from is None  # no uniform smallest size to turn to
+
+    def search(path, stop_after=None):
+        run = (
+            RunDir.create(path, config)
+            if not (path / "config.yaml").exists()
+            else RunDir.open(path)
+        )
+        run_search(run, schedule, SerialEvaluator(worker), lambda m: None, stop_after)
+        return run
+
+    whole = search(tmp_path / "whole")
+    records = whole.evaluations()
+    assert all(r.latency == _timed(None, r.genome) for r in records)
+    assert all(r.cut is None for r in records)
+    assert _journal(search(tmp_path / "again")) == _journal(whole)
+    search(tmp_path / "cut", stop_after=12)
+    assert _journal(search(tmp_path / "cut")) == _journal(whole)
+    search(tmp_path / "replayed", stop_after=12)
+    (tmp_path / "replayed" / "state.json").unlink()
+    assert _journal(search(tmp_path / "replayed")) == _journal(whole)
+    from eep.loop import front_of, latency
+
+    front = front_of(records, latency)
+    assert [e.latency for e in front] == sorted(e.latency for e in front)
+    assert [e.fitness for e in front] == sorted(e.fitness for e in front)
+    for e in front:  # no record dominates a front point
+        assert not any(
+            o.latency <= e.latency
+            and o.fitness >= e.fitness
+            and (o.latency, o.fitness) != (e.latency, e.fitness)
+            for o in records
+        )
+
+
+def test_a_latency_frontier_measures_each_candidate_and_exports_within_a_time(tmp_path):
+    """Measured for real on the worker: every record has a latency, the front is over them with
+    the full model's as the reference, the report lists the points, and --max-latency exports the
+    best by search fitness within a time (--max-params is refused on such a run)."""
+    import eep
+    from eep.cli import main
+    from eep.report import write_report
+
+    data = latency_config(evaluations=20, initial=8, latency_repeats=2)
+    run = eep.search(data, run_dir=tmp_path / "run", log=lambda m: None)
+    summary = run.summary
+    assert all(r.latency > 0 for r in run.evaluations())
+    front = summary["front"]
+    assert summary["objective"] == "latency" and summary["picks"] == {}
+    assert [p["latency"] for p in front] == sorted(p["latency"] for p in front)
+    assert [p["fitness"] for p in front] == sorted(p["fitness"] for p in front)
+    assert summary["full_latency"] > 0
+    assert summary["hypervolume"] == hypervolume(
+        [(p["heldout"]["mean"], p["latency"]) for p in front], summary["full_latency"]
+    )
+    limit = front[-1]["latency"]
+    chosen = run.front_point(max_latency=limit)
+    assert chosen["fitness"] == max(p["fitness"] for p in front if p["latency"] <= limit)
+    with pytest.raises(
+        EepError, match="frontier is over latency: choose a point with --max-latency"
+    ):
+        run.front_point(max_params=10**6)
+    with pytest.raises(EepError, match="no frontier point has at most 0.00 ms latency"):
+        run.front_point(max_latency=0.0)
+    out = tmp_path / "x"
+    assert (
+        main(["export", str(tmp_path / "run"), "--max-latency", str(limit), "--out", str(out)]) == 0
+    )
+    exported = json.loads((out / "eep_report.json").read_text())
+    assert exported["genome_key"] == Genome.from_dict(chosen["genome"]).key
+    text = write_report(tmp_path / "run").read_text()
+    assert "| candidate | experts kept / top-k (per layer) | ms a forward pass (measured) |" in text
+    assert "`--max-latency MS`" in text and "Compressed methods keep" not in text
