@@ -113,16 +113,22 @@ def run_baselines(
         scratch = tempfile.TemporaryDirectory(prefix="eep-baselines-")
         workdir = Path(scratch.name)
     texts, batches, cal = calibrate(config, worker, log)
+    # beside a latency frontier each row is timed as its candidates were
+    timed = "latency" in config.search.objectives
 
     def score(genome: Genome | None, skip=None) -> dict:
         tasks = worker.scores(genome, "test", skip=skip)
         kept, active = parameter_counts(worker.model, worker.adapter, genome)
-        return {
-            "heldout": weighted_fitness(config.fitness.tasks, tasks),
-            "tasks": tasks,
-            "kept_params": kept,
-            "active_params": active,
-        } | ({"genome": genome.to_dict()} if genome else {})
+        return (
+            {
+                "heldout": weighted_fitness(config.fitness.tasks, tasks),
+                "tasks": tasks,
+                "kept_params": kept,
+                "active_params": active,
+            }
+            | ({"latency": worker.latency(genome, skip=skip)} if timed else {})
+            | ({"genome": genome.to_dict()} if genome else {})
+        )
 
     def methods_at(k: int) -> dict[str, dict]:
         out: dict[str, dict] = {}
@@ -284,5 +290,10 @@ def _mean_of(draws: list[dict]) -> dict:
         "tasks": {t: statistics.mean(d["tasks"][t] for d in draws) for t in draws[0]["tasks"]},
         "kept_params": draws[0]["kept_params"],
         "active_params": draws[0]["active_params"],
+        **(
+            {"latency": statistics.mean(d["latency"] for d in draws)}
+            if "latency" in draws[0]
+            else {}
+        ),
         "genomes": [d["genome"] for d in draws],
     }

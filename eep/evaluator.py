@@ -111,11 +111,17 @@ class FitnessWorker:
         with context:
             return self.scorers[split].score(cut_below=cut_below, order=order)
 
-    def latency(self, genome: Genome | None, repeats: int | None = None) -> float:
+    def latency(
+        self,
+        genome: Genome | None,
+        repeats: int | None = None,
+        skip: dict[int, float] | None = None,
+    ) -> float:
         """Milliseconds one forward pass (a prefill) of a fixed batch takes with ``genome`` applied
-        (``None``: the unpruned model): the median of ``repeats`` (``search.latency_repeats``)
-        timed passes after one untimed. The batch is the first ``fitness.batch_size`` search
-        examples, tasks in turn, so the routing is the tasks'."""
+        (``None``: the unpruned model; ``skip``: with NAEE dynamic skipping, as :meth:`scores`):
+        the median of ``repeats`` (``search.latency_repeats``) timed passes after one untimed.
+        The batch is the first ``fitness.batch_size`` search examples, tasks in turn, so the
+        routing is the tasks'."""
         import statistics
 
         import torch
@@ -127,7 +133,11 @@ class FitnessWorker:
         batch = self._latency_batch()
         device = self.model.device
         synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        context = self.adapter.applied(genome) if genome is not None else contextlib.nullcontext()
+        context = (
+            self.adapter.applied(genome, skip=skip)
+            if genome is not None
+            else contextlib.nullcontext()
+        )
         times = []
         with context, torch.no_grad():
             for _ in range(1 + (repeats or self.config.search.latency_repeats)):

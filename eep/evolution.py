@@ -28,6 +28,8 @@ def export_rule(config: Config) -> str:
     """How the run picks what it exports, for the plan: the best on validation examples among the
     ``select_top`` best by search fitness (per size on a frontier), or the best by search fitness."""
     top = config.search.select_top
+    if "latency" in config.search.objectives:
+        return "a point of the front you choose (eep export RUN_DIR --point ID or --max-latency MS)"
     per_size = "per size, " if config.search.frontier else ""
     if config.fitness.validates:
         return f"{per_size}the best on validation examples among the {top} best by search fitness"
@@ -156,13 +158,25 @@ class Evolution:
         paths: dict[str, list[str]] = {}
         for task in fit.tasks:
             paths.setdefault(scoring_path(task.metric, why_not), []).append(task.name)
+        timed = "latency" in search.objectives
         cut = (
-            "; early cut of hopeless candidates"
+            "; no early cut (a candidate's latency is unknown until it is measured)"
+            if timed
+            else "; early cut of hopeless candidates"
             if search.early_cut
             else "; no early cut (search.early_cut: false)"
         )
         scoring = "; ".join(f"{path}: {', '.join(names)}" for path, names in paths.items())
         lines.append(("scoring", scoring + cut))
+        if timed:
+            lines.append(
+                (
+                    "latency",
+                    f"each candidate timed on its worker: the median of {search.latency_repeats} "
+                    f"forward passes of {fit.batch_size} search prompts (search.latency_repeats, "
+                    "fitness.batch_size)",
+                )
+            )
         lines.append(("export", export_rule(config)))
         return lines
 

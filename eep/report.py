@@ -502,19 +502,57 @@ def plot_methods(
     fig.savefig(path)
 
 
+def baseline_points(
+    baselines: dict[str, Any] | None, uniform_params: dict[int, int], objective: str
+) -> dict[str, list[tuple[float, float]]]:
+    """Each baseline's (size, held-out) points on a frontier plot's axis: at its uniform keep
+    counts (``uniform_params``: their kept parameters), or for a latency frontier at the latency
+    ``eep baselines`` measured for it."""
+    if not baselines:
+        return {}
+    if objective != "latency":
+        return {
+            method: [(uniform_params[k], v) for k, v in points.items() if k in uniform_params]
+            for method, points in sweep_series(baselines).items()
+            if method not in ("search", "full")
+        }
+    found: dict[str, list[tuple[float, float]]] = {}
+    for rows in [baselines.get("methods", {}), *baselines.get("sweep_rows", {}).values()]:
+        for method, row in rows.items():
+            if method not in ("search", "full") and row.get("latency") is not None:
+                found.setdefault(method, []).append((row["latency"], row["heldout"]))
+    return {m: sorted(found[m]) for m in ordered_methods(found)}
+
+
+def latency_against(front: Sequence[dict], points: dict[str, list[tuple[float, float]]]) -> str:
+    """Whether every baseline point of a latency frontier's plot is dominated held out (a front
+    point at most as slow that scores at least as much), or which are not."""
+    free = [
+        f"{method} {score:.2f} at {time:.2f} ms"
+        for method, found in points.items()
+        for time, score in found
+        if not any(p["latency"] <= time and p["heldout"]["mean"] >= score for p in front)
+    ]
+    if free:
+        return "Not dominated by a front point held out: " + "; ".join(free) + "."
+    return (
+        "Every baseline point is dominated held out: a front point at most as slow scores at "
+        "least as much."
+    )
+
+
 def plot_frontier(
     front: Sequence[dict],
     picks: Sequence[dict],
-    baselines: dict[str, Any] | None,
-    uniform_params: dict[int, int],
-    full: tuple[int, float | None],
+    baselines: dict[str, list[tuple[float, float]]],
+    full: tuple[float, float | None],
     path: Path,
     title: str,
     objective: str = "kept_params",
 ) -> None:
-    """Held-out score (and search fitness) against kept (or active) parameters: the frontier's
-    points as a step line, the pick at each uniform size, each baseline's points at its uniform
-    keep counts (given ``uniform_params``), the full model as a star."""
+    """Held-out score (and search fitness) against kept (or active) parameters, or latency: the
+    frontier's points as a step line, the pick at each uniform size, each baseline's points
+    (:func:`baseline_points`), the full model as a star."""
     fig, ax = _figure()
     params = [p[objective] for p in front]
     ax.step(
@@ -550,14 +588,10 @@ def plot_frontier(
             label="pick per size (held-out)",
         )
     spare = iter(_SPARE_COLORS * 4)
-    for method, points in sweep_series(baselines or {}).items():
-        if method in ("search", "full"):
-            continue
-        xs = [uniform_params[k] for k in points if k in uniform_params]
-        ys = [v for k, v in points.items() if k in uniform_params]
+    for method, points in baselines.items():
         ax.plot(
-            xs,
-            ys,
+            [x for x, _ in points],
+            [y for _, y in points],
             linestyle="none",
             marker=_MARKERS.get(method, "o"),
             markersize=6,
@@ -713,11 +747,13 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
         }
     )
     full_score = ((summary.get("heldout") or {}).get("full") or {}).get("mean")
+    points = baseline_points(baselines, uniform, objective)
+    if timed and points:
+        lines += ["", latency_against(front, points)]
     plot_frontier(
         front,
         list(picks.values()),
-        baselines,
-        uniform,
+        points,
         (full, full_score),
         path,
         f"{config.name}: the accuracy-size frontier",

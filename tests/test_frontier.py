@@ -742,15 +742,31 @@ def test_a_latency_frontier_is_deterministic_given_its_times_and_resumes_exactly
         )
 
 
+def test_the_plan_of_a_latency_frontier_says_how_it_times_and_exports(capsys):
+    from pathlib import Path
+
+    from eep.cli import main
+
+    path = Path(__file__).resolve().parents[1] / "experiments/toy-latency.yaml"
+    assert main(["search", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "latency frontier: each of 4 layers keeping 1..8 experts and routing to 1..2" in out
+    assert "no early cut (a candidate's latency is unknown until it is measured)" in out
+    assert "the median of 5 forward passes of 32 search prompts" in out
+    assert "--max-latency MS" in out
+
+
 def test_a_latency_frontier_measures_each_candidate_and_exports_within_a_time(tmp_path):
     """Measured for real on the worker: every record has a latency, the front is over them with
     the full model's as the reference, the report lists the points, and --max-latency exports the
     best by search fitness within a time (--max-params is refused on such a run)."""
     import eep
+    from eep.api import baselines
     from eep.cli import main
     from eep.report import write_report
 
     data = latency_config(evaluations=20, initial=8, latency_repeats=2)
+    data["baselines"] = {"methods": ["frequency"], "sweep": [2]}
     run = eep.search(data, run_dir=tmp_path / "run", log=lambda m: None)
     summary = run.summary
     assert all(r.latency > 0 for r in run.evaluations())
@@ -780,3 +796,13 @@ def test_a_latency_frontier_measures_each_candidate_and_exports_within_a_time(tm
     text = write_report(tmp_path / "run").read_text()
     assert "| candidate | experts kept / top-k (per layer) | ms a forward pass (measured) |" in text
     assert "`--max-latency MS`" in text and "Compressed methods keep" not in text
+    assert "Every baseline point" not in text and "Not dominated" not in text  # none yet
+    # the baselines beside it are timed as its candidates were, and placed on its plot by that
+    table = baselines(data, run_dir=tmp_path / "run", log=lambda m: None)
+    assert "search" not in table["methods"]  # a latency front has no pick at a uniform size
+    rows = [table["methods"]["frequency"], table["sweep_rows"]["2"]["frequency"]]
+    assert all(row["latency"] > 0 for row in rows + [table["methods"]["full"]])
+    text = write_report(tmp_path / "run").read_text()
+    assert "Every baseline point is dominated held out" in text or (
+        "Not dominated by a front point held out: frequency " in text
+    )

@@ -382,3 +382,34 @@ def test_a_tie_for_the_best_compressed_method_goes_to_the_smaller():
     assert best_compressed([row("a", 90.0, None), row("b", 90.0, 5)]).method == "b"
     assert best_compressed([row("a", 90.0, 7), row("b", 90.0, 7)]).method == "a"  # the first
     assert best_compressed([row("a", 91.0, 9), row("b", 90.0, 5)]).method == "a"
+
+
+def test_a_latency_frontier_against_the_baselines_at_the_latency_measured_for_them():
+    from eep.report import baseline_points, latency_against
+
+    baselines = {
+        "keep": 4,
+        "methods": {
+            "full": {"heldout": 100.0, "latency": 9.0},
+            "naee": {"heldout": 98.0, "latency": 6.0},
+            "random": {"heldout": 50.0, "latency": 6.5},
+        },
+        "sweep": {"2": {"naee": 70.0}},
+        "sweep_rows": {"2": {"naee": {"heldout": 70.0, "latency": 4.0}}},
+    }
+    points = baseline_points(baselines, {}, "latency")
+    assert points == {"naee": [(4.0, 70.0), (6.0, 98.0)], "random": [(6.5, 50.0)]}
+    front = [
+        {"latency": 3.5, "heldout": {"mean": 60.0}},
+        {"latency": 5.0, "heldout": {"mean": 98.0}},
+    ]
+    assert latency_against(front, points) == (
+        "Not dominated by a front point held out: naee 70.00 at 4.00 ms."
+    )
+    front[0]["heldout"]["mean"] = 70.0  # a tie is dominated
+    assert latency_against(front, points).startswith("Every baseline point is dominated")
+    # a kept-parameters frontier places them at their uniform sizes' parameters
+    assert baseline_points(baselines, {2: 100, 4: 200}, "kept_params") == {
+        "naee": [(100, 70.0), (200, 98.0)],
+        "random": [(200, 50.0)],
+    }
