@@ -118,7 +118,8 @@ class FitnessWorker:
         skip: dict[int, float] | None = None,
     ) -> float:
         """Milliseconds one forward pass (a prefill) of a fixed batch takes with ``genome`` applied
-        (``None``: the unpruned model; ``skip``: with NAEE dynamic skipping, as :meth:`scores`):
+        (a pruning genome compacted, :meth:`eep.moe.MoEAdapter.compacted`: the exported model's
+        modules and shapes; ``None``: the unpruned model; ``skip``: with NAEE dynamic skipping):
         the median of ``repeats`` (``search.latency_repeats``) timed passes after one untimed.
         The batch is the first ``fitness.batch_size`` search examples, tasks in turn, so the
         routing is the tasks'."""
@@ -133,10 +134,14 @@ class FitnessWorker:
         batch = self._latency_batch()
         device = self.model.device
         synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        # a pruning genome as the smaller model it exports (no routing hooks: their cost is
+        # not the exported model's); merge and low-rank genes as the search applies them
         context = (
-            self.adapter.applied(genome, skip=skip)
-            if genome is not None
-            else contextlib.nullcontext()
+            contextlib.nullcontext()
+            if genome is None
+            else self.adapter.compacted(genome, skip)
+            if not (genome.is_merge or genome.is_low_rank)
+            else self.adapter.applied(genome, skip=skip)
         )
         times = []
         with context, torch.no_grad():

@@ -247,6 +247,51 @@ class MoEAdapter:
             for module, name, original in reversed(swapped):
                 setattr(module, name, original)
 
+    @contextlib.contextmanager
+    def compacted(self, genome: Genome, skip: Mapping[int, float] | None = None) -> Iterator[None]:
+        """The smaller model a pruning genome exports, in place and without a copy: in each layer
+        it changes, the kept experts are moved to slots 0..n-1 (an in-place permutation of the
+        experts' and the router's rows) and both modules see those n rows only, the router picking
+        its top-k among them. The same modules and shapes as the exported checkpoint, with no
+        routing hook and no memory beyond one expert's row: what a latency is measured on
+        (:meth:`eep.evaluator.FitnessWorker.latency`). The rows are moved back after, exactly
+        (moved, never recomputed), also on error. Computes what :meth:`applied` computes, whose
+        hooks keep every expert in place instead (tested). Merge and low-rank genes are refused."""
+        self.validate(genome, skip)
+        if genome.is_merge or genome.is_low_rank:
+            raise EepError("compacted applies pruning genomes only (no merge or low-rank genes)")
+        moved, handles = [], []
+        try:
+            with contextlib.ExitStack() as stack:
+                for layer, gene in genome.layers:
+                    n, k = len(gene.keep), genome.active(layer, gene)
+                    if n == self.num_experts and k == self.top_k:
+                        continue
+                    experts, router = self.blocks[layer].experts, self.routers[layer]
+                    tensors = [getattr(experts, name) for name in self.expert_tensors]
+                    tensors += [getattr(router, name) for name in self.router_tensors]
+                    dropped = [e for e in range(self.num_experts) if e not in gene.keep]
+                    order = [*gene.keep, *dropped]
+                    _permute_rows(tensors, order)
+                    moved.append((tensors, order))
+                    for module, names, sizes in (
+                        (experts, self.expert_tensors, {"num_experts": n}),
+                        (router, self.router_tensors, {"num_experts": n, "top_k": k}),
+                    ):
+                        rows = {name: getattr(module, name)[:n] for name in names}
+                        stack.enter_context(_replaced(module, rows, sizes))
+                for layer, beta in (skip or {}).items():
+                    handles.append(self.routers[layer].register_forward_hook(_skip_hook(beta)))
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for tensors, order in reversed(moved):
+                back = [0] * len(order)
+                for slot, expert in enumerate(order):
+                    back[expert] = slot
+                _permute_rows(tensors, back)
+
     def _reroute(self, layer: int, rows, top_k: int, remap: bool):
         """A router forward hook: the family's own routing over the experts ``rows`` only (the
         router tensors sliced to them, as in the smaller exported model), with ``top_k``. The
@@ -370,6 +415,29 @@ def _replaced(
     finally:
         for store, name, original in reversed(saved):
             store[name] = original
+
+
+def _permute_rows(tensors: list[torch.Tensor], order: list[int]) -> None:
+    """Reorder the rows of each tensor in place so that row ``i`` becomes the former row
+    ``order[i]``, cycle by cycle through one row's copy (exact: rows are moved, not recomputed)."""
+    done = [False] * len(order)
+    with torch.no_grad():
+        for start in range(len(order)):
+            if done[start]:
+                continue
+            cycle, i = [start], order[start]
+            while i != start:
+                cycle.append(i)
+                i = order[i]
+            for i in cycle:
+                done[i] = True
+            if len(cycle) == 1:
+                continue
+            for tensor in tensors:
+                first = tensor[start].clone()
+                for here, there in zip(cycle, cycle[1:]):
+                    tensor[here].copy_(tensor[there])
+                tensor[cycle[-1]].copy_(first)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -228,6 +228,31 @@ def test_identity_prune_and_merge_equal_their_exports(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_a_compacted_genome_computes_what_the_applied_one_does_and_restores(family):
+    """What a latency is timed on (the kept experts moved to the front rows, the modules sliced
+    to them, no hooks) computes the in-search logits, and leaves every weight as it was."""
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    layers = adapter.moe_layers
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    if adapter.shape.expert_groups == 1:  # uneven keep sets and top-k, one layer untouched
+        keep = {i: [7, 2, 5, 0, 3][: 5 - n] for n, i in enumerate(layers)}
+        keep[layers[0]] = range(8)
+        genome = Genome.from_keep(
+            8, adapter.top_k, keep, {i: 1 + n % 2 for n, i in enumerate(layers)}
+        )
+    else:  # grouped routing: the same number kept in each group
+        genome = Genome.from_keep(8, adapter.top_k, {i: KEEP for i in layers})
+    with torch.no_grad(), adapter.compacted(genome):
+        compact = model(_ids()).logits
+    torch.testing.assert_close(compact, _logits(model, genome, adapter), atol=1e-5, rtol=0)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(RuntimeError), adapter.compacted(genome):
+        raise RuntimeError("boom")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_calibration_error_and_baselines_follow_the_familys_routing(family):
     """NAEE's error from one calibration pass (logits + Gram matrices, routed by the family's own
     router code) equals the MoE block's output change when the layer is really pruned; shared
