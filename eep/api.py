@@ -97,7 +97,8 @@ class Run:
         candidate ``point`` (a front point or a size's pick), or the pick (``summary["picks"]``:
         chosen on validation examples) of the largest uniform size keeping at most
         ``max_params``, else the best front point by search fitness within it; of a latency
-        frontier, the best front point by search fitness within ``max_latency`` milliseconds."""
+        frontier, the pick within the time of the slowest front point measured at most
+        ``max_latency`` milliseconds (chosen as the picks of sizes are)."""
         front = self.summary.get("front")
         if front is None:
             raise EepError(
@@ -124,7 +125,11 @@ class Run:
                 f"{flag} or --point ID"
             )
         limit = max_latency if params == "latency" else max_params
-        picked = [p for p in picks if p[params] <= limit]
+        if params == "latency":  # the pick within the largest front point's time that fits
+            fitting = [p for p in picks if p["within"] <= limit]
+            if fitting:
+                return max(fitting, key=lambda p: p["within"])
+        picked = [p for p in picks if p[params] <= limit and params != "latency"]
         if picked:
             return max(picked, key=lambda p: p[params])
         within = [p for p in front if p[params] <= limit]

@@ -492,9 +492,10 @@ def cmd_baselines(args) -> int:
         spent = f"  ({row['evaluations']} evaluations)" if "evaluations" in row else ""
         noted = name == "search" or row.get("how", "").startswith("no-op")  # not "enumeration"
         spent += f"  ({row['how']})" if noted and row.get("how") else ""
+        timed = f"  {row['latency']:.2f} ms" if "latency" in row else ""  # beside a latency front
         print(
             f"{name:<{width}}  {row['heldout']:6.2f}{spread}  kept {row['kept_params']:,}  "
-            f"active {row['active_params']:,}{spent}"
+            f"active {row['active_params']:,}{timed}{spent}"
         )
     from eep.report import method_rows, search_behind
 

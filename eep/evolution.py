@@ -442,12 +442,16 @@ def _front_line(summary: dict) -> str:
     """The end of a frontier run's last line: its front, and its pick per size held out."""
     if summary["objective"] == "latency":
         front = summary["front"]
+        picks = ", ".join(
+            f"{p['heldout']['mean']:.2f} within {within} ms"
+            for within, p in pick_runs(summary["picks"])
+        )
         return (
             f"; frontier: {len(front)} points from {front[0]['latency']:.2f} to "
-            f"{front[-1]['latency']:.2f} ms a forward pass (full model {summary['full_latency']:.2f} ms), "
-            f"held out {front[0]['heldout']['mean']:.2f} to {front[-1]['heldout']['mean']:.2f}, "
-            f"hypervolume {summary['hypervolume']:.4f} (`eep report` lists them; "
-            "`eep export RUN_DIR --point ID` or `--max-latency MS` writes one)"
+            f"{front[-1]['latency']:.2f} ms a forward pass (full model {summary['full_latency']:.2f} "
+            f"ms), hypervolume {summary['hypervolume']:.4f}; held out, the pick within each "
+            f"point's time: {picks} (`eep report` lists them; `eep export RUN_DIR --point ID` or "
+            "`--max-latency MS` writes one)"
         )
     active = summary["objective"] == "active_params"
     picks = ", ".join(
@@ -467,7 +471,8 @@ def _front(archive, config: Config, evaluator, log: Log) -> dict:
     and parameter counts (and measured latency), the hypervolume of the held-out front
     (:func:`hypervolume`), and for each uniform size (``kept_params``: top-k..E experts per layer;
     ``active_params``: top-1..k) the pick within it (:func:`_pick`). A latency front has no
-    uniform sizes: its reference is the full model's latency, measured here."""
+    uniform sizes: it picks within each front point's time (keyed by it, in ms), and its
+    hypervolume's reference is the full model's latency, measured here."""
     from eep.loop import SIZES, active_experts, front_of, kept_experts
     from eep.progress import tracked
     from eep.surgery import size_model
@@ -506,18 +511,21 @@ def _front(archive, config: Config, evaluator, log: Log) -> dict:
     points = [point(e) for e in tracked(front, "held-out scoring (front points)", log)]
     genome = archive[0].genome
     layers = [i for i, _ in genome.layers]
-    uniform = (
-        ()
-        if objective == "latency"
-        else range(1, genome.top_k + 1)
-        if objective == "active_params"
-        else range(genome.top_k, genome.num_experts + 1)
-    )
+    if objective == "latency":  # within each front point's time (no uniform sizes)
+        limits = {f"{e.latency:.3f}": e.latency for e in front}
+    else:
+        uniform = (
+            range(1, genome.top_k + 1)
+            if objective == "active_params"
+            else range(genome.top_k, genome.num_experts + 1)
+        )
+        limits = {str(n): n * len(layers) for n in uniform}
     picks, memo = {}, {}  # the sizes' candidates overlap: each is validated once
-    for per_layer in tracked(uniform, "validation picks (sizes)", log):
-        chosen, validation = _pick(archive, per_layer * len(layers), config, evaluator, size, memo)
+    for key, limit in tracked(list(limits.items()), "validation picks (sizes)", log):
+        chosen, validation = _pick(archive, limit, config, evaluator, size, memo)
         if chosen is not None:
-            picks[str(per_layer)] = point(chosen, validation=validation)
+            within = {"within": limit} if objective == "latency" else {}
+            picks[key] = point(chosen, validation=validation, **within)
     full = {"full_params": sizes(None)[1 if objective == "active_params" else 0]}
     if objective == "latency":
         log("[eep] measuring the full model's latency")
@@ -533,9 +541,9 @@ def _front(archive, config: Config, evaluator, log: Log) -> dict:
     }
 
 
-def _pick(archive, max_size: int, config: Config, evaluator, size=None, memo=None):
+def _pick(archive, max_size: float, config: Config, evaluator, size=None, memo=None):
     """The candidate to export at a size: among those of at most ``max_size`` (``size``: kept
-    experts by default, or active ones), the ``select_top`` best by search fitness (ties: the
+    experts by default, or active ones, or milliseconds), the ``select_top`` best by search fitness (ties: the
     larger, then the earlier), the best on the validation examples when the tasks have them (the
     rule a single-size search exports by), else the first. Returns it and its validation score
     (None without validation examples). ``memo``: validation fitness by genome key, filled and

@@ -503,11 +503,16 @@ def plot_methods(
 
 
 def baseline_points(
-    baselines: dict[str, Any] | None, uniform_params: dict[int, int], objective: str
+    baselines: dict[str, Any] | None,
+    uniform_params: dict[int, int],
+    objective: str,
+    full_latency: float | None = None,
 ) -> dict[str, list[tuple[float, float]]]:
     """Each baseline's (size, held-out) points on a frontier plot's axis: at its uniform keep
     counts (``uniform_params``: their kept parameters), or for a latency frontier at the latency
-    ``eep baselines`` measured for it."""
+    ``eep baselines`` measured for it, as a share of the full model's measured in the same pass
+    times the search's ``full_latency``: two sessions on one machine can differ by a fifth in
+    speed (its load, its clock), the ratio of two times taken together much less."""
     if not baselines:
         return {}
     if objective != "latency":
@@ -516,11 +521,13 @@ def baseline_points(
             for method, points in sweep_series(baselines).items()
             if method not in ("search", "full")
         }
+    own = baselines.get("methods", {}).get("full", {}).get("latency")
+    scale = full_latency / own if full_latency and own else 1.0
     found: dict[str, list[tuple[float, float]]] = {}
     for rows in [baselines.get("methods", {}), *baselines.get("sweep_rows", {}).values()]:
         for method, row in rows.items():
             if method not in ("search", "full") and row.get("latency") is not None:
-                found.setdefault(method, []).append((row["latency"], row["heldout"]))
+                found.setdefault(method, []).append((scale * row["latency"], row["heldout"]))
     return {m: sorted(found[m]) for m in ordered_methods(found)}
 
 
@@ -717,21 +724,35 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
     if picks:
         lines += [
             "",
-            "What `--max-params` exports at each uniform size: the pick within it (the best on the "
-            "validation examples among the best few by search fitness of at most that size; "
-            "without validation examples, the best by search fitness):",
+            (
+                "What `--max-latency` exports within each front point's time: the pick within it "
+                "(the best on the validation examples among the best few by search fitness "
+                "measured at most that time; without validation examples, the best by search "
+                "fitness):"
+                if timed
+                else "What `--max-params` exports at each uniform size: the pick within it (the "
+                "best on the validation examples among the best few by search fitness of at most "
+                "that size; without validation examples, the best by search fitness):"
+            ),
             "",
-            f"| size | candidate | {count} | {what} | search fitness | validation | held-out |",
+            f"| {'within' if timed else 'size'} | candidate | {count} | {what} | search fitness "
+            "| validation | held-out |",
             "|---|---|---|---|---|---|---|",
         ]
-        for per_layer, p in picks.items():
+        for key, p in picks.items():
             validation = "–" if p.get("validation") is None else f"{p['validation']:.2f}"
-            size = f"top-{per_layer} per layer" if active else f"{per_layer} per layer"
+            within = (
+                f"{float(key):.2f} ms"
+                if timed
+                else f"top-{key} per layer"
+                if active
+                else f"{key} per layer"
+            )
             lines.append(
-                f"| {size} | {p['id']} | {experts(p)} | {p[objective]:,} | {p['fitness']:.2f} | "
+                f"| {within} | {p['id']} | {experts(p)} | {size(p)} | {p['fitness']:.2f} | "
                 f"{validation} | {p['heldout']['mean']:.2f} |"
             )
-        if baselines and not active:
+        if baselines and not (active or timed):
             lines += ["", frontier_against(picks, baselines)]
     sizes = size_model(config.model)
     first = Genome.from_dict(front[0]["genome"])
@@ -747,8 +768,15 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
         }
     )
     full_score = ((summary.get("heldout") or {}).get("full") or {}).get("mean")
-    points = baseline_points(baselines, uniform, objective)
+    points = baseline_points(baselines, uniform, objective, summary.get("full_latency"))
     if timed and points:
+        own = baselines["methods"].get("full", {}).get("latency")
+        if own:
+            lines += [
+                "",
+                f"The baselines' times are scaled by the full model's here ({full:.2f} ms) over "
+                f"its time in their pass ({own:.2f} ms): two sessions run at different speeds.",
+            ]
         lines += ["", latency_against(front, points)]
     plot_frontier(
         front,

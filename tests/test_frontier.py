@@ -756,12 +756,11 @@ def test_the_plan_of_a_latency_frontier_says_how_it_times_and_exports(capsys):
     assert "--max-latency MS" in out
 
 
-def test_a_latency_frontier_measures_each_candidate_and_exports_within_a_time(tmp_path):
+def test_a_latency_frontier_measures_each_candidate_and_exports_within_a_time(tmp_path, capsys):
     """Measured for real on the worker: every record has a latency, the front is over them with
     the full model's as the reference, the report lists the points, and --max-latency exports the
     best by search fitness within a time (--max-params is refused on such a run)."""
     import eep
-    from eep.api import baselines
     from eep.cli import main
     from eep.report import write_report
 
@@ -771,16 +770,26 @@ def test_a_latency_frontier_measures_each_candidate_and_exports_within_a_time(tm
     summary = run.summary
     assert all(r.latency > 0 for r in run.evaluations())
     front = summary["front"]
-    assert summary["objective"] == "latency" and summary["picks"] == {}
+    assert summary["objective"] == "latency"
+    # a pick within each front point's time (no validation examples here: the best by search
+    # fitness, the slower among equals)
+    picks = summary["picks"]
+    assert [p["within"] for p in picks.values()] == [p["latency"] for p in front]
+    for pick in picks.values():
+        within = [r for r in run.evaluations() if r.ok and r.latency <= pick["within"]]
+        assert pick["latency"] <= pick["within"]
+        assert pick["fitness"] == max(r.fitness for r in within)
     assert [p["latency"] for p in front] == sorted(p["latency"] for p in front)
     assert [p["fitness"] for p in front] == sorted(p["fitness"] for p in front)
     assert summary["full_latency"] > 0
     assert summary["hypervolume"] == hypervolume(
         [(p["heldout"]["mean"], p["latency"]) for p in front], summary["full_latency"]
     )
-    limit = front[-1]["latency"]
+    limit = (front[-1]["latency"] + front[-2]["latency"]) / 2 if len(front) > 1 else 99.0
     chosen = run.front_point(max_latency=limit)
-    assert chosen["fitness"] == max(p["fitness"] for p in front if p["latency"] <= limit)
+    assert chosen == max(
+        (p for p in picks.values() if p["within"] <= limit), key=lambda p: p["within"]
+    )
     with pytest.raises(
         EepError, match="frontier is over latency: choose a point with --max-latency"
     ):
@@ -798,7 +807,18 @@ def test_a_latency_frontier_measures_each_candidate_and_exports_within_a_time(tm
     assert "`--max-latency MS`" in text and "Compressed methods keep" not in text
     assert "Every baseline point" not in text and "Not dominated" not in text  # none yet
     # the baselines beside it are timed as its candidates were, and placed on its plot by that
-    table = baselines(data, run_dir=tmp_path / "run", log=lambda m: None)
+    import yaml
+
+    (tmp_path / "latency.yaml").write_text(yaml.safe_dump(data))
+    capsys.readouterr()
+    assert (
+        main(["baselines", str(tmp_path / "latency.yaml"), "--run-dir", str(tmp_path / "run")]) == 0
+    )
+    table = json.loads((tmp_path / "run" / "baselines.json").read_text())
+    frequency = table["methods"]["frequency"]
+    assert f"active {frequency['active_params']:,}  {frequency['latency']:.2f} ms" in (
+        capsys.readouterr().out
+    )
     assert "search" not in table["methods"]  # a latency front has no pick at a uniform size
     rows = [table["methods"]["frequency"], table["sweep_rows"]["2"]["frequency"]]
     assert all(row["latency"] > 0 for row in rows + [table["methods"]["full"]])

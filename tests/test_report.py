@@ -399,6 +399,9 @@ def test_a_latency_frontier_against_the_baselines_at_the_latency_measured_for_th
     }
     points = baseline_points(baselines, {}, "latency")
     assert points == {"naee": [(4.0, 70.0), (6.0, 98.0)], "random": [(6.5, 50.0)]}
+    # measured in another session: as shares of the full model's time there, times the search's
+    slower = baseline_points(baselines, {}, "latency", full_latency=4.5)
+    assert slower == {"naee": [(2.0, 70.0), (3.0, 98.0)], "random": [(3.25, 50.0)]}
     front = [
         {"latency": 3.5, "heldout": {"mean": 60.0}},
         {"latency": 5.0, "heldout": {"mean": 98.0}},
