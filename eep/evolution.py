@@ -471,8 +471,8 @@ def _front(archive, config: Config, evaluator, log: Log) -> dict:
     and parameter counts (and measured latency), the hypervolume of the held-out front
     (:func:`hypervolume`), and for each uniform size (``kept_params``: top-k..E experts per layer;
     ``active_params``: top-1..k) the pick within it (:func:`_pick`). A latency front has no
-    uniform sizes: it picks within each front point's time (keyed by it, in ms), and its
-    hypervolume's reference is the full model's latency, measured here."""
+    uniform sizes: it picks within each front point's time and within the full model's, measured
+    here (keyed by the time, in ms), which is also its hypervolume's reference."""
     from eep.loop import SIZES, active_experts, front_of, kept_experts
     from eep.progress import tracked
     from eep.surgery import size_model
@@ -511,8 +511,12 @@ def _front(archive, config: Config, evaluator, log: Log) -> dict:
     points = [point(e) for e in tracked(front, "held-out scoring (front points)", log)]
     genome = archive[0].genome
     layers = [i for i, _ in genome.layers]
-    if objective == "latency":  # within each front point's time (no uniform sizes)
-        limits = {f"{e.latency:.3f}": e.latency for e in front}
+    full = {"full_params": sizes(None)[1 if objective == "active_params" else 0]}
+    if objective == "latency":  # within each front point's time, and the full model's
+        log("[eep] measuring the full model's latency")
+        full["full_latency"] = evaluator.latency(None)
+        times = sorted({e.latency for e in front} | {full["full_latency"]})
+        limits = {f"{t:.3f}": t for t in times}
     else:
         uniform = (
             range(1, genome.top_k + 1)
@@ -526,10 +530,6 @@ def _front(archive, config: Config, evaluator, log: Log) -> dict:
         if chosen is not None:
             within = {"within": limit} if objective == "latency" else {}
             picks[key] = point(chosen, validation=validation, **within)
-    full = {"full_params": sizes(None)[1 if objective == "active_params" else 0]}
-    if objective == "latency":
-        log("[eep] measuring the full model's latency")
-        full["full_latency"] = evaluator.latency(None)
     reference = full["full_latency" if objective == "latency" else "full_params"]
     held_points = [(p["heldout"]["mean"], p[objective]) for p in points]
     return {

@@ -532,8 +532,9 @@ def baseline_points(
 
 
 def latency_against(front: Sequence[dict], points: dict[str, list[tuple[float, float]]]) -> str:
-    """Whether every baseline point of a latency frontier's plot is dominated held out (a front
-    point at most as slow that scores at least as much), or which are not."""
+    """Whether every baseline point of a latency frontier's plot is dominated held out (``front``:
+    the front's points and picks; one at most as slow that scores at least as much), or which are
+    not."""
     free = [
         f"{method} {score:.2f} at {time:.2f} ms"
         for method, found in points.items()
@@ -541,10 +542,10 @@ def latency_against(front: Sequence[dict], points: dict[str, list[tuple[float, f
         if not any(p["latency"] <= time and p["heldout"]["mean"] >= score for p in front)
     ]
     if free:
-        return "Not dominated by a front point held out: " + "; ".join(free) + "."
+        return "Not dominated held out by a front point or a pick: " + "; ".join(free) + "."
     return (
-        "Every baseline point is dominated held out: a front point at most as slow scores at "
-        "least as much."
+        "Every baseline point is dominated held out: a front point or a pick at most as slow "
+        "scores at least as much."
     )
 
 
@@ -725,10 +726,10 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
         lines += [
             "",
             (
-                "What `--max-latency` exports within each front point's time: the pick within it "
-                "(the best on the validation examples among the best few by search fitness "
-                "measured at most that time; without validation examples, the best by search "
-                "fitness):"
+                "What `--max-latency` exports within each front point's time and the full "
+                "model's: the pick within it (the best on the validation examples among the best "
+                "few by search fitness measured at most that time; without validation examples, "
+                "the best by search fitness):"
                 if timed
                 else "What `--max-params` exports at each uniform size: the pick within it (the "
                 "best on the validation examples among the best few by search fitness of at most "
@@ -777,7 +778,7 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
                 f"The baselines' times are scaled by the full model's here ({full:.2f} ms) over "
                 f"its time in their pass ({own:.2f} ms): two sessions run at different speeds.",
             ]
-        lines += ["", latency_against(front, points)]
+        lines += ["", latency_against([*front, *picks.values()], points)]
     plot_frontier(
         front,
         list(picks.values()),
