@@ -785,10 +785,10 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
         points,
         (full, full_score),
         path,
-        f"{config.name}: the accuracy-size frontier",
+        f"{config.name}: the accuracy-{'latency' if timed else 'size'} frontier",
         objective,
     )
-    return [*lines, "", "![the accuracy-size frontier](frontier.png)"]
+    return [*lines, "", f"![the accuracy-{'latency' if timed else 'size'} frontier](frontier.png)"]
 
 
 # -- the report ---------------------------------------------------------------------------------
