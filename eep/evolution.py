@@ -543,9 +543,9 @@ def _front(archive, config: Config, evaluator, log: Log) -> dict:
 
 def _pick(archive, max_size: float, config: Config, evaluator, size=None, memo=None):
     """The candidate to export at a size: among those of at most ``max_size`` (``size``: kept
-    experts by default, or active ones, or milliseconds), the ``select_top`` best by search fitness (ties: the
-    larger, then the earlier), the best on the validation examples when the tasks have them (the
-    rule a single-size search exports by), else the first. Returns it and its validation score
+    experts by default, or active ones, or milliseconds), the ``select_top`` best by search
+    fitness (ties: the larger, then the earlier), the best on the validation examples when the
+    tasks have them (the rule a single-size search exports by), else the first. Returns it and its validation score
     (None without validation examples). ``memo``: validation fitness by genome key, filled and
     reused across calls."""
     from eep.loop import kept, select

@@ -802,7 +802,20 @@ def test_a_latency_frontier_measures_each_candidate_and_exports_within_a_time(tm
         main(["export", str(tmp_path / "run"), "--max-latency", str(limit), "--out", str(out)]) == 0
     )
     exported = json.loads((out / "eep_report.json").read_text())
-    assert exported["genome_key"] == Genome.from_dict(chosen["genome"]).key
+    genome = Genome.from_dict(chosen["genome"])
+    assert exported["genome_key"] == genome.key
+    # layers keeping different numbers and routing to different top-k: the custom form, which
+    # computes what the search scored
+    from eep.model import load_model
+    from eep.moe import adapter_for
+
+    model, tokenizer = load_model(run.config.model)
+    small, _ = load_model(run.config.model.model_copy(update={"path": str(out)}))
+    ids = tokenizer(
+        ["reverse : a b c d =", "lookup : p o n m ="], return_tensors="pt", padding=True
+    )
+    with torch.no_grad(), adapter_for(model).applied(genome):
+        torch.testing.assert_close(small(**ids).logits, model(**ids).logits, atol=1e-5, rtol=0)
     text = write_report(tmp_path / "run").read_text()
     assert "| candidate | experts kept / top-k (per layer) | ms a forward pass (measured) |" in text
     assert "`--max-latency MS`" in text and "Compressed methods keep" not in text
