@@ -125,13 +125,12 @@ class Run:
                 f"{flag} or --point ID"
             )
         limit = max_latency if params == "latency" else max_params
-        if params == "latency":  # the pick within the largest front point's time that fits
-            fitting = [p for p in picks if p["within"] <= limit]
-            if fitting:
-                return max(fitting, key=lambda p: p["within"])
-        picked = [p for p in picks if p[params] <= limit and params != "latency"]
+        # a size's pick is made among the candidates of at most that size; a latency pick within
+        # a front point's time (or the full model's)
+        made = "within" if params == "latency" else params
+        picked = [p for p in picks if p[made] <= limit]
         if picked:
-            return max(picked, key=lambda p: p[params])
+            return max(picked, key=lambda p: p[made])
         within = [p for p in front if p[params] <= limit]
         if not within:
             raise EepError(
