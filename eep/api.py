@@ -110,11 +110,19 @@ class Run:
         if point is not None:
             points = {p["id"]: p for p in front + picks}  # a pick may be a front point too
             if point not in points:
+                on_front = {p["id"] for p in front}
+                extra = sorted(
+                    (p for p in picks if p["id"] not in on_front),
+                    key=lambda p: (p[params], p["id"]),
+                )
                 raise EepError(
-                    f"candidate {point} is not on the frontier; its points: "
-                    + ", ".join(
-                        f"{p['id']} ({amount(p, params)})"
-                        for p in sorted(points.values(), key=lambda p: (p[params], p["id"]))
+                    f"candidate {point} is neither on the frontier nor a pick; the front points: "
+                    + ", ".join(f"{p['id']} ({amount(p, params)})" for p in front)
+                    + (
+                        "; the picks off it: "
+                        + ", ".join(f"{p['id']} ({amount(p, params)})" for p in extra)
+                        if extra
+                        else ""
                     )
                 )
             return points[point]
@@ -125,17 +133,22 @@ class Run:
                 f"{flag} or --point ID"
             )
         limit = max_latency if params == "latency" else max_params
+
+        def fits(value) -> bool:  # times compare to the thousandth of a ms, as reports show them
+            return (round(value, 3) if params == "latency" else value) <= limit
+
         # a size's pick is made among the candidates of at most that size; a latency pick within
         # a front point's time (or the full model's)
         made = "within" if params == "latency" else params
-        picked = [p for p in picks if p[made] <= limit]
+        picked = [p for p in picks if fits(p[made])]
         if picked:
             return max(picked, key=lambda p: p[made])
-        within = [p for p in front if p[params] <= limit]
+        within = [p for p in front if fits(p[params])]
         if not within:
+            least = "the fastest takes" if params == "latency" else "the smallest has"
             raise EepError(
-                f"no frontier point has at most {amount({params: limit}, params)}; the smallest "
-                f"has {amount(front[0], params)}"
+                f"no frontier point has at most {amount({params: limit}, params)}; {least} "
+                f"{amount(front[0], params)}"
             )
         return max(within, key=lambda p: (p["fitness"], -p[params]))
 
@@ -183,10 +196,18 @@ class Run:
         if chooses:
             chosen = self.front_point(point, max_params, max_latency)
             genome, fitness = Genome.from_dict(chosen["genome"]), chosen["fitness"]
+            on_front = chosen["id"] in {p["id"] for p in summary["front"]}
+            what = (
+                f"the pick within {chosen['within']:.3f} ms, candidate"
+                if "within" in chosen and max_latency is not None
+                else "frontier point"
+                if on_front
+                else "the pick, candidate"
+            )
             log(
-                f"[eep] frontier point {chosen['id']}: {chosen['kept_params']:,} parameters kept, "
+                f"[eep] {what} {chosen['id']}: {chosen['kept_params']:,} parameters kept, "
                 f"{chosen['active_params']:,} active"
-                + (f", {chosen['latency']:.2f} ms a forward pass" if "latency" in chosen else "")
+                + (f", {chosen['latency']:.3f} ms a forward pass" if "latency" in chosen else "")
             )
             other = also_fits(summary, chosen, max_params) if max_params is not None else None
             if other is not None:  # the pick of a uniform size can sit well below the limit
@@ -222,7 +243,7 @@ class Run:
 def amount(point: dict, objective: str) -> str:
     """A frontier point's size in words: ``450,000 kept params`` or ``3.21 ms latency``."""
     if objective == "latency":
-        return f"{point['latency']:.2f} ms latency"
+        return f"{point['latency']:.3f} ms latency"
     return f"{point[objective]:,} {objective.replace('_', ' ')}"
 
 

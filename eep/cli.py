@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -133,10 +134,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-latency",
-        type=float,
+        type=milliseconds,
         metavar="MS",
-        help="latency frontier (search.objectives: [fitness, latency]): export the best point by "
-        "search fitness measured at most this many milliseconds a forward pass",
+        help="latency frontier (search.objectives: [fitness, latency]): export the pick within the "
+        "slowest front point's time (or the full model's) that is at most MS milliseconds a "
+        "forward pass, to the thousandth (the report's second table)",
     )
     _threads_flag(p)
     p.set_defaults(func=cmd_export)
@@ -264,6 +266,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 _SCALES = {"k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
+
+
+def milliseconds(text: str) -> float:
+    """``--max-latency``: a positive number of milliseconds, as ``4.09``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a positive number of milliseconds, e.g. 4.09"
+        )
+    return value
 
 
 def parameter_count(text: str) -> int:

@@ -216,8 +216,8 @@ class SearchConfig(_Section):
             ["fitness", "latency"],
         ):
             raise ValueError(
-                f"objectives {self.objectives}: [fitness], [fitness, kept_params], "
-                "[fitness, active_params] or [fitness, latency]"
+                f"objectives {self.objectives} must be one of [fitness], [fitness, kept_params], "
+                "[fitness, active_params] or [fitness, latency] (fitness first)"
             )
         if self.initial > self.evaluations:
             raise ValueError(

@@ -173,8 +173,8 @@ class Evolution:
                 (
                     "latency",
                     f"each candidate timed on its worker: the median of {search.latency_repeats} "
-                    f"forward passes of {fit.batch_size} search prompts (search.latency_repeats, "
-                    "fitness.batch_size)",
+                    f"forward pass{'es' if search.latency_repeats > 1 else ''} of "
+                    f"{fit.batch_size} search prompts (search.latency_repeats, fitness.batch_size)",
                 )
             )
         lines.append(("export", export_rule(config)))
@@ -447,8 +447,8 @@ def _front_line(summary: dict) -> str:
             for within, p in pick_runs(summary["picks"])
         )
         return (
-            f"; frontier: {len(front)} points from {front[0]['latency']:.2f} to "
-            f"{front[-1]['latency']:.2f} ms a forward pass (full model {summary['full_latency']:.2f} "
+            f"; frontier: {len(front)} points from {front[0]['latency']:.3f} to "
+            f"{front[-1]['latency']:.3f} ms a forward pass (full model {summary['full_latency']:.3f} "
             f"ms), hypervolume {summary['hypervolume']:.4f}; held out, the pick within each "
             f"point's time: {picks} (`eep report` lists them; `eep export RUN_DIR --point ID` or "
             "`--max-latency MS` writes one)"

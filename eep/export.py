@@ -185,7 +185,8 @@ def model_card(report: dict, genome: Genome) -> str:
     load = (
         "`AutoModelForCausalLM.from_pretrained(path)` (stock transformers, no custom code)"
         if report["form"] == "stock"
-        else "`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (modeling_eep_moe.py)"
+        else "`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (modeling_eep_moe.py; "
+        "`AutoTokenizer.from_pretrained(path, trust_remote_code=True)` too, or it asks)"
     )
     lines = [
         "---",

@@ -536,7 +536,7 @@ def latency_against(front: Sequence[dict], points: dict[str, list[tuple[float, f
     the front's points and picks; one at most as slow that scores at least as much), or which are
     not."""
     free = [
-        f"{method} {score:.2f} at {time:.2f} ms"
+        f"{method} {score:.2f} at {time:.3f} ms"
         for method, found in points.items()
         for time, score in found
         if not any(p["latency"] <= time and p["heldout"]["mean"] >= score for p in front)
@@ -593,7 +593,7 @@ def plot_frontier(
             markersize=6,
             markerfacecolor="none",
             color="tab:red",
-            label="pick per size (held-out)",
+            label=f"pick per {'time' if objective == 'latency' else 'size'} (held-out)",
         )
     spare = iter(_SPARE_COLORS * 4)
     for method, points in baselines.items():
@@ -685,8 +685,8 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
             f"{p['kept_experts']} ({'/'.join(str(len(genome.keep(i))) for i, _ in genome.layers)})"
         )
 
-    def size(p: dict) -> str:
-        return f"{p[objective]:.2f}" if timed else f"{p[objective]:,}"
+    def size(p: dict) -> str:  # times to the thousandth, as --max-latency compares them
+        return f"{p[objective]:.3f}" if timed else f"{p[objective]:,}"
 
     lines = [
         "",
@@ -698,7 +698,8 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
         f"no {'time' if timed else 'parameters'})",
         "- export one: `eep export RUN_DIR --point ID --out DIR`, or "
         + (
-            "`--max-latency MS` for the best by search fitness measured within MS"
+            "`--max-latency MS` for the pick within the slowest front point's time (or the full "
+            "model's) that is at most MS (the second table; times compare to the thousandth)"
             if timed
             else "`--max-params N` for the pick of the largest size within N (the second table)"
         ),
@@ -743,7 +744,7 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
         for key, p in picks.items():
             validation = "–" if p.get("validation") is None else f"{p['validation']:.2f}"
             within = (
-                f"{float(key):.2f} ms"
+                f"{p['within']:.3f} ms"
                 if timed
                 else f"top-{key} per layer"
                 if active
@@ -963,8 +964,16 @@ def write_report(run_dir: str | Path) -> Path:
         lines += comparison_table(rows, tasks)
         counted = _heldout_counts(config)
         lines += ["", counted] if counted else []
-        winner = best_compressed(rows)
+        # a latency frontier has no row at the baselines' size: it meets them by time (below)
+        timed = frontier and summary.get("objective") == "latency"
+        winner = None if timed else best_compressed(rows)
         full = next((r for r in rows if r.method == "full"), None)
+        if timed and baselines:
+            lines += [
+                "",
+                "A latency frontier has no pick at the baselines' size: the Frontier section sets "
+                "each baseline beside the front by its measured time.",
+            ]
         if winner is not None:
             lines += [
                 "",
@@ -1112,7 +1121,12 @@ def _space(config, evaluations: Sequence[Evaluation]) -> str:
     if config.search.frontier:
         after = config.search.smallest_from
         smallest = f"; the smallest size alone from evaluation {after}" if after is not None else ""
-        return f"every size (objectives: {', '.join(config.search.objectives)}){smallest}"
+        what = (
+            "every keep set and top-k per layer"
+            if "latency" in config.search.objectives
+            else "every size"
+        )
+        return f"{what} (objectives: {', '.join(config.search.objectives)}){smallest}"
     if space.keep is not None:
         size = f"keep {space.keep}" + (f" of {experts}" if experts else "") + " experts per layer"
     else:

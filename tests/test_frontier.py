@@ -362,10 +362,14 @@ def test_frontier_run_scores_its_front_and_exports_a_point(tmp_path):
         [(p["heldout"]["mean"], p["kept_params"]) for p in front], summary["full_params"]
     )
     point = front[len(front) // 2]
-    with pytest.raises(EepError, match="is not on the frontier") as refused:
+    with pytest.raises(EepError, match="is neither on the frontier nor a pick") as refused:
         run.export(tmp_path / "no", point=-1, log=lambda m: None)
-    listed = str(refused.value).split("its points: ")[1].split(", ")
+    on_front, _, off = (
+        str(refused.value).split("the front points: ")[1].partition("; the picks off it: ")
+    )
+    assert [int(entry.split()[0]) for entry in on_front.split(", ")] == [p["id"] for p in front]
     ids = {p["id"] for p in front + list(summary["picks"].values())}
+    listed = on_front.split(", ") + (off.split(", ") if off else [])
     assert sorted(int(entry.split()[0]) for entry in listed) == sorted(ids)  # each once
     report = run.export(tmp_path / "x", point=point["id"], log=lambda m: None)
     assert report["parameters"]["after"] == point["kept_params"]
@@ -795,12 +799,25 @@ def test_a_latency_frontier_measures_each_candidate_and_exports_within_a_time(tm
         EepError, match="frontier is over latency: choose a point with --max-latency"
     ):
         run.front_point(max_params=10**6)
-    with pytest.raises(EepError, match="no frontier point has at most 0.00 ms latency"):
+    with pytest.raises(
+        EepError, match="no frontier point has at most 0.000 ms latency; the fastest takes"
+    ):
         run.front_point(max_latency=0.0)
     out = tmp_path / "x"
+    capsys.readouterr()
     assert (
         main(["export", str(tmp_path / "run"), "--max-latency", str(limit), "--out", str(out)]) == 0
     )
+    assert f"[eep] the pick within {chosen['within']:.3f} ms, candidate {chosen['id']}:" in (
+        capsys.readouterr().err
+    )
+    # a time copied from the report (to the thousandth) takes that row's pick, even where the
+    # measured time lies a little above what is shown
+    shown = float(f"{front[-1]['latency']:.3f}")
+    assert run.front_point(max_latency=shown)["within"] == front[-1]["latency"]
+    with pytest.raises(SystemExit):  # argparse: "is not a positive number of milliseconds"
+        main(["export", str(tmp_path / "run"), "--max-latency", "-1", "--out", str(out)])
+    assert "is not a positive number of milliseconds" in capsys.readouterr().err
     exported = json.loads((out / "eep_report.json").read_text())
     genome = Genome.from_dict(chosen["genome"])
     assert exported["genome_key"] == genome.key
@@ -837,6 +854,8 @@ def test_a_latency_frontier_measures_each_candidate_and_exports_within_a_time(tm
     rows = [table["methods"]["frequency"], table["sweep_rows"]["2"]["frequency"]]
     assert all(row["latency"] > 0 for row in rows + [table["methods"]["full"]])
     text = write_report(tmp_path / "run").read_text()
+    assert "Best compressed method" not in text  # the front meets the baselines by time
+    assert "sets each baseline beside the front by its measured time" in text
     assert "Every baseline point is dominated held out" in text or (
         "Not dominated held out by a front point or a pick: frequency " in text
     )

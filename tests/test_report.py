@@ -407,7 +407,7 @@ def test_a_latency_frontier_against_the_baselines_at_the_latency_measured_for_th
         {"latency": 5.0, "heldout": {"mean": 98.0}},
     ]
     assert latency_against(front, points) == (
-        "Not dominated held out by a front point or a pick: naee 70.00 at 4.00 ms."
+        "Not dominated held out by a front point or a pick: naee 70.00 at 4.000 ms."
     )
     front[0]["heldout"]["mean"] = 70.0  # a tie is dominated
     assert latency_against(front, points).startswith("Every baseline point is dominated")
