@@ -502,6 +502,28 @@ def plot_methods(
     fig.savefig(path)
 
 
+def _noise(summary: dict) -> str:
+    """What the full model's timings at the end of a latency frontier say of the noise, and how
+    many neighbouring front points are closer than it."""
+    timings = summary.get("full_latency_timings")
+    if not timings:
+        return "Times measured on a busy machine vary."
+    low, high = min(timings), max(timings)
+    share = (high - low) / summary["full_latency"]
+    times = [p["latency"] for p in summary["front"]]
+    close = sum(b - a < share * a for a, b in zip(times, times[1:]))
+    return (
+        f"Timed {len(timings)} times at the end, the full model took {low:.3f}–{high:.3f} ms: "
+        "times less than "
+        f"{100 * share:.1f} % apart are within one measurement's noise here"
+        + (
+            f", as {close} of the {len(times) - 1} steps between neighbouring front points are."
+            if close
+            else "; no two neighbouring front points are that close."
+        )
+    )
+
+
 def baseline_points(
     baselines: dict[str, Any] | None,
     uniform_params: dict[int, int],
@@ -709,7 +731,7 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
             f"- latency: the median of {config.search.latency_repeats} forward passes of one batch "
             f"of {config.fitness.batch_size} search prompts, measured per candidate on its worker "
             f"({summary.get('experts_implementation', 'its experts implementation')}); the full "
-            f"model's: {summary['full_latency']:.2f} ms. Times measured on a busy machine vary."
+            f"model's: {summary['full_latency']:.3f} ms. {_noise(summary)}"
         )
     lines += [
         "",

@@ -416,3 +416,22 @@ def test_a_latency_frontier_against_the_baselines_at_the_latency_measured_for_th
         "naee": [(100, 70.0), (200, 98.0)],
         "random": [(200, 50.0)],
     }
+
+
+def test_the_noise_of_a_latency_frontier_is_its_full_models_spread():
+    from eep.report import _noise
+
+    summary = {
+        "full_latency": 5.0,
+        "full_latency_timings": [4.9, 5.0, 5.0, 5.05, 5.1],  # 4 % of 5.0
+        "front": [{"latency": t} for t in (3.0, 3.1, 3.5, 3.6)],  # steps of 3.3, 12.9, 2.9 %
+    }
+    assert _noise(summary) == (
+        "Timed 5 times at the end, the full model took 4.900–5.100 ms: times less than 4.0 % "
+        "apart are within one measurement's noise here, as 2 of the 3 steps between neighbouring "
+        "front points are."
+    )
+    assert _noise({**summary, "full_latency_timings": [5.0, 5.01]}).endswith(
+        "no two neighbouring front points are that close."
+    )
+    assert _noise({"front": []}) == "Times measured on a busy machine vary."
