@@ -120,11 +120,10 @@ class FitnessWorker:
         """Milliseconds one forward pass (a prefill) of a fixed batch takes with ``genome`` applied
         (a pruning genome compacted, :meth:`eep.moe.MoEAdapter.compacted`: the exported model's
         modules and shapes; ``None``: the unpruned model; ``skip``: with NAEE dynamic skipping):
-        the median of ``repeats`` (``search.latency_repeats``) timed passes after one untimed.
+        the fastest of ``repeats`` (``search.latency_repeats``) timed passes after one untimed
+        (whatever else runs only slows a pass, so the fastest is the steadier estimate).
         The batch is the first ``fitness.batch_size`` search examples, tasks in turn, so the
         routing is the tasks'."""
-        import statistics
-
         import torch
 
         if genome is not None and self.adapter is None:
@@ -151,7 +150,7 @@ class FitnessWorker:
                 self.model(**batch)
                 synchronize()
                 times.append(time.perf_counter() - start)
-        return 1000.0 * statistics.median(times[1:])
+        return 1000.0 * min(times[1:])
 
     def _latency_batch(self) -> dict:
         if getattr(self, "_batch", None) is None:

@@ -172,7 +172,7 @@ class Evolution:
             lines.append(
                 (
                     "latency",
-                    f"each candidate timed on its worker: the median of {search.latency_repeats} "
+                    f"each candidate timed on its worker: the fastest of {search.latency_repeats} "
                     f"forward pass{'es' if search.latency_repeats > 1 else ''} of "
                     f"{fit.batch_size} search prompts (search.latency_repeats, fitness.batch_size)",
                 )

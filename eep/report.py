@@ -728,7 +728,7 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
     ]
     if timed:
         lines.append(
-            f"- latency: the median of {config.search.latency_repeats} forward passes of one batch "
+            f"- latency: the fastest of {config.search.latency_repeats} forward passes of one batch "
             f"of {config.fitness.batch_size} search prompts, measured per candidate on its worker "
             f"({summary.get('experts_implementation', 'its experts implementation')}); the full "
             f"model's: {summary['full_latency']:.3f} ms. {_noise(summary)}"
