@@ -138,16 +138,16 @@ class Run:
             return (round(value, 3) if params == "latency" else value) <= limit
 
         # a size's pick is made among the candidates of at most that size; a latency pick within
-        # a front point's time (or the full model's)
-        made = "within" if params == "latency" else params
+        # a front point's time (or the full model's), in ms as the report shows it
+        made, shown = ("within_ms", "latency_ms") if params == "latency" else (params, params)
         picked = [p for p in picks if fits(p[made])]
         if picked:
             return max(picked, key=lambda p: p[made])
-        within = [p for p in front if fits(p[params])]
+        within = [p for p in front if fits(p[shown])]
         if not within:
             least = "the fastest takes" if params == "latency" else "the smallest has"
             raise EepError(
-                f"no frontier point has at most {amount({params: limit}, params)}; {least} "
+                f"no frontier point has at most {amount({params: limit, 'latency_ms': limit}, params)}; {least} "
                 f"{amount(front[0], params)}"
             )
         return max(within, key=lambda p: (p["fitness"], -p[params]))
@@ -198,7 +198,7 @@ class Run:
             genome, fitness = Genome.from_dict(chosen["genome"]), chosen["fitness"]
             on_front = chosen["id"] in {p["id"] for p in summary["front"]}
             what = (
-                f"the pick within {chosen['within']:.3f} ms, candidate"
+                f"the pick within {chosen['within_ms']:.3f} ms, candidate"
                 if "within" in chosen and max_latency is not None
                 else "frontier point"
                 if on_front
@@ -207,7 +207,12 @@ class Run:
             log(
                 f"[eep] {what} {chosen['id']}: {chosen['kept_params']:,} parameters kept, "
                 f"{chosen['active_params']:,} active"
-                + (f", {chosen['latency']:.3f} ms a forward pass" if "latency" in chosen else "")
+                + (
+                    f", {chosen['latency_ms']:.3f} ms a forward pass ({100 * chosen['latency']:.1f} % "
+                    "of the full model's time)"
+                    if "latency" in chosen
+                    else ""
+                )
             )
             other = also_fits(summary, chosen, max_params) if max_params is not None else None
             if other is not None:  # the pick of a uniform size can sit well below the limit
@@ -243,7 +248,7 @@ class Run:
 def amount(point: dict, objective: str) -> str:
     """A frontier point's size in words: ``450,000 kept params`` or ``3.21 ms latency``."""
     if objective == "latency":
-        return f"{point['latency']:.3f} ms latency"
+        return f"{point['latency_ms']:.3f} ms latency"
     return f"{point[objective]:,} {objective.replace('_', ' ')}"
 
 

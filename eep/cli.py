@@ -507,7 +507,8 @@ def cmd_baselines(args) -> int:
         spent = f"  ({row['evaluations']} evaluations)" if "evaluations" in row else ""
         noted = name == "search" or row.get("how", "").startswith("no-op")  # not "enumeration"
         spent += f"  ({row['how']})" if noted and row.get("how") else ""
-        timed = f"  {row['latency']:.2f} ms" if "latency" in row else ""  # beside a latency front
+        # beside a latency front: each row's time as a share of the full model's
+        timed = f"  {100 * row['latency']:.1f} % time" if "latency" in row else ""
         print(
             f"{name:<{width}}  {row['heldout']:6.2f}{spread}  kept {row['kept_params']:,}  "
             f"active {row['active_params']:,}{timed}{spent}"

@@ -447,8 +447,8 @@ def _front_line(summary: dict) -> str:
             for within, p in pick_runs(summary["picks"])
         )
         return (
-            f"; frontier: {len(front)} points from {front[0]['latency']:.3f} to "
-            f"{front[-1]['latency']:.3f} ms a forward pass (full model {summary['full_latency']:.3f} "
+            f"; frontier: {len(front)} points from {front[0]['latency_ms']:.3f} to "
+            f"{front[-1]['latency_ms']:.3f} ms a forward pass (full model {summary['full_latency']:.3f} "
             f"ms), hypervolume {summary['hypervolume']:.4f}; held out, the pick within each "
             f"point's time: {picks} (`eep report` lists them; `eep export RUN_DIR --point ID` or "
             "`--max-latency MS` writes one)"
@@ -467,17 +467,18 @@ def _front_line(summary: dict) -> str:
 
 
 NOISE_TIMINGS = 5
-"""A latency frontier times the full model this many times at the end: the median is the front's
-reference, the spread what a measurement's noise is on this machine (shown in the report)."""
+"""A latency frontier times the full model against itself this many times at the end: how far its
+shares lie from 1 is what a share's noise is on this machine (shown in the report)."""
 
 
 def _front(archive, config: Config, evaluator, log: Log) -> dict:
     """A multi-objective run's frontier: every non-dominated candidate with its held-out scores
     and parameter counts (and measured latency), the hypervolume of the held-out front
     (:func:`hypervolume`), and for each uniform size (``kept_params``: top-k..E experts per layer;
-    ``active_params``: top-1..k) the pick within it (:func:`_pick`). A latency front has no
-    uniform sizes: it picks within each front point's time and within the full model's, measured
-    here (keyed by the time, in ms), which is also its hypervolume's reference."""
+    ``active_params``: top-1..k) the pick within it (:func:`_pick`). A latency front (shares of
+    the full model's time) has no uniform sizes: it picks within each front point's share and
+    within the full model's (1, also its hypervolume's reference), keyed by the time in ms, the
+    shares being shown as milliseconds of the full model's time measured here."""
     from eep.loop import SIZES, active_experts, front_of, kept_experts
     from eep.progress import tracked
     from eep.surgery import size_model
@@ -497,6 +498,17 @@ def _front(archive, config: Config, evaluator, log: Log) -> dict:
             }
         return heldout[e.id]
 
+    full = {"full_params": sizes(None)[1 if objective == "active_params" else 0]}
+    if objective == "latency":
+        log(f"[eep] timing the full model (and {NOISE_TIMINGS} times against itself)")
+        full["full_latency"] = evaluator.milliseconds(None)
+        full["latency_noise"] = [evaluator.latency(None) for _ in range(NOISE_TIMINGS)]
+
+    def timed(share: float | None, key: str = "latency") -> dict:
+        if share is None:
+            return {}
+        return {key: share, f"{key}_ms": share * full["full_latency"]}
+
     def point(e, **extra) -> dict:
         kept, active = sizes(e.genome)
         return {
@@ -506,7 +518,7 @@ def _front(archive, config: Config, evaluator, log: Log) -> dict:
             "active_experts": active_experts(e.genome),
             "kept_params": kept,
             "active_params": active,
-            **({"latency": e.latency} if e.latency is not None else {}),
+            **timed(e.latency),
             **extra,
             "heldout": held(e),
             "genome": e.genome.to_dict(),
@@ -516,15 +528,9 @@ def _front(archive, config: Config, evaluator, log: Log) -> dict:
     points = [point(e) for e in tracked(front, "held-out scoring (front points)", log)]
     genome = archive[0].genome
     layers = [i for i, _ in genome.layers]
-    full = {"full_params": sizes(None)[1 if objective == "active_params" else 0]}
-    if objective == "latency":  # within each front point's time, and the full model's
-        log(f"[eep] timing the full model {NOISE_TIMINGS} times")
-        timings = sorted(evaluator.latency(None) for _ in range(NOISE_TIMINGS))
-        # their median, and their spread: how far apart two times must be to be told apart
-        full["full_latency"] = timings[len(timings) // 2]
-        full["full_latency_timings"] = timings
-        times = sorted({e.latency for e in front} | {full["full_latency"]})
-        limits = {f"{t:.3f}": t for t in times}
+    if objective == "latency":  # within each front point's share, and the full model's
+        shares = sorted({e.latency for e in front} | {1.0})
+        limits = {f"{t * full['full_latency']:.3f}": t for t in shares}
     else:
         uniform = (
             range(1, genome.top_k + 1)
@@ -536,9 +542,9 @@ def _front(archive, config: Config, evaluator, log: Log) -> dict:
     for key, limit in tracked(list(limits.items()), "validation picks (sizes)", log):
         chosen, validation = _pick(archive, limit, config, evaluator, size, memo)
         if chosen is not None:
-            within = {"within": limit} if objective == "latency" else {}
+            within = timed(limit, "within") if objective == "latency" else {}
             picks[key] = point(chosen, validation=validation, **within)
-    reference = full["full_latency" if objective == "latency" else "full_params"]
+    reference = 1.0 if objective == "latency" else full["full_params"]
     held_points = [(p["heldout"]["mean"], p[objective]) for p in points]
     return {
         "objective": objective,

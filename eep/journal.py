@@ -57,9 +57,9 @@ class Evaluation:
     full, ``0`` less, ``.`` not scored because the candidate was cut): what later candidates order
     their examples by, so that a cut comes early (``eep.loop.example_order``)."""
     latency: float | None = None
-    """Milliseconds per forward pass of one batch with the genome applied, measured on the worker
-    before scoring (``eep.evaluator.FitnessWorker.latency``): the size objective of a
-    ``[fitness, latency]`` search, measured only there."""
+    """The time a forward pass of one batch takes with the genome applied, as a share of the full
+    model's timed beside it on the worker before scoring (``eep.evaluator.FitnessWorker.latency``):
+    the size objective of a ``[fitness, latency]`` search, measured only there."""
 
     @property
     def ok(self) -> bool:

@@ -197,6 +197,12 @@ class RayEvaluator:
 
         return ray.get(self.actors[0].latency.remote(genome))
 
+    def milliseconds(self, genome) -> float:
+        """The first actor's :meth:`eep.evaluator.FitnessWorker.milliseconds` of ``genome``."""
+        import ray
+
+        return ray.get(self.actors[0].milliseconds.remote(genome))
+
     def close(self) -> None:
         import ray
 

@@ -503,21 +503,20 @@ def plot_methods(
 
 
 def _noise(summary: dict) -> str:
-    """What the full model's timings at the end of a latency frontier say of the noise, and how
-    many neighbouring front points are closer than it."""
-    timings = summary.get("full_latency_timings")
-    if not timings:
+    """What the full model timed against itself at the end of a latency frontier says of a share's
+    noise, and how many neighbouring front points are closer than it."""
+    shares = summary.get("latency_noise")
+    if not shares:
         return "Times measured on a busy machine vary."
-    low, high = min(timings), max(timings)
-    share = (high - low) / summary["full_latency"]
-    times = [p["latency"] for p in summary["front"]]
-    close = sum(b - a < share * a for a, b in zip(times, times[1:]))
+    low, high = min(shares), max(shares)
+    shares = [p["latency"] for p in summary["front"]]
+    close = sum(b - a < high - low for a, b in zip(shares, shares[1:]))
     return (
-        f"Timed {len(timings)} times at the end, the full model took {low:.3f}–{high:.3f} ms: "
-        "times less than "
-        f"{100 * share:.1f} % apart are within one measurement's noise here"
+        f"Timed against itself {len(summary['latency_noise'])} times at the end, the full model "
+        f"took {100 * low:.1f}–{100 * high:.1f} % of its own time: shares less than "
+        f"{100 * (high - low):.1f} points apart are within one measurement's noise here"
         + (
-            f", as {close} of the {len(times) - 1} steps between neighbouring front points are."
+            f", as {close} of the {len(shares) - 1} steps between neighbouring front points are."
             if close
             else "; no two neighbouring front points are that close."
         )
@@ -531,10 +530,9 @@ def baseline_points(
     full_latency: float | None = None,
 ) -> dict[str, list[tuple[float, float]]]:
     """Each baseline's (size, held-out) points on a frontier plot's axis: at its uniform keep
-    counts (``uniform_params``: their kept parameters), or for a latency frontier at the latency
-    ``eep baselines`` measured for it, as a share of the full model's measured in the same pass
-    times the search's ``full_latency``: two sessions on one machine can differ by a fifth in
-    speed (its load, its clock), the ratio of two times taken together much less."""
+    counts (``uniform_params``: their kept parameters), or for a latency frontier at the share of
+    the full model's time ``eep baselines`` measured for it, in milliseconds of the search's
+    ``full_latency`` (as the front's points are shown)."""
     if not baselines:
         return {}
     if objective != "latency":
@@ -543,13 +541,11 @@ def baseline_points(
             for method, points in sweep_series(baselines).items()
             if method not in ("search", "full")
         }
-    own = baselines.get("methods", {}).get("full", {}).get("latency")
-    scale = full_latency / own if full_latency and own else 1.0
     found: dict[str, list[tuple[float, float]]] = {}
     for rows in [baselines.get("methods", {}), *baselines.get("sweep_rows", {}).values()]:
         for method, row in rows.items():
             if method not in ("search", "full") and row.get("latency") is not None:
-                found.setdefault(method, []).append((scale * row["latency"], row["heldout"]))
+                found.setdefault(method, []).append((full_latency * row["latency"], row["heldout"]))
     return {m: sorted(found[m]) for m in ordered_methods(found)}
 
 
@@ -561,7 +557,7 @@ def latency_against(front: Sequence[dict], points: dict[str, list[tuple[float, f
         f"{method} {score:.2f} at {time:.3f} ms"
         for method, found in points.items()
         for time, score in found
-        if not any(p["latency"] <= time and p["heldout"]["mean"] >= score for p in front)
+        if not any(p["latency_ms"] <= time and p["heldout"]["mean"] >= score for p in front)
     ]
     if free:
         return "Not dominated held out by a front point or a pick: " + "; ".join(free) + "."
@@ -584,7 +580,8 @@ def plot_frontier(
     frontier's points as a step line, the pick at each uniform size, each baseline's points
     (:func:`baseline_points`), the full model as a star."""
     fig, ax = _figure()
-    params = [p[objective] for p in front]
+    key = "latency_ms" if objective == "latency" else objective  # a share is shown in ms
+    params = [p[key] for p in front]
     ax.step(
         params,
         [p["heldout"]["mean"] for p in front],
@@ -608,7 +605,7 @@ def plot_frontier(
     )
     if picks:
         ax.plot(
-            [p[objective] for p in picks],
+            [p[key] for p in picks],
             [p["heldout"]["mean"] for p in picks],
             linestyle="none",
             marker="D",
@@ -695,7 +692,7 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
         if active
         else "experts kept (per layer)"
     )
-    full = summary["full_latency"] if timed else full_params
+    full = 1.0 if timed else full_params  # a latency is a share of the full model's time
 
     def experts(p: dict) -> str:
         genome = Genome.from_dict(p["genome"])
@@ -708,7 +705,7 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
         )
 
     def size(p: dict) -> str:  # times to the thousandth, as --max-latency compares them
-        return f"{p[objective]:.3f}" if timed else f"{p[objective]:,}"
+        return f"{p['latency_ms']:.3f}" if timed else f"{p[objective]:,}"
 
     lines = [
         "",
@@ -730,8 +727,10 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
         lines.append(
             f"- latency: the fastest of {config.search.latency_repeats} forward passes of one batch "
             f"of {config.fitness.batch_size} search prompts, measured per candidate on its worker "
-            f"({summary.get('experts_implementation', 'its experts implementation')}); the full "
-            f"model's: {summary['full_latency']:.3f} ms. {_noise(summary)}"
+            f"({summary.get('experts_implementation', 'its experts implementation')}) as a share "
+            "of the full model's time, timed just before and after it (the machine's speed "
+            "drifts; a share taken within seconds does not); shown as milliseconds of the full "
+            f"model's time at the end, {summary['full_latency']:.3f} ms. {_noise(summary)}"
         )
     lines += [
         "",
@@ -766,7 +765,7 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
         for key, p in picks.items():
             validation = "–" if p.get("validation") is None else f"{p['validation']:.2f}"
             within = (
-                f"{p['within']:.3f} ms"
+                f"{p['within_ms']:.3f} ms"
                 if timed
                 else f"top-{key} per layer"
                 if active
@@ -794,19 +793,12 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
     full_score = ((summary.get("heldout") or {}).get("full") or {}).get("mean")
     points = baseline_points(baselines, uniform, objective, summary.get("full_latency"))
     if timed and points:
-        own = baselines["methods"].get("full", {}).get("latency")
-        if own:
-            lines += [
-                "",
-                f"The baselines' times are scaled by the full model's here ({full:.2f} ms) over "
-                f"its time in their pass ({own:.2f} ms): two sessions run at different speeds.",
-            ]
         lines += ["", latency_against([*front, *picks.values()], points)]
     plot_frontier(
         front,
         list(picks.values()),
         points,
-        (full, full_score),
+        (summary["full_latency"] if timed else full_params, full_score),
         path,
         f"{config.name}: the accuracy-{'latency' if timed else 'size'} frontier",
         objective,
