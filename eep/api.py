@@ -193,9 +193,12 @@ class Run:
                 f"--max-params N (`eep report` lists them; the picks per size: {picks})"
             )
         genome, fitness = _exported(summary)
+        measured = None  # a latency front point's time, for the model card
         if chooses:
             chosen = self.front_point(point, max_params, max_latency)
             genome, fitness = Genome.from_dict(chosen["genome"]), chosen["fitness"]
+            if "latency" in chosen:
+                measured = {"share": chosen["latency"], "ms": chosen["latency_ms"]}
             on_front = chosen["id"] in {p["id"] for p in summary["front"]}
             what = (
                 f"the pick within {chosen['within_ms']:.3f} ms, candidate"
@@ -242,6 +245,7 @@ class Run:
             dense=dense,
             scales=self.path / SCALES_FILE,
             search_progress=progress,
+            latency=measured,
         )
 
 

@@ -46,6 +46,7 @@ def export_genome(
     dense: bool = False,
     scales: str | Path | None = None,
     search_progress: tuple[int, int] | None = None,
+    latency: dict | None = None,
 ) -> dict:
     """Write the compressed model, its tokenizer, ``eep_genome.json`` and a model card to ``out``.
 
@@ -56,7 +57,8 @@ def export_genome(
 
     When ``config`` is given its tasks' held-out split is scored on the exported model itself.
     ``search_progress``: (evaluations done, planned) of the search the genome comes from.
-    Returns the report written into the card.
+    ``latency``: what a latency frontier measured of the genome (``share`` of the source model's
+    time, ``ms``). Returns the report written into the card.
     """
     from eep.lowrank import scales_for
     from eep.model import load_hf_config, load_model
@@ -99,6 +101,7 @@ def export_genome(
         if search_progress is None
         else {"done": search_progress[0], "planned": search_progress[1]},
         "heldout": None,
+        **({"latency": latency} if latency is not None else {}),
     }
     if config is not None:  # fidelity tasks compare with the full model, so score while it is here
         from fitness.metrics import weighted_fitness
@@ -214,6 +217,12 @@ def model_card(report: dict, genome: Genome) -> str:
         )
     if report["search_fitness"] is not None:
         lines.append(f"- search fitness (search split): {report['search_fitness']:.2f}")
+    if report.get("latency"):
+        timed = report["latency"]
+        lines.append(
+            f"- latency measured in the search: {100 * timed['share']:.1f} % of the source model's "
+            f"time ({timed['ms']:.3f} ms a forward pass of one batch on the machine it ran on)"
+        )
     progress = report.get("search_evaluations")
     if progress is not None:
         unfinished = (

@@ -524,6 +524,21 @@ def test_frontier_on_two_ray_actors_equals_serial(tmp_path):
     assert ray["hypervolume"] == serial["hypervolume"]
 
 
+@pytest.mark.slow
+def test_a_latency_frontier_on_ray_actors_times_each_candidate_on_its_actor(tmp_path):
+    """Each actor times what it scores; the full model is timed on an actor at the end."""
+    import eep
+
+    data = latency_config(in_flight=2, evaluations=12, initial=6, latency_repeats=1)
+    data["evaluator"] = {"kind": "ray", "workers": 2}
+    run = eep.search(data, run_dir=tmp_path / "ray", log=lambda m: None)
+    records = run.evaluations()
+    assert len({r.worker for r in records}) == 2 and all(r.latency > 0 for r in records)
+    summary = run.summary
+    assert summary["full_latency"] > 0 and len(summary["latency_noise"]) == 5
+    assert summary["front"] and all("latency_ms" in p for p in summary["front"])
+
+
 def test_an_active_parameters_frontier_searches_each_layers_top_k(tmp_path):
     """[fitness, active_params]: every expert kept, each layer routing to 1..top-k; the front is
     over active experts, the picks per top-k, and --max-params counts active parameters."""
@@ -825,6 +840,8 @@ def test_a_latency_frontier_measures_each_candidate_and_exports_within_a_time(tm
     exported = json.loads((out / "eep_report.json").read_text())
     genome = Genome.from_dict(chosen["genome"])
     assert exported["genome_key"] == genome.key
+    assert exported["latency"] == {"share": chosen["latency"], "ms": chosen["latency_ms"]}
+    assert "- latency measured in the search: " in (out / "README.md").read_text()
     # layers keeping different numbers and routing to different top-k: the custom form, which
     # computes what the search scored
     from eep.model import load_model
