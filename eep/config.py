@@ -157,9 +157,10 @@ class SearchConfig(_Section):
     layer routing to 1..top-k of them (the speed side of the trade-off).
     ``[fitness, latency]``: the same for the time a forward pass takes, measured on the worker for
     each candidate as a share of the full model's time taken beside it (``latency_repeats``), over
-    genomes that choose both the experts each layer keeps and its top-k. Measured times vary with the machine and its load, so two runs of one config
-    may differ; a run resumes exactly (the journal holds each measurement). No early cut: a
-    candidate's latency is unknown until it is measured."""
+    genomes that choose both the experts each layer keeps and its top-k. Measured times vary with
+    the machine and its load, so two runs of one config may differ; a run resumes exactly (the
+    journal holds each measurement). No early cut: a candidate's latency is unknown until it is
+    measured."""
     latency_repeats: PositiveInt = 5
     """``[fitness, latency]``: forward passes of one batch (``fitness.batch_size`` of the search
     prompts) timed per candidate, after one untimed; its latency is the fastest of them (whatever
