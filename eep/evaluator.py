@@ -143,7 +143,12 @@ class FitnessWorker:
             )
         batch = self._latency_batch()
         device = self.model.device
-        synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+        def synchronize() -> None:  # every GPU a model split over (device_map: auto) has worked
+            if device.type == "cuda":
+                for index in range(torch.cuda.device_count()):
+                    torch.cuda.synchronize(index)
+
         # a pruning genome as the smaller model it exports (no routing hooks: their cost is
         # not the exported model's); merge and low-rank genes as the search applies them
         context = (
