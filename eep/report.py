@@ -672,6 +672,7 @@ def frontier_against(picks: dict, baselines: dict) -> str:
 
 def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
     """A multi-objective run's frontier: its points, its hypervolume, the plot against baselines."""
+    from eep.evolution import RETIMES
     from eep.genome import Genome
     from eep.surgery import size_model
 
@@ -730,7 +731,15 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
             f"({summary.get('experts_implementation', 'its experts implementation')}) as a share "
             "of the full model's time, timed just before and after it (the machine's speed "
             "drifts; a share taken within seconds does not); shown as milliseconds of the full "
-            f"model's time at the end, {summary['full_latency']:.3f} ms. {_noise(summary)}"
+            f"model's time at the end, {summary['full_latency']:.3f} ms. "
+            + (
+                f"The {len(summary['latency_retimed'])} candidates that stood on the front were timed "
+                f"{RETIMES} more times at the end, each keeping the median of its shares, and "
+                "the front was drawn again. "
+                if summary.get("latency_retimed")
+                else ""
+            )
+            + _noise(summary)
         )
     lines += [
         "",
