@@ -503,9 +503,9 @@ def _front(archive, config: Config, evaluator, log: Log) -> dict:
     (:func:`hypervolume`), and for each uniform size (``kept_params``: top-k..E experts per layer;
     ``active_params``: top-1..k) the pick within it (:func:`_pick`). A latency front (shares of
     the full model's time) is re-timed first (:func:`retimed`) and has no uniform sizes: it picks
-    within each front point's share and within the full model's (1, also its hypervolume's
-    reference), keyed by the time in ms, the shares being shown as milliseconds of the full
-    model's time measured here."""
+    within each front point's share, every 5 % above the slowest, and the full model's (1, also
+    its hypervolume's reference), keyed by the time in ms, the shares being shown as milliseconds
+    of the full model's time measured here."""
     from eep.loop import SIZES, active_experts, front_of, kept_experts
     from eep.progress import tracked
     from eep.surgery import size_model
@@ -559,7 +559,12 @@ def _front(archive, config: Config, evaluator, log: Log) -> dict:
     genome = archive[0].genome
     layers = [i for i, _ in genome.layers]
     if objective == "latency":  # within each front point's share, and the full model's
-        shares = sorted({e.latency for e in front} | {1.0})
+        # and every 5 % of it from the front's slowest point up: the front ends at the fastest
+        # candidate of the best search fitness, and past it validation tells apart what search
+        # fitness cannot
+        slowest = max(e.latency for e in front)
+        steps = {k / 20 for k in range(1, 20) if slowest < k / 20}
+        shares = sorted({e.latency for e in front} | steps | {1.0})
         limits = {f"{t * full['full_latency']:.3f}": t for t in shares}
     else:
         uniform = (
