@@ -757,10 +757,10 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
         lines += [
             "",
             (
-                "What `--max-latency` exports within each front point's time and the full "
-                "model's: the pick within it (the best on the validation examples among the best "
-                "few by search fitness measured at most that time; without validation examples, "
-                "the best by search fitness):"
+                "What `--max-latency` exports within each front point's time, every 5 % of the "
+                "full model's time above them, and the full model's: the pick within it (the best "
+                "on the validation examples among the best few by search fitness measured at most "
+                "that time; without validation examples, the best by search fitness):"
                 if timed
                 else "What `--max-params` exports at each uniform size: the pick within it (the "
                 "best on the validation examples among the best few by search fitness of at most "
