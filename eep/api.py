@@ -111,10 +111,8 @@ class Run:
             points = {p["id"]: p for p in front + picks}  # a pick may be a front point too
             if point not in points:
                 on_front = {p["id"] for p in front}
-                extra = sorted(
-                    (p for p in picks if p["id"] not in on_front),
-                    key=lambda p: (p[params], p["id"]),
-                )
+                off = {p["id"]: p for p in picks if p["id"] not in on_front}  # levels share picks
+                extra = sorted(off.values(), key=lambda p: (p[params], p["id"]))
                 raise EepError(
                     f"candidate {point} is neither on the frontier nor a pick; the front points: "
                     + ", ".join(f"{p['id']} ({amount(p, params)})" for p in front)
