@@ -2,9 +2,9 @@
 (:class:`FrontierSpace`); or every expert kept and each layer routing to 1..top-k of them
 (:class:`TopKFrontierSpace`); or both free (:class:`LatencyFrontierSpace`).
 
-The spaces of a multi-objective search (``search.objectives: [fitness, kept_params]``, or
-``[fitness, active_params]``), which looks for the whole accuracy-size frontier at once. Operators keep every layer within its bounds;
-besides swapping experts (as :mod:`search_spaces.prune`) and moving one between layers (as
+The spaces of a multi-objective search (``search.objectives: [fitness, kept_params]``,
+``[fitness, active_params]`` or ``[fitness, latency]``), which looks for the whole accuracy-size
+frontier at once. Operators keep every layer within its bounds; besides swapping experts (as :mod:`search_spaces.prune`) and moving one between layers (as
 :mod:`search_spaces.budget`), a mutation may grow or shrink one layer by an expert, which is how
 the search walks along the size axis. Crossover takes each layer whole from one parent (touched
 layers of equal size mix slot by slot), so a child's size lies between its parents' per layer.
