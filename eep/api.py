@@ -133,7 +133,9 @@ class Run:
         limit = max_latency if params == "latency" else max_params
 
         def fits(value) -> bool:  # times compare to the thousandth of a ms, as reports show them
-            return (round(value, 3) if params == "latency" else value) <= limit
+            if params == "latency":
+                return round(value, 3) <= round(limit, 3)
+            return value <= limit
 
         # a size's pick is made among the candidates of at most that size; a latency pick within
         # a front point's time (or the full model's), in ms as the report shows it
@@ -245,6 +247,14 @@ class Run:
             search_progress=progress,
             latency=measured,
         )
+
+
+def _export_hint(config, path) -> str:
+    """How a finished run is exported, for a log line: a frontier's point is chosen."""
+    if not config.search.frontier:
+        return "Export it with `eep export`"
+    flag = "--max-latency MS" if "latency" in config.search.objectives else "--max-params N"
+    return f"Export a point of its frontier with `eep export {path} --point ID` or `{flag}`"
 
 
 def amount(point: dict, objective: str) -> str:
@@ -370,7 +380,7 @@ def resume(
             log(
                 f"[eep] {run.path} is finished ("
                 + (f"{done[0]} of {done[1]} evaluations, " if done else "")
-                + "held-out scored); nothing to do. Export it with `eep export`"
+                + f"held-out scored); nothing to do. {_export_hint(config, run.path)}"
             )
             return Run(run_dir)
         log(f"[eep] resuming {run.path}")

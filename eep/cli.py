@@ -137,8 +137,9 @@ def _parser() -> argparse.ArgumentParser:
         type=milliseconds,
         metavar="MS",
         help="latency frontier (search.objectives: [fitness, latency]): export the pick within the "
-        "slowest front point's time (or the full model's) that is at most MS milliseconds a "
-        "forward pass, to the thousandth (the report's second table)",
+        "largest time listed in the report's second table (each front point's, every 5 %% of the "
+        "full model's above them, the full model's) that is at most MS milliseconds, compared to "
+        "the thousandth",
     )
     _threads_flag(p)
     p.set_defaults(func=cmd_export)

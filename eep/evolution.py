@@ -450,7 +450,7 @@ def _front_line(summary: dict) -> str:
             f"; frontier: {len(front)} points from {front[0]['latency_ms']:.3f} to "
             f"{front[-1]['latency_ms']:.3f} ms a forward pass (full model {summary['full_latency']:.3f} "
             f"ms), hypervolume {summary['hypervolume']:.4f}; held out, the pick within each "
-            f"point's time: {picks} (`eep report` lists them; `eep export RUN_DIR --point ID` or "
+            f"time listed: {picks} (`eep report` lists them; `eep export RUN_DIR --point ID` or "
             "`--max-latency MS` writes one)"
         )
     active = summary["objective"] == "active_params"
@@ -489,7 +489,10 @@ def retimed(archive: list, evaluator, log: Log) -> tuple[list, dict[int, float]]
     by_id = {e.id: e for e in archive}
     done: set[int] = set()
     while todo := [e for e in front_of(list(by_id.values()), latency) if e.id not in done]:
-        log(f"[eep] re-timing {len(todo)} front points ({RETIMES} more times each)")
+        log(
+            f"[eep] re-timing {len(todo)} front point{'s' if len(todo) > 1 else ''} "
+            f"({RETIMES} more times each)"
+        )
         for e in todo:
             shares = [e.latency, *(evaluator.latency(e.genome) for _ in range(RETIMES))]
             by_id[e.id] = replace(e, latency=statistics.median(shares))

@@ -220,7 +220,7 @@ def model_card(report: dict, genome: Genome) -> str:
     if report.get("latency"):
         timed = report["latency"]
         lines.append(
-            f"- latency measured in the search: {100 * timed['share']:.1f} % of the source model's "
+            f"- latency measured by the search: {100 * timed['share']:.1f} % of the source model's "
             f"time ({timed['ms']:.3f} ms a forward pass of one batch on the machine it ran on)"
         )
     progress = report.get("search_evaluations")

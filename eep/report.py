@@ -502,6 +502,15 @@ def plot_methods(
     fig.savefig(path)
 
 
+def _level(share: float, front: Sequence[dict]) -> str:
+    """What a latency pick's time is: a front point's, a 5 % step of the full model's, or its."""
+    if share == 1.0:
+        return "the full model's"
+    if any(p["latency"] == share for p in front):
+        return "a front point's"
+    return f"{round(100 * share)} %"
+
+
 def _noise(summary: dict) -> str:
     """What the full model timed against itself at the end of a latency frontier says of a share's
     noise, and how many neighbouring front points are closer than it."""
@@ -680,7 +689,7 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
     objective = summary.get("objective", "kept_params")
     active, timed = objective == "active_params", objective == "latency"
     what = (
-        "ms a forward pass (measured)"
+        "measured ms a forward pass"
         if timed
         else "parameters active per token"
         if active
@@ -718,8 +727,8 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
         f"no {'time' if timed else 'parameters'})",
         "- export one: `eep export RUN_DIR --point ID --out DIR`, or "
         + (
-            "`--max-latency MS` for the pick within the slowest front point's time (or the full "
-            "model's) that is at most MS (the second table; times compare to the thousandth)"
+            "`--max-latency MS` for the pick within the largest time of the second table that is "
+            "at most MS (times compare to the thousandth)"
             if timed
             else "`--max-params N` for the pick of the largest size within N (the second table)"
         ),
@@ -774,7 +783,7 @@ def _frontier_lines(summary: dict, config, baselines, path: Path) -> list[str]:
         for key, p in picks.items():
             validation = "–" if p.get("validation") is None else f"{p['validation']:.2f}"
             within = (
-                f"{p['within_ms']:.3f} ms"
+                f"{p['within_ms']:.3f} ms ({_level(p['within'], front)})"
                 if timed
                 else f"top-{key} per layer"
                 if active

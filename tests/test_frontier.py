@@ -842,6 +842,7 @@ def test_a_latency_frontier_measures_each_candidate_and_exports_within_a_time(tm
     # measured time lies a little above what is shown
     shown = float(f"{ms[-1]:.3f}")
     assert run.front_point(max_latency=shown)["within"] == front[-1]["latency"]
+    assert run.front_point(max_latency=shown - 0.0004)["within"] == front[-1]["latency"]
     with pytest.raises(SystemExit):  # argparse: "is not a positive number of milliseconds"
         main(["export", str(tmp_path / "run"), "--max-latency", "-1", "--out", str(out)])
     assert "is not a positive number of milliseconds" in capsys.readouterr().err
@@ -849,7 +850,7 @@ def test_a_latency_frontier_measures_each_candidate_and_exports_within_a_time(tm
     genome = Genome.from_dict(chosen["genome"])
     assert exported["genome_key"] == genome.key
     assert exported["latency"] == {"share": chosen["latency"], "ms": chosen["latency_ms"]}
-    assert "- latency measured in the search: " in (out / "README.md").read_text()
+    assert "- latency measured by the search: " in (out / "README.md").read_text()
     # layers keeping different numbers and routing to different top-k: the custom form, which
     # computes what the search scored
     from eep.model import load_model
@@ -863,13 +864,15 @@ def test_a_latency_frontier_measures_each_candidate_and_exports_within_a_time(tm
     with torch.no_grad(), adapter_for(model).applied(genome):
         torch.testing.assert_close(small(**ids).logits, model(**ids).logits, atol=1e-5, rtol=0)
     text = write_report(tmp_path / "run").read_text()
-    assert "| candidate | experts kept / top-k (per layer) | ms a forward pass (measured) |" in text
+    assert "| candidate | experts kept / top-k (per layer) | measured ms a forward pass |" in text
     assert "`--max-latency MS`" in text and "Compressed methods keep" not in text
     assert (
         f"Timed against itself 5 times at the end, the full model took {100 * min(noise):.1f}"
         in text
     )
     assert "Every baseline point" not in text and "Not dominated" not in text  # none yet
+    assert f"| {summary['full_latency']:.3f} ms (the full model's) |" in text  # rows say what
+    assert f"| {ms[-1]:.3f} ms (a front point's) |" in text
     # the baselines beside it are timed as its candidates were, and placed on its plot by that
     import yaml
 
