@@ -514,6 +514,15 @@ def cmd_baselines(args) -> int:
             f"{name:<{width}}  {row['heldout']:6.2f}{spread}  kept {row['kept_params']:,}  "
             f"active {row['active_params']:,}{timed}{spent}"
         )
+    for keep, rows in result.get("sweep_rows", {}).items():  # baselines.sweep: the other sizes
+        print(
+            f"at {keep} of {result['num_experts']}: "
+            + ", ".join(
+                f"{name} {row['heldout']:.2f}"
+                + (f" ({100 * row['latency']:.1f} % time)" if "latency" in row else "")
+                for name, row in rows.items()
+            )
+        )
     from eep.report import method_rows, search_behind
 
     picked = methods.get("search", {}).get("picked_by")

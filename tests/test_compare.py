@@ -60,6 +60,8 @@ def test_baselines_then_report_then_eval_on_the_toy(tmp_path, capsys):
     assert main(["baselines", str(config), "--run-dir", str(run)]) == 0  # runs the search first
     result = json.loads((run / "baselines.json").read_text())
     methods = result["methods"]
+    swept = result["sweep_rows"]["2"]
+    assert f"at 2 of 8: random {swept['random']['heldout']:.2f}, " in capsys.readouterr().out
     assert set(methods) == {
         "full",
         "random",

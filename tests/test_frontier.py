@@ -883,8 +883,11 @@ def test_a_latency_frontier_measures_each_candidate_and_exports_within_a_time(tm
     )
     table = json.loads((tmp_path / "run" / "baselines.json").read_text())
     frequency = table["methods"]["frequency"]
-    assert f"active {frequency['active_params']:,}  {100 * frequency['latency']:.1f} % time" in (
-        capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"active {frequency['active_params']:,}  {100 * frequency['latency']:.1f} % time" in out
+    swept = table["sweep_rows"]["2"]["frequency"]  # the sweep's sizes, timed too
+    assert (
+        f"at 2 of 8: frequency {swept['heldout']:.2f} ({100 * swept['latency']:.1f} % time)" in out
     )
     assert "search" not in table["methods"]  # a latency front has no pick at a uniform size
     rows = [table["methods"]["frequency"], table["sweep_rows"]["2"]["frequency"]]
