@@ -62,11 +62,14 @@ def export_form(genome: Genome, shape: MoEShape, form: str | None = None) -> Exp
     elif len(counts) > 1:
         chosen = ExportForm(
             "custom",
-            f"layers keep different numbers of experts ({counts}); {stock} has one expert count",
+            "layers keep different numbers of experts "
+            f"({'/'.join(str(genome.gene(i).slots) for i in layers)}); {stock} has one expert count",
         )
     elif len(actives) > 1:
         chosen = ExportForm(
-            "custom", f"layers route to different top_k ({actives}); {stock} has one top_k"
+            "custom",
+            "layers route to different top_k "
+            f"({'/'.join(str(genome.active(i)) for i in layers)}); {stock} has one top_k",
         )
     elif general:
         chosen = ExportForm(
