@@ -6,18 +6,20 @@
 #   2. random-mixtral-width (Mixtral-8x7B's layer shape, --layers N, default 2, bf16): the same
 #      rows plus the export rows, each row freeing the memory of the ones before (no OOM);
 #   3. benchmarks/width_check.py on the same model: a decode step with eep's experts kernel kept and
-#      with transformers' decode-time swap to batched_mm, and the operators one evaluation runs.
+#      with transformers' decode-time swap to batched_mm, and the operators one evaluation runs;
+#   4. benchmarks/latency_check.py on the toy: what a latency frontier times (compacted, CUDA
+#      synchronised) against the exported checkpoint and the hooked application (~30 s).
 #
 # Here (with network) fetch the wheels the device machine lacks into .whl/ (git-ignored):
 #   bash benchmarks/gpu_check.sh --fetch-wheels
 # There (run tool, carry [".whl"]; $OUT takes at most 8 files: this leaves 6 and the log):
 #   set -o pipefail; bash benchmarks/gpu_check.sh 2>&1 | tee $OUT/gpu_check.log
 # On a CPU, to try the script itself:  bash benchmarks/gpu_check.sh --device cpu --model random-mixtral
-# --steps toy,width,kernel picks the parts (default all three); --skip-swap leaves out width_check's
+# --steps toy,width,kernel,latency picks the parts (default all four); --skip-swap leaves out width_check's
 # decode step with transformers' swap (~45 GiB a layer at width: for --layers 8 on one GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DEVICE=cuda MODEL=random-mixtral-width LAYERS=2 OUT_DIR=${OUT:-gpu-check} STEPS=toy,width,kernel
+DEVICE=cuda MODEL=random-mixtral-width LAYERS=2 OUT_DIR=${OUT:-gpu-check} STEPS=toy,width,kernel,latency
 SWAP=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -62,5 +64,9 @@ fi
 if step kernel; then
   "$PY" benchmarks/width_check.py --model "$MODEL" "${LAYER_FLAG[@]}" "${SWAP[@]}" --device "$DEVICE" \
     --out "$OUT_DIR/kernel" 2>&1 | grep -v "Loading weights\|Writing model"
+fi
+if step latency; then
+  "$PY" benchmarks/latency_check.py --set "model.device=$DEVICE" --rounds 10 2>&1 \
+    | grep -v "Loading weights\|Writing model"
 fi
 echo "gpu_check: done in $(( $(date +%s) - start )) s; figures in $OUT_DIR/{toy,width}/bench.{md,json}, $OUT_DIR/kernel/"

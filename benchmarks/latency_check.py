@@ -1,6 +1,7 @@
 """What a latency frontier times, against the model it exports: one run, ratios measured together.
 
     python benchmarks/latency_check.py [--config experiments/toy-latency.yaml] [--rounds 20]
+                                       [--set model.device=cuda ...]
 
 For the full model and a few pruning genomes (half the experts at top-k; half at top-1; a quarter
 at top-1), in interleaved rounds on one worker: the genome applied as the search scores it
@@ -29,11 +30,15 @@ from eep.model import load_model
 
 
 def _fastest(model, batch, repeats: int) -> float:
+    """As ``FitnessWorker.milliseconds`` times: the fastest of ``repeats`` after one untimed."""
+    sync = torch.cuda.synchronize if batch["input_ids"].is_cuda else (lambda: None)
     times = []
     with torch.no_grad():
         for _ in range(1 + repeats):
+            sync()
             start = time.perf_counter()
             model(**batch)
+            sync()
             times.append(time.perf_counter() - start)
     return 1000.0 * min(times[1:])
 
@@ -42,8 +47,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="experiments/toy-latency.yaml")
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    config = load_config(args.config)
+    config = load_config(args.config, args.overrides)
     worker = FitnessWorker(config)
     adapter, batch = worker.adapter, worker._latency_batch()
     experts, k, layers = adapter.num_experts, adapter.top_k, adapter.moe_layers
