@@ -51,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(args.config, args.overrides)
     worker = FitnessWorker(config)
-    adapter, batch = worker.adapter, worker._latency_batch()
+    adapter, batch = worker.adapter, worker.latency_batch()
     experts, k, layers = adapter.num_experts, adapter.top_k, adapter.moe_layers
     genomes = {
         f"{experts // 2} of {experts}, top-{k}": Genome.from_keep(

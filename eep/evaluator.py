@@ -61,6 +61,7 @@ class FitnessWorker:
         except EepError:  # e.g. eep's custom-form export: scored as it is, no genome applied to it
             self.adapter = None
         fit = config.fitness
+        self._batch = None  # what a latency is timed on (latency_batch)
         self.scorers = {
             split: Scorer(
                 self.model,
@@ -141,7 +142,7 @@ class FitnessWorker:
             raise EepError(
                 f"cannot apply a genome to {self.config.model.path}; give the source model"
             )
-        batch = self._latency_batch()
+        batch = self.latency_batch()
         device = self.model.device
 
         def synchronize() -> None:  # every GPU a model split over (device_map: auto) has worked
@@ -168,8 +169,10 @@ class FitnessWorker:
                 times.append(time.perf_counter() - start)
         return 1000.0 * min(times[1:])
 
-    def _latency_batch(self) -> dict:
-        if getattr(self, "_batch", None) is None:
+    def latency_batch(self) -> dict:
+        """The inputs a latency is timed on (made on first use): the first ``fitness.batch_size``
+        search examples, the tasks in turn, tokenized and padded."""
+        if self._batch is None:
             fit = self.config.fitness
             texts = [
                 [ex.prompt or "".join(ex.options[0]) for ex in task.examples]

@@ -77,7 +77,7 @@ def test_latency_is_measured_where_the_search_asks_for_it_and_journaled(worker, 
     data["search"]["objectives"] = ["fitness", "latency"]
     del data["search_space"]["keep"]
     timed = FitnessWorker(parse_config(data))
-    assert timed._latency_batch()["input_ids"].shape[0] == 24  # 4 tasks x 6 (< batch_size)
+    assert timed.latency_batch()["input_ids"].shape[0] == 24  # 4 tasks x 6 (< batch_size)
     record = timed(Candidate(0, KEEP))
     assert record.ok and 0 < record.latency < 2  # a share of the full model's time
     assert Evaluation.from_dict(record.to_dict()).latency == record.latency
