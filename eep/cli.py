@@ -385,6 +385,16 @@ def _task_sizes(tasks) -> str:
     return ", ".join(f"{t.name} ({sizes(t)})" for t in tasks)
 
 
+def _on_cpu(model_cfg) -> bool:
+    """Whether the model runs on the CPU here (a GPU config's dry run on a CPU machine: no)."""
+    from eep.model import pick_device
+
+    try:
+        return pick_device(model_cfg.device).type == "cpu"
+    except EepError:
+        return False
+
+
 def _print_plan(config, hf_config, shape, space, run_dir) -> None:
     from eep.evolution import experts_implementation
     from eep.methods import method_of
@@ -439,6 +449,11 @@ def _print_plan(config, hf_config, shape, space, run_dir) -> None:
         + (f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB")
         + " of weights per model copy"
     )
+    if "latency" in config.search.objectives and ev.kind == "ray" and _on_cpu(config.model):
+        print(
+            "note         CPU actors on one machine time their candidates while the others score "
+            "theirs, which slows the passes they time: --serial times alone"
+        )
     print(f"run dir      {run_dir}")
 
 

@@ -773,7 +773,9 @@ def test_the_plan_of_a_latency_frontier_says_how_it_times_and_exports(capsys):
     assert "latency frontier: each of 4 layers keeping 1..8 experts and routing to 1..2" in out
     assert "no early cut (a candidate's latency is unknown until it is measured)" in out
     assert "the fastest of 5 forward passes of 32 search prompts" in out
-    assert "--max-latency MS" in out
+    assert "--max-latency MS" in out and "--serial times alone" not in out
+    assert main(["search", str(path), "--dry-run", "--set", "evaluator.kind=ray"]) == 0
+    assert "CPU actors on one machine time their candidates" in capsys.readouterr().out
 
 
 def test_a_latency_frontier_measures_each_candidate_and_exports_within_a_time(tmp_path, capsys):
