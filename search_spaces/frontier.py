@@ -112,6 +112,21 @@ def _resize(
     return True
 
 
+def _swap_touched(
+    keep: dict[int, list[int]], space, rng: random.Random, layer_prob: float, swap_prob: float
+) -> bool:
+    """In the touched layers, swap each kept expert with probability ``swap_prob`` for a dropped
+    one (a layer keeping every expert has none to swap); whether any was."""
+    swapped = False
+    for layer in touched_units(list(space.layers), rng, layer_prob):
+        kept = keep[layer]
+        for slot in range(len(kept)):
+            if rng.random() < swap_prob and len(kept) < space.num_experts:
+                kept[slot] = rng.choice([e for e in range(space.num_experts) if e not in kept])
+                swapped = True
+    return swapped
+
+
 def mutate_frontier(
     genome: Genome,
     rng: random.Random,
@@ -127,12 +142,7 @@ def mutate_frontier(
     keep = {i: list(genome.keep(i)) for i in space.layers}
     changed = rng.random() < resize_prob and _resize(keep, space, rng)
     changed = (rng.random() < move_prob and move_expert(keep, space, rng)) or changed
-    for layer in touched_units(list(space.layers), rng, layer_prob):
-        kept = keep[layer]
-        for slot in range(len(kept)):
-            if rng.random() < swap_prob and len(kept) < space.num_experts:
-                kept[slot] = rng.choice([e for e in range(space.num_experts) if e not in kept])
-                changed = True
+    changed = _swap_touched(keep, space, rng, layer_prob, swap_prob) or changed
     if not changed:
         _resize(keep, space, rng)
     return space.genome(keep)
@@ -310,12 +320,7 @@ def mutate_latency(
     active = {i: genome.active(i) for i in space.layers}
     changed = rng.random() < resize_prob and _resize(keep, space, rng, active)
     changed = (rng.random() < resize_prob and _step_top_k(active, keep, space, rng)) or changed
-    for layer in touched_units(list(space.layers), rng, layer_prob):
-        kept = keep[layer]
-        for slot in range(len(kept)):
-            if rng.random() < swap_prob and len(kept) < space.num_experts:
-                kept[slot] = rng.choice([e for e in range(space.num_experts) if e not in kept])
-                changed = True
+    changed = _swap_touched(keep, space, rng, layer_prob, swap_prob) or changed
     if not changed and not (rng.random() < 0.5 and _step_top_k(active, keep, space, rng)):
         _resize(keep, space, rng, active)
     return space.genome(keep, active)
