@@ -65,16 +65,16 @@ def keeps_for(config_path, asked: list[int] | None, shares=SHARES) -> list[int]:
     return [k for k in asked if low <= k <= high]
 
 
-def _search(config, worker, space, tmp: Path) -> tuple[object, float, int, float]:
+def _search(config, worker, schedule, tmp: Path) -> tuple[object, float, int, float]:
     from eep.evaluator import SerialEvaluator
     from eep.evolution import _validator, resolve
     from eep.genome import Genome
     from eep.journal import RunDir
     from eep.loop import run_search, select
 
-    run = RunDir.create(tmp / f"run-{time.monotonic_ns()}", resolve(config, space))
+    run = RunDir.create(tmp / f"run-{time.monotonic_ns()}", resolve(config, schedule))
     start = time.perf_counter()
-    summary = run_search(run, space, SerialEvaluator(worker), log=lambda m: None)
+    summary = run_search(run, schedule, SerialEvaluator(worker), log=lambda m: None)
     genome = Genome.from_dict(summary["best_genome"])
     fitness = summary["best_fitness"]
     if config.fitness.validates:
@@ -138,8 +138,7 @@ def measure(
 
     base = [f"search_space.keep={keep}", f"search.seed={seed}"]
     config = _with_tasks(load_config(config_path, base + overrides), validation_size=validation)
-    _, shape, schedule = plan(config)
-    space = schedule.first
+    _, shape, _ = plan(config)
     # the searches draw their search and validation examples from this worker; only the
     # held-out scores see the test size
     worker = FitnessWorker(_with_tasks(config, test_size=test_size))
@@ -180,7 +179,8 @@ def measure(
         searches.append((f"search ({label})", cfg))
     for name, cfg in searches:
         own = worker if _shares_examples(cfg, config) else FitnessWorker(cfg)
-        genome, seconds, evaluations, fitness = _search(cfg, own, space, tmp)
+        # each search its own phases: a variant may change the search space (e.g. a merge phase)
+        genome, seconds, evaluations, fitness = _search(cfg, own, plan(cfg)[2], tmp)
         rows[name] = {
             "heldout": heldout(genome),
             "seconds": seconds,
