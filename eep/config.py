@@ -603,6 +603,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     for item in overrides:
         apply_override(data, item)
     source = str(path)
+    _check_frontier_keep(data, source, overrides)
     if overrides:  # a bad value may come from either: name the --set one when it was overridden
         try:
             return parse_config(data, source=source)
@@ -612,6 +613,25 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
                 raise EepError(f"--set {str(err).removeprefix(f'{source}: ')}") from None
             raise
     return parse_config(data, source=source)
+
+
+def _check_frontier_keep(data: dict, source: str, overrides) -> None:
+    """A multi-objective search spans every size, so a ``search_space.keep`` the user wrote is a
+    mistake, even the value 4 that :class:`Config` cannot tell from the default it fills in (stored
+    run configs carry that default, so this checks what was written, before it is parsed)."""
+    space, search = data.get("search_space"), data.get("search")
+    objectives = search.get("objectives") if isinstance(search, dict) else None
+    if not (isinstance(objectives, list) and len(objectives) > 1):
+        return
+    if not isinstance(space, dict) or space.get("keep") is None:
+        return
+    written = [o for o in overrides if _within("search_space.keep", o.partition("=")[0].strip())]
+    written = written or [o for o in overrides if o.partition("=")[0].strip() == "search_space"]
+    where = f"--set {written[-1].strip()}" if written else f"{source}: search_space.keep"
+    raise EepError(
+        f"{where}: a multi-objective search (search.objectives) spans every size: remove "
+        "search_space.keep"
+    )
 
 
 def _within(key: str, override: str) -> bool:

@@ -31,6 +31,27 @@ def test_overrides_parse_values_as_yaml(tmp_path):
         load_config(path, ["fitness.tasks.9.weight=1"])
 
 
+def test_a_frontier_refuses_a_written_keep_even_the_default_value(tmp_path):
+    import yaml
+
+    data = toy_config_dict()
+    data["search"]["objectives"] = ["fitness", "kept_params"]
+    data["search_space"] = {"kind": "prune"}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert load_config(path).search.frontier
+    assert load_config(path, ["search_space.keep=null"]).search.frontier
+    # 4 is also the value Config fills in when keep is not given: only what was written tells
+    with pytest.raises(EepError, match=r"^--set search_space.keep=4: .*spans every size"):
+        load_config(path, ["search_space.keep=4"])
+    data["search_space"]["keep"] = 4
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(EepError, match=r"c.yaml: search_space.keep: .*remove search_space.keep"):
+        load_config(path)
+    # a stored run config carries the filled-in default and still parses
+    assert parse_config(parse_config(data | {"search_space": {"kind": "prune"}}).to_dict())
+
+
 def test_config_rejects_duplicate_task_names_and_bad_initial():
     data = toy_config_dict()
     data["fitness"]["tasks"][1]["name"] = "copy"
