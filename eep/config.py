@@ -97,7 +97,8 @@ class SearchConfig(_Section):
     every answer was generated (teacher forcing, the early cut); with validation examples to pick the
     export by, they buy held-out accuracy where 200 tie greedy elimination (docs/search-quality.md)."""
     initial: PositiveInt = 30
-    """Random genomes evaluated before breeding starts (EEP: 30)."""
+    """Candidates before breeding starts (EEP: 30): greedy elimination's (a greedy warm start) and
+    the seed genomes first, random genomes for the rest (none after a greedy start of 30 or more)."""
     seed_genomes: list[str] = []
     """Genome files evaluated first, in place of as many random initial ones (e.g. MoE-I²'s stage-1
     genome, or a baseline's): they must belong to the search space. ``eep search`` copies them into

@@ -117,10 +117,11 @@ class Evolution:
         from fitness.scoring import scoring_path
 
         search = config.search
+        named = resolve(config, schedule).search.named_warm_start
         lines = [
             (
                 "budget",
-                f"{search.evaluations} evaluations ({search.initial} random initial), "
+                f"{search.evaluations} evaluations ({_initial(search, named, schedule)}), "
                 f"seed {search.seed}"
                 + (
                     f"; objectives {', '.join(search.objectives)} (NSGA-II, parent pool "
@@ -139,7 +140,6 @@ class Evolution:
                     f"experts in every layer{auto}",
                 )
             )
-        named = resolve(config, schedule).search.named_warm_start
         if named:
             auto = "; search.warm_start: auto" if search.warm_start == "auto" else ""
             starts = [
@@ -258,6 +258,17 @@ def resolve(config: Config, space) -> Config:
     if search.smallest_after == "auto" and search.frontier:
         values["smallest_after"] = search.smallest_from
     return _with_search(config, **values) if values else config
+
+
+def _initial(search, named: list[str], schedule: Schedule) -> str:
+    """What precedes breeding, for the plan: random genomes fill ``search.initial`` after the greedy
+    warm start's candidates and the seed genomes (:mod:`eep.loop`), so a greedy start may leave none."""
+    warm = greedy.cost(schedule.first) if "greedy" in named else 0
+    seeds = len(search.seed_genomes) + len([m for m in named if m != "greedy"])
+    random = max(0, search.initial - warm - seeds)
+    if warm and not random:
+        return "no random initial genomes: breeding starts from greedy elimination's"
+    return f"{random} random initial"
 
 
 def seed_genomes(config: Config, space, config_dir: Path) -> list[Genome]:

@@ -57,13 +57,23 @@ def test_dry_runs_of_shipped_experiments(capsys, tmp_path):
         "warm start   greedy elimination (168 of the 500 evaluations; search.warm_start: auto)"
         in out
     )
+    # its 168 candidates fill search.initial (30): no random genomes follow them
+    assert (
+        "budget       500 evaluations (no random initial genomes: breeding starts from greedy "
+        "elimination's), seed 0" in out
+    )
     assert not (tmp_path / "r").exists()
     fewer = ["--set", "search.evaluations=300"]
     assert main(["search", str(ROOT / "experiments/toy.yaml"), "--dry-run", *fewer]) == 0
+    out = capsys.readouterr().out
     assert (
         "warm start   none (search.warm_start: auto; greedy elimination would take 168 of the 300 "
-        "evaluations, more than 40%)" in capsys.readouterr().out
+        "evaluations, more than 40%)" in out
     )
+    assert "budget       300 evaluations (30 random initial), seed 0" in out
+    seeded = ["--set", "search.warm_start=[naee, reap]"]
+    assert main(["search", str(ROOT / "experiments/toy.yaml"), "--dry-run", *seeded]) == 0
+    assert "budget       500 evaluations (28 random initial)" in capsys.readouterr().out
     # unset, validation_size is auto: 64 examples, or what the source has left
     assert main(["search", str(ROOT / "experiments/toy-top1.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
