@@ -166,6 +166,16 @@ def check_creatable(path: Path, what: str) -> None:
         raise EepError(f"cannot create {what} {path}: no permission to write in {probe}")
 
 
+def _config_yaml(config: Config) -> str:
+    """``config.yaml``: the config as a run stores it, itself a config ``eep search`` takes. A
+    frontier leaves out ``search_space.keep``, the default :class:`Config` fills in and reads back
+    (so the digest holds), which ``load_config`` refuses when written with objectives."""
+    data = config.to_dict()
+    if config.search.frontier:
+        del data["search_space"]["keep"]
+    return yaml.safe_dump(data, sort_keys=False)
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -192,7 +202,7 @@ class RunDir:
         run = cls(path)
         try:
             run.path.mkdir(parents=True, exist_ok=True)
-            run.config_path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+            run.config_path.write_text(_config_yaml(config))
         except OSError as err:
             raise EepError(f"cannot create run directory {run.path}: {err.strerror}") from None
         return run
@@ -339,7 +349,7 @@ class RunDir:
             update={"search": config.search.model_copy(update={"evaluations": evaluations})}
         )
         tmp = self.config_path.with_suffix(".yaml.tmp")
-        tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        tmp.write_text(_config_yaml(config))
         os.replace(tmp, self.config_path)
 
     def write_request(self, config: Config) -> None:

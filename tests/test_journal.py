@@ -15,6 +15,23 @@ def _evaluation(i):
     )
 
 
+def test_a_runs_config_yaml_is_itself_a_config_to_search_with(tmp_path):
+    """A frontier's stored config leaves out the filled-in ``search_space.keep`` (``load_config``
+    refuses one written beside objectives) and reads back to the same digest."""
+    from eep.config import load_config
+
+    for objectives in (["fitness"], ["fitness", "kept_params"]):
+        data = toy_config_dict()
+        data["search"]["objectives"] = objectives
+        data["search_space"] = {"kind": "prune"}
+        config = parse_config(data)
+        run = RunDir.create(tmp_path / f"run-{len(objectives)}", config)
+        assert run.config().digest() == config.digest()
+        assert load_config(run.config_path).digest() == config.digest()
+        run.extend(config.search.evaluations + 10)
+        assert load_config(run.config_path).search.evaluations == config.search.evaluations + 10
+
+
 def test_journal_round_trip_and_torn_last_line(tmp_path, capsys):
     run = RunDir.create(tmp_path / "run", parse_config(toy_config_dict()))
     for i in range(3):
