@@ -90,6 +90,12 @@ SMALLEST_SHARE = 0.3
 bred at its smallest size, at the end."""
 
 
+FRONTIER_KEEP = (
+    "a multi-objective search (search.objectives) spans every size: remove search_space.keep"
+)
+"""Why a frontier config may not give ``search_space.keep`` (:class:`Config`, :func:`load_config`)."""
+
+
 class SearchConfig(_Section):
     seed: int = 0
     evaluations: PositiveInt = 500
@@ -498,10 +504,7 @@ class Config(_Section):
     def _frontier_has_no_size(self):
         # keep defaults to 4, which a multi-objective search ignores; another value is a mistake
         if self.search.frontier and self.search_space.keep not in (None, 4):
-            raise ValueError(
-                "a multi-objective search (search.objectives) spans every size: remove "
-                "search_space.keep"
-            )
+            raise ValueError(FRONTIER_KEEP)
         return self
 
     @model_validator(mode="after")
@@ -629,10 +632,7 @@ def _check_frontier_keep(data: dict, source: str, overrides) -> None:
     written = [o for o in overrides if _within("search_space.keep", o.partition("=")[0].strip())]
     written = written or [o for o in overrides if o.partition("=")[0].strip() == "search_space"]
     where = f"--set {written[-1].strip()}" if written else f"{source}: search_space.keep"
-    raise EepError(
-        f"{where}: a multi-objective search (search.objectives) spans every size: remove "
-        "search_space.keep"
-    )
+    raise EepError(f"{where}: {FRONTIER_KEEP}")
 
 
 def _within(key: str, override: str) -> bool:

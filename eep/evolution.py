@@ -261,11 +261,13 @@ def resolve(config: Config, space) -> Config:
 
 
 def _initial(search, named: list[str], schedule: Schedule) -> str:
-    """What precedes breeding, for the plan: random genomes fill ``search.initial`` after the greedy
-    warm start's candidates and the seed genomes (:mod:`eep.loop`), so a greedy start may leave none."""
+    """What precedes breeding, for the plan (:func:`eep.loop.random_initial`); the calibration
+    warm starts are seed genomes once the run starts."""
+    from eep.loop import random_initial
+
     warm = greedy.cost(schedule.first) if "greedy" in named else 0
     seeds = len(search.seed_genomes) + len([m for m in named if m != "greedy"])
-    random = max(0, search.initial - warm - seeds)
+    random = random_initial(search, warm, seeds)
     if warm and not random:
         return "no random initial genomes: breeding starts from greedy elimination's"
     return f"{random} random initial"

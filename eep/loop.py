@@ -75,6 +75,13 @@ def breed(
     return toolbox.mutate(child)
 
 
+def random_initial(search: SearchConfig, warm: int, seeds: int) -> int:
+    """Random genomes drawn before breeding (:meth:`_Proposals._child`): they fill
+    ``search.initial`` after the greedy warm start's ``warm`` candidates and ``seeds`` seed genomes,
+    so a greedy start of ``initial`` or more leaves none."""
+    return max(0, search.initial - warm - seeds)
+
+
 def kept_experts(genome: Genome) -> int:
     """Experts a genome keeps in all layers: the ``kept_params`` objective of a multi-objective
     search (the experts of one model are the same size, so kept parameters are an affine function

@@ -27,7 +27,7 @@ from typing import Any
 
 from eep.errors import EepError
 from eep.journal import Evaluation, RunDir
-from eep.loop import best_of
+from eep.loop import best_of, random_initial
 from eep.methods import method_of
 
 METHOD_ORDER = (
@@ -1088,7 +1088,8 @@ def _breeding_starts(config, evaluations: Sequence[Evaluation]) -> int:
             config.search_space.top_k,
         )
         warm = greedy.cost(space)
-    return max(search.initial, warm + len(search.seed_genomes))
+    seeds = len(search.seed_genomes)
+    return warm + seeds + random_initial(search, warm, seeds)
 
 
 def _moei2_lines(summary: dict, config) -> list[str]:
