@@ -67,20 +67,23 @@ def keeps_for(config_path, asked: list[int] | None, shares=SHARES) -> list[int]:
 
 def _search(config, worker, schedule, tmp: Path) -> tuple[object, float, int, float]:
     from eep.evaluator import SerialEvaluator
-    from eep.evolution import _validator, resolve
+    from eep.evolution import resolve, validation_pick
     from eep.genome import Genome
     from eep.journal import RunDir
-    from eep.loop import run_search, select
+    from eep.loop import run_search
 
     run = RunDir.create(tmp / f"run-{time.monotonic_ns()}", resolve(config, schedule))
     start = time.perf_counter()
     summary = run_search(run, schedule, SerialEvaluator(worker), log=lambda m: None)
     genome = Genome.from_dict(summary["best_genome"])
     fitness = summary["best_fitness"]
-    if config.fitness.validates:
-        validate = _validator(config, SerialEvaluator(worker), {})
-        chosen, _ = select(run.evaluations(), validate, config.search.select_top)
-        genome, fitness = chosen.genome, chosen.fitness
+    picked = (  # what `eep search` exports
+        validation_pick(run, schedule, SerialEvaluator(worker), lambda m: None)
+        if config.fitness.validates
+        else None
+    )
+    if picked is not None:
+        genome, fitness = picked[0].genome, picked[0].fitness
     return genome, time.perf_counter() - start, summary["evaluations"], fitness
 
 

@@ -149,7 +149,8 @@ class SearchConfig(_Section):
     Does not change the search's outcome: the same genomes in the same order, the same best."""
     select_top: PositiveInt = 30
     """With validation examples (``fitness.tasks[].validation_size``): the best candidates by search
-    fitness among which the one scoring best on them is exported. Not part of the run's digest.
+    fitness among which (and the genomes the search started from: greedy elimination's result, the
+    seed genomes) the one scoring best on them is exported. Not part of the run's digest.
     Among a search's best few, search fitness on a few examples a task barely tells the better
     keep sets from the lucky ones; a wide field judged on more validation examples does (toy, 2 and
     3 of 8, three seeds: held-out 88.62 with 30 judged on 64 examples a task, 88.27 with 5 on 16;

@@ -24,15 +24,27 @@ from search_spaces import Schedule, build_schedule
 Log = Callable[[str], None]
 
 
-def export_rule(config: Config) -> str:
+def export_rule(config: Config, named: list[str] = ()) -> str:
     """How the run picks what it exports, for the plan: the best on validation examples among the
-    ``select_top`` best by search fitness (per size on a frontier), or the best by search fitness."""
+    ``select_top`` best by search fitness (per size on a frontier) and the genomes the search starts
+    from (``named``: its warm starts, resolved; and its seed genomes), or the best by search
+    fitness."""
     top = config.search.select_top
     if "latency" in config.search.objectives:
         return "a point of the front you choose (eep export RUN_DIR --point ID or --max-latency MS)"
     per_size = "per size, " if config.search.frontier else ""
     if config.fitness.validates:
-        return f"{per_size}the best on validation examples among the {top} best by search fitness"
+        starts = [
+            "greedy elimination's result" if m == "greedy" else f"{m}'s genome" for m in named
+        ]
+        if config.search.seed_genomes:
+            starts.append("the seed genomes")
+        also = (
+            f", and what it starts from ({', '.join(starts)})"
+            if starts and not config.search.frontier
+            else ""
+        )
+        return f"{per_size}the best on validation examples among the {top} best by search fitness{also}"
     return (
         f"{per_size}the best by search fitness (validation examples, fitness.tasks[].validation_size, "
         f"would pick among the {top} best on examples the search never scores, which generalises better)"
@@ -177,7 +189,7 @@ class Evolution:
                     f"{fit.batch_size} search prompts (search.latency_repeats, fitness.batch_size)",
                 )
             )
-        lines.append(("export", export_rule(config)))
+        lines.append(("export", export_rule(config, named)))
         return lines
 
     def start(self, config: Config, run_dir: Path, schedule, log: Log, config_dir: Path) -> None:
@@ -334,8 +346,8 @@ def make_evaluator(config: Config, log: Log = stderr_log, worker=None):
 def _finish(run: RunDir, config: Config, space, evaluator, log: Log) -> dict:
     """Run the search on ``evaluator`` (closed at the end), pick the genome to export (the best, or
     with validation examples the best of the top few on them), then score it held-out."""
-    from eep.loop import run_search, select
-    from eep.progress import Progress, tracked
+    from eep.loop import run_search
+    from eep.progress import tracked
     from fitness.metrics import weighted_fitness
 
     start = time.perf_counter()
@@ -346,22 +358,14 @@ def _finish(run: RunDir, config: Config, space, evaluator, log: Log) -> dict:
             chosen = None
             # a frontier picks per size (_front); its best by search fitness keeps nearly every expert
             if config.fitness.validates and not config.search.frontier:
-                log(
-                    f"[eep] picking the export among the {config.search.select_top} best by their validation examples"
-                )
-                progress = Progress(
-                    "validation scoring (candidates)", config.search.select_top, log
-                )
-                validate = _validator(config, evaluator, {}, progress.step)
-                # the best first: it is among those judged, and tells whether any task validates
-                if validate(Genome.from_dict(summary["best_genome"])) is not None:
-                    chosen, tried = select(run.evaluations(), validate, config.search.select_top)
-                progress.close()
-                if chosen is None:
+                picked = validation_pick(run, space, evaluator, log)
+                if picked is None:
                     log(
                         "[eep] no task has validation examples left after its search ones; "
                         "exporting the best by search fitness"
                     )
+                else:
+                    chosen, tried, begun = picked
             if chosen is not None:
                 summary["selected"] = {
                     "id": chosen.id,
@@ -370,6 +374,7 @@ def _finish(run: RunDir, config: Config, space, evaluator, log: Log) -> dict:
                     "validation": tried[chosen.id],
                     "by": "validation",
                     "candidates": {str(i): v for i, v in tried.items()},
+                    "starts": [e.id for e in begun],
                 }
             else:
                 summary["selected"] = {
@@ -437,6 +442,33 @@ def _finish(run: RunDir, config: Config, space, evaluator, log: Log) -> dict:
         + (_front_line(summary) if summary.get("front") else "")
     )
     return summary
+
+
+def validation_pick(run: RunDir, space, evaluator, log: Log = stderr_log):
+    """The genome a single-size search exports: the best on validation examples among the
+    ``select_top`` best by search fitness and what the search started from (:func:`eep.loop.starts`,
+    so the export never scores below them there). Returns (its record, the validation fitness of
+    each candidate tried by id, None for one cut short, the starts judged besides the best), or None
+    when no task has validation examples left."""
+    from eep.loop import best_of, select, starts, top_candidates
+    from eep.progress import Progress
+
+    config, archive = run.config(), run.evaluations()
+    top = config.search.select_top
+    judged = {e.id for e in top_candidates(archive, top)}
+    begun = [e for e in starts(run, space) if e.id not in judged]
+    also = f" and {len(begun)} genome{'s' * (len(begun) > 1)} it started from" if begun else ""
+    log(f"[eep] picking the export among the {top} best{also} by their validation examples")
+    progress = Progress("validation scoring (candidates)", top + len(begun), log)
+    validate = _validator(config, evaluator, {}, progress.step)
+    try:
+        # the best first: it is among those judged, and tells whether any task validates
+        if validate(best_of(archive).genome) is None:
+            return None
+        chosen, tried = select(archive, validate, top, also=begun)
+    finally:
+        progress.close()
+    return chosen, tried, begun
 
 
 def pick_runs(picks: dict) -> list[tuple[str, dict]]:

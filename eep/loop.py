@@ -673,25 +673,64 @@ class _Replay:
 
 def best_of(archive: list[Evaluation]) -> Evaluation | None:
     ok = [e for e in archive if e.candidate]
-    return min(ok, key=lambda e: (-e.fitness, e.id)) if ok else None
+    return min(ok, key=by_fitness) if ok else None
+
+
+def starts(run: RunDir, space) -> list[Evaluation]:
+    """The genomes ``run``'s search started from, as its journal holds them: greedy elimination's
+    result when it was the warm start (:func:`eep.greedy.steps` driven again by the journaled
+    scores, so nothing is evaluated) and each seed genome (given, or a calibration warm start's),
+    those scored in full and inside the search space."""
+    cfg, archive = run.config().search, run.evaluations()
+    first: dict[str, Evaluation] = {}
+    for e in archive:
+        first.setdefault(e.genome.key, e)
+    keys = [Genome.load(run.path / path).key for path in cfg.seed_genomes]
+    if greedy.starts(cfg, Schedule.of(space).first):
+        steps, done = greedy.steps(Schedule.of(space).first), 0
+        try:
+            batch = next(steps)
+            while True:
+                scored = archive[done : done + len(batch)]
+                done += len(batch)
+                batch = steps.send([_greedy_score(r) for r in scored])
+        except StopIteration as finished:
+            keys.insert(0, finished.value[0].key)
+    return [first[k] for k in keys if k in first and first[k].candidate]
+
+
+def by_fitness(e: Evaluation) -> tuple:
+    """The default rank: search fitness, then the earlier."""
+    return (-e.fitness, e.id)
+
+
+def top_candidates(
+    archive: list[Evaluation], top: int, rank: Callable[[Evaluation], tuple] = by_fitness
+) -> list[Evaluation]:
+    """The ``top`` best candidates by ``rank``."""
+    return sorted((e for e in archive if e.candidate), key=rank)[:top]
 
 
 def select(
     archive: list[Evaluation],
     validate: Callable[[Genome], float],
     top: int,
-    rank: Callable[[Evaluation], tuple] = lambda e: (-e.fitness, e.id),
+    rank: Callable[[Evaluation], tuple] = by_fitness,
+    also: list[Evaluation] = (),
 ) -> tuple[Evaluation, dict]:
     """The genome to export: among the ``top`` best candidates by ``rank`` (default: search
-    fitness, then the earlier), the best by ``validate`` (fitness on examples never searched on;
-    ties: the earlier in ``rank``). Returns it and the validation fitness of each candidate tried,
-    by id: None for one cut short.
+    fitness, then the earlier) and those of ``also`` not among them (the search's :func:`starts`,
+    so that the export never scores below them on validation), the best by ``validate`` (fitness
+    on examples never searched on; ties: the earlier in ``rank``, ``also`` last). Returns it and
+    the validation fitness of each candidate tried, by id: None for one cut short.
 
-    The candidates race: each is validated in ``rank`` order with the best score so far as its bar,
+    The candidates race: each is validated in that order with the best score so far as its bar,
     ``validate(genome, bar)``, which may stop scoring one that cannot reach the bar and return None.
     Such a one could at best tie the earlier candidate that holds the bar, and ties go to the
     earlier, so the pick is the one a full scoring of every candidate makes."""
-    ranked = sorted((e for e in archive if e.candidate), key=rank)[:top]
+    ranked = top_candidates(archive, top, rank)
+    ids = {e.id for e in ranked}
+    ranked += sorted({e.id: e for e in also if e.candidate and e.id not in ids}.values(), key=rank)
     scores: dict[int, float | None] = {}
     chosen = None
     for e in ranked:

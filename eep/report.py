@@ -924,8 +924,9 @@ def write_report(run_dir: str | Path) -> Path:
     elif chosen and chosen.get("by") == "validation" and not moei2:
         lines.append(
             f"- exported: candidate {chosen['id']} (search fitness {chosen['fitness']:.2f}), the best on the "
-            f"validation examples ({chosen['validation']:.2f}) among the {len(chosen['candidates'])} best "
-            "by search fitness"
+            f"validation examples ({chosen['validation']:.2f}) among the "
+            f"{len(chosen['candidates']) - len(chosen.get('starts', []))} best by search fitness"
+            + _starts_judged(chosen.get("starts", []))
         )
     if heldout and "best" in heldout and not moei2 and not frontier:
         lines.append(f"- held-out score of the exported genome: {heldout['best']['mean']:.2f}")
@@ -1050,6 +1051,14 @@ def write_report(run_dir: str | Path) -> Path:
     path = run.path / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _starts_judged(ids: Sequence[int]) -> str:
+    """The report's words for the starting genomes a pick judged besides the best few."""
+    if not ids:
+        return ""
+    which = ", ".join(str(i) for i in ids)
+    return f", and what the search started from (candidate{'s' if len(ids) > 1 else ''} {which})"
 
 
 def _heldout_counts(config) -> str | None:

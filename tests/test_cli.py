@@ -9,6 +9,9 @@ import yaml
 
 from eep.cli import main
 from eep.genome import Genome
+from eep.journal import RunDir
+from eep.loop import starts
+from search_spaces import PruneSpace
 from tests.conftest import toy_config_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -474,6 +477,11 @@ def test_warm_start_genomes_become_the_runs_seeds_and_greedy_spends_the_budget(c
     # evaluated right after greedy, or already one of greedy's steps
     for name in saved["seed_genomes"]:
         assert Genome.load(run / name).key in keys[: 60 + len(saved["seed_genomes"])]
+    # what a validation pick would judge besides the best: greedy's result and the warm starts
+    space = PruneSpace(8, 2, (0, 1, 2, 3), 7)
+    started = starts(RunDir(run), space)
+    seeds = [Genome.load(run / name).key for name in saved["seed_genomes"]]
+    assert [e.genome.key for e in started[1:]] == seeds and started[0].id < 60
     assert main(["resume", str(run)]) == 0  # finished: nothing to do, nothing changes
     assert len((run / "journal.jsonl").read_text().splitlines()) == 64
     capsys.readouterr()
@@ -568,6 +576,40 @@ def test_validation_examples_pick_the_export_and_the_gap_is_reported(capsys, tmp
     assert main(["export", str(run), "--out", str(tmp_path / "out")]) == 0
     exported = Genome.load(tmp_path / "out" / "eep_genome.json")
     assert exported.key == Genome.from_dict(chosen["genome"]).key
+
+
+def test_the_pick_judges_greedy_eliminations_result_beside_the_best(tmp_path):
+    """With a greedy warm start, the export is picked among the ``select_top`` best and greedy
+    elimination's result, so it never scores below that on validation; summary and report say so."""
+    tasks = [
+        {"name": t, "dataset": f"toy:{t}", "search_size": 4, "validation_size": 4, "test_size": 4}
+        for t in ("copy", "reverse", "rotate", "swap", "unshift", "unlookup")
+    ]
+    run = tmp_path / "run"
+    sets = [
+        "search_space.keep=2",
+        "search.warm_start=[greedy]",
+        "search.evaluations=300",
+        "search.select_top=1",
+        "fitness.tasks=" + json.dumps(tasks),
+    ]
+    argv = ["search", str(_config(tmp_path)), "--run-dir", str(run)]
+    assert main(argv + [a for item in sets for a in ("--set", item)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    chosen = summary["selected"]
+    greedy_id = max(
+        (json.loads(line) for line in (run / "journal.jsonl").read_text().splitlines()[:180]),
+        key=lambda r: (not r.get("outside") and r["status"] == "ok", r["fitness"] or 0, -r["id"]),
+    )["id"]
+    assert greedy_id != summary["best_id"] and chosen["starts"] == [greedy_id]
+    assert set(chosen["candidates"]) == {str(summary["best_id"]), str(greedy_id)}
+    assert chosen["validation"] == max(v for v in chosen["candidates"].values() if v is not None)
+    assert main(["report", str(run)]) == 0
+    report = (run / "report.md").read_text()
+    assert (
+        f"among the 1 best by search fitness, and what the search started from (candidate {greedy_id})"
+        in report
+    )
 
 
 def _no_validation(config):

@@ -7,8 +7,8 @@ from eep.config import parse_config
 from eep.errors import EepError
 from eep.evaluator import FitnessWorker, SerialEvaluator
 from eep.genome import Genome
-from eep.journal import RunDir
-from eep.loop import breed, make_toolbox, run_search
+from eep.journal import Evaluation, RunDir
+from eep.loop import breed, make_toolbox, run_search, select, starts
 from search_spaces import PruneSpace, build_schedule, crossover_matrices, mutate_noise
 from tests.conftest import toy_config_dict
 
@@ -572,6 +572,9 @@ def test_greedy_warm_start_is_journaled_counted_and_resumes_exactly(tmp_path, wo
     assert (
         Genome.from_dict(summary["best_genome"]).keep_map() != {} and space.reject(expected) is None
     )
+    # what the search started from, found again from the journal alone: greedy's result
+    (start,) = starts(full, space)
+    assert start.genome.key == expected.key and start.fitness == value and start.id < cost
 
     # stopped during the greedy phase, snapshot lost
     cut = RunDir.create(tmp_path / "cut", config())
@@ -580,3 +583,25 @@ def test_greedy_warm_start_is_journaled_counted_and_resumes_exactly(tmp_path, wo
             journal.write(line + "\n")
     resumed = run_search(cut, space, SerialEvaluator(worker), log=lambda m: None)
     assert _journal(cut) == rows and resumed == summary
+
+
+def test_the_pick_also_judges_what_the_search_started_from():
+    """``select(..., also=...)``: the starts outside the ``top`` are judged after them; one better on
+    validation is picked, and a tie goes to the earlier, the top's."""
+    archive = [
+        Evaluation(i, Genome.from_keep(8, 2, {0: [i % 8, (i + 1) % 8]}), 90.0 - i) for i in range(8)
+    ]
+    scores = {0: 70.0, 1: 75.0, 2: 72.0, 6: 80.0, 7: 75.0}
+    judged = []
+
+    def validate(genome, bar=None):
+        i = next(e.id for e in archive if e.genome.key == genome.key)
+        judged.append(i)
+        return scores[i]
+
+    chosen, tried = select(archive, validate, 3, also=[archive[6], archive[1]])
+    assert judged == [0, 1, 2, 6] and chosen.id == 6 and tried[6] == 80.0
+    scores[6] = 75.0
+    judged.clear()
+    chosen, _ = select(archive, validate, 3, also=[archive[7], archive[6]])
+    assert judged == [0, 1, 2, 6, 7] and chosen.id == 1
