@@ -83,7 +83,7 @@ def _search(config, worker, schedule, tmp: Path) -> tuple[object, float, int, fl
         else None
     )
     if picked is not None:
-        genome, fitness = picked[0].genome, picked[0].fitness
+        genome, fitness = picked["record"].genome, picked["record"].fitness
     return genome, time.perf_counter() - start, summary["evaluations"], fitness
 
 

@@ -358,24 +358,15 @@ def _finish(run: RunDir, config: Config, space, evaluator, log: Log) -> dict:
             chosen = None
             # a frontier picks per size (_front); its best by search fitness keeps nearly every expert
             if config.fitness.validates and not config.search.frontier:
-                picked = validation_pick(run, space, evaluator, log)
-                if picked is None:
+                chosen = validation_pick(run, space, evaluator, log)
+                if chosen is None:
                     log(
                         "[eep] no task has validation examples left after its search ones; "
                         "exporting the best by search fitness"
                     )
-                else:
-                    chosen, tried, begun = picked
             if chosen is not None:
-                summary["selected"] = {
-                    "id": chosen.id,
-                    "genome": chosen.genome.to_dict(),
-                    "fitness": chosen.fitness,
-                    "validation": tried[chosen.id],
-                    "by": "validation",
-                    "candidates": {str(i): v for i, v in tried.items()},
-                    "starts": [e.id for e in begun],
-                }
+                del chosen["record"]
+                summary["selected"] = chosen
             else:
                 summary["selected"] = {
                     "id": summary["best_id"],
@@ -428,8 +419,9 @@ def _finish(run: RunDir, config: Config, space, evaluator, log: Log) -> dict:
             else "no evaluation succeeded (see the journal's errors)"
         )
         + (
-            f"; exported candidate {chosen['id']} (search {chosen['fitness']:.2f}, validation "
-            f"{chosen['validation']:.2f})"
+            f"; exported candidate {chosen['id']}"
+            + (f", {start_name(chosen)}," if start_name(chosen) else "")
+            + f" (search {chosen['fitness']:.2f}, validation {chosen['validation']:.2f})"
             if chosen and chosen["by"] == "validation"
             else ""
         )
@@ -444,31 +436,48 @@ def _finish(run: RunDir, config: Config, space, evaluator, log: Log) -> dict:
     return summary
 
 
-def validation_pick(run: RunDir, space, evaluator, log: Log = stderr_log):
+def validation_pick(run: RunDir, space, evaluator, log: Log = stderr_log) -> dict | None:
     """The genome a single-size search exports: the best on validation examples among the
     ``select_top`` best by search fitness and what the search started from (:func:`eep.loop.starts`,
-    so the export never scores below them there). Returns (its record, the validation fitness of
-    each candidate tried by id, None for one cut short, the starts judged besides the best), or None
-    when no task has validation examples left."""
+    so the export never scores below it there). Returns ``summary["selected"]`` (with ``record``,
+    the chosen :class:`~eep.journal.Evaluation`, to be dropped before it is written), or None when
+    no task has validation examples left."""
     from eep.loop import best_of, select, starts, top_candidates
     from eep.progress import Progress
 
     config, archive = run.config(), run.evaluations()
-    top = config.search.select_top
-    judged = {e.id for e in top_candidates(archive, top)}
-    begun = [e for e in starts(run, space) if e.id not in judged]
-    also = f" and {len(begun)} genome{'s' * (len(begun) > 1)} it started from" if begun else ""
-    log(f"[eep] picking the export among the {top} best{also} by their validation examples")
-    progress = Progress("validation scoring (candidates)", top + len(begun), log)
+    ranked = top_candidates(archive, config.search.select_top)
+    begun = starts(run, space)
+    extra = [e for _, e in begun if e.id not in {r.id for r in ranked}]
+    also = f" and {len(extra)} genome{'s' * (len(extra) > 1)} it started from" if extra else ""
+    log(f"[eep] picking the export among the {len(ranked)} best{also} by their validation examples")
+    progress = Progress("validation scoring (candidates)", len(ranked) + len(extra), log)
     validate = _validator(config, evaluator, {}, progress.step)
     try:
         # the best first: it is among those judged, and tells whether any task validates
         if validate(best_of(archive).genome) is None:
             return None
-        chosen, tried = select(archive, validate, top, also=begun)
+        chosen, tried = select(archive, validate, len(ranked), also=extra)
     finally:
         progress.close()
-    return chosen, tried, begun
+    return {
+        "id": chosen.id,
+        "genome": chosen.genome.to_dict(),
+        "fitness": chosen.fitness,
+        "validation": tried[chosen.id],
+        "by": "validation",
+        "candidates": {str(i): v for i, v in tried.items()},
+        "top": len(ranked),
+        # what the search started from, judged too: by candidate id
+        "starts": {str(e.id): name for name, e in begun},
+        "record": chosen,
+    }
+
+
+def start_name(selected: dict) -> str | None:
+    """What the search started from that the exported candidate is, if it is (e.g. "greedy
+    elimination's result"), else None."""
+    return (selected.get("starts") or {}).get(str(selected["id"]))
 
 
 def pick_runs(picks: dict) -> list[tuple[str, dict]]:

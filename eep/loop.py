@@ -37,6 +37,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 from deap import base
@@ -676,16 +677,25 @@ def best_of(archive: list[Evaluation]) -> Evaluation | None:
     return min(ok, key=by_fitness) if ok else None
 
 
-def starts(run: RunDir, space) -> list[Evaluation]:
-    """The genomes ``run``'s search started from, as its journal holds them: greedy elimination's
-    result when it was the warm start (:func:`eep.greedy.steps` driven again by the journaled
-    scores, so nothing is evaluated) and each seed genome (given, or a calibration warm start's),
-    those scored in full and inside the search space."""
+def starts(run: RunDir, space) -> list[tuple[str, Evaluation]]:
+    """What ``run``'s search started from, as its journal holds it, each with a name for the
+    report: greedy elimination's result when it was the warm start (:func:`eep.greedy.steps`
+    driven again by the journaled scores, so nothing is evaluated) and each seed genome (given, or
+    a calibration warm start's); those scored in full and inside the search space, each record
+    once."""
     cfg, archive = run.config().search, run.evaluations()
     first: dict[str, Evaluation] = {}
     for e in archive:
         first.setdefault(e.genome.key, e)
-    keys = [Genome.load(run.path / path).key for path in cfg.seed_genomes]
+    named = [
+        (
+            f"{Path(path).stem.removeprefix('warm-')}'s genome"
+            if Path(path).name.startswith("warm-")
+            else f"seed genome {path}",
+            Genome.load(run.path / path).key,
+        )
+        for path in cfg.seed_genomes
+    ]
     if greedy.starts(cfg, Schedule.of(space).first):
         steps, done = greedy.steps(Schedule.of(space).first), 0
         try:
@@ -695,8 +705,12 @@ def starts(run: RunDir, space) -> list[Evaluation]:
                 done += len(batch)
                 batch = steps.send([_greedy_score(r) for r in scored])
         except StopIteration as finished:
-            keys.insert(0, finished.value[0].key)
-    return [first[k] for k in keys if k in first and first[k].candidate]
+            named.insert(0, ("greedy elimination's result", finished.value[0].key))
+    found: dict[int, tuple[str, Evaluation]] = {}
+    for name, key in named:
+        if key in first and first[key].candidate:
+            found.setdefault(first[key].id, (name, first[key]))
+    return list(found.values())
 
 
 def by_fitness(e: Evaluation) -> tuple:

@@ -922,11 +922,13 @@ def write_report(run_dir: str | Path) -> Path:
             "points (listed below, with a pick per size)"
         )
     elif chosen and chosen.get("by") == "validation" and not moei2:
+        starts = chosen.get("starts") or {}
         lines.append(
-            f"- exported: candidate {chosen['id']} (search fitness {chosen['fitness']:.2f}), the best on the "
-            f"validation examples ({chosen['validation']:.2f}) among the "
-            f"{len(chosen['candidates']) - len(chosen.get('starts', []))} best by search fitness"
-            + _starts_judged(chosen.get("starts", []))
+            f"- exported: candidate {chosen['id']} (search fitness {chosen['fitness']:.2f})"
+            + (f", {starts[str(chosen['id'])]}" if str(chosen["id"]) in starts else "")
+            + f", the best on the validation examples ({chosen['validation']:.2f}) among the "
+            f"{chosen.get('top', len(chosen['candidates']))} best by search fitness"
+            + _starts_judged(starts)
         )
     if heldout and "best" in heldout and not moei2 and not frontier:
         lines.append(f"- held-out score of the exported genome: {heldout['best']['mean']:.2f}")
@@ -1053,12 +1055,13 @@ def write_report(run_dir: str | Path) -> Path:
     return path
 
 
-def _starts_judged(ids: Sequence[int]) -> str:
-    """The report's words for the starting genomes a pick judged besides the best few."""
-    if not ids:
+def _starts_judged(starts: dict[str, str]) -> str:
+    """The report's words for what the search started from, which a validation pick judges too
+    (``summary["selected"]["starts"]``: names by candidate id)."""
+    if not starts:
         return ""
-    which = ", ".join(str(i) for i in ids)
-    return f", and what the search started from (candidate{'s' if len(ids) > 1 else ''} {which})"
+    which = "; ".join(f"candidate {i}, {name}" for i, name in starts.items())
+    return f", judged with what the search started from ({which})"
 
 
 def _heldout_counts(config) -> str | None:

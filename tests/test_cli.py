@@ -481,7 +481,11 @@ def test_warm_start_genomes_become_the_runs_seeds_and_greedy_spends_the_budget(c
     space = PruneSpace(8, 2, (0, 1, 2, 3), 7)
     started = starts(RunDir(run), space)
     seeds = [Genome.load(run / name).key for name in saved["seed_genomes"]]
-    assert [e.genome.key for e in started[1:]] == seeds and started[0].id < 60
+    assert [name for name, _ in started] == [
+        "greedy elimination's result",
+        *(f"{Path(n).stem.removeprefix('warm-')}'s genome" for n in saved["seed_genomes"]),
+    ]
+    assert [e.genome.key for _, e in started[1:]] == seeds and started[0][1].id < 60
     assert main(["resume", str(run)]) == 0  # finished: nothing to do, nothing changes
     assert len((run / "journal.jsonl").read_text().splitlines()) == 64
     capsys.readouterr()
@@ -578,7 +582,7 @@ def test_validation_examples_pick_the_export_and_the_gap_is_reported(capsys, tmp
     assert exported.key == Genome.from_dict(chosen["genome"]).key
 
 
-def test_the_pick_judges_greedy_eliminations_result_beside_the_best(tmp_path):
+def test_the_pick_judges_greedy_eliminations_result_beside_the_best(capsys, tmp_path):
     """With a greedy warm start, the export is picked among the ``select_top`` best and greedy
     elimination's result, so it never scores below that on validation; summary and report say so."""
     tasks = [
@@ -591,6 +595,7 @@ def test_the_pick_judges_greedy_eliminations_result_beside_the_best(tmp_path):
         "search.warm_start=[greedy]",
         "search.evaluations=300",
         "search.select_top=1",
+        "search.seed=5",
         "fitness.tasks=" + json.dumps(tasks),
     ]
     argv = ["search", str(_config(tmp_path)), "--run-dir", str(run)]
@@ -601,14 +606,23 @@ def test_the_pick_judges_greedy_eliminations_result_beside_the_best(tmp_path):
         (json.loads(line) for line in (run / "journal.jsonl").read_text().splitlines()[:180]),
         key=lambda r: (not r.get("outside") and r["status"] == "ok", r["fitness"] or 0, -r["id"]),
     )["id"]
-    assert greedy_id != summary["best_id"] and chosen["starts"] == [greedy_id]
+    assert greedy_id != summary["best_id"]
+    assert chosen["starts"] == {str(greedy_id): "greedy elimination's result"}
     assert set(chosen["candidates"]) == {str(summary["best_id"]), str(greedy_id)}
     assert chosen["validation"] == max(v for v in chosen["candidates"].values() if v is not None)
+    # here greedy's result beats the best by search fitness on validation (79.17 against 75.00)
+    assert chosen["top"] == 1 and chosen["id"] == greedy_id
+    assert (
+        f"exported candidate {greedy_id}, greedy elimination's result, (search"
+        in capsys.readouterr().err
+    )
     assert main(["report", str(run)]) == 0
     report = (run / "report.md").read_text()
     assert (
-        f"among the 1 best by search fitness, and what the search started from (candidate {greedy_id})"
-        in report
+        f"- exported: candidate {greedy_id} (search fitness {chosen['fitness']:.2f}), greedy "
+        "elimination's result, the best on the validation examples (79.17) among the 1 best by "
+        f"search fitness, judged with what the search started from (candidate {greedy_id}, greedy "
+        "elimination's result)" in report
     )
 
 

@@ -573,8 +573,13 @@ def test_greedy_warm_start_is_journaled_counted_and_resumes_exactly(tmp_path, wo
         Genome.from_dict(summary["best_genome"]).keep_map() != {} and space.reject(expected) is None
     )
     # what the search started from, found again from the journal alone: greedy's result
-    (start,) = starts(full, space)
-    assert start.genome.key == expected.key and start.fitness == value and start.id < cost
+    ((name, start),) = starts(full, space)
+    assert (
+        name == "greedy elimination's result"
+        and start.genome.key == expected.key
+        and start.fitness == value
+        and start.id < cost
+    )
 
     # stopped during the greedy phase, snapshot lost
     cut = RunDir.create(tmp_path / "cut", config())
