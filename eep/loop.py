@@ -700,7 +700,7 @@ def starts(run: RunDir, space) -> list[tuple[str, Evaluation]]:
         steps, done = greedy.steps(Schedule.of(space).first), 0
         try:
             batch = next(steps)
-            while True:
+            while len(archive) >= done + len(batch):  # else stopped part-way: no result yet
                 scored = archive[done : done + len(batch)]
                 done += len(batch)
                 batch = steps.send([_greedy_score(r) for r in scored])

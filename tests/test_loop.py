@@ -586,6 +586,7 @@ def test_greedy_warm_start_is_journaled_counted_and_resumes_exactly(tmp_path, wo
     with cut.journal_path.open("a") as journal:
         for line in full.journal_path.read_text().splitlines()[:50]:
             journal.write(line + "\n")
+    assert starts(cut, space) == []  # greedy elimination has no result yet
     resumed = run_search(cut, space, SerialEvaluator(worker), log=lambda m: None)
     assert _journal(cut) == rows and resumed == summary
 
