@@ -922,10 +922,12 @@ def write_report(run_dir: str | Path) -> Path:
             "points (listed below, with a pick per size)"
         )
     elif chosen and chosen.get("by") == "validation" and not moei2:
+        from eep.evolution import start_name
+
         starts = chosen.get("starts") or {}
         lines.append(
             f"- exported: candidate {chosen['id']} (search fitness {chosen['fitness']:.2f})"
-            + (f", {starts[str(chosen['id'])]}" if str(chosen["id"]) in starts else "")
+            + (f", {start_name(chosen)}" if start_name(chosen) else "")
             + f", the best on the validation examples ({chosen['validation']:.2f}) among the "
             f"{chosen.get('top', len(chosen['candidates']))} best by search fitness"
             + _starts_judged(starts)
