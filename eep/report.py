@@ -930,7 +930,7 @@ def write_report(run_dir: str | Path) -> Path:
             + (f", {start_name(chosen)}" if start_name(chosen) else "")
             + f", the best on the validation examples ({chosen['validation']:.2f}) among the "
             f"{chosen.get('top', len(chosen['candidates']))} best by search fitness"
-            + _starts_judged(starts)
+            + _starts_judged(starts, chosen["candidates"])
         )
     if heldout and "best" in heldout and not moei2 and not frontier:
         lines.append(f"- held-out score of the exported genome: {heldout['best']['mean']:.2f}")
@@ -1057,12 +1057,18 @@ def write_report(run_dir: str | Path) -> Path:
     return path
 
 
-def _starts_judged(starts: dict[str, str]) -> str:
+def _starts_judged(starts: dict[str, str], validation: dict[str, float | None]) -> str:
     """The report's words for what the search started from, which a validation pick judges too
-    (``summary["selected"]["starts"]``: names by candidate id)."""
+    (``summary["selected"]``'s ``starts``, names by candidate id, and ``candidates``, validation
+    scores by candidate id: None where scoring stopped once it could not win)."""
     if not starts:
         return ""
-    which = "; ".join(f"candidate {i}, {name}" for i, name in starts.items())
+
+    def score(i: str) -> str:
+        value = validation.get(i)
+        return "no higher, cut short" if value is None else f"validation {value:.2f}"
+
+    which = "; ".join(f"candidate {i}, {name}: {score(i)}" for i, name in starts.items())
     return f", judged with what the search started from ({which})"
 
 

@@ -622,7 +622,7 @@ def test_the_pick_judges_greedy_eliminations_result_beside_the_best(capsys, tmp_
         f"- exported: candidate {greedy_id} (search fitness {chosen['fitness']:.2f}), greedy "
         "elimination's result, the best on the validation examples (79.17) among the 1 best by "
         f"search fitness, judged with what the search started from (candidate {greedy_id}, greedy "
-        "elimination's result)" in report
+        "elimination's result: validation 79.17)" in report
     )
 
 
