@@ -28,8 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 def _frontier(config, worker, tmp: Path, evaluations: int, seed: int | None = None, overrides=()):
     from eep.evaluator import SerialEvaluator
-    from eep.evolution import METHOD, resolve
-    from eep.journal import RunDir
+    from eep.evolution import METHOD, create_run, resolve
     from eep.loop import front_of, run_search
 
     data = config.to_dict()
@@ -45,10 +44,12 @@ def _frontier(config, worker, tmp: Path, evaluations: int, seed: int | None = No
         apply_override(data, item)
     frontier = parse_config(data, source="--set" if overrides else config.name)
     schedule = METHOD.plan(frontier, worker.adapter.shape)
-    frontier = resolve(frontier, schedule)
-    run = RunDir.create(tmp / "frontier", frontier)
-    start = time.perf_counter()
-    run_search(run, schedule, SerialEvaluator(worker), log=lambda m: None)
+    evaluator = SerialEvaluator(worker)
+    start = time.perf_counter()  # a calibration warm start's pass counts, as in `eep search`
+    run, frontier = create_run(
+        resolve(frontier, schedule), tmp / "frontier", schedule, evaluator, lambda m: None
+    )
+    run_search(run, schedule, evaluator, log=lambda m: None)
     return frontier, run.evaluations(), front_of(run.evaluations()), time.perf_counter() - start
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -133,29 +133,33 @@ def _check_keep(shape: MoEShape | Calibration, keep: int) -> None:
         )
 
 
-def warm_genomes(config: Config, worker, methods, log: Callable[[str], None]) -> dict[str, Genome]:
-    """``search.warm_start``'s calibration-pass genomes (``naee``, ``reap``, ``frequency``) at the
-    search's keep count, by method."""
-    keep = config.search_space.keep
+def warm_genomes(
+    config: Config, worker, methods, log: Callable[[str], None], keeps: Sequence[int] = ()
+) -> dict[str, Genome]:
+    """``search.warm_start``'s calibration-pass genomes (``naee``, ``reap``, ``frequency``) by
+    name: at the search's keep count, named by method; or at each of ``keeps`` (a frontier's
+    sizes, :func:`eep.evolution.warm_keeps`), named ``method-keep``."""
     from eep.calibration import calibrate
 
     _, _, cal = calibrate(config, worker, log)
     out = {}
-    for method in methods:
-        if method == "naee":
-            out[method] = naee_genome(cal, keep, config.baselines.naee_max_subsets)[0]
-        elif method == "reap":
-            out[method] = reap_genome(cal, keep)
-        elif method == "frequency":
-            out[method] = frequency_genome(cal, keep)
-        else:
-            raise ValueError(f"{method!r} is not a calibration-pass warm start")
-        # the search routes to fewer experts: so do its seeds
-        if config.search_space.top_k is not None:
-            out[method] = Genome.from_keep(
-                out[method].num_experts,
-                out[method].top_k,
-                out[method].keep_map(),
-                config.search_space.top_k,
-            )
+    for keep in keeps or [config.search_space.keep]:
+        for method in methods:
+            name = f"{method}-{keep}" if keeps else method
+            if method == "naee":
+                out[name] = naee_genome(cal, keep, config.baselines.naee_max_subsets)[0]
+            elif method == "reap":
+                out[name] = reap_genome(cal, keep)
+            elif method == "frequency":
+                out[name] = frequency_genome(cal, keep)
+            else:
+                raise ValueError(f"{method!r} is not a calibration-pass warm start")
+            # the search routes to fewer experts: so do its seeds
+            if config.search_space.top_k is not None:
+                out[name] = Genome.from_keep(
+                    out[name].num_experts,
+                    out[name].top_k,
+                    out[name].keep_map(),
+                    config.search_space.top_k,
+                )
     return out

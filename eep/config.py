@@ -116,7 +116,9 @@ class SearchConfig(_Section):
     (the default): ``[greedy]`` where greedy elimination applies and takes at most 40 % of
     ``evaluations`` (``eep.greedy.AUTO_SHARE``), else ``[]``; a run stores what it resolved to.
     Measured on six toys at 2 and 3 of 8 (docs/search-quality.md): where the search alone stalls
-    below greedy elimination it starts above it; elsewhere it changes little."""
+    below greedy elimination it starts above it; elsewhere it changes little. On a frontier over
+    kept experts ``naee``, ``reap``, ``frequency`` seed the upper half of the sizes
+    (``eep.evolution.warm_keeps``; docs/frontier.md), and ``auto`` is ``[]``."""
     mutate_threshold: Annotated[float, Field(ge=0.0)] = 3.0
     """Mutation parents are drawn among candidates within this many points of the best (EEP: 3.0)."""
     crossover_threshold: Annotated[float, Field(ge=0.0)] = 1.0

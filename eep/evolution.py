@@ -9,6 +9,7 @@ frontier: the non-dominated points and a pick per size, held-out scored (:func:`
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -106,13 +107,10 @@ class Evolution:
         )
         named = config.search.named_warm_start
         if config.search.frontier and named:
-            raise EepError(
-                "search.warm_start seeds a search at one size; a multi-objective search starts from "
-                "random genomes of every size: drop warm_start"
-            )
+            _check_frontier_warm(config, shape, schedule)
         if config_dir is not None:
             seed_genomes(config, schedule, config_dir)
-        if named:
+        if named and not config.search.frontier:
             # the baselines' genomes, like greedy's, keep a uniform number per layer
             greedy.check(schedule.first)
         if "greedy" in named:
@@ -152,7 +150,16 @@ class Evolution:
                     f"experts in every layer{auto}",
                 )
             )
-        if named:
+        if named and search.frontier:
+            keeps = warm_keeps(search, schedule)
+            lines.append(
+                (
+                    "warm start",
+                    f"{', '.join(named)} at {keeps[0]}..{keeps[-1]} of {schedule.first.num_experts} "
+                    "experts per layer (one calibration pass), as seed genomes",
+                )
+            )
+        elif named:
             auto = "; search.warm_start: auto" if search.warm_start == "auto" else ""
             starts = [
                 f"greedy elimination ({greedy.cost(schedule.first)} of the {search.evaluations} "
@@ -203,25 +210,10 @@ class Evolution:
             if config.evaluator.kind == "ray" and not in_flight_is_set:  # keep every actor busy
                 evaluator.in_flight = evaluator.size
                 config = _with_search(config, in_flight=evaluator.size)
-            names = [f"seeds/seed-{n}.json" for n in range(len(seeds))]
-            config = resolve(config, schedule)
-            calibrated = [m for m in config.search.warm_start if m != "greedy"]
-            # become seed genomes of the run: its config says what it does, and it resumes exactly
-            if calibrated:
-                seeds, names = _warm_seeds(
-                    config, evaluator, calibrated, seeds, names, log, schedule
-                )
-                kept = [m for m in config.search.warm_start if m == "greedy"]
-                config = _with_search(config, warm_start=kept)
-            # the run keeps its own copies: it resumes from anywhere, whatever happens to the files
-            if seeds:
-                config = _with_search(config, seed_genomes=names)
-            run = RunDir.create(run_dir, config)
+            run, config = create_run(
+                resolve(config, schedule), run_dir, schedule, evaluator, log, seeds
+            )
             run.write_request(requested)
-            if seeds:
-                (run.path / "seeds").mkdir()
-                for name, genome in zip(names, seeds):
-                    genome.save(run.path / name)
         except BaseException:
             evaluator.close()
             raise
@@ -278,7 +270,9 @@ def _initial(search, named: list[str], schedule: Schedule) -> str:
     from eep.loop import random_initial
 
     warm = greedy.cost(schedule.first) if "greedy" in named else 0
-    seeds = len(search.seed_genomes) + len([m for m in named if m != "greedy"])
+    calibrated = len([m for m in named if m != "greedy"])
+    sizes = len(warm_keeps(search, schedule)) if search.frontier and calibrated else 1
+    seeds = len(search.seed_genomes) + calibrated * sizes
     random = random_initial(search, warm, seeds)
     if warm and not random:
         return "no random initial genomes: breeding starts from greedy elimination's"
@@ -302,6 +296,28 @@ def seed_genomes(config: Config, space, config_dir: Path) -> list[Genome]:
     return seeds
 
 
+def create_run(
+    config: Config, run_dir: Path, schedule, evaluator, log: Log, seeds: list[Genome] = ()
+) -> tuple[RunDir, Config]:
+    """The run directory of a search (``config`` resolved, :func:`resolve`) and the config it
+    runs, with its seed genomes and calibration warm starts copied into it as seed genomes: its
+    config says what it does, and it resumes from anywhere, whatever happens to the files."""
+    names = [f"seeds/seed-{n}.json" for n in range(len(seeds))]
+    calibrated = [m for m in config.search.warm_start if m != "greedy"]
+    if calibrated:
+        seeds, names = _warm_seeds(config, evaluator, calibrated, seeds, names, log, schedule)
+        kept = [m for m in config.search.warm_start if m == "greedy"]
+        config = _with_search(config, warm_start=kept)
+    if seeds:
+        config = _with_search(config, seed_genomes=names)
+    run = RunDir.create(run_dir, config)
+    if seeds:
+        (run.path / "seeds").mkdir()
+        for name, genome in zip(names, seeds):
+            genome.save(run.path / name)
+    return run, config
+
+
 def _warm_seeds(config, evaluator, methods, seeds, names, log: Log, space) -> tuple[list, list]:
     """The seeds with the calibration-pass warm starts appended (those not already among them, and
     only those the search's space holds: e.g. weight groups need one keep set per group)."""
@@ -314,7 +330,8 @@ def _warm_seeds(config, evaluator, methods, seeds, names, log: Log, space) -> tu
         log(f"[eep] loading {config.model.path} here for the warm start's calibration pass")
         worker = FitnessWorker(config)
     seeds, names = list(seeds), list(names)
-    for method, genome in warm_genomes(config, worker, methods, log).items():
+    keeps = warm_keeps(config.search, space) if config.search.frontier else ()
+    for method, genome in warm_genomes(config, worker, methods, log, keeps).items():
         if genome.key in {s.key for s in seeds}:
             log(f"[eep] warm start: {method}'s genome is already a seed")
             continue
@@ -325,6 +342,39 @@ def _warm_seeds(config, evaluator, methods, seeds, names, log: Log, space) -> tu
         seeds.append(genome)
         names.append(f"seeds/warm-{method}.json")
     return seeds, names
+
+
+def warm_keeps(search, space) -> list[int]:
+    """The sizes (experts per layer) at which a frontier's calibration warm starts seed it: the
+    upper half, ceil(E/2)..E-1, where search and validation fitness saturate and a pick among ties
+    goes to the earlier candidate (seeding every size lowered the picks at 3 of 8: docs/frontier.md);
+    evenly thinned so that the seeds fill at most half of ``search.initial``."""
+    first = Schedule.of(space).first
+    sizes = list(range(max(math.ceil(first.num_experts / 2), first.min_keep), first.num_experts))
+    room = max(search.initial // (2 * max(len(search.named_warm_start), 1)), 1)
+    if len(sizes) > room:
+        sizes = sorted({sizes[round(i * (len(sizes) - 1) / max(room - 1, 1))] for i in range(room)})
+    return sizes
+
+
+def _check_frontier_warm(config: Config, shape, schedule) -> None:
+    """A frontier takes calibration warm starts over kept experts, of ungrouped experts."""
+    named = config.search.named_warm_start
+    if config.search.objectives[1] != "kept_params":
+        raise EepError(
+            "search.warm_start seeds a frontier over kept experts (objectives: [fitness, "
+            "kept_params]); this one keeps every expert: drop warm_start"
+        )
+    if "greedy" in named:
+        raise EepError(
+            "greedy elimination walks one size; a frontier takes the calibration warm starts "
+            "(naee, reap, frequency): drop greedy from search.warm_start"
+        )
+    if shape.expert_groups > 1:
+        raise EepError(
+            f"the calibration warm starts pick experts without regard to the model's "
+            f"{shape.expert_groups} routing groups: drop search.warm_start"
+        )
 
 
 def make_evaluator(config: Config, log: Log = stderr_log, worker=None):

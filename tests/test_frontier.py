@@ -491,8 +491,12 @@ def test_frontier_plans_refuse_what_it_cannot_hold():
     config = parse_config(
         {**frontier_config(), "search": {**frontier_config()["search"], "warm_start": ["greedy"]}}
     )
-    with pytest.raises(EepError, match="drop warm_start"):
+    with pytest.raises(EepError, match="drop greedy from search.warm_start"):
         METHOD.plan(config, MoEShape("mixtral", 8, 2, (0, 1, 2, 3)))
+    topk = frontier_config(warm_start=["naee"])
+    topk["search"]["objectives"] = ["fitness", "active_params"]
+    with pytest.raises(EepError, match="this one keeps every expert: drop warm_start"):
+        METHOD.plan(parse_config(topk), MoEShape("mixtral", 8, 2, (0, 1, 2, 3)))
     grouped = MoEShape("deepseek_v3", 8, 2, (1, 2), 2, 2)
     space = parse_config(frontier_config()).search_space
     with pytest.raises(EepError, match="routes within expert groups"):
@@ -932,3 +936,35 @@ def test_a_latency_front_is_re_timed_until_every_point_of_it_was():
     assert [e.latency for e in again] == [0.4, 0.8, 0.6]
     assert sorted(timer.calls) == sorted([2, 5, 6] * RETIMES)
     assert [e.latency for e in archive] == [0.4, 0.5, 0.6]  # the records as journaled
+
+
+def test_calibration_warm_starts_seed_a_frontier_at_the_upper_sizes(tmp_path, worker):
+    """``warm_start: [naee, frequency]`` on a frontier: their keep sets at ceil(E/2)..E-1 experts
+    per layer, from one calibration pass, are its first candidates, stored in the run as seed
+    genomes (so it resumes exactly); the plan says so and counts them out of ``initial``."""
+    from eep.evolution import METHOD, create_run, resolve, warm_keeps
+
+    config = parse_config(
+        frontier_config(warm_start=["naee", "frequency"], evaluations=24, initial=20)
+    )
+    schedule = METHOD.plan(config, worker.adapter.shape)
+    assert warm_keeps(config.search, schedule) == [4, 5, 6, 7]
+    lines = dict(METHOD.plan_lines(config, schedule))
+    assert lines["warm start"].startswith("naee, frequency at 4..7 of 8 experts per layer")
+    assert "(12 random initial)" in lines["budget"]
+    run, stored = create_run(
+        resolve(config, schedule), tmp_path / "run", schedule, SerialEvaluator(worker), print
+    )
+    names = stored.search.seed_genomes
+    assert stored.search.warm_start == [] and 4 <= len(names) <= 8
+    sizes = [int(n.removesuffix(".json").split("-")[-1]) for n in names]
+    assert set(sizes) == {4, 5, 6, 7}
+    for name, keep in zip(names, sizes):  # every layer keeps the size its name says
+        assert name.startswith("seeds/warm-")
+        assert kept_experts(Genome.load(run.path / name)) == 4 * keep
+    run_search(run, schedule, SerialEvaluator(worker), log=lambda m: None)
+    first = [e.genome.key for e in run.evaluations()[: len(names)]]
+    assert first == [Genome.load(run.path / n).key for n in names]
+    # thinned to fill at most half of search.initial: 6 // (2 * 3) = 1 size
+    small = parse_config(frontier_config(warm_start=["naee", "reap", "frequency"], initial=6))
+    assert warm_keeps(small.search, METHOD.plan(small, worker.adapter.shape)) == [4]
