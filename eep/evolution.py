@@ -107,7 +107,7 @@ class Evolution:
         )
         named = config.search.named_warm_start
         if config.search.frontier and named:
-            _check_frontier_warm(config, shape, schedule)
+            _check_frontier_warm(config)
         if config_dir is not None:
             seed_genomes(config, schedule, config_dir)
         if named and not config.search.frontier:
@@ -357,23 +357,19 @@ def warm_keeps(search, space) -> list[int]:
     return sizes
 
 
-def _check_frontier_warm(config: Config, shape, schedule) -> None:
-    """A frontier takes calibration warm starts over kept experts, of ungrouped experts."""
-    named = config.search.named_warm_start
-    if config.search.objectives[1] != "kept_params":
+def _check_frontier_warm(config: Config) -> None:
+    """A frontier takes the calibration warm starts, over kept experts only (grouped models have
+    no such frontier: :func:`search_spaces.build_schedule`)."""
+    objective = config.search.objectives[1]
+    if objective != "kept_params":
         raise EepError(
             "search.warm_start seeds a frontier over kept experts (objectives: [fitness, "
-            "kept_params]); this one keeps every expert: drop warm_start"
+            f"kept_params]), not over {objective}: drop warm_start"
         )
-    if "greedy" in named:
+    if "greedy" in config.search.named_warm_start:
         raise EepError(
             "greedy elimination walks one size; a frontier takes the calibration warm starts "
             "(naee, reap, frequency): drop greedy from search.warm_start"
-        )
-    if shape.expert_groups > 1:
-        raise EepError(
-            f"the calibration warm starts pick experts without regard to the model's "
-            f"{shape.expert_groups} routing groups: drop search.warm_start"
         )
 
 
