@@ -962,9 +962,16 @@ def test_calibration_warm_starts_seed_a_frontier_at_the_upper_sizes(tmp_path, wo
     for name, keep in zip(names, sizes):  # every layer keeps the size its name says
         assert name.startswith("seeds/warm-")
         assert kept_experts(Genome.load(run.path / name)) == 4 * keep
-    run_search(run, schedule, SerialEvaluator(worker), log=lambda m: None)
+    run_search(run, schedule, SerialEvaluator(worker), log=lambda m: None, stop_after=10)
     first = [e.genome.key for e in run.evaluations()[: len(names)]]
     assert first == [Genome.load(run.path / n).key for n in names]
+    # stopped after the seeds, then resumed from the run alone: the uninterrupted run's records
+    resumed = run_search(RunDir.open(run.path), schedule, SerialEvaluator(worker), lambda m: None)
+    whole, _ = create_run(
+        resolve(config, schedule), tmp_path / "whole", schedule, SerialEvaluator(worker), print
+    )
+    assert run_search(whole, schedule, SerialEvaluator(worker), lambda m: None) == resumed
+    assert _journal(RunDir.open(run.path)) == _journal(whole)
     # thinned to fill at most half of search.initial: 6 // (2 * 3) = 1 size
     small = parse_config(frontier_config(warm_start=["naee", "reap", "frequency"], initial=6))
     assert warm_keeps(small.search, METHOD.plan(small, worker.adapter.shape)) == [4]
