@@ -905,6 +905,9 @@ def write_report(run_dir: str | Path) -> Path:
                 else ""
             )
         )
+        seeded = _seeds_line(config)
+        if seeded:
+            lines.append(seeded)
     if best is not None:
         lines.append(
             f"- best search fitness: {best.fitness:.2f} (candidate {best.id}, genome `{best.genome.key}`)"
@@ -1088,6 +1091,18 @@ def _heldout_counts(config) -> str | None:
         + ", ".join(f"{name} {n['test']}" for name, n in counts.items())
         + "."
     )
+
+
+def _seeds_line(config) -> str | None:
+    """The report's line on the run's seed genomes, evaluated before any random one: the
+    calibration warm starts ``eep search`` saved as ``seeds/warm-<name>.json`` (by name: method, or
+    method-size on a frontier) and any given ones; None without seeds."""
+    names = [Path(s).name for s in config.search.seed_genomes]
+    warm = [n.removeprefix("warm-").removesuffix(".json") for n in names if n.startswith("warm-")]
+    given = len(names) - len(warm)
+    parts = [f"calibration warm starts {', '.join(warm)}"] if warm else []
+    parts += [f"{given} given"] if given else []
+    return f"- seed genomes, evaluated first: {len(names)} ({'; '.join(parts)})" if names else None
 
 
 def _breeding_starts(config, evaluations: Sequence[Evaluation]) -> int:

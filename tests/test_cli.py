@@ -486,6 +486,12 @@ def test_warm_start_genomes_become_the_runs_seeds_and_greedy_spends_the_budget(c
         *(f"{Path(n).stem.removeprefix('warm-')}'s genome" for n in saved["seed_genomes"]),
     ]
     assert [e.genome.key for _, e in started[1:]] == seeds and started[0][1].id < 60
+    assert main(["report", str(run)]) == 0  # the report says what the search was seeded with
+    warm = ", ".join(Path(n).stem.removeprefix("warm-") for n in saved["seed_genomes"])
+    assert (
+        f"- seed genomes, evaluated first: {len(seeds)} (calibration warm starts {warm})"
+        in (run / "report.md").read_text()
+    )
     assert main(["resume", str(run)]) == 0  # finished: nothing to do, nothing changes
     assert len((run / "journal.jsonl").read_text().splitlines()) == 64
     capsys.readouterr()
