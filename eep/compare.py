@@ -21,6 +21,7 @@ from eep.config import Config
 from eep.errors import EepError
 from eep.evolution import FRONTIER_PICK, compared
 from eep.genome import Genome
+from eep.journal import warm_seed_name
 from eep.methods import method_of
 from eep.surgery import parameter_counts
 
@@ -28,17 +29,15 @@ from eep.surgery import parameter_counts
 def warm_started(config: Config) -> list[str]:
     """The baselines the run's search started from: ``search.warm_start`` as given, and those
     ``eep search`` saved as ``seeds/warm-<method>.json`` (the calibration-pass ones)."""
-    names = [Path(s).name for s in config.search.seed_genomes]
-    return config.search.named_warm_start + [
-        n.removeprefix("warm-").removesuffix(".json") for n in names if n.startswith("warm-")
-    ]
+    warm = [warm_seed_name(s) for s in config.search.seed_genomes]
+    return config.search.named_warm_start + [n for n in warm if n is not None]
 
 
 def search_start(config: Config) -> str | None:
     """How the run's search started, for its row: ``warm start: greedy, naee``
     (:func:`warm_started`) and any other seed genomes; None for random initial genomes only."""
     warm = warm_started(config)
-    seeded = sum(not Path(s).name.startswith("warm-") for s in config.search.seed_genomes)
+    seeded = sum(warm_seed_name(s) is None for s in config.search.seed_genomes)
     parts = [f"warm start: {', '.join(warm)}"] if warm else []
     parts += [f"{seeded} seed genome{'s' if seeded > 1 else ''}"] if seeded else []
     return "; ".join(parts) or None

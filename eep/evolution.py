@@ -18,7 +18,7 @@ from eep import greedy
 from eep.config import Config
 from eep.errors import EepError
 from eep.genome import Genome
-from eep.journal import RunDir
+from eep.journal import RunDir, warm_seed_path
 from eep.progress import stderr_log
 from search_spaces import Schedule, build_schedule
 
@@ -35,9 +35,9 @@ def export_rule(config: Config, named: list[str] = ()) -> str:
         return "a point of the front you choose (eep export RUN_DIR --point ID or --max-latency MS)"
     per_size = "per size, " if config.search.frontier else ""
     if config.fitness.validates:
-        starts = [
-            "greedy elimination's result" if m == "greedy" else f"{m}'s genome" for m in named
-        ]
+        from eep.loop import start_label
+
+        starts = [start_label(m) for m in named]
         if config.search.seed_genomes:
             starts.append("the seed genomes")
         also = (
@@ -340,7 +340,7 @@ def _warm_seeds(config, evaluator, methods, seeds, names, log: Log, space) -> tu
             log(f"[eep] warm start: {method}'s genome is left out: {reason}")
             continue
         seeds.append(genome)
-        names.append(f"seeds/warm-{method}.json")
+        names.append(warm_seed_path(method))
     return seeds, names
 
 
@@ -493,8 +493,9 @@ def validation_pick(run: RunDir, space, evaluator, log: Log = stderr_log) -> dic
 
     config, archive = run.config(), run.evaluations()
     ranked = top_candidates(archive, config.search.select_top)
-    begun = starts(run, space)
-    extra = [e for _, e in begun if e.id not in {r.id for r in ranked}]
+    begun = starts(run, space, archive)
+    judged = {r.id for r in ranked}
+    extra = [e for _, e in begun if e.id not in judged]
     also = f" and {len(extra)} genome{'s' * (len(extra) > 1)} it started from" if extra else ""
     log(f"[eep] picking the export among the {len(ranked)} best{also} by their validation examples")
     progress = Progress("validation scoring (candidates)", len(ranked) + len(extra), log)

@@ -166,6 +166,19 @@ def check_creatable(path: Path, what: str) -> None:
         raise EepError(f"cannot create {what} {path}: no permission to write in {probe}")
 
 
+def warm_seed_path(name: str) -> str:
+    """Where a run keeps a calibration warm start's genome (``name``: its method, or method-size
+    on a frontier), among its seed genomes."""
+    return f"seeds/warm-{name}.json"
+
+
+def warm_seed_name(path: str) -> str | None:
+    """The calibration warm start a run's seed genome file holds (:func:`warm_seed_path`), or None
+    for a seed genome the config gave."""
+    name = Path(path).name
+    return name.removeprefix("warm-").removesuffix(".json") if name.startswith("warm-") else None
+
+
 def _config_yaml(config: Config) -> str:
     """``config.yaml``: the config as a run stores it, itself a config ``eep search`` takes. A
     frontier leaves out ``search_space.keep``, the default :class:`Config` fills in and reads back

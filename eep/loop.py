@@ -37,7 +37,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 from deap import base
@@ -47,7 +46,7 @@ from eep.config import SearchConfig, differences
 from eep.errors import EepError
 from eep.evaluator import Candidate
 from eep.genome import Genome
-from eep.journal import Evaluation, RunDir
+from eep.journal import Evaluation, RunDir, warm_seed_name
 from search_spaces import Schedule
 
 
@@ -677,21 +676,30 @@ def best_of(archive: list[Evaluation]) -> Evaluation | None:
     return min(ok, key=by_fitness) if ok else None
 
 
-def starts(run: RunDir, space) -> list[tuple[str, Evaluation]]:
-    """What ``run``'s search started from, as its journal holds it, each with a name for the
-    report: greedy elimination's result when it was the warm start (:func:`eep.greedy.steps`
-    driven again by the journaled scores, so nothing is evaluated) and each seed genome (given, or
-    a calibration warm start's); those scored in full and inside the search space, each record
-    once."""
-    cfg, archive = run.config().search, run.evaluations()
+def start_label(warm: str) -> str:
+    """How the plan, the last line and the report name a warm start's genome (``warm``: ``greedy``,
+    or a calibration warm start's name, :func:`eep.journal.warm_seed_name`)."""
+    return "greedy elimination's result" if warm == "greedy" else f"{warm}'s genome"
+
+
+def starts(
+    run: RunDir, space, archive: list[Evaluation] | None = None
+) -> list[tuple[str, Evaluation]]:
+    """What ``run``'s search started from, as its journal (``archive``, when the caller has read
+    it already) holds it, each with a name for the report: greedy elimination's result when it was
+    the warm start (:func:`eep.greedy.steps` driven again by the journaled scores, so nothing is
+    evaluated) and each seed genome (given, or a calibration warm start's); those scored in full
+    and inside the search space, each record once."""
+    cfg = run.config().search
+    archive = run.evaluations() if archive is None else archive
     first: dict[str, Evaluation] = {}
     for e in archive:
         first.setdefault(e.genome.key, e)
     named = [
         (
-            f"{Path(path).stem.removeprefix('warm-')}'s genome"
-            if Path(path).name.startswith("warm-")
-            else f"seed genome {path}",
+            f"seed genome {path}"
+            if warm_seed_name(path) is None
+            else start_label(warm_seed_name(path)),
             Genome.load(run.path / path).key,
         )
         for path in cfg.seed_genomes
@@ -705,7 +713,7 @@ def starts(run: RunDir, space) -> list[tuple[str, Evaluation]]:
                 done += len(batch)
                 batch = steps.send([_greedy_score(r) for r in scored])
         except StopIteration as finished:
-            named.insert(0, ("greedy elimination's result", finished.value[0].key))
+            named.insert(0, (start_label("greedy"), finished.value[0].key))
     found: dict[int, tuple[str, Evaluation]] = {}
     for name, key in named:
         if key in first and first[key].candidate:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from eep.errors import EepError
-from eep.journal import Evaluation, RunDir
+from eep.journal import Evaluation, RunDir, warm_seed_name
 from eep.loop import best_of, random_initial
 from eep.methods import method_of
 
@@ -1097,8 +1097,8 @@ def _seeds_line(config) -> str | None:
     """The report's line on the run's seed genomes, evaluated before any random one: the
     calibration warm starts ``eep search`` saved as ``seeds/warm-<name>.json`` (by name: method, or
     method-size on a frontier) and any given ones; None without seeds."""
-    names = [Path(s).name for s in config.search.seed_genomes]
-    warm = [n.removeprefix("warm-").removesuffix(".json") for n in names if n.startswith("warm-")]
+    names = config.search.seed_genomes
+    warm = [w for w in map(warm_seed_name, names) if w is not None]
     given = len(names) - len(warm)
     parts = [f"calibration warm starts {', '.join(warm)}"] if warm else []
     parts += [f"{given} given"] if given else []
